@@ -1,0 +1,29 @@
+"""llava_jax: LLaVA (CLIP ViT + projector + LLaMA) in JAX/Flax for TPUs and GPUs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llava_jax",
+    version="0.1.0",
+    description="LLaVA visual instruction tuning in JAX/Flax: HF-exact models, conversion, data, training, inference.",
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7,<0.13",
+        "flax>=0.11,<0.14",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "sentencepiece>=0.2",
+        "ml_collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57"],
+        "tfds": ["tensorflow-datasets>=4.9"],
+    },
+)
