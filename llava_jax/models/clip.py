@@ -1,0 +1,131 @@
+"""CLIP vision transformer (ViT-L/14 and any other size), as LLaVA uses it.
+
+Only the layers up to `vision_feature_layer` are built and run: LLaVA never uses the last layer
+or `post_layernorm`, so they cost neither memory nor time here.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llava_jax.config import VisionConfig
+from llava_jax.models.common import (
+    ACTIVATIONS,
+    INIT_STD,
+    attention,
+    dense,
+    layer_norm,
+    maybe_remat,
+    merge_heads,
+    split_heads,
+)
+
+
+class CLIPAttention(nn.Module):
+    cfg: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, P, D]
+        c = self.cfg
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense(c.hidden_size, ("vision_embed", "vision_heads"), name="q_proj", **kw)(x)
+        k = dense(c.hidden_size, ("vision_embed", "vision_heads"), name="k_proj", **kw)(x)
+        v = dense(c.hidden_size, ("vision_embed", "vision_heads"), name="v_proj", **kw)(x)
+        q, k, v = (split_heads(t, c.num_heads) for t in (q, k, v))
+        out = merge_heads(attention(q, k, v, mask=None))
+        return dense(c.hidden_size, ("vision_heads", "vision_embed"), name="out_proj", **kw)(out)
+
+
+class CLIPMLP(nn.Module):
+    cfg: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.cfg
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(c.intermediate_size, ("vision_embed", "vision_mlp"), name="fc1", **kw)(x)
+        h = ACTIVATIONS[c.hidden_act](h)
+        return dense(c.hidden_size, ("vision_mlp", "vision_embed"), name="fc2", **kw)(h)
+
+
+class CLIPEncoderLayer(nn.Module):
+    cfg: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layer_norm(c.layer_norm_eps, "vision_embed", name="layer_norm1", **kw)(x)
+        x = x + CLIPAttention(c, name="self_attn", **kw)(h)
+        h = layer_norm(c.layer_norm_eps, "vision_embed", name="layer_norm2", **kw)(x)
+        return x + CLIPMLP(c, name="mlp", **kw)(h)
+
+
+class CLIPEmbeddings(nn.Module):
+    cfg: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, 1+P, D]
+        c = self.cfg
+        patches = nn.Conv(
+            c.hidden_size,
+            kernel_size=(c.patch_size, c.patch_size),
+            strides=(c.patch_size, c.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(INIT_STD), (None, None, None, "vision_embed")
+            ),
+            name="patch_embedding",
+        )(pixel_values.astype(self.dtype))
+        n = patches.shape[0]
+        patches = patches.reshape(n, -1, c.hidden_size)  # row-major over (h, w), as torch's flatten(2)
+        cls = self.param(
+            "class_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vision_embed",)),
+            (c.hidden_size,),
+            self.param_dtype,
+        )
+        pos = self.param(
+            "position_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), (None, "vision_embed")),
+            (c.num_patches + 1, c.hidden_size),
+            self.param_dtype,
+        )
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (n, 1, c.hidden_size))
+        return jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)[None]
+
+
+class CLIPVisionTower(nn.Module):
+    """Returns HF's `hidden_states[num_layers_run]`: index 0 is the embeddings after `pre_layrnorm`.
+
+    Attributes:
+      num_layers_run: how many encoder layers to run (LLaVA's -2 on a 24-layer tower is 23).
+    """
+
+    cfg: VisionConfig
+    num_layers_run: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, 1+P, D]
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = CLIPEmbeddings(c, name="embeddings", **kw)(pixel_values)
+        x = layer_norm(c.layer_norm_eps, "vision_embed", name="pre_layrnorm", **kw)(x)
+        layer_cls = maybe_remat(CLIPEncoderLayer, self.remat)
+        for i in range(self.num_layers_run):
+            x = layer_cls(c, name=f"layers_{i}", **kw)(x)
+        return x

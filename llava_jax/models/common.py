@@ -1,0 +1,128 @@
+"""Building blocks shared by the towers: dense layers with logical axis names, norms, attention."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+INIT_STD = 0.02
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    use_bias: bool,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+) -> nn.Dense:
+    """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names for sharding."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def layer_norm(eps: float, axis_name: str, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm with torch semantics (biased variance, eps inside the sqrt); statistics in float32."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: computed in float32, cast back, then scaled (the order HF uses)."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * h.astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """erf GELU, as torch.nn.GELU(); flax's nn.gelu defaults to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": gelu_exact,
+    "silu": jax.nn.silu,
+}
+
+
+def attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    mask: jax.Array | None,  # [B, 1, T, S] bool, True = attend
+) -> jax.Array:  # [B, T, N, H]
+    """Scaled dot-product attention with grouped KV heads.
+
+    `jax.nn.dot_product_attention` picks a fused kernel (cuDNN on GPU) when the shapes allow and
+    does the softmax in float32 either way.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """[B, T, N*H] -> [B, T, N, H]."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """[B, T, N, H] -> [B, T, N*H]."""
+    return x.reshape(*x.shape[:-2], -1)
+
+
+def remat_policy(name: str):
+    """Checkpoint policies by name (the config's `remat`); `None` means no remat at all."""
+    cp = jax.checkpoint_policies
+    policies = {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "dots_saveable": cp.dots_saveable,
+        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+        "save_qkv_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
+        "save_qkv_out_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+    }
+    if name not in policies:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(policies)}")
+    return policies[name]
+
+
+def maybe_remat(module_cls: type[nn.Module], policy_name: str, static_argnums: Sequence[int] = ()) -> type[nn.Module]:
+    """Wrap a layer class in `nn.remat` with the named policy (identity for 'none')."""
+    if policy_name == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=remat_policy(policy_name), prevent_cse=True, static_argnums=tuple(static_argnums))

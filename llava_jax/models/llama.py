@@ -1,0 +1,181 @@
+"""LLaMA-family decoder (LLaMA 1/2/3, Vicuna, Mistral-style GQA) with an explicit KV cache.
+
+The cache is an argument and a result, never hidden state, so that the decode step stays a pure
+function at the jit boundary: `cache` is a list (one per layer) of {"k", "v"} arrays
+[B, S, K, H] and `cache_index` the slot where the first of this call's T tokens is written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from llava_jax.config import TextConfig
+from llava_jax.models.common import INIT_STD, RMSNorm, attention, dense, maybe_remat, merge_heads, split_heads
+
+Cache = list[dict[str, jax.Array]]
+
+
+def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] for RoPE, with `linear` and `llama3` scaling as HF computes them."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    if cfg.rope_scaling is None:
+        return inv
+    s = dict(cfg.rope_scaling)
+    kind = s["rope_type"]
+    if kind == "linear":
+        return (inv / s["factor"]).astype(np.float32)
+    if kind == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope type {kind!r} is not supported")
+
+
+def rope_cos_sin(cfg: TextConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H] for integer positions [B, T], computed in float32 then cast (as HF does)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on [B, T, N, H] (HF weight layout, so no q/k permutation is needed)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class LlamaAttention(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache, cache_index):
+        c = self.cfg
+        kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense(c.num_heads * c.head_dim, ("embed", "heads"), name="q_proj", **kw)(x)
+        k = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x)
+        v = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x)
+        q = checkpoint_name(q, "query_proj")
+        k = checkpoint_name(k, "key_proj")
+        v = checkpoint_name(v, "value_proj")
+        q = apply_rope(split_heads(q, c.num_heads), cos, sin)  # [B, T, N, H]
+        k = apply_rope(split_heads(k, c.num_kv_heads), cos, sin)  # [B, T, K, H]
+        v = split_heads(v, c.num_kv_heads)
+        new_cache = None
+        if cache is not None:
+            at = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
+            new_cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        out = merge_heads(attention(q, k, v, mask))
+        out = dense(c.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
+        return checkpoint_name(out, "out_proj"), new_cache
+
+
+class LlamaMLP(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        kw = dict(use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache, cache_index):
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+        h, new_cache = LlamaAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, cache_index)
+        x = x + h
+        h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        x = x + LlamaMLP(c, name="mlp", **kw)(h)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, new_cache
+
+
+def attention_mask(kv_mask: jax.Array, num_queries: int, cache_index) -> jax.Array:
+    """Causal + padding mask [B, 1, T, S]: query t sits in slot cache_index + t and sees slots <= its own."""
+    q_slot = cache_index + jnp.arange(num_queries)
+    k_slot = jnp.arange(kv_mask.shape[1])
+    causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+    return causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder stack, final norm and LM head. Logits come back in float32."""
+
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
+
+    def setup(self):
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed")),
+            name="embed_tokens",
+            **kw,
+        )
+        layer_cls = maybe_remat(LlamaDecoderLayer, self.remat)
+        self.layers = [layer_cls(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
+        if not c.tie_word_embeddings:
+            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return self.embed_tokens(input_ids)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T] int
+        kv_mask: jax.Array,  # [B, S] 1 = a real token in that slot (S = T without cache)
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, Cache | None]:  # logits [B, T, V] float32
+        x = inputs_embeds.astype(self.dtype)
+        cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
+        mask = attention_mask(kv_mask, x.shape[1], cache_index)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            if cache is not None:
+                new_cache.append(layer_cache)
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.cfg.tie_word_embeddings else self.lm_head(x)
+        return logits.astype(jnp.float32), new_cache
+
+
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    """An empty KV cache: per layer k, v [B, S, K, H]."""
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]

@@ -1,0 +1,153 @@
+"""LLaVA: CLIP vision tower -> projector -> LLaMA, joined the way transformers' `LlavaForConditionalGeneration` is.
+
+Images enter per sample: `pixel_values` [B, I, H, W, C] holds row b's images in the order of its
+placeholder runs (zeros where a row has fewer than I). `input_ids` already carry each image as
+`num_image_tokens` copies of `image_token_index`; the projected features replace them in order.
+Shapes are static under jit: unused image slots cost vision compute but change nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.config import LlavaConfig
+from llava_jax.models.clip import CLIPVisionTower
+from llava_jax.models.llama import Cache, LlamaModel
+from llava_jax.models.projector import build_projector
+
+
+class Llava(nn.Module):
+    cfg: LlavaConfig
+
+    def setup(self):
+        c = self.cfg
+        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+        self.vision_tower = CLIPVisionTower(c.vision, c.num_vision_layers_used, remat=c.remat, **kw)
+        self.projector = build_projector(
+            c.projector_type, c.text.hidden_size, use_bias=c.projector_bias, name="projector", **kw
+        )
+        self.language_model = LlamaModel(c.text, remat=c.remat, **kw)
+
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, I, H, W, C] -> [B, I*N, D]
+        """Vision features of the chosen layer and strategy, projected to the language width."""
+        b, i = pixel_values.shape[:2]
+        feats = self.vision_tower(pixel_values.reshape(b * i, *pixel_values.shape[2:]))
+        if self.cfg.vision_feature_select_strategy in ("default", "patch"):
+            feats = feats[:, 1:]
+        elif self.cfg.vision_feature_select_strategy not in ("full", "cls_patch"):
+            raise ValueError(f"unknown vision_feature_select_strategy {self.cfg.vision_feature_select_strategy!r}")
+        feats = self.projector(feats)
+        return feats.reshape(b, -1, feats.shape[-1])
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:  # [B, T, D]
+        """Token embeddings with image placeholders replaced, in order, by their row's image features."""
+        is_image = input_ids == self.cfg.image_token_index
+        text_ids = jnp.where(is_image, 0, input_ids)
+        embeds = self.language_model.embed(text_ids)
+        if pixel_values is None:
+            return embeds
+        feats = self.encode_images(pixel_values).astype(embeds.dtype)
+        idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)  # [B, T]
+        gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
+        return jnp.where(is_image[..., None], gathered, embeds)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [B, T]
+        pixel_values: jax.Array | None = None,  # [B, I, H, W, C]
+        attention_mask: jax.Array | None = None,  # [B, T] (or [B, S] with a cache)
+        positions: jax.Array | None = None,  # [B, T]
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Logits [B, T, V] in float32 and the updated cache (None without one)."""
+        embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        return self.language_model(embeds, positions, attention_mask, cache, cache_index)
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Position ids that skip padding (left or right): cumsum(mask) - 1, clipped at 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def images_per_row(input_ids: np.ndarray, cfg: LlavaConfig) -> np.ndarray:
+    """Number of images each row of `input_ids` [B, T] holds; a partial placeholder run is an error."""
+    counts = (np.asarray(input_ids) == cfg.image_token_index).sum(axis=1)
+    n = cfg.num_image_tokens
+    bad = np.nonzero(counts % n)[0]
+    if bad.size:
+        raise ValueError(
+            f"row {bad[0]} of input_ids holds {counts[bad[0]]} image tokens ({cfg.image_token_index}), "
+            f"not a multiple of the {n} tokens one image takes"
+        )
+    return counts // n
+
+
+def pack_images(input_ids: np.ndarray, pixel_values: np.ndarray | None, cfg: LlavaConfig) -> np.ndarray | None:
+    """[num_images, H, W, C] in order across the batch -> [B, I, H, W, C] per row, checking the counts."""
+    per_row = images_per_row(input_ids, cfg)
+    total = int(per_row.sum())
+    given = 0 if pixel_values is None else len(pixel_values)
+    if total != given:
+        raise ValueError(
+            f"input_ids hold {total} image placeholder runs of {cfg.num_image_tokens} tokens "
+            f"but {given} images were given"
+        )
+    if total == 0:
+        return None
+    pixel_values = np.asarray(pixel_values)
+    packed = np.zeros((len(per_row), int(per_row.max()), *pixel_values.shape[1:]), pixel_values.dtype)
+    start = 0
+    for b, k in enumerate(per_row):
+        packed[b, :k] = pixel_values[start : start + k]
+        start += k
+    return packed
+
+
+@dataclasses.dataclass
+class LlavaOutput:
+    logits: jax.Array  # [B, T, V] float32
+
+
+class LlavaModel:
+    """A LLaVA with its parameters: what `load_pretrained` returns.
+
+    Call it like transformers' model: `model(input_ids, pixel_values, attention_mask).logits`, with
+    `pixel_values` [num_images, H, W, 3] (NHWC, CLIP-normalised) in order across the batch.
+    """
+
+    def __init__(self, config: LlavaConfig, params: Any):
+        self.config = config
+        self.params = params
+        self.module = Llava(config)
+        self._forward = jax.jit(lambda p, ids, px, mask: self.module.apply({"params": p}, ids, px, mask)[0])
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> LlavaOutput:
+        input_ids = np.asarray(input_ids, np.int32)
+        if pixel_values is not None and np.ndim(pixel_values) == 5:
+            packed = np.asarray(pixel_values)  # already per row [B, I, H, W, C]
+        else:
+            packed = pack_images(input_ids, pixel_values, self.config)
+        if packed is not None:
+            packed = packed.astype(self.config.dtype)
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        return LlavaOutput(self._forward(self.params, input_ids, packed, np.asarray(attention_mask, np.int32)))
+
+
+def init_params(cfg: LlavaConfig, rng: jax.Array, *, image_slots: int = 1) -> Any:
+    """Randomly initialised parameters (boxed with logical axis names; `nn.unbox` for plain arrays)."""
+    v = cfg.vision
+    ids = jnp.zeros((1, 8), jnp.int32)
+    px = jnp.zeros((1, image_slots, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    return Llava(cfg).init(rng, ids, px)["params"]

@@ -1,0 +1,233 @@
+"""The one table from PyTorch checkpoint names to our parameter paths.
+
+Loading, conversion and export all go through `entries(cfg)` and `torch_name(entry, layout)`.
+Names are written once, relative to their component (CLIP's `embeddings...`, LLaMA's
+`model.layers...`, the projector's `linear_N`); a layout says where each component sits in a
+given checkpoint format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+from llava_jax.config import LlavaConfig, projector_depth
+
+# How a tensor changes between torch and us.
+SAME = "same"
+LINEAR = "linear"  # torch Linear weight [out, in] <-> Flax kernel [in, out]
+CONV = "conv"  # torch Conv2d weight OIHW <-> Flax kernel HWIO
+
+# (our path under the component, torch name under the component, transform); {i} = layer index.
+VISION_TABLE = [
+    ("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight", CONV),
+    ("embeddings/class_embedding", "embeddings.class_embedding", SAME),
+    ("embeddings/position_embedding", "embeddings.position_embedding.weight", SAME),
+    ("pre_layrnorm/scale", "pre_layrnorm.weight", SAME),
+    ("pre_layrnorm/bias", "pre_layrnorm.bias", SAME),
+]
+VISION_LAYER_TABLE = [
+    ("layers_{i}/layer_norm1/scale", "encoder.layers.{i}.layer_norm1.weight", SAME),
+    ("layers_{i}/layer_norm1/bias", "encoder.layers.{i}.layer_norm1.bias", SAME),
+    ("layers_{i}/layer_norm2/scale", "encoder.layers.{i}.layer_norm2.weight", SAME),
+    ("layers_{i}/layer_norm2/bias", "encoder.layers.{i}.layer_norm2.bias", SAME),
+] + [
+    (f"layers_{{i}}/{mod}/{p}/{ours}", f"encoder.layers.{{i}}.{mod}.{p}.{theirs}", t)
+    for mod, projs in (("self_attn", ("q_proj", "k_proj", "v_proj", "out_proj")), ("mlp", ("fc1", "fc2")))
+    for p in projs
+    for ours, theirs, t in (("kernel", "weight", LINEAR), ("bias", "bias", SAME))
+]
+# Tensors a CLIP tower holds that LLaVA never computes with: the layers after the feature layer
+# and post_layernorm (a full CLIPModel's text tower is the loader's business).
+VISION_UNUSED_PREFIXES = ("post_layernorm.",)
+VISION_UNUSED_NAMES = ("embeddings.position_ids",)
+
+TEXT_TABLE = [
+    ("embed_tokens/embedding", "model.embed_tokens.weight", SAME),
+    ("norm/scale", "model.norm.weight", SAME),
+]
+TEXT_HEAD = ("lm_head/kernel", "lm_head.weight", LINEAR)
+TEXT_LAYER_NORMS = [
+    ("layers_{i}/input_layernorm/scale", "model.layers.{i}.input_layernorm.weight", SAME),
+    ("layers_{i}/post_attention_layernorm/scale", "model.layers.{i}.post_attention_layernorm.weight", SAME),
+]
+TEXT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+TEXT_MLP = ("gate_proj", "up_proj", "down_proj")
+TEXT_UNUSED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One parameter: where it lives in our tree and, under its component, in torch's."""
+
+    component: str  # "vision_tower" | "projector" | "language_model"
+    ours: str  # path under the component, "/"-separated
+    theirs: str  # torch name under the component
+    transform: str
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return (self.component, *self.ours.split("/"))
+
+
+def _text_layer_table(cfg: LlavaConfig) -> list[tuple[str, str, str]]:
+    t = cfg.text
+    rows = list(TEXT_LAYER_NORMS)
+    for mod, projs, bias in (("self_attn", TEXT_ATTN, t.attention_bias), ("mlp", TEXT_MLP, t.mlp_bias)):
+        for p in projs:
+            rows.append((f"layers_{{i}}/{mod}/{p}/kernel", f"model.layers.{{i}}.{mod}.{p}.weight", LINEAR))
+            if bias:
+                rows.append((f"layers_{{i}}/{mod}/{p}/bias", f"model.layers.{{i}}.{mod}.{p}.bias", SAME))
+    return rows
+
+
+def _expand(component, table, n_layers) -> Iterator[Entry]:
+    for ours, theirs, t in table:
+        if "{i}" in ours:
+            for i in range(n_layers):
+                yield Entry(component, ours.format(i=i), theirs.format(i=i), t)
+        else:
+            yield Entry(component, ours, theirs, t)
+
+
+def vision_entries(cfg: LlavaConfig) -> list[Entry]:
+    return list(_expand("vision_tower", VISION_TABLE + VISION_LAYER_TABLE, cfg.num_vision_layers_used))
+
+
+def projector_entries(cfg: LlavaConfig) -> list[Entry]:
+    rows = []
+    for k in range(1, projector_depth(cfg.projector_type) + 1):
+        rows.append(Entry("projector", f"linear_{k}/kernel", f"linear_{k}.weight", LINEAR))
+        if cfg.projector_bias:
+            rows.append(Entry("projector", f"linear_{k}/bias", f"linear_{k}.bias", SAME))
+    return rows
+
+
+def text_entries(cfg: LlavaConfig) -> list[Entry]:
+    table = TEXT_TABLE + _text_layer_table(cfg)
+    if not cfg.text.tie_word_embeddings:
+        table = table + [TEXT_HEAD]
+    return list(_expand("language_model", table, cfg.text.num_layers))
+
+
+def entries(cfg: LlavaConfig) -> list[Entry]:
+    """Every parameter of a LLaVA with this config, in a stable order."""
+    return vision_entries(cfg) + projector_entries(cfg) + text_entries(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each component's torch names sit in one checkpoint format.
+
+    `vision` prefixes CLIP's names (`embeddings...`, `encoder.layers...`), `text` replaces LLaMA's
+    `model.` and `head` its `lm_head.`; `projector` prefixes `linear_N...`, except in the original
+    format where the projector is an nn.Sequential (`mm_projector.0`, `.2`, ...).
+    """
+
+    name: str
+    vision: str | None = None
+    projector: str | None = None
+    text: str | None = None
+    head: str | None = None
+
+    def prefix(self, component: str) -> str | None:
+        return {"vision_tower": self.vision, "projector": self.projector, "language_model": self.text}[component]
+
+
+# llava-hf checkpoints as published (and as we export them): what every loader understands.
+HF_LEGACY = Layout("hf_legacy", "vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.", "language_model.lm_head.")
+# transformers >= 4.52 in memory (and some re-saved checkpoints).
+HF_NEW = Layout("hf", "model.vision_tower.vision_model.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
+# liuhaotian/llava-v1.5-7b: a LLaMA checkpoint plus model.mm_projector; the CLIP tower kept apart.
+ORIGINAL = Layout("original", None, "model.mm_projector.", "model.", "lm_head.")
+CLIP = Layout("clip", vision="vision_model.")
+LLAMA = Layout("llama", text="model.", head="lm_head.")
+
+# CLIP prefixes seen in the wild: with and without the `vision_model.` level (transformers 5 drops it).
+_VISION_PREFIXES = (
+    "vision_tower.vision_model.",
+    "model.vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.",
+    "vision_model.",
+    "",
+)
+
+
+def torch_name(entry: Entry, layout: Layout, projector_type: str = "mlp2x_gelu") -> str:
+    """The name of `entry` in a checkpoint of the given layout."""
+    theirs = entry.theirs
+    if entry.component == "language_model":
+        if theirs.startswith("lm_head."):
+            return layout.head + theirs[len("lm_head.") :]
+        return layout.text + theirs[len("model.") :]
+    if entry.component == "projector" and layout.name == "original":
+        k = int(theirs.split(".")[0].split("_")[1])
+        leaf = theirs.split(".")[-1]
+        # nn.Sequential(Linear, GELU, Linear, ...): Linear k sits at index 2(k-1); `linear` is a bare Linear.
+        return f"{layout.projector}{leaf}" if projector_type == "linear" else f"{layout.projector}{2 * (k - 1)}.{leaf}"
+    prefix = layout.prefix(entry.component)
+    if prefix is None:
+        raise KeyError(f"{entry.component} is not part of a {layout.name} checkpoint")
+    return prefix + theirs
+
+
+def is_unused(name: str, cfg: LlavaConfig, layout: Layout) -> bool:
+    """Whether a checkpoint tensor is one LLaVA never computes with (so loading may skip it)."""
+    if name.endswith(TEXT_UNUSED_SUFFIXES):
+        return True
+    if layout.vision is None or not name.startswith(layout.vision):
+        return False
+    rest = name[len(layout.vision) :]
+    if rest.startswith(VISION_UNUSED_PREFIXES) or rest in VISION_UNUSED_NAMES:
+        return True
+    head = "encoder.layers."
+    if rest.startswith(head):
+        return int(rest[len(head) :].split(".")[0]) >= cfg.num_vision_layers_used
+    return False
+
+
+def find_vision_prefix(keys) -> str | None:
+    """The prefix under which a checkpoint keeps CLIP's vision names (None if it has no vision tower)."""
+    keys = set(keys)
+    for p in _VISION_PREFIXES:
+        if p + "embeddings.patch_embedding.weight" in keys:
+            return p
+    return None
+
+
+def to_ours(x: np.ndarray, transform: str) -> np.ndarray:
+    """A torch tensor (as numpy) in our layout."""
+    if transform == LINEAR:
+        return x.T
+    if transform == CONV:
+        return x.transpose(2, 3, 1, 0)
+    return x
+
+
+def to_torch(x: np.ndarray, transform: str) -> np.ndarray:
+    """One of our parameters in torch's layout (inverse of `to_ours`)."""
+    if transform == LINEAR:
+        return x.T
+    if transform == CONV:
+        return x.transpose(3, 2, 0, 1)
+    return x
+
+
+def detect_layout(keys) -> Layout:
+    """The layout of a checkpoint, from its tensor names (HF new or legacy, original, CLIP, LLaMA)."""
+    keys = list(keys)
+    vision = find_vision_prefix(keys)
+    if any(k.startswith("model.language_model.") for k in keys):
+        return dataclasses.replace(HF_NEW, vision=vision or HF_NEW.vision)
+    if any(k.startswith("language_model.model.") for k in keys):
+        return dataclasses.replace(HF_LEGACY, vision=vision or HF_LEGACY.vision)
+    if any(k.startswith("model.mm_projector") for k in keys):
+        return ORIGINAL
+    if any(k.startswith("model.layers.") for k in keys):
+        return LLAMA
+    if vision is not None:
+        return dataclasses.replace(CLIP, vision=vision)
+    raise ValueError(f"cannot tell the checkpoint layout from its tensor names, e.g. {keys[:3]}")

@@ -1,0 +1,156 @@
+"""Streaming safetensors reading and writing, with errors that name the file.
+
+Read through a memory map, one tensor at a time, so that converting a 7B checkpoint never holds
+more than a tensor or two in memory. bfloat16 is read with `ml_dtypes` (numpy has no bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory that cannot be read as expected."""
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed eagerly, tensors read lazily from a memory map."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {n} for a {size}-byte file)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._data_start = 8 + n
+        self._entries = header
+        for key, e in header.items():
+            start, end = e["data_offsets"]
+            if e["dtype"] not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {e['dtype']}")
+            if self._data_start + end > size:
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file: tensor {key!r} ends at byte "
+                    f"{self._data_start + end} but the file has {size}"
+                )
+            expected = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+            if end - start != expected:
+                raise CheckpointError(f"{path}: corrupt entry for tensor {key!r} ({end - start} bytes, expected {expected})")
+        self._mmap = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> np.dtype:
+        return DTYPES[self._entries[key]["dtype"]]
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor as a read-only numpy view of the memory-mapped file."""
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        e = self._entries[key]
+        start, end = e["data_offsets"]
+        buf = self._mmap[self._data_start + start : self._data_start + end]
+        return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+class TensorStore:
+    """All tensors of a checkpoint directory (safetensors, sharded with an index or not)."""
+
+    def __init__(self, files: list[str]):
+        if not files:
+            raise CheckpointError("no checkpoint files given")
+        self.files = {f: SafetensorsFile(f) for f in files}
+        self._where: dict[str, SafetensorsFile] = {}
+        for st in self.files.values():
+            for k in st.keys():
+                self._where[k] = st
+
+    @classmethod
+    def from_dir(cls, directory: str, prefix: str = "") -> "TensorStore":
+        """Open every `{prefix}*.safetensors` in a directory (the index json is checked when present)."""
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") and n.startswith(prefix))
+        if not names:
+            raise CheckpointError(f"{directory}: no .safetensors files found")
+        store = cls([os.path.join(directory, n) for n in names])
+        for index_name in [n for n in os.listdir(directory) if n.endswith(".safetensors.index.json")]:
+            with open(os.path.join(directory, index_name)) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            missing = [k for k in weight_map if k not in store._where]
+            if missing:
+                raise CheckpointError(
+                    f"{directory}/{index_name} lists {len(missing)} tensors that no shard holds, e.g. {missing[:3]}"
+                )
+        return store
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._where[key].dtype(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._where[key].get(key)
+
+
+def save_file(tensors: Iterable[tuple[str, np.ndarray]], path: str, metadata: dict | None = None) -> int:
+    """Write tensors to one .safetensors file, streaming them (two passes over a re-iterable input)."""
+    tensors = list(tensors)
+    header, offset = {}, 0
+    for name, arr in tensors:
+        nbytes = arr.size * arr.dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, arr in tensors:
+            f.write(np.ascontiguousarray(arr).tobytes())
+    return offset
+
+
+def iter_items(store: TensorStore) -> Iterator[tuple[str, np.ndarray]]:
+    for k in store.keys():
+        yield k, store.get(k)
