@@ -1,0 +1,173 @@
+"""LLaVA's JSON data format: reading, validating and resolving image paths.
+
+A record, as in `blip_laion_cc_sbu_558k.json` (stage 1) and `llava_v1_5_mix665k.json` (stage 2):
+
+    {"id": "000000033471",
+     "image": "coco/train2017/000000033471.jpg",        # optional; a str or a list of str
+     "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+                       {"from": "gpt", "value": "The bus is white and red."}, ...]}
+
+Files are either `.json` (one list of records) or `.jsonl` (one record per line). Every record is
+validated when the file is read, so that a malformed record is reported once, up front, with the
+file, its index and its id, instead of failing a worker hours into training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+IMAGE_MARKER = "<image>"
+HUMAN, GPT = "human", "gpt"
+
+Record = dict[str, Any]
+
+
+class RecordError(ValueError):
+    """A record that does not follow LLaVA's data format (names the file, record index and id)."""
+
+    def __init__(self, path: str, index: int, record_id: Any, problem: str):
+        self.path, self.index, self.record_id, self.problem = path, index, record_id, problem
+        where = f"{path}: record {index}" + (f" (id {record_id!r})" if record_id is not None else "")
+        super().__init__(f"{where}: {problem}")
+
+
+class ImagePathError(ValueError):
+    """An image path that is absolute or escapes the image folder."""
+
+
+def record_images(record: Record) -> list[str]:
+    """Returns the record's image paths as a list (empty for a text-only record)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def validate_record(record: Any) -> str | None:
+    """Returns what is wrong with one record, or None if it is valid.
+
+    Checks the fields LLaVA's loader relies on: `id` (str or int), optional `image` (non-empty str
+    or non-empty list of them), `conversations` (a list of {"from": "human"|"gpt", "value": str}
+    turns alternating human/gpt, starting with human, with at least one gpt turn), and that the
+    number of `<image>` markers in the human turns equals the number of images.
+    """
+    if not isinstance(record, dict):
+        return f"expected a JSON object, found {type(record).__name__}"
+    if "id" not in record:
+        return "missing field 'id'"
+    if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+        return f"field 'id' must be a string or an integer, found {type(record['id']).__name__}"
+    image = record.get("image")
+    if image is not None:
+        images = [image] if isinstance(image, str) else image
+        if not isinstance(images, list) or not images:
+            return f"field 'image' must be a path or a non-empty list of paths, found {image!r}"
+        for path in images:
+            if not isinstance(path, str) or not path:
+                return f"field 'image' must hold non-empty strings, found {path!r}"
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        return "field 'conversations' must be a non-empty list of {'from', 'value'} turns"
+    markers = 0
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            return f"conversations[{j}] must be an object with 'from' and 'value', found {turn!r:.80}"
+        if not isinstance(turn["value"], str):
+            return f"conversations[{j}].value must be a string, found {type(turn['value']).__name__}"
+        expected = HUMAN if j % 2 == 0 else GPT
+        if turn["from"] != expected:
+            return (f"conversations[{j}].from is {turn['from']!r}; expected {expected!r} "
+                    "(turns alternate human, gpt, human, ... starting with human)")
+        count = turn["value"].count(IMAGE_MARKER)
+        if count and turn["from"] == GPT:
+            return f"conversations[{j}] is a gpt turn with an {IMAGE_MARKER} marker; markers belong in human turns"
+        markers += count
+    if len(convs) < 2:
+        return "conversations has no gpt turn: nothing to train on"
+    num_images = len(record_images(record))
+    if markers != num_images:
+        return (f"found {markers} {IMAGE_MARKER} marker(s) in the conversation but {num_images} image(s) "
+                "in field 'image'; each image needs exactly one marker")
+    return None
+
+
+def _raw_records(path: str) -> Iterator[tuple[int, Any]]:
+    """Yields (index, parsed JSON value) for each record of a .json or .jsonl file."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            index = 0
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(path, index, None, f"line {line_no} is not valid JSON: {e}") from None
+                yield index, value
+                index += 1
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
+        yield from enumerate(data)
+    else:
+        raise ValueError(f"{path}: unknown data file type; expected a .json list or a .jsonl file")
+
+
+def load_records(path: str | os.PathLike,
+                 on_error: Callable[[RecordError], None] | None = None) -> list[Record]:
+    """Reads and validates all records of a LLaVA `.json` or `.jsonl` data file.
+
+    Args:
+      path: the data file.
+      on_error: without it, the first malformed record raises `RecordError`; with it, each
+        malformed record is passed to `on_error` and left out (the inspect CLI reports them all).
+
+    Returns:
+      The valid records, in file order.
+    """
+    path = os.fspath(path)
+    records = []
+    for index, record in _raw_records(path):
+        problem = validate_record(record)
+        if problem is not None:
+            record_id = record.get("id") if isinstance(record, dict) else None
+            error = RecordError(path, index, record_id, problem)
+            if on_error is None:
+                raise error
+            on_error(error)
+            continue
+        records.append(record)
+    return records
+
+
+def check_relative_image_path(rel: str) -> None:
+    """Raises ImagePathError if `rel` is absolute or lexically escapes its folder (`..`)."""
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or os.path.splitdrive(rel)[0]:
+        raise ImagePathError(f"image path {rel!r} is absolute; image paths must be relative to --image-folder")
+    normal = os.path.normpath(rel)
+    if normal == ".." or normal.startswith(".." + os.sep):
+        raise ImagePathError(f"image path {rel!r} escapes the image folder with '..'")
+
+
+def resolve_image_path(image_folder: str | os.PathLike, rel: str) -> str:
+    """Returns the real path of image `rel` inside `image_folder`.
+
+    Raises ImagePathError if `rel` is absolute, or if it leaves the folder through `..` or through a
+    symbolic link pointing outside it: a data file must not read arbitrary files of the machine.
+    The file itself need not exist (a missing image is the loader's concern).
+    """
+    check_relative_image_path(rel)
+    root = os.path.realpath(os.fspath(image_folder))
+    real = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, real]) != root:
+        raise ImagePathError(f"image path {rel!r} resolves to {real}, outside the image folder {root} "
+                             "(through a symbolic link)")
+    return real
