@@ -1,0 +1,396 @@
+"""A synthetic LLaVA dataset: coloured shapes, questions that can only be answered by looking.
+
+`build(out_dir)` writes, in LLaVA's own data format (so the real code path reads it):
+
+    out_dir/images/train_00000.png ...   images of 1-4 identical shapes on a dark background
+    out_dir/stage1.json                  captions, like blip_laion_cc_sbu_558k.json (template `plain`)
+    out_dir/stage2.json                  multi-turn Q/A like llava_v1_5_mix665k.json (template
+                                         `vicuna_v1`), plus some text-only records (like ShareGPT)
+    out_dir/val.json                     held-out images, one question per record, each with the
+                                         machine-readable fields "answer" and "qtype" for `score`
+    out_dir/tokenizer.model              a small LLaMA-like sentencepiece model trained on the text
+    out_dir/manifest.json                written last: a complete build for these arguments
+
+Questions are about colour, shape, count and (for a single object) position; answers are one word
+from a small closed set, balanced by construction, so that held-out accuracy is easy to score and a
+tiny model trained from scratch can learn the task (objects are big, clean and well separated).
+
+Example:
+    python -m llava_jax.data.synthetic --out-dir /tmp/shapes --num-train 2000 --num-val 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Bump when the generated content changes, so that cached builds are redone.
+SYNTHETIC_VERSION = 1
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 210),
+    "white": (240, 240, 240),
+}
+SHAPES = ("circle", "square", "triangle")
+# Object centre as a fraction of the image side, for single-object images.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78),
+    "center": (0.5, 0.5),
+}
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
+                    "bottom": "at the bottom", "center": "in the center"}
+# Quadrant centres used when there are several objects: never overlapping.
+QUADRANTS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))
+BACKGROUND = (24, 24, 24)
+NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+QTYPES = ("color", "shape", "count", "position")
+
+# Count-neutral phrasings: a question must not give away the answer to another one.
+QUESTIONS = {
+    "color": ("What color are the shapes?", "Which color do you see?", "Name the color of the shapes.",
+              "What is the color of the objects in the image?"),
+    "shape": ("What shape is drawn?", "Which shape do you see?", "Name the shape in the image.",
+              "What kind of shape is shown?"),
+    "count": ("How many shapes are there?", "How many objects do you see?", "Count the shapes.",
+              "What is the number of shapes in the image?"),
+    "position": ("Where is the shape?", "Where is the object located?",
+                 "In which part of the image is the shape?"),
+}
+# A few of the prompts LLaVA pairs with BLIP captions in blip_laion_cc_sbu_558k.json.
+CAPTION_PROMPTS = (
+    "Describe the image concisely.", "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
+    "Share a concise interpretation of the image provided.", "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+)
+# Text that the templates add around conversations: trained into the tokenizer so that it is compact.
+TEMPLATE_TEXT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions.",
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions.",
+    "USER: ASSISTANT: Answer the question using a single word or phrase.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneConfig:
+    """What images may show. Defaults keep the task learnable by a tiny model in minutes."""
+
+    image_size: int = 56
+    shapes: tuple[str, ...] = SHAPES
+    colors: tuple[str, ...] = tuple(COLORS)
+    max_count: int = 4
+    positions: tuple[str, ...] = tuple(POSITIONS)
+    object_scale: float = 0.36  # object diameter / image side
+
+    def __post_init__(self):
+        unknown = [s for s in self.shapes if s not in SHAPES] + [c for c in self.colors if c not in COLORS]
+        unknown += [p for p in self.positions if p not in POSITIONS]
+        if unknown:
+            raise ValueError(f"unknown shapes/colors/positions {unknown}; known: {SHAPES}, "
+                             f"{tuple(COLORS)}, {tuple(POSITIONS)}")
+        if not 1 <= self.max_count <= len(QUADRANTS):
+            raise ValueError(f"max_count must be in 1..{len(QUADRANTS)}, found {self.max_count}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """One image's content: `count` identical objects; `position` is set only when count == 1."""
+
+    shape: str
+    color: str
+    count: int
+    position: str | None
+    centers: tuple[tuple[float, float], ...]  # pixels
+    radius: float  # pixels
+
+    def answers(self) -> dict[str, str]:
+        """The answer to each question type that applies to this scene."""
+        out = {"color": self.color, "shape": self.shape, "count": str(self.count)}
+        if self.position is not None:
+            out["position"] = self.position
+        return out
+
+    def description(self) -> str:
+        """A short caption, e.g. 'a red circle on the left' or 'three blue squares'."""
+        if self.count == 1:
+            return f"a {self.color} {self.shape} {POSITION_PHRASES[self.position]}"
+        word = next(w for w, d in NUMBER_WORDS.items() if d == str(self.count))
+        return f"{word} {self.color} {self.shape}s"
+
+
+def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
+    """Draws a scene with uniform count, shape, colour and (single object) position."""
+    size = cfg.image_size
+    count = int(rng.integers(1, cfg.max_count + 1))
+    shape = cfg.shapes[rng.integers(len(cfg.shapes))]
+    color = cfg.colors[rng.integers(len(cfg.colors))]
+    radius = 0.5 * cfg.object_scale * size * rng.uniform(0.9, 1.1)
+    jitter = rng.uniform(-0.03, 0.03, size=(count, 2)) * size
+    if count == 1:
+        position = cfg.positions[rng.integers(len(cfg.positions))]
+        fractions = [POSITIONS[position]]
+    else:
+        position = None
+        fractions = [QUADRANTS[q] for q in sorted(rng.choice(len(QUADRANTS), count, replace=False))]
+        radius *= 0.95  # quadrants are a little tighter than the single-object positions
+    centers = tuple((fx * size + jx, fy * size + jy) for (fx, fy), (jx, jy) in zip(fractions, jitter))
+    return Scene(shape, color, count, position, centers, float(radius))
+
+
+def draw_scene(scene: Scene, image_size: int) -> Image.Image:
+    """Renders a scene as an RGB image of side `image_size` (no anti-aliasing: clean edges)."""
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    fill, r = COLORS[scene.color], scene.radius
+    for cx, cy in scene.centers:
+        if scene.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif scene.shape == "square":
+            s = 0.85 * r  # same visual area as the circle, roughly
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        elif scene.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {scene.shape!r}")
+    return img
+
+
+def _with_marker(rng: np.random.Generator, text: str) -> str:
+    # Both placements occur in LLaVA's data; the templates move the marker to the front.
+    return f"<image>\n{text}" if rng.random() < 0.5 else f"{text}\n<image>"
+
+
+def _caption(rng: np.random.Generator, scene: Scene) -> str:
+    d = scene.description()
+    forms = (f"{d}.", f"there is {d}." if scene.count == 1 else f"there are {d}.",
+             f"an image of {d}.", f"{d} on a dark background.")
+    text = forms[rng.integers(len(forms))]
+    return text[0].upper() + text[1:]
+
+
+def _qa_turns(questions: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    turns = []
+    for q, a in questions:
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return turns
+
+
+def _text_only_qa(rng: np.random.Generator) -> tuple[str, str]:
+    kind = rng.integers(3)
+    if kind == 0:
+        a, b = (int(x) for x in rng.integers(0, 5, size=2))
+        return f"What is {a} plus {b}?", str(a + b)
+    if kind == 1:
+        shape = ("triangle", "square")[rng.integers(2)]
+        return f"How many sides does a {shape} have?", {"triangle": "3", "square": "4"}[shape]
+    pos = ("left", "right", "top", "bottom")[rng.integers(4)]
+    return f"What is the opposite of {pos}?", {"left": "right", "right": "left", "top": "bottom",
+                                                 "bottom": "top"}[pos]
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, value: Any) -> None:
+    _atomic_write(path, json.dumps(value, indent=1).encode())
+
+
+def train_tokenizer(sentences: Iterable[str], vocab_size: int) -> bytes:
+    """Trains a small LLaMA-like sentencepiece BPE model and returns its serialized bytes.
+
+    Ids as in LLaMA: unk 0, bos 1, eos 2, no pad piece; digits split, unknown characters fall back
+    to bytes, whitespace kept as is. Repeated sentences count: merges follow text frequency.
+    """
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def _build_args(num_train, num_val, image_size, seed, vocab_size, scene) -> dict[str, Any]:
+    args = {"version": SYNTHETIC_VERSION, "num_train": num_train, "num_val": num_val,
+            "image_size": image_size, "seed": seed, "vocab_size": vocab_size,
+            "scene": dataclasses.asdict(scene)}
+    return json.loads(json.dumps(args))  # as the manifest will read back (tuples become lists)
+
+
+def _paths(out_dir: str) -> dict[str, str]:
+    return {"out_dir": out_dir, "image_folder": os.path.join(out_dir, "images"),
+            "stage1": os.path.join(out_dir, "stage1.json"), "stage2": os.path.join(out_dir, "stage2.json"),
+            "val": os.path.join(out_dir, "val.json"), "tokenizer": os.path.join(out_dir, "tokenizer.model"),
+            "manifest": os.path.join(out_dir, "manifest.json")}
+
+
+def _is_complete(paths: Mapping[str, str], args: Mapping[str, Any]) -> bool:
+    try:
+        with open(paths["manifest"]) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return manifest.get("args") == args and all(os.path.exists(p) for p in paths.values())
+
+
+def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 200, image_size: int = 56,
+          seed: int = 0, vocab_size: int = 1024, scene: SceneConfig | None = None) -> dict[str, str]:
+    """Writes the synthetic dataset into `out_dir` (see the module docstring) and returns its paths.
+
+    Deterministic in its arguments, and cached: if `out_dir` already holds a complete build for the
+    same arguments (its manifest, written last, says so), returns at once.
+
+    Args:
+      out_dir: the folder to write (created if needed).
+      num_train: training images; stage1.json and stage2.json each have one record per image, and
+        stage2.json has num_train // 10 text-only records more.
+      num_val: held-out images (disjoint from training); val.json has one record per question.
+      image_size: image side in pixels.
+      seed: seeds everything.
+      vocab_size: target sentencepiece vocabulary size (a soft limit for a small corpus).
+      scene: what the images may show; `image_size` overrides scene.image_size.
+
+    Returns:
+      {"out_dir", "image_folder", "stage1", "stage2", "val", "tokenizer", "manifest"} -> path.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    scene_cfg = dataclasses.replace(scene or SceneConfig(), image_size=image_size)
+    paths = _paths(out_dir)
+    args = _build_args(num_train, num_val, image_size, seed, vocab_size, scene_cfg)
+    if _is_complete(paths, args):
+        return paths
+    if os.path.exists(paths["manifest"]):
+        # A build of ours for other arguments: drop its images so that none are left stale.
+        os.remove(paths["manifest"])
+        shutil.rmtree(paths["image_folder"], ignore_errors=True)
+    os.makedirs(paths["image_folder"], exist_ok=True)
+
+    sentences: list[str] = list(TEMPLATE_TEXT)
+    stage1, stage2, val = [], [], []
+    train_rng = np.random.default_rng([seed, 0])
+    for i in range(num_train):
+        scene_i = sample_scene(train_rng, scene_cfg)
+        name = f"train_{i:05d}.png"
+        draw_scene(scene_i, image_size).save(os.path.join(paths["image_folder"], name), compress_level=1)
+        prompt = CAPTION_PROMPTS[train_rng.integers(len(CAPTION_PROMPTS))]
+        caption = _caption(train_rng, scene_i)
+        stage1.append({"id": f"cap_{i:05d}", "image": name, "conversations": [
+            {"from": "human", "value": _with_marker(train_rng, prompt)}, {"from": "gpt", "value": caption}]})
+        answers = scene_i.answers()
+        qtypes = [qtype for qtype in QTYPES if qtype in answers]
+        order = train_rng.permutation(len(qtypes))[: train_rng.integers(2, len(qtypes) + 1)]
+        qa = [(QUESTIONS[qtypes[k]][train_rng.integers(len(QUESTIONS[qtypes[k]]))], answers[qtypes[k]])
+              for k in order]
+        turns = _qa_turns(qa)
+        turns[0]["value"] = _with_marker(train_rng, turns[0]["value"])
+        stage2.append({"id": f"qa_{i:05d}", "image": name, "conversations": turns})
+        # Template text weighs as much as in training, once per rendered conversation.
+        sentences += [prompt, caption, TEMPLATE_TEXT[0], TEMPLATE_TEXT[2]]
+        sentences += [t for pair in qa for t in pair]
+    text_rng = np.random.default_rng([seed, 1])
+    for i in range(num_train // 10):
+        qa = [_text_only_qa(text_rng) for _ in range(text_rng.integers(1, 4))]
+        stage2.append({"id": f"text_{i:05d}", "conversations": _qa_turns(qa)})
+        sentences += [t for pair in qa for t in pair]
+    # Text-only records sit among the image ones, as ShareGPT does in mix665k.
+    stage2 = [stage2[k] for k in np.random.default_rng([seed, 2]).permutation(len(stage2))]
+    val_rng = np.random.default_rng([seed, 3])
+    for i in range(num_val):
+        scene_i = sample_scene(val_rng, scene_cfg)
+        name = f"val_{i:05d}.png"
+        draw_scene(scene_i, image_size).save(os.path.join(paths["image_folder"], name), compress_level=1)
+        for qtype, answer in scene_i.answers().items():
+            q = QUESTIONS[qtype][val_rng.integers(len(QUESTIONS[qtype]))]
+            val.append({"id": f"val_{i:05d}_{qtype}", "image": name, "qtype": qtype, "answer": answer,
+                        "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                          {"from": "gpt", "value": answer}]})
+            sentences.append(q)
+
+    _write_json(paths["stage1"], stage1)
+    _write_json(paths["stage2"], stage2)
+    _write_json(paths["val"], val)
+    _atomic_write(paths["tokenizer"], train_tokenizer(sentences, vocab_size))
+    _write_json(paths["manifest"], {"args": args, "counts": {
+        "train_images": num_train, "val_images": num_val, "stage1": len(stage1), "stage2": len(stage2),
+        "val": len(val)}})
+    return paths
+
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-cases, strips punctuation and spaces, and writes number words as digits."""
+    words = _PUNCT.sub(" ", text.lower()).split()
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words)
+
+
+def score(val_records: Sequence[Mapping[str, Any]],
+          predictions: Mapping[str, str] | Sequence[str]) -> dict[str, float]:
+    """Exact-match accuracy of predictions against val.json's "answer" fields.
+
+    Args:
+      val_records: records carrying "id", "answer" and "qtype" (val.json).
+      predictions: generated answers, by record id or in record order. A record without a
+        prediction counts as wrong.
+
+    Returns:
+      {"accuracy": overall, "accuracy/<qtype>": per question type, "n": records, "n/<qtype>": ...}
+      after `normalize_answer` on both sides.
+    """
+    if not isinstance(predictions, Mapping):
+        if len(predictions) != len(val_records):
+            raise ValueError(f"got {len(predictions)} predictions for {len(val_records)} records")
+        predictions = {r["id"]: p for r, p in zip(val_records, predictions)}
+    hits: dict[str, list[bool]] = {}
+    for r in val_records:
+        ok = normalize_answer(predictions.get(r["id"], "")) == normalize_answer(r["answer"])
+        hits.setdefault(r["qtype"], []).append(ok)
+    total = [h for hs in hits.values() for h in hs]
+    out = {"accuracy": float(np.mean(total)) if total else 0.0, "n": len(total)}
+    for qtype, hs in sorted(hits.items()):
+        out[f"accuracy/{qtype}"], out[f"n/{qtype}"] = float(np.mean(hs)), len(hs)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: builds the dataset and prints its paths."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-val", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=56)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    a = p.parse_args(argv)
+    paths = build(a.out_dir, num_train=a.num_train, num_val=a.num_val, image_size=a.image_size,
+                  seed=a.seed, vocab_size=a.vocab_size)
+    print(json.dumps(paths, indent=1))
+
+
+if __name__ == "__main__":
+    main()

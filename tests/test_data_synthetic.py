@@ -1,0 +1,173 @@
+"""Synthetic shapes dataset: answers agree with the pixels, balance, determinism, caching, scoring."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from PIL import Image
+from scipy import ndimage
+
+from llava_jax.data import records, synthetic
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory):
+    """The embedded training default's size: 2000 train + 200 val images at 56 px."""
+    start = time.perf_counter()
+    paths = synthetic.build(tmp_path_factory.mktemp("syn") / "d", num_train=2000, num_val=200, image_size=56)
+    return paths, time.perf_counter() - start
+
+
+def _digest(out_dir: str) -> dict[str, str]:
+    out = {}
+    for root, _, files in os.walk(out_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, out_dir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def test_build_is_fast_and_files_are_valid_llava_records(default_build):
+    paths, seconds = default_build
+    assert seconds < 30, f"build took {seconds:.1f}s"  # ~2 s alone on this machine; generous when shared
+    stage1, stage2, val = (records.load_records(paths[k]) for k in ("stage1", "stage2", "val"))
+    assert len(stage1) == 2000 and len(stage2) == 2000 + 200 and len(val) > 3 * 200
+    for r in stage1:
+        assert len(r["conversations"]) == 2 and r["conversations"][0]["value"].count("<image>") == 1
+    text_only = [r for r in stage2 if "image" not in r]
+    assert len(text_only) == 200 and all(len(r["conversations"]) >= 2 for r in text_only)
+    assert max(len(r["conversations"]) for r in stage2) >= 6  # multi-turn
+    train_images = {r["image"] for r in stage1} | {r["image"] for r in stage2 if "image" in r}
+    val_images = {r["image"] for r in val}
+    assert len(val_images) == 200 and not train_images & val_images
+    assert len(os.listdir(paths["image_folder"])) == 2200
+    for r in val:
+        assert r["conversations"][1]["value"] == r["answer"] and r["qtype"] in synthetic.QTYPES
+
+
+def _measure(path: str) -> dict[str, str]:
+    """Reads colour, count, shape and position back from the pixels, independently of the generator."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    mask = np.abs(pixels - np.array(synthetic.BACKGROUND)).sum(-1) > 30
+    labels, count = ndimage.label(mask)
+    mean = pixels[mask].mean(0)
+    color = min(synthetic.COLORS, key=lambda c: np.abs(np.array(synthetic.COLORS[c]) - mean).sum())
+    ys, xs = np.nonzero(labels == 1)
+    fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))  # circle ~0.79, square 1, triangle ~0.5
+    shape = "square" if fill > 0.92 else "circle" if fill > 0.65 else "triangle"
+    out = {"color": color, "count": str(count), "shape": shape}
+    if count == 1:
+        size = pixels.shape[0]
+        cy, cx = ys.mean() / size, xs.mean() / size
+        out["position"] = min(synthetic.POSITIONS, key=lambda p: np.hypot(cx - synthetic.POSITIONS[p][0],
+                                                                        cy - synthetic.POSITIONS[p][1]))
+    return out
+
+
+def test_val_answers_agree_with_the_pixels(default_build):
+    paths, _ = default_build
+    val = records.load_records(paths["val"])
+    measured = {}
+    for r in val:
+        if r["image"] not in measured:
+            measured[r["image"]] = _measure(os.path.join(paths["image_folder"], r["image"]))
+        assert measured[r["image"]][r["qtype"]] == r["answer"], (r["id"], measured[r["image"]])
+    # Position questions exactly for single-object images.
+    for image, m in measured.items():
+        asked = {r["qtype"] for r in val if r["image"] == image}
+        assert ("position" in asked) == (m["count"] == "1")
+
+
+def test_answers_are_balanced_and_from_a_closed_set(default_build):
+    paths, _ = default_build
+    answers = collections.defaultdict(collections.Counter)
+    for r in records.load_records(paths["stage2"]):
+        if "image" not in r:
+            continue
+        for q, a in zip(r["conversations"][::2], r["conversations"][1::2]):
+            qtype = next(t for t, qs in synthetic.QUESTIONS.items() if q["value"].replace("<image>", "").strip() in qs)
+            answers[qtype][a["value"]] += 1
+    expected = {"color": set(synthetic.COLORS), "shape": set(synthetic.SHAPES), "count": {"1", "2", "3", "4"},
+                "position": set(synthetic.POSITIONS)}
+    for qtype, counter in answers.items():
+        assert set(counter) == expected[qtype]
+        share = np.array(list(counter.values())) / sum(counter.values())
+        # Uniform up to sampling noise (+-35% relative).
+        assert np.all(np.abs(share * len(counter) - 1) < 0.35), (qtype, counter)
+
+
+def test_tokenizer_is_llama_like_and_answers_are_single_pieces(default_build):
+    paths, _ = default_build
+    sp = spm.SentencePieceProcessor(model_file=paths["tokenizer"])
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert sp.get_piece_size() == 1024
+    assert sp.encode("é", out_type=str) == ["▁", "<0xC3>", "<0xA9>"]  # byte fallback
+    assert sp.encode("12", out_type=str) == ["▁", "1", "2"]  # digits split
+    words = [*synthetic.COLORS, *synthetic.SHAPES, *synthetic.POSITIONS]
+    assert [w for w in words if len(sp.encode(w)) != 1] == []
+
+
+def test_build_is_deterministic_and_seeded(tmp_path):
+    kwargs = dict(num_train=30, num_val=8, image_size=32, vocab_size=400)
+    a = _digest(synthetic.build(tmp_path / "a", **kwargs)["out_dir"])
+    b = _digest(synthetic.build(tmp_path / "b", **kwargs)["out_dir"])
+    c = _digest(synthetic.build(tmp_path / "c", seed=1, **kwargs)["out_dir"])
+    assert a == b
+    assert len(a) == 30 + 8 + 5
+    assert a["stage2.json"] != c["stage2.json"] and a["images/train_00000.png"] != c["images/train_00000.png"]
+
+
+def test_build_is_cached_and_rebuilt_when_arguments_change(tmp_path, monkeypatch):
+    out = tmp_path / "d"
+    paths = synthetic.build(out, num_train=12, num_val=4, image_size=28, vocab_size=400)
+    manifest = open(paths["manifest"]).read()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached build must not draw")
+
+    with monkeypatch.context() as m:
+        m.setattr(synthetic, "draw_scene", fail)
+        assert synthetic.build(out, num_train=12, num_val=4, image_size=28, vocab_size=400) == paths
+    assert open(paths["manifest"]).read() == manifest
+    # Other arguments: rebuilt, and no stale images from the larger build remain.
+    synthetic.build(out, num_train=5, num_val=2, image_size=28, vocab_size=400)
+    assert sorted(os.listdir(paths["image_folder"])) == [f"train_{i:05d}.png" for i in range(5)] + [
+        f"val_{i:05d}.png" for i in range(2)]
+    assert json.load(open(paths["manifest"]))["args"]["num_train"] == 5
+    # An interrupted build (no manifest) is redone.
+    os.remove(paths["manifest"])
+    with monkeypatch.context() as m:
+        calls = []
+        original = synthetic.draw_scene
+        m.setattr(synthetic, "draw_scene", lambda *a: calls.append(1) or original(*a))
+        synthetic.build(out, num_train=5, num_val=2, image_size=28, vocab_size=400)
+    assert len(calls) == 7 and os.path.exists(paths["manifest"])
+
+
+def test_scene_options_are_respected(tmp_path):
+    scene = synthetic.SceneConfig(shapes=("circle",), colors=("red", "blue"), max_count=1, positions=("left",))
+    paths = synthetic.build(tmp_path / "d", num_train=20, num_val=5, image_size=40, vocab_size=400, scene=scene)
+    val = records.load_records(paths["val"])
+    assert {(r["qtype"], r["answer"]) for r in val} <= {("shape", "circle"), ("color", "red"), ("color", "blue"),
+                                                       ("count", "1"), ("position", "left")}
+    assert Image.open(os.path.join(paths["image_folder"], "val_00000.png")).size == (40, 40)
+    with pytest.raises(ValueError, match="unknown shapes"):
+        synthetic.SceneConfig(shapes=("hexagon",))
+
+
+def test_score_exact_match_after_normalisation():
+    val = [{"id": "a", "qtype": "color", "answer": "red"}, {"id": "b", "qtype": "count", "answer": "3"},
+           {"id": "c", "qtype": "count", "answer": "2"}, {"id": "d", "qtype": "shape", "answer": "circle"}]
+    got = synthetic.score(val, {"a": " Red.", "b": "three", "c": "2 shapes"})
+    assert got == {"accuracy": 0.5, "n": 4, "accuracy/color": 1.0, "n/color": 1, "accuracy/count": 0.5,
+                   "n/count": 2, "accuracy/shape": 0.0, "n/shape": 1}
+    assert synthetic.score(val, ["red", "3", "2", "circle!"])["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="4 records"):
+        synthetic.score(val, ["red"])
