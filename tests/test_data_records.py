@@ -17,6 +17,9 @@ GOOD = [
                                       {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye"}]},
     {"id": 7, "image": ["a.png", "b.png"], "conversations": [
         {"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "No."}]},
+    # A system turn, then an opening answer (the templates drop it, as the original does).
+    {"id": "sys", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "gpt", "value": "Hi!"},
+                                    {"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Yes"}]},
 ]
 
 
@@ -35,7 +38,7 @@ def _write(tmp_path, name, records_or_text):
 def test_load_records_json_and_jsonl(tmp_path, name):
     loaded = records.load_records(_write(tmp_path, name, GOOD))
     assert loaded == GOOD
-    assert [records.record_images(r) for r in loaded] == [["00453/004539375.jpg"], [], ["a.png", "b.png"]]
+    assert [records.record_images(r) for r in loaded] == [["00453/004539375.jpg"], [], ["a.png", "b.png"], []]
 
 
 BAD = [
@@ -47,10 +50,16 @@ BAD = [
     ({"id": "x", "conversations": []}, "non-empty list"),
     ({"id": "x", "conversations": [{"from": "human"}]}, "conversations[0] must be an object"),
     ({"id": "x", "conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]},
-     "conversations[0].from is 'gpt'"),
+     "no gpt turn after a human turn"),
+    ({"id": "x", "conversations": [{"from": "bot", "value": "a"}, {"from": "gpt", "value": "b"}]},
+     "conversations[0].from is 'bot'; expected one of"),
+    ({"id": "x", "conversations": [{"from": "human", "value": "a"}, {"from": "system", "value": "s"},
+                                   {"from": "gpt", "value": "b"}]}, "conversations[1].from is 'system'"),
     ({"id": "x", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
      "conversations[1].from is 'human'"),
     ({"id": "x", "conversations": [{"from": "human", "value": "a"}]}, "no gpt turn"),
+    ({"id": "x", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                                   {"from": "gpt", "value": "c"}]}, "conversations[2].from is 'gpt'; expected human"),
     ({"id": "x", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "b"}]},
      "value must be a string"),
     ({"id": "x", "image": "a.png", "conversations": [{"from": "human", "value": "no marker"},
@@ -71,8 +80,8 @@ def test_bad_record_error_names_file_index_id_and_problem(tmp_path, name, bad, e
     with pytest.raises(records.RecordError) as info:
         records.load_records(path)
     message = str(info.value)
-    assert path in message and "record 3" in message and expected in message
-    assert info.value.index == 3 and info.value.path == path
+    assert path in message and "record 4" in message and expected in message
+    assert info.value.index == 4 and info.value.path == path
     if isinstance(bad, dict) and "id" in bad:
         assert f"(id {bad['id']!r})" in message
 

@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 IMAGE_MARKER = "<image>"
-HUMAN, GPT = "human", "gpt"
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+# Role names in the "from" field (LLaVA writes human/gpt); the same set the templates accept.
+ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
 
 Record = dict[str, Any]
 
@@ -50,9 +52,10 @@ def validate_record(record: Any) -> str | None:
     """Returns what is wrong with one record, or None if it is valid.
 
     Checks the fields LLaVA's loader relies on: `id` (str or int), optional `image` (non-empty str
-    or non-empty list of them), `conversations` (a list of {"from": "human"|"gpt", "value": str}
-    turns alternating human/gpt, starting with human, with at least one gpt turn), and that the
-    number of `<image>` markers in the human turns equals the number of images.
+    or non-empty list of them), `conversations` (a list of {"from", "value": str} turns: an optional
+    system turn, an optional opening gpt turn (dropped by the templates, as by the original), then
+    human/gpt alternating with at least one gpt answer), and that the number of `<image>` markers,
+    all in human turns, equals the number of images.
     """
     if not isinstance(record, dict):
         return f"expected a JSON object, found {type(record).__name__}"
@@ -71,22 +74,32 @@ def validate_record(record: Any) -> str | None:
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         return "field 'conversations' must be a non-empty list of {'from', 'value'} turns"
-    markers = 0
+    markers, roles = 0, []
     for j, turn in enumerate(convs):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             return f"conversations[{j}] must be an object with 'from' and 'value', found {turn!r:.80}"
+        if turn["from"] not in ROLES:
+            return f"conversations[{j}].from is {turn['from']!r}; expected one of {sorted(ROLES)}"
         if not isinstance(turn["value"], str):
             return f"conversations[{j}].value must be a string, found {type(turn['value']).__name__}"
-        expected = HUMAN if j % 2 == 0 else GPT
-        if turn["from"] != expected:
-            return (f"conversations[{j}].from is {turn['from']!r}; expected {expected!r} "
-                    "(turns alternate human, gpt, human, ... starting with human)")
+        role = ROLES[turn["from"]]
         count = turn["value"].count(IMAGE_MARKER)
-        if count and turn["from"] == GPT:
-            return f"conversations[{j}] is a gpt turn with an {IMAGE_MARKER} marker; markers belong in human turns"
+        if count and role != USER:
+            return (f"conversations[{j}] is a {turn['from']} turn with an {IMAGE_MARKER} marker; "
+                    "markers belong in human turns")
         markers += count
-    if len(convs) < 2:
-        return "conversations has no gpt turn: nothing to train on"
+        roles.append(role)
+    # As the templates (and the original) read a conversation: an optional system turn, an
+    # opening answer that is dropped, then strictly alternating human/gpt turns.
+    start = 1 if roles[0] == SYSTEM else 0
+    start += 1 if roles[start:start + 1] == [ASSISTANT] else 0
+    for j in range(start, len(roles)):
+        expected = USER if (j - start) % 2 == 0 else ASSISTANT
+        if roles[j] != expected:
+            return (f"conversations[{j}].from is {convs[j]['from']!r}; expected "
+                    f"{'human' if expected == USER else 'gpt'} (turns alternate human, gpt, ...)")
+    if ASSISTANT not in roles[start:]:
+        return "conversations has no gpt turn after a human turn: nothing to train on"
     num_images = len(record_images(record))
     if markers != num_images:
         return (f"found {markers} {IMAGE_MARKER} marker(s) in the conversation but {num_images} image(s) "
