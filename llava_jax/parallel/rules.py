@@ -1,0 +1,77 @@
+"""Logical axis names -> mesh axes: the one table that shards every parameter and activation.
+
+Each parameter carries logical names (`embed`, `mlp`, `heads`, `vocab`, ...; see the models).
+`DEFAULT_RULES` maps them to the mesh axes `data`, `fsdp`, `tensor`; a name with no rule is an
+error, never a silent replication.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, Any], ...]
+
+DEFAULT_RULES: Rules = (
+    # Activations: the batch is split over data and fsdp; length and width stay whole.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    # Language model: FSDP over the model width, tensor parallel over heads / MLP / vocab.
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    # Vision tower and projector.
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("proj_mlp", "tensor"),
+)
+
+
+def logical_names(tree: Any) -> set[str]:
+    """Every logical axis name used by a tree of `nn.Partitioned` boxes."""
+    names = set()
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        if isinstance(leaf, nn.Partitioned):
+            names.update(n for n in leaf.names if n is not None)
+    return names
+
+
+def check_rules(boxed_params: Any, rules: Rules = DEFAULT_RULES) -> None:
+    """Raise if a parameter is unannotated or uses a logical name the rules do not map."""
+    known = {name for name, _ in rules}
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        if not isinstance(leaf, nn.Partitioned):
+            bad.append(f"{where}: no logical axis names")
+            continue
+        unknown = [n for n in leaf.names if n is not None and n not in known]
+        if unknown:
+            bad.append(f"{where}: logical axes {unknown} have no sharding rule")
+    if bad:
+        raise ValueError(f"{len(bad)} parameters cannot be sharded by the rules table, e.g. " + "; ".join(bad[:4]))
+
+
+def param_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of boxed (abstract) parameters, after checking the rules cover it."""
+    check_rules(boxed_abstract, rules)
+    specs = nn.get_partition_spec(boxed_abstract)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def logical_sharding(names: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """The NamedSharding of one array with the given logical axis names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(names), rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Split the leading (batch) dimension over data x fsdp; replicate the rest."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -1,0 +1,66 @@
+"""Which parameters train (stages are data), and the optimizer that trains them."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = dict[str, Any]
+
+
+def path_str(path: tuple[str, ...]) -> str:
+    return "/".join(path)
+
+
+def split_params(params: Params, trainable: Sequence[str]) -> tuple[Params, Params]:
+    """(trainable, frozen) nested trees; a parameter trains when its path fully matches a pattern.
+
+    Patterns are regular expressions over "/"-joined paths, e.g. "projector/.*" (stage 1) or
+    "(projector|language_model)/.*" (stage 2).
+    """
+    pats = [re.compile(p) for p in trainable]
+    flat = tu.flatten_dict(params)
+    train = {k: v for k, v in flat.items() if any(p.fullmatch(path_str(k)) for p in pats)}
+    if not train:
+        raise ValueError(f"no parameter matches the trainable patterns {list(trainable)}")
+    frozen = {k: v for k, v in flat.items() if k not in train}
+    return tu.unflatten_dict(train), tu.unflatten_dict(frozen) if frozen else {}
+
+
+def merge_params(a: Params, b: Params) -> Params:
+    """The union of two disjoint nested trees."""
+    return tu.unflatten_dict({**tu.flatten_dict(a), **tu.flatten_dict(b)})
+
+
+def decay_mask(params: Params) -> Params:
+    """Weight decay on matrices only: never on biases, norm scales or embeddings' 1-D params."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+    """Linear warmup from 0 then cosine to 0 (transformers' get_cosine_schedule_with_warmup)."""
+    total_steps = max(total_steps, 1)
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), end_value=0.0)
+
+
+def make_optimizer(
+    *, learning_rate: float, total_steps: int, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, clip_norm: float = 1.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (torch defaults) with global-norm clipping and warmup + cosine."""
+    schedule = learning_rate_schedule(learning_rate, total_steps, warmup_ratio)
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+

@@ -1,0 +1,114 @@
+"""The train step: a pure function of (state, batch), jit-compiled with shardings by the loop."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from llava_jax.config import LlavaConfig
+from llava_jax.models.llava import Llava
+from llava_jax.train.loss import cross_entropy_sum, supervised_count
+from llava_jax.train.optimizer import Params, merge_params
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes, plus the frozen parameters it reads.
+
+    `params` are the trained parameters (float32 master copies); `frozen` the rest, kept in the
+    compute dtype and never differentiated, with no optimizer state.
+    """
+
+    step: jax.Array  # [] int32: updates applied (or skipped as non-finite) in this stage
+    params: Params
+    frozen: Params
+    opt_state: Any
+    nonfinite_streak: jax.Array  # [] int32: consecutive skipped steps
+    nonfinite_total: jax.Array  # [] int32
+
+
+def create_state(params: Params, frozen: Params, tx: optax.GradientTransformation) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, frozen, tx.init(params), zero, zero)
+
+
+def model_inputs(batch: Batch) -> tuple:
+    """(input_ids, pixel_values or None, attention_mask) of a batch dict."""
+    return batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"]
+
+
+def loss_sum_fn(cfg: LlavaConfig) -> Callable[[Params, Params, Batch], jax.Array]:
+    """Summed next-token NLL of one micro-batch under trainable + frozen parameters."""
+    module = Llava(cfg)
+
+    def loss_sum(params: Params, frozen: Params, batch: Batch) -> jax.Array:
+        logits, _ = module.apply({"params": merge_params(params, frozen)}, *model_inputs(batch))
+        return cross_entropy_sum(logits, batch["labels"])
+
+    return loss_sum
+
+
+def make_train_step(
+    cfg: LlavaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """A step over a global batch whose leaves are [A, b, ...]: A micro-batches accumulated.
+
+    The loss is the mean over every supervised token of the global batch (not a mean of
+    micro-batch means), as transformers computes it for the same batch. A non-finite loss or
+    gradient norm leaves parameters and optimizer state untouched and is counted.
+    """
+    loss_sum = loss_sum_fn(cfg)
+    grad_fn = jax.value_and_grad(loss_sum)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        tokens = supervised_count(batch["labels"])
+        denom = jnp.maximum(tokens, 1).astype(jnp.float32)
+
+        def micro(carry, mb):
+            grads, total = carry
+            loss, g = grad_fn(state.params, state.frozen, mb)
+            return (jax.tree.map(jnp.add, grads, g), total + loss), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grads, total), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), batch)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = total / denom
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
+            nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "supervised_tokens": tokens,
+            "tokens": jnp.sum(batch["attention_mask"]),
+            "nonfinite": (~ok).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def to_microbatches(batch: dict, num_micro: int) -> dict:
+    """[B, ...] host arrays -> [A, B/A, ...] for gradient accumulation."""
+    def split(x):
+        if x.shape[0] % num_micro:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {num_micro} micro-batches")
+        return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+
+    return {k: split(v) for k, v in batch.items()}

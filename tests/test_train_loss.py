@@ -1,0 +1,110 @@
+"""Loss and gradients against transformers' LlavaForConditionalGeneration (float32, tiny, perturbed)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from llava_jax import load_pretrained
+from llava_jax.train.optimizer import make_optimizer, split_params
+from llava_jax.train.step import create_state, loss_sum_fn, make_train_step, to_microbatches
+from llava_jax.weights import mapping
+from tests.hf_reference import IMAGE_TOKEN, make_llava, random_ids
+
+
+def _batch(seed, n_img, rows=4, t=24):
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((rows, t), np.int32)
+    mask = np.zeros((rows, t), np.int32)
+    labels = np.full((rows, t), -100, np.int32)
+    for b in range(rows):
+        n = t - 3 * b
+        has_img = b % 2 == 0
+        seq = [1] + ([IMAGE_TOKEN] * n_img if has_img else []) + list(random_ids(rng, n - 1 - (n_img if has_img else 0)))
+        ids[b, :n], mask[b, :n] = seq, 1
+        labels[b, n // 2 : n] = ids[b, n // 2 : n]  # supervise the second half of each row
+    px = rng.standard_normal((rows, 1, 28, 28, 3)).astype(np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": px}
+
+
+def _torch_forward(hf, batch):
+    img_rows = [b for b in range(len(batch["input_ids"])) if (batch["input_ids"][b] == IMAGE_TOKEN).any()]
+    px = torch.as_tensor(batch["pixel_values"][img_rows, 0].transpose(0, 3, 1, 2).copy())
+    return hf(input_ids=torch.as_tensor(batch["input_ids"]).long(), pixel_values=px,
+              attention_mask=torch.as_tensor(batch["attention_mask"]).long(),
+              labels=torch.as_tensor(batch["labels"]).long())
+
+
+def test_loss_and_gradients_match_transformers(tmp_path):
+    seed = int.from_bytes(os.urandom(2), "little")
+    hf, n_img = make_llava(seed)
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path))
+    batch = _batch(seed, n_img)
+    # Loss: the mean over all supervised tokens of the batch.
+    out = _torch_forward(hf, batch)
+    out.loss.backward()
+    params, frozen = split_params(model.params, ["(projector|language_model)/.*"])
+    loss_sum = loss_sum_fn(model.config)
+    n = (batch["labels"][:, 1:] != -100).sum()
+    loss, grads = jax.value_and_grad(lambda p: loss_sum(p, frozen, batch) / n)(params)
+    assert abs(float(loss) - out.loss.item()) < 1e-5, (float(loss), out.loss.item())
+    # Gradients: every trained tensor, mapped back through the one name table.
+    torch_grads = {k: p.grad.numpy() for k, p in hf.named_parameters() if p.grad is not None}
+    hf_names = {k.replace("model.language_model.", "language_model.model.").replace("model.multi_modal_projector.", "multi_modal_projector."): v
+                for k, v in torch_grads.items()}
+    hf_names = {("language_model." + k if k.startswith("lm_head.") else k): v for k, v in hf_names.items()}
+    checked = 0
+    for e in mapping.entries(model.config):
+        if e.component == "vision_tower":
+            continue
+        g_ref = mapping.to_ours(hf_names[mapping.torch_name(e, mapping.HF_LEGACY)], e.transform)
+        g = np.asarray(_get(grads, e.path))
+        rel = np.linalg.norm(g - g_ref) / max(np.linalg.norm(g_ref), 1e-12)
+        assert rel < 1e-4, f"{'/'.join(e.path)}: relative gradient error {rel:.2e}"
+        checked += 1
+    assert checked > 10
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def test_accumulated_step_equals_one_big_step(tmp_path):
+    """Two micro-batches give the loss and update of the whole batch at once."""
+    seed = int.from_bytes(os.urandom(2), "little")
+    hf, n_img = make_llava(seed)
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path))
+    batch = _batch(seed, n_img)
+    tx, sched = make_optimizer(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0)
+    params, frozen = split_params(model.params, ["projector/.*"])
+    step = jax.jit(make_train_step(model.config, tx, sched))
+    s1, m1 = step(create_state(params, frozen, tx), to_microbatches(batch, 1))
+    s2, m2 = step(create_state(params, frozen, tx), to_microbatches(batch, 2))
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # Frozen parameters carry no optimizer state: only the projector is in it.
+    assert set(jax.tree_util.tree_structure(s1.params).node_data()[1]) == {"projector"}
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    seed = int.from_bytes(os.urandom(2), "little")
+    hf, n_img = make_llava(seed)
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path))
+    batch = _batch(seed, n_img)
+    batch["pixel_values"][0, 0, 0, 0, 0] = np.nan
+    tx, sched = make_optimizer(learning_rate=1e-3, total_steps=10)
+    params, frozen = split_params(model.params, ["projector/.*"])
+    state = create_state(params, frozen, tx)
+    new, m = jax.jit(make_train_step(model.config, tx, sched))(state, to_microbatches(batch, 1))
+    assert int(m["nonfinite"]) == 1 and int(new.nonfinite_streak) == 1 and int(new.nonfinite_total) == 1
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
