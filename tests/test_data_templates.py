@@ -1,0 +1,360 @@
+"""Conversation rendering against the original LLaVA's prompt strings, tokenization and label masks."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from llava_jax.data import templates as T
+from llava_jax.data.templates import IGNORE_INDEX, EmptySampleError, render, render_prompt, render_text
+from llava_jax.data.tokenizer import Tokenizer
+from tests import _spm
+
+IMG = 400  # == the tiny vocabulary size: outside the vocabulary, like llava-hf's 32000
+N_IMG = 5
+
+SINGLE = [
+    {"from": "human", "value": "What is the man doing?\n<image>"},
+    {"from": "gpt", "value": "He is sitting on a red car."},
+]
+MULTI = SINGLE + [
+    {"from": "human", "value": "What color is the sky?"},
+    {"from": "gpt", "value": "Blue, with two white clouds."},
+    {"from": "human", "value": "How many dogs?"},
+    {"from": "gpt", "value": "Three."},
+]
+TEXT_ONLY = [
+    {"from": "human", "value": "Describe a cat."},
+    {"from": "gpt", "value": "A small animal\nwith  whiskers."},
+    {"from": "human", "value": "And a dog?"},
+    {"from": "gpt", "value": "A loyal friend."},
+]
+TWO_IMAGES = [
+    {"from": "human", "value": "<image>\nWhat is this?"},
+    {"from": "gpt", "value": "A plate of food."},
+    {"from": "human", "value": "And here? <image>"},
+    {"from": "gpt", "value": "A table near a tree."},
+]
+CAPTION = [
+    {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+    {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"},
+]
+RECORDS = {"single": SINGLE, "multi": MULTI, "text_only": TEXT_ONLY, "two_images": TWO_IMAGES}
+
+VICUNA = T.VICUNA_SYSTEM
+LLAVA_V1 = T.LLAVA_V1_SYSTEM
+LL2 = T.LLAVA_LLAMA_2_SYSTEM
+Q1 = "<image>\nWhat is the man doing?"  # the original moves <image> to the front, "\n" after it
+A1 = "He is sitting on a red car."
+Q2, A2 = "What color is the sky?", "Blue, with two white clouds."
+
+# Strings derived by hand from haotian-liu/LLaVA v1.2 llava/conversation.py get_prompt() for the
+# messages [(USER, Q1), (ASSISTANT, A1), (USER, Q2), (ASSISTANT, A2)] (training form), and for
+# [(USER, Q1), (ASSISTANT, None)] (evaluation prompt, as llava/eval/model_vqa*.py builds it).
+# TWO: system + " " + "USER: q" + " " + "ASSISTANT: a" + "</s>" ...; open turn "ASSISTANT:".
+# LLAMA_2: sep + "[INST] " + (<<SYS>> block on turn 0) + q + " [/INST]", " " + a + " " + sep2, lstrip(sep).
+# MPT: system + sep + role + msg + sep ...; open turn = role. PLAIN: preprocess_plain "<image>" + a + "\n".
+EXPECTED = {
+    "vicuna_v1": (
+        f"{VICUNA} USER: {Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
+        f"{VICUNA} USER: {Q1} ASSISTANT:",
+    ),
+    "llava_v1": (
+        f"{LLAVA_V1} USER: {Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
+        f"{LLAVA_V1} USER: {Q1} ASSISTANT:",
+    ),
+    "llava_llama_2": (
+        f"[INST] <<SYS>>\n{LL2}\n<</SYS>>\n\n{Q1} [/INST] {A1} </s><s>[INST] {Q2} [/INST] {A2} </s>",
+        f"[INST] <<SYS>>\n{LL2}\n<</SYS>>\n\n{Q1} [/INST]",
+    ),
+    "mistral_instruct": (
+        f"[INST] {Q1} [/INST] {A1} </s>[INST] {Q2} [/INST] {A2} </s>",
+        f"[INST] {Q1} [/INST]",
+    ),
+    "chatml_direct": (
+        "<|im_start|>system\nAnswer the questions.<|im_end|>"
+        f"<|im_start|>user\n{Q1}<|im_end|><|im_start|>assistant\n{A1}<|im_end|>"
+        f"<|im_start|>user\n{Q2}<|im_end|><|im_start|>assistant\n{A2}<|im_end|>",
+        f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{Q1}<|im_end|><|im_start|>assistant\n",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    _spm.train_tiny_spm(str(d))
+    return Tokenizer.from_pretrained(str(d))
+
+
+def _render(conv, name, tok, **kw):
+    return render(conv, name, tok, image_token_index=IMG, num_image_tokens=N_IMG, **kw)
+
+
+def _prompt(conv, name, tok):
+    return render_prompt(conv, name, tok, image_token_index=IMG, num_image_tokens=N_IMG)
+
+
+# --- An independent implementation of the original tokenization and label rules --------------
+
+
+def original_ids(text: str, tok: Tokenizer) -> list[int]:
+    """The original's tokenizer_image_token with its slow legacy LLaMA tokenizer, images expanded.
+
+    BOS first; the text is cut at "<image>" and at "<s>"/"</s>" (special tokens), and every piece
+    is encoded by sentencepiece on its own, with the dummy prefix.
+    """
+    ids = [tok.bos_id]
+    for k, chunk in enumerate(text.split("<image>")):
+        if k:
+            ids += [IMG] * N_IMG
+        for part in re.split(r"(</s>|<s>)", chunk):
+            if part == "<s>":
+                ids.append(tok.bos_id)
+            elif part == "</s>":
+                ids.append(tok.eos_id)
+            elif part:
+                ids += tok.encode(part)
+    return ids
+
+
+def original_labels(text: str, name: str, tok: Tokenizer) -> list[int]:
+    """The original's label rule, by round lengths (train.py preprocess_v1 / _llama_2 / _plain)."""
+    ids = original_ids(text, tok)
+    labels = list(ids)
+    if name == "plain":
+        n_prompt = len(original_ids("<image>" * text.count("<image>"), tok))
+        return [IGNORE_INDEX] * n_prompt + labels[n_prompt:]
+    sep = " ASSISTANT: " if name in ("vicuna_v1", "llava_v1") else "[/INST] "
+    pos = 1  # BOS
+    labels[0] = IGNORE_INDEX
+    for rnd in text.split("</s>"):
+        if not rnd:
+            break
+        head, _, _ = rnd.partition(sep)
+        # len(round with BOS) = round tokens + its "</s>"; the instruction, minus BOS and the
+        # lone "▁" its trailing space makes, ends just before the answer's first token.
+        round_len = len(original_ids(rnd, tok))
+        instruction_len = len(original_ids(head + sep, tok)) - 2
+        labels[pos : pos + instruction_len] = [IGNORE_INDEX] * instruction_len
+        pos += round_len
+    labels[pos:] = [IGNORE_INDEX] * (len(labels) - pos)
+    return labels
+
+
+def supervised_runs(labels: np.ndarray) -> list[list[int]]:
+    runs, cur = [], []
+    for x in labels.tolist():
+        if x == IGNORE_INDEX:
+            if cur:
+                runs.append(cur)
+            cur = []
+        else:
+            cur.append(x)
+    return runs + ([cur] if cur else [])
+
+
+# --- Strings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_rendered_strings_equal_original_get_prompt(name):
+    conv = MULTI[:4]
+    train, prompt = EXPECTED[name]
+    assert render_text(conv, name) == train
+    assert render_text(conv[:1], name) == prompt
+
+
+def test_plain_string_is_preprocess_plain():
+    assert render_text(CAPTION, "plain") == "<image>" + CAPTION[1]["value"] + "\n"
+
+
+def test_llava_hf_prompt_with_raw_template():
+    # HF llava-1.5 prompt, used verbatim.
+    conv = [{"from": "human", "value": "USER: <image>\nWhat is this? ASSISTANT:"}]
+    assert render_text(conv, "raw") == "USER: <image>\nWhat is this? ASSISTANT:"
+
+
+def test_registry_and_errors():
+    assert set(T.TEMPLATES) >= {"vicuna_v1", "llava_v1", "plain", "llava_llama_2", "mistral_instruct", "chatml_direct", "raw"}
+    assert T.get_template("vicuna_v1").roles == ("USER", "ASSISTANT")
+    with pytest.raises(KeyError, match="vicuna_v1"):
+        T.get_template("vicuna")
+    assert T.get_template("chatml_direct").stop_strings == ("<|im_end|>",)
+
+
+# --- Ids and labels against the original ------------------------------------------------------
+
+
+@pytest.mark.parametrize("record", sorted(RECORDS))
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llava_llama_2", "mistral_instruct"])
+def test_ids_and_labels_equal_original(tok, name, record):
+    conv = RECORDS[record]
+    text = render_text(conv, name)
+    sample = _render(conv, name, tok)
+    assert sample.input_ids.tolist() == original_ids(text, tok)  # no mismatch with the full string
+    assert sample.labels.tolist() == original_labels(text, name, tok)
+    assert sample.input_ids.dtype == np.int32 and sample.labels.dtype == np.int32
+    assert sample.num_images == text.count("<image>")
+
+
+def test_plain_ids_and_labels_equal_original(tok):
+    sample = _render(CAPTION, "plain", tok)
+    text = render_text(CAPTION, "plain")
+    assert sample.input_ids.tolist() == original_ids(text, tok)
+    assert sample.labels.tolist() == original_labels(text, "plain", tok)
+    assert sample.num_images == 1
+
+
+@pytest.mark.parametrize("record", sorted(RECORDS))
+def test_chatml_ids_equal_full_string(tok, record):
+    # The tiny vocabulary spells the ChatML tags in characters; no piece spans our cuts here.
+    conv = RECORDS[record]
+    sample = _render(conv, "chatml_direct", tok)
+    assert sample.input_ids.tolist() == original_ids(render_text(conv, "chatml_direct"), tok)
+
+
+def test_image_neighbourhood_is_the_original_pattern(tok):
+    # LLaMA's famous "... :, ▁, <image>, ▁, \n": the text before and after an image is encoded apart.
+    ids = _render(SINGLE, "vicuna_v1", tok).input_ids.tolist()
+    start = ids.index(IMG)
+    assert tok.id_to_piece(ids[start - 1]) == "▁"
+    assert [tok.id_to_piece(i) for i in ids[start + N_IMG : start + N_IMG + 2]] == ["▁", "<0x0A>"]
+
+
+# --- Supervised spans decode to exactly the answers ------------------------------------------
+
+
+@pytest.mark.parametrize("record", sorted(RECORDS))
+@pytest.mark.parametrize("name", sorted(set(T.TEMPLATES) - {"plain"}))
+def test_supervised_spans_are_the_answers(tok, name, record):
+    conv = RECORDS[record]
+    runs = supervised_runs(_render(conv, name, tok).labels)
+    answers = [t["value"] for t in conv if t["from"] == "gpt"]
+    assert len(runs) == len(answers)
+    for run, answer in zip(runs, answers):
+        if name == "chatml_direct":
+            assert tok.decode(run) == answer + "<|im_end|>"
+            continue
+        assert run[-1] == tok.eos_id and tok.eos_id not in run[:-1]
+        # llama_2 styles supervise " {a} ": sentencepiece decoding drops the first space only.
+        expected = answer + " " if name in ("llava_llama_2", "mistral_instruct") else answer
+        assert tok.decode(run[:-1]) == expected
+        if name != "raw":  # (raw answers continue the user text directly: no dummy prefix)
+            assert run[:-1] == tok.encode(expected)  # the answer's own tokens
+
+
+def test_plain_supervised_span_is_caption_and_newline(tok):
+    sample = _render(CAPTION, "plain", tok)
+    (run,) = supervised_runs(sample.labels)
+    assert tok.decode(run) == CAPTION[1]["value"] + "\n"
+    assert tok.eos_id not in sample.input_ids.tolist()  # stage 1 has no EOS
+    # Masked: BOS and the image run only.
+    assert sample.labels[: 1 + N_IMG].tolist() == [IGNORE_INDEX] * (1 + N_IMG)
+    assert sample.input_ids[1 : 1 + N_IMG].tolist() == [IMG] * N_IMG
+
+
+def test_masked_positions(tok):
+    sample = _render(TWO_IMAGES, "vicuna_v1", tok)
+    ids, labels = sample.input_ids, sample.labels
+    assert labels[0] == IGNORE_INDEX and ids[0] == tok.bos_id
+    assert (labels[ids == IMG] == IGNORE_INDEX).all()
+    assert sample.num_images == 2 and (ids == IMG).sum() == 2 * N_IMG
+    supervised = labels != IGNORE_INDEX
+    np.testing.assert_array_equal(labels[supervised], ids[supervised])
+
+
+# --- render_prompt ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("record", sorted(RECORDS) + ["caption"])
+@pytest.mark.parametrize("name", sorted(T.TEMPLATES))
+def test_render_prompt_is_prefix_of_render(tok, name, record):
+    conv = CAPTION if record == "caption" else RECORDS[record]
+    full = _render(conv, name, tok)
+    for k in range(1, len(conv), 2):  # each point where the assistant is about to answer
+        prompt = _prompt(conv[:k], name, tok)
+        sub = _render(conv[: k + 1], name, tok)
+        n = len(prompt)
+        assert sub.input_ids[:n].tolist() == prompt.tolist()
+        assert sub.labels[n] != IGNORE_INDEX  # the answer starts right after the prompt
+        if name != "plain":  # (plain has no prompt text: the previous caption ends right before)
+            assert sub.labels[n - 1] == IGNORE_INDEX
+        assert full.input_ids[:n].tolist() == prompt.tolist()
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_llama_2", "mistral_instruct"])
+def test_render_prompt_equals_original_eval_prompt(tok, name):
+    prompt = _prompt(SINGLE[:1], name, tok)
+    assert prompt.dtype == np.int32
+    assert prompt.tolist() == original_ids(EXPECTED[name][1].replace(Q1, "<image>\nWhat is the man doing?"), tok)
+
+
+def test_render_prompt_needs_a_user_turn_last(tok):
+    with pytest.raises(ValueError, match="ends with a user turn"):
+        _prompt(SINGLE, "vicuna_v1", tok)
+
+
+# --- Truncation ---------------------------------------------------------------------------------
+
+
+def test_truncation_never_cuts_an_image_run(tok):
+    full = _render(TWO_IMAGES, "vicuna_v1", tok)
+    second = np.flatnonzero(full.input_ids == IMG)[N_IMG]  # first position of the second image run
+    sample = _render(TWO_IMAGES, "vicuna_v1", tok, max_length=int(second) + 2)
+    assert len(sample.input_ids) == second  # cut moved back to before the run
+    assert sample.num_images == 1
+    np.testing.assert_array_equal(sample.input_ids, full.input_ids[:second])
+    np.testing.assert_array_equal(sample.labels, full.labels[:second])
+    # A cut exactly after a run keeps it.
+    end = int(second) + N_IMG
+    kept = _render(TWO_IMAGES, "vicuna_v1", tok, max_length=end)
+    assert len(kept.input_ids) == end and kept.num_images == 2
+    # No truncation when it fits.
+    assert len(_render(TWO_IMAGES, "vicuna_v1", tok, max_length=len(full.input_ids)).input_ids) == len(full.input_ids)
+
+
+def test_truncation_that_leaves_nothing_supervised(tok):
+    first_answer = int(np.flatnonzero(_render(SINGLE, "vicuna_v1", tok).labels != IGNORE_INDEX)[0])
+    with pytest.raises(EmptySampleError):
+        _render(SINGLE, "vicuna_v1", tok, max_length=first_answer)
+    assert len(_render(SINGLE, "vicuna_v1", tok, max_length=first_answer + 1).labels) == first_answer + 1
+    # A cut inside the first image run leaves only BOS + text: nothing to learn either.
+    with pytest.raises(EmptySampleError):
+        _render(TWO_IMAGES, "vicuna_v1", tok, max_length=3)
+
+
+def test_no_answer_is_empty(tok):
+    with pytest.raises(EmptySampleError):
+        _render(SINGLE[:1], "vicuna_v1", tok)
+
+
+# --- Conversation handling ------------------------------------------------------------------
+
+
+def test_roles_and_markers(tok):
+    aliases = [{"from": "user", "value": SINGLE[0]["value"]}, {"from": "assistant", "value": A1}]
+    assert render_text(aliases, "vicuna_v1") == render_text(SINGLE, "vicuna_v1")
+    # A leading answer is dropped, as the original does.
+    assert render_text([{"from": "gpt", "value": "hi"}] + SINGLE, "vicuna_v1") == render_text(SINGLE, "vicuna_v1")
+    # A system turn replaces the system prompt.
+    sys_conv = [{"from": "system", "value": "Be brief."}] + SINGLE
+    assert render_text(sys_conv, "vicuna_v1").startswith("Be brief. USER: <image>\n")
+    # Two markers in one turn: both move to the front.
+    two = [{"from": "human", "value": "<image> compare <image>"}, {"from": "gpt", "value": "Same."}]
+    assert render_text(two, "vicuna_v1") == f"{VICUNA} USER: <image>\n<image>\ncompare ASSISTANT: Same.</s>"
+    assert _render(two, "vicuna_v1", tok).num_images == 2
+    with pytest.raises(ValueError, match="alternate"):
+        render_text([SINGLE[0], SINGLE[0], SINGLE[1]], "vicuna_v1")
+    with pytest.raises(ValueError, match="images belong"):
+        render_text([SINGLE[0], {"from": "gpt", "value": "<image>"}], "vicuna_v1")
+    with pytest.raises(ValueError, match="from"):
+        render_text([{"from": "bot", "value": "x"}], "vicuna_v1")
+
+
+def test_eos_in_answer_text_is_not_an_eos(tok):
+    conv = [{"from": "human", "value": "Say it."}, {"from": "gpt", "value": "x </s> y"}]
+    ids = _render(conv, "vicuna_v1", tok).input_ids.tolist()
+    assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id
