@@ -168,6 +168,8 @@ def test_from_pretrained_int_sizes_and_override(tmp_path):
     cfg = ImageProcessorConfig.from_pretrained(str(tmp_path))
     assert (cfg.size, cfg.crop_size, cfg.pad_to_square) == (224, 224, False)
     assert ImageProcessorConfig.from_pretrained(str(tmp_path), image_aspect_ratio="pad").pad_to_square
+    with pytest.raises(ValueError, match="'pad' or 'square'"):
+        ImageProcessorConfig.from_pretrained(str(tmp_path), image_aspect_ratio="padd")
 
 
 def test_from_pretrained_original_llava_config(tmp_path):
@@ -181,6 +183,22 @@ def test_from_pretrained_original_llava_config(tmp_path):
     assert ImageProcessorConfig.from_pretrained(str(tmp_path)) == dataclasses.replace(
         ImageProcessorConfig(), size=224, crop_size=224, pad_to_square=False
     )
+
+
+def test_from_pretrained_clip_processor_with_llava_aspect_ratio(tmp_path):
+    # Original LLaVA dir: the CLIP processor JSON (no do_pad) next to a config.json asking for "pad".
+    ImageProcessorConfig(size=336, crop_size=336, pad_to_square=False).save(str(tmp_path))
+    hf = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    del hf["do_pad"]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hf))
+    conf = {"mm_vision_tower": "openai/clip-vit-large-patch14-336", "image_aspect_ratio": "pad"}
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    assert ImageProcessorConfig.from_pretrained(str(tmp_path)).pad_to_square
+    # An explicit do_pad wins over config.json; the argument wins over both.
+    hf["do_pad"] = False
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hf))
+    assert not ImageProcessorConfig.from_pretrained(str(tmp_path)).pad_to_square
+    assert ImageProcessorConfig.from_pretrained(str(tmp_path), image_aspect_ratio="pad").pad_to_square
 
 
 def test_from_pretrained_missing_names_directory(tmp_path):

@@ -123,22 +123,38 @@ class ImageProcessorConfig:
     def from_pretrained(cls, directory: str, image_aspect_ratio: str | None = None) -> "ImageProcessorConfig":
         """Reads the processor settings of a checkpoint directory.
 
-        Looks for, in order: `preprocessor_config.json` (HF CLIP / Llava image processor), then an
-        original-LLaVA `config.json` (`image_aspect_ratio`, image size from `mm_vision_tower`).
-        `image_aspect_ratio` ("pad" or "square"), when given, overrides the padding choice.
+        Sources, in order:
+        1. `preprocessor_config.json` (HF CLIP / Llava image processor JSON: size, crop_size,
+           image_mean, image_std, rescale_factor, resample, do_pad). If it has no `do_pad` and the
+           directory's `config.json` is an original-LLaVA one with `image_aspect_ratio`, that
+           decides the padding, as in the original (CLIP processor + the model's aspect-ratio flag).
+        2. Otherwise an original-LLaVA `config.json`: `image_aspect_ratio` ("pad" pads, anything
+           else does not) and the image size from `mm_vision_tower` (a name ending in -336: 336 px,
+           else 224 px), CLIP mean/std.
+        `image_aspect_ratio` ("pad" | "square"), when given, overrides the padding choice. Note that
+        llava-hf/llava-1.5-*-hf ships a CLIPImageProcessor without do_pad (centre crop) although the
+        original LLaVA-1.5 pads: pass image_aspect_ratio="pad" to evaluate as the original did.
+
+        Raises FileNotFoundError naming the directory when neither file exists.
         """
         hf_path = os.path.join(directory, PREPROCESSOR_CONFIG)
         llava_path = os.path.join(directory, "config.json")
+        llava = _read_json(llava_path) if os.path.isfile(llava_path) else None
         if os.path.isfile(hf_path):
-            cfg = _from_hf_json(_read_json(hf_path))
-        elif os.path.isfile(llava_path):
-            cfg = _from_llava_config(_read_json(llava_path), llava_path)
+            hf = _read_json(hf_path)
+            cfg = _from_hf_json(hf)
+            if "do_pad" not in hf and llava is not None and "image_aspect_ratio" in llava:
+                cfg = dataclasses.replace(cfg, pad_to_square=_aspect_ratio_pads(llava["image_aspect_ratio"]))
+        elif llava is not None:
+            cfg = _from_llava_config(llava, llava_path)
         else:
             raise FileNotFoundError(
                 f"No image processor settings in {directory!r}: expected {PREPROCESSOR_CONFIG} "
-                "(HF CLIP/Llava image processor) or config.json (original LLaVA, with image_aspect_ratio)."
+                "(HF CLIP/Llava image processor) or config.json (original LLaVA, with mm_vision_tower)."
             )
         if image_aspect_ratio is not None:
+            if image_aspect_ratio not in ("pad", "square"):
+                raise ValueError(f"image_aspect_ratio must be 'pad' or 'square'; got {image_aspect_ratio!r}")
             cfg = dataclasses.replace(cfg, pad_to_square=_aspect_ratio_pads(image_aspect_ratio))
         return cfg
 
@@ -151,8 +167,10 @@ def _read_json(path: str) -> dict[str, Any]:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-def _aspect_ratio_pads(image_aspect_ratio: str) -> bool:
+def _aspect_ratio_pads(image_aspect_ratio: str | None) -> bool:
     # Original LLaVA: only "pad" pads; "square", None or anything else goes straight to the processor.
+    if isinstance(image_aspect_ratio, str) and image_aspect_ratio.startswith("anyres"):
+        raise ValueError("image_aspect_ratio 'anyres' (LLaVA-NeXT multi-crop) is not supported; use 'pad' or 'square'")
     return image_aspect_ratio == "pad"
 
 
@@ -192,7 +210,7 @@ def _from_llava_config(d: dict[str, Any], path: str) -> ImageProcessorConfig:
     # openai/clip-vit-large-patch14-336 -> 336 px; the plain ViT-L/14 is 224 px.
     size = 336 if str(tower).rstrip("/").endswith("-336") else 224
     return ImageProcessorConfig(
-        size=size, crop_size=size, pad_to_square=_aspect_ratio_pads(d.get("image_aspect_ratio") or "square")
+        size=size, crop_size=size, pad_to_square=_aspect_ratio_pads(d.get("image_aspect_ratio"))
     )
 
 
