@@ -41,8 +41,13 @@ def corpus(num_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tiny_spm(directory: str, vocab_size: int = 400, model_type: str = "bpe") -> str:
-    """Trains the tokenizer into `directory/tokenizer.model` (once per directory) and returns its path."""
+def train_tiny_spm(
+    directory: str, vocab_size: int = 400, model_type: str = "bpe", user_defined_symbols: tuple[str, ...] = ()
+) -> str:
+    """Trains the tokenizer into `directory/tokenizer.model` (once per directory) and returns its path.
+
+    `user_defined_symbols` become atomic pieces (as ChatML tags are in a ChatML model's vocabulary).
+    """
     os.makedirs(directory, exist_ok=True)
     model_path = os.path.join(directory, "tokenizer.model")
     if os.path.exists(model_path):
@@ -65,6 +70,7 @@ def train_tiny_spm(directory: str, vocab_size: int = 400, model_type: str = "bpe
         bos_id=1,
         eos_id=2,
         pad_id=-1,
+        user_defined_symbols=list(user_defined_symbols),
         num_threads=1,
         minloglevel=2,
     )

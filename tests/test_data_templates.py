@@ -216,6 +216,26 @@ def test_chatml_ids_equal_full_string(tok, record):
     assert sample.input_ids.tolist() == original_ids(render_text(conv, "chatml_direct"), tok)
 
 
+@pytest.mark.parametrize("record", sorted(RECORDS))
+def test_chatml_ids_equal_full_string_with_tag_pieces(tmp_path_factory, record):
+    d = tmp_path_factory.mktemp("spm_chatml")
+    _spm.train_tiny_spm(str(d), user_defined_symbols=("<|im_start|>", "<|im_end|>"))
+    tok = Tokenizer.from_pretrained(str(d))
+    assert len(tok.encode("<|im_end|>", add_dummy_prefix=False)) == 1
+    conv = RECORDS[record]
+    sample = _render(conv, "chatml_direct", tok)
+    assert sample.input_ids.tolist() == original_ids(render_text(conv, "chatml_direct"), tok)
+    for run, answer in zip(supervised_runs(sample.labels), [t["value"] for t in conv if t["from"] == "gpt"]):
+        assert tok.decode(run) == answer + "<|im_end|>"
+
+
+def test_no_piece_has_a_space_after_another_character(tok):
+    # The vocabulary property that makes our prompt|answer cuts exact (module docstring).
+    for i in range(tok.vocab_size):
+        piece = tok.id_to_piece(i)
+        assert "▁" not in piece.lstrip("▁"), piece
+
+
 def test_image_neighbourhood_is_the_original_pattern(tok):
     # LLaMA's famous "... :, ▁, <image>, ▁, \n": the text before and after an image is encoded apart.
     ids = _render(SINGLE, "vicuna_v1", tok).input_ids.tolist()

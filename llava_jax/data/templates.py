@@ -36,10 +36,11 @@ text is encoded as a continuation (no dummy prefix). Where those cuts fall:
   answer ("ASSISTANT:" | " {a}", "[/INST]" | " {a} "). A LLaMA (sentencepiece, split-by-whitespace)
   vocabulary has no piece with a "▁" after another character, so no piece can span the cut: the
   ids EQUAL the full-string tokenization (tested on every template and record kind).
-* chatml_direct: after "assistant\\n" and after "<|im_end|>". Exact with LLaMA's vocabulary
-  ("\\n" is a byte piece, nothing merges with it) and with any vocabulary where the ChatML tags are
-  pieces of their own; with a vocabulary that spells them in characters a piece such as "><" could
-  span the "<|im_end|>" | "<|im_start|>" cut, and our ids may then differ from the full string's.
+* chatml_direct: after "assistant\\n" and after "<|im_end|>". The first is exact with LLaMA-like
+  vocabularies ("\\n" is a byte piece, nothing merges across it). The second is exact when the
+  ChatML tags are pieces of their own (as in the ChatML models' vocabularies; tested); with a
+  vocabulary that spells them in characters (LLaMA's) a piece such as "><" may span the
+  "<|im_end|>" | "<|im_start|>" cut, and our ids may then differ from the full string's.
 * raw: the user and answer texts touch directly, so a piece may span the cut.
 Where they may differ, the segment form is the right one: the supervised ids are then exactly the
 answer's own tokens, and `render_prompt` (inference) is by construction a prefix of the training
@@ -51,6 +52,8 @@ Other choices (all documented where the original is silent or crashes):
   `raw` leaves markers where they are. A marker in an assistant turn is an error.
 * A leading assistant turn is dropped (as the original does); roles must then alternate. A
   "system" turn first replaces the template's system prompt. `render` ignores a trailing user turn.
+* `render_prompt` with `plain` gives BOS + the image run(s), the prefix a stage-1 model was trained
+  on; the original's `get_prompt()` would print "<image>\\n{q}\\n", which no plain model has seen.
 * Truncation happens after image expansion and never splits an image run: a cut inside a run
   moves to before it. `RenderedSample.num_images` says how many image runs survive (the first
   ones, in order). A sample with no supervised token left raises `EmptySampleError`.
