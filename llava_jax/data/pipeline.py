@@ -1,0 +1,522 @@
+"""The Grain input pipeline: LLaVA JSON records -> static-shape training batches.
+
+    records (records.py) -> per-epoch seeded plan of batches (shuffle; optionally grouped by
+    modality and length) -> this process's rows -> render (templates.render: token ids + labels)
+    -> load + preprocess the images (image.preprocess, as inference does) -> pad into a batch
+    -> [multiprocess prefetch] -> stats and problem reports
+
+A batch is a dict of numpy arrays, every shape static:
+
+    input_ids       int32   [B, T]   right-padded with tokenizer.pad_id
+    labels          int32   [B, T]   HF convention: not shifted, IGNORE_INDEX (-100) where ignored
+    attention_mask  int32   [B, T]   1 real token, 0 padding
+    pixel_values    float32 [B, I, H, W, 3]  row b's images in the order of their placeholder runs;
+                                             zeros where absent
+    image_mask      bool    [B, I]   which images are real
+
+T is `max_length`, or the smallest of `length_buckets` that fits the batch's longest row. I is
+`max_images_per_sample`.
+
+Why a plan of batches rather than a filter after loading: every process then yields the same
+number of batches per epoch (multi-host steps stay in lock-step), the epoch length is known in
+advance (for the LR schedule), and the iterator state is one index, so resuming is exact. The
+price: a sample that turns out to be unusable (missing or corrupt image, nothing left to supervise
+after truncation) leaves an empty row in its batch, all labels -100 and attention_mask 0, which
+the loss ignores; the last batch of an epoch (of each modality, when grouping) is also padded
+with empty rows so that every record is seen exactly once per epoch. Empty rows are counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from llava_jax.data import image as image_lib
+from llava_jax.data import records as records_lib
+from llava_jax.data import templates
+
+logger = logging.getLogger(__name__)
+
+# Global batches per length-sorting window when grouping by length (the original sorts within one
+# global batch; a wider window makes length buckets fit better and is still well mixed).
+LENGTH_GROUP_WINDOW = 16
+# Problem kinds. Records skipped for these reasons are counted in DataStats.
+IMAGE, EMPTY, TOO_MANY_IMAGES, ERROR = "image", "empty", "too_many_images", "error"
+MAX_REPORTED_IDS = 100
+
+
+class DataError(RuntimeError):
+    """A sample that cannot be used, raised in strict mode (names the file, record and cause)."""
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def estimated_length(record: records_lib.Record, num_image_tokens: int) -> int:
+    """Cheap length estimate used to group by length: words of all turns plus image tokens.
+
+    Like the original's `modality_lengths` (word count), plus the image tokens that the model sees.
+    """
+    words = sum(len(turn["value"].split()) for turn in record["conversations"])
+    return words + num_image_tokens * len(records_lib.record_images(record))
+
+
+def _to_shards(order: np.ndarray, batch_size: int, shard_count: int) -> np.ndarray:
+    """Record indices (-1 padded) -> plan [G, S, B]: global batch g, shard s, row b.
+
+    Shard s takes every S-th entry of each global batch, so the padding of a short last batch is
+    spread evenly over the shards and length-sorted runs give every shard similar lengths.
+    """
+    per_global = batch_size * shard_count
+    num = max(1, math.ceil(len(order) / per_global))
+    padded = np.full(num * per_global, -1, np.int64)
+    padded[: len(order)] = order
+    return padded.reshape(num, batch_size, shard_count).transpose(0, 2, 1)
+
+
+def epoch_plan(lengths: np.ndarray, *, batch_size: int, shard_count: int, seed: int, epoch: int,
+               shuffle: bool = True, group_by_modality_length: bool = False) -> np.ndarray:
+    """The batches of one epoch for all shards: int64 [G, S, B] record indices, -1 = empty row.
+
+    Every record appears exactly once. `lengths` follows the original's modality_lengths
+    convention: positive for samples with images, negative for text-only ones.
+
+    With `group_by_modality_length`, a global batch holds only image or only text samples
+    (each modality's last batch is padded with empty rows instead of mixing, as the original
+    does), samples are sorted by length inside windows of LENGTH_GROUP_WINDOW global batches,
+    and the order of the batches is shuffled.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n = len(lengths)
+    if not group_by_modality_length:
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        return _to_shards(order, batch_size, shard_count)
+    per_global = batch_size * shard_count
+    window = per_global * LENGTH_GROUP_WINDOW
+    parts = []
+    for members in (np.flatnonzero(lengths > 0), np.flatnonzero(lengths <= 0)):
+        if len(members) == 0:
+            continue
+        if shuffle:
+            members = rng.permutation(members)
+        size = np.abs(lengths[members])
+        # Longest first inside each window; stable, so ties keep the shuffled order.
+        order = np.concatenate([members[i : i + window][np.argsort(-size[i : i + window], kind="stable")]
+                                for i in range(0, len(members), window)])
+        parts.append(_to_shards(order, batch_size, shard_count))
+    plan = np.concatenate(parts)
+    return plan[rng.permutation(len(plan))] if shuffle else plan
+
+
+def num_global_batches(lengths: np.ndarray, *, batch_size: int, shard_count: int,
+                       group_by_modality_length: bool) -> int:
+    """Batches per epoch (the same for every shard); equals len(epoch_plan(...))."""
+    per_global = batch_size * shard_count
+    if not group_by_modality_length:
+        return max(1, math.ceil(len(lengths) / per_global))
+    n_image = int(np.sum(lengths > 0))
+    return max(1, math.ceil(n_image / per_global) + math.ceil((len(lengths) - n_image) / per_global))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclasses.dataclass
+class DataStats:
+    """What the pipeline delivered and what it had to leave out, for logs and metrics.
+
+    Counts are exact and survive checkpoint/restore (they are part of the iterator state).
+    `problems` keeps the first MAX_REPORTED_IDS (id, kind, message) reports; every report is also
+    logged as a warning when its batch is consumed.
+    """
+
+    batches: int = 0
+    samples: int = 0
+    empty_rows: int = 0  # all rows without a sample, including those of skipped samples
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    problems: list[list[str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_skipped(self) -> int:
+        """Records skipped so far, all kinds."""
+        return sum(self.skipped.values())
+
+    def add_batch(self, num_samples: int, num_rows: int) -> None:
+        """Accounts one batch of `num_rows` rows of which `num_samples` hold a sample."""
+        self.batches += 1
+        self.samples += num_samples
+        self.empty_rows += num_rows - num_samples
+
+    def add_problem(self, record_id: str, kind: str, message: str) -> None:
+        """Accounts one skipped record."""
+        self.skipped[kind] = self.skipped.get(kind, 0) + 1
+        if len(self.problems) < MAX_REPORTED_IDS:
+            self.problems.append([record_id, kind, message])
+
+    def metrics(self) -> dict[str, int]:
+        """Flat counters, for the train loop's metrics."""
+        out = {"data/batches": self.batches, "data/samples": self.samples, "data/empty_rows": self.empty_rows,
+               "data/skipped": self.num_skipped}
+        out.update({f"data/skipped_{kind}": n for kind, n in sorted(self.skipped.items())})
+        return out
+
+    def summary(self) -> str:
+        """One human-readable paragraph."""
+        text = (f"{self.samples} samples in {self.batches} batches ({self.empty_rows} empty rows); "
+                f"skipped {self.num_skipped}")
+        if self.skipped:
+            text += " (" + ", ".join(f"{k}: {n}" for k, n in sorted(self.skipped.items())) + ")"
+        if self.problems:
+            shown = "; ".join(f"{i} [{k}] {m}" for i, k, m in self.problems[:10])
+            more = self.num_skipped - min(10, len(self.problems))
+            text += f": {shown}" + (f"; and {more} more" if more > 0 else "")
+        return text
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable copy (goes into the iterator state)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "DataStats":
+        """Inverse of `state`."""
+        return cls(**{k: v for k, v in state.items()})
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclasses.dataclass
+class _Sample:
+    record_id: str
+    input_ids: np.ndarray  # int32 [T_i]
+    labels: np.ndarray  # int32 [T_i]
+    pixel_values: np.ndarray  # float32 [n, H, W, 3]
+
+
+@dataclasses.dataclass
+class _Problem:
+    record_id: str
+    kind: str
+    message: str
+
+
+_EMPTY_ROW = None  # a row of the plan that holds no record
+
+
+class _RowLoader:
+    """map_with_index transform: global row index -> _Sample | _Problem | None (empty row).
+
+    Plain picklable object: Grain sends it to its worker processes.
+    """
+
+    def __init__(self, records, lengths, *, data_path, image_folder, tokenizer, template_name, image_cfg,
+                 num_image_tokens, image_token_index, max_length, max_images, batch_size, shard_index,
+                 shard_count, seed, shuffle, group_by_modality_length, strict):
+        self.records, self.lengths = records, lengths
+        self.data_path, self.image_folder = data_path, image_folder
+        self.tokenizer, self.template_name, self.image_cfg = tokenizer, template_name, image_cfg
+        self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
+        self.max_length, self.max_images = max_length, max_images
+        self.batch_size, self.shard_index, self.shard_count = batch_size, shard_index, shard_count
+        self.seed, self.shuffle, self.group = seed, shuffle, group_by_modality_length
+        self.strict = strict
+        self.rows_per_epoch = batch_size * num_global_batches(
+            lengths, batch_size=batch_size, shard_count=shard_count, group_by_modality_length=self.group)
+        self._init_cache()
+
+    def _init_cache(self):
+        self._lock = threading.Lock()
+        self._plans: dict[int, np.ndarray] = {}
+        self._template = templates.get_template(self.template_name)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in ("_lock", "_plans", "_template"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def _plan(self, epoch: int) -> np.ndarray:
+        """This shard's rows of epoch `epoch`: [G, B]. Cached: read threads share it."""
+        with self._lock:
+            plan = self._plans.get(epoch)
+            if plan is None:
+                plan = epoch_plan(self.lengths, batch_size=self.batch_size, shard_count=self.shard_count,
+                                  seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                                  group_by_modality_length=self.group)[:, self.shard_index]
+                self._plans = {epoch: plan, **{e: p for e, p in self._plans.items() if e == epoch - 1}}
+            return plan
+
+    def record_index(self, row: int) -> int:
+        """Record index of a global row index (-1 for an empty row)."""
+        epoch, r = divmod(row, self.rows_per_epoch)
+        return int(self._plan(epoch)[r // self.batch_size, r % self.batch_size])
+
+    def __call__(self, row: int, _: Any) -> _Sample | _Problem | None:
+        index = self.record_index(row)
+        if index < 0:
+            return _EMPTY_ROW
+        record = self.records[index]
+        try:
+            return self._load(record)
+        except Exception as e:  # pylint: disable=broad-except
+            kind = getattr(e, "kind", ERROR)
+            where = f"{self.data_path}: record {index} (id {record['id']!r})"
+            if self.strict and kind != EMPTY:
+                raise DataError(f"{where}: {e}") from e
+            # Never crash a worker: the problem travels with the batch and is reported by the
+            # consuming process (counts stay exact with any number of workers).
+            message = str(e) if isinstance(e, _Skip) else f"{type(e).__name__}: {e}"
+            return _Problem(str(record["id"]), kind, message)
+
+    def _load(self, record: records_lib.Record) -> _Sample:
+        images = records_lib.record_images(record)
+        if len(images) > self.max_images:
+            raise _Skip(TOO_MANY_IMAGES, f"{len(images)} images, more than max_images_per_sample="
+                        f"{self.max_images}")
+        try:
+            rendered = templates.render(record["conversations"], self._template, self.tokenizer,
+                                        image_token_index=self.image_token_index,
+                                        num_image_tokens=self.num_image_tokens, max_length=self.max_length)
+        except templates.EmptySampleError as e:
+            raise _Skip(EMPTY, str(e)) from e
+        # Truncation may drop whole images from the end, never part of one.
+        pixels = np.zeros((rendered.num_images, self.image_cfg.crop_size, self.image_cfg.crop_size, 3),
+                          np.float32)
+        for k, rel in enumerate(images[: rendered.num_images]):
+            try:
+                path = records_lib.resolve_image_path(self.image_folder, rel)
+                pixels[k] = image_lib.preprocess(image_lib.load_image(path), self.image_cfg)
+            except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
+                raise _Skip(IMAGE, str(e)) from e
+        return _Sample(str(record["id"]), np.asarray(rendered.input_ids, np.int32), np.asarray(rendered.labels, np.int32),
+                       pixels)
+
+
+class _Skip(Exception):
+    """Internal: why a sample is skipped (kind is one of the problem kinds)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class _Collate:
+    """batch_fn: B rows -> one static-shape batch (plus private keys for the stats)."""
+
+    def __init__(self, *, pad_id: int, max_length: int, buckets: Sequence[int], max_images: int,
+                 crop_size: int):
+        self.pad_id, self.max_length, self.buckets = pad_id, max_length, list(buckets)
+        self.max_images, self.crop_size = max_images, crop_size
+
+    def __call__(self, rows: Sequence[_Sample | _Problem | None]) -> dict[str, Any]:
+        samples = [r if isinstance(r, _Sample) else None for r in rows]
+        longest = max([len(s.input_ids) for s in samples if s is not None], default=1)
+        t = self.buckets[bisect.bisect_left(self.buckets, longest)] if self.buckets else self.max_length
+        b, c = len(rows), self.crop_size
+        batch = {
+            "input_ids": np.full((b, t), self.pad_id, np.int32),
+            "labels": np.full((b, t), templates.IGNORE_INDEX, np.int32),
+            "attention_mask": np.zeros((b, t), np.int32),
+            "pixel_values": np.zeros((b, self.max_images, c, c, 3), np.float32),
+            "image_mask": np.zeros((b, self.max_images), bool),
+        }
+        for i, s in enumerate(samples):
+            if s is None:
+                continue
+            n = len(s.input_ids)
+            batch["input_ids"][i, :n] = s.input_ids
+            batch["labels"][i, :n] = s.labels
+            batch["attention_mask"][i, :n] = 1
+            batch["pixel_values"][i, : len(s.pixel_values)] = s.pixel_values
+            batch["image_mask"][i, : len(s.pixel_values)] = True
+        batch["_num_samples"] = np.int32(sum(s is not None for s in samples))
+        batch["_problems"] = [(r.record_id, r.kind, r.message) for r in rows if isinstance(r, _Problem)]
+        batch["_ids"] = [s.record_id if s is not None else None for s in samples]
+        return batch
+
+
+# ----------------------------------------------------------------------------- dataset / iterator
+
+
+class DataIterator(grain.DatasetIterator):
+    """The pipeline's iterator: yields the batches, keeps DataStats, saves/restores exactly.
+
+    Its state (`get_state`, JSON-serialisable) holds Grain's position and the stats; Grain's Orbax
+    handler saves it with the training checkpoint:
+
+        ckpt.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)))
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, batches_per_epoch: int):
+        super().__init__(parent)
+        self.stats = DataStats()
+        self.batches_per_epoch = batches_per_epoch
+        # Record id of each row of the last batch (None for an empty row): which samples a step saw.
+        self.last_record_ids: list[str | None] = []
+        self._summarised = False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        try:
+            batch = next(self._parent)
+        except StopIteration:
+            if not self._summarised:
+                logger.info("data: end of data: %s", self.stats.summary())
+                self._summarised = True
+            raise
+        num_samples, problems = int(batch.pop("_num_samples")), batch.pop("_problems")
+        self.last_record_ids = batch.pop("_ids")
+        for record_id, kind, message in problems:
+            self.stats.add_problem(record_id, kind, message)
+            # Each one by id while they are few, then a reminder now and then; all are counted.
+            if self.stats.num_skipped <= MAX_REPORTED_IDS:
+                logger.warning("data: skipped record %s (%s): %s", record_id, kind, message)
+            elif self.stats.num_skipped % 1000 == 0:
+                logger.warning("data: %d records skipped so far: %s", self.stats.num_skipped, self.stats.skipped)
+        self.stats.add_batch(num_samples, len(batch["input_ids"]))
+        if self.stats.batches % self.batches_per_epoch == 0:
+            logger.info("data: epoch %d done: %s", self.stats.batches // self.batches_per_epoch,
+                        self.stats.summary())
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """Grain position plus stats; JSON-serialisable."""
+        return {"grain": self._parent.get_state(), "stats": self.stats.state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resumes exactly where `state` was taken."""
+        self._parent.set_state(state["grain"])
+        self.stats = DataStats.from_state(state["stats"])
+
+
+class LlavaIterDataset(grain.IterDataset):
+    """The pipeline as a Grain IterDataset; iterating it gives a DataIterator.
+
+    Attributes:
+      batches_per_epoch: batches each process yields per epoch (the same on every process).
+      num_records: records in the data file(s), all shards together.
+    """
+
+    def __init__(self, parent: grain.IterDataset, *, batches_per_epoch: int, num_records: int):
+        super().__init__(parent)
+        self.batches_per_epoch, self.num_records = batches_per_epoch, num_records
+
+    def __iter__(self) -> DataIterator:
+        return DataIterator(self._parent.__iter__(), self.batches_per_epoch)
+
+    def __str__(self) -> str:
+        return f"LlavaIterDataset(batches_per_epoch={self.batches_per_epoch})"
+
+
+def _allow_unparsed_absl_flags() -> None:
+    # Grain 0.2.18's mp_prefetch reads an absl flag, which raises UnparsedFlagAccessError in a
+    # program that does not run absl.app (google/grain#1355, fixed after 0.2.18). Under absl.app
+    # the flags are parsed already and this does nothing.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_id", None)
+    # LLaMA's sentencepiece has no pad piece (-1); the original LLaVA pads with unk (0).
+    return int(pad) if pad is not None and pad >= 0 else 0
+
+
+def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike], image_folder: str | os.PathLike,
+                 tokenizer: Any, template: str, image_cfg: image_lib.ImageProcessorConfig, *,
+                 num_image_tokens: int, image_token_index: int, max_length: int, batch_size: int,
+                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 length_buckets: Sequence[int] | None = None, group_by_modality_length: bool = False,
+                 max_images_per_sample: int = 1, worker_count: int = 0, read_threads: int = 4,
+                 strict: bool = False) -> LlavaIterDataset:
+    """Builds the training input pipeline over LLaVA JSON data (see the module docstring).
+
+    Args:
+      data_path: a .json/.jsonl data file, or several (concatenated).
+      image_folder: root of the records' relative image paths.
+      tokenizer: a llava_jax.data.tokenizer.Tokenizer (picklable: sent to worker processes).
+      template: conversation template name (`plain` for stage 1, `vicuna_v1` for stage 2, ...).
+      image_cfg: the image processor settings (the same as inference).
+      num_image_tokens: tokens each image expands to (576 for ViT-L/14-336).
+      image_token_index: id of the image placeholder token (32000 in HF LLaVA).
+      max_length: truncation length, after image expansion; also T unless `length_buckets`.
+      batch_size: rows per batch on this process.
+      seed: seeds the shuffle (a different order each epoch, the same for the same seed).
+      shuffle: False keeps file order (still sharded and batched the same way).
+      num_epochs: None repeats forever.
+      shard_index, shard_count: this process's shard; default jax.process_index()/process_count().
+      length_buckets: optional allowed values of T; a batch is padded to the smallest that fits
+        (max_length is always allowed).
+      group_by_modality_length: batches hold only image or only text samples, of similar lengths.
+      max_images_per_sample: I; records with more images are skipped and counted.
+      worker_count: processes preparing batches in parallel (0: in this process, with threads).
+      read_threads: threads preparing batches in each process.
+      strict: raise DataError on a missing/corrupt image (default: skip, count and report).
+
+    Returns:
+      A LlavaIterDataset; `iter()` gives a DataIterator whose `.stats` are the DataStats.
+    """
+    paths = [data_path] if isinstance(data_path, (str, os.PathLike)) else list(data_path)
+    records = [r for p in paths for r in records_lib.load_records(p)]
+    if not records:
+        raise ValueError(f"no records in {[os.fspath(p) for p in paths]}")
+    for index, record in enumerate(records):
+        for rel in records_lib.record_images(record):
+            try:
+                records_lib.check_relative_image_path(rel)
+            except records_lib.ImagePathError as e:
+                raise records_lib.RecordError(os.fspath(paths[0]) if len(paths) == 1 else str(paths),
+                                              index, record["id"], str(e)) from None
+    if shard_index is None or shard_count is None:
+        import jax  # pylint: disable=g-import-not-at-top  # only here: worker processes need no jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), found {shard_index}")
+    if batch_size < 1 or max_length < 1 or max_images_per_sample < 1:
+        raise ValueError(f"batch_size, max_length and max_images_per_sample must be >= 1; found "
+                         f"{batch_size}, {max_length}, {max_images_per_sample}")
+    buckets = sorted({int(b) for b in length_buckets or () if b < max_length} | {max_length})
+    lengths = np.array([estimated_length(r, num_image_tokens) * (1 if "image" in r else -1) for r in records],
+                       np.int64)
+    too_many = sum(len(records_lib.record_images(r)) > max_images_per_sample for r in records)
+    if too_many:
+        logger.warning("data: %d records have more than max_images_per_sample=%d images; they will be "
+                       "skipped", too_many, max_images_per_sample)
+    data_name = os.fspath(paths[0]) if len(paths) == 1 else ",".join(os.fspath(p) for p in paths)
+    loader = _RowLoader(
+        records, lengths, data_path=data_name, image_folder=os.fspath(image_folder), tokenizer=tokenizer,
+        template_name=template, image_cfg=image_cfg, num_image_tokens=num_image_tokens,
+        image_token_index=image_token_index, max_length=max_length, max_images=max_images_per_sample,
+        batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, seed=seed, shuffle=shuffle,
+        group_by_modality_length=group_by_modality_length, strict=strict)
+    collate = _Collate(pad_id=_pad_id(tokenizer), max_length=max_length, buckets=buckets,
+                       max_images=max_images_per_sample, crop_size=image_cfg.crop_size)
+    ds = grain.MapDataset.range(loader.rows_per_epoch).repeat(num_epochs)
+    ds = ds.map_with_index(loader).batch(batch_size, batch_fn=collate)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
+    if worker_count > 0:
+        _allow_unparsed_absl_flags()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return LlavaIterDataset(it, batches_per_epoch=loader.rows_per_epoch // batch_size, num_records=len(records))
+
+
+def make_iterator(*args, **kwargs) -> DataIterator:
+    """`iter(make_dataset(*args, **kwargs))`: a fresh DataIterator at the start of the data."""
+    return iter(make_dataset(*args, **kwargs))
