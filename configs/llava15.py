@@ -1,0 +1,44 @@
+# python -m llava_jax.train --config=configs/llava15.py:7b --workdir=gs://BUCKET/llava15-7b \
+#   --config.model.init=/ckpt/llava15-7b-init --config.data.image_folder=/data/llava \
+#   --config.stages[0].data=/data/llava/blip_laion_cc_sbu_558k.json \
+#   --config.stages[1].data=/data/llava/llava_v1_5_mix665k.json
+#
+# LLaVA-1.5 (7b or 13b), both stages, with the reference hyperparameters (LLaVA-1.5 paper /
+# scripts/v1_5/{pretrain,finetune}.sh): stage 1 trains the projector on 558K captions (`plain`,
+# global batch 256, lr 1e-3); stage 2 trains projector + LLM on mix665k (`vicuna_v1`, global
+# batch 128, lr 2e-5). Both: AdamW, no weight decay, warmup 3%, cosine, 1 epoch, 2048 tokens,
+# bf16 compute with float32 master weights, full remat. The vision tower stays frozen.
+#
+# model.init is the stage-1 starting point converted from parts:
+#   python -m llava_jax.convert --vision-tower clip-vit-large-patch14-336 --llm vicuna-7b-v1.5 \
+#     --projector-type mlp2x_gelu --dst /ckpt/llava15-7b-init
+# `:7b_stage2` / `:13b_stage2` run stage 2 alone from a stage-1 output (model.init = that dir).
+from llava_jax.train.defaults import base_config, stage
+
+PROJECTOR = ["projector/.*"]
+PROJECTOR_AND_LLM = ["projector/.*", "language_model/.*"]
+
+
+def get_config(arg: str = "7b"):
+    size, _, only = arg.partition("_")
+    if size not in ("7b", "13b") or only not in ("", "stage1", "stage2"):
+        raise ValueError(f"configs/llava15.py: arg {arg!r}; expected 7b, 13b, 7b_stage1, 7b_stage2, 13b_stage2, ...")
+    c = base_config()
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.checkpoint_every = 500
+    c.log_every = 10
+    # Micro-batches are global (all devices): 8 x A100-80G fit 32 rows each in stage 1, 16 in stage 2.
+    micro1, micro2 = 256, 128
+    stages = [
+        stage("pretrain", data="blip_laion_cc_sbu_558k.json", template="plain", trainable=PROJECTOR,
+              learning_rate=1e-3, global_batch=256, micro_batch=micro1),
+        stage("finetune", data="llava_v1_5_mix665k.json", template="vicuna_v1", trainable=PROJECTOR_AND_LLM,
+              learning_rate=2e-5, global_batch=128, micro_batch=micro2),
+    ]
+    c.data.group_by_modality_length = True
+    c.data.length_buckets = (512, 1024, 1536)
+    c.data.worker_count = 8
+    c.stages = {"": stages, "stage1": stages[:1], "stage2": stages[1:]}[only]
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over every device: 7B/13B states do not fit one
+    return c

@@ -1,0 +1,70 @@
+"""Model FLOPs per training step, from the shapes alone, and MFU against the chip's peak.
+
+Matmul FLOPs are 2 x weights x tokens forward; causal attention is counted at half of the full
+T x T score and value products. Backward costs 2x forward for a trained layer (activation and
+weight gradients) and 1x for a frozen layer that still passes gradients down (LLaMA in stage 1);
+a frozen tower with nothing trainable below it (CLIP) is forward only.
+"""
+
+from __future__ import annotations
+
+from llava_jax.config import LlavaConfig
+
+# Dense bf16 peak per chip (vendor datasheets), for MFU.
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Peak bf16 TFLOP/s of a device kind (None when unknown, e.g. CPU)."""
+    for name, tf in PEAK_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return tf
+    return None
+
+
+def _text_forward(cfg: LlavaConfig, tokens: int, seq_len: int) -> float:
+    t = cfg.text
+    q_out, kv_out = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    per_layer = t.hidden_size * (2 * q_out + 2 * kv_out) + 3 * t.hidden_size * t.intermediate_size
+    matmul = 2 * tokens * (t.num_layers * per_layer + t.hidden_size * t.vocab_size)
+    attention = 2 * 2 * tokens * seq_len * q_out * t.num_layers / 2  # QK^T and AV, causal half
+    return matmul + attention
+
+
+def _vision_forward(cfg: LlavaConfig, images: int) -> float:
+    v = cfg.vision
+    p = v.num_patches + 1
+    per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    layers = cfg.num_vision_layers_used
+    patch = v.num_channels * v.patch_size**2 * v.hidden_size * v.num_patches
+    return 2 * images * (p * layers * per_layer + patch) + 2 * 2 * images * p * p * v.hidden_size * layers
+
+
+def _projector_forward(cfg: LlavaConfig, images: int) -> float:
+    from llava_jax.config import projector_depth
+
+    d = projector_depth(cfg.projector_type)
+    if d == 0:
+        return 0.0
+    v, t = cfg.vision.hidden_size, cfg.text.hidden_size
+    return 2 * images * cfg.num_image_tokens * (v * t + (d - 1) * t * t)
+
+
+def train_step_flops(
+    cfg: LlavaConfig, *, tokens: int, seq_len: int, images: int, train_vision: bool, train_text: bool
+) -> float:
+    """FLOPs of one optimizer step over `tokens` tokens (rows x seq_len) holding `images` images."""
+    text = _text_forward(cfg, tokens, seq_len) * (3 if train_text else 2)
+    proj = _projector_forward(cfg, images) * 3
+    vision = _vision_forward(cfg, images) * (3 if train_vision else 1)
+    return text + proj + vision
