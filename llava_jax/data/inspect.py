@@ -1,0 +1,207 @@
+"""Shows what the model will be trained on: each record rendered, supervised spans marked.
+
+    python -m llava_jax.data.inspect --data-path data.json --image-folder images/ \\
+        --model-path checkpoints/llava-v1.5-7b --conv-mode vicuna_v1 [--max-length 2048] [--json]
+
+Text mode prints, per record, the token pieces as text: supervised spans between [[ and ]]
+(green on a terminal), an image as <image x576>, BOS/EOS as <s>/</s>. Spaces are shown as the
+tokenizer has them (a piece "▁USER" prints " USER"), so odd tokenizations are visible.
+`--json` prints one object per line: {"id", "input_ids", "labels"} (labels -100 where ignored).
+
+The tokenizer is `tokenizer.model` in --model-path; the image token count and id come from its
+config.json (HF LLaVA: vision_config image_size/patch_size, vision_feature_select_strategy,
+image_seq_length, image_token_index; original LLaVA: mm_vision_tower, mm_vision_select_feature),
+or from --num-image-tokens / --image-token-index, which win. Records that cannot be trained on
+(malformed, unsafe or missing image path, nothing supervised after truncation) are reported by id
+on stderr; the others are still printed. Exit status 1 if there was any such record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import numpy as np
+
+from llava_jax.data import records as records_lib
+from llava_jax.data import templates
+from llava_jax.data.tokenizer import Tokenizer
+
+OPEN, CLOSE = "[[", "]]"
+GREEN, RESET = "\033[32m", "\033[0m"
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def image_settings(model_path: str, vocab_size: int) -> tuple[int | None, int, list[str]]:
+    """(num_image_tokens or None if unknown, image_token_index, notes) from a model's config.json.
+
+    num_image_tokens is what the vision tower really produces, (image_size / patch_size)^2, +1 when
+    the class token is kept (strategy "full" / feature "cls_patch"); `image_seq_length` is used only
+    when the vision config has no sizes (a tiny HF test config keeps the 576 default there).
+    image_token_index defaults to `vocab_size`: the id HF LLaVA appends after the text vocabulary.
+    """
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        return None, vocab_size, [f"no config.json in {model_path}"]
+    with open(path) as f:
+        cfg = json.load(f)
+    notes = []
+    num = None
+    vision = cfg.get("vision_config") or {}
+    if "image_size" in vision and "patch_size" in vision:
+        num = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+        num += 1 if cfg.get("vision_feature_select_strategy", "default") == "full" else 0
+        if cfg.get("image_seq_length") not in (None, num):
+            notes.append(f"config image_seq_length={cfg['image_seq_length']} disagrees with the vision config "
+                         f"({num} image tokens); using {num}")
+    elif cfg.get("image_seq_length"):
+        num = int(cfg["image_seq_length"])
+    elif cfg.get("mm_vision_tower"):
+        # Original LLaVA: the CLIP name tells the size (openai/clip-vit-large-patch14[-336]).
+        match = re.search(r"patch(\d+)(?:-(\d+))?", str(cfg["mm_vision_tower"]))
+        if match:
+            patch, size = int(match.group(1)), int(match.group(2) or 224)
+            num = (size // patch) ** 2 + (1 if cfg.get("mm_vision_select_feature") == "cls_patch" else 0)
+    token = cfg.get("image_token_index", cfg.get("image_token_id"))
+    return num, int(token) if token is not None else vocab_size, notes
+
+
+def _piece_text(pieces: Sequence[str]) -> str:
+    """Token pieces -> text, keeping each piece's spaces; byte pieces joined and UTF-8 decoded."""
+    out, pending = [], bytearray()
+    for piece in pieces:
+        match = _BYTE_PIECE.match(piece)
+        if match:
+            pending.append(int(match.group(1), 16))
+            continue
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending = bytearray()
+        out.append(piece.replace("▁", " "))
+    if pending:
+        out.append(pending.decode("utf-8", errors="replace"))
+    return "".join(out)
+
+
+def format_sample(input_ids: np.ndarray, labels: np.ndarray, tokenizer: Tokenizer, image_token_index: int,
+                  color: bool = False) -> str:
+    """The sample as text with supervised spans marked (see the module docstring)."""
+    # Group consecutive tokens of the same kind: (supervised?, image?, [ids]).
+    groups: list[tuple[bool, bool, list[int]]] = []
+    for token, label in zip(input_ids.tolist(), labels.tolist()):
+        key = (label != templates.IGNORE_INDEX, token == image_token_index)
+        if groups and groups[-1][:2] == key:
+            groups[-1][2].append(token)
+        else:
+            groups.append((*key, [token]))
+    out = []
+    special = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+    for supervised, is_image, ids in groups:
+        if is_image:
+            text = f"<image x{len(ids)}>"
+        else:
+            text, run = "", []
+            for token in ids + [None]:
+                if token is None or token in special or not 0 <= token < tokenizer.vocab_size:
+                    text += _piece_text([tokenizer.id_to_piece(i) for i in run])
+                    run = []
+                    if token is not None:
+                        text += special.get(token, f"<id {token}>")
+                else:
+                    run.append(token)
+        if supervised:
+            text = f"{GREEN}{text}{RESET}" if color else f"{OPEN}{text}{CLOSE}"
+        out.append(text)
+    return "".join(out)
+
+
+def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, template: str, *,
+                    num_image_tokens: int, image_token_index: int, max_length: int | None, as_json: bool,
+                    out: TextIO, err: TextIO, limit: int | None = None, color: bool = False) -> int:
+    """Writes every renderable record to `out` and every problem record to `err`; returns #problems."""
+    problems = 0
+
+    def report(record_id: Any, index: int, message: str) -> None:
+        nonlocal problems
+        problems += 1
+        err.write(f"skipped record {record_id} (index {index}): {message}\n")
+
+    bad: set[int] = set()
+
+    def bad_record(e: records_lib.RecordError) -> None:
+        bad.add(e.index)
+        report(e.record_id, e.index, e.problem)
+
+    recs = records_lib.load_records(data_path, on_error=bad_record)
+    file_indices = [i for i in range(len(recs) + len(bad)) if i not in bad]
+    shown = 0
+    for index, record in zip(file_indices, recs):
+        if limit is not None and shown >= limit:
+            break
+        try:
+            for rel in records_lib.record_images(record):
+                path = records_lib.resolve_image_path(image_folder, rel)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"image {rel!r} not found at {path}")
+            sample = templates.render(record["conversations"], template, tokenizer,
+                                      image_token_index=image_token_index, num_image_tokens=num_image_tokens,
+                                      max_length=max_length)
+        except (ValueError, OSError) as e:  # ImagePathError, EmptySampleError, FileNotFoundError, ...
+            report(record["id"], index, f"{type(e).__name__}: {e}")
+            continue
+        shown += 1
+        if as_json:
+            out.write(json.dumps({"id": record["id"], "input_ids": sample.input_ids.tolist(),
+                                  "labels": sample.labels.tolist()}) + "\n")
+        else:
+            supervised = int((sample.labels != templates.IGNORE_INDEX).sum())
+            out.write(f"### {record['id']}  (tokens {len(sample.input_ids)}, supervised {supervised}, "
+                      f"images {sample.num_images})\n")
+            out.write(format_sample(sample.input_ids, sample.labels, tokenizer, image_token_index, color) + "\n\n")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m llava_jax.data.inspect",
+                                description="Show what the model will be trained on, supervised spans marked.")
+    p.add_argument("--data-path", required=True, help="LLaVA .json or .jsonl data file")
+    p.add_argument("--image-folder", required=True, help="root of the records' image paths")
+    p.add_argument("--model-path", required=True, help="model directory with tokenizer.model (and config.json)")
+    p.add_argument("--conv-mode", required=True, help=f"template: one of {sorted(templates.TEMPLATES)}")
+    p.add_argument("--max-length", type=int, default=2048, help="truncation length after image expansion")
+    p.add_argument("--json", action="store_true", help='one {"id", "input_ids", "labels"} object per line')
+    p.add_argument("--num-image-tokens", type=int, help="override: tokens per image")
+    p.add_argument("--image-token-index", type=int, help="override: id of the image token")
+    p.add_argument("--limit", type=int, help="show at most this many records")
+    a = p.parse_args(argv)
+    try:
+        template = templates.get_template(a.conv_mode).name
+    except KeyError as e:
+        p.error(str(e.args[0]))
+    tokenizer = Tokenizer.from_pretrained(a.model_path)
+    num, token, notes = image_settings(a.model_path, tokenizer.vocab_size)
+    num = a.num_image_tokens if a.num_image_tokens is not None else num
+    token = a.image_token_index if a.image_token_index is not None else token
+    if num is None:
+        p.error(f"cannot tell the image token count from {a.model_path} ({'; '.join(notes) or 'no image size'}); "
+                "pass --num-image-tokens")
+    if a.num_image_tokens is None:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    color = not a.json and sys.stdout.isatty()
+    problems = inspect_records(a.data_path, a.image_folder, tokenizer, template, num_image_tokens=num,
+                               image_token_index=token, max_length=a.max_length, as_json=a.json,
+                               out=sys.stdout, err=sys.stderr, limit=a.limit, color=color)
+    if problems:
+        print(f"{problems} problem record(s), listed above", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
