@@ -271,6 +271,8 @@ class _RowLoader:
         record = self.records[index]
         try:
             return self._load(record)
+        except MemoryError:
+            raise
         except Exception as e:  # pylint: disable=broad-except
             kind = getattr(e, "kind", ERROR)
             where = f"{self.data_path}: record {index} (id {record['id']!r})"
