@@ -303,8 +303,8 @@ class _RowLoader:
                 pixels[k] = image_lib.preprocess(image_lib.load_image(path), self.image_cfg)
             except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
                 raise _Skip(IMAGE, str(e)) from e
-        return _Sample(str(record["id"]), np.asarray(rendered.input_ids, np.int32), np.asarray(rendered.labels, np.int32),
-                       pixels)
+        return _Sample(str(record["id"]), np.asarray(rendered.input_ids, np.int32),
+                       np.asarray(rendered.labels, np.int32), pixels)
 
 
 class _Skip(Exception):
