@@ -23,7 +23,17 @@ advance (for the LR schedule), and the iterator state is one index, so resuming 
 price: a sample that turns out to be unusable (missing or corrupt image, nothing left to supervise
 after truncation) leaves an empty row in its batch, all labels -100 and attention_mask 0, which
 the loss ignores; the last batch of an epoch (of each modality, when grouping) is also padded
-with empty rows so that every record is seen exactly once per epoch. Empty rows are counted.
+with empty rows so that every record is seen exactly once per epoch. Empty rows are counted. A
+batch can even be all empty (every sample in it skipped, or a shard's share of a short last global
+batch): the loss must divide by max(1, supervised tokens).
+
+Usage:
+    ds = make_dataset("llava_v1_5_mix665k.json", "data/", tokenizer, "vicuna_v1", image_cfg,
+                      num_image_tokens=576, image_token_index=32000, max_length=2048, batch_size=16)
+    it = iter(ds)                      # a DataIterator; ds.batches_per_epoch steps per epoch
+    batch = next(it)
+    it.stats.metrics()                 # {"data/samples": ..., "data/skipped_image": ...}
+    state = it.get_state()             # JSON-able; or grain.checkpoint.CheckpointSave(it) in Orbax
 """
 
 from __future__ import annotations
