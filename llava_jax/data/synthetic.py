@@ -212,6 +212,13 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _save_png(img: Image.Image, path: str) -> None:
+    # Atomic, like every file here: several processes (hosts) may build the same folder at once.
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    _atomic_write(path, buf.getvalue())
+
+
 def _write_json(path: str, value: Any) -> None:
     _atomic_write(path, json.dumps(value, indent=1).encode())
 
@@ -295,7 +302,7 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     for i in range(num_train):
         scene_i = sample_scene(train_rng, scene_cfg)
         name = f"train_{i:05d}.png"
-        draw_scene(scene_i, image_size).save(os.path.join(paths["image_folder"], name), compress_level=1)
+        _save_png(draw_scene(scene_i, image_size), os.path.join(paths["image_folder"], name))
         prompt = CAPTION_PROMPTS[train_rng.integers(len(CAPTION_PROMPTS))]
         caption = _caption(train_rng, scene_i)
         stage1.append({"id": f"cap_{i:05d}", "image": name, "conversations": [
@@ -322,7 +329,7 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     for i in range(num_val):
         scene_i = sample_scene(val_rng, scene_cfg)
         name = f"val_{i:05d}.png"
-        draw_scene(scene_i, image_size).save(os.path.join(paths["image_folder"], name), compress_level=1)
+        _save_png(draw_scene(scene_i, image_size), os.path.join(paths["image_folder"], name))
         for qtype, answer in scene_i.answers().items():
             q = QUESTIONS[qtype][val_rng.integers(len(QUESTIONS[qtype]))]
             val.append({"id": f"val_{i:05d}_{qtype}", "image": name, "qtype": qtype, "answer": answer,
