@@ -1,0 +1,510 @@
+"""KV-cache generation: a jit-compiled prefill and a jit-compiled decode loop, pure functions of
+arrays, with the cache carried in a `DecodeState` that each call takes and returns (donated).
+
+Layout of one call (B rows, prompts left-padded to a shared length T, N new tokens at most):
+
+    cache slots   [0 ............ T) [T ........... T+N)
+                   prompts, left-pad   generated tokens, same slot for every row at a step
+
+Rows share slot indices, so one `dynamic_update_slice` writes a step for the whole batch; the
+`kv_mask` [B, S] marks which slots hold real tokens and positions count real tokens only, so a
+padded row computes exactly what it would alone. T, N, B and the images per row are rounded up to
+buckets (`bucket`), so a chat whose prompt grows by a few tokens per turn reuses compiled code.
+
+Host round trips: `prefill` (vision tower, prompt, first token) and `decode` (a
+`lax.while_loop` over steps that ends when every row is done or `stop_at` is reached) are one
+dispatch each. Stop strings need the text, which only the host has: with stop strings the loop runs
+in chunks of `STOP_CHECK_EVERY` steps and the host checks between them. `stream` runs one step per
+dispatch and yields each token as it comes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.inference.sampling import SamplingParams, select_tokens
+from llava_jax.models.llama import Cache, attention_mask, init_cache, rope_cos_sin
+from llava_jax.models.llava import Llava, LlavaModel, default_positions
+
+STOP_CHECK_EVERY = 32  # decode steps between host checks for stop strings
+MIN_PROMPT_BUCKET = 32
+MIN_NEW_TOKENS_BUCKET = 16
+
+
+class InputError(ValueError):
+    """A request the model cannot serve (too long, image count mismatch); the message says why."""
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One request.
+
+    Attributes:
+      ids: [T] prompt ids, each image already expanded to `num_image_tokens` image ids.
+      images: [n, H, W, 3] CLIP-normalised pixels (NHWC) of the prompt's n image runs, in order.
+      seed: PRNG seed of this row; None: `SamplingParams.seed` + the row's index in the call.
+    """
+
+    ids: np.ndarray
+    images: np.ndarray | None = None
+    seed: int | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one prompt produced.
+
+    Attributes:
+      prompt_ids: the ids fed to the model (image placeholders expanded).
+      token_ids: generated ids, EOS included when produced, up to the token that completed a stop string.
+      logprobs: log-probability of each generated token under the model (before any warping).
+      text: the decoded answer, ending before the stop string if one stopped it.
+      finish_reason: "eos", "stop" (a stop string) or "length" (max_new_tokens or the context end).
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries; a pytree that crosses the jit boundary (donated)."""
+
+    cache: Cache  # per layer {"k", "v"} [B, S, K, H], S = T + N
+    kv_mask: jax.Array  # [B, S] int32, 1 = slot holds a real token
+    tokens: jax.Array  # [B, N] int32 generated tokens (pad after a row is done)
+    logprobs: jax.Array  # [B, N] float32
+    positions: jax.Array  # [B] int32 position of the last generated token (the next one to feed)
+    done: jax.Array  # [B] bool
+    step: jax.Array  # [] int32 tokens generated so far (same for every row)
+    seeds: jax.Array  # [B] uint32
+    limits: jax.Array  # [B] int32 tokens this row may generate
+
+
+@dataclasses.dataclass
+class Batch:
+    """Prompts padded to bucketed shapes, ready for `Engine.prefill`."""
+
+    prompts: list[Prompt]  # the real rows, in order; rows beyond them are padding
+    ids: np.ndarray  # [B, T] int32, left-padded
+    mask: np.ndarray  # [B, T] int32
+    pixels: np.ndarray | None  # [B, I, H, W, 3] in the model dtype, or None without images
+    seeds: np.ndarray  # [B] uint32
+    limits: np.ndarray  # [B] int32
+    num_new: int  # N, the bucketed token budget
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 1.5 * 2^k) that is >= max(n, minimum).
+
+    At most a third of a bucket is padding, and a length that grows slowly recompiles rarely.
+    """
+    n = max(n, minimum, 1)
+    p = 1 << (n - 1).bit_length()  # next power of two
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
+def batch_bucket(n: int) -> int:
+    """Batch sizes are powers of two: the last partial batch of a run compiles at most log2 times."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+# --- model functions applied through the Llava module (Linen `method=`) ------------------------
+
+
+def _prefill_last_logits(m: Llava, ids, pixels, kv_mask, positions, cache):
+    """Prompt forward into the cache; logits [B, V] of the last position only.
+
+    The same computation as `LlamaModel.__call__`, except that the final norm and the LM head run
+    on one position: the full [B, T, V] float32 logits of a long prompt would cost more memory
+    than the rest of the prefill.
+    """
+    lm = m.language_model
+    x = m.embed(ids, pixels).astype(lm.dtype)  # [B, T, D], image features in place
+    cos, sin = rope_cos_sin(lm.cfg, positions, lm.dtype)
+    mask = attention_mask(kv_mask, x.shape[1], 0)
+    new_cache = []
+    for layer, layer_cache in zip(lm.layers, cache):
+        x, layer_cache = layer(x, cos, sin, mask, layer_cache, 0)
+        new_cache.append(layer_cache)
+    x = lm.norm(x[:, -1:])  # left padding: the last column is every row's last prompt token
+    logits = lm.embed_tokens.attend(x) if lm.cfg.tie_word_embeddings else lm.lm_head(x)
+    return logits[:, 0].astype(jnp.float32), new_cache
+
+
+def _decode_logits(m: Llava, ids, positions, kv_mask, cache, cache_index):
+    """One step of the language model on generated tokens [B, 1] -> logits [B, 1, V].
+
+    Generated ids are text: they are embedded as they are, never replaced by image features, as
+    transformers does after the prompt (an image id the model emits is an ordinary embedding row).
+    """
+    lm = m.language_model
+    return lm(lm.embed(ids), positions, kv_mask, cache, cache_index)
+
+
+# --- pure functions at the jit boundary ----------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("module", "num_new", "greedy"))
+def prefill_step(
+    module: Llava,
+    params: Any,
+    ids: jax.Array,  # [B, T] int32, left-padded
+    pixels: jax.Array | None,  # [B, I, H, W, 3]
+    mask: jax.Array,  # [B, T] int32
+    seeds: jax.Array,  # [B] uint32
+    limits: jax.Array,  # [B] int32
+    warp: dict[str, jax.Array],
+    eos_id: jax.Array,  # [] int32 (-1: never stop)
+    *,
+    num_new: int,
+    greedy: bool,
+) -> DecodeState:
+    """Prompts (and images) into a fresh cache of T + num_new slots; the first token of each row."""
+    cfg = module.cfg
+    b, t = ids.shape
+    cache = init_cache(cfg.text, b, t + num_new, jnp.dtype(cfg.dtype))
+    kv_mask = jnp.zeros((b, t + num_new), jnp.int32).at[:, :t].set(mask)
+    positions = default_positions(mask)  # [B, T]
+    logits, cache = module.apply({"params": params}, ids, pixels, kv_mask, positions, cache, method=_prefill_last_logits)
+    first, logprob = select_tokens(logits, seeds, jnp.int32(0), warp, greedy=greedy)
+    return DecodeState(
+        cache=cache,
+        kv_mask=kv_mask,
+        tokens=jnp.full((b, num_new), cfg.text.pad_token_id, jnp.int32).at[:, 0].set(first),
+        logprobs=jnp.zeros((b, num_new), jnp.float32).at[:, 0].set(logprob),
+        positions=positions[:, -1] + 1,
+        done=(first == eos_id) | (limits <= 1),
+        step=jnp.int32(1),
+        seeds=seeds,
+        limits=limits,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("module", "greedy"), donate_argnames=("state",))
+def decode_loop(
+    module: Llava,
+    params: Any,
+    state: DecodeState,
+    stop_at: jax.Array,  # [] int32: stop once this many tokens exist
+    warp: dict[str, jax.Array],
+    eos_id: jax.Array,
+    *,
+    greedy: bool,
+) -> DecodeState:
+    """Decode steps in a `lax.while_loop` until every row is done or `stop_at` tokens exist."""
+    b, n = state.tokens.shape
+    prompt_slots = state.kv_mask.shape[1] - n
+    pad = module.cfg.text.pad_token_id
+
+    def cond(st: DecodeState):
+        return (st.step < stop_at) & ~jnp.all(st.done)
+
+    def body(st: DecodeState) -> DecodeState:
+        slot = prompt_slots + st.step - 1  # where the previous token's k/v go
+        prev = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)  # [B, 1]
+        kv_mask = jax.lax.dynamic_update_slice(st.kv_mask, jnp.ones((b, 1), jnp.int32), (0, slot))
+        logits, cache = module.apply(
+            {"params": params}, prev, st.positions[:, None], kv_mask, st.cache, slot, method=_decode_logits
+        )
+        token, logprob = select_tokens(logits[:, 0], st.seeds, st.step, warp, greedy=greedy)
+        token = jnp.where(st.done, pad, token)
+        logprob = jnp.where(st.done, 0.0, logprob)
+        return DecodeState(
+            cache=cache,
+            kv_mask=kv_mask,
+            tokens=jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step)),
+            logprobs=jax.lax.dynamic_update_slice(st.logprobs, logprob[:, None], (0, st.step)),
+            positions=st.positions + 1,
+            done=st.done | (token == eos_id) | (st.step + 1 >= st.limits),
+            step=st.step + 1,
+            seeds=st.seeds,
+            limits=st.limits,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+class Engine:
+    """Batched KV-cache generation for a `LlavaModel`.
+
+    Args:
+      model: the model and its parameters (`load_pretrained`).
+      tokenizer: needed for text, stop strings and streaming; without one `text` is "".
+      max_context: longest sequence (prompt + answer) to run; default the model's
+        `max_position_embeddings`.
+      eos_token_id: the id that ends an answer; default the model config's.
+
+    Compiled code is shared by every engine over the same model config (the module is a static
+    argument of `prefill_step` and `decode_loop`).
+    """
+
+    def __init__(
+        self,
+        model: LlavaModel,
+        tokenizer: Tokenizer | None = None,
+        *,
+        max_context: int | None = None,
+        eos_token_id: int | None = None,
+    ):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.max_context = int(max_context or self.config.text.max_position_embeddings)
+        self.eos_id = self.config.text.eos_token_id if eos_token_id is None else int(eos_token_id)
+        self.dtype = jnp.dtype(self.config.dtype)
+
+    # -- host side --
+
+    def check(self, prompt: Prompt) -> None:
+        """Raise InputError if the prompt cannot be run: empty, too long, or images not matching its runs."""
+        cfg = self.config
+        ids = np.asarray(prompt.ids)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InputError(f"prompt ids must be a non-empty 1-D sequence; got shape {ids.shape}")
+        if ids.size >= self.max_context:
+            raise InputError(
+                f"prompt is {ids.size} tokens (images expanded), the model's context is {self.max_context}: "
+                "no room to generate; shorten the prompt or use fewer images"
+            )
+        runs = int((ids == cfg.image_token_index).sum())
+        if runs % cfg.num_image_tokens:
+            raise InputError(
+                f"prompt holds {runs} image tokens ({cfg.image_token_index}), not a multiple of the "
+                f"{cfg.num_image_tokens} one image takes"
+            )
+        runs //= cfg.num_image_tokens
+        given = 0 if prompt.images is None else len(prompt.images)
+        if runs != given:
+            raise InputError(f"prompt has {runs} image placeholders but {given} images were given")
+        if given:
+            want = (cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels)
+            if tuple(prompt.images.shape[1:]) != want:
+                raise InputError(f"images must be [n, {want[0]}, {want[1]}, {want[2]}]; got {tuple(prompt.images.shape)}")
+
+    def prepare(self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None) -> Batch:
+        """Validate and pad prompts to bucketed shapes (left padding; padding rows are done at once)."""
+        if not prompts:
+            raise ValueError("no prompts to generate from")
+        for p in prompts:
+            self.check(p)
+        cfg = self.config
+        lengths = [len(p.ids) for p in prompts]
+        b = batch_size if batch_size is not None and batch_size >= len(prompts) else batch_bucket(len(prompts))
+        t = bucket(max(lengths), MIN_PROMPT_BUCKET)
+        room = self.max_context - min(lengths)
+        num_new = bucket(min(params.max_new_tokens, room), MIN_NEW_TOKENS_BUCKET)
+        ids = np.full((b, t), cfg.text.pad_token_id, np.int32)
+        mask = np.zeros((b, t), np.int32)
+        limits = np.ones((b,), np.int32)  # padding rows stop after their first token
+        seeds = np.zeros((b,), np.uint32)
+        # A padding row holds one BOS so that no attention row is empty.
+        ids[:, -1], mask[:, -1] = cfg.text.bos_token_id, 1
+        for r, p in enumerate(prompts):
+            ids[r, t - lengths[r] :] = p.ids
+            mask[r, t - lengths[r] :] = 1
+            limits[r] = min(params.max_new_tokens, self.max_context - lengths[r])
+            seeds[r] = ((params.seed + r) if p.seed is None else p.seed) % 2**32
+        counts = [0 if p.images is None else len(p.images) for p in prompts]
+        pixels = None
+        if max(counts):
+            v = cfg.vision
+            pixels = np.zeros((b, bucket(max(counts)), v.image_size, v.image_size, v.num_channels), self.dtype)
+            for r, p in enumerate(prompts):
+                if counts[r]:
+                    pixels[r, : counts[r]] = p.images
+        return Batch(list(prompts), ids, mask, pixels, seeds, limits, num_new)
+
+    def _eos(self, params: SamplingParams) -> jax.Array:
+        return jnp.int32(-1 if params.ignore_eos else self.eos_id)
+
+    def prefill(self, batch: Batch, params: SamplingParams) -> DecodeState:
+        """Run the prompts (and images) through the model into a fresh cache; picks the first token."""
+        return prefill_step(
+            self.model.module,
+            self.model.params,
+            batch.ids,
+            batch.pixels,
+            batch.mask,
+            batch.seeds,
+            batch.limits,
+            params.warp_args(),
+            self._eos(params),
+            num_new=batch.num_new,
+            greedy=params.greedy,
+        )
+
+    def decode(self, state: DecodeState, params: SamplingParams, stop_at: int | None = None) -> DecodeState:
+        """Decode steps until every row is done or `stop_at` tokens exist (default: the budget). Donates `state`."""
+        n = state.tokens.shape[1]
+        stop_at = n if stop_at is None else min(stop_at, n)
+        return decode_loop(
+            self.model.module,
+            self.model.params,
+            state,
+            jnp.int32(stop_at),
+            params.warp_args(),
+            self._eos(params),
+            greedy=params.greedy,
+        )
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None) -> list[Completion]:
+        """Generate for a batch of prompts (any lengths, any image counts). One Completion per prompt."""
+        batch = self.prepare(prompts, params, batch_size=batch_size)
+        state = self.prefill(batch, params)
+        if not params.stop_strings:
+            state = self.decode(state, params)
+        else:
+            self._require_tokenizer("stop strings")
+            while True:
+                step = int(state.step)
+                if step >= batch.num_new or bool(np.all(np.asarray(state.done))):
+                    break
+                done = np.asarray(state.done).copy()
+                tokens = np.asarray(state.tokens)
+                for r in range(len(prompts)):
+                    if not done[r] and _find_stop(self.tokenizer.decode(tokens[r, :step]), params.stop_strings) >= 0:
+                        done[r] = True
+                state = state._replace(done=jnp.asarray(done))
+                state = self.decode(state, params, stop_at=step + STOP_CHECK_EVERY)
+        return self.finish(batch, state, params)
+
+    def finish(self, batch: Batch, state: DecodeState, params: SamplingParams) -> list[Completion]:
+        """Cut each row at EOS, a stop string or its budget, and decode the text."""
+        tokens, logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
+        step = int(state.step)
+        eos = self.eos_id
+        out = []
+        for r, p in enumerate(batch.prompts):
+            n = min(step, int(batch.limits[r]))
+            toks = tokens[r, :n].tolist()
+            reason = "length"
+            if not params.ignore_eos and eos in toks:
+                n, reason = toks.index(eos) + 1, "eos"
+            text = self.tokenizer.decode(toks[:n]) if self.tokenizer else ""
+            cut = _find_stop(text, params.stop_strings)
+            if cut >= 0:
+                n, reason = self._tokens_to_stop(toks[:n], params.stop_strings), "stop"
+                text = text[:cut]
+            out.append(Completion([int(i) for i in p.ids], toks[:n], logprobs[r, :n].tolist(), text, reason))
+        return out
+
+    def _tokens_to_stop(self, toks: list[int], stops: Sequence[str]) -> int:
+        """Fewest leading tokens whose text contains a stop string (binary search: containment only grows)."""
+        lo, hi = 1, len(toks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _find_stop(self.tokenizer.decode(toks[:mid]), stops) >= 0:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> Generator["Delta", None, Completion]:
+        """Generate for one prompt, yielding each token as soon as it exists; returns the Completion.
+
+        Each `Delta` carries the token, its log-probability and the text it made printable (held
+        back while it may be an incomplete UTF-8 character or the start of a stop string).
+        """
+        self._require_tokenizer("streaming")
+        batch = self.prepare([prompt], params)
+        state = self.prefill(batch, params)
+        detok = _IncrementalText(self.tokenizer, params.stop_strings)
+        eos = -1 if params.ignore_eos else self.eos_id
+        step = 0
+        while True:
+            tokens, logprobs = np.asarray(state.tokens[0]), np.asarray(state.logprobs[0])
+            new_step, done = int(state.step), bool(state.done[0])
+            for i in range(step, new_step):
+                token = int(tokens[i])
+                text, stopped = ("", False) if token == eos else detok.push(token)
+                last = stopped or (done and i == new_step - 1)
+                if last and not stopped:
+                    text += detok.flush()
+                yield Delta(token, float(logprobs[i]), text)
+                if stopped:
+                    done = True
+                    break
+            step = new_step
+            if done or step >= batch.num_new:
+                break
+            state = self.decode(state, params, stop_at=step + 1)
+        # `finish` cuts at EOS, the stop string or the budget exactly as `generate` does.
+        return self.finish(batch, state, params)[0]
+
+    def _require_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer: Engine(model, tokenizer)")
+
+
+@dataclasses.dataclass
+class Delta:
+    """One streamed token: its id, log-probability, and the text it made printable (may be "")."""
+
+    token_id: int
+    logprob: float
+    text: str
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index where the earliest stop string starts in text, -1 if none occurs."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else -1
+
+
+class _IncrementalText:
+    """Turns a growing token list into printable text deltas.
+
+    Decoding the whole list each time keeps sentencepiece's spacing right; the tail is held back
+    while it ends in an incomplete UTF-8 sequence (decoded as U+FFFD) or could be the beginning of
+    a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, tuple(stops)
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (new printable text, whether a stop string has now appeared)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        cut = _find_stop(text, self.stops)
+        if cut >= 0:
+            self.stopped = True
+            return self._emit(text[:cut]), True
+        safe = len(text.rstrip("\ufffd"))
+        for s in self.stops:  # hold back a suffix that may grow into a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._emit(text[:safe]), False
+
+    def flush(self) -> str:
+        """All remaining text (at the end of generation)."""
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, text: str) -> str:
+        delta = text[self.emitted :]
+        self.emitted = max(self.emitted, len(text))
+        return delta
+
+
+def completion_dict(c: Completion) -> dict[str, Any]:
+    """The JSON form of a Completion (`--json` output)."""
+    return dataclasses.asdict(c)
