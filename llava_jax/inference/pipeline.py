@@ -1,0 +1,139 @@
+"""A model ready to answer questions: weights, tokenizer, image settings, template and engine.
+
+What `python -m llava_jax.generate`, `python -m llava_jax.chat` and evaluation share: from a model
+directory and a question (or a conversation) with image files to a `Prompt` the engine can run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+
+from llava_jax.data.image import ImageProcessorConfig, load_image, preprocess_batch
+from llava_jax.data.templates import IMAGE_MARKER, Template, get_template, render_prompt
+from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.inference.engine import Engine, InputError, Prompt
+from llava_jax.inference.sampling import SamplingParams
+from llava_jax.models.llava import LlavaModel
+
+DEFAULT_CONV_MODE = "vicuna_v1"  # what LLaVA-1.5 was trained and evaluated with
+
+
+def place_image_markers(text: str, num_images: int) -> str:
+    """The question with one `<image>` marker per image.
+
+    Without markers, `<image>\\n` per image goes in front (as the original's `model_vqa` and `cli`
+    do); with markers, their number must equal the number of images.
+    """
+    found = text.count(IMAGE_MARKER)
+    if found == 0:
+        return f"{IMAGE_MARKER}\n" * num_images + text
+    if found != num_images:
+        raise InputError(
+            f"the prompt has {found} {IMAGE_MARKER} marker{'s' * (found != 1)} but {num_images} "
+            f"image{'s' * (num_images != 1)} were given; give one image per marker"
+        )
+    return text
+
+
+class Pipeline:
+    """Model + tokenizer + image processor + conversation template + engine.
+
+    Args:
+      model: a loaded `LlavaModel`.
+      tokenizer: its sentencepiece tokenizer.
+      image_config: preprocessing settings (crop size must equal the vision tower's image size).
+      template: conversation template (object or registry name).
+      max_context: longest prompt + answer (default: the model's max_position_embeddings).
+      path: the model directory, when loaded from one (names the model in answer files).
+    """
+
+    def __init__(
+        self,
+        model: LlavaModel,
+        tokenizer: Tokenizer,
+        image_config: ImageProcessorConfig,
+        template: Template | str = DEFAULT_CONV_MODE,
+        *,
+        max_context: int | None = None,
+        path: str | None = None,
+    ):
+        if image_config.crop_size != model.config.vision.image_size:
+            raise InputError(
+                f"image preprocessing crops to {image_config.crop_size} px but the vision tower takes "
+                f"{model.config.vision.image_size} px; check preprocessor_config.json"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.engine = Engine(model, tokenizer, max_context=max_context)
+        self.path = path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: str | None = None,
+        conv_mode: str = DEFAULT_CONV_MODE,
+        image_aspect_ratio: str | None = None,
+        max_context: int | None = None,
+    ) -> "Pipeline":
+        """Load everything from a model directory (ours, converted, or a HF LLaVA directory).
+
+        The tokenizer is `path/tokenizer.model`; image settings come from `preprocessor_config.json`
+        (or an original LLaVA `config.json`), `image_aspect_ratio` ("pad" | "square") overriding them.
+        """
+        from llava_jax.weights.hf import load_pretrained  # heavy import, only when loading
+
+        model = load_pretrained(path, dtype)
+        tokenizer = Tokenizer.from_pretrained(path)
+        image_config = ImageProcessorConfig.from_pretrained(path, image_aspect_ratio=image_aspect_ratio)
+        return cls(model, tokenizer, image_config, conv_mode, max_context=max_context, path=path)
+
+    @property
+    def model_id(self) -> str:
+        """A name for answer files: the model directory's base name when known."""
+        return os.path.basename(os.path.normpath(self.path)) if self.path else "llava_jax"
+
+    def load_images(self, paths: Sequence[str | os.PathLike]) -> np.ndarray | None:
+        """Image files -> [n, H, W, 3] pixels (None for no files). ImageError names a bad file."""
+        return self.preprocess([load_image(p) for p in paths]) if paths else None
+
+    def preprocess(self, images: Sequence[PIL.Image.Image]) -> np.ndarray | None:
+        """PIL images -> [n, H, W, 3] CLIP-normalised pixels (None for no images)."""
+        return preprocess_batch(images, self.image_config) if images else None
+
+    def prompt(self, conversations: Sequence[dict], images: np.ndarray | None = None, seed: int | None = None) -> Prompt:
+        """A conversation ending with a user turn (LLaVA record format) -> a checked Prompt.
+
+        `images` [n, H, W, 3] belong to the conversation's `<image>` markers, in order.
+        """
+        markers = sum(turn["value"].count(IMAGE_MARKER) for turn in conversations)
+        given = 0 if images is None else len(images)
+        if markers != given:
+            raise InputError(f"the conversation has {markers} {IMAGE_MARKER} markers but {given} images were given")
+        ids = render_prompt(
+            conversations,
+            self.template,
+            self.tokenizer,
+            image_token_index=self.model.config.image_token_index,
+            num_image_tokens=self.model.config.num_image_tokens,
+        )
+        prompt = Prompt(ids, images, seed)
+        self.engine.check(prompt)
+        return prompt
+
+    def question(self, text: str, images: np.ndarray | None = None, seed: int | None = None) -> Prompt:
+        """A single-turn question (markers placed by `place_image_markers`) -> a checked Prompt."""
+        n = 0 if images is None else len(images)
+        return self.prompt([{"from": "human", "value": place_image_markers(text, n)}], images, seed)
+
+    def sampling(self, **kw) -> SamplingParams:
+        """SamplingParams with the template's stop strings added to any given."""
+        stops = tuple(kw.pop("stop_strings", ())) + self.template.stop_strings
+        return SamplingParams(stop_strings=stops, **kw)
