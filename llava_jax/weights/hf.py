@@ -64,9 +64,13 @@ def load_entries(
     dtype: np.dtype,
     source: str,
     place: Callable[[mapping.Entry, np.ndarray], Any] = lambda e, x: jax.device_put(x),
+    shapes: dict | None = None,
 ) -> dict:
-    """Read, transform, shape-check and cast each entry; returns our nested parameter tree."""
-    shapes = abstract_params(cfg)
+    """Read, transform, shape-check and cast each entry; returns our nested parameter tree.
+
+    `shapes` (from `abstract_params(cfg)`) saves re-tracing the model when called once per tensor group.
+    """
+    shapes = shapes if shapes is not None else abstract_params(cfg)
     params: dict = {}
     for e in entries:
         name = mapping.torch_name(e, layout, cfg.projector_type)

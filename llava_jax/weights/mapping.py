@@ -43,6 +43,8 @@ VISION_LAYER_TABLE = [
 # and post_layernorm (a full CLIPModel's text tower is the loader's business).
 VISION_UNUSED_PREFIXES = ("post_layernorm.",)
 VISION_UNUSED_NAMES = ("embeddings.position_ids",)
+# A full CLIPModel directory (openai/clip-vit-large-patch14-336) also holds the text tower and both projections.
+CLIP_TEXT_TOWER_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 TEXT_TABLE = [
     ("embed_tokens/embedding", "model.embed_tokens.weight", SAME),
@@ -117,6 +119,13 @@ def entries(cfg: LlavaConfig) -> list[Entry]:
     return vision_entries(cfg) + projector_entries(cfg) + text_entries(cfg)
 
 
+def layer_order(entry: Entry) -> tuple:
+    """Sort key that keeps each module's (e.g. one layer's) tensors together, layers in numeric order."""
+    head = entry.path[1]
+    layer = int(head.split("_")[1]) if head.startswith("layers_") else -1
+    return ("vision_tower", "projector", "language_model").index(entry.component), head in ("norm", "lm_head"), layer, head
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where each component's torch names sit in one checkpoint format.
@@ -147,6 +156,7 @@ LLAMA = Layout("llama", text="model.", head="lm_head.")
 
 # CLIP prefixes seen in the wild: with and without the `vision_model.` level (transformers 5 drops it).
 _VISION_PREFIXES = (
+    "model.vision_tower.vision_tower.vision_model.",  # original LLaVA checkpoints that embed the tower
     "vision_tower.vision_model.",
     "model.vision_tower.vision_model.",
     "model.vision_tower.",
@@ -177,6 +187,8 @@ def torch_name(entry: Entry, layout: Layout, projector_type: str = "mlp2x_gelu")
 def is_unused(name: str, cfg: LlavaConfig, layout: Layout) -> bool:
     """Whether a checkpoint tensor is one LLaVA never computes with (so loading may skip it)."""
     if name.endswith(TEXT_UNUSED_SUFFIXES):
+        return True
+    if layout.name == "clip" and name.startswith(CLIP_TEXT_TOWER_PREFIXES):
         return True
     if layout.vision is None or not name.startswith(layout.vision):
         return False
@@ -225,7 +237,7 @@ def detect_layout(keys) -> Layout:
     if any(k.startswith("language_model.model.") for k in keys):
         return dataclasses.replace(HF_LEGACY, vision=vision or HF_LEGACY.vision)
     if any(k.startswith("model.mm_projector") for k in keys):
-        return ORIGINAL
+        return dataclasses.replace(ORIGINAL, vision=vision)
     if any(k.startswith("model.layers.") for k in keys):
         return LLAMA
     if vision is not None:

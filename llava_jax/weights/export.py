@@ -1,0 +1,247 @@
+"""Export to Hugging Face: our directory (converted, or a training checkpoint) -> a llava-hf directory.
+
+The output is what `transformers.LlavaForConditionalGeneration.from_pretrained` (and vLLM, SGLang)
+load: safetensors in the published llava-hf layout (`mapping.HF_LEGACY`: `language_model.model.*`,
+`language_model.lm_head.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`), sharded past
+`max_shard_bytes` with an index, plus config.json, the tokenizer files and preprocessor_config.json.
+
+Tensors are streamed: one parameter group is read from Orbax, transposed back to torch's layout and
+appended to the open shard, so exporting a 7B model holds about one layer in memory.
+
+CLIP tensors LLaVA never computes with (post_layernorm, the layers past `vision_feature_layer`)
+come from `extra.safetensors` when the conversion kept them; otherwise they are filled (LayerNorm
+scales 1, everything else 0) so that transformers finds every key it expects, and the export says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from typing import Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from llava_jax.config import CONFIG_FILE, LlavaConfig, llava_config_to_hf
+from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
+from llava_jax.weights import mapping
+from llava_jax.weights.converted import (
+    DTYPE_PROBE,
+    EXTRA_FILE,
+    check_stored,
+    copy_tokenizer,
+    find_checkpoint,
+    load_tree,
+    stored_shapes,
+    write_preprocessor,
+    atomic_directory,
+)
+from llava_jax.weights.hf import abstract_params
+from llava_jax.weights.safetensors_io import DTYPE_NAMES, CheckpointError, TensorStore
+
+SHARD_BYTES = 5 * 10**9  # as the published llava-hf checkpoints
+VOCAB_MULTIPLE = 64  # llava-hf pads 32000 + <image> + <pad> to 32064
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One output tensor: its HF name, torch-layout shape, and how to make it."""
+
+    name: str
+    shape: tuple[int, ...]
+    group: tuple[str, ...] | None  # parameter group to read from Orbax (None: not a parameter)
+    make: Callable[[dict], np.ndarray]  # group arrays (ours, by path) -> torch-layout array
+
+
+def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], np.dtype]], arrays: Iterable[np.ndarray]) -> int:
+    """Write a .safetensors file whose header is known up front, taking the arrays one at a time."""
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, shape, dtype), arr in zip(specs, arrays, strict=True):
+            if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise ValueError(f"{path}: {name} is {arr.dtype}{arr.shape}, its header says {np.dtype(dtype)}{tuple(shape)}")
+            f.write(np.ascontiguousarray(arr).tobytes())
+    return offset
+
+
+def _torch_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    return tuple(mapping.to_torch(np.broadcast_to(np.zeros((), np.uint8), shape), transform).shape)
+
+
+def padded_vocab(cfg: LlavaConfig) -> int:
+    """Vocabulary size for HF: llava-hf keeps `<image>` (and `<pad>` after it) inside the embedding."""
+    v = cfg.text.vocab_size
+    if cfg.image_token_index < v:
+        return v
+    return -(-(cfg.image_token_index + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Rows appended as the mean row (what transformers' resize_token_embeddings starts new tokens from)."""
+    if rows == x.shape[0]:
+        return x
+    mean = x.astype(np.float32).mean(axis=0, keepdims=True).astype(x.dtype)
+    return np.concatenate([x, np.repeat(mean, rows - x.shape[0], axis=0)])
+
+
+def _find_beside(base: str, name: str) -> str | None:
+    for d in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
+        if os.path.exists(os.path.join(d, name)):
+            return d
+    return None
+
+
+def plan_tensors(cfg: LlavaConfig, dtype: np.dtype, extras: TensorStore | None) -> tuple[list[Tensor], list[str]]:
+    """Every tensor of the HF checkpoint, in writing order, and notes on what was filled or padded."""
+    shapes = abstract_params(cfg)
+    vocab = padded_vocab(cfg)
+    notes = []
+    out = []
+    for e in sorted(mapping.entries(cfg), key=mapping.layer_order):
+        name = mapping.torch_name(e, mapping.HF_LEGACY, cfg.projector_type)
+        shape = _torch_shape(tuple(_leaf(shapes, e.path).shape), e.transform)
+
+        def make(arrays, e=e):
+            x = mapping.to_torch(arrays[e.path], e.transform)
+            if e.ours in ("embed_tokens/embedding", "lm_head/kernel"):
+                x = _pad_rows(x, vocab)
+            return x
+
+        if e.ours in ("embed_tokens/embedding", "lm_head/kernel"):
+            shape = (vocab,) + shape[1:]
+        out.append(Tensor(name, shape, e.path[:2], make))
+    if vocab != cfg.text.vocab_size:
+        notes.append(
+            f"vocabulary padded from {cfg.text.vocab_size} to {vocab} rows (mean-initialised) so that <image> "
+            f"({cfg.image_token_index}) is inside the embedding, as llava-hf checkpoints have it"
+        )
+    # CLIP's own tensors past what LLaVA uses.
+    full = cfg.replace(vision_feature_layer=cfg.vision.num_layers)
+    full_shapes = abstract_params(full)["vision_tower"]
+    unused = [e for e in mapping.vision_entries(full) if e.ours.startswith("layers_")
+              and int(e.ours.split("/")[0].split("_")[1]) >= cfg.num_vision_layers_used]
+    rest = [(mapping.HF_LEGACY.vision + mapping.VISION_UNUSED_PREFIXES[0] + leaf, (cfg.vision.hidden_size,)) for leaf in ("weight", "bias")]
+    rest += [(mapping.torch_name(e, mapping.HF_LEGACY), _torch_shape(tuple(_leaf(full_shapes, e.path[1:]).shape), e.transform))
+             for e in sorted(unused, key=mapping.layer_order)]
+    filled = []
+    for name, shape in rest:
+        if extras is not None and name in extras:
+            if tuple(extras.shape(name)) != shape:
+                raise CheckpointError(f"{EXTRA_FILE}: {name} has shape {extras.shape(name)}, expected {shape}")
+            out.append(Tensor(name, shape, None, lambda _, name=name: np.asarray(extras.get(name)).astype(dtype)))
+        else:
+            fill = 1.0 if ("layer_norm" in name or "layernorm" in name) and name.endswith(".weight") else 0.0
+            out.append(Tensor(name, shape, None, lambda _, shape=shape, fill=fill: np.full(shape, fill, dtype)))
+            filled.append(name)
+    if filled:
+        notes.append(
+            f"filled {len(filled)} CLIP tensors LLaVA never uses (post_layernorm, vision layers >= "
+            f"{cfg.num_vision_layers_used}) with LayerNorm 1 / 0, as the source did not keep them, e.g. {filled[:2]}"
+        )
+    return out, notes
+
+
+def _leaf(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _produce(tensors: list[Tensor], params_dir: str, stored: dict, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each tensor's array, reading one parameter group at a time from Orbax."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cached: tuple[tuple[str, ...] | None, dict] = (None, {})
+    for t in tensors:
+        if t.group is not None and t.group != cached[0]:
+            paths = [p for p in stored if p[:2] == t.group]
+            abstract: dict = {}
+            for p in paths:
+                node = abstract
+                for k in p[:-1]:
+                    node = node.setdefault(k, {})
+                node[p[-1]] = jax.ShapeDtypeStruct(stored[p][0], dtype, sharding=cpu)
+            tree = load_tree(params_dir, abstract)
+            cached = (t.group, {p: np.asarray(_leaf(tree, p)) for p in paths})
+        yield t.make(cached[1])
+
+
+def _shards(tensors: list[Tensor], dtype: np.dtype, max_bytes: int) -> list[list[Tensor]]:
+    shards, size = [[]], 0
+    for t in tensors:
+        n = math.prod(t.shape) * dtype.itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+def export_hf(
+    src: str, dst: str, *, dtype: str | None = None, max_shard_bytes: int = SHARD_BYTES, log: Callable[[str], None] = print
+) -> str:
+    """Write `src` (our converted directory or a training checkpoint) as a llava-hf directory at `dst`.
+
+    Args:
+      src: a directory with `params/` and a `llava_jax_config.json` (see `converted.find_checkpoint`).
+      dst: output directory; must not exist. Written under `dst.tmp-XXXX`, renamed at the end.
+      dtype: output dtype (default: the stored one).
+      max_shard_bytes: split into `model-0000i-of-0000n.safetensors` + index past this size.
+    """
+    cfg_dir, params_dir = find_checkpoint(src)
+    base = os.path.dirname(params_dir)
+    cfg = LlavaConfig.load(cfg_dir)
+    try:
+        hf_config = llava_config_to_hf(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_dir}/{CONFIG_FILE}: {e}") from None
+    stored = stored_shapes(params_dir)
+    check_stored(cfg, stored, params_dir)
+    out_dtype = np.dtype(dtype or stored[DTYPE_PROBE][1].name)
+    extra_dir = _find_beside(base, EXTRA_FILE)
+    extras = TensorStore([os.path.join(extra_dir, EXTRA_FILE)]) if extra_dir else None
+    tensors, notes = plan_tensors(cfg, out_dtype, extras)
+    hf_config["text_config"]["vocab_size"] = padded_vocab(cfg)
+    hf_config["dtype"] = hf_config["torch_dtype"] = out_dtype.name
+    shards = _shards(tensors, out_dtype, max_shard_bytes)
+    tok_dir = _find_beside(base, "tokenizer.model") or _find_beside(base, "tokenizer_config.json")
+    pre_dir = _find_beside(base, PREPROCESSOR_CONFIG)
+
+    def write(tmp: str) -> None:
+        arrays = _produce(tensors, params_dir, stored, out_dtype)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            specs = [(t.name, t.shape, out_dtype) for t in shard]
+            total += write_safetensors(os.path.join(tmp, fname), specs, (next(arrays) for _ in shard))
+            weight_map.update({t.name: fname for t in shard})
+        if len(shards) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        copy_tokenizer(tok_dir, tmp, dst)
+        if pre_dir:
+            write_preprocessor(os.path.join(pre_dir, PREPROCESSOR_CONFIG), tmp)
+        else:
+            size = cfg.vision.image_size
+            write_preprocessor(ImageProcessorConfig(size=size, crop_size=size, pad_to_square=False), tmp)
+
+    out = atomic_directory(dst, write)
+    for n in notes:
+        log(f"note: {n}")
+    size = sum(math.prod(t.shape) for t in tensors) * out_dtype.itemsize
+    log(f"wrote {out}: {len(tensors)} tensors, {len(shards)} shard(s), {size / 1e9:.2f} GB {out_dtype.name} (llava-hf layout)")
+    return out

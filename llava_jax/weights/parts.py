@@ -1,0 +1,547 @@
+"""Checkpoint sources for conversion: HF LLaVA, original LLaVA, and CLIP + LLaMA (+ mm_projector) parts.
+
+Each source becomes a `Plan`: our config plus `Piece`s (a tensor store, its mapping layout and the
+entries it provides). Names and shapes are checked from the file headers before anything is
+written, then `Plan.batches` streams the parameters in groups of a bounded size.
+
+Tensors are read by copy (safetensors: `np.fromfile` at the tensor's offset; torch `.bin`: a memory
+map that is dropped every GiB) so that pages of a 13.5 GB checkpoint never pile up in the
+process's resident memory. Torch pickles are only ever opened with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import struct
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from llava_jax.config import (
+    LlavaConfig,
+    TextConfig,
+    VisionConfig,
+    llava_config_from_hf,
+    projector_depth,
+    text_config_from_hf,
+    vision_config_from_hf,
+)
+from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
+from llava_jax.weights import mapping
+from llava_jax.weights.hf import abstract_params, check_names, load_entries, read_json
+from llava_jax.weights.safetensors_io import DTYPES, CheckpointError, TensorStore
+
+FORMATS = ("hf", "original", "parts")
+# Files beside the weights that are not weights (HF Trainer output); never opened.
+_NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state.bin")
+_RELOAD_BYTES = 1 << 30  # drop a torch memory map after this much has been read through it
+# OpenAI CLIP towers (ViT-B/32 ... ViT-L/14-336) all use 64-wide heads: the only field shapes do not give.
+CLIP_HEAD_DIM = 64
+
+
+class Store(Protocol):
+    """What conversion needs from a checkpoint: names, header shapes/dtypes, and fresh copies."""
+
+    source: str
+
+    def keys(self) -> list[str]: ...
+    def __contains__(self, name: str) -> bool: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> np.dtype: ...
+    def get(self, name: str) -> np.ndarray: ...
+
+
+class SafetensorsStore:
+    """Safetensors tensors read by copy: nothing stays mapped, so resident memory stays one tensor deep."""
+
+    def __init__(self, store: TensorStore, source: str):
+        self.source = source
+        self._store = store  # validated headers (truncation, corrupt entries) and the index check
+        self._where: dict[str, tuple[str, int, dict]] = {}
+        for path in store.files:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, e in header.items():
+                self._where[name] = (path, 8 + n, e)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][2]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self._where[name][2]["dtype"]]
+
+    def get(self, name: str) -> np.ndarray:
+        path, base, e = self._where[name]
+        start, _ = e["data_offsets"]
+        count = math.prod(e["shape"])
+        return np.fromfile(path, dtype=DTYPES[e["dtype"]], count=count, offset=base + start).reshape(e["shape"])
+
+
+def _import_torch(path: str):
+    try:
+        import torch  # only this path touches torch, and only to read tensors
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: a torch .bin checkpoint needs PyTorch to read, and it is not installed; "
+            "install torch (the CPU build is enough) or convert the files to .safetensors"
+        ) from None
+    return torch
+
+
+def torch_load(path: str) -> dict:
+    """A torch state dict, opened with `weights_only=True` (never runs code from the file), memory-mapped."""
+    torch = _import_torch(path)
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format: no mmap
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused: the pickle holds more than tensors ({first[:200]}); "
+            "checkpoints are only read with torch.load(weights_only=True), which never runs code from the file"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).strip()[:200]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: expected a flat state dict of name -> tensor, found {type(sd).__name__}")
+    return sd
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import ml_dtypes
+    import torch
+
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()
+
+
+class BinStore:
+    """torch `.bin` files (`pytorch_model*.bin`, `mm_projector.bin`): one memory map at a time, copied out."""
+
+    def __init__(self, files: list[str], source: str):
+        self.source = source
+        self._meta: dict[str, tuple[str, tuple[int, ...], np.dtype]] = {}
+        for path in files:
+            for name, t in torch_load(path).items():
+                self._meta[name] = (path, tuple(t.shape), _torch_to_numpy(t.flatten()[:0]).dtype)
+        self._open: tuple[str, dict] | None = None
+        self._read = 0
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._meta[name][2]
+
+    def get(self, name: str) -> np.ndarray:
+        path = self._meta[name][0]
+        if self._open is None or self._open[0] != path:
+            self._open, self._read = (path, torch_load(path)), 0
+        x = _torch_to_numpy(self._open[1][name])
+        self._read += x.nbytes
+        if self._read > _RELOAD_BYTES:  # unmapping releases the file pages counted in our resident memory
+            self._open = None
+        return x
+
+
+def _weight_files(directory: str) -> tuple[list[str], list[str]]:
+    names = sorted(os.listdir(directory))
+    st = [n for n in names if n.endswith(".safetensors")]
+    bins = [n for n in names if n.endswith((".bin", ".pt", ".pth")) and n not in _NOT_WEIGHTS]
+    preferred = [n for n in bins if n.startswith(("pytorch_model", "model"))]
+    return st, preferred or bins
+
+
+def open_checkpoint(directory: str) -> Store:
+    """Every weight file of a directory: `*.safetensors` (preferred) or torch `*.bin`."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory")
+    st, bins = _weight_files(directory)
+    if st:
+        return SafetensorsStore(TensorStore.from_dir(directory), directory)
+    if bins:
+        return BinStore([os.path.join(directory, n) for n in bins], directory)
+    raise CheckpointError(f"{directory}: no weights found (expected *.safetensors or pytorch_model*.bin)")
+
+
+def open_file(path: str) -> Store:
+    """One weight file (e.g. `mm_projector.bin` as original stage 1 writes it, or a .safetensors)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not found")
+    if path.endswith(".safetensors"):
+        return SafetensorsStore(TensorStore([path]), path)
+    return BinStore([path], path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def _wrap(fn, *args):
+    """Config parsers raise ValueError; conversion reports every source problem as a CheckpointError."""
+    try:
+        return fn(*args)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def clip_vision_config(directory: str) -> VisionConfig:
+    """The vision config of a CLIP directory (a full `CLIPModel` or a `CLIPVisionModel`)."""
+    path = os.path.join(directory, "config.json")
+    c = read_json(path)
+    model_type = c.get("model_type")
+    if model_type not in ("clip", "clip_vision_model"):
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a CLIP vision tower (expected clip or clip_vision_model)")
+    return _wrap(vision_config_from_hf, c.get("vision_config") or {} if model_type == "clip" else c, path)
+
+
+def llama_text_config(directory: str) -> TextConfig:
+    """The config of a LLaMA-family language model directory."""
+    path = os.path.join(directory, "config.json")
+    return _wrap(text_config_from_hf, read_json(path), path)
+
+
+def infer_clip_config(store: Store, prefix: str) -> VisionConfig:
+    """A CLIP vision config read off tensor shapes (for original checkpoints that embed the tower)."""
+    hidden, channels, patch, _ = store.shape(prefix + "embeddings.patch_embedding.weight")
+    positions = store.shape(prefix + "embeddings.position_embedding.weight")[0]
+    layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    layers = {int(m.group(1)) for k in store.keys() if (m := layer.match(k))}
+    return VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=store.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+        num_layers=len(layers),
+        num_heads=max(1, hidden // CLIP_HEAD_DIM),
+        image_size=math.isqrt(positions - 1) * patch,
+        patch_size=patch,
+        num_channels=channels,
+    )
+
+
+_ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llama": "llama", "llava_mistral": "mistral"}
+_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+
+
+def original_llava_config(c: dict, vision: VisionConfig, path: str, image_token_index: int | None) -> LlavaConfig:
+    """Our config from an original LLaVA `config.json` (`mm_*` fields) and the tower's vision config."""
+    model_type = c.get("model_type", "llava")
+    if model_type not in _ORIGINAL_TEXT_TYPES:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a LLaMA-based LLaVA (expected one of {sorted(_ORIGINAL_TEXT_TYPES)})")
+    text = _wrap(text_config_from_hf, {**c, "model_type": _ORIGINAL_TEXT_TYPES[model_type]}, path)
+    projector = c.get("mm_projector_type", "linear")  # LLaVA v1 configs predate the field
+    _wrap(projector_depth, projector)
+    feature = c.get("mm_vision_select_feature", "patch")
+    if feature not in _SELECT_FEATURE:
+        raise CheckpointError(f"{path}: mm_vision_select_feature {feature!r} is not supported (expected patch or cls_patch)")
+    mm_hidden = c.get("mm_hidden_size", vision.hidden_size)
+    if mm_hidden != vision.hidden_size:
+        raise CheckpointError(f"{path}: mm_hidden_size is {mm_hidden} but the vision tower's width is {vision.hidden_size}")
+    cfg = LlavaConfig(
+        vision=vision,
+        text=text,
+        projector_type=projector,
+        vision_feature_layer=int(c.get("mm_vision_select_layer", -1)),
+        vision_feature_select_strategy=_SELECT_FEATURE[feature],
+        # The original splices images at run time (id -200); ours takes the first id past the vocabulary.
+        image_token_index=text.vocab_size if image_token_index is None else image_token_index,
+    )
+    _wrap(lambda: cfg.num_vision_layers_used)
+    return cfg
+
+
+def projector_type_of(keys, prefix: str = "model.mm_projector.") -> str | None:
+    """The projector type an `mm_projector` state dict holds: a bare Linear or an nn.Sequential of N."""
+    rest = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+    if "weight" in rest:
+        return "linear"
+    linears = {r.split(".")[0] for r in rest if r.split(".")[0].isdigit()}
+    return f"mlp{len(linears)}x_gelu" if linears else None
+
+
+def init_projector(cfg: LlavaConfig, seed: int) -> dict:
+    """A fresh projector as LLaVA stage 1 starts it: torch nn.Linear's default U(-1/sqrt(in), 1/sqrt(in))."""
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for name, leaves in abstract_params(cfg)["projector"].items():
+        bound = 1.0 / math.sqrt(leaves["kernel"].shape[0])
+        out[name] = {k: rng.uniform(-bound, bound, v.shape).astype(np.float32) for k, v in leaves.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclasses.dataclass
+class Piece:
+    """Entries one store provides, under one layout; `skip` names are present but deliberately not read."""
+
+    store: Store
+    layout: mapping.Layout
+    entries: list[mapping.Entry]
+    skip: frozenset[str] = frozenset()
+
+    def names(self, cfg: LlavaConfig) -> dict[str, mapping.Entry]:
+        return {mapping.torch_name(e, self.layout, cfg.projector_type): e for e in self.entries}
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a conversion writes, still unread: config, tensor pieces, extras, side files."""
+
+    cfg: LlavaConfig
+    pieces: list[Piece]
+    source_dtype: str
+    tokenizer_dir: str | None
+    preprocessor: ImageProcessorConfig | str  # a config to write, or a preprocessor_config.json to copy
+    fresh: dict = dataclasses.field(default_factory=dict)  # parameters made here (a new projector)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        """Names and shapes of every piece against the config, from headers only (nothing read yet)."""
+        shapes = abstract_params(self.cfg)
+        for p in self.pieces:
+            expected = p.names(self.cfg)
+            keys = [k for k in p.store.keys() if k not in p.skip]
+            check_names(keys, expected, self.cfg, p.layout, p.store.source)
+            for name, e in expected.items():
+                found = p.store.shape(name)
+                got = mapping.to_ours(np.broadcast_to(np.zeros((), np.uint8), found), e.transform).shape
+                want = _leaf(shapes, e.path).shape
+                if tuple(got) != tuple(want):
+                    raise CheckpointError(
+                        f"{p.store.source}: tensor {name} has shape {tuple(found)}, which does not match the config "
+                        f"(ours: {'/'.join(e.path)} {tuple(want)}; read as {tuple(got)})"
+                    )
+
+    def extras(self, dtype: str) -> list[tuple[str, np.ndarray]]:
+        """Vision tensors LLaVA never computes with (post_layernorm, layers past the feature layer), kept
+        under their published llava-hf names so that export to HF is complete."""
+        out = []
+        for p in self.pieces:
+            if p.layout.vision is None or not any(e.component == "vision_tower" for e in p.entries):
+                continue
+            for k in p.store.keys():
+                rest = k[len(p.layout.vision) :]
+                if (k.startswith(p.layout.vision) and k not in p.skip and mapping.is_unused(k, self.cfg, p.layout)
+                        and rest not in mapping.VISION_UNUSED_NAMES):
+                    out.append((mapping.HF_LEGACY.vision + rest, p.store.get(k).astype(dtype)))
+        return out
+
+    def batches(self, dtype: str, max_bytes: int) -> Iterator[dict]:
+        """Our parameter tree in pieces of about `max_bytes`, never splitting a layer."""
+        shapes = abstract_params(self.cfg)
+        np_dtype = np.dtype(dtype)
+        if self.fresh:
+            yield _cast(self.fresh, np_dtype)
+        for p in self.pieces:
+            batch: list[mapping.Entry] = []
+            size, group = 0, None
+            for e in sorted(p.entries, key=mapping.layer_order):
+                if batch and size >= max_bytes and e.path[:2] != group:
+                    yield self._load(p, batch, np_dtype, shapes)
+                    batch, size = [], 0
+                batch.append(e)
+                group = e.path[:2]
+                size += math.prod(_leaf(shapes, e.path).shape) * np_dtype.itemsize
+            if batch:
+                yield self._load(p, batch, np_dtype, shapes)
+
+    def _load(self, p: Piece, entries, dtype, shapes) -> dict:
+        return load_entries(
+            p.store, self.cfg, entries, p.layout, dtype=dtype, source=p.store.source, place=lambda e, x: x, shapes=shapes
+        )
+
+
+def _leaf(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _cast(tree: dict, dtype: np.dtype) -> dict:
+    return {k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype) for k, v in tree.items()}
+
+
+def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> ImageProcessorConfig | str:
+    """The source's preprocessor_config.json (copied as is unless padding is overridden), else one from the config."""
+    if directory and os.path.isfile(os.path.join(directory, PREPROCESSOR_CONFIG)):
+        try:
+            parsed = ImageProcessorConfig.from_pretrained(directory)
+        except ValueError as e:
+            raise CheckpointError(f"{directory}/{PREPROCESSOR_CONFIG}: {e}") from None
+        if pad is None:
+            return os.path.join(directory, PREPROCESSOR_CONFIG)
+        return dataclasses.replace(parsed, pad_to_square=pad)
+    size = cfg.vision.image_size
+    return ImageProcessorConfig(size=size, crop_size=size, pad_to_square=bool(pad))
+
+
+def detect_format(src: str) -> str:
+    """`hf` or `original`, from `src/config.json`; a clear error for anything else."""
+    path = os.path.join(src, "config.json")
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src}: not a directory")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{src}: unknown checkpoint format: no config.json (expected a HF or original LLaVA directory)")
+    c = read_json(path)
+    if "text_config" in c or "vision_config" in c:
+        if c.get("model_type") != "llava":
+            raise CheckpointError(f"{path}: model_type {c.get('model_type')!r} is not LLaVA (expected llava)")
+        return "hf"
+    if any(k.startswith("mm_") for k in c):
+        return "original"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (model_type {c.get('model_type')!r}): not HF LLaVA (text_config + "
+        "vision_config) nor original LLaVA (mm_* fields); for a CLIP tower plus a LLaMA use --vision-tower DIR --llm DIR"
+    )
+
+
+def _dtype_of(store: Store, name: str) -> str:
+    return np.dtype(store.dtype(name)).name
+
+
+def plan_hf(src: str, *, image_aspect_ratio: str | None = None) -> Plan:
+    """A HF LLaVA directory (either key layout, safetensors or .bin)."""
+    path = os.path.join(src, "config.json")
+    cfg = _wrap(llava_config_from_hf, read_json(path), path)
+    store = open_checkpoint(src)
+    layout = _wrap(mapping.detect_layout, store.keys())
+    if layout.name not in ("hf", "hf_legacy"):
+        raise CheckpointError(f"{src}: config.json is HF LLaVA but the tensor names look like a {layout.name} checkpoint")
+    piece = Piece(store, layout, mapping.entries(cfg))
+    first = next(iter(piece.names(cfg)))
+    dtype = _dtype_of(store, first) if first in store else "float32"
+    return Plan(cfg, [piece], dtype, src, _preprocessor(src, cfg, _pad(image_aspect_ratio)))
+
+
+def _pad(image_aspect_ratio: str | None) -> bool | None:
+    return None if image_aspect_ratio is None else image_aspect_ratio == "pad"
+
+
+def plan_original(
+    src: str, *, vision_tower: str | None = None, image_aspect_ratio: str | None = None, image_token_index: int | None = None
+) -> Plan:
+    """An original LLaVA directory: LLaMA + `model.mm_projector`, the CLIP tower apart (or embedded)."""
+    path = os.path.join(src, "config.json")
+    c = read_json(path)
+    store = open_checkpoint(src)
+    layout = _wrap(mapping.detect_layout, store.keys())
+    if layout.name != "original":
+        raise CheckpointError(f"{src}: config.json has mm_* fields but the tensor names look like a {layout.name} checkpoint")
+    embedded = layout.vision
+    notes = []
+    if vision_tower:
+        vision = clip_vision_config(vision_tower)
+        skip = frozenset(k for k in store.keys() if k.startswith("model.vision_tower.")) if embedded else frozenset()
+        if embedded:
+            notes.append(f"using the vision tower from {vision_tower}; the copy embedded in {src} is not read")
+        layout = dataclasses.replace(layout, vision=None)
+    elif embedded:
+        vision, skip = infer_clip_config(store, embedded), frozenset()
+        notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's {CLIP_HEAD_DIM}-wide heads")
+    else:
+        raise CheckpointError(
+            f"{src}: the vision tower is not in the checkpoint; config.json names "
+            f"{c.get('mm_vision_tower') or c.get('vision_tower')!r}: pass its local directory with --vision-tower DIR"
+        )
+    cfg = original_llava_config(c, vision, path, image_token_index)
+    pieces = []
+    if vision_tower:
+        clip = open_checkpoint(vision_tower)
+        clip_layout = _clip_layout(clip)
+        pieces.append(Piece(clip, clip_layout, mapping.vision_entries(cfg)))
+        entries = mapping.projector_entries(cfg) + mapping.text_entries(cfg)
+    else:
+        entries = mapping.entries(cfg)
+    pieces.append(Piece(store, layout, entries, skip))
+    aspect = image_aspect_ratio or c.get("image_aspect_ratio") or "square"
+    pre = _preprocessor(vision_tower, cfg, aspect == "pad")
+    text_name = mapping.torch_name(mapping.text_entries(cfg)[0], layout)
+    dtype = _dtype_of(store, text_name) if text_name in store else "float32"
+    return Plan(cfg, pieces, dtype, src, pre, notes=notes)
+
+
+def _clip_layout(store: Store) -> mapping.Layout:
+    prefix = mapping.find_vision_prefix(store.keys())
+    if prefix is None:
+        raise CheckpointError(f"{store.source}: no CLIP vision tower found (no *embeddings.patch_embedding.weight tensor)")
+    return dataclasses.replace(mapping.CLIP, vision=prefix)
+
+
+def plan_parts(
+    vision_tower: str,
+    llm: str,
+    *,
+    projector: str | None = None,
+    projector_type: str | None = None,
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+    image_aspect_ratio: str | None = None,
+    image_token_index: int | None = None,
+    seed: int = 0,
+) -> Plan:
+    """Stage-1 initialisation: a CLIP directory, a LLaMA/Vicuna directory and a projector (file or fresh)."""
+    vision = clip_vision_config(vision_tower)
+    text = llama_text_config(llm)
+    notes = []
+    proj_store = open_file(projector) if projector else None
+    found = projector_type_of(proj_store.keys()) if proj_store else None
+    if proj_store and found is None:
+        raise CheckpointError(f"{projector}: no model.mm_projector.* tensors (expected the mm_projector.bin stage 1 writes)")
+    if projector_type and found and projector_type != found:
+        raise CheckpointError(f"{projector}: holds a {found} projector but --projector-type is {projector_type}")
+    cfg = LlavaConfig(
+        vision=vision,
+        text=text,
+        projector_type=projector_type or found or "mlp2x_gelu",
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        image_token_index=text.vocab_size if image_token_index is None else image_token_index,
+    )
+    _wrap(projector_depth, cfg.projector_type)
+    _wrap(lambda: cfg.num_vision_layers_used)
+    clip = open_checkpoint(vision_tower)
+    lm = open_checkpoint(llm)
+    lm_layout = _wrap(mapping.detect_layout, lm.keys())
+    if lm_layout.name != "llama":
+        raise CheckpointError(f"{llm}: expected a LLaMA checkpoint (model.layers.*), the tensor names look like {lm_layout.name}")
+    pieces = [Piece(clip, _clip_layout(clip), mapping.vision_entries(cfg))]
+    fresh = {}
+    if proj_store:
+        pieces.append(Piece(proj_store, mapping.ORIGINAL, mapping.projector_entries(cfg)))
+    else:
+        fresh = {"projector": init_projector(cfg, seed)}
+        notes.append(f"projector {cfg.projector_type} freshly initialised (seed {seed})")
+    pieces.append(Piece(lm, lm_layout, mapping.text_entries(cfg)))
+    first = mapping.torch_name(mapping.text_entries(cfg)[0], lm_layout)
+    dtype = _dtype_of(lm, first) if first in lm else "float32"
+    pre = _preprocessor(vision_tower, cfg, _pad(image_aspect_ratio))
+    return Plan(cfg, pieces, dtype, llm, pre, fresh=fresh, notes=notes)
