@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = load_pipeline(args)
         params = pipe.sampling(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
         )
         chat = ChatSession(pipe, params)
         for path in args.image_file:

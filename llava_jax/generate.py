@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_flags(p)
     p.add_argument("--image-file", "--image_file", action="append", default=[], help="repeat for several images")
     p.add_argument("--prompt", "--query", default=None, help="the question; <image> marks where each image goes")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=None, help="default 512 (128 in batch mode)")
+    p.add_argument(
+        "--max-new-tokens", "--max_new_tokens", type=int, default=None, help="default 512 (128 in batch mode)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--questions-file", "--question-file", default=None, help="model_vqa-style .jsonl")
     p.add_argument("--image-folder", default="", help="where the questions' images are")

@@ -65,7 +65,9 @@ def write_image(path: str, seed: int, size=(40, 30)) -> str:
     return path
 
 
-def hf_generate(model, input_ids, pixels_nhwc=None, attention_mask=None, *, max_new_tokens: int, eos: int | None = None):
+def hf_generate(
+    model, input_ids, pixels_nhwc=None, attention_mask=None, *, max_new_tokens: int, eos: int | None = None
+):
     """transformers' greedy `generate`: (new ids [B, n], log-probs of those ids [B, n])."""
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     kw = {"input_ids": ids}

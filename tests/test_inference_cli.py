@@ -26,7 +26,13 @@ GREEDY = ["--temperature", "0", "--max-new-tokens", str(NEW)]
 def run(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+        [sys.executable, "-m", module, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
 
 
@@ -34,7 +40,10 @@ def run(module: str, *args: str, stdin: str | None = None) -> subprocess.Complet
 def model_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("llava-tiny"))
     _, hf = make_model_dir(d, seed=5)
-    images = {name: write_image(os.path.join(d, name), seed=i, size=(40 + 7 * i, 30)) for i, name in enumerate(["a.png", "b.jpg"])}
+    images = {
+        name: write_image(os.path.join(d, name), seed=i, size=(40 + 7 * i, 30))
+        for i, name in enumerate(["a.png", "b.jpg"])
+    }
     return d, hf, images
 
 
@@ -42,7 +51,8 @@ def model_dir(tmp_path_factory):
 def single(model_dir):
     """`generate --json` on one image and QUESTION, greedy."""
     d, _, images = model_dir
-    r = run("llava_jax.generate", "--model-path", d, "--image-file", images["a.png"], "--prompt", QUESTION, "--json", *GREEDY)
+    args = ["--model-path", d, "--image-file", images["a.png"], "--prompt", QUESTION, "--json", *GREEDY]
+    r = run("llava_jax.generate", *args)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -62,10 +72,21 @@ def test_generate_json_equals_transformers(model_dir, single):
     assert single["text"] == tok.decode(single["token_ids"])
 
 
-def test_chat_through_stdin(model_dir, single):
+@pytest.fixture(scope="module")
+def converted_dir(model_dir, tmp_path_factory):
+    """The model directory converted to ours (Orbax params + llava_jax_config.json)."""
+    d, _, _ = model_dir
+    dst = str(tmp_path_factory.mktemp("converted") / "llava-tiny-jax")
+    r = run("llava_jax.convert", "--src", d, "--dst", dst)
+    assert r.returncode == 0, r.stderr
+    return dst
+
+
+def test_chat_through_stdin(model_dir, converted_dir, single):
+    """Chat on the converted directory: its first answer is the one `generate` gave on the HF directory."""
     d, hf, images = model_dir
     script = f"{QUESTION}\n/image {d}/missing.png\n/image {images['b.jpg']}\nAnd this one?\n/reset\nHello\n/exit\n"
-    r = run("llava_jax.chat", "--model-path", d, "--image-file", images["a.png"], *GREEDY, stdin=script)
+    r = run("llava_jax.chat", "--model-path", converted_dir, "--image-file", images["a.png"], *GREEDY, stdin=script)
     assert r.returncode == 0, r.stderr
     answers = re.findall(r"ASSISTANT: (.*?)\nUSER: ", r.stdout, re.S)
     assert len(answers) == 3, r.stdout

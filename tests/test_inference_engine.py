@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_kv_cache_decoding_equals_full_recompute(setup, alone):
     p, c = PROMPTS[2], alone[2]
     ids = np.concatenate([p.ids, c.token_ids[:-1]])[None]
     logits = np.asarray(model(ids, p.images).logits)[0, len(p.ids) - 1 :]  # [NEW, V]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     assert logits.argmax(-1).tolist() == c.token_ids
     err = np.abs(logp[np.arange(NEW), c.token_ids] - np.asarray(c.logprobs)).max()
     assert err < LOGPROB_ATOL, f"log-prob error {err:.2e}"
@@ -113,7 +114,9 @@ def test_sampling_reproducible_and_batch_independent(setup):
     assert [c.token_ids for c in top1] == [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.6), (0.5, 20, 0.9), (1.0, 0, 0.01)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.6), (0.5, 20, 0.9), (1.0, 0, 0.01)]
+)
 def test_warpers_equal_transformers(temperature, top_k, top_p):
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -153,7 +156,8 @@ def test_stop_strings_and_streaming_equal_generate(setup, alone):
     assert got.finish_reason == "stop"
     assert got.text == text[: text.find(stop)]
     n = len(got.token_ids)
-    assert stop in engine.tokenizer.decode(full.token_ids[:n]) and stop not in engine.tokenizer.decode(full.token_ids[: n - 1])
+    assert stop in engine.tokenizer.decode(full.token_ids[:n])
+    assert stop not in engine.tokenizer.decode(full.token_ids[: n - 1])
     assert got.token_ids == full.token_ids[:n]
     pieces = list(_drain(engine.stream(PROMPTS[1], params)))
     assert "".join(d.text for d in pieces) == got.text
@@ -176,6 +180,21 @@ def test_context_limits(setup):
 
 
 def test_buckets():
-    assert [bucket(n) for n in (1, 2, 3, 4, 5, 6, 7, 9, 13, 17, 25, 33, 600)] == [1, 2, 3, 4, 6, 6, 8, 12, 16, 24, 32, 48, 768]
+    sizes = (1, 2, 3, 4, 5, 6, 7, 9, 13, 17, 25, 33, 600)
+    assert [bucket(n) for n in sizes] == [1, 2, 3, 4, 6, 6, 8, 12, 16, 24, 32, 48, 768]
     for n in range(1, 3000):
         assert n <= bucket(n) <= max(n * 1.5, 2)
+
+
+def test_growing_prompt_reuses_compiled_code(setup, alone):
+    """A chat-like sequence of longer and longer prompts inside one bucket compiles nothing new."""
+    from llava_jax.inference.engine import decode_loop, prefill_step
+
+    _, _, engine = setup
+    before = (prefill_step._cache_size(), decode_loop._cache_size())
+    base = PROMPTS[1]
+    for extra in (1, 4, 7):
+        ids = np.concatenate([base.ids, np.arange(10, 10 + extra, dtype=np.int32)])
+        assert bucket(len(ids), 32) == bucket(len(base.ids), 32)
+        engine.generate([Prompt(ids, base.images)], dataclasses.replace(GREEDY, max_new_tokens=5 + extra))
+    assert (prefill_step._cache_size(), decode_loop._cache_size()) == before

@@ -176,7 +176,9 @@ def prefill_step(
     cache = init_cache(cfg.text, b, t + num_new, jnp.dtype(cfg.dtype))
     kv_mask = jnp.zeros((b, t + num_new), jnp.int32).at[:, :t].set(mask)
     positions = default_positions(mask)  # [B, T]
-    logits, cache = module.apply({"params": params}, ids, pixels, kv_mask, positions, cache, method=_prefill_last_logits)
+    logits, cache = module.apply(
+        {"params": params}, ids, pixels, kv_mask, positions, cache, method=_prefill_last_logits
+    )
     first, logprob = select_tokens(logits, seeds, jnp.int32(0), warp, greedy=greedy)
     return DecodeState(
         cache=cache,
@@ -293,7 +295,8 @@ class Engine:
         if given:
             want = (cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels)
             if tuple(prompt.images.shape[1:]) != want:
-                raise InputError(f"images must be [n, {want[0]}, {want[1]}, {want[2]}]; got {tuple(prompt.images.shape)}")
+                got = tuple(prompt.images.shape)
+                raise InputError(f"images must be [n, {want[0]}, {want[1]}, {want[2]}]; got {got}")
 
     def prepare(self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None) -> Batch:
         """Validate and pad prompts to bucketed shapes (left padding; padding rows are done at once)."""
@@ -361,7 +364,9 @@ class Engine:
             greedy=params.greedy,
         )
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None
+    ) -> list[Completion]:
         """Generate for a batch of prompts (any lengths, any image counts). One Completion per prompt."""
         batch = self.prepare(prompts, params, batch_size=batch_size)
         state = self.prefill(batch, params)

@@ -108,7 +108,9 @@ class Pipeline:
         """PIL images -> [n, H, W, 3] CLIP-normalised pixels (None for no images)."""
         return preprocess_batch(images, self.image_config) if images else None
 
-    def prompt(self, conversations: Sequence[dict], images: np.ndarray | None = None, seed: int | None = None) -> Prompt:
+    def prompt(
+        self, conversations: Sequence[dict], images: np.ndarray | None = None, seed: int | None = None
+    ) -> Prompt:
         """A conversation ending with a user turn (LLaVA record format) -> a checked Prompt.
 
         `images` [n, H, W, 3] belong to the conversation's `<image>` markers, in order.

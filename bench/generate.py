@@ -1,0 +1,210 @@
+"""Generation speed: time to first token and decode tokens/s, ours vs transformers `generate`.
+
+CPU, a small LLaVA (random weights, shared by both implementations; about 2 minutes):
+    python bench/generate.py
+GPU, the LLaVA-1.5-7B shape with random bf16 weights (H200: 4.8 TB/s; H100 SXM: 3.35 TB/s):
+    python bench/generate.py --shape llava-1.5-7b --dtype bfloat16 --bandwidth-gbs 4800
+
+Each prompt is one image plus `--text-tokens` text tokens; every row generates exactly
+`--new-tokens` tokens (EOS ignored), greedy. TTFT is the wall time from the request to the first
+token on the host side of the accelerator (image encoding and prefill included). Decode tokens/s
+counts the batch's tokens after the first over the time after the first. Roofline fraction:
+language-model weight bytes x decode steps/s / bandwidth (a decode step must read every weight
+once; at batch 1 steps/s = tokens/s). The KV cache reads are not counted, so this is a lower bound
+on the fraction of bandwidth in use. transformers runs in the same process on the same device
+(skipped when torch cannot reach it, or with --no-hf). Numbers are medians of `--repeats` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from llava_jax.config import LLAVA_15_7B, LlavaConfig, TextConfig, VisionConfig, llava_config_to_hf
+from llava_jax.inference.engine import Engine, Prompt
+from llava_jax.inference.sampling import SamplingParams
+from llava_jax.models.llava import LlavaModel, init_params
+
+SMALL = LlavaConfig(
+    vision=VisionConfig(
+        hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, image_size=112, patch_size=14
+    ),
+    text=TextConfig(hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=64),
+)
+SHAPES = {"small": SMALL, "llava-1.5-7b": LLAVA_15_7B}
+
+
+@dataclasses.dataclass
+class Row:
+    impl: str
+    batch: int
+    ttft_ms: float
+    decode_tok_s: float
+    roofline: float | None
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--text-tokens", type=int, default=40)
+    p.add_argument("--new-tokens", type=int, default=None, help="default 32 (small) / 128 (7b)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth in GB/s for the roofline column")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    return p.parse_args()
+
+
+def lm_weight_bytes(params) -> int:
+    """Bytes a decode step reads: the language model's weights, less the embedding table (B rows gathered)."""
+    lm = dict(params["language_model"])
+    tied = "lm_head" not in lm
+    if not tied:
+        lm.pop("embed_tokens")
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(lm))
+
+
+def make_prompts(cfg: LlavaConfig, batch: int, text_tokens: int, rng: np.random.Generator) -> list[Prompt]:
+    """BOS, an image run, text: the shape of a one-image LLaVA question."""
+    prompts = []
+    for _ in range(batch):
+        ids = [1] + [cfg.image_token_index] * cfg.num_image_tokens + list(rng.integers(3, 31000, text_tokens))
+        pixels = rng.standard_normal((1, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
+        prompts.append(Prompt(np.asarray(ids, np.int32), pixels))
+    return prompts
+
+
+def time_ours(engine: Engine, prompts: list[Prompt], new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(TTFT seconds, decode seconds) medians; the first run compiles and is not counted."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    ttfts, decodes = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        state = engine.prefill(engine.prepare(prompts, params), params)
+        state.tokens.block_until_ready()
+        t1 = time.perf_counter()
+        state = engine.decode(state, params, stop_at=new_tokens)
+        state.tokens.block_until_ready()
+        t2 = time.perf_counter()
+        assert int(state.step) == new_tokens, f"generated {int(state.step)} tokens, expected {new_tokens}"
+        if i:
+            ttfts.append(t1 - t0)
+            decodes.append(t2 - t1)
+    return statistics.median(ttfts), statistics.median(decodes)
+
+
+def time_hf(model, prompts: list[Prompt], new_tokens: int, repeats: int, device: str) -> tuple[float, float]:
+    """(TTFT seconds, decode seconds) medians of transformers `generate` (1 token, then all tokens)."""
+    import torch
+
+    ids = torch.as_tensor(np.stack([p.ids for p in prompts]), dtype=torch.long, device=device)
+    dtype = next(model.parameters()).dtype
+    nchw = np.concatenate([p.images for p in prompts]).transpose(0, 3, 1, 2).copy()
+    pixels = torch.as_tensor(nchw, device=device).to(dtype)
+    mask = torch.ones_like(ids)
+
+    def gen(n: int) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                pixel_values=pixels,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t0
+
+    gen(2)  # warm-up
+    ttfts = [gen(1) for _ in range(repeats)]
+    totals = [gen(new_tokens) for _ in range(repeats)]
+    ttft = statistics.median(ttfts)
+    return ttft, max(statistics.median(totals) - ttft, 1e-9)
+
+
+def build(cfg: LlavaConfig, dtype: str, want_hf: bool):
+    """(our LlavaModel, transformers model or None, torch device). Same weights on CPU; random each on GPU."""
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    on_gpu = jax.default_backend() != "cpu"
+    hf, device = None, "cpu"
+    if want_hf:
+        import torch
+        from transformers import LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
+
+        device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        if on_gpu and device == "cpu":
+            print("transformers: torch cannot reach the GPU here; comparison skipped")
+        else:
+            torch_dtype = getattr(torch, dtype)
+            torch.set_num_threads(os.cpu_count() or 1)
+            with torch.device(device):
+                hf_cfg = HFLlavaConfig(**llava_config_to_hf(cfg))
+                hf = LlavaForConditionalGeneration._from_config(hf_cfg, dtype=torch_dtype)
+            hf.eval()
+    if hf is not None and device == "cpu":
+        from llava_jax.weights.hf import load_pretrained
+
+        with tempfile.TemporaryDirectory() as d:  # the same weights in both implementations
+            hf.save_pretrained(d)
+            ours = load_pretrained(d, dtype)
+    else:
+        params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(jax.random.key(0))
+        ours = LlavaModel(cfg, params)
+    return ours, hf, device
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = SHAPES[args.shape]
+    new_tokens = args.new_tokens or (32 if args.shape == "small" else 128)
+    t0 = time.perf_counter()
+    ours, hf, device = build(cfg, args.dtype, not args.no_hf)
+    engine = Engine(ours)
+    weight_bytes = lm_weight_bytes(ours.params)
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), shape {args.shape}, {args.dtype}, "
+        f"LM weights {weight_bytes / 1e9:.3f} GB, prompt {1 + cfg.num_image_tokens + args.text_tokens} tokens "
+        f"({cfg.num_image_tokens} image), {new_tokens} new tokens, built in {time.perf_counter() - t0:.0f} s"
+    )
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = make_prompts(cfg, batch, args.text_tokens, rng)
+        impls = [("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats))]
+        if hf is not None:
+            impls.append(("transformers", lambda: time_hf(hf, prompts, new_tokens, args.repeats, device)))
+        for name, timer in impls:
+            ttft, decode = timer()
+            tok_s = batch * (new_tokens - 1) / decode
+            steps_s = (new_tokens - 1) / decode
+            roof = weight_bytes * steps_s / (args.bandwidth_gbs * 1e9) if args.bandwidth_gbs else None
+            rows.append(Row(name, batch, ttft * 1e3, tok_s, roof))
+    print()
+    print("| implementation | batch | TTFT (ms) | decode tok/s | roofline | speed-up (decode) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ref = next((x for x in rows if x.impl == "transformers" and x.batch == r.batch), None)
+        speedup = f"{r.decode_tok_s / ref.decode_tok_s:.2f}x" if ref and r.impl != "transformers" else ""
+        roof = f"{100 * r.roofline:.0f}%" if r.roofline is not None else "-"
+        print(f"| {r.impl} | {r.batch} | {r.ttft_ms:.1f} | {r.decode_tok_s:.1f} | {roof} | {speedup} |")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
