@@ -41,6 +41,7 @@ EXTRA_FILE = "extra.safetensors"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
 # Where the parameters' dtype is read when the caller does not choose one.
 DTYPE_PROBE = ("language_model", "embed_tokens", "embedding")
+ORBAX_METADATA = "_CHECKPOINT_METADATA"  # written by every finalized Orbax checkpoint
 
 
 def save_param_batches(batches: Iterable[dict], directory: str) -> int:
@@ -98,12 +99,8 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
 
 
 def _is_orbax(directory: str) -> bool:
-    if not os.path.isdir(directory):
-        return False
-    try:
-        return bool(ocp.is_orbax_checkpoint(directory))
-    except Exception:  # any layout Orbax cannot recognise is simply not one
-        return False
+    # Orbax also "recognises" a plain safetensors directory (its safetensors layout): ask for its own metadata file.
+    return os.path.isfile(os.path.join(directory, ORBAX_METADATA))
 
 
 def find_checkpoint(path: str) -> tuple[str, str]:

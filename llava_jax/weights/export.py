@@ -232,7 +232,7 @@ def export_hf(
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        copy_tokenizer(tok_dir, tmp, dst)
+        copy_tokenizer(tok_dir or base, tmp, dst)
         if pre_dir:
             write_preprocessor(os.path.join(pre_dir, PREPROCESSOR_CONFIG), tmp)
         else:
