@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Callable
 
-from llava_jax.weights import parts
+from llava_jax.weights import mapping, parts
 from llava_jax.weights.converted import save_converted
 from llava_jax.weights.export import SHARD_BYTES, export_hf
 from llava_jax.weights.safetensors_io import CheckpointError
@@ -65,6 +65,8 @@ def make_plan(
     if src is None:
         raise CheckpointError(f"--format {fmt} needs --src DIR")
     if fmt == "hf":
+        if image_token_index is not None:
+            raise CheckpointError(f"{src}: a HF LLaVA config sets image_token_index itself; drop --image-token-index")
         return parts.plan_hf(src, image_aspect_ratio=image_aspect_ratio)
     if fmt == "original":
         return parts.plan_original(
@@ -100,8 +102,8 @@ def convert(
         tokenizer_dir=plan.tokenizer_dir,
         preprocessor=plan.preprocessor,
     )
-    n = sum(len(p.entries) for p in plan.pieces)
-    log(f"wrote {out}: {n} tensors as {dtype} (source {plan.source_dtype}); load it with llava_jax.load_pretrained")
+    n = len(mapping.entries(cfg))
+    log(f"wrote {out}: {n} parameters as {dtype} (source {plan.source_dtype}); load it with llava_jax.load_pretrained")
     return out
 
 

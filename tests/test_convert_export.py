@@ -3,6 +3,7 @@ trips are bit-exact, training checkpoints export too, and `load_params` reads pa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -44,7 +45,7 @@ def test_export_is_exact_and_loads_in_transformers(tmp_path, tokenizer_dir):
     assert main(["--src", ours, "--dst", out, "--to", "hf", "--shard-size-gb", "0.0001"]) == 0
     files = sorted(os.listdir(out))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1, files
-    assert {"config.json", "tokenizer.model", "preprocessor_config.json"} <= set(files)
+    assert {"config.json", "tokenizer.model", "tokenizer_config.json", "preprocessor_config.json"} <= set(files)
     # Every tensor of the source, CLIP's unused last layer and post_layernorm included, bit for bit.
     exported = TensorStore.from_dir(out)
     assert sorted(exported.keys()) == sorted(tensors)
@@ -55,6 +56,13 @@ def test_export_is_exact_and_loads_in_transformers(tmp_path, tokenizer_dir):
     ids, mask, px = inputs(n_img, seed)
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     np.testing.assert_array_equal(torch_logits(back, ids, px, mask, pos), torch_logits(hf, ids, px, mask, pos))
+    # The exported tokenizer is LLaMA's: sentencepiece pieces after BOS.
+    from transformers import AutoTokenizer
+    import sentencepiece as spm
+
+    text = "A photo of two dogs near a red car."
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(tokenizer_dir, "tokenizer.model"))
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == [1, *sp.encode(text)]
     # Our loader reads the export and gives our logits exactly.
     a = np.asarray(load_pretrained(ours)(ids, px, mask).logits)
     b = np.asarray(load_pretrained(out)(ids, px, mask).logits)
@@ -135,3 +143,19 @@ def test_load_params_reads_a_subtree_into_shardings(tmp_path, tokenizer_dir):
     assert kernel.sharding == spec and kernel.dtype == ml_dtypes.bfloat16
     want = tensors["multi_modal_projector.linear_1.weight"].T.astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(np.asarray(kernel).view(np.int16), want.view(np.int16))
+
+
+def test_tokenizer_config_adds_image_token_after_the_pieces(tmp_path, tokenizer_dir):
+    """A bare tokenizer.model whose vocabulary ends where <image> starts gets llava-hf's added tokens."""
+    from transformers import AutoTokenizer
+
+    from llava_jax.config import LlavaConfig, TextConfig
+    from llava_jax.weights.export import padded_vocab, tokenizer_config
+
+    cfg = LlavaConfig(text=TextConfig(vocab_size=400), image_token_index=400)  # the tiny tokenizer has 400 pieces
+    assert padded_vocab(cfg) == 448
+    shutil.copy(os.path.join(tokenizer_dir, "tokenizer.model"), tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg, str(tmp_path / "tokenizer.model"), 448)))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [400, 401] and tok.pad_token_id == 401
+    assert tok("<image>\nWhat is this?").input_ids[:2] == [1, 400]

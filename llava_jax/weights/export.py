@@ -96,6 +96,39 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(mean, rows - x.shape[0], axis=0)])
 
 
+def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str, vocab: int) -> dict:
+    """A llava-hf style tokenizer_config.json for a bare sentencepiece tokenizer.model.
+
+    LLaMA's special tokens and BOS; `<image>` (and `<pad>` after it when the vocabulary was padded)
+    become added tokens when their ids directly follow the sentencepiece pieces, as in llava-hf.
+    """
+    import sentencepiece as spm
+
+    pieces = spm.SentencePieceProcessor(model_file=tokenizer_model).get_piece_size()
+    added = {}
+    if cfg.image_token_index == pieces:
+        added["<image>"] = pieces
+        if vocab > pieces + 1:
+            added["<pad>"] = pieces + 1
+    out = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "legacy": False,
+        "padding_side": "left",
+        "added_tokens_decoder": {
+            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+            for t, i in added.items()
+        },
+    }
+    if "<pad>" in added:
+        out["pad_token"] = "<pad>"
+    return out
+
+
 def _find_beside(base: str, name: str) -> str | None:
     for d in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
         if os.path.exists(os.path.join(d, name)):
@@ -232,7 +265,10 @@ def export_hf(
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        copy_tokenizer(tok_dir or base, tmp, dst)
+        copied = copy_tokenizer(tok_dir or base, tmp, dst)
+        if "tokenizer.model" in copied and "tokenizer_config.json" not in copied:
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump(tokenizer_config(cfg, os.path.join(tmp, "tokenizer.model"), padded_vocab(cfg)), f, indent=2)
         if pre_dir:
             write_preprocessor(os.path.join(pre_dir, PREPROCESSOR_CONFIG), tmp)
         else:
