@@ -3,9 +3,7 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 
 from llava_jax import load_pretrained

@@ -31,7 +31,7 @@ import numpy as np
 
 from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.inference.sampling import SamplingParams, select_tokens
-from llava_jax.models.llama import Cache, attention_mask, init_cache, rope_cos_sin
+from llava_jax.models.llama import Cache, init_cache
 from llava_jax.models.llava import Llava, LlavaModel, default_positions
 
 STOP_CHECK_EVERY = 32  # decode steps between host checks for stop strings
@@ -123,23 +123,9 @@ def batch_bucket(n: int) -> int:
 
 
 def _prefill_last_logits(m: Llava, ids, pixels, kv_mask, positions, cache):
-    """Prompt forward into the cache; logits [B, V] of the last position only.
-
-    The same computation as `LlamaModel.__call__`, except that the final norm and the LM head run
-    on one position: the full [B, T, V] float32 logits of a long prompt would cost more memory
-    than the rest of the prefill.
-    """
-    lm = m.language_model
-    x = m.embed(ids, pixels).astype(lm.dtype)  # [B, T, D], image features in place
-    cos, sin = rope_cos_sin(lm.cfg, positions, lm.dtype)
-    mask = attention_mask(kv_mask, x.shape[1], 0)
-    new_cache = []
-    for layer, layer_cache in zip(lm.layers, cache):
-        x, layer_cache = layer(x, cos, sin, mask, layer_cache, 0)
-        new_cache.append(layer_cache)
-    x = lm.norm(x[:, -1:])  # left padding: the last column is every row's last prompt token
-    logits = lm.embed_tokens.attend(x) if lm.cfg.tie_word_embeddings else lm.lm_head(x)
-    return logits[:, 0].astype(jnp.float32), new_cache
+    """Prompt forward into the cache; logits [B, V] of the last position only (left padding)."""
+    logits, new_cache = m(ids, pixels, kv_mask, positions, cache, 0, last_only=True)
+    return logits[:, 0], new_cache
 
 
 def _decode_logits(m: Llava, ids, positions, kv_mask, cache, cache_index):

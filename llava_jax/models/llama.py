@@ -161,7 +161,11 @@ class LlamaModel(nn.Module):
         kv_mask: jax.Array,  # [B, S] 1 = a real token in that slot (S = T without cache)
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
-    ) -> tuple[jax.Array, Cache | None]:  # logits [B, T, V] float32
+        last_only: bool = False,
+    ) -> tuple[jax.Array, Cache | None]:  # logits [B, T, V] float32 ([B, 1, V] with last_only)
+        """Logits and the updated cache. `last_only` runs the head on the last position alone: a
+        prefill needs no more, and the full float32 [B, T, V] logits of a long prompt would cost more
+        memory than the rest of it (left-padded prompts all end in the last column)."""
         x = inputs_embeds.astype(self.dtype)
         cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
         mask = attention_mask(kv_mask, x.shape[1], cache_index)
@@ -170,7 +174,7 @@ class LlamaModel(nn.Module):
             x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
             if cache is not None:
                 new_cache.append(layer_cache)
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         logits = self.embed_tokens.attend(x) if self.cfg.tie_word_embeddings else self.lm_head(x)
         return logits.astype(jnp.float32), new_cache
 

@@ -65,14 +65,15 @@ class Llava(nn.Module):
         positions: jax.Array | None = None,  # [B, T]
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
+        last_only: bool = False,
     ) -> tuple[jax.Array, Cache | None]:
-        """Logits [B, T, V] in float32 and the updated cache (None without one)."""
+        """Logits [B, T, V] in float32 ([B, 1, V] with `last_only`) and the updated cache (None without one)."""
         embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
             positions = default_positions(attention_mask)
-        return self.language_model(embeds, positions, attention_mask, cache, cache_index)
+        return self.language_model(embeds, positions, attention_mask, cache, cache_index, last_only)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:

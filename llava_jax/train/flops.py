@@ -68,3 +68,8 @@ def train_step_flops(
     proj = _projector_forward(cfg, images) * 3
     vision = _vision_forward(cfg, images) * (3 if train_vision else 1)
     return text + proj + vision
+
+
+def forward_flops(cfg: LlavaConfig, *, tokens: int, seq_len: int, images: int) -> float:
+    """FLOPs of one forward pass (prefill) over `tokens` tokens holding `images` images."""
+    return _text_forward(cfg, tokens, seq_len) + _projector_forward(cfg, images) + _vision_forward(cfg, images)

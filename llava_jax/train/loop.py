@@ -19,8 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax.config import LlavaConfig, text_config_from_hf, vision_config_from_hf
@@ -30,12 +28,13 @@ from llava_jax.data import synthetic
 from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.models.llava import init_params
 from llava_jax.parallel import rules as rules_lib
+from llava_jax.parallel.partition import device_batch, jit_sharded, model_param_shardings, state_shardings
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.train import flops as flops_lib
 from llava_jax.train.checkpoint import Checkpointer, abstract_like
 from llava_jax.train.evaluate import build_eval_set, eval_forward, evaluate
 from llava_jax.train.optimizer import make_optimizer, merge_params, split_params
-from llava_jax.train.step import TrainState, create_state, make_train_step, to_microbatches
+from llava_jax.train.step import TrainState, create_state, make_train_step
 
 log = logging.getLogger("llava_jax.train")
 
@@ -92,44 +91,10 @@ def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_fil
     """A directory every command accepts (`generate --model-path`, the next stage), written atomically."""
     from llava_jax.weights.converted import save_converted
 
-    save_converted(directory, cfg, jax.device_get(params), tokenizer_file=tokenizer_file, image_cfg=image_cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sharding helpers.
-
-
-def state_shardings(state_abstract: TrainState, cfg: LlavaConfig, mesh, rules, tx) -> TrainState:
-    """Shardings for every leaf of the train state, by the logical-axis rules table."""
-    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    by_path = rules_lib.param_shardings(boxed, mesh, rules)
-    pick = lambda sub: jax.tree.map(  # noqa: E731
-        lambda _, s: s, sub, _subtree_like(by_path, sub))
-    params_sh = pick(state_abstract.params)
-    frozen_sh = pick(state_abstract.frozen)
-    repl = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state_abstract.opt_state, params_sh,
-                                   transform_non_params=lambda _: repl)
-    return TrainState(repl, params_sh, frozen_sh, opt_sh, repl, repl)
-
-
-def _subtree_like(full: Any, sub: Any) -> Any:
-    """The part of `full` (a nested dict) with the keys of `sub`."""
-    if not isinstance(sub, dict):
-        return full
-    return {k: _subtree_like(full[k], v) for k, v in sub.items()}
-
-
-def device_batch(batch: dict, num_micro: int, mesh) -> dict:
-    """Host batch [b_local, ...] -> global device arrays [A, b_global/A, ...], rows over data x fsdp."""
-    batch = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "pixel_values")}
-    batch = to_microbatches(batch, num_micro)
-    out = {}
-    for k, v in batch.items():
-        spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (v.ndim - 2)))
-        global_shape = (v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:])
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v, global_shape)
-    return out
+    if os.path.exists(directory):  # a stage re-run after a kill between this write and its checkpoint
+        shutil.rmtree(directory)
+    save_converted(directory, cfg, [jax.device_get(params)], tokenizer_dir=os.path.dirname(tokenizer_file),
+                   preprocessor=image_cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,23 +191,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 def _initial_params(config, workdir, index, stage, cfg_random: LlavaConfig, mesh, rules):
     """(cfg, params as a sharded tree) at the start of a stage: previous stage's output or the init."""
-    if index > 0 or config.model.get("init"):
-        from llava_jax.weights.converted import load_params
+    from llava_jax.weights.converted import load_params
 
-    if index > 0:
-        prev = _stage_dir(workdir, index - 1, config.stages[index - 1])
-        cfg, params = load_params(prev, "float32")
-    elif config.model.get("init"):
-        cfg, params = load_params(config.model.init, "float32")
+    source = _stage_dir(workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
+    if source:
+        cfg = LlavaConfig.load(source)
+        cfg, params = load_params(source, "float32", shardings=model_param_shardings(cfg, mesh, rules))
     else:
         cfg = cfg_random
-        boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-        shardings = nn.unbox(jax.tree.map(lambda s: s, rules_lib.param_shardings(boxed, mesh, rules)))
-        init = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=shardings)
+        # Created directly sharded: no host or device ever holds the whole model.
+        init = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=model_param_shardings(cfg, mesh, rules))
         params = init(jax.random.key(config.seed))
-    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    shardings = rules_lib.param_shardings(boxed, mesh, rules)
-    params = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), params, shardings)
     return _compute(cfg, config), params
 
 
@@ -287,9 +246,8 @@ def _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tok
         log.info("stage %s: restored step %d and the data position", stage.name, meta["stage_step"])
     # Compiled functions.
     repl = NamedSharding(mesh, PartitionSpec())
-    step_fn = make_train_step(cfg, tx, schedule)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, repl), donate_argnums=0)
+    train_step = jit_sharded(make_train_step(cfg, tx, schedule), mesh, rules, (shardings, None), (shardings, repl),
+                             donate_argnums=(0,))
     evaluator = _Evaluator(config, paths, tokenizer, stage, cfg, image_cfg, mesh)
     train_vision = any("vision_tower" in p for p in stage.trainable)
     train_text = any("language_model" in p for p in stage.trainable)

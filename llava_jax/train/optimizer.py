@@ -8,7 +8,6 @@ from typing import Any, Sequence
 
 import flax.traverse_util as tu
 import jax
-import jax.numpy as jnp
 import optax
 
 Params = dict[str, Any]
