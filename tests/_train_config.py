@@ -1,0 +1,24 @@
+"""A minutes-free variant of the embedded default for loop tests: tiny data, both stages, few steps."""
+
+from llava_jax.train.defaults import tiny_config
+
+
+def get_config(arg: str = ""):
+    c = tiny_config()
+    c.progress = False
+    c.log_every = 1
+    c.checkpoint_every = 2
+    c.max_steps = 6
+    c.data.synthetic_args.num_train = 64
+    c.data.synthetic_args.num_val = 8
+    for s in c.stages:
+        s.global_batch = 8
+        s.micro_batch = 4
+    if arg == "frozen_vision":
+        c.stages[0].trainable = ["projector/.*"]
+        c.stages[1].trainable = ["projector/.*", "language_model/.*"]
+    if arg == "explode":
+        c.stages[0].learning_rate = 1e30
+        c.stages[0].warmup_ratio = 0.0
+        c.max_nonfinite_steps = 2
+    return c

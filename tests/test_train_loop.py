@@ -1,0 +1,105 @@
+"""The training loop end to end (subprocesses, as a user runs it): resume after kill -9, SIGTERM,
+frozen parameters, non-finite stops, and the output directory that the other commands accept."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "tests", "_train_config.py")
+
+
+def _cmd(workdir, arg="", *extra):
+    return [sys.executable, "-m", "llava_jax.train", f"--config={CONFIG}" + (f":{arg}" if arg else ""),
+            f"--workdir={workdir}", *extra]
+
+
+def _run(workdir, arg="", *extra, timeout=600):
+    return subprocess.run(_cmd(workdir, arg, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(workdir) -> dict[int, float]:
+    """step -> loss; a step logged twice (re-run after a resume) keeps its last value."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def test_kill_9_and_resume_logs_the_same_losses(tmp_path):
+    ref = _run(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    expected = _losses(tmp_path / "ref")
+    assert sorted(expected) == list(range(1, 13))  # 6 steps per stage, two stages
+    # Kill -9 once stage 2 has a mid-stage checkpoint (global step 8 = stage 2 step 2).
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(work), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (work / "checkpoints" / "8").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-8 checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = _run(work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoint" in again.stderr
+    got = _losses(work)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[k] for k in sorted(got)], [expected[k] for k in sorted(expected)], rtol=1e-6)
+    # The output directory is a model every command accepts.
+    from llava_jax import load_pretrained
+
+    model = load_pretrained(str(work / "stage2_finetune"))
+    assert model.config.num_image_tokens == 16
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+    work = tmp_path / "w"
+    proc = subprocess.Popen(_cmd(work, "", "--config.checkpoint_every=100"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (work / "metrics.jsonl").exists() or len(_losses(work)) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "SIGTERM: saved checkpoint" in err, err[-2000:]
+    saved = int(err.split("SIGTERM: saved checkpoint ")[1].split(";")[0])
+    assert (work / "checkpoints" / str(saved)).exists()
+    again = _run(work)
+    assert again.returncode == 0 and f"resuming from checkpoint {saved}" in again.stderr
+
+
+def test_frozen_parameters_do_not_change(tmp_path):
+    """Stage 1 with only the projector trainable: the towers leave it exactly as they entered."""
+    from llava_jax.weights.converted import load_params
+
+    work = tmp_path / "w"
+    r = _run(work, "frozen_vision", "--config.max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, stage1 = load_params(str(work / "stage1_pretrain"))
+    _, stage2 = load_params(str(work / "stage2_finetune"))
+    import jax
+
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), stage1, stage2)
+    assert all(jax.tree.leaves(same["vision_tower"])), "the frozen vision tower changed in stage 2"
+    assert not all(jax.tree.leaves(same["language_model"])), "stage 2 should train the language model"
+
+
+def test_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path):
+    work = tmp_path / "w"
+    r = _run(work, "explode")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "consecutive steps with a non-finite loss or gradient" in r.stderr
+    records = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    assert any(rec.get("nonfinite_total", 0) > 0 for rec in records)
