@@ -12,7 +12,7 @@ setup(
         "jax>=0.7,<0.13",
         "flax>=0.11,<0.14",
         "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.12",
         "grain>=0.2.12",
         "sentencepiece>=0.2",
         "ml_collections>=1.0",

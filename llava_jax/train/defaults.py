@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.synthetic = False
     c.data.image_folder = ""
+    c.data.data_dir = ""  # where relative stage data files are looked up (default: image_folder)
     c.data.tokenizer = ""
     c.data.val = ""
     c.data.pad_to_square = True
@@ -50,8 +51,8 @@ def stage(name: str, *, data: str, template: str, trainable: list[str], learning
           weight_decay: float = 0.0) -> ml_collections.ConfigDict:
     """One training stage: which data, which template, which parameters train, and how."""
     return ml_collections.ConfigDict(dict(
-        name=name, data=data, template=template, trainable=list(trainable), learning_rate=learning_rate,
-        global_batch=global_batch, micro_batch=micro_batch, epochs=epochs, max_length=max_length,
+        name=name, data=data, template=template, trainable=list(trainable), learning_rate=float(learning_rate),
+        global_batch=global_batch, micro_batch=micro_batch, epochs=float(epochs), max_length=max_length,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay,
     ))
 
@@ -74,7 +75,7 @@ def tiny_config() -> ml_collections.ConfigDict:
         max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0))
     c.data.synthetic = True
     c.data.synthetic_args = ml_collections.ConfigDict(dict(num_train=2000, num_val=200, image_size=56, seed=0,
-                                                           vocab_size=512))
+                                                           vocab_size=1024))
     c.data.eval_max_length = 128
     everything = [".*"]
     c.stages = [

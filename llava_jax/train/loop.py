@@ -143,6 +143,18 @@ def _stage_steps(stage, batches_per_epoch: int, max_steps: int) -> int:
     return min(steps, max_steps) if max_steps and max_steps > 0 else steps
 
 
+def _data_file(name: str, data_cfg) -> str:
+    """A stage's data file: as given, or relative to data.data_dir (default: the image folder)."""
+    if os.path.isabs(name) or os.path.exists(name):
+        return name
+    base = data_cfg.get("data_dir") or data_cfg.get("image_folder") or ""
+    candidate = os.path.join(base, name)
+    if not os.path.exists(candidate):
+        raise FileNotFoundError(f"stage data {name!r} not found as given nor in {base!r} (set config.data.data_dir "
+                                f"or give the stage an absolute path)")
+    return candidate
+
+
 def _stage_dir(workdir: str, index: int, stage) -> str:
     return os.path.join(workdir, f"stage{index + 1}_{stage.name}")
 
@@ -218,7 +230,7 @@ def _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tok
         raise ValueError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
                          f"{stage.micro_batch} and by the {nproc} processes")
     num_micro = stage.global_batch // stage.micro_batch
-    data_path = paths.get(stage.data) or stage.data
+    data_path = paths.get(stage.data) or _data_file(stage.data, config.data)
     ds = pipeline.make_dataset(
         data_path, paths["image_folder"], tokenizer, stage.template, image_cfg,
         num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,

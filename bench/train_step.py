@@ -1,0 +1,152 @@
+"""Train-step time: llava_jax vs the PyTorch reference (transformers LlavaForConditionalGeneration +
+torch AdamW, gradient checkpointing), same shapes and trainable set, same run.
+
+    python -m bench.train_step                                   # CPU, small config, stage 2
+    python -m bench.train_step --shape llava-1.5-7b --stage 1 --dtype bfloat16 --batch 8 --seq 2048  # GPU
+
+Random weights on both sides (timing only). Prints step time, tokens/s, TFLOP/s and MFU (model
+FLOPs from the shapes, causal attention at half; see llava_jax/train/flops.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.forward import SHAPES, hf_model
+from llava_jax.models.llava import init_params
+from llava_jax.parallel import rules as rules_lib
+from llava_jax.parallel.mesh import make_mesh
+from llava_jax.parallel.partition import device_batch, jit_sharded, model_param_shardings, state_shardings
+from llava_jax.train.flops import peak_tflops, train_step_flops
+from llava_jax.train.optimizer import make_optimizer, split_params
+from llava_jax.train.step import create_state, make_train_step
+
+TRAINABLE = {1: ["projector/.*"], 2: ["projector/.*", "language_model/.*"]}
+
+
+def batch(cfg, rows: int, seq: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    n = cfg.num_image_tokens
+    ids = rng.integers(3, min(cfg.text.vocab_size, cfg.image_token_index), size=(rows, seq)).astype(np.int32)
+    ids[:, 0] = 1
+    ids[:, 1 : 1 + n] = cfg.image_token_index
+    labels = ids.copy()
+    labels[:, : 1 + n] = -100
+    px = rng.standard_normal((rows, 1, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
+    return {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids), "pixel_values": px}
+
+
+def time_steps(fn, iters: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ours(cfg, b, stage: int, iters: int, remat: str) -> tuple[float, float]:
+    cfg = cfg.replace(remat=remat, param_dtype="float32")
+    mesh = make_mesh()
+    rules = rules_lib.DEFAULT_RULES
+    init = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=model_param_shardings(cfg, mesh, rules))
+    params = init(jax.random.key(0))
+    tx, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000)
+    trainable, frozen = split_params(params, TRAINABLE[stage])
+    frozen = jax.tree.map(lambda x: x.astype(cfg.dtype), frozen)
+    abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
+    sh = state_shardings(abstract, cfg, mesh, rules, tx)
+    state = jax.jit(lambda p, f: create_state(p, f, tx), out_shardings=sh)(trainable, frozen)
+    del params, trainable, frozen
+    step = jit_sharded(make_train_step(cfg, tx, schedule), mesh, rules, (sh, None),
+                       (sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())), donate_argnums=(0,))
+    dev = device_batch(b, 1, mesh)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], m = step(holder["state"], dev)
+        jax.block_until_ready(m["loss"])
+
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    return time_steps(run, iters), compile_s
+
+
+def torch_reference(cfg, b, stage: int, iters: int, dtype: str) -> float:
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = hf_model(cfg, dtype, dev).train()
+    model.gradient_checkpointing_enable()
+    for name, p in model.named_parameters():
+        p.requires_grad = "multi_modal_projector" in name or (stage == 2 and "language_model" in name)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    kw = {
+        "input_ids": torch.as_tensor(b["input_ids"], dtype=torch.long, device=dev),
+        "labels": torch.as_tensor(b["labels"], dtype=torch.long, device=dev),
+        "attention_mask": torch.as_tensor(b["attention_mask"], dtype=torch.long, device=dev),
+        "pixel_values": torch.as_tensor(b["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy(), device=dev).to(model.dtype),
+    }
+
+    def run():
+        loss = model(**kw).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    return time_steps(run, iters)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--stage", type=int, choices=[1, 2], default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--remat", default="full")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--skip-torch", action="store_true")
+    args = ap.parse_args()
+
+    cfg = SHAPES[args.shape].replace(dtype=args.dtype)
+    b = batch(cfg, args.batch, args.seq)
+    tokens = args.batch * args.seq
+    flops = train_step_flops(cfg, tokens=tokens, seq_len=args.seq, images=args.batch, train_vision=False,
+                             train_text=args.stage == 2)
+    peak = peak_tflops(jax.devices()[0].device_kind)
+    rows = []
+    t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat)
+    rows.append((f"llava_jax (remat={args.remat})", t, f"compile {compile_s:.1f} s, {jax.device_count()} device(s)"))
+    if not args.skip_torch:
+        import torch
+
+        rows.append((f"transformers + torch AdamW (torch {torch.__version__})",
+                     torch_reference(cfg, b, args.stage, args.iters, args.dtype), "gradient checkpointing"))
+    print(f"\ntrain step, shape={args.shape} stage={args.stage} dtype={args.dtype} batch={args.batch}x{args.seq} "
+          f"({cfg.num_image_tokens} image tokens per row), device={jax.devices()[0].device_kind}")
+    print("| implementation | step time (ms) | tokens/s | TFLOP/s per device | MFU | note |")
+    print("|---|---|---|---|---|---|")
+    for name, t, note in rows:
+        tf = flops / t / 1e12 / jax.device_count()
+        mfu = f"{tf / peak:.1%}" if peak else "n/a"
+        print(f"| {name} | {t * 1e3:.0f} | {tokens / t:,.0f} | {tf:.3f} | {mfu} | {note} |")
+    if len(rows) == 2:
+        print(f"\nspeed-up of llava_jax over the PyTorch reference: {rows[1][1] / rows[0][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
