@@ -110,17 +110,11 @@ class MetricsWriter:
         self.tb = None
         if self.enabled:
             try:
-                from tensorboardX import SummaryWriter  # type: ignore
+                from tensorboardX import SummaryWriter  # type: ignore  # optional: pip install tensorboardX
             except ImportError:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter  # type: ignore  # noqa: F401
-                except Exception:  # noqa: BLE001  (TensorBoard is optional)
-                    SummaryWriter = None
+                SummaryWriter = None
             if SummaryWriter is not None:
-                try:
-                    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-                except Exception:  # noqa: BLE001
-                    self.tb = None
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -272,6 +266,24 @@ def _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tok
     bar = _progress(total, start, stage.name) if is_main and config.get("progress", True) else None
     t_last, logged_at, compile_logged = time.time(), start, False
     last: dict[str, float] = {}
+
+    def check_finite(done_step: int, mm: dict) -> None:
+        """Count and log a skipped step; stop after too many in a row (read one step late: no stall)."""
+        if not int(mm["nonfinite"]):
+            return
+        streak = int(mm["nonfinite_streak"])
+        metrics.write({"step": global_offset + done_step, "stage": stage.name, "nonfinite": 1,
+                       "nonfinite_streak": streak, "nonfinite_total": int(mm["nonfinite_total"])})
+        log.warning("stage %s step %d: non-finite loss or gradient, update skipped (%d in a row)", stage.name,
+                    done_step, streak)
+        if streak >= config.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"stage {stage.name}: {streak} consecutive steps with a non-finite loss or gradient "
+                f"(last at step {global_offset + done_step}); stopped. The last good checkpoint "
+                f"{ckpt.latest_step()} in {ckpt.directory} is intact."
+            )
+
+    previous = None
     for k in range(start, total):
         batch = next(it)
         n_images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0
@@ -283,7 +295,10 @@ def _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tok
             if is_main:
                 log.info("stage %s: first step (compile + run) took %.1f s", stage.name, time.time() - t0)
             compile_logged, t_last, logged_at = True, time.time(), step
-        if step % config.log_every == 0 or step == total or int(jax.device_get(m["nonfinite"])):
+        if previous is not None:
+            check_finite(*previous)
+        previous = (step, m)
+        if step % config.log_every == 0 or step == total:
             m = jax.device_get(m)
             now = time.time()
             dt = (now - t_last) / max(1, step - logged_at)
@@ -294,7 +309,7 @@ def _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tok
             rec = {"step": global_offset + step, "stage": stage.name, "stage_step": step,
                    "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
                    "grad_norm": float(m["grad_norm"]), "step_time": dt, "tokens_per_s": float(m["tokens"]) / dt,
-                   "tflops_per_device": fl / dt / 1e12 / jax.device_count(), "nonfinite_total": int(state.nonfinite_total)}
+                   "tflops_per_device": fl / dt / 1e12 / jax.device_count(), "nonfinite_total": int(m["nonfinite_total"])}
             if peak:
                 rec["mfu"] = rec["tflops_per_device"] / peak
             stats = getattr(it, "stats", None)
@@ -307,13 +322,6 @@ def _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tok
                                 step_s=f"{dt:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
-        streak = int(state.nonfinite_streak) if int(jax.device_get(m["nonfinite"])) else 0
-        if streak >= config.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"stage {stage.name}: {streak} consecutive steps with a non-finite loss or gradient "
-                f"(last at step {global_offset + step}); stopped. The last good checkpoint "
-                f"{ckpt.latest_step()} in {ckpt.directory} is intact."
-            )
         if config.eval_every and step % config.eval_every == 0 and step < total:
             metrics.write({"step": global_offset + step, "stage": stage.name, **evaluator(state)})
         if step < total and (step % config.checkpoint_every == 0 or stop["sigterm"]):
@@ -321,6 +329,8 @@ def _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tok
             if stop["sigterm"]:
                 ckpt.wait()
                 raise Preempted(f"SIGTERM: saved checkpoint {global_offset + step}; start again to resume")
+    if previous is not None:
+        check_finite(*previous)
     if bar is not None:
         bar.close()
     # End of stage: evaluate, write the model directory, then mark the stage done.

@@ -98,6 +98,8 @@ def make_train_step(
             "supervised_tokens": tokens,
             "tokens": jnp.sum(batch["attention_mask"]),
             "nonfinite": (~ok).astype(jnp.int32),
+            "nonfinite_streak": new_state.nonfinite_streak,
+            "nonfinite_total": new_state.nonfinite_total,
         }
         return new_state, metrics
 
