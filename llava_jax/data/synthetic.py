@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the generated content changes, so that cached builds are redone.
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -55,6 +55,7 @@ POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at t
                     "bottom": "at the bottom", "center": "in the center"}
 # Quadrant centres used when there are several objects: never overlapping.
 QUADRANTS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))
+QUADRANT_NAMES = ("top left", "top right", "bottom left", "bottom right")
 BACKGROUND = (24, 24, 24)
 NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -119,6 +120,7 @@ class Scene:
     position: str | None
     centers: tuple[tuple[float, float], ...]  # pixels
     radius: float  # pixels
+    quadrants: tuple[str, ...] = ()  # QUADRANT_NAMES of the objects when count > 1
 
     def answers(self) -> dict[str, str]:
         """The answer to each question type that applies to this scene."""
@@ -128,11 +130,21 @@ class Scene:
         return out
 
     def description(self) -> str:
-        """A short caption, e.g. 'a red circle on the left' or 'three blue squares'."""
+        """A short caption, e.g. 'a red circle on the left' or 'two blue squares at the top left and
+        the bottom right'.
+
+        Where the objects are is said for every image, not only for single objects: it is the one
+        thing that depends on which image tokens hold an object, and captions (short, cheap to
+        train on) are where a model from scratch learns it.
+        """
         if self.count == 1:
             return f"a {self.color} {self.shape} {POSITION_PHRASES[self.position]}"
         word = next(w for w, d in NUMBER_WORDS.items() if d == str(self.count))
-        return f"{word} {self.color} {self.shape}s"
+        text = f"{word} {self.color} {self.shape}s"
+        if self.quadrants and len(self.quadrants) < len(QUADRANTS):
+            places = [f"the {q}" for q in self.quadrants]
+            text += f" at {', '.join(places[:-1])} and {places[-1]}"
+        return text
 
 
 def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
@@ -145,13 +157,15 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
     jitter = rng.uniform(-0.03, 0.03, size=(count, 2)) * size
     if count == 1:
         position = cfg.positions[rng.integers(len(cfg.positions))]
-        fractions = [POSITIONS[position]]
+        fractions, quadrants = [POSITIONS[position]], ()
     else:
         position = None
-        fractions = [QUADRANTS[q] for q in sorted(rng.choice(len(QUADRANTS), count, replace=False))]
+        chosen = sorted(int(q) for q in rng.choice(len(QUADRANTS), count, replace=False))
+        fractions = [QUADRANTS[q] for q in chosen]
+        quadrants = tuple(QUADRANT_NAMES[q] for q in chosen)
         radius *= 0.95  # quadrants are a little tighter than the single-object positions
     centers = tuple((fx * size + jx, fy * size + jy) for (fx, fy), (jx, jy) in zip(fractions, jitter))
-    return Scene(shape, color, count, position, centers, float(radius))
+    return Scene(shape, color, count, position, centers, float(radius), quadrants)
 
 
 def draw_scene(scene: Scene, image_size: int) -> Image.Image:

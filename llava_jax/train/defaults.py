@@ -4,7 +4,8 @@
     python -m llava_jax.train --config=configs/tiny.py --workdir=/tmp/tiny --config.max_steps=20
 
 No download: the data and its tokenizer are generated into WORKDIR/data. There are no
-pretrained towers to start from, so unlike the real recipes both stages train every parameter.
+pretrained towers to start from, so unlike the real recipes stage 1 trains every parameter, the
+vision tower included; stage 2 trains the projector and the LLM, as LLaVA's does.
 """
 
 from __future__ import annotations
@@ -58,10 +59,17 @@ def stage(name: str, *, data: str, template: str, trainable: list[str], learning
 
 
 def tiny_config() -> ml_collections.ConfigDict:
-    """The embedded default (see the module docstring)."""
+    """The embedded default (see the module docstring).
+
+    About 2 minutes on an idle 2-core CPU for >= 0.94 held-out accuracy (blind ~0.25). What makes
+    a tower from scratch learn: stage 1 (captions, ~30 tokens, so cheap) runs many small-batch
+    epochs and is where the vision tower learns colour, shape, count and where objects are; stage 2
+    then freezes the tower, as LLaVA does, so that its first large gradients (the new template)
+    cannot wipe those features out (trained too, shape accuracy fell to chance for some seeds).
+    """
     c = base_config()
     c.log_every = 20
-    c.checkpoint_every = 100
+    c.checkpoint_every = 500
     c.async_checkpoints = False
     c.model.dtype = "float32"  # bf16 is slow on CPU; the real recipes use bf16
     c.model.projector_type = "mlp2x_gelu"
@@ -76,12 +84,13 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.data.synthetic = True
     c.data.synthetic_args = ml_collections.ConfigDict(dict(num_train=2000, num_val=200, image_size=56, seed=0,
                                                            vocab_size=1024))
+    # Steps are compute-bound in T: captions are <= 38 tokens (16 of them image tokens), Q/A 43-112.
+    c.data.length_buckets = (32, 40, 48, 64, 80, 96, 112)
     c.data.eval_max_length = 128
-    everything = [".*"]
     c.stages = [
-        stage("pretrain", data="stage1", template="plain", trainable=everything, learning_rate=2e-3,
-              global_batch=32, micro_batch=32, epochs=1, max_length=96, warmup_ratio=0.05),
-        stage("finetune", data="stage2", template="vicuna_v1", trainable=everything, learning_rate=2e-3,
-              global_batch=32, micro_batch=32, epochs=3, max_length=128, warmup_ratio=0.05),
+        stage("pretrain", data="stage1", template="plain", trainable=[".*"], learning_rate=2e-3,
+              global_batch=16, micro_batch=16, epochs=12, max_length=40, warmup_ratio=0.05),
+        stage("finetune", data="stage2", template="vicuna_v1", trainable=["projector/.*", "language_model/.*"],
+              learning_rate=2e-3, global_batch=16, micro_batch=16, epochs=3, max_length=128, warmup_ratio=0.05),
     ]
     return c

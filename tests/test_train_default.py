@@ -1,0 +1,48 @@
+"""The embedded default really learns: `python -m llava_jax.train` end to end, as a user runs it.
+
+The bar of the training issue: on a 2-core CPU the whole default run (data build, stage 1, stage 2,
+evaluation) finishes within 5 minutes with >= 85% held-out accuracy, >= 50 points above the same
+model with the image blanked. The default takes about 2 minutes on an idle 2-core CPU, so CI runs
+the full thing; there is no shorter variant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+# The issue's limit is 5 minutes; a loaded CI machine gets twice that before the run counts as hung.
+TIMEOUT_S = 600
+QTYPES = ("color", "shape", "count", "position")
+
+
+def _final_eval(metrics_path: str) -> dict:
+    """The last record of metrics.jsonl that carries eval/accuracy (stage 2's end-of-stage eval)."""
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert evals, f"no record with eval/accuracy in {metrics_path}"
+    return evals[-1]
+
+
+def test_embedded_default_reaches_the_accuracy_bar(tmp_path):
+    workdir = tmp_path / "run"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "llava_jax.train", f"--workdir={workdir}"],
+                          capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    final = _final_eval(os.path.join(workdir, "metrics.jsonl"))
+    summary = {k: round(v, 3) for k, v in final.items() if k.startswith("eval/")} | {"seconds": round(seconds)}
+    assert final["stage"] == "finetune", summary
+    # Reported per question type, as the issue asks.
+    assert all(f"eval/accuracy_{q}" in final for q in QTYPES), summary
+    assert final["eval/accuracy"] >= 0.85, summary
+    assert final["eval/accuracy"] - final["eval/blind_accuracy"] >= 0.50, summary
+    # The command prints the same figures and where the answering model is.
+    assert f"eval/accuracy={final['eval/accuracy']:.4f}" in proc.stdout, proc.stdout
+    assert os.path.isdir(workdir / "stage2_finetune"), proc.stdout
