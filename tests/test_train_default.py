@@ -2,7 +2,7 @@
 
 The bar of the training issue: on a 2-core CPU the whole default run (data build, stage 1, stage 2,
 evaluation) finishes within 5 minutes with >= 85% held-out accuracy, >= 50 points above the same
-model with the image blanked. The default takes about 2 minutes on an idle 2-core CPU, so CI runs
+model with the image blanked. The default takes about 2.5 minutes on an idle 2-core CPU, so CI runs
 the full thing; there is no shorter variant.
 """
 
