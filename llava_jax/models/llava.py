@@ -53,9 +53,13 @@ class Llava(nn.Module):
         if pixel_values is None:
             return embeds
         feats = self.encode_images(pixel_values).astype(embeds.dtype)
+        # Rows stay on their devices through the gather: without these the partitioner replicates it.
+        axes = ("activation_batch", "activation_length", "activation_embed")
+        feats = nn.with_logical_constraint(feats, axes)
+        embeds = nn.with_logical_constraint(embeds, axes)
         idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)  # [B, T]
         gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
-        return jnp.where(is_image[..., None], gathered, embeds)
+        return nn.with_logical_constraint(jnp.where(is_image[..., None], gathered, embeds), axes)
 
     def __call__(
         self,
