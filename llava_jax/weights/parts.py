@@ -101,7 +101,7 @@ def _import_torch(path: str):
     return torch
 
 
-def torch_load(path: str) -> dict:
+def read_torch_state_dict(path: str) -> dict:
     """A torch state dict, opened with `weights_only=True` (never runs code from the file), memory-mapped."""
     torch = _import_torch(path)
     try:
@@ -141,7 +141,7 @@ class BinStore:
         self.source = source
         self._meta: dict[str, tuple[str, tuple[int, ...], np.dtype]] = {}
         for path in files:
-            for name, t in torch_load(path).items():
+            for name, t in read_torch_state_dict(path).items():
                 self._meta[name] = (path, tuple(t.shape), _torch_to_numpy(t.flatten()[:0]).dtype)
         self._open: tuple[str, dict] | None = None
         self._read = 0
@@ -161,7 +161,7 @@ class BinStore:
     def get(self, name: str) -> np.ndarray:
         path = self._meta[name][0]
         if self._open is None or self._open[0] != path:
-            self._open, self._read = (path, torch_load(path)), 0
+            self._open, self._read = (path, read_torch_state_dict(path)), 0
         x = _torch_to_numpy(self._open[1][name])
         self._read += x.nbytes
         if self._read > _RELOAD_BYTES:  # unmapping releases the file pages counted in our resident memory
