@@ -152,7 +152,11 @@ class LlamaModel(nn.Module):
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return self.embed_tokens(input_ids)
+        # The lookup reads whole rows: gather the FSDP-split width first (as FSDP does for every
+        # weight), so that the partitioner can keep the output split by rows.
+        table = nn.with_logical_constraint(self.embed_tokens.embedding, ("vocab", None)).astype(self.dtype)
+        x = jnp.take(table, input_ids, axis=0)
+        return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     def __call__(
         self,
