@@ -171,3 +171,23 @@ def test_score_exact_match_after_normalisation():
     assert synthetic.score(val, ["red", "3", "2", "circle!"])["accuracy"] == 1.0
     with pytest.raises(ValueError, match="4 records"):
         synthetic.score(val, ["red"])
+
+
+def test_captions_name_the_quadrants_the_pixels_show(default_build):
+    """Stage-1 captions of multi-object images say where each object is, and the pixels agree."""
+    paths, _ = default_build
+    checked = 0
+    for r in records.load_records(paths["stage1"])[:300]:
+        caption = r["conversations"][-1]["value"].lower()
+        pixels = np.asarray(Image.open(os.path.join(paths["image_folder"], r["image"])).convert("RGB")).astype(int)
+        mask = np.abs(pixels - np.array(synthetic.BACKGROUND)).sum(-1) > 30
+        size = pixels.shape[0]
+        # Occupied quadrants, read at each quadrant's centre (objects may touch, so no component count).
+        seen = {name for name, (fx, fy) in zip(synthetic.QUADRANT_NAMES, synthetic.QUADRANTS)
+                if mask[int(fy * size) - 2 : int(fy * size) + 3, int(fx * size) - 2 : int(fx * size) + 3].mean() > 0.5}
+        if len(seen) < 2 or len(seen) == len(synthetic.QUADRANTS):
+            continue  # single objects name a position; four fill every quadrant and name none
+        named = {q for q in synthetic.QUADRANT_NAMES if q in caption}
+        assert named == seen, (r["id"], caption, seen)
+        checked += 1
+    assert checked > 50
