@@ -7,11 +7,11 @@ error, never a silent replication.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -35,15 +35,6 @@ DEFAULT_RULES: Rules = (
 )
 
 
-def logical_names(tree: Any) -> set[str]:
-    """Every logical axis name used by a tree of `nn.Partitioned` boxes."""
-    names = set()
-    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
-        if isinstance(leaf, nn.Partitioned):
-            names.update(n for n in leaf.names if n is not None)
-    return names
-
-
 def check_rules(boxed_params: Any, rules: Rules = DEFAULT_RULES) -> None:
     """Raise if a parameter is unannotated or uses a logical name the rules do not map."""
     known = {name for name, _ in rules}
@@ -65,13 +56,3 @@ def param_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULE
     check_rules(boxed_abstract, rules)
     specs = nn.get_partition_spec(boxed_abstract)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
-
-
-def logical_sharding(names: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """The NamedSharding of one array with the given logical axis names."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(names), rules))
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Split the leading (batch) dimension over data x fsdp; replicate the rest."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -26,11 +26,3 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, log_z - picked, 0.0))
-
-
-def token_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(correct argmax predictions, supervised tokens), summed over the batch."""
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) & valid
-    return jnp.sum(hit), jnp.sum(valid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -149,8 +149,3 @@ def save_file(tensors: Iterable[tuple[str, np.ndarray]], path: str, metadata: di
         for _, arr in tensors:
             f.write(np.ascontiguousarray(arr).tobytes())
     return offset
-
-
-def iter_items(store: TensorStore) -> Iterator[tuple[str, np.ndarray]]:
-    for k in store.keys():
-        yield k, store.get(k)
