@@ -12,12 +12,10 @@ process's resident memory. Torch pickles are only ever opened with `torch.load(w
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pickle
 import re
-import struct
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -34,7 +32,7 @@ from llava_jax.config import (
 from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
 from llava_jax.weights import mapping
 from llava_jax.weights.hf import abstract_params, check_names, load_entries, read_json
-from llava_jax.weights.safetensors_io import DTYPES, CheckpointError, TensorStore
+from llava_jax.weights.safetensors_io import CheckpointError, TensorStore
 
 FORMATS = ("hf", "original", "parts")
 # Files beside the weights that are not weights (HF Trainer output); never opened.
@@ -54,40 +52,6 @@ class Store(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
     def dtype(self, name: str) -> np.dtype: ...
     def get(self, name: str) -> np.ndarray: ...
-
-
-class SafetensorsStore:
-    """Safetensors tensors read by copy: nothing stays mapped, so resident memory stays one tensor deep."""
-
-    def __init__(self, store: TensorStore, source: str):
-        self.source = source
-        self._store = store  # validated headers (truncation, corrupt entries) and the index check
-        self._where: dict[str, tuple[str, int, dict]] = {}
-        for path in store.files:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            for name, e in header.items():
-                self._where[name] = (path, 8 + n, e)
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name][2]["shape"])
-
-    def dtype(self, name: str) -> np.dtype:
-        return DTYPES[self._where[name][2]["dtype"]]
-
-    def get(self, name: str) -> np.ndarray:
-        path, base, e = self._where[name]
-        start, _ = e["data_offsets"]
-        count = math.prod(e["shape"])
-        return np.fromfile(path, dtype=DTYPES[e["dtype"]], count=count, offset=base + start).reshape(e["shape"])
 
 
 def _import_torch(path: str):
@@ -183,7 +147,7 @@ def open_checkpoint(directory: str) -> Store:
         raise CheckpointError(f"{directory}: not a directory")
     st, bins = _weight_files(directory)
     if st:
-        return SafetensorsStore(TensorStore.from_dir(directory), directory)
+        return TensorStore.from_dir(directory)
     if bins:
         return BinStore([os.path.join(directory, n) for n in bins], directory)
     raise CheckpointError(f"{directory}: no weights found (expected *.safetensors or pytorch_model*.bin)")
@@ -194,7 +158,7 @@ def open_file(path: str) -> Store:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: not found")
     if path.endswith(".safetensors"):
-        return SafetensorsStore(TensorStore([path]), path)
+        return TensorStore([path], source=path)
     return BinStore([path], path)
 
 
