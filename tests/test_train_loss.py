@@ -28,6 +28,14 @@ def _batch(seed, n_img, rows=4, t=24):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": px}
 
 
+def _tiny(tmp_path):
+    """A perturbed tiny transformers LLaVA (fresh seed), ours loaded from its saved files, and a batch."""
+    seed = int.from_bytes(os.urandom(2), "little")
+    hf, n_img = make_llava(seed)
+    hf.save_pretrained(tmp_path)
+    return hf, load_pretrained(str(tmp_path)), _batch(seed, n_img)
+
+
 def _torch_forward(hf, batch):
     img_rows = [b for b in range(len(batch["input_ids"])) if (batch["input_ids"][b] == IMAGE_TOKEN).any()]
     px = torch.as_tensor(batch["pixel_values"][img_rows, 0].transpose(0, 3, 1, 2).copy())
@@ -37,11 +45,7 @@ def _torch_forward(hf, batch):
 
 
 def test_loss_and_gradients_match_transformers(tmp_path):
-    seed = int.from_bytes(os.urandom(2), "little")
-    hf, n_img = make_llava(seed)
-    hf.save_pretrained(tmp_path)
-    model = load_pretrained(str(tmp_path))
-    batch = _batch(seed, n_img)
+    hf, model, batch = _tiny(tmp_path)
     # Loss: the mean over all supervised tokens of the batch.
     out = _torch_forward(hf, batch)
     out.loss.backward()
@@ -52,14 +56,12 @@ def test_loss_and_gradients_match_transformers(tmp_path):
     assert abs(float(loss) - out.loss.item()) < 1e-5, (float(loss), out.loss.item())
     # Gradients: every trained tensor, mapped back through the one name table.
     torch_grads = {k: p.grad.numpy() for k, p in hf.named_parameters() if p.grad is not None}
-    hf_names = {k.replace("model.language_model.", "language_model.model.").replace("model.multi_modal_projector.", "multi_modal_projector."): v
-                for k, v in torch_grads.items()}
-    hf_names = {("language_model." + k if k.startswith("lm_head.") else k): v for k, v in hf_names.items()}
+    layout = mapping.detect_layout(torch_grads)  # the in-memory names: the same table maps them
     checked = 0
     for e in mapping.entries(model.config):
         if e.component == "vision_tower":
             continue
-        g_ref = mapping.to_ours(hf_names[mapping.torch_name(e, mapping.HF_LEGACY)], e.transform)
+        g_ref = mapping.to_ours(torch_grads[mapping.torch_name(e, layout)], e.transform)
         g = np.asarray(_get(grads, e.path))
         rel = np.linalg.norm(g - g_ref) / max(np.linalg.norm(g_ref), 1e-12)
         assert rel < 1e-4, f"{'/'.join(e.path)}: relative gradient error {rel:.2e}"
@@ -75,11 +77,7 @@ def _get(tree, path):
 
 def test_accumulated_step_equals_one_big_step(tmp_path):
     """Two micro-batches give the loss and update of the whole batch at once."""
-    seed = int.from_bytes(os.urandom(2), "little")
-    hf, n_img = make_llava(seed)
-    hf.save_pretrained(tmp_path)
-    model = load_pretrained(str(tmp_path))
-    batch = _batch(seed, n_img)
+    hf, model, batch = _tiny(tmp_path)
     tx, sched = make_optimizer(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0)
     params, frozen = split_params(model.params, ["projector/.*"])
     step = jax.jit(make_train_step(model.config, tx, sched))
@@ -93,11 +91,7 @@ def test_accumulated_step_equals_one_big_step(tmp_path):
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
-    seed = int.from_bytes(os.urandom(2), "little")
-    hf, n_img = make_llava(seed)
-    hf.save_pretrained(tmp_path)
-    model = load_pretrained(str(tmp_path))
-    batch = _batch(seed, n_img)
+    hf, model, batch = _tiny(tmp_path)
     batch["pixel_values"][0, 0, 0, 0, 0] = np.nan
     tx, sched = make_optimizer(learning_rate=1e-3, total_steps=10)
     params, frozen = split_params(model.params, ["projector/.*"])
