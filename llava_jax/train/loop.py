@@ -2,10 +2,21 @@
 
 Side effects live here; the step (step.py) and the evaluation forward are pure functions that
 the loop jit-compiles once per stage with explicit in/out shardings over the mesh.
+
+    run                      where to start (the latest checkpoint), then each stage in turn
+      _run_stage             one stage, top to bottom:
+        _initial_params      the previous stage's model directory, config.model.init, or random
+        _stage_data          the Grain pipeline (data/pipeline.py) and the stage's step count
+        _initial_state       trainable/frozen split, optimizer state, all created sharded
+        _restore             a mid-stage checkpoint: state and data position
+        _train               the steps (step.py, jit with parallel/partition.py shardings),
+                             metrics, evaluations, checkpoints, SIGTERM
+        _finish              evaluation, the stage's model directory, the end-of-stage checkpoint
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.config import LlavaConfig, text_config_from_hf, vision_config_from_hf
 from llava_jax.data import image as image_lib
@@ -34,7 +46,7 @@ from llava_jax.train import flops as flops_lib
 from llava_jax.train.checkpoint import Checkpointer, abstract_like
 from llava_jax.train.evaluate import build_eval_set, eval_forward, evaluate
 from llava_jax.train.optimizer import make_optimizer, merge_params, split_params
-from llava_jax.train.step import TrainState, create_state, make_train_step
+from llava_jax.train.step import TrainState, create_state, make_train_step, to_microbatches
 
 log = logging.getLogger("llava_jax.train")
 
@@ -79,11 +91,6 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Lla
         vision_feature_select_strategy=m.vision_feature_select_strategy,
         image_token_index=tokenizer.vocab_size,
     )
-
-
-def _compute(cfg: LlavaConfig, config) -> LlavaConfig:
-    m = config.model
-    return cfg.replace(dtype=m.dtype, param_dtype="float32", remat=m.remat)
 
 
 def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_file: str,
@@ -132,6 +139,293 @@ class MetricsWriter:
 # The run.
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every stage of a run shares."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Mesh
+    rules: tuple
+    paths: dict[str, str]  # data files, image folder, tokenizer (resolve_data)
+    tokenizer: Tokenizer
+    ckpt: Checkpointer
+    metrics: MetricsWriter
+    sigterm: bool = False  # set by the signal handler; the step loop saves and stops
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resume:
+    """A mid-stage checkpoint to continue from."""
+
+    step: int  # global step of the checkpoint
+    meta: dict  # stage, stage_step, stage_steps, global_step
+    data_state: dict  # the Grain iterator position
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train every stage of `config` in `workdir`, resuming from its checkpoints; returns final eval metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    paths = resolve_data(config, workdir)
+    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.get("sharding_rules", rules_lib.DEFAULT_RULES))
+    r = _Run(config=config, workdir=workdir, mesh=make_mesh(**config.mesh.to_dict()), rules=rules, paths=paths,
+             tokenizer=Tokenizer(paths["tokenizer"]),
+             ckpt=Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                               async_save=config.async_checkpoints),
+             metrics=MetricsWriter(workdir))
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(r, "sigterm", True))
+    start_stage, resume, offset = _where_to_start(r.ckpt)
+    final: dict[str, float] = {}
+    try:
+        for index in range(start_stage, len(config.stages)):
+            final = _run_stage(r, index, resume, offset)
+            resume, offset = None, r.ckpt.latest_step() or 0
+        if start_stage >= len(config.stages):
+            log.info("all %d stages are already complete in %s", len(config.stages), workdir)
+    finally:
+        r.ckpt.close()
+        signal.signal(signal.SIGTERM, old_handler)
+    return final
+
+
+def _where_to_start(ckpt: Checkpointer) -> tuple[int, _Resume | None, int]:
+    """(first stage to run, the mid-stage checkpoint to resume or None, global steps before that stage)."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return 0, None, 0
+    meta, data_state = ckpt.restore_meta(latest)
+    log.info("resuming from checkpoint %d (stage %d, step %d/%d)", latest, meta["stage"] + 1,
+             meta["stage_step"], meta["stage_steps"])
+    if meta["stage_step"] >= meta["stage_steps"]:
+        return meta["stage"] + 1, None, latest
+    return meta["stage"], _Resume(latest, meta, data_state), latest - meta["stage_step"]
+
+
+def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> dict[str, float]:
+    """One stage: weights in, data, state, the steps, evaluation, the model directory out.
+
+    `offset` is the global step at which this stage started (metrics and checkpoints count globally).
+    """
+    stage = run.config.stages[index]
+    cfg, params = _initial_params(run, index)
+    image_cfg = image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
+                                               pad_to_square=run.config.data.get("pad_to_square", True))
+    data = _stage_data(run, index, cfg, image_cfg)
+    tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=data.total_steps,
+                                  warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay)
+    state, shardings = _initial_state(run, stage, cfg, params, tx)
+    del params
+    if resume is not None:
+        state = _restore(run, stage, state, data.iterator, resume)
+    repl = NamedSharding(run.mesh, PartitionSpec())
+    train_step = jit_sharded(make_train_step(cfg, tx, schedule), run.mesh, run.rules, (shardings, None),
+                             (shardings, repl), donate_argnums=(0,))
+    evaluator = _Evaluator(run, stage, cfg, image_cfg)
+    if run.is_main:
+        log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s",
+                 index + 1, len(run.config.stages), stage.name, data.total_steps, data.batches_per_epoch,
+                 stage.global_batch, data.num_micro, list(stage.trainable))
+    state, last = _train(run, index, cfg, state, train_step, data, evaluator, offset)
+    result = _finish(run, index, cfg, image_cfg, state, data, evaluator, offset)
+    return {**last, **result}
+
+
+def _initial_params(run: _Run, index: int) -> tuple[LlavaConfig, Any]:
+    """(compute config, parameters as a sharded tree) at the start of a stage.
+
+    The previous stage's model directory, else `config.model.init`, else a random initialisation.
+    """
+    from llava_jax.weights.converted import load_params
+
+    config = run.config
+    source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
+    if source:
+        cfg = LlavaConfig.load(source)
+        cfg, params = load_params(source, "float32", shardings=model_param_shardings(cfg, run.mesh, run.rules))
+    else:
+        cfg = model_config(config, run.tokenizer)
+        # Created directly sharded: no host or device ever holds the whole model.
+        init = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=model_param_shardings(cfg, run.mesh, run.rules))
+        params = init(jax.random.key(config.seed))
+    return cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat), params
+
+
+@dataclasses.dataclass
+class _StageData:
+    """A stage's input pipeline and how many steps it runs."""
+
+    iterator: pipeline.DataIterator
+    batches_per_epoch: int
+    total_steps: int
+    num_micro: int  # micro-batches per global batch (gradient accumulation)
+
+
+def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig) -> _StageData:
+    """The stage's Grain pipeline over this process's share of each global batch."""
+    config, stage = run.config, run.config.stages[index]
+    nproc = jax.process_count()
+    if stage.global_batch % stage.micro_batch or stage.global_batch % nproc:
+        raise ValueError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
+                         f"{stage.micro_batch} and by the {nproc} processes")
+    data_path = run.paths.get(stage.data) or _data_file(stage.data, config.data)
+    ds = pipeline.make_dataset(
+        data_path, run.paths["image_folder"], run.tokenizer, stage.template, image_cfg,
+        num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
+        max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
+        group_by_modality_length=config.data.get("group_by_modality_length", False),
+        length_buckets=config.data.get("length_buckets") or None, worker_count=config.data.get("worker_count", 0),
+    )
+    return _StageData(iter(ds), ds.batches_per_epoch, _stage_steps(stage, ds.batches_per_epoch, config.max_steps),
+                      stage.global_batch // stage.micro_batch)
+
+
+def _initial_state(run: _Run, stage, cfg: LlavaConfig, params: Any,
+                   tx: optax.GradientTransformation) -> tuple[TrainState, TrainState]:
+    """(state, its shardings): trainable parameters in float32 with optimizer state, frozen ones in the compute dtype."""
+    trainable, frozen = split_params(params, list(stage.trainable))
+    frozen = jax.tree.map(lambda x: x.astype(cfg.dtype), frozen)
+    abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
+    shardings = state_shardings(abstract, cfg, run.mesh, run.rules, tx)
+    state = jax.jit(lambda p, f: create_state(p, f, tx), out_shardings=shardings)(trainable, frozen)
+    return state, shardings
+
+
+def _restore(run: _Run, stage, state: TrainState, iterator: pipeline.DataIterator, resume: _Resume) -> TrainState:
+    """The checkpoint's trained parameters, optimizer state and counters, restored into `state`'s shardings."""
+    restored = run.ckpt.restore_state(resume.step, abstract_like(_checkpointed(state)))
+    iterator.set_state(resume.data_state)
+    log.info("stage %s: restored step %d and the data position", stage.name, resume.meta["stage_step"])
+    return state.replace(params=restored["params"], opt_state=restored["opt_state"], **restored["counters"])
+
+
+def _train(run: _Run, index: int, cfg: LlavaConfig, state: TrainState, train_step, data: _StageData,
+           evaluator: "_Evaluator", offset: int) -> tuple[TrainState, dict[str, float]]:
+    """The stage's steps from `state.step` on: metrics, periodic evaluation and checkpoints, SIGTERM."""
+    config, stage = run.config, run.config.stages[index]
+    logger = _StepLogger(run, stage, cfg, data, offset, start=int(state.step))
+    for step in range(int(state.step) + 1, data.total_steps + 1):
+        batch = next(data.iterator)
+        t0 = time.time()
+        state, m = train_step(state, device_batch(to_microbatches(batch, data.num_micro), run.mesh))
+        logger.after_step(step, batch, m, t0)
+        if config.eval_every and step % config.eval_every == 0 and step < data.total_steps:
+            run.metrics.write({"step": offset + step, "stage": stage.name, **evaluator(state)})
+        if step < data.total_steps and (step % config.checkpoint_every == 0 or run.sigterm):
+            _save(run.ckpt, offset + step, state, index, step, data)
+            if run.sigterm:
+                run.ckpt.wait()
+                raise Preempted(f"SIGTERM: saved checkpoint {offset + step}; start again to resume")
+    logger.close()
+    return state, logger.last
+
+
+def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig, state: TrainState,
+            data: _StageData, evaluator: "_Evaluator", offset: int) -> dict[str, float]:
+    """End of stage: evaluate, write the model directory, then mark the stage done with a checkpoint."""
+    stage = run.config.stages[index]
+    result = evaluator(state)
+    if result:
+        run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **result})
+        if run.is_main:
+            log.info("stage %s eval: %s", stage.name, json.dumps({k: round(v, 4) for k, v in result.items()}))
+    params = merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen))
+    out_dir = _stage_dir(run.workdir, index, stage)
+    if run.is_main:
+        write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none"), params,
+                        run.paths["tokenizer"], image_cfg)
+        log.info("stage %s: model written to %s", stage.name, out_dir)
+    _save(run.ckpt, offset + data.total_steps, state, index, data.total_steps, data)
+    run.ckpt.wait()
+    stats = getattr(data.iterator, "stats", None)
+    if stats is not None and run.is_main:
+        log.info("stage %s data: %s", stage.name, stats.summary())
+    return result
+
+
+class _StepLogger:
+    """Per-step bookkeeping: metrics records every `log_every` steps, the progress bar, non-finite steps.
+
+    Device values are read only where a record is written, and the non-finite check reads each
+    step's flags one step late, so that the host never waits on the step it just dispatched.
+    """
+
+    def __init__(self, run: _Run, stage, cfg: LlavaConfig, data: _StageData, offset: int, start: int):
+        self.run, self.stage, self.cfg, self.data, self.offset = run, stage, cfg, data, offset
+        self.peak = flops_lib.peak_tflops(jax.devices()[0].device_kind)
+        self.train_vision = any("vision_tower" in p for p in stage.trainable)
+        self.train_text = any("language_model" in p for p in stage.trainable)
+        show = run.is_main and run.config.get("progress", True)
+        self.bar = _progress(data.total_steps, start, stage.name) if show else None
+        self.t_last, self.logged_at, self.compiled = time.time(), start, False
+        self.pending: tuple[int, dict] | None = None  # the previous step's metrics, checked one step late
+        self.last: dict[str, float] = {}
+
+    def after_step(self, step: int, batch: dict, m: dict, t0: float) -> None:
+        if not self.compiled:
+            m = jax.device_get(m)
+            if self.run.is_main:
+                log.info("stage %s: first step (compile + run) took %.1f s", self.stage.name, time.time() - t0)
+            self.compiled, self.t_last, self.logged_at = True, time.time(), step
+        if self.pending is not None:
+            self._check_finite(*self.pending)
+        self.pending = (step, m)
+        if step % self.run.config.log_every == 0 or step == self.data.total_steps:
+            self._record(step, batch, jax.device_get(m))
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self._check_finite(*self.pending)
+        if self.bar is not None:
+            self.bar.close()
+
+    def _record(self, step: int, batch: dict, m: dict) -> None:
+        now = time.time()
+        dt = (now - self.t_last) / max(1, step - self.logged_at)
+        self.t_last, self.logged_at = now, step
+        nproc = jax.process_count()
+        rows, seq = batch["input_ids"].shape
+        n_images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0
+        fl = flops_lib.train_step_flops(self.cfg, tokens=rows * seq * nproc, seq_len=seq, images=n_images * nproc,
+                                        train_vision=self.train_vision, train_text=self.train_text)
+        rec = {"step": self.offset + step, "stage": self.stage.name, "stage_step": step,
+               "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
+               "grad_norm": float(m["grad_norm"]), "step_time": dt, "tokens_per_s": float(m["tokens"]) / dt,
+               "tflops_per_device": fl / dt / 1e12 / jax.device_count(), "nonfinite_total": int(m["nonfinite_total"])}
+        if self.peak:
+            rec["mfu"] = rec["tflops_per_device"] / self.peak
+        stats = getattr(self.data.iterator, "stats", None)
+        if stats is not None:
+            rec.update(stats.metrics())
+        self.run.metrics.write(rec)
+        self.last = rec
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}",
+                                 step_s=f"{dt:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    def _check_finite(self, step: int, m: dict) -> None:
+        """Count and log a skipped step; stop after too many in a row."""
+        if not int(m["nonfinite"]):
+            return
+        streak = int(m["nonfinite_streak"])
+        self.run.metrics.write({"step": self.offset + step, "stage": self.stage.name, "nonfinite": 1,
+                                "nonfinite_streak": streak, "nonfinite_total": int(m["nonfinite_total"])})
+        log.warning("stage %s step %d: non-finite loss or gradient, update skipped (%d in a row)", self.stage.name,
+                    step, streak)
+        if streak >= self.run.config.max_nonfinite_steps:
+            ckpt = self.run.ckpt
+            raise NonFiniteError(
+                f"stage {self.stage.name}: {streak} consecutive steps with a non-finite loss or gradient "
+                f"(last at step {self.offset + step}); stopped. The last good checkpoint "
+                f"{ckpt.latest_step()} in {ckpt.directory} is intact."
+            )
+
+
 def _stage_steps(stage, batches_per_epoch: int, max_steps: int) -> int:
     steps = int(math.ceil(stage.epochs * batches_per_epoch))
     return min(steps, max_steps) if max_steps and max_steps > 0 else steps
@@ -153,214 +447,16 @@ def _stage_dir(workdir: str, index: int, stage) -> str:
     return os.path.join(workdir, f"stage{index + 1}_{stage.name}")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train every stage of `config` in `workdir`, resuming from its checkpoints; returns final eval metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(**config.mesh.to_dict())
-    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.get("sharding_rules", rules_lib.DEFAULT_RULES))
-    paths = resolve_data(config, workdir)
-    tokenizer_file = paths["tokenizer"]
-    tokenizer = Tokenizer(tokenizer_file)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-                        async_save=config.async_checkpoints)
-    metrics = MetricsWriter(workdir)
-    stop = {"sigterm": False}
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-
-    # Where to start: the latest checkpoint says which stage and how far.
-    start_stage, resume = 0, None
-    latest = ckpt.latest_step()
-    if latest is not None:
-        meta, data_state = ckpt.restore_meta(latest)
-        if meta["stage_step"] >= meta["stage_steps"]:
-            start_stage = meta["stage"] + 1
-        else:
-            start_stage, resume = meta["stage"], (latest, meta, data_state)
-        log.info("resuming from checkpoint %d (stage %d, step %d/%d)", latest, meta["stage"] + 1,
-                 meta["stage_step"], meta["stage_steps"])
-    final: dict[str, float] = {}
-    global_offset = 0 if latest is None else latest - (resume[1]["stage_step"] if resume else 0)
-    try:
-        for index in range(start_stage, len(config.stages)):
-            stage = config.stages[index]
-            final = _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tokenizer_file,
-                               ckpt, metrics, stop, resume, global_offset)
-            resume = None
-            global_offset = ckpt.latest_step() or 0
-        if start_stage >= len(config.stages):
-            log.info("all %d stages are already complete in %s", len(config.stages), workdir)
-    finally:
-        ckpt.close()
-        signal.signal(signal.SIGTERM, old_handler)
-    return final
+def _checkpointed(state: TrainState) -> dict:
+    """What a checkpoint holds of the state (frozen parameters come from the stage's initial weights)."""
+    return {"params": state.params, "opt_state": state.opt_state,
+            "counters": {"step": state.step, "nonfinite_streak": state.nonfinite_streak,
+                         "nonfinite_total": state.nonfinite_total}}
 
 
-def _initial_params(config, workdir, index, stage, cfg_random: LlavaConfig, mesh, rules):
-    """(cfg, params as a sharded tree) at the start of a stage: previous stage's output or the init."""
-    from llava_jax.weights.converted import load_params
-
-    source = _stage_dir(workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
-    if source:
-        cfg = LlavaConfig.load(source)
-        cfg, params = load_params(source, "float32", shardings=model_param_shardings(cfg, mesh, rules))
-    else:
-        cfg = cfg_random
-        # Created directly sharded: no host or device ever holds the whole model.
-        init = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=model_param_shardings(cfg, mesh, rules))
-        params = init(jax.random.key(config.seed))
-    return _compute(cfg, config), params
-
-
-def _run_stage(config, workdir, index, stage, mesh, rules, paths, tokenizer, tokenizer_file, ckpt, metrics,
-               stop, resume, global_offset) -> dict[str, float]:
-    is_main = jax.process_index() == 0
-    cfg_random = model_config(config, tokenizer) if not config.model.get("init") else None
-    cfg, params = _initial_params(config, workdir, index, stage, cfg_random, mesh, rules)
-    image_cfg = image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
-                                               pad_to_square=config.data.get("pad_to_square", True))
-    # Data.
-    nproc = jax.process_count()
-    if stage.global_batch % (stage.micro_batch) or stage.global_batch % nproc:
-        raise ValueError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
-                         f"{stage.micro_batch} and by the {nproc} processes")
-    num_micro = stage.global_batch // stage.micro_batch
-    data_path = paths.get(stage.data) or _data_file(stage.data, config.data)
-    ds = pipeline.make_dataset(
-        data_path, paths["image_folder"], tokenizer, stage.template, image_cfg,
-        num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
-        max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
-        group_by_modality_length=config.data.get("group_by_modality_length", False),
-        length_buckets=config.data.get("length_buckets") or None, worker_count=config.data.get("worker_count", 0),
-    )
-    total = _stage_steps(stage, ds.batches_per_epoch, config.max_steps)
-    it = iter(ds)
-    # Optimizer and state.
-    tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=total,
-                                  warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay)
-    trainable, frozen = split_params(params, list(stage.trainable))
-    frozen = jax.tree.map(lambda x: x.astype(cfg.dtype), frozen)
-    state_abs = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
-    shardings = state_shardings(state_abs, cfg, mesh, rules, tx)
-    state = jax.jit(lambda p, f: create_state(p, f, tx), out_shardings=shardings)(trainable, frozen)
-    del params, trainable
-    if resume is not None:
-        step0, meta, data_state = resume
-        restored = ckpt.restore_state(step0, abstract_like({"params": state.params, "opt_state": state.opt_state,
-                                                            "counters": _counters(state)}))
-        state = state.replace(params=restored["params"], opt_state=restored["opt_state"], **restored["counters"])
-        it.set_state(data_state)
-        log.info("stage %s: restored step %d and the data position", stage.name, meta["stage_step"])
-    # Compiled functions.
-    repl = NamedSharding(mesh, PartitionSpec())
-    train_step = jit_sharded(make_train_step(cfg, tx, schedule), mesh, rules, (shardings, None), (shardings, repl),
-                             donate_argnums=(0,))
-    evaluator = _Evaluator(config, paths, tokenizer, stage, cfg, image_cfg, mesh)
-    train_vision = any("vision_tower" in p for p in stage.trainable)
-    train_text = any("language_model" in p for p in stage.trainable)
-    peak = flops_lib.peak_tflops(jax.devices()[0].device_kind)
-    start = int(state.step)
-    if is_main:
-        log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s",
-                 index + 1, len(config.stages), stage.name, total, ds.batches_per_epoch, stage.global_batch,
-                 num_micro, list(stage.trainable))
-    bar = _progress(total, start, stage.name) if is_main and config.get("progress", True) else None
-    t_last, logged_at, compile_logged = time.time(), start, False
-    last: dict[str, float] = {}
-
-    def check_finite(done_step: int, mm: dict) -> None:
-        """Count and log a skipped step; stop after too many in a row (read one step late: no stall)."""
-        if not int(mm["nonfinite"]):
-            return
-        streak = int(mm["nonfinite_streak"])
-        metrics.write({"step": global_offset + done_step, "stage": stage.name, "nonfinite": 1,
-                       "nonfinite_streak": streak, "nonfinite_total": int(mm["nonfinite_total"])})
-        log.warning("stage %s step %d: non-finite loss or gradient, update skipped (%d in a row)", stage.name,
-                    done_step, streak)
-        if streak >= config.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"stage {stage.name}: {streak} consecutive steps with a non-finite loss or gradient "
-                f"(last at step {global_offset + done_step}); stopped. The last good checkpoint "
-                f"{ckpt.latest_step()} in {ckpt.directory} is intact."
-            )
-
-    previous = None
-    for k in range(start, total):
-        batch = next(it)
-        n_images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0
-        t0 = time.time()
-        state, m = train_step(state, device_batch(batch, num_micro, mesh))
-        step = k + 1
-        if not compile_logged:
-            m = jax.device_get(m)
-            if is_main:
-                log.info("stage %s: first step (compile + run) took %.1f s", stage.name, time.time() - t0)
-            compile_logged, t_last, logged_at = True, time.time(), step
-        if previous is not None:
-            check_finite(*previous)
-        previous = (step, m)
-        if step % config.log_every == 0 or step == total:
-            m = jax.device_get(m)
-            now = time.time()
-            dt = (now - t_last) / max(1, step - logged_at)
-            t_last, logged_at = now, step
-            rows, seq = batch["input_ids"].shape
-            fl = flops_lib.train_step_flops(cfg, tokens=rows * seq * nproc, seq_len=seq, images=n_images * nproc,
-                                            train_vision=train_vision, train_text=train_text)
-            rec = {"step": global_offset + step, "stage": stage.name, "stage_step": step,
-                   "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
-                   "grad_norm": float(m["grad_norm"]), "step_time": dt, "tokens_per_s": float(m["tokens"]) / dt,
-                   "tflops_per_device": fl / dt / 1e12 / jax.device_count(), "nonfinite_total": int(m["nonfinite_total"])}
-            if peak:
-                rec["mfu"] = rec["tflops_per_device"] / peak
-            stats = getattr(it, "stats", None)
-            if stats is not None:
-                rec.update(stats.metrics())
-            metrics.write(rec)
-            last = rec
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}",
-                                step_s=f"{dt:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if bar is not None:
-            bar.update(1)
-        if config.eval_every and step % config.eval_every == 0 and step < total:
-            metrics.write({"step": global_offset + step, "stage": stage.name, **evaluator(state)})
-        if step < total and (step % config.checkpoint_every == 0 or stop["sigterm"]):
-            _save(ckpt, global_offset + step, state, index, step, total, it)
-            if stop["sigterm"]:
-                ckpt.wait()
-                raise Preempted(f"SIGTERM: saved checkpoint {global_offset + step}; start again to resume")
-    if previous is not None:
-        check_finite(*previous)
-    if bar is not None:
-        bar.close()
-    # End of stage: evaluate, write the model directory, then mark the stage done.
-    result = evaluator(state)
-    if result:
-        metrics.write({"step": global_offset + total, "stage": stage.name, **result})
-        if is_main:
-            log.info("stage %s eval: %s", stage.name, json.dumps({k: round(v, 4) for k, v in result.items()}))
-    params = merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen))
-    out_dir = _stage_dir(workdir, index, stage)
-    if is_main:
-        write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none"), params,
-                        tokenizer_file, image_cfg)
-        log.info("stage %s: model written to %s", stage.name, out_dir)
-    _save(ckpt, global_offset + total, state, index, total, total, it)
-    ckpt.wait()
-    stats = getattr(it, "stats", None)
-    if stats is not None and is_main:
-        log.info("stage %s data: %s", stage.name, stats.summary())
-    return {**last, **result}
-
-
-def _counters(state: TrainState) -> dict:
-    return {"step": state.step, "nonfinite_streak": state.nonfinite_streak, "nonfinite_total": state.nonfinite_total}
-
-
-def _save(ckpt: Checkpointer, global_step: int, state: TrainState, index: int, step: int, total: int, it) -> None:
-    meta = {"stage": index, "stage_step": step, "stage_steps": total, "global_step": global_step}
-    ckpt.save(global_step, {"params": state.params, "opt_state": state.opt_state, "counters": _counters(state)},
-              meta, it.get_state())
+def _save(ckpt: Checkpointer, global_step: int, state: TrainState, index: int, step: int, data: _StageData) -> None:
+    meta = {"stage": index, "stage_step": step, "stage_steps": data.total_steps, "global_step": global_step}
+    ckpt.save(global_step, _checkpointed(state), meta, data.iterator.get_state())
 
 
 def _progress(total: int, start: int, name: str):
@@ -372,17 +468,18 @@ def _progress(total: int, start: int, name: str):
 class _Evaluator:
     """Held-out evaluation for a stage (nothing when the config names no validation data)."""
 
-    def __init__(self, config, paths, tokenizer, stage, cfg, image_cfg, mesh):
+    def __init__(self, run: _Run, stage, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig):
         self.samples = None
-        val = paths.get("val") or config.data.get("val")
+        data_cfg = run.config.data
+        val = run.paths.get("val") or data_cfg.get("val")
         if not val:
             return
-        self.samples = build_eval_set(val, paths["image_folder"], tokenizer, config.data.get("eval_template", "vicuna_v1"),
-                                      image_cfg, cfg, config.data.get("eval_max_length", 512))
+        self.samples = build_eval_set(val, run.paths["image_folder"], run.tokenizer,
+                                      data_cfg.get("eval_template", "vicuna_v1"), image_cfg, cfg,
+                                      data_cfg.get("eval_max_length", 512))
         self.forward = jax.jit(eval_forward(cfg))
-        self.batch_size = config.data.get("eval_batch_size", 32)
+        self.batch_size = data_cfg.get("eval_batch_size", 32)
         self.crop = image_cfg.crop_size
-        self.mesh = mesh
 
     def __call__(self, state: TrainState) -> dict[str, float]:
         if not self.samples:
