@@ -25,7 +25,7 @@ from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import device_batch, jit_sharded, model_param_shardings, state_shardings
 from llava_jax.train.flops import peak_tflops, train_step_flops
 from llava_jax.train.optimizer import make_optimizer, split_params
-from llava_jax.train.step import create_state, make_train_step
+from llava_jax.train.step import create_state, make_train_step, to_microbatches
 
 TRAINABLE = {1: ["projector/.*"], 2: ["projector/.*", "language_model/.*"]}
 
@@ -68,7 +68,7 @@ def ours(cfg, b, stage: int, iters: int, remat: str) -> tuple[float, float]:
     del params, trainable, frozen
     step = jit_sharded(make_train_step(cfg, tx, schedule), mesh, rules, (sh, None),
                        (sh, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())), donate_argnums=(0,))
-    dev = device_batch(b, 1, mesh)
+    dev = device_batch(to_microbatches(b, 1), mesh)
     holder = {"state": state}
 
     def run():

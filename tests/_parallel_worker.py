@@ -22,7 +22,7 @@ from llava_jax.parallel.distributed import maybe_initialize
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import device_batch, jit_sharded, state_shardings
 from llava_jax.train.optimizer import make_optimizer, split_params
-from llava_jax.train.step import create_state, make_train_step
+from llava_jax.train.step import create_state, make_train_step, to_microbatches
 
 TINY = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=28),
@@ -61,7 +61,7 @@ def run(mesh_shape: tuple[int, int, int], cfg: LlavaConfig = TINY) -> list[float
     local = {k: v[jax.process_index() * per_process : (jax.process_index() + 1) * per_process] for k, v in batch.items()}
     losses = []
     for _ in range(STEPS):
-        state, metrics = step(state, device_batch(local, MICRO, mesh))
+        state, metrics = step(state, device_batch(to_microbatches(local, MICRO), mesh))
         losses.append(float(metrics["loss"]))
     return losses
 

@@ -47,15 +47,15 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
             for k, v in batch.items()}
 
 
-def device_batch(batch: dict, num_micro: int, mesh: Mesh) -> dict:
-    """This process's rows [b_local, ...] -> global device arrays [A, b_global / A, ...].
+def device_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's micro-batched rows [A, b_local, ...] -> global device arrays [A, b_global, ...].
 
-    Each process passes its own rows; `make_array_from_process_local_data` assembles the global
-    batch without any host seeing all of it.
+    Keys other than BATCH_KEYS (host-side bookkeeping such as `image_mask`) stay behind. Each
+    process passes its own rows; `make_array_from_process_local_data` assembles the global batch
+    without any host seeing all of it. (Splitting a batch into micro-batches is the trainer's
+    business: `train.step.to_microbatches`.)
     """
-    from llava_jax.train.step import to_microbatches
-
-    batch = to_microbatches({k: v for k, v in batch.items() if k in BATCH_KEYS}, num_micro)
+    batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
     out = {}
     for (k, v), sh in zip(batch.items(), batch_shardings(batch, mesh).values()):
         global_shape = (v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:])
