@@ -17,6 +17,7 @@ from llava_jax.convert import main
 from llava_jax.data.image import ImageProcessorConfig
 from llava_jax.weights.converted import _flatten, load_converted, load_params, save_params
 from llava_jax.weights.safetensors_io import TensorStore
+from tests._seeds import fresh_seed
 from tests.hf_reference import IMAGE_TOKEN, VOCAB, torch_logits
 from tests.test_convert_formats import hf_tensors, inputs, make_model, tokenizer_dir, write_original  # noqa: F401 (fixture)
 
@@ -38,7 +39,7 @@ def _hf_source(tmp_path, tokenizer_dir, seed):
 def test_export_is_exact_and_loads_in_transformers(tmp_path, tokenizer_dir):
     from transformers import LlavaForConditionalGeneration
 
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img, src, tensors = _hf_source(tmp_path, tokenizer_dir, seed)
     ours, out = str(tmp_path / "ours"), str(tmp_path / "hf")
     assert main(["--src", str(src), "--dst", ours]) == 0
@@ -101,7 +102,7 @@ def test_training_checkpoint_exports_with_filled_tower_and_padded_vocab(tmp_path
     """
     from transformers import LlavaForConditionalGeneration
 
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_model(seed)
     write_original(hf, tmp_path / "orig", tower_dir=tmp_path / "clip")
     assert main(["--src", str(tmp_path / "orig"), "--vision-tower", str(tmp_path / "clip"), "--dst", str(tmp_path / "ours")]) == 0

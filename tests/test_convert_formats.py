@@ -21,6 +21,7 @@ from llava_jax.convert import main
 from llava_jax.data.image import ImageProcessorConfig
 from llava_jax.weights.converted import load_params
 from llava_jax.weights.safetensors_io import TensorStore, save_file
+from tests._seeds import fresh_seed
 from tests._spm import train_tiny_spm
 from tests.hf_reference import IMAGE_TOKEN, VOCAB, perturb_, random_ids, text_config_dict, torch_logits, vision_config_dict
 
@@ -108,7 +109,7 @@ def convert(tmp_path, *args: str) -> str:
 
 @pytest.mark.parametrize("variant", ["safetensors", "bin_new_layout_sharded"])
 def test_hf_llava_matches_transformers(tmp_path, tokenizer_dir, variant):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_model(seed)
     src = tmp_path / "src"
     tensors = hf_tensors(hf, src)
@@ -179,7 +180,7 @@ def write_original(hf, directory, *, tower_dir=None, use_bin=False, aspect="pad"
 
 
 def test_original_llava_with_clip_dir_matches_transformers(tmp_path):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_model(seed)
     write_original(hf, tmp_path / "llava-v1.5", tower_dir=tmp_path / "clip")
     dst = convert(tmp_path, "--src", str(tmp_path / "llava-v1.5"), "--vision-tower", str(tmp_path / "clip"))
@@ -192,7 +193,7 @@ def test_original_llava_with_clip_dir_matches_transformers(tmp_path):
 
 def test_original_llava_bin_with_embedded_tower_matches_transformers(tmp_path):
     """liuhaotian checkpoints are torch .bin and carry the tower; its config comes from the shapes (64-wide heads)."""
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_model(seed, vision_hidden=64, vision_heads=1)
     write_original(hf, tmp_path / "llava-v1.5", use_bin=True, aspect="square")
     dst = convert(tmp_path, "--src", str(tmp_path / "llava-v1.5"))
@@ -224,7 +225,7 @@ def write_parts(hf, tensors: dict, root) -> tuple[str, str, str]:
 
 
 def test_parts_with_stage1_projector_match_transformers(tmp_path):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_model(seed)
     clip, llm, proj = write_parts(hf, hf_tensors(hf, tmp_path / "hf"), tmp_path)
     dst = convert(tmp_path, "--vision-tower", clip, "--llm", llm, "--projector", proj, "--image-token-index", str(IMAGE_TOKEN))

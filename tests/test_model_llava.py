@@ -1,11 +1,10 @@
 """Full LLaVA logits against transformers' LlavaForConditionalGeneration (float32, tiny, perturbed)."""
 
-import os
-
 import numpy as np
 import pytest
 
 from llava_jax import load_pretrained
+from tests._seeds import fresh_seed
 from tests.hf_reference import IMAGE_TOKEN, make_llava, random_ids, torch_logits
 
 ATOL = 1e-4
@@ -53,7 +52,7 @@ CASES = [
 
 @pytest.mark.parametrize("layer,strategy,kv_heads,theta", CASES)
 def test_llava_logits_match_transformers(tmp_path, layer, strategy, kv_heads, theta):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_llava(seed, vision_feature_layer=layer, strategy=strategy, kv_heads=kv_heads, theta=theta)
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(str(tmp_path))
@@ -66,7 +65,7 @@ def test_llava_logits_match_transformers(tmp_path, layer, strategy, kv_heads, th
 
 @pytest.mark.parametrize("pad_side", ["right", "left"])
 def test_padding_sides_match_transformers(tmp_path, pad_side):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_llava(seed)
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(str(tmp_path))
@@ -78,7 +77,7 @@ def test_padding_sides_match_transformers(tmp_path, pad_side):
 
 def test_left_padding_equals_unpadded(tmp_path):
     """Positions skip padding: a left-padded row gives the logits of the same row alone."""
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_llava(seed)
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(str(tmp_path))
@@ -92,7 +91,7 @@ def test_left_padding_equals_unpadded(tmp_path):
 
 
 def test_text_only_matches_transformers(tmp_path):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, _ = make_llava(seed, tie=True)
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(str(tmp_path))
@@ -110,7 +109,7 @@ def test_other_key_layouts_load_identically(tmp_path, layout):
 
     from llava_jax.weights.safetensors_io import TensorStore, save_file
 
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_llava(seed)
     saved, other = tmp_path / "saved", tmp_path / "other"
     hf.save_pretrained(saved)
@@ -161,7 +160,7 @@ def test_image_count_mismatch_is_a_clear_error(tmp_path):
 
 def test_bfloat16_error_is_bounded(tmp_path):
     """bf16 parameters and compute stay close to float32: the error is measured and bounded."""
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_llava(seed)
     hf.save_pretrained(tmp_path)
     f32 = load_pretrained(str(tmp_path))

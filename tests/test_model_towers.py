@@ -1,6 +1,5 @@
 """Each tower alone against its transformers reference: CLIP hidden states, LLaMA logits, projectors."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from llava_jax.models.projector import build_projector
 from llava_jax.weights import mapping
 from llava_jax.weights.hf import load_entries
 from llava_jax.weights.safetensors_io import TensorStore
+from tests._seeds import fresh_seed
 from tests.hf_reference import perturb_, text_config_dict, vision_config_dict
 
 TINY_VISION = vision_config_from_hf(vision_config_dict())
@@ -22,7 +22,7 @@ TINY_TEXT = text_config_from_hf(text_config_dict())
 
 
 def _seed():
-    return int.from_bytes(os.urandom(2), "little")
+    return fresh_seed()
 
 
 def _load(tmp_path, cfg, entries):

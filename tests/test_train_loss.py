@@ -1,6 +1,5 @@
 """Loss and gradients against transformers' LlavaForConditionalGeneration (float32, tiny, perturbed)."""
 
-import os
 
 import jax
 import numpy as np
@@ -10,6 +9,7 @@ from llava_jax import load_pretrained
 from llava_jax.train.optimizer import make_optimizer, split_params
 from llava_jax.train.step import create_state, loss_sum_fn, make_train_step, to_microbatches
 from llava_jax.weights import mapping
+from tests._seeds import fresh_seed
 from tests.hf_reference import IMAGE_TOKEN, make_llava, random_ids
 
 
@@ -30,7 +30,7 @@ def _batch(seed, n_img, rows=4, t=24):
 
 def _tiny(tmp_path):
     """A perturbed tiny transformers LLaVA (fresh seed), ours loaded from its saved files, and a batch."""
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     hf, n_img = make_llava(seed)
     hf.save_pretrained(tmp_path)
     return hf, load_pretrained(str(tmp_path)), _batch(seed, n_img)
