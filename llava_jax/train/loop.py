@@ -243,14 +243,15 @@ def _initial_params(run: _Run, index: int) -> tuple[LlavaConfig, Any]:
 
     config = run.config
     source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
+    scan = config.model.get("scan_layers", True)
     if source:
-        cfg = LlavaConfig.load(source)
-        cfg, params = load_params(source, "float32", shardings=model_param_shardings(cfg, run.mesh, run.rules))
+        cfg = LlavaConfig.load(source).replace(scan_layers=scan)
+        cfg, params = load_params(source, "float32", shardings=model_param_shardings(cfg, run.mesh, run.rules),
+                                  scan_layers=scan)
     else:
-        cfg = model_config(config, run.tokenizer)
+        cfg = model_config(config, run.tokenizer).replace(scan_layers=scan)
         # Created directly sharded: no host or device ever holds the whole model.
-        init = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=model_param_shardings(cfg, run.mesh, run.rules))
-        params = init(jax.random.key(config.seed))
+        params = nn.unbox(init_params(cfg, jax.random.key(config.seed), shardings=model_param_shardings(cfg, run.mesh, run.rules)))
     return cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat), params
 
 

@@ -15,10 +15,16 @@ interrupted conversion never leaves a DST that looks complete.
 written a few layers at a time, so a 7B model never has to be in host memory at once, and it is
 read back with `ocp.load` into any shardings, whole or in part. Training checkpoints store their
 parameters with the same `save_params`, so `load_params` and `--to hf` accept them too.
+
+Layers are stored one array per layer (`layers_0/...`, the checkpoint mapping's layout), whatever
+the model's layout: a conversion or an export then streams a layer at a time, and the directory
+does not depend on `scan_layers`. `save_params` unstacks a scanned model's tree on the host;
+`load_params` stacks on the devices, one parameter at a time. Stacked trees on disk load too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -32,8 +38,8 @@ import orbax.checkpoint.experimental.v1 as ocp
 
 from llava_jax.config import CONFIG_FILE, LlavaConfig
 from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
-from llava_jax.models.llava import LlavaModel
-from llava_jax.weights.hf import abstract_params
+from llava_jax.models.llava import LlavaModel, abstract_params
+from llava_jax.weights import mapping
 from llava_jax.weights.safetensors_io import CheckpointError, save_file
 
 PARAMS_DIR = "params"
@@ -47,11 +53,13 @@ ORBAX_METADATA = "_CHECKPOINT_METADATA"  # written by every finalized Orbax chec
 def save_param_batches(batches: Iterable[dict], directory: str) -> int:
     """Write a parameter tree given as disjoint subtrees, one Orbax partial save each; returns bytes written.
 
-    The checkpoint appears at `directory` only after the last batch (Orbax finalize).
+    The checkpoint appears at `directory` only after the last batch (Orbax finalize). Stacked
+    layers are written one array per layer (see the module docstring).
     """
     total = 0
     with _saving_context():
         for batch in batches:
+            batch = mapping.unstack_layers(batch)
             ocp.partial.save(directory, batch)
             total += sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))
         ocp.partial.finalize(directory)
@@ -131,9 +139,15 @@ def stored_shapes(params_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...
     return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(meta).items()}
 
 
+def stored_stacked(stored: dict) -> bool:
+    """Whether a stored tree (path -> anything) keeps its layers stacked (`layers/...`) or one per layer."""
+    return any(mapping.is_stacked_path(p) for p in stored)
+
+
 def check_stored(cfg: LlavaConfig, stored: dict, source: str) -> None:
-    """Raise unless a stored tree holds exactly the parameters, with the shapes, of this config."""
-    want = {p: tuple(x.shape) for p, x in _flatten(abstract_params(cfg)).items()}
+    """Raise unless a stored tree holds exactly the parameters, with the shapes, of this config (either layout)."""
+    shapes = mapping.to_layout(abstract_params(cfg), stored_stacked(stored))
+    want = {p: tuple(x.shape) for p, x in _flatten(shapes).items()}
     missing = ["/".join(p) for p in want if p not in stored]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} parameters missing, e.g. {missing[:4]}")
@@ -161,33 +175,60 @@ def load_tree(params_dir: str, abstract: dict) -> dict:
         return ocp.load(params_dir, abstract)
 
 
-def load_params(path: str, dtype: str | None = None, shardings: dict | None = None) -> tuple[LlavaConfig, dict]:
+def load_params(
+    path: str, dtype: str | None = None, shardings: dict | None = None, *, scan_layers: bool | None = None
+) -> tuple[LlavaConfig, dict]:
     """Config and parameters of a converted directory or a training checkpoint.
 
     Args:
       path: a directory with `params/` (see `find_checkpoint`).
       dtype: parameter dtype to load as; default: the stored one.
-      shardings: a tree of `jax.sharding.Sharding`s, nested like the parameters, to load each
-        array straight into (no host copy of the whole model); a subtree loads only that part.
-        Default: everything on the default device.
+      shardings: a tree of `jax.sharding.Sharding`s, nested like the parameters (in the model's
+        layout), to load each array straight into (no host copy of the whole model); a subtree
+        loads only that part. Default: everything on the default device.
+      scan_layers: the layout to return (stacked layers or one per layer); default: the config's.
+        Stored layers are stacked or unstacked on the devices as needed, one parameter at a time.
     Returns:
-      (config with `dtype` and `param_dtype` set to the loaded dtype, parameter tree).
+      (config with `dtype`, `param_dtype` and `scan_layers` set as loaded, parameter tree).
     """
     cfg_dir, params_dir = find_checkpoint(path)
     cfg = LlavaConfig.load(cfg_dir)
+    if scan_layers is not None:
+        cfg = cfg.replace(scan_layers=scan_layers)
     stored = stored_shapes(params_dir)
     check_stored(cfg, stored, params_dir)
     dtype = dtype or stored[DTYPE_PROBE][1].name
+    want = _flatten(abstract_params(cfg))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = _unflatten({p: device for p in stored})
-    abstract = {}
-    for p, s in _flatten(shardings).items():
-        if p not in stored:
+        shardings = _unflatten({p: device for p in want})
+    targets = _flatten(shardings)
+    for p in targets:
+        if p not in want:
             raise CheckpointError(f"{params_dir}: shardings name {'/'.join(p)}, which the checkpoint does not hold")
-        abstract[p] = jax.ShapeDtypeStruct(stored[p][0], np.dtype(dtype), sharding=s)
-    params = load_tree(params_dir, _unflatten(abstract))
-    return cfg.replace(dtype=dtype, param_dtype=dtype), params
+    # Read in the stored layout, then restack one parameter at a time (peak: one parameter extra).
+    target = {p: jax.ShapeDtypeStruct(want[p].shape, np.dtype(dtype), sharding=s) for p, s in targets.items()}
+    on_disk = stored_stacked(stored)
+    loaded = _flatten(load_tree(params_dir, mapping.to_layout(_unflatten(target), on_disk)))
+    if on_disk == cfg.scan_layers:
+        return cfg.replace(dtype=dtype, param_dtype=dtype), _unflatten(loaded)
+    params = {}
+    for p, s in targets.items():
+        row = mapping.layer_index(p)
+        if on_disk and row is not None:  # one row of a stored stack
+            params[p] = _row_taker(s)(loaded[mapping.stack_path(p)], row)
+        elif mapping.is_stacked_path(p):
+            rows = [loaded.pop(mapping.layer_path(p, i)) for i in range(want[p].shape[0])]
+            params[p] = mapping.stack_rows(rows, s)
+            del rows
+        else:
+            params[p] = loaded.pop(p)
+    return cfg.replace(dtype=dtype, param_dtype=dtype), _unflatten(params)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_taker(sharding) -> Callable:
+    return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), out_shardings=sharding)
 
 
 def load_converted(path: str, dtype: str | None = None) -> LlavaModel:
