@@ -20,6 +20,7 @@ from llava_jax.models.llava import Llava, abstract_params, default_positions, in
 from llava_jax.train.loss import cross_entropy_sum
 from llava_jax.train.optimizer import decay_mask, split_params
 from llava_jax.weights import mapping
+from tests._seeds import fresh_seed
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=28),
@@ -29,12 +30,6 @@ CFG = LlavaConfig(
     vision_feature_layer=-2,
 )
 UNROLLED = CFG.replace(scan_layers=False)
-
-
-def _seed() -> int:
-    seed = int.from_bytes(os.urandom(2), "little")
-    print(f"seed {seed}")
-    return seed
 
 
 def _params(seed: int) -> dict:
@@ -66,7 +61,7 @@ def _rel(a, b) -> float:
 def test_scanned_equals_unrolled_logits_cache_loss_and_gradients():
     """Float32, relative to the norm: per element the two differ by float32 reordering only (XLA fuses
     a loop body differently from straight-line code; jit vs eager of the unrolled model differ as much)."""
-    seed = _seed()
+    seed = fresh_seed()
     stacked = _params(seed)
     per_layer = mapping.unstack_layers(stacked)
     assert "layers_2" in per_layer["language_model"] and "layers" not in per_layer["vision_tower"]
@@ -116,7 +111,7 @@ def test_scanned_equals_unrolled_logits_cache_loss_and_gradients():
 
 
 def test_stacked_and_per_layer_layouts_convert_bit_exactly():
-    seed = _seed()
+    seed = fresh_seed()
     per_layer = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), mapping.unstack_layers(_params(seed)))
     stacked = mapping.stack_layers(per_layer)
     back = mapping.unstack_layers(stacked)
@@ -152,7 +147,7 @@ def test_directory_and_training_checkpoint_in_the_old_per_layer_layout_load(tmp_
     from llava_jax.train.checkpoint import Checkpointer, abstract_like
     from llava_jax.weights.converted import CONFIG_FILE, PARAMS_DIR, load_params
 
-    seed = _seed()
+    seed = fresh_seed()
     stacked = _params(seed)
     per_layer = jax.tree.map(np.asarray, mapping.unstack_layers(stacked))
     old = tmp_path / "old"
@@ -197,7 +192,7 @@ def test_init_params_traces_no_forward_pass_and_follows_the_initializers(monkeyp
         raise AssertionError("init_params traced the forward pass")
 
     monkeypatch.setattr(Llava, "__call__", forbidden)
-    seed = _seed()
+    seed = fresh_seed()
     boxed = init_params(cfg, jax.random.key(seed))
     again = nn.unbox(init_params(cfg, jax.random.key(seed)))
     other = nn.unbox(init_params(cfg, jax.random.key(seed + 1)))
