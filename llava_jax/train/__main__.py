@@ -25,6 +25,7 @@ def main(argv) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from llava_jax.eval.suite import table_from_metrics
     from llava_jax.parallel.distributed import maybe_initialize
     from llava_jax.train import loop
 
@@ -39,6 +40,7 @@ def main(argv) -> int:
     if result:
         keys = [k for k in ("eval/accuracy", "eval/blind_accuracy", "eval/loss") if k in result]
         print(" ".join(f"{k}={result[k]:.4f}" for k in keys))
+        print(table_from_metrics(result), end="")  # the stages' eval_benchmarks, if any
     last = [n for n in sorted(os.listdir(workdir)) if n.startswith("stage")]
     if last:
         print(f"model: {os.path.join(workdir, last[-1])}")

@@ -38,6 +38,7 @@ from llava_jax.data import image as image_lib
 from llava_jax.data import pipeline
 from llava_jax.data import synthetic
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.eval.suite import evaluate_stage
 from llava_jax.models.llava import init_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.partition import device_batch, jit_sharded, model_param_shardings, state_shardings
@@ -341,6 +342,12 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
         log.info("stage %s: model written to %s", stage.name, out_dir)
     _save(run.ckpt, offset + data.total_steps, state, index, data.total_steps, data)
     run.ckpt.wait()
+    if run.is_main and stage.get("eval_benchmarks"):  # generated answers, scored as the original scores them
+        bench = evaluate_stage(out_dir, stage.eval_benchmarks, run.config.data.get("eval_root") or
+                               run.paths.get("out_dir", ""), os.path.join(run.workdir, "eval", os.path.basename(out_dir)),
+                               run.config.data.eval_batch_size)
+        run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **bench})
+        result = {**result, **bench}
     stats = getattr(data.iterator, "stats", None)
     if stats is not None and run.is_main:
         log.info("stage %s data: %s", stage.name, stats.summary())
