@@ -17,6 +17,7 @@ import PIL.Image
 
 
 def write_jsonl(path: str, records) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -24,6 +25,7 @@ def write_jsonl(path: str, records) -> str:
 
 
 def write_json(path: str, value) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(value, f)
     return path

@@ -14,6 +14,8 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
+from xml.etree import ElementTree
 
 import pytest
 
@@ -353,6 +355,16 @@ def test_mmbench_circular_accuracy_and_submission(tmp_path, capsys):
         header, *lines = [line.rstrip("\n").split("\t") for line in f]
     assert header == ["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"]
     assert [line[6] for line in lines] == ["C. blue", "B", "A", "B. yes", "A"]  # the last round's answer
+    # The .xlsx the original uploads (written without openpyxl): the same table, integers as numbers.
+    ours(capsys, "mmbench", "--annotation-file", fx["annotation_file"], "--result-file", result_file,
+         "--upload-file", str(tmp_path / "upload.xlsx"))
+    with zipfile.ZipFile(tmp_path / "upload.xlsx") as z:
+        sheet = ElementTree.fromstring(z.read("xl/worksheets/sheet1.xml"))
+    ns = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
+    cells = [[(c.get("t"), "".join(c.itertext())) for c in row.findall("m:c", ns)] for row in sheet.iter(f"{{{ns['m']}}}row")]
+    assert [text for _, text in cells[0]] == header
+    assert cells[1][0] == (None, "0") and cells[1][6] == ("inlineStr", "C. blue")
+    assert len(cells[2]) == 7  # row 1: C and D are empty cells (missing options), not written
 
 
 def test_mmbench_letter_parsing():

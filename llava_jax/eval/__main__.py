@@ -126,9 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return {"run": _run, "score": _score, "suite": _suite}[args.command](args)
-    except (QuestionError, KeyError, ValueError, *USER_ERRORS) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    except KeyError as e:  # ours carry a sentence; a bare key is a record without that field
+        what = e.args[0] if e.args else e
+        message = what if isinstance(what, str) and " " in what else f"a record has no field {what!r}"
         print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (QuestionError, ValueError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

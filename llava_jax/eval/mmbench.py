@@ -15,7 +15,7 @@ round with the letters kept in place (circular evaluation); the answer line reco
 the `options` in the order asked and the original letter of each (`option_char`). The answer's
 `prompt` is the text without "<image>\\n" and without the suffix. Up to 1024 new tokens.
 
-Submission (`--upload-file`, .xlsx as the original writes it, which needs openpyxl, or .tsv): the
+Submission (`--upload-file`, .xlsx as the original writes it, or .tsv): the
 tsv without hint, category, source, image, comment and l2-category, a `prediction` column inserted
 before `answer` holding the raw answer text; with several rounds, the last round's answer, as the
 original's overwrite leaves it.
@@ -175,21 +175,75 @@ def write_submission(path: str, rows: list[dict], answers: list[dict]) -> None:
         table.append([values.get(c) for c in columns])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".xlsx"):
-        try:
-            import openpyxl  # pylint: disable=import-outside-toplevel
-        except ImportError:
-            raise ValueError(f"writing {path} needs openpyxl (pip install openpyxl), or give a .tsv file") from None
-        book = openpyxl.Workbook()
-        sheet = book.active
-        sheet.append(columns)
-        for values in table:
-            sheet.append(values)
-        book.save(path)
+        write_xlsx(path, columns, table)
     else:
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, delimiter="\t")
             writer.writerow(columns)
             writer.writerows(["" if v is None else v for v in values] for values in table)
+
+
+def _cell_ref(row: int, col: int) -> str:
+    letters = ""
+    col += 1
+    while col:
+        col, rem = divmod(col - 1, 26)
+        letters = chr(65 + rem) + letters
+    return f"{letters}{row + 1}"
+
+
+def write_xlsx(path: str, header: list[str], rows: list[list]) -> None:
+    """A one-sheet .xlsx (as pandas' to_excel writes the original's upload), without openpyxl.
+
+    Strings are inline strings, integers numbers, None an empty cell: what the MMBench server's
+    `pandas.read_excel` reads back as the original's file.
+    """
+    import zipfile
+    from xml.sax.saxutils import escape
+
+    def cell(r: int, c: int, value) -> str:
+        ref = _cell_ref(r, c)
+        if value is None:
+            return ""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f'<c r="{ref}"><v>{value}</v></c>'
+        text = escape(str(value))
+        return f'<c r="{ref}" t="inlineStr"><is><t xml:space="preserve">{text}</t></is></c>'
+
+    sheet_rows = []
+    for r, values in enumerate([header, *rows]):
+        sheet_rows.append(f'<row r="{r + 1}">' + "".join(cell(r, c, v) for c, v in enumerate(values)) + "</row>")
+    main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+    rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+    pkg = "http://schemas.openxmlformats.org/package/2006/relationships"
+    files = {
+        "[Content_Types].xml": (
+            '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
+            '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+            '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+            '<Default Extension="xml" ContentType="application/xml"/>'
+            '<Override PartName="/xl/workbook.xml" '
+            'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
+            '<Override PartName="/xl/worksheets/sheet1.xml" '
+            'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/></Types>'),
+        "_rels/.rels": (
+            f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><Relationships xmlns="{pkg}">'
+            f'<Relationship Id="rId1" Type="{rel}/officeDocument" Target="xl/workbook.xml"/></Relationships>'),
+        "xl/workbook.xml": (
+            f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><workbook xmlns="{main}" xmlns:r="{rel}">'
+            '<sheets><sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>'),
+        "xl/_rels/workbook.xml.rels": (
+            f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><Relationships xmlns="{pkg}">'
+            f'<Relationship Id="rId1" Type="{rel}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>'),
+        "xl/worksheets/sheet1.xml": (
+            f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><worksheet xmlns="{main}"><sheetData>'
+            + "".join(sheet_rows) + "</sheetData></worksheet>"),
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    os.replace(tmp, path)
 
 
 def score_files(annotation_file: str, result_file: str, upload_file: str | None, log: Log = print) -> dict[str, Any]:
