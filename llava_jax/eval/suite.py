@@ -112,11 +112,15 @@ def run_suite(
     return rows
 
 
-def evaluate_stage(model_dir: str, names: list[str], data_root: str, output_dir: str,
-                   batch_size: int = 32) -> dict[str, float]:
-    """The training loop's end-of-stage benchmarks: {"bench/<name>": headline figure} (none for servers)."""
+def evaluate_stage(model_dir: str, names: list[str], data_root: str, output_dir: str, batch_size: int = 32,
+                   dtype: str | None = None) -> dict[str, float]:
+    """The training loop's end-of-stage benchmarks: {"bench/<name>": headline figure} (none for servers).
+
+    The stage's model directory is loaded in `dtype` (the run's compute dtype) on this process's
+    devices; answers, results.md and results.json go to `output_dir`.
+    """
     from llava_jax.inference.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(model_dir)
+    pipe = Pipeline.from_pretrained(model_dir, dtype=dtype)
     rows = run_suite(pipe, data_root, list(names), output_dir, batch_size=batch_size, progress=False)
     return {f"bench/{row.name}": float(row.ours) for row in rows if row.ours is not None}

@@ -345,7 +345,7 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
     if run.is_main and stage.get("eval_benchmarks"):  # generated answers, scored as the original scores them
         bench = evaluate_stage(out_dir, stage.eval_benchmarks, run.config.data.get("eval_root") or
                                run.paths.get("out_dir", ""), os.path.join(run.workdir, "eval", os.path.basename(out_dir)),
-                               run.config.data.eval_batch_size)
+                               run.config.data.eval_batch_size, run.config.model.dtype)
         run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **bench})
         result = {**result, **bench}
     stats = getattr(data.iterator, "stats", None)
