@@ -396,3 +396,63 @@ def test_every_benchmark_has_a_layout_and_suite_flags(tmp_path):
         argv = bench.suite_score_argv(str(tmp_path), "answers.jsonl", str(tmp_path / "out"))
         add_score_flags(bench, argparse.ArgumentParser()).parse_args(argv)
         assert get_benchmark(name) is bench
+
+
+# --- VizWiz and SEED-Bench ------------------------------------------------------------------------------
+
+
+def test_vizwiz_submission_equals_convert_vizwiz_for_submission(tmp_path, capsys):
+    questions = [{"question_id": i, "image": f"VizWiz_test_{i:08d}.jpg",
+                  "text": "What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'."
+                          "\nAnswer the question using a single word or phrase."} for i in range(6)]
+    texts = ["Unanswerable", "a can of soup.", "Two", "the remote", "dont know", "10,000"]
+    question_file = F.write_jsonl(str(tmp_path / "llava_test.jsonl"), questions)
+    result_file = F.write_jsonl(str(tmp_path / "answers.jsonl"),
+                                [F.answer(q["question_id"], q["text"], t) for q, t in zip(questions, texts)])
+    printed = reference("scripts/convert_vizwiz_for_submission.py", "--annotation-file", question_file,
+                        "--result-file", result_file, "--result-upload-file", str(tmp_path / "orig" / "up.json"))
+    result, ours_printed = ours(capsys, "vizwiz", "--annotation-file", question_file, "--result-file", result_file,
+                                "--result-upload-file", str(tmp_path / "ours" / "up.json"))
+    assert ours_printed == printed
+    with open(tmp_path / "orig" / "up.json") as f, open(tmp_path / "ours" / "up.json") as g:
+        assert json.load(f) == json.load(g)
+    assert result == {"count": 6, "submitted": 6, "error_lines": 0, "missing": 0}
+
+
+def test_seed_equals_convert_seed_for_submission(tmp_path, capsys):
+    types = {"Scene Understanding": 1, "Instance Identity": 2, "Action Recognition": 10}
+    questions, answers = [], []
+    texts = ["A", "B", "A.", "c", "C", "D", None, "The answer is A", "B", "D", "A", None]
+    for i, text in enumerate(texts):
+        kind = 10 if i >= 9 else 1 + i % 2
+        q = {"question_id": str(100 + i), "answer": "ABCD"[i % 4], "data_type": "video" if kind == 10 else "image",
+             "question_type_id": kind, "question": f"Q{i}?", "choice_a": "a", "choice_b": "b", "choice_c": "c",
+             "choice_d": "d", "data_id": f"{i}.jpg"}
+        questions.append(q)
+        if text is not None:
+            answers.append(F.answer(100 + i, f"Q{i}?\nA. a\nB. b\nC. c\nD. d\nAnswer with the option's letter from "
+                                             "the given choices directly.", text))
+    annotation = F.write_json(str(tmp_path / "SEED-Bench.json"), {"question_type": types, "questions": questions})
+    result_file = F.write_jsonl(str(tmp_path / "merge.jsonl"), answers)
+    # With two questions unanswered the original prints its accuracies (counting them wrong), then
+    # fails writing the upload file (KeyError); its printout is what we compare.
+    r = subprocess.run([sys.executable, os.path.join(REF, "scripts/convert_seed_for_submission.py"),
+                        "--annotation-file", annotation, "--result-file", result_file, "--result-upload-file",
+                        str(tmp_path / "orig.jsonl")], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "KeyError" in r.stderr  # the upload step, after the accuracies are printed
+    result, ours_printed = ours(capsys, "seed", "--annotation-file", annotation, "--result-file", result_file,
+                                "--result-upload-file", str(tmp_path / "ours.jsonl"))
+    assert ours_printed == r.stdout
+    assert result["missing"] == 2 and result["count"] == 12
+    # Only exact letters count: "A.", "c" and "The answer is A" are wrong.
+    assert result["image_accuracy"] == 2 / 9 * 100 and result["video_accuracy"] == 0.0
+    # With every question answered the original writes its upload file: ours is the same.
+    complete = answers + [F.answer(106, "Q6?", "C"), F.answer(111, "Q11?", "D")]
+    result_file = F.write_jsonl(str(tmp_path / "complete.jsonl"), complete)
+    printed = reference("scripts/convert_seed_for_submission.py", "--annotation-file", annotation, "--result-file",
+                        result_file, "--result-upload-file", str(tmp_path / "orig.jsonl"))
+    result, ours_printed = ours(capsys, "seed", "--annotation-file", annotation, "--result-file", result_file,
+                                "--result-upload-file", str(tmp_path / "ours.jsonl"))
+    assert ours_printed == printed
+    with open(tmp_path / "orig.jsonl") as f, open(tmp_path / "ours.jsonl") as g:
+        assert f.read() == g.read()

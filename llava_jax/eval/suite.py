@@ -1,8 +1,9 @@
 """Several benchmarks in one go: answer, score, and one results table beside the paper's figures.
 
 `run_suite` answers each benchmark from the original's data layout under a data root
-(`playground/data/eval`: `pope/`, `scienceqa/`, `textvqa/`, `gqa/`, `vqav2/`, `MME/`, `mmbench/`;
-see each benchmark's `layout`), scores it with the same code as `eval score`, and writes
+(`playground/data/eval`: `pope/`, `scienceqa/`, `textvqa/`, `gqa/`, `vqav2/`, `vizwiz/`, `MME/`,
+`mmbench/`, `seed_bench/`; see each benchmark's `layout`), scores it with the same code as `eval
+score`, and writes
 `results.json` and `results.md` into the output folder, with the answers under `answers/` and each
 scorer's printout as `<name>_score.txt`. `evaluate_stage` is the same for the training loop: the
 stage's model directory, the stage's `eval_benchmarks`, metrics named `bench/<name>`.
