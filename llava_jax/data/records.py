@@ -107,10 +107,23 @@ def validate_record(record: Any) -> str | None:
     return None
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URL-like path (gs://bucket/...), read through etils.epath instead of open()."""
+    return "://" in os.fspath(path)
+
+
+def _open_text(path: str):
+    if is_remote(path):
+        from etils import epath  # pylint: disable=g-import-not-at-top
+
+        return epath.Path(path).open("r", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
 def _raw_records(path: str) -> Iterator[tuple[int, Any]]:
-    """Yields (index, parsed JSON value) for each record of a .json or .jsonl file."""
+    """Yields (index, parsed JSON value) for each record of a .json or .jsonl file (local or gs://)."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             index = 0
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -122,7 +135,7 @@ def _raw_records(path: str) -> Iterator[tuple[int, Any]]:
                 yield index, value
                 index += 1
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
