@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic = False
     c.data.image_folder = ""
     c.data.data_dir = ""  # where relative stage data files are looked up (default: image_folder)
+    c.data.tfds_data_dir = ""  # TFDS data_dir for stages whose data is "tfds:NAME" (default: TFDS's own)
     c.data.tokenizer = ""
     c.data.val = ""
     c.data.pad_to_square = True

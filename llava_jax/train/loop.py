@@ -280,6 +280,7 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
         max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
         group_by_modality_length=config.data.get("group_by_modality_length", False),
         length_buckets=config.data.get("length_buckets") or None, worker_count=config.data.get("worker_count", 0),
+        tfds_data_dir=config.data.get("tfds_data_dir") or None,
     )
     return _StageData(iter(ds), ds.batches_per_epoch, _stage_steps(stage, ds.batches_per_epoch, config.max_steps),
                       stage.global_batch // stage.micro_batch)
@@ -440,8 +441,8 @@ def _stage_steps(stage, batches_per_epoch: int, max_steps: int) -> int:
 
 
 def _data_file(name: str, data_cfg) -> str:
-    """A stage's data file: as given, or relative to data.data_dir (default: the image folder)."""
-    if os.path.isabs(name) or os.path.exists(name):
+    """A stage's data (a file, a packed directory, tfds:NAME): as given, or relative to data.data_dir."""
+    if name.startswith("tfds:") or "://" in name or os.path.isabs(name) or os.path.exists(name):
         return name
     base = data_cfg.get("data_dir") or data_cfg.get("image_folder") or ""
     candidate = os.path.join(base, name)
