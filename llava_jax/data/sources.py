@@ -247,12 +247,17 @@ def is_packed(path: str | os.PathLike) -> bool:
 
 
 class PackedSource(Source):
-    """Records packed by `python -m llava_jax.data.pack` into ArrayRecord shards (local or gs://)."""
+    """Records packed by `python -m llava_jax.data.pack` into ArrayRecord shards (local or gs://).
 
-    def __init__(self, directory: str | os.PathLike):
+    Local shards are read with array_record's reader; remote ones (or any, with byte_ranges=True)
+    by byte range through the index.
+    """
+
+    def __init__(self, directory: str | os.PathLike, byte_ranges: bool | None = None):
         from etils import epath  # pylint: disable=g-import-not-at-top
 
         self.directory = os.fspath(directory).rstrip("/")
+        self.byte_ranges = is_remote(self.directory) if byte_ranges is None else byte_ranges
         self.name = self.directory
         manifest = _read_manifest(self.directory)
         self.files = [f"{self.directory}/{s['file']}" for s in manifest["shards"]]
@@ -319,7 +324,7 @@ class PackedSource(Source):
         local = index - int(self.starts[shard])
         file = self.files[shard]
         try:
-            if not is_remote(file):
+            if not self.byte_ranges:
                 return self._reader(shard).read([local])[0]
             begin, end = physical_range(int(self.offset[index]), int(self.length[index]))
             import fsspec  # pylint: disable=g-import-not-at-top
