@@ -351,6 +351,15 @@ def verify(directory: str | os.PathLike) -> list[str]:
     return problems
 
 
+def verify_source(directory: str | os.PathLike, data_path: str | os.PathLike) -> bool:
+    """True if `directory` holds a complete packing of `data_path` as it is now (same sha256)."""
+    try:
+        manifest = sources._read_manifest(os.fspath(directory))  # pylint: disable=protected-access
+    except sources.DataSourceError:
+        return False
+    return manifest["data_sha256"] == file_sha256(os.fspath(data_path))
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
