@@ -216,6 +216,11 @@ def test_truncated_or_changed_shard_is_a_clear_error_naming_the_file(data, tmp_p
     assert "sha256 differs" in capsys.readouterr().err
     shard.write_bytes(body)
     assert pack_lib.main(["--verify", str(out)]) == 0
+    capsys.readouterr()
+    assert pack_lib.main(["--data-path", str(tmp_path / "nope.json"), "--image-folder", data.folder,
+                          "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.json" in err  # one line naming the file
 
 
 # ----------------------------------------------------------------------- GCS (local emulator)
