@@ -62,42 +62,43 @@ class _CpuMeter:
     """CPU seconds of this process and its children (workers) over a window.
 
     Children are polled while they live (psutil), so that time spent before the window (their
-    start-up: spawn, imports) is left out and time up to their exit is counted.
+    start-up: spawn, imports) is left out and time up to their exit is counted. The poller's own
+    CPU is subtracted, and it reads only the processes found at start() (no /proc scans).
     """
 
     def __init__(self):
         import psutil  # pylint: disable=g-import-not-at-top
 
-        self.me, self.seen, self.stop = psutil.Process(), {}, threading.Event()
+        self.psutil, self.me, self.seen, self.stop = psutil, psutil.Process(), {}, threading.Event()
+        self.procs, self.own = [], 0.0
+
+    def _read(self):
+        for proc in self.procs:
+            try:
+                t = proc.cpu_times()
+                self.seen[proc.pid] = t.user + t.system
+            except self.psutil.Error:  # exited
+                pass
+
+    def _poll(self):
+        t0 = time.thread_time()
+        while not self.stop.wait(0.05):
+            self._read()
+        self.own = time.thread_time() - t0
+
+    def start(self):
+        self.procs = [p for p in self.me.children(recursive=True) if p.pid not in EXCLUDED_PIDS]
+        self._read()
+        self.base_children, self.base_self = dict(self.seen), time.process_time()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
 
-    def _children(self) -> dict[int, float]:
-        out = {}
-        for child in self.me.children(recursive=True):
-            if child.pid in EXCLUDED_PIDS:  # the storage emulator serves, it is not the pipeline
-                continue
-            try:
-                t = child.cpu_times()
-                out[child.pid] = t.user + t.system
-            except Exception:  # pylint: disable=broad-except  # exited meanwhile
-                pass
-        return out
-
-    def _poll(self):
-        while not self.stop.wait(0.05):
-            self.seen.update(self._children())
-
-    def start(self):
-        self.seen.update(self._children())
-        self.base_children, self.base_self = dict(self.seen), time.process_time()
-
     def finish(self) -> float:
         """CPU seconds since start(); stops the polling."""
-        main = time.process_time() - self.base_self
-        self.seen.update(self._children())
         self.stop.set()
         self.thread.join()
+        self._read()
+        main = time.process_time() - self.base_self - self.own
         return main + sum(t - self.base_children.get(pid, 0.0) for pid, t in self.seen.items())
 
 

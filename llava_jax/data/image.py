@@ -313,17 +313,20 @@ def normalization_table(cfg: ImageProcessorConfig) -> np.ndarray:
     return (x - mean) / std
 
 
-def normalize(pixels: np.ndarray, cfg: ImageProcessorConfig | None, table: np.ndarray | None = None) -> np.ndarray:
+def normalize(pixels: np.ndarray, cfg: ImageProcessorConfig | None, table: np.ndarray | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
     """uint8 [..., 3] -> float32 [..., 3]: rescale and normalise per channel (see normalization_table).
 
-    Pass `table` (normalization_table(cfg)) to skip rebuilding it; cfg is then unused.
+    Pass `table` (normalization_table(cfg)) to skip rebuilding it (cfg is then unused), and `out`
+    (float32, C-contiguous, the shape of `pixels`) to write the result there.
     """
     table = normalization_table(cfg) if table is None else table
     flat = np.ascontiguousarray(pixels).reshape(-1, 3)
-    out = np.empty(flat.shape, np.float32)
+    out = np.empty(pixels.shape, np.float32) if out is None else out
+    dst = out.reshape(-1, 3)  # a view: out must be C-contiguous
     for c in range(3):  # one gather per channel: no index arithmetic, no intp copy of the pixels
-        np.take(table[:, c], flat[:, c], out=out[:, c])
-    return out.reshape(pixels.shape)
+        np.take(table[:, c], flat[:, c], out=dst[:, c])
+    return out
 
 
 def preprocess_batch(images: Sequence[PIL.Image.Image], cfg: ImageProcessorConfig) -> np.ndarray:
