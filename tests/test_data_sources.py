@@ -4,7 +4,6 @@ same batches and resume alike; pack skips bad records, survives a crash, and che
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -22,9 +21,9 @@ from llava_jax.data import image as image_lib
 from llava_jax.data import pack as pack_lib
 from llava_jax.data import pipeline, sources, synthetic
 from llava_jax.data.tokenizer import Tokenizer
+from tests._seeds import fresh_seed
 
 CROP = 28
-SEED = int.from_bytes(os.urandom(4), "little")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,8 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     paths = synthetic.build(root / "syn", num_train=14, num_val=0, image_size=CROP)
     folder = paths["image_folder"]
-    rng = np.random.default_rng(SEED)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
     for k in range(2):
         PIL.Image.fromarray(rng.integers(0, 256, (160 + 8 * k, 200, 3), np.uint8)).save(os.path.join(folder, f"noise{k}.png"))
     recs = json.load(open(paths["stage2"]))
@@ -48,12 +48,12 @@ def data(tmp_path_factory):
         json.dump(recs, f)
     packed = str(root / "packed")
     pack_lib.pack(data_path, folder, packed, num_shards=3)
-    return types.SimpleNamespace(root=root, data_path=data_path, folder=folder, packed=packed, records=recs,
+    return types.SimpleNamespace(seed=seed, root=root, data_path=data_path, folder=folder, packed=packed, records=recs,
                                  tok=Tokenizer(paths["tokenizer"]), cfg=image_lib.ImageProcessorConfig(size=CROP, crop_size=CROP))
 
 
 def _dataset(data, source, image_folder=None, **kwargs):
-    args = dict(num_image_tokens=4, image_token_index=data.tok.vocab_size, max_length=256, batch_size=3, seed=SEED % 1000,
+    args = dict(num_image_tokens=4, image_token_index=data.tok.vocab_size, max_length=256, batch_size=3, seed=data.seed,
                 num_epochs=2, shard_index=0, shard_count=1, group_by_modality_length=True, length_buckets=[64, 128],
                 max_images_per_sample=2)
     args.update(kwargs)
@@ -72,11 +72,11 @@ def _take(it, n=None):
 def _assert_same(a, b, what):
     assert len(a) == len(b), what
     for step, ((x, ids_x), (y, ids_y)) in enumerate(zip(a, b)):
-        assert ids_x == ids_y, (what, step, SEED)
+        assert ids_x == ids_y, (what, step)
         assert x.keys() == y.keys()
         for k in x:
             assert x[k].dtype == y[k].dtype, (what, k)
-            np.testing.assert_array_equal(x[k], y[k], err_msg=f"{what}: step {step} {k} (seed {SEED})")
+            np.testing.assert_array_equal(x[k], y[k], err_msg=f"{what}: step {step} {k}")
 
 
 def _sha(path):
@@ -85,12 +85,12 @@ def _sha(path):
 
 def test_uint8_then_table_normalisation_equals_the_float_path():
     cfg = image_lib.ImageProcessorConfig(mean=(0.3, 0.51, 0.77), std=(0.2, 0.33, 0.41), rescale_factor=1 / 255)
-    pixels = np.random.default_rng(SEED).integers(0, 256, (5, 7, 11, 3), np.uint8)
+    pixels = np.random.default_rng(fresh_seed()).integers(0, 256, (5, 7, 11, 3), np.uint8)
     x = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
     expected = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
     got = image_lib.normalize(pixels, cfg)
     assert got.dtype == np.float32
-    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32), err_msg=f"seed {SEED}")
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
 def test_byte_range_reads_equal_the_array_record_reader(data):
