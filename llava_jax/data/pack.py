@@ -365,7 +365,8 @@ def verify_source(directory: str | os.PathLike, data_path: str | os.PathLike) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m llava_jax.data.pack", description=__doc__.split("\n")[0],
+    first, _, rest = __doc__.partition("\n")
+    p = argparse.ArgumentParser(prog="python -m llava_jax.data.pack", description=first, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", help="LLaVA .json / .jsonl records (local or gs://)")
     p.add_argument("--image-folder", help="root of the records' image paths (local or gs://)")
