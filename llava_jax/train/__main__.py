@@ -1,6 +1,7 @@
-"""`python -m llava_jax.train [--config=configs/NAME.py[:ARG]] [--workdir=DIR] [--config.key=value ...]`
+"""`python -m llava_jax.train [--config=configs/NAME.py[:ARG]] [--workdir=DIR] [--config.KEY=VALUE ...]`
 
-With no --config: the embedded default (a tiny LLaVA on generated data; see train/defaults.py).
+With no --config: the embedded default (a tiny LLaVA on generated data; llava_jax/train/defaults.py).
+`--config.KEY=VALUE` overrides one field of whichever config runs, e.g. `--config.max_steps=5`.
 Starting again on the same workdir resumes from its latest checkpoint.
 """
 
@@ -15,9 +16,15 @@ from ml_collections import config_flags
 
 from llava_jax.train import defaults
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); default: the tiny default.")
-_DEFAULT = config_flags.DEFINE_config_dict("default", defaults.tiny_config(), "The embedded default (used without --config).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", defaults.__file__, "Config file (configs/NAME.py[:ARG]); default: the embedded default, listed above.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics and outputs go.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a data, config or checkpoint error.")
+
+# --help shows the embedded default one field a line, as --config.KEY=VALUE names them.
+__doc__ += "\nThe embedded default (--config.KEY=VALUE overrides any line):\n\n" + "".join(
+    f"  {line}\n" for line in defaults.describe(defaults.tiny_config()))
 
 
 def main(argv) -> int:
@@ -29,13 +36,18 @@ def main(argv) -> int:
     from llava_jax.train import loop
 
     maybe_initialize()
-    config = _CONFIG.value if _CONFIG.value is not None else _DEFAULT.value
+    config = _CONFIG.value
     workdir = os.path.abspath(_WORKDIR.value)
     try:
         result = loop.run(config, workdir)
     except (loop.NonFiniteError, loop.Preempted) as e:
         print(f"llava_jax.train: {e}", file=sys.stderr)
         return 1
+    except _user_errors() as e:  # the message names the file, record or field: no traceback unless asked
+        if _DEBUG.value:
+            raise
+        print(f"llava_jax.train: error: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 2
     if result:
         keys = [k for k in ("eval/accuracy", "eval/blind_accuracy", "eval/loss") if k in result]
         print(" ".join(f"{k}={result[k]:.4f}" for k in keys))
@@ -43,6 +55,16 @@ def main(argv) -> int:
     if last:
         print(f"model: {os.path.join(workdir, last[-1])}")
     return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message tells the user what to fix: printed as one line, exit status 2."""
+    from llava_jax.data.pipeline import DataError
+    from llava_jax.data.records import ImagePathError, RecordError
+    from llava_jax.train.loop import ConfigError
+    from llava_jax.weights.safetensors_io import CheckpointError
+
+    return (RecordError, ImagePathError, DataError, ConfigError, CheckpointError, FileNotFoundError)
 
 
 if __name__ == "__main__":
