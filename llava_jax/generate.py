@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from llava_jax.data.image import ImageError
+from llava_jax.data.records import record_location
 from llava_jax.data.templates import TEMPLATES
 from llava_jax.inference.engine import InputError, completion_dict
 from llava_jax.inference.pipeline import DEFAULT_CONV_MODE, Pipeline
@@ -143,21 +144,24 @@ def answered_ids(path: str) -> set[str]:
 
 
 def read_questions(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(index, record, None) per good line; (index, None, error) for a line that is not a question."""
+    """(index, record, None) per good record; (index, None, error) for one that is not a question.
+
+    Records count from 0 and errors say `record N (line L)`, as training and inspect do.
+    """
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):  # a JSON list is accepted too
-        lines = [json.dumps(r) for r in json.loads(text)]
+        lines = [(None, json.dumps(r)) for r in json.loads(text)]
     else:
-        lines = [line for line in text.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for i, (line_no, line) in enumerate(lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            yield i, None, f"{path}: record {i + 1} is not valid JSON ({e})"
+            yield i, None, f"{record_location(path, i, line_no)}: not valid JSON ({e})"
             continue
         if not isinstance(record, dict) or "question_id" not in record or not isinstance(record.get("text"), str):
-            yield i, None, f"{path}: record {i + 1} needs 'question_id' and a string 'text'"
+            yield i, None, f"{record_location(path, i, line_no)}: needs 'question_id' and a string 'text'"
             continue
         yield i, record, None
 

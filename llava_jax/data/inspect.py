@@ -126,21 +126,16 @@ def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, tem
     """Writes every renderable record to `out` and every problem record to `err`; returns #problems."""
     problems = 0
 
-    def report(record_id: Any, index: int, message: str) -> None:
+    def report(where: str, message: str) -> None:
         nonlocal problems
         problems += 1
-        err.write(f"skipped record {record_id} (index {index}): {message}\n")
-
-    bad: set[int] = set()
+        err.write(f"skipped {where}: {message}\n")
 
     def bad_record(e: records_lib.RecordError) -> None:
-        bad.add(e.index)
-        report(e.record_id, e.index, e.problem)
+        report(records_lib.record_location(e.path, e.index, e.line, e.record_id), e.problem)
 
-    recs = records_lib.load_records(data_path, on_error=bad_record)
-    file_indices = [i for i in range(len(recs) + len(bad)) if i not in bad]
     shown = 0
-    for index, record in zip(file_indices, recs):
+    for record, index, line in records_lib.load_located_records(data_path, on_error=bad_record):
         if limit is not None and shown >= limit:
             break
         try:
@@ -152,7 +147,7 @@ def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, tem
                                       image_token_index=image_token_index, num_image_tokens=num_image_tokens,
                                       max_length=max_length)
         except (ValueError, OSError) as e:  # ImagePathError, EmptySampleError, FileNotFoundError, ...
-            report(record["id"], index, f"{type(e).__name__}: {e}")
+            report(records_lib.record_location(data_path, index, line, record["id"]), f"{type(e).__name__}: {e}")
             continue
         shown += 1
         if as_json:

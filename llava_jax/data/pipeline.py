@@ -228,11 +228,12 @@ class _RowLoader:
     Plain picklable object: Grain sends it to its worker processes.
     """
 
-    def __init__(self, records, lengths, *, data_path, image_folder, tokenizer, template_name, image_cfg,
+    def __init__(self, records, lengths, *, sources, lines, image_folder, tokenizer, template_name, image_cfg,
                  num_image_tokens, image_token_index, max_length, max_images, batch_size, shard_index,
                  shard_count, seed, shuffle, group_by_modality_length, strict):
         self.records, self.lengths = records, lengths
-        self.data_path, self.image_folder = data_path, image_folder
+        # (first record index, file) per data file, and each record's .jsonl line (-1: none): for messages.
+        self.sources, self.lines, self.image_folder = sources, lines, image_folder
         self.tokenizer, self.template_name, self.image_cfg = tokenizer, template_name, image_cfg
         self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
         self.max_length, self.max_images = max_length, max_images
@@ -274,6 +275,12 @@ class _RowLoader:
         epoch, r = divmod(row, self.rows_per_epoch)
         return int(self._plan(epoch)[r // self.batch_size, r % self.batch_size])
 
+    def locate(self, index: int) -> str:
+        """`FILE: record N (line L, id 'X')` for record `index` of the concatenated files."""
+        start, path = self.sources[bisect.bisect_right([s for s, _ in self.sources], index) - 1]
+        line = int(self.lines[index])
+        return records_lib.record_location(path, index - start, None if line < 0 else line, self.records[index]["id"])
+
     def __call__(self, row: int, _: Any) -> _Sample | _Problem | None:
         index = self.record_index(row)
         if index < 0:
@@ -285,7 +292,7 @@ class _RowLoader:
             raise
         except Exception as e:  # pylint: disable=broad-except
             kind = getattr(e, "kind", ERROR)
-            where = f"{self.data_path}: record {index} (id {record['id']!r})"
+            where = self.locate(index)
             if self.strict and kind != EMPTY:
                 raise DataError(f"{where}: {e}") from e
             # Never crash a worker: the problem travels with the batch and is reported by the
@@ -483,17 +490,20 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike], ima
     Returns:
       A LlavaIterDataset; `iter()` gives a DataIterator whose `.stats` are the DataStats.
     """
-    paths = [data_path] if isinstance(data_path, (str, os.PathLike)) else list(data_path)
-    records = [r for p in paths for r in records_lib.load_records(p)]
+    paths = [os.fspath(p) for p in ([data_path] if isinstance(data_path, (str, os.PathLike)) else data_path)]
+    records, sources, lines = [], [], []
+    for path in paths:
+        sources.append((len(records), path))
+        for record, index, line in records_lib.load_located_records(path):
+            for rel in records_lib.record_images(record):
+                try:
+                    records_lib.check_relative_image_path(rel)
+                except records_lib.ImagePathError as e:
+                    raise records_lib.RecordError(path, index, record["id"], str(e), line=line) from None
+            records.append(record)
+            lines.append(-1 if line is None else line)
     if not records:
-        raise ValueError(f"no records in {[os.fspath(p) for p in paths]}")
-    for index, record in enumerate(records):
-        for rel in records_lib.record_images(record):
-            try:
-                records_lib.check_relative_image_path(rel)
-            except records_lib.ImagePathError as e:
-                raise records_lib.RecordError(os.fspath(paths[0]) if len(paths) == 1 else str(paths),
-                                              index, record["id"], str(e)) from None
+        raise ValueError(f"no records in {paths}")
     if shard_index is None or shard_count is None:
         import jax  # pylint: disable=g-import-not-at-top  # only here: worker processes need no jax
 
@@ -511,9 +521,8 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike], ima
     if too_many:
         logger.warning("data: %d records have more than max_images_per_sample=%d images; they will be "
                        "skipped", too_many, max_images_per_sample)
-    data_name = os.fspath(paths[0]) if len(paths) == 1 else ",".join(os.fspath(p) for p in paths)
     loader = _RowLoader(
-        records, lengths, data_path=data_name, image_folder=os.fspath(image_folder), tokenizer=tokenizer,
+        records, lengths, sources=sources, lines=np.asarray(lines, np.int32), image_folder=os.fspath(image_folder), tokenizer=tokenizer,
         template_name=template, image_cfg=image_cfg, num_image_tokens=num_image_tokens,
         image_token_index=image_token_index, max_length=max_length, max_images=max_images_per_sample,
         batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, seed=seed, shuffle=shuffle,
