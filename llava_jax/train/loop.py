@@ -5,8 +5,9 @@ the loop jit-compiles once per stage with explicit in/out shardings over the mes
 
     run                      where to start (the latest checkpoint), then each stage in turn
       _run_stage             one stage, top to bottom:
-        _initial_params      the previous stage's model directory, config.model.init, or random
+        _initial_model       the previous stage's model directory, config.model.init, or random
         _stage_data          the Grain pipeline (data/pipeline.py) and the stage's step count
+        _initial_params      the weights, loaded or created straight into their shardings
         _initial_state       trainable/frozen split, optimizer state, all created sharded
         _restore             a mid-stage checkpoint: state and data position
         _train               the steps (step.py, jit with parallel/partition.py shardings),
@@ -59,6 +60,10 @@ class Preempted(Exception):
     """SIGTERM arrived: a checkpoint was saved and the run stopped."""
 
 
+class ConfigError(ValueError):
+    """A config that cannot run as written (names the field to change)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Assets: data paths, tokenizer, model config and initial parameters.
 
@@ -72,7 +77,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
                                image_size=s.image_size, seed=s.seed, vocab_size=s.vocab_size)
     tokenizer = d.tokenizer or (os.path.join(config.model.init, "tokenizer.model") if config.model.get("init") else "")
     if not tokenizer:
-        raise ValueError("config.data.tokenizer is empty and config.model.init names no directory holding tokenizer.model")
+        raise ConfigError("config.data.tokenizer is empty and config.model.init names no directory holding tokenizer.model")
     return {"image_folder": d.image_folder, "tokenizer": tokenizer, **{k: d[k] for k in ("val",) if d.get(k)}}
 
 
@@ -211,10 +216,11 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     `offset` is the global step at which this stage started (metrics and checkpoints count globally).
     """
     stage = run.config.stages[index]
-    cfg, params = _initial_params(run, index)
+    source, cfg = _initial_model(run, index)
     image_cfg = image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
                                                pad_to_square=run.config.data.get("pad_to_square", True))
-    data = _stage_data(run, index, cfg, image_cfg)
+    data = _stage_data(run, index, cfg, image_cfg)  # before the weights: a data error costs seconds, not a load
+    params = _initial_params(run, source, cfg)
     tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=data.total_steps,
                                   warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay)
     state, shardings = _initial_state(run, stage, cfg, params, tx)
@@ -234,24 +240,27 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     return {**last, **result}
 
 
-def _initial_params(run: _Run, index: int) -> tuple[LlavaConfig, Any]:
-    """(compute config, parameters as a sharded tree) at the start of a stage.
+def _initial_model(run: _Run, index: int) -> tuple[str | None, LlavaConfig]:
+    """(where the stage's weights come from, its compute config).
 
-    The previous stage's model directory, else `config.model.init`, else a random initialisation.
+    The previous stage's model directory, else `config.model.init`, else (None) a random
+    initialisation of the config's architecture.
     """
-    from llava_jax.weights.converted import load_params
-
     config = run.config
     source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
+    cfg = LlavaConfig.load(source) if source else model_config(config, run.tokenizer)
+    return source or None, cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat)
+
+
+def _initial_params(run: _Run, source: str | None, cfg: LlavaConfig) -> Any:
+    """The stage's starting parameters (float32), created or loaded directly into their shardings."""
+    from llava_jax.weights.converted import load_params
+
+    shardings = model_param_shardings(cfg, run.mesh, run.rules)
     if source:
-        cfg = LlavaConfig.load(source)
-        cfg, params = load_params(source, "float32", shardings=model_param_shardings(cfg, run.mesh, run.rules))
-    else:
-        cfg = model_config(config, run.tokenizer)
-        # Created directly sharded: no host or device ever holds the whole model.
-        init = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=model_param_shardings(cfg, run.mesh, run.rules))
-        params = init(jax.random.key(config.seed))
-    return cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat), params
+        return load_params(source, "float32", shardings=shardings)[1]
+    # Created directly sharded: no host or device ever holds the whole model.
+    return jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=shardings)(jax.random.key(run.config.seed))
 
 
 @dataclasses.dataclass
@@ -269,7 +278,7 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
     config, stage = run.config, run.config.stages[index]
     nproc = jax.process_count()
     if stage.global_batch % stage.micro_batch or stage.global_batch % nproc:
-        raise ValueError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
+        raise ConfigError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
                          f"{stage.micro_batch} and by the {nproc} processes")
     data_path = run.paths.get(stage.data) or _data_file(stage.data, config.data)
     ds = pipeline.make_dataset(
