@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from llava_jax import paths
+
 IMAGE_MARKER = "<image>"
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 # Role names in the "from" field (LLaVA writes human/gpt); the same set the templates accept.
@@ -122,7 +124,7 @@ def read_raw(path: str) -> Iterator[tuple[int, int | None, Any]]:
     A .jsonl line that is not JSON raises RecordError naming the record and the line.
     """
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
+        with paths.open(path, "r", encoding="utf-8") as f:
             index = 0
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -134,7 +136,7 @@ def read_raw(path: str) -> Iterator[tuple[int, int | None, Any]]:
                 yield index, line_no, value
                 index += 1
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+        with paths.open(path, "r", encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
@@ -197,6 +199,8 @@ def resolve_image_path(image_folder: str | os.PathLike, rel: str) -> str:
     The file itself need not exist (a missing image is the loader's concern).
     """
     check_relative_image_path(rel)
+    if paths.is_remote(image_folder):  # object storage has no symbolic links: the lexical check is the whole check
+        return os.path.join(os.fspath(image_folder).rstrip("/"), os.path.normpath(rel))
     root = os.path.realpath(os.fspath(image_folder))
     real = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([root, real]) != root:
