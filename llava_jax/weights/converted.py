@@ -13,12 +13,19 @@ interrupted conversion never leaves a DST that looks complete.
 
 `params/` uses Orbax's partial saving (`orbax.checkpoint.experimental.v1.partial`): the tree is
 written a few layers at a time, so a 7B model never has to be in host memory at once, and it is
-read back with `ocp.load` into any shardings, whole or in part. Training checkpoints store their
-parameters with the same `save_params`, so `load_params` and `--to hf` accept them too.
+read back with `ocp.load` into any shardings, whole or in part.
+
+A training checkpoint (WORKDIR/checkpoints/STEP) is read as a model too (`open_model`): its state
+holds the trained parameters under `params`, and its meta names the model directory the frozen
+ones come from (weights/model_dir.py), so `load_params`, `load_pretrained` and `--to hf` accept it.
+
+DST may be local or `gs://...` (llava_jax/paths.py). Object storage cannot rename a directory:
+there the files are written in place, the config still last, and removed again on failure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -30,9 +37,11 @@ import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
+from llava_jax import paths
 from llava_jax.config import CONFIG_FILE, LlavaConfig
 from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
 from llava_jax.models.llava import LlavaModel
+from llava_jax.weights import model_dir
 from llava_jax.weights.hf import abstract_params
 from llava_jax.weights.safetensors_io import CheckpointError, save_file
 
@@ -100,16 +109,62 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
 
 def _is_orbax(directory: str) -> bool:
     # Orbax also "recognises" a plain safetensors directory (its safetensors layout): ask for its own metadata file.
-    return os.path.isfile(os.path.join(directory, ORBAX_METADATA))
+    return paths.isfile(os.path.join(directory, ORBAX_METADATA))
 
 
-def find_checkpoint(path: str) -> tuple[str, str]:
-    """(directory holding llava_jax_config.json, Orbax params directory) of a converted or training checkpoint.
+@dataclasses.dataclass(frozen=True)
+class StoredModel:
+    """A model on disk: its config, where its other files are, and the Orbax checkpoints holding its parameters.
 
-    `path` is a directory with `params/` (or the `params/` directory itself); the config is looked
-    up in that directory and the two above it, where a training run keeps it.
+    Attributes:
+      path: the directory as given (for messages).
+      cfg: the architecture, as stored.
+      file_dirs: where tokenizer files, preprocessor_config.json and extra.safetensors are looked
+        up, in order.
+      parts: (Orbax checkpoint directory, path of the parameter tree inside it) pairs; a
+        parameter comes from the first part that holds it.
+      image_processor: the image settings when recorded directly (training checkpoints).
     """
-    path = os.path.abspath(path)
+
+    path: str
+    cfg: LlavaConfig
+    file_dirs: tuple[str, ...]
+    parts: tuple[tuple[str, tuple[str, ...]], ...]
+    image_processor: ImageProcessorConfig | None = None
+
+    def shapes(self) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+        """Parameter path -> (shape, dtype), from the checkpoints' metadata only."""
+        out: dict = {}
+        for directory, prefix in reversed(self.parts):
+            out.update(stored_shapes(directory, prefix))
+        return out
+
+    def load(self, abstract: dict) -> dict:
+        """The leaves named by `abstract` (a subtree of ShapeDtypeStructs with shardings), cast and placed."""
+        wanted = _flatten(abstract)
+        out: dict = {}
+        for directory, prefix in self.parts:
+            held = stored_shapes(directory, prefix)
+            mine = {p: v for p, v in wanted.items() if p in held and p not in out}
+            if mine:
+                tree = load_tree(directory, _unflatten({prefix + p: v for p, v in mine.items()}))
+                for p in mine:
+                    node = tree
+                    for k in prefix + p:
+                        node = node[k]
+                    out[p] = node
+        return _unflatten(out)
+
+    def find_file(self, name: str) -> str | None:
+        """The first of `file_dirs` holding `name`, or None."""
+        return next((d for d in self.file_dirs if paths.exists(os.path.join(d, name))), None)
+
+
+def open_model(path: str) -> StoredModel:
+    """Our directory, a `params/` checkpoint with its config up to two levels up, or a training checkpoint."""
+    path = paths.absolute(path)
+    if model_dir.kind(path) == model_dir.CHECKPOINT:
+        return _open_training_checkpoint(path)
     if _is_orbax(os.path.join(path, PARAMS_DIR)):
         params, base = os.path.join(path, PARAMS_DIR), path
     elif _is_orbax(path):
@@ -119,15 +174,44 @@ def find_checkpoint(path: str) -> tuple[str, str]:
             f"{path}: no Orbax parameter checkpoint (expected {os.path.join(path, PARAMS_DIR)}/ as written by "
             "llava_jax.convert or the training loop)"
         )
-    for d in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
-        if os.path.isfile(os.path.join(d, CONFIG_FILE)):
-            return d, params
+    search = (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base)))
+    for d in search:
+        if paths.isfile(os.path.join(d, CONFIG_FILE)):
+            return StoredModel(path, LlavaConfig.load(d), search, ((params, ()),))
     raise CheckpointError(f"{path}: no {CONFIG_FILE} in {base} or the two directories above it")
 
 
-def stored_shapes(params_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-    """Path -> (shape, dtype) of every array in an Orbax params checkpoint, from its metadata only."""
+def _open_training_checkpoint(path: str) -> StoredModel:
+    record = model_dir.checkpoint_model(path)
+    parts: tuple = ((path, ("params",)),)
+    file_dirs: tuple = ()
+    if record["frozen_from"]:
+        frozen = open_model(record["frozen_from"])
+        parts += frozen.parts
+        file_dirs = frozen.file_dirs
+    if record.get("tokenizer"):
+        file_dirs += (os.path.dirname(record["tokenizer"]),)
+    return StoredModel(path, record["config"], file_dirs, parts,
+                       ImageProcessorConfig.from_dict(record["image_processor"]))
+
+
+def find_checkpoint(path: str) -> tuple[str, str]:
+    """(directory holding llava_jax_config.json, Orbax params directory) of a converted directory.
+
+    `path` is a directory with `params/` (or the `params/` directory itself); the config is looked
+    up in that directory and the two above it. (`open_model` also reads training checkpoints.)
+    """
+    model = open_model(path)
+    if len(model.parts) != 1 or model.parts[0][1]:
+        raise CheckpointError(f"{path}: a training checkpoint, not one parameter directory; use open_model")
+    return model.find_file(CONFIG_FILE), model.parts[0][0]
+
+
+def stored_shapes(params_dir: str, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """Path -> (shape, dtype) of every array in an Orbax checkpoint (under `prefix` of its tree), from metadata only."""
     meta = ocp.metadata(params_dir).metadata
+    for k in prefix:
+        meta = meta[k]
     return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(meta).items()}
 
 
@@ -162,10 +246,10 @@ def load_tree(params_dir: str, abstract: dict) -> dict:
 
 
 def load_params(path: str, dtype: str | None = None, shardings: dict | None = None) -> tuple[LlavaConfig, dict]:
-    """Config and parameters of a converted directory or a training checkpoint.
+    """Config and parameters of a converted directory, a stage output or a training checkpoint.
 
     Args:
-      path: a directory with `params/` (see `find_checkpoint`).
+      path: a directory with `params/` or a training checkpoint (see `open_model`).
       dtype: parameter dtype to load as; default: the stored one.
       shardings: a tree of `jax.sharding.Sharding`s, nested like the parameters, to load each
         array straight into (no host copy of the whole model); a subtree loads only that part.
@@ -173,10 +257,9 @@ def load_params(path: str, dtype: str | None = None, shardings: dict | None = No
     Returns:
       (config with `dtype` and `param_dtype` set to the loaded dtype, parameter tree).
     """
-    cfg_dir, params_dir = find_checkpoint(path)
-    cfg = LlavaConfig.load(cfg_dir)
-    stored = stored_shapes(params_dir)
-    check_stored(cfg, stored, params_dir)
+    model = open_model(path)
+    stored = model.shapes()
+    check_stored(model.cfg, stored, model.path)
     dtype = dtype or stored[DTYPE_PROBE][1].name
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -184,10 +267,10 @@ def load_params(path: str, dtype: str | None = None, shardings: dict | None = No
     abstract = {}
     for p, s in _flatten(shardings).items():
         if p not in stored:
-            raise CheckpointError(f"{params_dir}: shardings name {'/'.join(p)}, which the checkpoint does not hold")
+            raise CheckpointError(f"{model.path}: shardings name {'/'.join(p)}, which the checkpoint does not hold")
         abstract[p] = jax.ShapeDtypeStruct(stored[p][0], np.dtype(dtype), sharding=s)
-    params = load_tree(params_dir, _unflatten(abstract))
-    return cfg.replace(dtype=dtype, param_dtype=dtype), params
+    params = model.load(_unflatten(abstract))
+    return model.cfg.replace(dtype=dtype, param_dtype=dtype), params
 
 
 def load_converted(path: str, dtype: str | None = None) -> LlavaModel:
@@ -200,8 +283,8 @@ def copy_tokenizer(src_dir: str | None, dst_dir: str, shown_as: str) -> list[str
     """Copy the tokenizer files `src_dir` has; warn (stderr) when there is no tokenizer.model."""
     copied = []
     for name in TOKENIZER_FILES:
-        if src_dir and os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+        if src_dir and paths.isfile(os.path.join(src_dir, name)):
+            paths.copy(os.path.join(src_dir, name), os.path.join(dst_dir, name))
             copied.append(name)
     if "tokenizer.model" not in copied:
         print(
@@ -215,26 +298,53 @@ def copy_tokenizer(src_dir: str | None, dst_dir: str, shown_as: str) -> list[str
 def write_preprocessor(preprocessor: ImageProcessorConfig | str, directory: str) -> None:
     """Copy a preprocessor_config.json (a path) or write one from an `ImageProcessorConfig`."""
     if isinstance(preprocessor, str):
-        shutil.copy2(preprocessor, os.path.join(directory, PREPROCESSOR_CONFIG))
+        paths.copy(preprocessor, os.path.join(directory, PREPROCESSOR_CONFIG))
     else:
         preprocessor.save(directory)
 
 
 def atomic_directory(dst: str, write: Callable[[str], None]) -> str:
-    """Run `write(tmp)` on a fresh `DST.tmp-XXXX` beside DST, then rename it to DST; on any failure remove it."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst):
+    """Run `write(tmp)` on a fresh `DST.tmp-XXXX` beside DST, then rename it to DST; on any failure remove it.
+
+    The result gets the permissions of a directory the user creates (umask), not mkdtemp's 0700.
+    On object storage (no directory rename) `write` runs on DST itself, which is removed on failure;
+    writers put the file that marks a complete directory last.
+    """
+    dst = paths.absolute(dst)
+    if paths.exists(dst):
         raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
+    if paths.is_remote(dst):
+        try:
+            write(dst)
+        except BaseException:
+            paths.rmtree(dst)
+            raise
+        return dst
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         write(tmp)
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_converted(
