@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from llava_jax import paths
 from llava_jax.train import defaults
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,7 +38,7 @@ def main(argv) -> int:
 
     maybe_initialize()
     config = _CONFIG.value
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = paths.absolute(_WORKDIR.value)  # a local directory or gs://bucket/dir
     try:
         result = loop.run(config, workdir)
     except (loop.NonFiniteError, loop.Preempted) as e:
@@ -51,7 +52,7 @@ def main(argv) -> int:
     if result:
         keys = [k for k in ("eval/accuracy", "eval/blind_accuracy", "eval/loss") if k in result]
         print(" ".join(f"{k}={result[k]:.4f}" for k in keys))
-    last = [n for n in sorted(os.listdir(workdir)) if n.startswith("stage")]
+    last = [n for n in paths.listdir(workdir) if n.startswith("stage")]
     if last:
         print(f"model: {os.path.join(workdir, last[-1])}")
     return 0

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from typing import Any
@@ -34,7 +33,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax.config import LlavaConfig, text_config_from_hf, vision_config_from_hf
+from llava_jax import paths
+from llava_jax.config import CONFIG_FILE, LlavaConfig, text_config_from_hf, vision_config_from_hf
 from llava_jax.data import image as image_lib
 from llava_jax.data import pipeline
 from llava_jax.data import synthetic
@@ -48,6 +48,7 @@ from llava_jax.train.checkpoint import Checkpointer, abstract_like
 from llava_jax.train.evaluate import build_eval_set, eval_forward, evaluate
 from llava_jax.train.optimizer import make_optimizer, merge_params, split_params
 from llava_jax.train.step import TrainState, create_state, make_train_step, to_microbatches
+from llava_jax.weights import model_dir
 
 log = logging.getLogger("llava_jax.train")
 
@@ -103,8 +104,8 @@ def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_fil
     """A directory every command accepts (`generate --model-path`, the next stage), written atomically."""
     from llava_jax.weights.converted import save_converted
 
-    if os.path.exists(directory):  # a stage re-run after a kill between this write and its checkpoint
-        shutil.rmtree(directory)
+    if paths.exists(directory):  # a stage re-run after a kill between this write and its checkpoint
+        paths.rmtree(directory)
     save_converted(directory, cfg, [jax.device_get(params)], tokenizer_dir=os.path.dirname(tokenizer_file),
                    preprocessor=image_cfg)
 
@@ -114,30 +115,54 @@ def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_fil
 
 
 class MetricsWriter:
-    """One JSON object per logged step in workdir/metrics.jsonl (process 0), TensorBoard if installed."""
+    """One JSON object per logged step in workdir/metrics.jsonl (process 0), TensorBoard if installed.
 
-    def __init__(self, workdir: str):
+    A local file is appended to line by line. Object storage (gs://) cannot append: the file is
+    rewritten whole, at most every `flush_seconds` and at every `flush()` (the loop flushes when
+    it saves a checkpoint), so that after a kill it covers at least every step up to the latest
+    checkpoint, from which the run resumes and logs the rest again.
+    """
+
+    def __init__(self, workdir: str, flush_seconds: float = 30.0):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.remote = paths.is_remote(workdir)
+        self.flush_seconds, self.flushed_at = flush_seconds, time.time()
+        self.lines: list[str] = []  # remote: the whole file
         self.tb = None
-        if self.enabled:
-            try:
-                from tensorboardX import SummaryWriter  # type: ignore  # optional: pip install tensorboardX
-            except ImportError:
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if not self.enabled:
+            return
+        if self.remote and paths.exists(self.path):
+            self.lines = paths.read_text(self.path).splitlines(keepends=True)
+        try:
+            from tensorboardX import SummaryWriter  # type: ignore  # optional: pip install tensorboardX
+        except ImportError:
+            SummaryWriter = None
+        if SummaryWriter is not None and not self.remote:
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            if time.time() - self.flushed_at >= self.flush_seconds:
+                self.flush()
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step",):
                     self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
+
+    def flush(self) -> None:
+        """Remote: rewrite the file with every record so far (local files are always up to date)."""
+        if self.enabled and self.remote:
+            paths.write_text(self.path, "".join(self.lines))
+            self.flushed_at = time.time()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +177,7 @@ class _Run:
     workdir: str
     mesh: Mesh
     rules: tuple
-    paths: dict[str, str]  # data files, image folder, tokenizer (resolve_data)
+    files: dict[str, str]  # data files, image folder, tokenizer (resolve_data)
     tokenizer: Tokenizer
     ckpt: Checkpointer
     metrics: MetricsWriter
@@ -174,11 +199,12 @@ class _Resume:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train every stage of `config` in `workdir`, resuming from its checkpoints; returns final eval metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    paths = resolve_data(config, workdir)
+    workdir = paths.absolute(workdir)
+    paths.makedirs(workdir)
+    files = resolve_data(config, workdir)
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.get("sharding_rules", rules_lib.DEFAULT_RULES))
-    r = _Run(config=config, workdir=workdir, mesh=make_mesh(**config.mesh.to_dict()), rules=rules, paths=paths,
-             tokenizer=Tokenizer(paths["tokenizer"]),
+    r = _Run(config=config, workdir=workdir, mesh=make_mesh(**config.mesh.to_dict()), rules=rules, files=files,
+             tokenizer=Tokenizer(files["tokenizer"]),
              ckpt=Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                async_save=config.async_checkpoints),
              metrics=MetricsWriter(workdir))
@@ -192,6 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if start_stage >= len(config.stages):
             log.info("all %d stages are already complete in %s", len(config.stages), workdir)
     finally:
+        r.metrics.flush()
         r.ckpt.close()
         signal.signal(signal.SIGTERM, old_handler)
     return final
@@ -221,6 +248,9 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
                                                pad_to_square=run.config.data.get("pad_to_square", True))
     data = _stage_data(run, index, cfg, image_cfg)  # before the weights: a data error costs seconds, not a load
     params = _initial_params(run, source, cfg)
+    # What every checkpoint of the stage records, so that it loads as a model on its own (convert --to hf).
+    model = model_dir.checkpoint_model_meta(cfg, run.workdir, _frozen_source(run, stage, source, cfg, params, image_cfg),
+                                            run.files["tokenizer"], image_cfg.to_dict())
     tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=data.total_steps,
                                   warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay)
     state, shardings = _initial_state(run, stage, cfg, params, tx)
@@ -235,8 +265,8 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
         log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s",
                  index + 1, len(run.config.stages), stage.name, data.total_steps, data.batches_per_epoch,
                  stage.global_batch, data.num_micro, list(stage.trainable))
-    state, last = _train(run, index, cfg, state, train_step, data, evaluator, offset)
-    result = _finish(run, index, cfg, image_cfg, state, data, evaluator, offset)
+    state, last = _train(run, index, cfg, state, train_step, data, evaluator, offset, model)
+    result = _finish(run, index, cfg, image_cfg, state, data, evaluator, offset, model)
     return {**last, **result}
 
 
@@ -263,6 +293,23 @@ def _initial_params(run: _Run, source: str | None, cfg: LlavaConfig) -> Any:
     return jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=shardings)(jax.random.key(run.config.seed))
 
 
+def _frozen_source(run: _Run, stage, source: str | None, cfg: LlavaConfig, params: Any,
+                   image_cfg: image_lib.ImageProcessorConfig) -> str | None:
+    """The model directory holding the parameters this stage freezes (checkpoints hold only the trained ones).
+
+    None when the stage trains every parameter. A random initialisation that freezes some is
+    written once to WORKDIR/init, so that its checkpoints stay loadable.
+    """
+    if not jax.tree.leaves(split_params(params, list(stage.trainable))[1]):
+        return None
+    if source:
+        return source
+    directory = os.path.join(run.workdir, "init")
+    if run.is_main and not paths.exists(os.path.join(directory, CONFIG_FILE)):
+        write_model_dir(directory, cfg.replace(dtype="float32", remat="none"), params, run.files["tokenizer"], image_cfg)
+    return directory
+
+
 @dataclasses.dataclass
 class _StageData:
     """A stage's input pipeline and how many steps it runs."""
@@ -280,9 +327,9 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
     if stage.global_batch % stage.micro_batch or stage.global_batch % nproc:
         raise ConfigError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
                          f"{stage.micro_batch} and by the {nproc} processes")
-    data_path = run.paths.get(stage.data) or _data_file(stage.data, config.data)
+    data_path = run.files.get(stage.data) or _data_file(stage.data, config.data)
     ds = pipeline.make_dataset(
-        data_path, run.paths["image_folder"], run.tokenizer, stage.template, image_cfg,
+        data_path, run.files["image_folder"], run.tokenizer, stage.template, image_cfg,
         num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
         max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
         group_by_modality_length=config.data.get("group_by_modality_length", False),
@@ -312,7 +359,7 @@ def _restore(run: _Run, stage, state: TrainState, iterator: pipeline.DataIterato
 
 
 def _train(run: _Run, index: int, cfg: LlavaConfig, state: TrainState, train_step, data: _StageData,
-           evaluator: "_Evaluator", offset: int) -> tuple[TrainState, dict[str, float]]:
+           evaluator: "_Evaluator", offset: int, model: dict) -> tuple[TrainState, dict[str, float]]:
     """The stage's steps from `state.step` on: metrics, periodic evaluation and checkpoints, SIGTERM."""
     config, stage = run.config, run.config.stages[index]
     logger = _StepLogger(run, stage, cfg, data, offset, start=int(state.step))
@@ -324,7 +371,7 @@ def _train(run: _Run, index: int, cfg: LlavaConfig, state: TrainState, train_ste
         if config.eval_every and step % config.eval_every == 0 and step < data.total_steps:
             run.metrics.write({"step": offset + step, "stage": stage.name, **evaluator(state)})
         if step < data.total_steps and (step % config.checkpoint_every == 0 or run.sigterm):
-            _save(run.ckpt, offset + step, state, index, step, data)
+            _save(run, offset + step, state, index, step, data, model)
             if run.sigterm:
                 run.ckpt.wait()
                 raise Preempted(f"SIGTERM: saved checkpoint {offset + step}; start again to resume")
@@ -333,7 +380,7 @@ def _train(run: _Run, index: int, cfg: LlavaConfig, state: TrainState, train_ste
 
 
 def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig, state: TrainState,
-            data: _StageData, evaluator: "_Evaluator", offset: int) -> dict[str, float]:
+            data: _StageData, evaluator: "_Evaluator", offset: int, model: dict) -> dict[str, float]:
     """End of stage: evaluate, write the model directory, then mark the stage done with a checkpoint."""
     stage = run.config.stages[index]
     result = evaluator(state)
@@ -345,9 +392,9 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
     out_dir = _stage_dir(run.workdir, index, stage)
     if run.is_main:
         write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none"), params,
-                        run.paths["tokenizer"], image_cfg)
+                        run.files["tokenizer"], image_cfg)
         log.info("stage %s: model written to %s", stage.name, out_dir)
-    _save(run.ckpt, offset + data.total_steps, state, index, data.total_steps, data)
+    _save(run, offset + data.total_steps, state, index, data.total_steps, data, model)
     run.ckpt.wait()
     stats = getattr(data.iterator, "stats", None)
     if stats is not None and run.is_main:
@@ -442,11 +489,11 @@ def _stage_steps(stage, batches_per_epoch: int, max_steps: int) -> int:
 
 def _data_file(name: str, data_cfg) -> str:
     """A stage's data file: as given, or relative to data.data_dir (default: the image folder)."""
-    if os.path.isabs(name) or os.path.exists(name):
+    if paths.is_remote(name) or os.path.isabs(name) or paths.exists(name):
         return name
     base = data_cfg.get("data_dir") or data_cfg.get("image_folder") or ""
     candidate = os.path.join(base, name)
-    if not os.path.exists(candidate):
+    if not paths.exists(candidate):
         raise FileNotFoundError(f"stage data {name!r} not found as given nor in {base!r} (set config.data.data_dir "
                                 f"or give the stage an absolute path)")
     return candidate
@@ -463,9 +510,12 @@ def _checkpointed(state: TrainState) -> dict:
                          "nonfinite_total": state.nonfinite_total}}
 
 
-def _save(ckpt: Checkpointer, global_step: int, state: TrainState, index: int, step: int, data: _StageData) -> None:
-    meta = {"stage": index, "stage_step": step, "stage_steps": data.total_steps, "global_step": global_step}
-    ckpt.save(global_step, _checkpointed(state), meta, data.iterator.get_state())
+def _save(run: _Run, global_step: int, state: TrainState, index: int, step: int, data: _StageData,
+          model: dict) -> None:
+    meta = {"stage": index, "stage_step": step, "stage_steps": data.total_steps, "global_step": global_step,
+            "model": model}
+    run.metrics.flush()  # the metrics cover every step the checkpoint does
+    run.ckpt.save(global_step, _checkpointed(state), meta, data.iterator.get_state())
 
 
 def _progress(total: int, start: int, name: str):
@@ -480,10 +530,10 @@ class _Evaluator:
     def __init__(self, run: _Run, stage, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig):
         self.samples = None
         data_cfg = run.config.data
-        val = run.paths.get("val") or data_cfg.get("val")
+        val = run.files.get("val") or data_cfg.get("val")
         if not val:
             return
-        self.samples = build_eval_set(val, run.paths["image_folder"], run.tokenizer,
+        self.samples = build_eval_set(val, run.files["image_folder"], run.tokenizer,
                                       data_cfg.get("eval_template", "vicuna_v1"), image_cfg, cfg,
                                       data_cfg.get("eval_max_length", 512))
         self.forward = jax.jit(eval_forward(cfg))
