@@ -23,7 +23,10 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57"],
+        # gs:// workdirs, model directories, data and image folders (etils.epath's GCS backend).
+        "gcs": ["gcsfs>=2024.2"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57", "gcsfs==2026.10.1",
+                 "gcp-storage-emulator==2026.7.19"],
         "tfds": ["tensorflow-datasets>=4.9"],
     },
 )

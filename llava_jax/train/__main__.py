@@ -31,7 +31,7 @@ __doc__ += "\nThe embedded default (--config.KEY=VALUE overrides any line):\n\n"
 def main(argv) -> int:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("absl", "jax._src", "orbax", "grain"):
+    for noisy in ("absl", "jax._src", "orbax", "grain", "gcsfs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from llava_jax.parallel.distributed import maybe_initialize
     from llava_jax.train import loop

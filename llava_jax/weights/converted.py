@@ -56,10 +56,18 @@ ORBAX_METADATA = "_CHECKPOINT_METADATA"  # written by every finalized Orbax chec
 def save_param_batches(batches: Iterable[dict], directory: str) -> int:
     """Write a parameter tree given as disjoint subtrees, one Orbax partial save each; returns bytes written.
 
-    The checkpoint appears at `directory` only after the last batch (Orbax finalize).
+    The checkpoint appears at `directory` only after the last batch (Orbax finalize). On object
+    storage (gs://) Orbax cannot save partially (it snapshots the growing checkpoint, which its
+    commit-file atomicity there does not offer): the batches are gathered and written as one tree.
     """
     total = 0
     with _saving_context():
+        if paths.is_remote(directory):
+            flat: dict = {}
+            for batch in batches:
+                flat.update(_flatten(batch))
+            ocp.save_pytree(directory, _unflatten(flat))
+            return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in flat.values())
         for batch in batches:
             ocp.partial.save(directory, batch)
             total += sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))
