@@ -24,7 +24,7 @@ CONFIG = os.path.join(ROOT, "tests", "_train_config.py")
 BUCKET = "llava-test"
 # Three steps a stage, a checkpoint every step (global steps 1-3 stage 1, 4-6 stage 2), no eval set.
 OVERRIDES = ["--config.max_steps=3", "--config.checkpoint_every=1", "--config.data.synthetic_args.num_train=16",
-             "--config.data.synthetic_args.num_val=0"]
+             "--config.data.synthetic_args.num_val=0", "--config.progress=True"]
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
@@ -91,7 +91,9 @@ def test_workdir_on_gcs_trains_checkpoints_is_killed_and_resumes(gcs, monkeypatc
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
     assert "resuming from checkpoint 4 (stage 2, step 1/3)" in err and "restored step 1 and the data position" in err
-    assert f"model: {workdir}/stage2_finetune" in out
+    # The output as a log file shows it: no progress bar off a terminal, no stray line on stdout.
+    assert out == f"model: {workdir}/stage2_finetune\n", out
+    assert "\r" not in err and "it/s" not in err, err[-2000:]
     # Metrics were kept up to the checkpoint the run was killed after; step 5 again gives the same loss.
     records = [json.loads(line) for line in _read(url, "run/metrics.jsonl").decode().splitlines()]
     losses: dict[int, list[float]] = {}

@@ -52,3 +52,36 @@ def test_malformed_training_record_is_one_line_with_exit_2(tmp_path):
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert errors == [f"llava_jax.train: error: {bad}: record 1 (line 3, id 'broken'): field 'conversations' must be a "
                       "non-empty list of {'from', 'value'} turns (--debug shows the traceback)"], r.stderr[-3000:]
+
+
+def test_log_lines_are_not_glued_to_the_progress_bar(monkeypatch):
+    """On a terminal, log records go through the bar: each starts its own line, the bar is redrawn below."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from llava_jax.train.loop import _logging_through
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("LOG %(message)s"))
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    bar = tqdm(total=3, file=out, desc="pretrain", mininterval=0)
+    bar.update(1)
+    with _logging_through(bar):
+        logging.getLogger("llava_jax.train").warning("hello")
+        bar.update(1)
+    bar.close()
+    lines = [segment.split("\r")[-1] for segment in out.getvalue().split("\n")]
+    assert "LOG hello" in lines, out.getvalue()
+
+
+def test_data_summary_says_what_empty_rows_are():
+    from llava_jax.data.pipeline import DataStats
+
+    stats = DataStats()
+    stats.add_batch(6, 8)
+    assert stats.summary() == ("6 samples in 1 batches, 2 rows left empty (the loss ignores them: each epoch's last "
+                               "batch is filled up to the batch size, and a skipped sample leaves its row empty); "
+                               "skipped 0")

@@ -181,8 +181,11 @@ class DataStats:
 
     def summary(self) -> str:
         """One human-readable paragraph."""
-        text = (f"{self.samples} samples in {self.batches} batches ({self.empty_rows} empty rows); "
-                f"skipped {self.num_skipped}")
+        text = f"{self.samples} samples in {self.batches} batches"
+        if self.empty_rows:
+            text += (f", {self.empty_rows} rows left empty (the loss ignores them: each epoch's last batch is "
+                     "filled up to the batch size, and a skipped sample leaves its row empty)")
+        text += f"; skipped {self.num_skipped}"
         if self.skipped:
             text += " (" + ", ".join(f"{k}: {n}" for k, n in sorted(self.skipped.items())) + ")"
         if self.problems:

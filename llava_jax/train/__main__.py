@@ -49,8 +49,8 @@ def main(argv) -> int:
             raise
         print(f"llava_jax.train: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2
-    if result:
-        keys = [k for k in ("eval/accuracy", "eval/blind_accuracy", "eval/loss") if k in result]
+    keys = [k for k in ("eval/accuracy", "eval/blind_accuracy", "eval/loss") if k in result]
+    if keys:  # a run without a held-out set has none: print no empty line
         print(" ".join(f"{k}={result[k]:.4f}" for k in keys))
     last = [n for n in paths.listdir(workdir) if n.startswith("stage")]
     if last:

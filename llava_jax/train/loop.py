@@ -17,12 +17,14 @@ the loop jit-compiles once per stage with explicit in/out shardings over the mes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -388,6 +390,11 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
         run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **result})
         if run.is_main:
             log.info("stage %s eval: %s", stage.name, json.dumps({k: round(v, 4) for k, v in result.items()}))
+            eval_template = run.config.data.get("eval_template", "vicuna_v1")
+            if stage.template != eval_template:
+                log.info("stage %s eval: the held-out questions are asked in %s, which this stage (%s) does not "
+                         "train; low accuracy here is expected, the next stage teaches the answers",
+                         stage.name, eval_template, stage.template)
     params = merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen))
     out_dir = _stage_dir(run.workdir, index, stage)
     if run.is_main:
@@ -414,8 +421,12 @@ class _StepLogger:
         self.peak = flops_lib.peak_tflops(jax.devices()[0].device_kind)
         self.train_vision = any("vision_tower" in p for p in stage.trainable)
         self.train_text = any("language_model" in p for p in stage.trainable)
-        show = run.is_main and run.config.get("progress", True)
+        # A bar only on a terminal: in a log file its carriage returns glue every line together.
+        show = run.is_main and run.config.get("progress", True) and sys.stderr.isatty()
         self.bar = _progress(data.total_steps, start, stage.name) if show else None
+        self._logging = _logging_through(self.bar) if self.bar is not None else None
+        if self._logging is not None:
+            self._logging.__enter__()
         self.t_last, self.logged_at, self.compiled = time.time(), start, False
         self.pending: tuple[int, dict] | None = None  # the previous step's metrics, checked one step late
         self.last: dict[str, float] = {}
@@ -439,30 +450,33 @@ class _StepLogger:
             self._check_finite(*self.pending)
         if self.bar is not None:
             self.bar.close()
+            self._logging.__exit__(None, None, None)
 
     def _record(self, step: int, batch: dict, m: dict) -> None:
-        now = time.time()
-        dt = (now - self.t_last) / max(1, step - self.logged_at)
-        self.t_last, self.logged_at = now, step
-        nproc = jax.process_count()
-        rows, seq = batch["input_ids"].shape
-        n_images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0
-        fl = flops_lib.train_step_flops(self.cfg, tokens=rows * seq * nproc, seq_len=seq, images=n_images * nproc,
-                                        train_vision=self.train_vision, train_text=self.train_text)
         rec = {"step": self.offset + step, "stage": self.stage.name, "stage_step": step,
                "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
-               "grad_norm": float(m["grad_norm"]), "step_time": dt, "tokens_per_s": float(m["tokens"]) / dt,
-               "tflops_per_device": fl / dt / 1e12 / jax.device_count(), "nonfinite_total": int(m["nonfinite_total"])}
-        if self.peak:
-            rec["mfu"] = rec["tflops_per_device"] / self.peak
+               "grad_norm": float(m["grad_norm"]), "nonfinite_total": int(m["nonfinite_total"])}
+        now = time.time()
+        if step > self.logged_at:  # timings over the steps since the last record (none for the compiling step)
+            dt = (now - self.t_last) / (step - self.logged_at)
+            nproc = jax.process_count()
+            rows, seq = batch["input_ids"].shape
+            n_images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0
+            fl = flops_lib.train_step_flops(self.cfg, tokens=rows * seq * nproc, seq_len=seq, images=n_images * nproc,
+                                            train_vision=self.train_vision, train_text=self.train_text)
+            rec.update(step_time=dt, tokens_per_s=float(m["tokens"]) / dt,
+                       tflops_per_device=fl / dt / 1e12 / jax.device_count())
+            if self.peak:
+                rec["mfu"] = rec["tflops_per_device"] / self.peak
+        self.t_last, self.logged_at = now, step
         stats = getattr(self.data.iterator, "stats", None)
         if stats is not None:
             rec.update(stats.metrics())
         self.run.metrics.write(rec)
         self.last = rec
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}",
-                                 step_s=f"{dt:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            timing = {"step_s": f"{rec['step_time']:.2f}", "tok_s": f"{rec['tokens_per_s']:.0f}"} if "step_time" in rec else {}
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}", **timing)
 
     def _check_finite(self, step: int, m: dict) -> None:
         """Count and log a skipped step; stop after too many in a row."""
@@ -522,6 +536,29 @@ def _progress(total: int, start: int, name: str):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _logging_through(bar):
+    """Log records are written through the bar (`bar.write`: the bar is cleared, the line written, the
+    bar redrawn), formatted by the handlers that would have written them; restored on exit."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+
+    class Through(logging.Handler):
+        def __init__(self, inner: logging.Handler):
+            super().__init__(inner.level)
+            self.inner = inner
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if self.inner.filter(record):
+                bar.write(self.inner.format(record), file=bar.fp)
+
+    root.handlers = [Through(h) for h in handlers]
+    try:
+        yield
+    finally:
+        root.handlers = handlers
 
 
 class _Evaluator:
