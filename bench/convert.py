@@ -29,7 +29,7 @@ import numpy as np
 from llava_jax.config import LLAVA_15_7B, LlavaConfig, llava_config_to_hf
 from llava_jax.weights import mapping
 from llava_jax.weights.export import write_safetensors
-from llava_jax.weights.hf import abstract_params
+from llava_jax.models.llava import abstract_params
 
 SHAPES = {
     "7b": LLAVA_15_7B,
@@ -54,7 +54,7 @@ def _random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
 def hf_tensors(cfg: LlavaConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, torch shape) of a llava-hf checkpoint of this config: the whole CLIP tower included."""
     full = cfg.replace(vision_feature_layer=cfg.vision.num_layers)
-    shapes = abstract_params(full)
+    shapes = mapping.unstack_layers(abstract_params(full))
     out = []
     for e in sorted(mapping.entries(full), key=mapping.layer_order):
         leaf = shapes

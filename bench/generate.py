@@ -164,7 +164,7 @@ def build(cfg: LlavaConfig, dtype: str, want_hf: bool):
             hf.save_pretrained(d)
             ours = load_pretrained(d, dtype)
     else:
-        params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(jax.random.key(0))
+        params = nn.unbox(init_params(cfg, jax.random.key(0)))
         ours = LlavaModel(cfg, params)
     return ours, hf, device
 

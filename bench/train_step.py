@@ -57,8 +57,7 @@ def ours(cfg, b, stage: int, iters: int, remat: str) -> tuple[float, float]:
     cfg = cfg.replace(remat=remat, param_dtype="float32")
     mesh = make_mesh()
     rules = rules_lib.DEFAULT_RULES
-    init = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=model_param_shardings(cfg, mesh, rules))
-    params = init(jax.random.key(0))
+    params = nn.unbox(init_params(cfg, jax.random.key(0), shardings=model_param_shardings(cfg, mesh, rules)))
     tx, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000)
     trainable, frozen = split_params(params, TRAINABLE[stage])
     frozen = jax.tree.map(lambda x: x.astype(cfg.dtype), frozen)

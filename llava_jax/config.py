@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from typing import Any
 
 from llava_jax import paths
@@ -78,6 +77,9 @@ class LlavaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    # One nn.scan over each tower's layers, parameters stacked on a leading `layers` axis (compile
+    # time independent of depth); False: layers unrolled, parameters per layer (`layers_0`, ...).
+    scan_layers: bool = True
 
     @property
     def num_image_tokens(self) -> int:
@@ -194,9 +196,6 @@ def text_config_from_hf(c: dict, source: str = "config") -> TextConfig:
     )
 
 
-_MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
-
-
 def llava_config_from_hf(c: dict, source: str = "config.json") -> LlavaConfig:
     """Parse a HF `LlavaConfig` dict (`model_type: llava`)."""
     if c.get("model_type") != "llava":
@@ -274,18 +273,6 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
     }
 
 
-def projector_depth(projector_type: str) -> int:
-    """Number of Linear layers in a projector type (0 for identity)."""
-    if projector_type == "identity":
-        return 0
-    if projector_type == "linear":
-        return 1
-    m = _MLP_GELU.match(projector_type)
-    if not m:
-        raise ValueError(f"unknown projector type {projector_type!r} (expected linear, identity or mlpNx_gelu)")
-    return int(m.group(1))
-
-
 # Presets for the shapes users ask for by name.
 CLIP_VIT_L14_224 = VisionConfig(image_size=224)
 CLIP_VIT_L14_336 = VisionConfig(image_size=336)
@@ -294,3 +281,5 @@ VICUNA_13B = TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40
 LLAVA_15_7B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_7B)
 LLAVA_15_13B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_13B)
 LLAVA_V1_7B = LlavaConfig(vision=CLIP_VIT_L14_224, text=VICUNA_7B, projector_type="linear", vision_feature_layer=-2)
+# By name, for configs that need an architecture without a checkpoint (compile-only, benchmarks).
+PRESETS = {"llava-1.5-7b": LLAVA_15_7B, "llava-1.5-13b": LLAVA_15_13B, "llava-v1-7b": LLAVA_V1_7B}

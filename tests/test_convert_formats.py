@@ -242,9 +242,9 @@ def test_parts_fresh_projector_is_torch_linear_init(tmp_path):
     cfg, p = load_params(a)
     _, again = load_params(str(tmp_path / "again"))
     assert cfg.projector_type == "mlp2x_gelu" and cfg.vision_feature_layer == -2
-    np.testing.assert_array_equal(np.asarray(p["language_model"]["layers_1"]["mlp"]["down_proj"]["kernel"]),
+    np.testing.assert_array_equal(np.asarray(p["language_model"]["layers"]["mlp"]["down_proj"]["kernel"][1]),
                                   tensors["language_model.model.layers.1.mlp.down_proj.weight"].T)
-    np.testing.assert_array_equal(np.asarray(p["vision_tower"]["layers_0"]["self_attn"]["q_proj"]["bias"]),
+    np.testing.assert_array_equal(np.asarray(p["vision_tower"]["layers"]["self_attn"]["q_proj"]["bias"][0]),
                                   tensors["vision_tower.encoder.layers.0.self_attn.q_proj.bias"])
     for name, fan_in in (("linear_1", 32), ("linear_2", 64)):
         for leaf in ("kernel", "bias"):

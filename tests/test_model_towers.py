@@ -47,8 +47,9 @@ def test_clip_hidden_states_match_transformers(tmp_path, layer):
     tower = CLIPVisionTower(cfg.vision, cfg.num_vision_layers_used)
     got = np.asarray(tower.apply({"params": params}, px))
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-    # Only the layers up to the feature layer exist: LLaVA never pays for the rest.
-    assert sum(k.startswith("layers_") for k in params) == cfg.num_vision_layers_used
+    # Only the layers up to the feature layer exist (stacked on the leading axis): LLaVA never pays for the rest.
+    n = cfg.num_vision_layers_used
+    assert {x.shape[0] for x in jax.tree.leaves(params.get("layers", {}))} == ({n} if n else set())
 
 
 LLAMA_CASES = {
@@ -128,4 +129,4 @@ def test_every_parameter_has_logical_axes():
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     # And the mapping table names exactly the parameters the model has.
     flat = {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]}
-    assert flat == {"/".join(e.path) for e in mapping.entries(cfg)}
+    assert flat == {"/".join(e.location(cfg.scan_layers)[0]) for e in mapping.entries(cfg)}

@@ -80,7 +80,7 @@ class Completion:
 class DecodeState(NamedTuple):
     """Everything the decode loop carries; a pytree that crosses the jit boundary (donated)."""
 
-    cache: Cache  # per layer {"k", "v"} [B, S, K, H], S = T + N
+    cache: Cache  # {"k", "v"}: [L, B, S, K, H] each (all layers stacked), S = T + N
     kv_mask: jax.Array  # [B, S] int32, 1 = slot holds a real token
     tokens: jax.Array  # [B, N] int32 generated tokens (pad after a row is done)
     logprobs: jax.Array  # [B, N] float32

@@ -17,10 +17,10 @@ from llava_jax.models.common import (
     attention,
     dense,
     layer_norm,
-    maybe_remat,
     merge_heads,
     split_heads,
 )
+from llava_jax.models.stack import layer_stack, run_layers
 
 
 class CLIPAttention(nn.Module):
@@ -60,12 +60,12 @@ class CLIPEncoderLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:  # [N, 1+P, D], the carry of `run_layers`
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layer_norm(c.layer_norm_eps, "vision_embed", name="layer_norm1", **kw)(x)
         x = x + CLIPAttention(c, name="self_attn", **kw)(h)
         h = layer_norm(c.layer_norm_eps, "vision_embed", name="layer_norm2", **kw)(x)
-        return x + CLIPMLP(c, name="mlp", **kw)(h)
+        return x + CLIPMLP(c, name="mlp", **kw)(h), None
 
 
 class CLIPEmbeddings(nn.Module):
@@ -112,6 +112,7 @@ class CLIPVisionTower(nn.Module):
 
     Attributes:
       num_layers_run: how many encoder layers to run (LLaVA's -2 on a 24-layer tower is 23).
+      scan_layers: one scanned module over stacked parameters (`layers`), else `layers_0 ...`.
     """
 
     cfg: VisionConfig
@@ -119,13 +120,12 @@ class CLIPVisionTower(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, 1+P, D]
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = CLIPEmbeddings(c, name="embeddings", **kw)(pixel_values)
         x = layer_norm(c.layer_norm_eps, "vision_embed", name="pre_layrnorm", **kw)(x)
-        layer_cls = maybe_remat(CLIPEncoderLayer, self.remat)
-        for i in range(self.num_layers_run):
-            x = layer_cls(c, name=f"layers_{i}", **kw)(x)
-        return x
+        layers = layer_stack(CLIPEncoderLayer, self.num_layers_run, scan=self.scan_layers, remat=self.remat, cfg=c, **kw)
+        return run_layers(layers, x)

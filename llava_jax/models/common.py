@@ -121,8 +121,11 @@ def remat_policy(name: str):
     return policies[name]
 
 
-def maybe_remat(module_cls: type[nn.Module], policy_name: str, static_argnums: Sequence[int] = ()) -> type[nn.Module]:
+def maybe_remat(
+    module_cls: type[nn.Module], policy_name: str, static_argnums: Sequence[int] = (), *, prevent_cse: bool = True
+) -> type[nn.Module]:
     """Wrap a layer class in `nn.remat` with the named policy (identity for 'none')."""
     if policy_name == "none":
         return module_cls
-    return nn.remat(module_cls, policy=remat_policy(policy_name), prevent_cse=True, static_argnums=tuple(static_argnums))
+    return nn.remat(module_cls, policy=remat_policy(policy_name), prevent_cse=prevent_cse,
+                    static_argnums=tuple(static_argnums))

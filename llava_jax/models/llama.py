@@ -1,8 +1,9 @@
 """LLaMA-family decoder (LLaMA 1/2/3, Vicuna, Mistral-style GQA) with an explicit KV cache.
 
 The cache is an argument and a result, never hidden state, so that the decode step stays a pure
-function at the jit boundary: `cache` is a list (one per layer) of {"k", "v"} arrays
-[B, S, K, H] and `cache_index` the slot where the first of this call's T tokens is written.
+function at the jit boundary: `cache` is {"k", "v"}, each one stacked array [L, B, S, K, H] over
+the L layers, and `cache_index` the slot where the first of this call's T tokens is written. Each
+layer writes its slice in place (scanned, the cache rides in the loop carry: no copy per layer).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import TextConfig
-from llava_jax.models.common import INIT_STD, RMSNorm, attention, dense, maybe_remat, merge_heads, split_heads
+from llava_jax.models.common import INIT_STD, RMSNorm, attention, dense, merge_heads, split_heads
+from llava_jax.models.stack import layer_stack, run_layers
 
-Cache = list[dict[str, jax.Array]]
+Cache = dict[str, jax.Array]  # {"k", "v"}: [L, B, S, K, H] each
 
 
 def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
@@ -65,7 +67,7 @@ class LlamaAttention(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache, cache_index):
+    def __call__(self, x, cos, sin, mask, cache, cache_index, layer):
         c = self.cfg
         kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         q = dense(c.num_heads * c.head_dim, ("embed", "heads"), name="q_proj", **kw)(x)
@@ -78,12 +80,11 @@ class LlamaAttention(nn.Module):
         k = apply_rope(split_heads(k, c.num_kv_heads), cos, sin)  # [B, T, K, H]
         v = split_heads(v, c.num_kv_heads)
         new_cache = None
-        if cache is not None:
-            at = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
-            new_cache = {"k": k, "v": v}
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if cache is not None:  # this layer's slice of the stacked cache, written in place
+            at = (layer, 0, cache_index, 0, 0)
+            new_cache = {n: jax.lax.dynamic_update_slice(cache[n], t[None].astype(cache[n].dtype), at)
+                         for n, t in (("k", k), ("v", v))}
+            k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False).astype(self.dtype) for n in "kv")
         out = merge_heads(attention(q, k, v, mask))
         out = dense(c.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
         return checkpoint_name(out, "out_proj"), new_cache
@@ -104,20 +105,23 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """One decoder layer; `carry` is (x [B, T, D], the stacked cache or None, this layer's index)."""
+
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache, cache_index):
+    def __call__(self, carry, cos, sin, mask, cache_index):
+        x, cache, layer = carry
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, new_cache = LlamaAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, cache_index)
+        h, cache = LlamaAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, cache_index, layer)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + LlamaMLP(c, name="mlp", **kw)(h)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, new_cache
+        return (x, cache, layer + 1), None
 
 
 def attention_mask(kv_mask: jax.Array, num_queries: int, cache_index) -> jax.Array:
@@ -135,6 +139,7 @@ class LlamaModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
+    scan_layers: bool = True
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -145,8 +150,7 @@ class LlamaModel(nn.Module):
             name="embed_tokens",
             **kw,
         )
-        layer_cls = maybe_remat(LlamaDecoderLayer, self.remat)
-        self.layers = [layer_cls(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
+        self.layers = layer_stack(LlamaDecoderLayer, c.num_layers, scan=self.scan_layers, remat=self.remat, cfg=c, **kw)
         self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
@@ -173,17 +177,13 @@ class LlamaModel(nn.Module):
         x = inputs_embeds.astype(self.dtype)
         cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
         mask = attention_mask(kv_mask, x.shape[1], cache_index)
-        new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
+        x, new_cache, _ = run_layers(self.layers, (x, cache, jnp.int32(0)), cos, sin, mask, cache_index)
         x = self.norm(x[:, -1:] if last_only else x)
         logits = self.embed_tokens.attend(x) if self.cfg.tie_word_embeddings else self.lm_head(x)
         return logits.astype(jnp.float32), new_cache
 
 
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
-    """An empty KV cache: per layer k, v [B, S, K, H]."""
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    """An empty KV cache: k, v [L, B, S, K, H], one stacked array each."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -9,6 +9,8 @@ Shapes are static under jit: unused image slots cost vision compute but change n
 from __future__ import annotations
 
 import dataclasses
+import functools
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +20,7 @@ import numpy as np
 
 from llava_jax.config import LlavaConfig
 from llava_jax.models.clip import CLIPVisionTower
+from llava_jax.models.common import INIT_STD
 from llava_jax.models.llama import Cache, LlamaModel
 from llava_jax.models.projector import build_projector
 
@@ -28,11 +31,12 @@ class Llava(nn.Module):
     def setup(self):
         c = self.cfg
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-        self.vision_tower = CLIPVisionTower(c.vision, c.num_vision_layers_used, remat=c.remat, **kw)
+        stack = dict(remat=c.remat, scan_layers=c.scan_layers)
+        self.vision_tower = CLIPVisionTower(c.vision, c.num_vision_layers_used, **stack, **kw)
         self.projector = build_projector(
             c.projector_type, c.text.hidden_size, use_bias=c.projector_bias, name="projector", **kw
         )
-        self.language_model = LlamaModel(c.text, remat=c.remat, **kw)
+        self.language_model = LlamaModel(c.text, **stack, **kw)
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, I, H, W, C] -> [B, I*N, D]
         """Vision features of the chosen layer and strategy, projected to the language width."""
@@ -150,9 +154,66 @@ class LlavaModel:
         return LlavaOutput(self._forward(self.params, input_ids, packed, np.asarray(attention_mask, np.int32)))
 
 
-def init_params(cfg: LlavaConfig, rng: jax.Array, *, image_slots: int = 1) -> Any:
-    """Randomly initialised parameters (boxed with logical axis names; `nn.unbox` for plain arrays)."""
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(cfg: LlavaConfig) -> Any:
     v = cfg.vision
-    ids = jnp.zeros((1, 8), jnp.int32)
-    px = jnp.zeros((1, image_slots, v.image_size, v.image_size, v.num_channels), jnp.float32)
-    return Llava(cfg).init(rng, ids, px)["params"]
+    ids = jnp.zeros((1, 1), jnp.int32)
+    px = jnp.zeros((1, 1, v.image_size, v.image_size, v.num_channels), jnp.float32)
+    return jax.eval_shape(lambda: Llava(cfg).init(jax.random.key(0), ids, px))["params"]
+
+
+def abstract_params(cfg: LlavaConfig, *, boxed: bool = False) -> Any:
+    """Shapes and dtypes of every parameter of a config ([jax.ShapeDtypeStruct]), nothing allocated.
+
+    Traced once per config and process (abstractly, never compiled; with scanned layers the trace
+    holds one layer per tower). `boxed=True` keeps the logical axis names (`nn.Partitioned`) that
+    the sharding rules read. Each call returns a fresh tree: callers may edit it.
+    """
+    tree = _abstract_boxed(cfg)
+    if not boxed:
+        tree = nn.unbox(tree)
+    return jax.tree.map(lambda x: x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+# Every parameter starts from one of three initializers, chosen by its leaf name as the modules
+# declare them (`models/common.py`): norm scales at 1, biases at 0, every matrix and embedding
+# from N(0, INIT_STD^2).
+_ONES, _ZEROS = ("scale",), ("bias",)
+
+
+def _initial(key: jax.Array, name: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+    if name in _ONES:
+        return jnp.ones(leaf.shape, leaf.dtype)
+    if name in _ZEROS:
+        return jnp.zeros(leaf.shape, leaf.dtype)
+    return INIT_STD * jax.random.normal(key, leaf.shape, leaf.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _initializer(cfg: LlavaConfig):
+    """rng -> unboxed parameters: one RNG stream per parameter, folded in from its path (stable across
+    layouts of the rest of the tree), so any subset can be drawn alone."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
+
+    def init(rng: jax.Array) -> Any:
+        leaves = []
+        for path, leaf in flat:
+            keys = [str(getattr(k, "key", k)) for k in path]
+            leaves.append(_initial(jax.random.fold_in(rng, zlib.crc32("/".join(keys).encode())), keys[-1], leaf))
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return init
+
+
+def init_params(cfg: LlavaConfig, rng: jax.Array, *, shardings: Any = None) -> Any:
+    """Randomly initialised parameters (boxed with logical axis names; `nn.unbox` for plain arrays).
+
+    Built from `abstract_params(cfg)` and the initializers alone: no forward pass is traced or
+    compiled. With `shardings` (a tree of `jax.sharding.Sharding`s nested like the parameters) each
+    array is created directly in its shards: no device ever holds the whole model.
+    """
+    jitted = jax.jit(_initializer(cfg)) if shardings is None else jax.jit(_initializer(cfg), out_shardings=shardings)
+    values = jitted(rng)
+    boxed = abstract_params(cfg, boxed=True)
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda box, value: box.replace_boxed(value), boxed, values, is_leaf=is_box)

@@ -1,10 +1,14 @@
-"""Vision-to-language projectors, registered by name.
+"""Vision-to-language projectors, registered by name: the one place that knows them.
 
-A new projector is one factory decorated with `register_projector(pattern)`; its parameters are named `linear_1 ... linear_N` so that the checkpoint mapping stays one table.
+A new projector is one factory decorated with `register_projector(pattern)`. Its Dense layers are
+named `linear_1 ... linear_N` (torch's `linear_N.weight`, or index 2(N-1) of the original
+nn.Sequential): the checkpoint mapping, the FLOP count and config validation read the names off
+the module the factory builds (`projector_linears`), so nothing else needs to change.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable
 
@@ -85,3 +89,20 @@ def build_projector(
         if m:
             return factory(m, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
     raise ValueError(f"unknown projector type {projector_type!r}; registered: {[p.pattern for p, _ in _REGISTRY]}")
+
+
+@functools.lru_cache(maxsize=None)
+def projector_linears(projector_type: str) -> tuple[str, ...]:
+    """Names of the Dense layers (`linear_1`, ...) of the registered projector, in order.
+
+    Read off the module the factory builds (an abstract init: nothing is computed), so a new
+    projector needs no other table. Raises ValueError for an unregistered type.
+    """
+    width = 8  # any width: only the names matter (the identity projector needs equal widths)
+    module = build_projector(projector_type, width, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, width))))
+    names = list(shapes.get("params", {}))
+    bad = [n for n in names if not re.fullmatch(r"linear_\d+", n)]
+    if bad:
+        raise ValueError(f"projector {projector_type!r}: parameters {bad} are not named linear_N, which the checkpoint mapping needs")
+    return tuple(sorted(names, key=lambda n: int(n.split("_")[1])))

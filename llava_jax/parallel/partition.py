@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.config import LlavaConfig
-from llava_jax.models.llava import init_params
+from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import rules as rules_lib
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values")
@@ -18,8 +18,7 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values")
 
 def model_param_shardings(cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> Any:
     """NamedShardings for every parameter of a config (nested like the parameters), nothing allocated."""
-    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return rules_lib.param_shardings(boxed, mesh, rules)
+    return rules_lib.param_shardings(abstract_params(cfg, boxed=True), mesh, rules)
 
 
 def subtree_like(full: Any, sub: Any) -> Any:

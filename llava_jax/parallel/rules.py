@@ -20,6 +20,8 @@ DEFAULT_RULES: Rules = (
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
+    # The stacked layer axis of scanned towers: each device holds its part of every layer.
+    ("layers", None),
     # Language model: FSDP over the model width, tensor parallel over heads / MLP / vocab.
     ("embed", "fsdp"),
     ("heads", "tensor"),

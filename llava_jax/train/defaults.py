@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init = ""  # a converted checkpoint directory; empty: random init from the fields below
     c.model.dtype = "bfloat16"
     c.model.remat = "none"
+    c.model.scan_layers = True  # nn.scan over each tower's layers (compile time independent of depth)
     c.data = ml_collections.ConfigDict()
     c.data.synthetic = False
     c.data.image_folder = ""

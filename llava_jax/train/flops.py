@@ -8,6 +8,8 @@ a frozen tower with nothing trainable below it (CLIP) is forward only.
 
 from __future__ import annotations
 
+import math
+
 from llava_jax.config import LlavaConfig
 
 # Dense bf16 peak per chip (vendor datasheets), for MFU.
@@ -51,13 +53,10 @@ def _vision_forward(cfg: LlavaConfig, images: int) -> float:
 
 
 def _projector_forward(cfg: LlavaConfig, images: int) -> float:
-    from llava_jax.config import projector_depth
+    from llava_jax.models.llava import abstract_params
 
-    d = projector_depth(cfg.projector_type)
-    if d == 0:
-        return 0.0
-    v, t = cfg.vision.hidden_size, cfg.text.hidden_size
-    return 2 * images * cfg.num_image_tokens * (v * t + (d - 1) * t * t)
+    weights = sum(math.prod(layer["kernel"].shape) for layer in abstract_params(cfg)["projector"].values())
+    return 2 * images * cfg.num_image_tokens * weights
 
 
 def train_step_flops(

@@ -280,8 +280,10 @@ def _initial_model(run: _Run, index: int) -> tuple[str | None, LlavaConfig]:
     """
     config = run.config
     source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
+    scan = config.model.get("scan_layers", True)
     cfg = LlavaConfig.load(source) if source else model_config(config, run.tokenizer)
-    return source or None, cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat)
+    return source or None, cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat,
+                                       scan_layers=scan)
 
 
 def _initial_params(run: _Run, source: str | None, cfg: LlavaConfig) -> Any:
@@ -290,9 +292,9 @@ def _initial_params(run: _Run, source: str | None, cfg: LlavaConfig) -> Any:
 
     shardings = model_param_shardings(cfg, run.mesh, run.rules)
     if source:
-        return load_params(source, "float32", shardings=shardings)[1]
+        return load_params(source, "float32", shardings=shardings, scan_layers=cfg.scan_layers)[1]
     # Created directly sharded: no host or device ever holds the whole model.
-    return jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=shardings)(jax.random.key(run.config.seed))
+    return nn.unbox(init_params(cfg, jax.random.key(run.config.seed), shardings=shardings))
 
 
 def _frozen_source(run: _Run, stage, source: str | None, cfg: LlavaConfig, params: Any,

@@ -10,6 +10,8 @@ import flax.traverse_util as tu
 import jax
 import optax
 
+from llava_jax.models.stack import STACK_AXIS
+
 Params = dict[str, Any]
 
 
@@ -38,8 +40,16 @@ def merge_params(a: Params, b: Params) -> Params:
 
 
 def decay_mask(params: Params) -> Params:
-    """Weight decay on matrices only: never on biases, norm scales or embeddings' 1-D params."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """Weight decay on matrices only: never on biases, norm scales or embeddings' 1-D params.
+
+    A stacked parameter (under `layers`, see models/stack.py) is a matrix when each layer's is.
+    """
+
+    def is_matrix(path, x) -> bool:
+        stacked = any(getattr(k, "key", None) == STACK_AXIS for k in path)
+        return x.ndim - stacked >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:

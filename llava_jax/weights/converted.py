@@ -15,9 +15,15 @@ interrupted conversion never leaves a DST that looks complete.
 written a few layers at a time, so a 7B model never has to be in host memory at once, and it is
 read back with `ocp.load` into any shardings, whole or in part.
 
+Layers are stored one array per layer (`layers_0/...`, the checkpoint mapping's layout), whatever
+the model's layout: a conversion or an export then streams a layer at a time, and the directory
+does not depend on `scan_layers`. `save_params` unstacks a scanned model's tree on the host;
+`load_params` stacks on the devices, one parameter at a time. Stacked trees on disk load too.
+
 A training checkpoint (WORKDIR/checkpoints/STEP) is read as a model too (`open_model`): its state
-holds the trained parameters under `params`, and its meta names the model directory the frozen
-ones come from (weights/model_dir.py), so `load_params`, `load_pretrained` and `--to hf` accept it.
+holds the trained parameters under `params` (in the model's layout, stacked when scanned), and
+its meta names the model directory the frozen ones come from (weights/model_dir.py), so
+`load_params`, `load_pretrained` and `--to hf` accept it. Each part is read in its own layout.
 
 DST may be local or `gs://...` (llava_jax/paths.py). Object storage cannot rename a directory:
 there the files are written in place, the config still last, and removed again on failure.
@@ -26,6 +32,7 @@ there the files are written in place, the config still last, and removed again o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -40,9 +47,8 @@ import orbax.checkpoint.experimental.v1 as ocp
 from llava_jax import paths
 from llava_jax.config import CONFIG_FILE, LlavaConfig
 from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
-from llava_jax.models.llava import LlavaModel
-from llava_jax.weights import model_dir
-from llava_jax.weights.hf import abstract_params
+from llava_jax.models.llava import LlavaModel, abstract_params
+from llava_jax.weights import mapping, model_dir
 from llava_jax.weights.safetensors_io import CheckpointError, save_file
 
 PARAMS_DIR = "params"
@@ -56,19 +62,21 @@ ORBAX_METADATA = "_CHECKPOINT_METADATA"  # written by every finalized Orbax chec
 def save_param_batches(batches: Iterable[dict], directory: str) -> int:
     """Write a parameter tree given as disjoint subtrees, one Orbax partial save each; returns bytes written.
 
-    The checkpoint appears at `directory` only after the last batch (Orbax finalize). On object
-    storage (gs://) Orbax cannot save partially (it snapshots the growing checkpoint, which its
-    commit-file atomicity there does not offer): the batches are gathered and written as one tree.
+    The checkpoint appears at `directory` only after the last batch (Orbax finalize). Stacked
+    layers are written one array per layer (see the module docstring). On object storage (gs://)
+    Orbax cannot save partially (it snapshots the growing checkpoint, which its commit-file
+    atomicity there does not offer): the batches are gathered and written as one tree.
     """
     total = 0
     with _saving_context():
         if paths.is_remote(directory):
             flat: dict = {}
             for batch in batches:
-                flat.update(_flatten(batch))
-            ocp.save_pytree(directory, _unflatten(flat))
+                flat.update(_flatten(mapping.unstack_layers(batch)))
+            ocp.save(directory, _unflatten(flat))
             return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in flat.values())
         for batch in batches:
+            batch = mapping.unstack_layers(batch)
             ocp.partial.save(directory, batch)
             total += sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))
         ocp.partial.finalize(directory)
@@ -130,7 +138,8 @@ class StoredModel:
       file_dirs: where tokenizer files, preprocessor_config.json and extra.safetensors are looked
         up, in order.
       parts: (Orbax checkpoint directory, path of the parameter tree inside it) pairs; a
-        parameter comes from the first part that holds it.
+        parameter comes from the first part that holds it. Each part has its own layer layout
+        (stacked or one array per layer).
       image_processor: the image settings when recorded directly (training checkpoints).
     """
 
@@ -140,32 +149,92 @@ class StoredModel:
     parts: tuple[tuple[str, tuple[str, ...]], ...]
     image_processor: ImageProcessorConfig | None = None
 
+    @functools.cached_property
+    def stored(self) -> tuple[dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]], ...]:
+        """Each part's arrays, path -> (shape, dtype) in the part's own layout, from metadata only."""
+        return tuple(stored_shapes(directory, prefix) for directory, prefix in self.parts)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether any part stores its layers stacked (then read a stacked parameter at a time)."""
+        return any(stored_stacked(held) for held in self.stored)
+
     def shapes(self) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-        """Parameter path -> (shape, dtype), from the checkpoints' metadata only."""
+        """Every stored parameter, one array per layer: path -> (shape, dtype), whichever part holds it."""
         out: dict = {}
-        for directory, prefix in reversed(self.parts):
-            out.update(stored_shapes(directory, prefix))
+        for held in reversed(self.stored):
+            for p, (shape, dtype) in held.items():
+                if mapping.is_stacked_path(p):
+                    out.update({mapping.layer_path(p, i): (shape[1:], dtype) for i in range(shape[0])})
+                else:
+                    out[p] = (shape, dtype)
         return out
 
-    def load(self, abstract: dict) -> dict:
-        """The leaves named by `abstract` (a subtree of ShapeDtypeStructs with shardings), cast and placed."""
-        wanted = _flatten(abstract)
-        out: dict = {}
-        for directory, prefix in self.parts:
-            held = stored_shapes(directory, prefix)
-            mine = {p: v for p, v in wanted.items() if p in held and p not in out}
+    def load(self, targets: dict) -> dict:
+        """Path -> array for `targets` (path in either layout -> ShapeDtypeStruct with its sharding).
+
+        Each parameter is read from the first part holding it, in that part's layout, then stacked
+        or split into rows on the devices, one parameter at a time.
+        """
+        remaining, out = dict(targets), {}
+        for (directory, prefix), held in zip(self.parts, self.stored):
+            mine = {p: t for p, t in remaining.items() if all(q in held for q in _stored_paths(p, t, held))}
             if mine:
-                tree = load_tree(directory, _unflatten({prefix + p: v for p, v in mine.items()}))
-                for p in mine:
-                    node = tree
-                    for k in prefix + p:
-                        node = node[k]
-                    out[p] = node
-        return _unflatten(out)
+                out.update(_read_part(directory, prefix, mine, held))
+                remaining = {p: t for p, t in remaining.items() if p not in mine}
+        if remaining:
+            raise CheckpointError(f"{self.path}: {len(remaining)} parameters held nowhere, e.g. "
+                                  f"{['/'.join(p) for p in list(remaining)[:4]]}")
+        return out
 
     def find_file(self, name: str) -> str | None:
         """The first of `file_dirs` holding `name`, or None."""
         return next((d for d in self.file_dirs if paths.exists(os.path.join(d, name))), None)
+
+
+def _stored_paths(p: tuple[str, ...], t, held: dict) -> list[tuple[str, ...]]:
+    """The stored paths a target parameter is read from, in the layout of `held`."""
+    on_disk = stored_stacked(held)
+    if mapping.is_stacked_path(p) and not on_disk:
+        return [mapping.layer_path(p, i) for i in range(t.shape[0])]
+    if on_disk and mapping.layer_index(p) is not None:
+        return [mapping.stack_path(p)]
+    return [p]
+
+
+def _read_part(directory: str, prefix: tuple[str, ...], targets: dict, held: dict) -> dict:
+    """`targets` read from one Orbax checkpoint in its layout, then stacked / split into the targets' layout."""
+    on_disk = stored_stacked(held)
+    want: dict = {}
+    for p, t in targets.items():
+        if mapping.is_stacked_path(p) and not on_disk:
+            row = jax.ShapeDtypeStruct(t.shape[1:], t.dtype, sharding=mapping.without_leading_axis(t.sharding))
+            want.update({q: row for q in _stored_paths(p, t, held)})
+        elif on_disk and mapping.layer_index(p) is not None:
+            q = mapping.stack_path(p)
+            want[q] = jax.ShapeDtypeStruct(held[q][0], t.dtype, sharding=mapping.with_leading_axis(t.sharding))
+        else:
+            want[p] = t
+    tree = load_tree(directory, _unflatten({prefix + q: v for q, v in want.items()}))
+    for k in prefix:
+        tree = tree[k]
+    loaded = _flatten(tree)
+    out = {}
+    for p, t in targets.items():
+        if mapping.is_stacked_path(p) and not on_disk:
+            rows = [loaded.pop(q) for q in _stored_paths(p, t, held)]
+            out[p] = mapping.stack_rows(rows, t.sharding)
+            del rows
+        elif on_disk and (row := mapping.layer_index(p)) is not None:
+            out[p] = _row_taker(t.sharding)(loaded[mapping.stack_path(p)], row)
+        else:
+            out[p] = loaded.pop(p)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _row_taker(sharding) -> Callable:
+    return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), out_shardings=sharding)
 
 
 def open_model(path: str) -> StoredModel:
@@ -223,9 +292,15 @@ def stored_shapes(params_dir: str, prefix: tuple[str, ...] = ()) -> dict[tuple[s
     return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(meta).items()}
 
 
+def stored_stacked(stored: dict) -> bool:
+    """Whether a stored tree (path -> anything) keeps its layers stacked (`layers/...`) or one per layer."""
+    return any(mapping.is_stacked_path(p) for p in stored)
+
+
 def check_stored(cfg: LlavaConfig, stored: dict, source: str) -> None:
-    """Raise unless a stored tree holds exactly the parameters, with the shapes, of this config."""
-    want = {p: tuple(x.shape) for p, x in _flatten(abstract_params(cfg)).items()}
+    """Raise unless a stored tree holds exactly the parameters, with the shapes, of this config (either layout)."""
+    shapes = mapping.to_layout(abstract_params(cfg), stored_stacked(stored))
+    want = {p: tuple(x.shape) for p, x in _flatten(shapes).items()}
     missing = ["/".join(p) for p in want if p not in stored]
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} parameters missing, e.g. {missing[:4]}")
@@ -253,32 +328,37 @@ def load_tree(params_dir: str, abstract: dict) -> dict:
         return ocp.load(params_dir, abstract)
 
 
-def load_params(path: str, dtype: str | None = None, shardings: dict | None = None) -> tuple[LlavaConfig, dict]:
+def load_params(
+    path: str, dtype: str | None = None, shardings: dict | None = None, *, scan_layers: bool | None = None
+) -> tuple[LlavaConfig, dict]:
     """Config and parameters of a converted directory, a stage output or a training checkpoint.
 
     Args:
       path: a directory with `params/` or a training checkpoint (see `open_model`).
       dtype: parameter dtype to load as; default: the stored one.
-      shardings: a tree of `jax.sharding.Sharding`s, nested like the parameters, to load each
-        array straight into (no host copy of the whole model); a subtree loads only that part.
-        Default: everything on the default device.
+      shardings: a tree of `jax.sharding.Sharding`s, nested like the parameters (in the model's
+        layout), to load each array straight into (no host copy of the whole model); a subtree
+        loads only that part. Default: everything on the default device.
+      scan_layers: the layout to return (stacked layers or one per layer); default: the config's.
+        Stored layers are stacked or unstacked on the devices as needed, one parameter at a time.
     Returns:
-      (config with `dtype` and `param_dtype` set to the loaded dtype, parameter tree).
+      (config with `dtype`, `param_dtype` and `scan_layers` set as loaded, parameter tree).
     """
     model = open_model(path)
+    cfg = model.cfg if scan_layers is None else model.cfg.replace(scan_layers=scan_layers)
     stored = model.shapes()
-    check_stored(model.cfg, stored, model.path)
+    check_stored(cfg, stored, model.path)
     dtype = dtype or stored[DTYPE_PROBE][1].name
+    want = _flatten(abstract_params(cfg))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = _unflatten({p: device for p in stored})
-    abstract = {}
-    for p, s in _flatten(shardings).items():
-        if p not in stored:
+        shardings = _unflatten({p: device for p in want})
+    targets = _flatten(shardings)
+    for p in targets:
+        if p not in want:
             raise CheckpointError(f"{model.path}: shardings name {'/'.join(p)}, which the checkpoint does not hold")
-        abstract[p] = jax.ShapeDtypeStruct(stored[p][0], np.dtype(dtype), sharding=s)
-    params = model.load(_unflatten(abstract))
-    return model.cfg.replace(dtype=dtype, param_dtype=dtype), params
+    target = {p: jax.ShapeDtypeStruct(want[p].shape, np.dtype(dtype), sharding=s) for p, s in targets.items()}
+    return cfg.replace(dtype=dtype, param_dtype=dtype), _unflatten(model.load(target))
 
 
 def load_converted(path: str, dtype: str | None = None) -> LlavaModel:

@@ -6,7 +6,8 @@ load: safetensors in the published llava-hf layout (`mapping.HF_LEGACY`: `langua
 `max_shard_bytes` with an index, plus config.json, the tokenizer files and preprocessor_config.json.
 
 Tensors are streamed: one parameter group is read from Orbax, transposed back to torch's layout and
-appended to the open shard, so exporting a 7B model holds about one layer in memory.
+appended to the open shard, so exporting a 7B model holds about one layer in memory (one stacked
+parameter, all layers, when the source stores its layers stacked).
 
 CLIP tensors LLaVA never computes with (post_layernorm, the layers past `vision_feature_layer`)
 come from `extra.safetensors` when the conversion kept them; otherwise they are filled (LayerNorm
@@ -36,10 +37,11 @@ from llava_jax.weights.converted import (
     atomic_directory,
     check_stored,
     copy_tokenizer,
+    _flatten,
     open_model,
     write_preprocessor,
 )
-from llava_jax.weights.hf import abstract_params
+from llava_jax.models.llava import abstract_params
 from llava_jax.weights.safetensors_io import DTYPE_NAMES, CheckpointError, TensorStore
 
 SHARD_BYTES = 5 * 10**9  # as the published llava-hf checkpoints
@@ -52,8 +54,8 @@ class Tensor:
 
     name: str
     shape: tuple[int, ...]
-    group: tuple[str, ...] | None  # parameter group to read from Orbax (None: not a parameter)
-    make: Callable[[dict], np.ndarray]  # group arrays (ours, by path) -> torch-layout array
+    group: tuple[str, ...] | None  # stored parameter group to read from Orbax (None: not a parameter)
+    make: Callable[[dict], np.ndarray]  # group arrays (stored, by path) -> torch-layout array
 
 
 def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], np.dtype]], arrays: Iterable[np.ndarray]) -> int:
@@ -134,25 +136,36 @@ def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str | bytes, vocab: int)
     return out
 
 
-def plan_tensors(cfg: LlavaConfig, dtype: np.dtype, extras: TensorStore | None) -> tuple[list[Tensor], list[str]]:
-    """Every tensor of the HF checkpoint, in writing order, and notes on what was filled or padded."""
-    shapes = abstract_params(cfg)
+def plan_tensors(
+    cfg: LlavaConfig, dtype: np.dtype, extras: TensorStore | None, *, stacked: bool = False
+) -> tuple[list[Tensor], list[str]]:
+    """Every tensor of the HF checkpoint, in writing order, and notes on what was filled or padded.
+
+    `stacked`: the source stores its layers stacked; tensors are then read one stacked parameter
+    at a time (all its layers), else one module (e.g. one layer) at a time.
+    """
+    shapes = mapping.unstack_layers(abstract_params(cfg))
     vocab = padded_vocab(cfg)
     notes = []
     out = []
-    for e in sorted(mapping.entries(cfg), key=mapping.layer_order):
+    entries = sorted(mapping.entries(cfg), key=mapping.layer_order)
+    if stacked:  # keep each stacked parameter's rows together
+        entries = sorted(entries, key=lambda e: (e.location(True)[0] != e.path, e.location(True)[0]))
+    for e in entries:
         name = mapping.torch_name(e, mapping.HF_LEGACY, cfg.projector_type)
         shape = _torch_shape(tuple(_leaf(shapes, e.path).shape), e.transform)
+        where, row = e.location(stacked)
 
-        def make(arrays, e=e):
-            x = mapping.to_torch(arrays[e.path], e.transform)
+        def make(arrays, e=e, where=where, row=row):
+            x = arrays[where] if row is None else arrays[where][row]
+            x = mapping.to_torch(x, e.transform)
             if e.ours in ("embed_tokens/embedding", "lm_head/kernel"):
                 x = _pad_rows(x, vocab)
             return x
 
         if e.ours in ("embed_tokens/embedding", "lm_head/kernel"):
             shape = (vocab,) + shape[1:]
-        out.append(Tensor(name, shape, e.path[:2], make))
+        out.append(Tensor(name, shape, where if row is not None else e.path[:2], make))
     if vocab != cfg.text.vocab_size:
         notes.append(
             f"vocabulary padded from {cfg.text.vocab_size} to {vocab} rows (mean-initialised) so that <image> "
@@ -160,9 +173,8 @@ def plan_tensors(cfg: LlavaConfig, dtype: np.dtype, extras: TensorStore | None) 
         )
     # CLIP's own tensors past what LLaVA uses.
     full = cfg.replace(vision_feature_layer=cfg.vision.num_layers)
-    full_shapes = abstract_params(full)["vision_tower"]
-    unused = [e for e in mapping.vision_entries(full) if e.ours.startswith("layers_")
-              and int(e.ours.split("/")[0].split("_")[1]) >= cfg.num_vision_layers_used]
+    full_shapes = mapping.unstack_layers(abstract_params(full))["vision_tower"]
+    unused = [e for e in mapping.vision_entries(full) if e.layer is not None and e.layer >= cfg.num_vision_layers_used]
     rest = [(mapping.HF_LEGACY.vision + mapping.VISION_UNUSED_PREFIXES[0] + leaf, (cfg.vision.hidden_size,)) for leaf in ("weight", "bias")]
     rest += [(mapping.torch_name(e, mapping.HF_LEGACY), _torch_shape(tuple(_leaf(full_shapes, e.path[1:]).shape), e.transform))
              for e in sorted(unused, key=mapping.layer_order)]
@@ -190,21 +202,16 @@ def _leaf(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def _produce(tensors: list[Tensor], model: StoredModel, stored: dict, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """Each tensor's array, reading one parameter group at a time from Orbax."""
+def _produce(tensors: list[Tensor], model: StoredModel, stacked: bool, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each tensor's array, reading one parameter group at a time (in the `stacked` layout or per layer)."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    shapes = _flatten(mapping.to_layout(abstract_params(model.cfg), stacked))
     cached: tuple[tuple[str, ...] | None, dict] = (None, {})
     for t in tensors:
         if t.group is not None and t.group != cached[0]:
-            paths = [p for p in stored if p[:2] == t.group]
-            abstract: dict = {}
-            for p in paths:
-                node = abstract
-                for k in p[:-1]:
-                    node = node.setdefault(k, {})
-                node[p[-1]] = jax.ShapeDtypeStruct(stored[p][0], dtype, sharding=cpu)
-            tree = model.load(abstract)
-            cached = (t.group, {p: np.asarray(_leaf(tree, p)) for p in paths})
+            members = [p for p in shapes if p[: len(t.group)] == t.group]
+            loaded = model.load({p: jax.ShapeDtypeStruct(shapes[p].shape, dtype, sharding=cpu) for p in members})
+            cached = (t.group, {p: np.asarray(loaded[p]) for p in members})
         yield t.make(cached[1])
 
 
@@ -242,7 +249,7 @@ def export_hf(
     out_dtype = np.dtype(dtype or stored[DTYPE_PROBE][1].name)
     extra_dir = model.find_file(EXTRA_FILE)
     extras = TensorStore([os.path.join(extra_dir, EXTRA_FILE)]) if extra_dir else None
-    tensors, notes = plan_tensors(cfg, out_dtype, extras)
+    tensors, notes = plan_tensors(cfg, out_dtype, extras, stacked=model.stacked)
     hf_config["text_config"]["vocab_size"] = padded_vocab(cfg)
     hf_config["dtype"] = hf_config["torch_dtype"] = out_dtype.name
     shards = _shards(tensors, out_dtype, max_shard_bytes)
@@ -250,7 +257,7 @@ def export_hf(
     pre_dir = model.find_file(PREPROCESSOR_CONFIG)
 
     def write(tmp: str) -> None:
-        arrays = _produce(tensors, model, stored, out_dtype)
+        arrays = _produce(tensors, model, model.stacked, out_dtype)
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

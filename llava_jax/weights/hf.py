@@ -6,14 +6,14 @@ import json
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from llava_jax import paths
 from llava_jax.config import LlavaConfig, llava_config_from_hf
-from llava_jax.models.llava import LlavaModel, init_params
+from llava_jax.models.llava import LlavaModel, abstract_params
 from llava_jax.weights import mapping, model_dir
+from llava_jax.weights.converted import load_converted
 from llava_jax.weights.safetensors_io import CheckpointError, TensorStore
 
 
@@ -25,11 +25,6 @@ def read_json(path: str) -> dict:
         raise CheckpointError(f"{path}: not found") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-
-
-def abstract_params(cfg: LlavaConfig) -> dict:
-    """Parameter shapes and dtypes of a config, without allocating anything."""
-    return nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
 
 
 def _get_path(tree: dict, path: tuple[str, ...]):
@@ -63,22 +58,41 @@ def load_entries(
     *,
     dtype: np.dtype,
     source: str,
-    place: Callable[[mapping.Entry, np.ndarray], Any] = lambda e, x: jax.device_put(x),
-    shapes: dict | None = None,
+    place: Callable[[tuple[str, ...], np.ndarray], Any] = lambda path, x: jax.device_put(x),
+    stacked: bool | None = None,
 ) -> dict:
     """Read, transform, shape-check and cast each entry; returns our nested parameter tree.
 
-    `shapes` (from `abstract_params(cfg)`) saves re-tracing the model when called once per tensor group.
+    The tree has the model's layout (`cfg.scan_layers`) unless `stacked` says otherwise: a stacked
+    array is filled layer by layer on the host and placed once complete, so the host holds at most
+    one stacked parameter beyond what `place` keeps. `place(path, array)` puts each finished array
+    where it goes (default: the default device).
     """
-    shapes = shapes if shapes is not None else abstract_params(cfg)
-    params: dict = {}
+    stacked = cfg.scan_layers if stacked is None else stacked
+    shapes = mapping.to_layout(abstract_params(cfg), stacked)
+    groups: dict[tuple[str, ...], list[tuple[int | None, mapping.Entry]]] = {}
     for e in entries:
-        name = mapping.torch_name(e, layout, cfg.projector_type)
-        x = mapping.to_ours(store.get(name), e.transform)
-        want = tuple(_get_path(shapes, e.path).shape)
-        if tuple(x.shape) != want:
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(x.shape)}, expected {want} (ours: {'/'.join(e.path)})")
-        _set_path(params, e.path, place(e, np.ascontiguousarray(x.astype(dtype))))
+        path, row = e.location(stacked)
+        groups.setdefault(path, []).append((row, e))
+    params: dict = {}
+    for path, members in groups.items():
+        want = tuple(_get_path(shapes, path).shape)
+        out = np.empty(want, dtype) if members[0][0] is not None else None
+        for row, e in members:
+            name = mapping.torch_name(e, layout, cfg.projector_type)
+            x = mapping.to_ours(store.get(name), e.transform)
+            want_one = want if row is None else want[1:]
+            if tuple(x.shape) != want_one:
+                raise CheckpointError(
+                    f"{source}: tensor {name} has shape {tuple(x.shape)}, expected {want_one} (ours: {'/'.join(e.path)})"
+                )
+            if row is None:
+                out = np.ascontiguousarray(x.astype(dtype))
+            else:
+                out[row] = x
+        if members[0][0] is not None and len(members) != want[0]:
+            raise CheckpointError(f"{source}: {len(members)} of the {want[0]} layers of {'/'.join(path)} were given")
+        _set_path(params, path, place(path, out))
     return params
 
 
@@ -114,7 +128,5 @@ def load_pretrained(path: str, dtype: str | None = None) -> LlavaModel:
       dtype: parameter and compute dtype ("float32", "bfloat16", ...); default: the checkpoint's.
     """
     if model_dir.require(path) in (model_dir.OURS, model_dir.CHECKPOINT):
-        from llava_jax.weights.converted import load_converted
-
         return load_converted(path, dtype)
     return load_hf(path, dtype)

@@ -4,16 +4,28 @@ Loading, conversion and export all go through `entries(cfg)` and `torch_name(ent
 Names are written once, relative to their component (CLIP's `embeddings...`, LLaMA's
 `model.layers...`, the projector's `linear_N`); a layout says where each component sits in a
 given checkpoint format.
+
+Entries are per layer (`layers_3/self_attn/q_proj/kernel`), as torch names them. A model with
+scanned layers (`LlavaConfig.scan_layers`) keeps each repeated parameter as one stacked array
+`layers/self_attn/q_proj/kernel` [L, ...]: stacking is a transform of these entries
+(`Entry.location`) and of whole trees (`stack_layers` / `unstack_layers`), not a second table.
+Our converted directories store the per-layer layout (it streams a layer at a time); trees in
+memory and training checkpoints hold the model's layout; loaders convert between them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+import functools
+import re
+from typing import Any, Callable, Iterator
 
+import jax
 import numpy as np
 
-from llava_jax.config import LlavaConfig, projector_depth
+from llava_jax.config import LlavaConfig
+from llava_jax.models.projector import projector_linears
+from llava_jax.models.stack import STACK_AXIS
 
 # How a tensor changes between torch and us.
 SAME = "same"
@@ -65,13 +77,22 @@ class Entry:
     """One parameter: where it lives in our tree and, under its component, in torch's."""
 
     component: str  # "vision_tower" | "projector" | "language_model"
-    ours: str  # path under the component, "/"-separated
+    ours: str  # path under the component, "/"-separated, per layer (`layers_3/...`)
     theirs: str  # torch name under the component
     transform: str
+    layer: int | None = None  # which repeated layer ({i} in the table); None outside the layer stack
 
     @property
     def path(self) -> tuple[str, ...]:
+        """The per-layer path (`component/layers_3/...`)."""
         return (self.component, *self.ours.split("/"))
+
+    def location(self, stacked: bool) -> tuple[tuple[str, ...], int | None]:
+        """(path, layer index) of this entry in a tree of the given layout: with stacked layers, a
+        layer's tensor is row `layer` of the array at `component/layers/...`; otherwise (path, None)."""
+        if not stacked or self.layer is None:
+            return self.path, None
+        return stack_path(self.path), self.layer
 
 
 def _text_layer_table(cfg: LlavaConfig) -> list[tuple[str, str, str]]:
@@ -89,7 +110,7 @@ def _expand(component, table, n_layers) -> Iterator[Entry]:
     for ours, theirs, t in table:
         if "{i}" in ours:
             for i in range(n_layers):
-                yield Entry(component, ours.format(i=i), theirs.format(i=i), t)
+                yield Entry(component, ours.format(i=i), theirs.format(i=i), t, layer=i)
         else:
             yield Entry(component, ours, theirs, t)
 
@@ -99,11 +120,12 @@ def vision_entries(cfg: LlavaConfig) -> list[Entry]:
 
 
 def projector_entries(cfg: LlavaConfig) -> list[Entry]:
+    """The projector's Linear layers `linear_1 ... linear_N`, as its registered factory builds them."""
     rows = []
-    for k in range(1, projector_depth(cfg.projector_type) + 1):
-        rows.append(Entry("projector", f"linear_{k}/kernel", f"linear_{k}.weight", LINEAR))
+    for name in projector_linears(cfg.projector_type):
+        rows.append(Entry("projector", f"{name}/kernel", f"{name}.weight", LINEAR))
         if cfg.projector_bias:
-            rows.append(Entry("projector", f"linear_{k}/bias", f"linear_{k}.bias", SAME))
+            rows.append(Entry("projector", f"{name}/bias", f"{name}.bias", SAME))
     return rows
 
 
@@ -122,8 +144,135 @@ def entries(cfg: LlavaConfig) -> list[Entry]:
 def layer_order(entry: Entry) -> tuple:
     """Sort key that keeps each module's (e.g. one layer's) tensors together, layers in numeric order."""
     head = entry.path[1]
-    layer = int(head.split("_")[1]) if head.startswith("layers_") else -1
+    layer = -1 if entry.layer is None else entry.layer
     return ("vision_tower", "projector", "language_model").index(entry.component), head in ("norm", "lm_head"), layer, head
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked <-> per-layer layouts of our trees.
+
+_LAYER_KEY = re.compile(rf"^{STACK_AXIS}_(\d+)$")
+
+
+def stack_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    """`(c, "layers_3", ...)` -> `(c, "layers", ...)`; other paths unchanged."""
+    return tuple(STACK_AXIS if _LAYER_KEY.match(k) else k for k in path)
+
+
+def layer_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
+    """`(c, "layers", ...)` -> `(c, "layers_{layer}", ...)`: the per-layer path of one row of a stacked array."""
+    return tuple(f"{STACK_AXIS}_{layer}" if k == STACK_AXIS else k for k in path)
+
+
+def is_stacked_path(path: tuple[str, ...]) -> bool:
+    return STACK_AXIS in path
+
+
+def lookup(tree: dict, entry: Entry) -> Any:
+    """The entry's tensor in one of our nested trees, stacked or per layer (a row of the stacked array)."""
+    stacked = STACK_AXIS in tree.get(entry.component, {})
+    path, row = entry.location(stacked)
+    for k in path:
+        tree = tree[k]
+    return tree if row is None else tree[row]
+
+
+def layer_index(path: tuple[str, ...]) -> int | None:
+    """The layer a per-layer path (`c/layers_3/...`) belongs to; None for any other path."""
+    for k in path:
+        if m := _LAYER_KEY.match(k):
+            return int(m.group(1))
+    return None
+
+
+def without_leading_axis(sharding):
+    """The sharding of one row of an array sharded as `sharding` (its spec minus the first axis)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding  # a single-device sharding places any shape alike
+
+
+def with_leading_axis(sharding):
+    """The sharding of a stack of rows sharded as `sharding` (the layer axis unsplit, as the rules say)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return sharding
+
+
+@functools.lru_cache(maxsize=None)
+def _device_stacker(sharding) -> Callable:
+    # Compiled to write straight into the target sharding; one program per (sharding, shapes).
+    return jax.jit(lambda *rows: jax.numpy.stack(rows), out_shardings=sharding)
+
+
+def stack_rows(rows: list, sharding=None) -> jax.Array:
+    """Device arrays, one per layer -> one stacked array [L, ...] in `sharding` (default: the rows'
+    sharding with an unsplit leading axis), computed where the rows are."""
+    return _device_stacker(sharding or with_leading_axis(rows[0].sharding))(*rows)
+
+
+def take_layer(x: Any, layer: int) -> Any:
+    """Row `layer` of a stacked array; for a `jax.ShapeDtypeStruct`, the row's shape and sharding."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=without_leading_axis(x.sharding))
+    return x[layer]
+
+
+def stack(xs: list) -> Any:
+    """Per-layer arrays -> one stacked array [L, ...] (numpy on the host, jax arrays on their devices,
+    `jax.ShapeDtypeStruct`s abstractly)."""
+    first = xs[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(xs), *first.shape), first.dtype, sharding=with_leading_axis(first.sharding))
+    if isinstance(first, jax.Array):
+        return stack_rows(xs)
+    return np.stack(xs)
+
+
+def _holds_layers(x: Any) -> bool:
+    return isinstance(x, dict) and any(k == STACK_AXIS or _LAYER_KEY.match(k) for k in x)
+
+
+def stack_layers(tree: Any, combine: Callable[[list], Any] = stack) -> Any:
+    """Every dict holding `layers_0 ... layers_{n-1}` gets one `layers` subtree instead, its leaves stacked.
+
+    Works on any pytree whose parameter trees are dicts (parameters, optimizer states, abstract
+    shapes); what is stacked already stays as it is.
+    """
+
+    def fix(d):
+        if not _holds_layers(d):
+            return d
+        keys = sorted((int(m.group(1)), k) for k in d if (m := _LAYER_KEY.match(k)))
+        if [i for i, _ in keys] != list(range(len(keys))):
+            raise ValueError(f"layers {[k for _, k in keys]} are not numbered 0 ... {len(keys) - 1}")
+        out = {k: v for k, v in d.items() if not _LAYER_KEY.match(k)}
+        if keys:
+            out[STACK_AXIS] = jax.tree.map(lambda *xs: combine(list(xs)), *[d[k] for _, k in keys])
+        return out
+
+    return jax.tree.map(fix, tree, is_leaf=_holds_layers)
+
+
+def unstack_layers(tree: Any, take: Callable[[Any, int], Any] = take_layer) -> Any:
+    """The inverse of `stack_layers`: every `layers` subtree becomes `layers_0 ... layers_{n-1}`
+    (n: the leading axis of its leaves)."""
+
+    def fix(d):
+        if not _holds_layers(d) or STACK_AXIS not in d:
+            return d
+        out = {k: v for k, v in d.items() if k != STACK_AXIS}
+        sub = d[STACK_AXIS]
+        for i in range(jax.tree.leaves(sub)[0].shape[0]):
+            out[f"{STACK_AXIS}_{i}"] = jax.tree.map(lambda x, i=i: take(x, i), sub)
+        return out
+
+    return jax.tree.map(fix, tree, is_leaf=_holds_layers)
+
+
+def to_layout(tree: Any, stacked: bool) -> Any:
+    """`tree` in the stacked or the per-layer layout (whichever it is in now)."""
+    return stack_layers(tree) if stacked else unstack_layers(tree)
 
 
 @dataclasses.dataclass(frozen=True)

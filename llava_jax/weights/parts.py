@@ -25,13 +25,14 @@ from llava_jax.config import (
     TextConfig,
     VisionConfig,
     llava_config_from_hf,
-    projector_depth,
     text_config_from_hf,
     vision_config_from_hf,
 )
 from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
 from llava_jax.weights import mapping
-from llava_jax.weights.hf import abstract_params, check_names, load_entries, read_json
+from llava_jax.models.llava import abstract_params
+from llava_jax.models.projector import projector_linears
+from llava_jax.weights.hf import check_names, load_entries, read_json
 from llava_jax.weights.safetensors_io import CheckpointError, TensorStore
 
 FORMATS = ("hf", "original", "parts")
@@ -220,7 +221,7 @@ def original_llava_config(c: dict, vision: VisionConfig, path: str, image_token_
         raise CheckpointError(f"{path}: model_type {model_type!r} is not a LLaMA-based LLaVA (expected one of {sorted(_ORIGINAL_TEXT_TYPES)})")
     text = _wrap(text_config_from_hf, {**c, "model_type": _ORIGINAL_TEXT_TYPES[model_type]}, path)
     projector = c.get("mm_projector_type", "linear")  # LLaVA v1 configs predate the field
-    _wrap(projector_depth, projector)
+    _wrap(projector_linears, projector)
     feature = c.get("mm_vision_select_feature", "patch")
     if feature not in _SELECT_FEATURE:
         raise CheckpointError(f"{path}: mm_vision_select_feature {feature!r} is not supported (expected patch or cls_patch)")
@@ -290,7 +291,7 @@ class Plan:
 
     def validate(self) -> None:
         """Names and shapes of every piece against the config, from headers only (nothing read yet)."""
-        shapes = abstract_params(self.cfg)
+        shapes = mapping.unstack_layers(abstract_params(self.cfg))
         for p in self.pieces:
             expected = p.names(self.cfg)
             keys = [k for k in p.store.keys() if k not in p.skip]
@@ -320,8 +321,8 @@ class Plan:
         return out
 
     def batches(self, dtype: str, max_bytes: int) -> Iterator[dict]:
-        """Our parameter tree in pieces of about `max_bytes`, never splitting a layer."""
-        shapes = abstract_params(self.cfg)
+        """Our parameter tree (one array per layer, as stored) in pieces of about `max_bytes`, never splitting a layer."""
+        shapes = mapping.unstack_layers(abstract_params(self.cfg))
         np_dtype = np.dtype(dtype)
         if self.fresh:
             yield _cast(self.fresh, np_dtype)
@@ -330,17 +331,17 @@ class Plan:
             size, group = 0, None
             for e in sorted(p.entries, key=mapping.layer_order):
                 if batch and size >= max_bytes and e.path[:2] != group:
-                    yield self._load(p, batch, np_dtype, shapes)
+                    yield self._load(p, batch, np_dtype)
                     batch, size = [], 0
                 batch.append(e)
                 group = e.path[:2]
                 size += math.prod(_leaf(shapes, e.path).shape) * np_dtype.itemsize
             if batch:
-                yield self._load(p, batch, np_dtype, shapes)
+                yield self._load(p, batch, np_dtype)
 
-    def _load(self, p: Piece, entries, dtype, shapes) -> dict:
+    def _load(self, p: Piece, entries, dtype) -> dict:
         return load_entries(
-            p.store, self.cfg, entries, p.layout, dtype=dtype, source=p.store.source, place=lambda e, x: x, shapes=shapes
+            p.store, self.cfg, entries, p.layout, dtype=dtype, source=p.store.source, place=lambda path, x: x, stacked=False
         )
 
 
@@ -490,7 +491,7 @@ def plan_parts(
         vision_feature_select_strategy=vision_feature_select_strategy,
         image_token_index=text.vocab_size if image_token_index is None else image_token_index,
     )
-    _wrap(projector_depth, cfg.projector_type)
+    _wrap(projector_linears, cfg.projector_type)
     _wrap(lambda: cfg.num_vision_layers_used)
     clip = open_checkpoint(vision_tower)
     lm = open_checkpoint(llm)
