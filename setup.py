@@ -26,7 +26,7 @@ setup(
         # gs:// workdirs, model directories, data and image folders (etils.epath's GCS backend).
         "gcs": ["gcsfs>=2024.2"],
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57", "gcsfs==2026.10.1",
-                 "gcp-storage-emulator==2026.7.19"],
+                 "gcp-storage-emulator==2026.7.19", "nbclient==0.10.2", "nbformat==5.11.1", "ipykernel==7.4.0"],
         "tfds": ["tensorflow-datasets>=4.9"],
     },
 )
