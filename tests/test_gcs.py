@@ -74,33 +74,33 @@ def test_workdir_on_gcs_trains_checkpoints_is_killed_and_resumes(gcs, monkeypatc
     env, url = gcs
     workdir = f"gs://{BUCKET}/run"
     first = _train(env, workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # Kill -9 once stage 2 has a committed mid-stage checkpoint (global step 5 = stage 2 step 2).
+    # Kill -9 once stage 1 has committed its second mid-stage checkpoint (global step 2).
     deadline = time.time() + 600
-    while not _objects(url, "run/checkpoints/5/commit_success"):
+    while not _objects(url, "run/checkpoints/2/commit_success"):
         if first.poll() is not None or time.time() > deadline:
-            pytest.fail(f"the run ended before its step-5 checkpoint:\n{first.stderr.read()[-3000:]}")
+            pytest.fail(f"the run ended before its step-2 checkpoint:\n{first.stderr.read()[-3000:]}")
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.communicate()
     assert {"data/manifest.json", "data/tokenizer.model", "data/images/train_00000.png"} <= {
         name[len("run/"):] for name in _objects(url, "run/data/")}
-    # Rewind to checkpoint 4 (stage 2 step 1) so that the resumed run logs step 5 again.
-    _delete(url, "run/checkpoints/5")
-    _delete(url, "run/checkpoints/6")
+    # Rewind to checkpoint 1 (stage 1 step 1) so that the resumed run logs step 2 again.
+    _delete(url, "run/checkpoints/2")
+    _delete(url, "run/checkpoints/3")
     again = _train(env, workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
-    assert "resuming from checkpoint 4 (stage 2, step 1/3)" in err and "restored step 1 and the data position" in err
+    assert "resuming from checkpoint 1 (stage 1, step 1/3)" in err and "restored step 1 and the data position" in err
     # The output as a log file shows it: no progress bar off a terminal, no stray line on stdout.
     assert out == f"model: {workdir}/stage2_finetune\n", out
     assert "\r" not in err and "it/s" not in err, err[-2000:]
-    # Metrics were kept up to the checkpoint the run was killed after; step 5 again gives the same loss.
+    # Metrics were kept up to the checkpoint the run was killed after; step 2 again gives the same loss.
     records = [json.loads(line) for line in _read(url, "run/metrics.jsonl").decode().splitlines()]
     losses: dict[int, list[float]] = {}
     for r in records:
         if "loss" in r:
             losses.setdefault(r["step"], []).append(r["loss"])
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and len(losses[5]) == 2, losses
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and len(losses[2]) == 2, losses
     assert all(abs(v[0] - v[-1]) <= 1e-6 * abs(v[0]) for v in losses.values()), losses
     # The model directory and the final checkpoint load from GCS and hold the same parameters.
     import jax
