@@ -142,11 +142,11 @@ def test_resolve_image_path_rejects_escapes(tmp_path, rel, expected):
 
 def test_training_and_generate_number_records_alike(tmp_path):
     """Records count from 0 everywhere; a .jsonl message also gives the 1-based line (blank lines skipped)."""
-    from llava_jax.generate import read_questions
+    from llava_jax.inference.answering import read_vqa_questions
 
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({**GOOD[0], "question_id": 1, "text": "q"}) + "\n\n{oops\n")
     with pytest.raises(records.RecordError, match=r"data\.jsonl: record 1 \(line 3\): not valid JSON"):
         records.load_records(path)
-    errors = [error for _, _, error in read_questions(str(path)) if error]
+    errors = [error for _, _, error in read_vqa_questions(str(path)) if error]
     assert len(errors) == 1 and f"{path}: record 1 (line 3): not valid JSON" in errors[0], errors

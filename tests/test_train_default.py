@@ -46,3 +46,12 @@ def test_embedded_default_reaches_the_accuracy_bar(tmp_path):
     # The command prints the same figures and where the answering model is.
     assert f"eval/accuracy={final['eval/accuracy']:.4f}" in proc.stdout, proc.stdout
     assert os.path.isdir(workdir / "stage2_finetune"), proc.stdout
+    # Stage 2's eval_benchmarks: the shapes questions answered by generation through the eval harness
+    # and scored by its scorer. Greedy generation reproduces every answer that teacher forcing gets
+    # right, so the benchmark is at least the teacher-forced accuracy (rounding of near-ties aside).
+    with open(workdir / "metrics.jsonl") as f:
+        bench = [r for r in map(json.loads, f) if "bench/shapes" in r]
+    assert bench and bench[-1]["stage"] == "finetune", summary
+    assert bench[-1]["bench/shapes"] >= 100 * final["eval/accuracy"] - 1.0, (bench[-1], summary)
+    assert f"| synthetic shapes | exact match, held-out (%) | {bench[-1]['bench/shapes']:.1f} |" in proc.stdout
+    assert os.path.exists(workdir / "eval" / "stage2_finetune" / "results.md")

@@ -1,9 +1,15 @@
-"""The Grain input pipeline: LLaVA JSON records -> static-shape training batches.
+"""The Grain input pipeline: LLaVA records -> static-shape training batches.
 
-    records (records.py) -> per-epoch seeded plan of batches (shuffle; optionally grouped by
-    modality and length) -> this process's rows -> render (templates.render: token ids + labels)
-    -> load + preprocess the images (image.preprocess, as inference does) -> pad into a batch
-    -> [multiprocess prefetch] -> stats and problem reports
+    a source (sources.py: LLaVA JSON + image folder, packed ArrayRecord shards, or a TFDS dataset)
+    -> per-epoch seeded plan of batches (shuffle; optionally grouped by modality and length)
+    -> this process's rows -> render (templates.render: token ids + labels) -> load the images and
+    resize/crop them to uint8 (image.preprocess_uint8) -> pad into a batch -> [multiprocess
+    prefetch] -> normalise the pixels (image.normalize: together the same function inference
+    uses, image.preprocess) -> stats and problem reports
+
+Workers hand uint8 pixels to the consuming process, which normalises them through a 256-entry
+table (exact: the same bits as normalising each pixel): a quarter of the bytes to copy between
+processes, and cheaper than the float64 rescale each worker did before.
 
 A batch is a dict of numpy arrays, every shape static:
 
@@ -27,7 +33,7 @@ with empty rows so that every record is seen exactly once per epoch. Empty rows 
 batch can even be all empty (every sample in it skipped, or a shard's share of a short last global
 batch): the loss must divide by max(1, supervised tokens).
 
-Usage:
+Usage (the data may also be a packed directory or "tfds:NAME@split", see sources.py):
     ds = make_dataset("llava_v1_5_mix665k.json", "data/", tokenizer, "vicuna_v1", image_cfg,
                       num_image_tokens=576, image_token_index=32000, max_length=2048, batch_size=16)
     it = iter(ds)                      # a DataIterator; ds.batches_per_epoch steps per epoch
@@ -52,6 +58,7 @@ import numpy as np
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
+from llava_jax.data import sources as sources_lib
 from llava_jax.data import templates
 
 logger = logging.getLogger(__name__)
@@ -69,15 +76,6 @@ class DataError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-def estimated_length(record: records_lib.Record, num_image_tokens: int) -> int:
-    """Cheap length estimate used to group by length: words of all turns plus image tokens.
-
-    Like the original's `modality_lengths` (word count), plus the image tokens that the model sees.
-    """
-    words = sum(len(turn["value"].split()) for turn in record["conversations"])
-    return words + num_image_tokens * len(records_lib.record_images(record))
 
 
 def _to_shards(order: np.ndarray, batch_size: int, shard_count: int) -> np.ndarray:
@@ -212,7 +210,7 @@ class _Sample:
     record_id: str
     input_ids: np.ndarray  # int32 [T_i]
     labels: np.ndarray  # int32 [T_i]
-    pixel_values: np.ndarray  # float32 [n, H, W, 3]
+    pixel_values: np.ndarray  # uint8 [n, H, W, 3], normalised by the consuming process
 
 
 @dataclasses.dataclass
@@ -231,12 +229,10 @@ class _RowLoader:
     Plain picklable object: Grain sends it to its worker processes.
     """
 
-    def __init__(self, records, lengths, *, sources, lines, image_folder, tokenizer, template_name, image_cfg,
+    def __init__(self, source, lengths, *, tokenizer, template_name, image_cfg,
                  num_image_tokens, image_token_index, max_length, max_images, batch_size, shard_index,
                  shard_count, seed, shuffle, group_by_modality_length, strict):
-        self.records, self.lengths = records, lengths
-        # (first record index, file) per data file, and each record's .jsonl line (-1: none): for messages.
-        self.sources, self.lines, self.image_folder = sources, lines, image_folder
+        self.source, self.lengths = source, lengths
         self.tokenizer, self.template_name, self.image_cfg = tokenizer, template_name, image_cfg
         self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
         self.max_length, self.max_images = max_length, max_images
@@ -278,32 +274,31 @@ class _RowLoader:
         epoch, r = divmod(row, self.rows_per_epoch)
         return int(self._plan(epoch)[r // self.batch_size, r % self.batch_size])
 
-    def locate(self, index: int) -> str:
-        """`FILE: record N (line L, id 'X')` for record `index` of the concatenated files."""
-        start, path = self.sources[bisect.bisect_right([s for s, _ in self.sources], index) - 1]
-        line = int(self.lines[index])
-        return records_lib.record_location(path, index - start, None if line < 0 else line, self.records[index]["id"])
-
     def __call__(self, row: int, _: Any) -> _Sample | _Problem | None:
         index = self.record_index(row)
         if index < 0:
             return _EMPTY_ROW
-        record = self.records[index]
+        record = None
         try:
-            return self._load(record)
+            example = self.source[index]
+            record = example.record
+            return self._load(example)
         except MemoryError:
             raise
         except Exception as e:  # pylint: disable=broad-except
             kind = getattr(e, "kind", ERROR)
-            where = self.locate(index)
+            record_id = record["id"] if record is not None else f"#{index}"
+            locate = getattr(self.source, "locate", None)  # JSON files know each record's file and line
+            where = locate(index) if locate and record is not None else f"{self.source.name}: record {index} (id {record_id!r})"
             if self.strict and kind != EMPTY:
                 raise DataError(f"{where}: {e}") from e
             # Never crash a worker: the problem travels with the batch and is reported by the
             # consuming process (counts stay exact with any number of workers).
             message = str(e) if isinstance(e, _Skip) else f"{type(e).__name__}: {e}"
-            return _Problem(str(record["id"]), kind, message)
+            return _Problem(str(record_id), kind, message)
 
-    def _load(self, record: records_lib.Record) -> _Sample:
+    def _load(self, example: sources_lib.Example) -> _Sample:
+        record = example.record
         images = records_lib.record_images(record)
         if len(images) > self.max_images:
             raise _Skip(TOO_MANY_IMAGES, f"{len(images)} images, more than max_images_per_sample="
@@ -315,12 +310,10 @@ class _RowLoader:
         except templates.EmptySampleError as e:
             raise _Skip(EMPTY, str(e)) from e
         # Truncation may drop whole images from the end, never part of one.
-        pixels = np.zeros((rendered.num_images, self.image_cfg.crop_size, self.image_cfg.crop_size, 3),
-                          np.float32)
-        for k, rel in enumerate(images[: rendered.num_images]):
+        pixels = np.zeros((rendered.num_images, self.image_cfg.crop_size, self.image_cfg.crop_size, 3), np.uint8)
+        for k in range(rendered.num_images):
             try:
-                path = records_lib.resolve_image_path(self.image_folder, rel)
-                pixels[k] = image_lib.preprocess(image_lib.load_image(path), self.image_cfg)
+                pixels[k] = image_lib.preprocess_uint8(example.images[k](), self.image_cfg)
             except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
                 raise _Skip(IMAGE, str(e)) from e
         return _Sample(str(record["id"]), np.asarray(rendered.input_ids, np.int32),
@@ -352,7 +345,7 @@ class _Collate:
             "input_ids": np.full((b, t), self.pad_id, np.int32),
             "labels": np.full((b, t), templates.IGNORE_INDEX, np.int32),
             "attention_mask": np.zeros((b, t), np.int32),
-            "pixel_values": np.zeros((b, self.max_images, c, c, 3), np.float32),
+            "pixel_values": np.zeros((b, self.max_images, c, c, 3), np.uint8),  # normalised by DataIterator
             "image_mask": np.zeros((b, self.max_images), bool),
         }
         for i, s in enumerate(samples):
@@ -382,10 +375,13 @@ class DataIterator(grain.DatasetIterator):
         ckpt.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)))
     """
 
-    def __init__(self, parent: grain.DatasetIterator, batches_per_epoch: int):
+    def __init__(self, parent: grain.DatasetIterator, batches_per_epoch: int,
+                 image_cfg: image_lib.ImageProcessorConfig | None = None):
         super().__init__(parent)
         self.stats = DataStats()
         self.batches_per_epoch = batches_per_epoch
+        # None: leave pixel_values uint8 (for a consumer that normalises on device).
+        self._table = None if image_cfg is None else image_lib.normalization_table(image_cfg)
         # Record id of each row of the last batch (None for an empty row): which samples a step saw.
         self.last_record_ids: list[str | None] = []
         self._summarised = False
@@ -408,6 +404,11 @@ class DataIterator(grain.DatasetIterator):
             elif self.stats.num_skipped % 1000 == 0:
                 logger.warning("data: %d records skipped so far: %s", self.stats.num_skipped, self.stats.skipped)
         self.stats.add_batch(num_samples, len(batch["input_ids"]))
+        if self._table is not None:  # real images normalised, absent ones stay zeros
+            pixels, out = batch["pixel_values"], np.zeros(batch["pixel_values"].shape, np.float32)
+            for b, i in zip(*np.nonzero(batch["image_mask"])):  # image by image: stays in cache, 2x faster
+                image_lib.normalize(pixels[b, i], None, self._table, out=out[b, i])
+            batch["pixel_values"] = out
         if self.stats.batches % self.batches_per_epoch == 0:
             logger.info("data: epoch %d done: %s", self.stats.batches // self.batches_per_epoch,
                         self.stats.summary())
@@ -428,15 +429,18 @@ class LlavaIterDataset(grain.IterDataset):
 
     Attributes:
       batches_per_epoch: batches each process yields per epoch (the same on every process).
-      num_records: records in the data file(s), all shards together.
+      num_records: records in the source, all shards together.
+      source: the sources.Source read.
     """
 
-    def __init__(self, parent: grain.IterDataset, *, batches_per_epoch: int, num_records: int):
+    def __init__(self, parent: grain.IterDataset, *, batches_per_epoch: int, num_records: int,
+                 source: sources_lib.Source | None = None, image_cfg: image_lib.ImageProcessorConfig | None = None):
         super().__init__(parent)
         self.batches_per_epoch, self.num_records = batches_per_epoch, num_records
+        self.source, self.image_cfg = source, image_cfg
 
     def __iter__(self) -> DataIterator:
-        return DataIterator(self._parent.__iter__(), self.batches_per_epoch)
+        return DataIterator(self._parent.__iter__(), self.batches_per_epoch, self.image_cfg)
 
     def __str__(self) -> str:
         return f"LlavaIterDataset(batches_per_epoch={self.batches_per_epoch})"
@@ -458,19 +462,24 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad) if pad is not None and pad >= 0 else 0
 
 
-def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike], image_folder: str | os.PathLike,
-                 tokenizer: Any, template: str, image_cfg: image_lib.ImageProcessorConfig, *,
+def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | sources_lib.Source,
+                 image_folder: str | os.PathLike | None, tokenizer: Any, template: str,
+                 image_cfg: image_lib.ImageProcessorConfig, *,
                  num_image_tokens: int, image_token_index: int, max_length: int, batch_size: int,
                  seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  shard_index: int | None = None, shard_count: int | None = None,
                  length_buckets: Sequence[int] | None = None, group_by_modality_length: bool = False,
                  max_images_per_sample: int = 1, worker_count: int = 0, read_threads: int = 4,
-                 strict: bool = False) -> LlavaIterDataset:
-    """Builds the training input pipeline over LLaVA JSON data (see the module docstring).
+                 strict: bool = False, tfds_data_dir: str | os.PathLike | None = None,
+                 normalize_pixels: bool = True) -> LlavaIterDataset:
+    """Builds the training input pipeline (see the module docstring).
 
     Args:
-      data_path: a .json/.jsonl data file, or several (concatenated).
-      image_folder: root of the records' relative image paths.
+      data_path: the records: a .json/.jsonl data file or several (concatenated), a directory
+        packed by `python -m llava_jax.data.pack`, `tfds:NAME[/CONFIG][:VERSION][@SPLIT]`, or a
+        sources.Source; local or gs://.
+      image_folder: root of the records' relative image paths (JSON data only; packed and TFDS
+        data carry their images).
       tokenizer: a llava_jax.data.tokenizer.Tokenizer (picklable: sent to worker processes).
       template: conversation template name (`plain` for stage 1, `vicuna_v1` for stage 2, ...).
       image_cfg: the image processor settings (the same as inference).
@@ -489,24 +498,14 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike], ima
       worker_count: processes preparing batches in parallel (0: in this process, with threads).
       read_threads: threads preparing batches in each process.
       strict: raise DataError on a missing/corrupt image (default: skip, count and report).
+      tfds_data_dir: TFDS data directory for `tfds:` data (default: TFDS's own, $TFDS_DATA_DIR).
+      normalize_pixels: False leaves `pixel_values` uint8 [B, I, H, W, 3] (resized and cropped,
+        not normalised) for a consumer that normalises on device with image.normalization_table.
 
     Returns:
       A LlavaIterDataset; `iter()` gives a DataIterator whose `.stats` are the DataStats.
     """
-    paths = [os.fspath(p) for p in ([data_path] if isinstance(data_path, (str, os.PathLike)) else data_path)]
-    records, sources, lines = [], [], []
-    for path in paths:
-        sources.append((len(records), path))
-        for record, index, line in records_lib.load_located_records(path):
-            for rel in records_lib.record_images(record):
-                try:
-                    records_lib.check_relative_image_path(rel)
-                except records_lib.ImagePathError as e:
-                    raise records_lib.RecordError(path, index, record["id"], str(e), line=line) from None
-            records.append(record)
-            lines.append(-1 if line is None else line)
-    if not records:
-        raise ValueError(f"no records in {paths}")
+    source = sources_lib.open_source(data_path, image_folder, tfds_data_dir=tfds_data_dir)
     if shard_index is None or shard_count is None:
         import jax  # pylint: disable=g-import-not-at-top  # only here: worker processes need no jax
 
@@ -518,18 +517,16 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike], ima
         raise ValueError(f"batch_size, max_length and max_images_per_sample must be >= 1; found "
                          f"{batch_size}, {max_length}, {max_images_per_sample}")
     buckets = sorted({int(b) for b in length_buckets or () if b < max_length} | {max_length})
-    lengths = np.array([estimated_length(r, num_image_tokens) * (1 if "image" in r else -1) for r in records],
-                       np.int64)
-    too_many = sum(len(records_lib.record_images(r)) > max_images_per_sample for r in records)
+    lengths = source.lengths(num_image_tokens)
+    too_many = int(np.sum(source.record_stats()[1] > max_images_per_sample))
     if too_many:
         logger.warning("data: %d records have more than max_images_per_sample=%d images; they will be "
                        "skipped", too_many, max_images_per_sample)
     loader = _RowLoader(
-        records, lengths, sources=sources, lines=np.asarray(lines, np.int32), image_folder=os.fspath(image_folder), tokenizer=tokenizer,
-        template_name=template, image_cfg=image_cfg, num_image_tokens=num_image_tokens,
-        image_token_index=image_token_index, max_length=max_length, max_images=max_images_per_sample,
-        batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, seed=seed, shuffle=shuffle,
-        group_by_modality_length=group_by_modality_length, strict=strict)
+        source, lengths, tokenizer=tokenizer, template_name=template, image_cfg=image_cfg,
+        num_image_tokens=num_image_tokens, image_token_index=image_token_index, max_length=max_length,
+        max_images=max_images_per_sample, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count,
+        seed=seed, shuffle=shuffle, group_by_modality_length=group_by_modality_length, strict=strict)
     collate = _Collate(pad_id=_pad_id(tokenizer), max_length=max_length, buckets=buckets,
                        max_images=max_images_per_sample, crop_size=image_cfg.crop_size)
     ds = grain.MapDataset.range(loader.rows_per_epoch).repeat(num_epochs)
@@ -538,7 +535,8 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike], ima
     if worker_count > 0:
         _allow_unparsed_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return LlavaIterDataset(it, batches_per_epoch=loader.rows_per_epoch // batch_size, num_records=len(records))
+    return LlavaIterDataset(it, batches_per_epoch=loader.rows_per_epoch // batch_size, num_records=len(source),
+                            source=source, image_cfg=image_cfg if normalize_pixels else None)
 
 
 def make_iterator(*args, **kwargs) -> DataIterator:

@@ -118,8 +118,11 @@ def validate_record(record: Any) -> str | None:
     return None
 
 
+is_remote = paths.is_remote  # gs://bucket/...: read through etils.epath (llava_jax/paths.py)
+
+
 def read_raw(path: str) -> Iterator[tuple[int, int | None, Any]]:
-    """Yields (index, line or None, parsed JSON value) for each record of a .json or .jsonl file.
+    """Yields (index, line or None, parsed JSON value) for each record of a .json or .jsonl file (local or gs://).
 
     A .jsonl line that is not JSON raises RecordError naming the record and the line.
     """

@@ -33,6 +33,7 @@ def main(argv) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax._src", "orbax", "grain", "gcsfs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from llava_jax.eval.suite import table_from_metrics
     from llava_jax.parallel.distributed import maybe_initialize
     from llava_jax.train import loop
 
@@ -52,6 +53,8 @@ def main(argv) -> int:
     keys = [k for k in ("eval/accuracy", "eval/blind_accuracy", "eval/loss") if k in result]
     if keys:  # a run without a held-out set has none: print no empty line
         print(" ".join(f"{k}={result[k]:.4f}" for k in keys))
+    if result:
+        print(table_from_metrics(result), end="")  # the stages' eval_benchmarks, if any
     last = [n for n in paths.listdir(workdir) if n.startswith("stage")]
     if last:
         print(f"model: {os.path.join(workdir, last[-1])}")

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic = False
     c.data.image_folder = ""
     c.data.data_dir = ""  # where relative stage data files are looked up (default: image_folder)
+    c.data.tfds_data_dir = ""  # TFDS data_dir for stages whose data is "tfds:NAME" (default: TFDS's own)
     c.data.tokenizer = ""
     c.data.val = ""
     c.data.pad_to_square = True
@@ -44,18 +45,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_template = "vicuna_v1"
     c.data.eval_batch_size = 32
     c.data.eval_max_length = 2048
+    # Benchmarks a stage names in eval_benchmarks read their data here, in the original's
+    # playground/data/eval layout (`python -m llava_jax.eval suite --data-root`); empty: the
+    # synthetic build's folder.
+    c.data.eval_root = ""
     c.stages = []
     return c
 
 
 def stage(name: str, *, data: str, template: str, trainable: list[str], learning_rate: float, global_batch: int,
           micro_batch: int, epochs: float = 1.0, max_length: int = 2048, warmup_ratio: float = 0.03,
-          weight_decay: float = 0.0) -> ml_collections.ConfigDict:
-    """One training stage: which data, which template, which parameters train, and how."""
+          weight_decay: float = 0.0, eval_benchmarks: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """One training stage: which data, which template, which parameters train, and how.
+
+    `eval_benchmarks` names benchmarks of `llava_jax.eval` to answer and score with the stage's
+    model when the stage ends (data under config.data.eval_root), logged as `bench/<name>`.
+    """
     return ml_collections.ConfigDict(dict(
         name=name, data=data, template=template, trainable=list(trainable), learning_rate=float(learning_rate),
         global_batch=global_batch, micro_batch=micro_batch, epochs=float(epochs), max_length=max_length,
-        warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, eval_benchmarks=list(eval_benchmarks),
     ))
 
 
@@ -92,7 +101,8 @@ def tiny_config() -> ml_collections.ConfigDict:
         stage("pretrain", data="stage1", template="plain", trainable=[".*"], learning_rate=2e-3,
               global_batch=16, micro_batch=16, epochs=16, max_length=40, warmup_ratio=0.05),
         stage("finetune", data="stage2", template="vicuna_v1", trainable=["projector/.*", "language_model/.*"],
-              learning_rate=2e-3, global_batch=16, micro_batch=16, epochs=3, max_length=128, warmup_ratio=0.05),
+              learning_rate=2e-3, global_batch=16, micro_batch=16, epochs=3, max_length=128, warmup_ratio=0.05,
+              eval_benchmarks=["shapes"]),
     ]
     return c
 

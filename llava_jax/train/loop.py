@@ -41,6 +41,7 @@ from llava_jax.data import image as image_lib
 from llava_jax.data import pipeline
 from llava_jax.data import synthetic
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.eval.suite import evaluate_stage
 from llava_jax.models.llava import init_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.partition import device_batch, jit_sharded, model_param_shardings, state_shardings
@@ -338,6 +339,7 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
         max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
         group_by_modality_length=config.data.get("group_by_modality_length", False),
         length_buckets=config.data.get("length_buckets") or None, worker_count=config.data.get("worker_count", 0),
+        tfds_data_dir=config.data.get("tfds_data_dir") or None,
     )
     return _StageData(iter(ds), ds.batches_per_epoch, _stage_steps(stage, ds.batches_per_epoch, config.max_steps),
                       stage.global_batch // stage.micro_batch)
@@ -405,6 +407,12 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
         log.info("stage %s: model written to %s", stage.name, out_dir)
     _save(run, offset + data.total_steps, state, index, data.total_steps, data, model)
     run.ckpt.wait()
+    if run.is_main and stage.get("eval_benchmarks"):  # generated answers, scored as the original scores them
+        bench = evaluate_stage(out_dir, stage.eval_benchmarks, run.config.data.get("eval_root") or
+                               run.files.get("out_dir", ""), os.path.join(run.workdir, "eval", os.path.basename(out_dir)),
+                               run.config.data.eval_batch_size, run.config.model.dtype)
+        run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **bench})
+        result = {**result, **bench}
     stats = getattr(data.iterator, "stats", None)
     if stats is not None and run.is_main:
         log.info("stage %s data: %s", stage.name, stats.summary())
@@ -504,8 +512,8 @@ def _stage_steps(stage, batches_per_epoch: int, max_steps: int) -> int:
 
 
 def _data_file(name: str, data_cfg) -> str:
-    """A stage's data file: as given, or relative to data.data_dir (default: the image folder)."""
-    if paths.is_remote(name) or os.path.isabs(name) or paths.exists(name):
+    """A stage's data (a file, a packed directory, tfds:NAME): as given, or relative to data.data_dir."""
+    if name.startswith("tfds:") or paths.is_remote(name) or os.path.isabs(name) or paths.exists(name):
         return name
     base = data_cfg.get("data_dir") or data_cfg.get("image_folder") or ""
     candidate = os.path.join(base, name)

@@ -1,0 +1,127 @@
+"""Several benchmarks in one go: answer, score, and one results table beside the paper's figures.
+
+`run_suite` answers each benchmark from the original's data layout under a data root
+(`playground/data/eval`: `pope/`, `scienceqa/`, `textvqa/`, `gqa/`, `vqav2/`, `vizwiz/`, `MME/`,
+`mmbench/`, `seed_bench/`; see each benchmark's `layout`), scores it with the same code as `eval
+score`, and writes
+`results.json` and `results.md` into the output folder, with the answers under `answers/` and each
+scorer's printout as `<name>_score.txt`. `evaluate_stage` is the same for the training loop: the
+stage's model directory, the stage's `eval_benchmarks`, metrics named `bench/<name>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from llava_jax.eval.benchmark import get_benchmark
+from llava_jax.eval.harness import quiet_log, run_benchmark, score_benchmark
+
+if TYPE_CHECKING:
+    from llava_jax.inference.pipeline import Pipeline
+
+log = logging.getLogger("llava_jax.eval")
+PAPER_MODELS = ("LLaVA-1.5-7B", "LLaVA-1.5-13B")
+
+
+@dataclasses.dataclass
+class Row:
+    """One benchmark's line of the results table."""
+
+    name: str
+    ours: float | None  # the headline figure, None when a server scores it
+    result: dict[str, Any]  # everything `eval score` returned
+    answered: int = 0
+    failed: int = 0
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        bench = get_benchmark(self.name)
+        paper = dict(zip(PAPER_MODELS, bench.paper)) if bench.paper else {}
+        return {"benchmark": bench.title, "metric": bench.metric_label, "ours": self.ours, "paper": paper,
+                "answered": self.answered, "failed": self.failed, "note": self.note, "result": self.result}
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def results_table(rows: list[Row]) -> str:
+    """A markdown table: benchmark, metric, ours, the paper's LLaVA-1.5-7B and -13B."""
+    lines = ["| benchmark | metric | ours | " + " | ".join(PAPER_MODELS) + " |", "|---|---|---|---|---|"]
+    for row in rows:
+        bench = get_benchmark(row.name)
+        paper = bench.paper or (None, None)
+        ours = _fmt(row.ours) + (f" ({row.note})" if row.note else "")
+        lines.append(f"| {bench.title} | {bench.metric_label} | {ours} | {_fmt(paper[0])} | {_fmt(paper[1])} |")
+    return "\n".join(lines) + "\n"
+
+
+def table_from_metrics(metrics: dict[str, Any]) -> str:
+    """The results table of `bench/<name>` metrics (what the training loop logs); "" if none."""
+    rows = [Row(k.split("/", 1)[1], v, {}) for k, v in metrics.items() if k.startswith("bench/") and k.count("/") == 1]
+    return results_table(rows) if rows else ""
+
+
+def write_results(rows: list[Row], output_dir: str) -> tuple[str, str]:
+    """results.json and results.md in `output_dir`; returns their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    json_path, md_path = os.path.join(output_dir, "results.json"), os.path.join(output_dir, "results.md")
+    with open(json_path, "w") as f:
+        json.dump({row.name: row.as_dict() for row in rows}, f, indent=1, default=float)
+    with open(md_path, "w") as f:
+        f.write(results_table(rows))
+    return json_path, md_path
+
+
+def run_suite(
+    pipe: "Pipeline",
+    data_root: str,
+    names: list[str],
+    output_dir: str,
+    *,
+    batch_size: int = 16,
+    strict: bool = False,
+    progress: bool = True,
+    model_id: str | None = None,
+) -> list[Row]:
+    """Answer and score each named benchmark from `data_root`; writes results.json and results.md."""
+    benches = [get_benchmark(n) for n in names]  # unknown names fail before any work
+    rows = []
+    for bench in benches:
+        layout = bench.layout(data_root)
+        for path in (layout.question_file, layout.image_folder):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{bench.name}: {path} not found (the original's layout under --data-root)")
+        answers_file = os.path.join(output_dir, "answers", f"{bench.name}.jsonl")
+        log.info("%s: answering %s", bench.name, layout.question_file)
+        report = run_benchmark(bench, pipe, layout.question_file, layout.image_folder, answers_file,
+                               batch_size=batch_size, strict=strict, progress=progress, model_id=model_id,
+                               on_error=lambda m: log.warning("%s", m))
+        collect, printout = quiet_log()
+        result = score_benchmark(bench, bench.suite_score_argv(data_root, answers_file, output_dir), collect)
+        with open(os.path.join(output_dir, f"{bench.name}_score.txt"), "w") as f:
+            f.write(printout.getvalue())
+        note = "" if bench.metric is not None else "submit to the server"
+        row = Row(bench.name, bench.headline(result), result, report.answered + report.skipped, len(report.failed), note)
+        log.info("%s: %s = %s", bench.name, bench.metric_label, _fmt(row.ours))
+        rows.append(row)
+    write_results(rows, output_dir)
+    return rows
+
+
+def evaluate_stage(model_dir: str, names: list[str], data_root: str, output_dir: str, batch_size: int = 32,
+                   dtype: str | None = None) -> dict[str, float]:
+    """The training loop's end-of-stage benchmarks: {"bench/<name>": headline figure} (none for servers).
+
+    The stage's model directory is loaded in `dtype` (the run's compute dtype) on this process's
+    devices; answers, results.md and results.json go to `output_dir`.
+    """
+    from llava_jax.inference.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model_dir, dtype=dtype)
+    rows = run_suite(pipe, data_root, list(names), output_dir, batch_size=batch_size, progress=False)
+    return {f"bench/{row.name}": float(row.ours) for row in rows if row.ours is not None}

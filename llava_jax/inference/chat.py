@@ -1,0 +1,110 @@
+"""A multi-turn conversation with a model, and the commands an interactive chat understands.
+
+`ChatSession` keeps the turns and images; each message renders the whole conversation as the
+prompt (images where their markers are), and the engine's length buckets keep a growing chat from
+recompiling at every turn. `ChatSession.handle` turns one typed line into what to do: a command
+(`/image`, `/reset`, `/help`, `/exit`) is done here and never reaches the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Generator
+
+import numpy as np
+
+from llava_jax.data.templates import IMAGE_MARKER
+from llava_jax.inference.pipeline import Pipeline
+from llava_jax.inference.sampling import SamplingParams
+
+COMMANDS = (
+    ("/image PATH", "attach an image to your next message (several may be attached)"),
+    ("/reset", "forget the conversation and its images"),
+    ("/help", "list these commands"),
+    ("/exit", "quit (so does end of input, Ctrl-D)"),
+)
+
+
+def commands_help() -> str:
+    """The command list, one command a line."""
+    width = max(len(name) for name, _ in COMMANDS)
+    return "\n".join(f"  {name.ljust(width)}  {text}" for name, text in COMMANDS)
+
+
+@dataclasses.dataclass
+class Action:
+    """What a typed line asks for.
+
+    Attributes:
+      kind: "ask" (send `text` to the model), "say" (print `text`), "error" (print `text` as an
+        error) or "exit".
+      text: the message to send, or what to print.
+    """
+
+    kind: str
+    text: str = ""
+
+
+class ChatSession:
+    """A conversation with a model: its turns, its images, and images waiting for the next message."""
+
+    def __init__(self, pipe: Pipeline, params: SamplingParams):
+        self.pipe, self.params = pipe, params
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every turn and image."""
+        self.turns: list[dict] = []
+        self.images: list[np.ndarray] = []  # [H, W, 3] each, in marker order
+        self.pending: list[np.ndarray] = []
+
+    def add_image(self, path: str) -> None:
+        """Load an image for the next message (ImageError names a bad file)."""
+        self.pending.extend(self.pipe.load_images([path]))
+
+    def handle(self, line: str) -> Action:
+        """A typed line -> what to do; commands are carried out here (an empty line asks nothing)."""
+        line = line.strip()
+        command, _, rest = line.partition(" ")
+        if not line:
+            return Action("say")
+        if command in ("/exit", "/quit"):
+            return Action("exit")
+        if command in ("/help", "/?"):
+            return Action("say", "commands:\n" + commands_help())
+        if command == "/reset":
+            self.reset()
+            return Action("say", "(conversation reset)")
+        if command == "/image":
+            path = rest.strip()
+            if not path:
+                return Action("error", "/image needs a file: /image PATH")
+            try:
+                self.add_image(path)
+            except (OSError, ValueError) as e:
+                return Action("error", str(e))
+            return Action("say", f"(image {path} attached to your next message)")
+        return Action("ask", line)
+
+    def ask(self, text: str) -> Generator[str, None, str]:
+        """Stream the answer to `text` (with any pending images); returns the whole answer.
+
+        On an error (e.g. the conversation outgrew the context) the turn is undone, pending images
+        stay pending, and the error propagates.
+        """
+        value = f"{IMAGE_MARKER}\n" * len(self.pending) + text.replace(IMAGE_MARKER, "")
+        turns = self.turns + [{"from": "human", "value": value}]
+        images = self.images + self.pending
+        prompt = self.pipe.prompt(turns, np.stack(images) if images else None, seed=self.params.seed + len(self.turns))
+        stream = self.pipe.engine.stream(prompt, self.params)
+        while True:
+            try:
+                delta = next(stream)
+            except StopIteration as stop:
+                completion = stop.value
+                break
+            yield delta.text
+        answer = completion.text.strip()
+        self.turns = turns + [{"from": "gpt", "value": answer}]
+        self.images, self.pending = images, []
+        return answer

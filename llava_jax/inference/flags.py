@@ -1,0 +1,59 @@
+"""Command-line flags shared by the CLIs that load a model (`generate`, `chat`, `eval`).
+
+Spellings follow the original LLaVA scripts; their underscore forms (`--model_path`, `--top_p`)
+are accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from llava_jax.data.image import ImageError
+from llava_jax.data.templates import TEMPLATES
+from llava_jax.inference.engine import InputError
+from llava_jax.inference.pipeline import DEFAULT_CONV_MODE, Pipeline
+from llava_jax.inference.sampling import SamplingParams
+from llava_jax.weights.safetensors_io import CheckpointError
+
+# Errors whose message is the whole story for the user: printed as one line, exit status 2.
+USER_ERRORS = (InputError, ImageError, CheckpointError, OSError)
+EXIT_BAD_INPUT = 2
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model directory, its dtype, template, image settings and context."""
+    p.add_argument("--model-path", "--model_path", required=True, help="converted or HF LLaVA directory")
+    p.add_argument("--conv-mode", "--conv_mode", default=DEFAULT_CONV_MODE, choices=sorted(TEMPLATES))
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--image-aspect-ratio", choices=["pad", "square"], default=None, help="override the checkpoint's")
+    p.add_argument("--max-context", type=int, default=None, help="longest prompt + answer (default: the model's)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, *, temperature: float = 0.2) -> None:
+    """Temperature, top-p, top-k and the seed."""
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", "--top_p", type=float, default=1.0)
+    p.add_argument("--top-k", "--top_k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load_pipeline(args: argparse.Namespace) -> Pipeline:
+    """The model directory of `--model-path`, with the template and image settings of the flags."""
+    return Pipeline.from_pretrained(
+        args.model_path,
+        dtype=args.dtype,
+        conv_mode=args.conv_mode,
+        image_aspect_ratio=args.image_aspect_ratio,
+        max_context=args.max_context,
+    )
+
+
+def sampling_from_args(pipe: Pipeline, args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from the flags, plus the template's stop strings."""
+    return pipe.sampling(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
