@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from llava_jax import paths
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -114,13 +116,11 @@ class LlavaConfig:
 
     def save(self, directory: str) -> None:
         """Write our own config as `llava_jax_config.json`."""
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        paths.write_text(os.path.join(directory, CONFIG_FILE), json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, directory: str) -> "LlavaConfig":
-        with open(os.path.join(directory, CONFIG_FILE)) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(json.loads(paths.read_text(os.path.join(directory, CONFIG_FILE))))
 
 
 CONFIG_FILE = "llava_jax_config.json"

@@ -6,8 +6,9 @@
   python -m llava_jax.convert --src llava-v1.5-7b --vision-tower clip-vit-large-patch14-336 --dst llava-v1.5-7b-jax
   # stage-1 start from parts (projector fresh, or --projector mm_projector.bin):
   python -m llava_jax.convert --vision-tower clip-vit-large-patch14-336 --llm vicuna-7b-v1.5 --dst init
-  # ours (converted or a training checkpoint) -> HF:
-  python -m llava_jax.convert --src runs/stage2/step_5000 --dst llava-hf-out --to hf
+  # ours -> HF: a converted directory, a training stage's output, or a training checkpoint:
+  python -m llava_jax.convert --src workdir/stage2_finetune --dst llava-hf-out --to hf
+  python -m llava_jax.convert --src workdir/checkpoints/2414 --dst llava-hf-step2414 --to hf
 
 Errors a user can act on (unknown format, missing/unexpected tensors, shapes that disagree with the
 config, truncated files, configs that are not LLaVA/CLIP/LLaMA, pickles that hold code) exit with
@@ -109,7 +110,8 @@ def convert(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", help="source directory (HF or original LLaVA; ours or a training checkpoint with --to hf)")
+    p.add_argument("--src", help="source directory (HF or original LLaVA; with --to hf: ours, a stage output "
+                   "WORKDIR/stageN_NAME or a training checkpoint WORKDIR/checkpoints/STEP)")
     p.add_argument("--dst", required=True, help="output directory (must not exist)")
     p.add_argument("--to", choices=["ours", "hf"], default="ours", help="hf: export ours to a llava-hf directory")
     p.add_argument("--dtype", choices=DTYPES, help="stored dtype (default: the source's)")

@@ -71,9 +71,9 @@ def test_json_mode_gives_render_output_and_reports_problems_by_id(setup):
         np.testing.assert_array_equal(obj["labels"], expected.labels)
         assert obj["input_ids"].count(tok.vocab_size + 1) == (4 if "image" in record else 0)
     err = result.stderr
-    assert "skipped record malformed (index 1)" in err and "no gpt turn" in err
-    assert "skipped record missing (index 3)" in err and "nope.png" in err
-    assert "skipped record escape (index 4)" in err and "escapes the image folder" in err
+    assert "record 1 (line 2, id 'malformed')" in err and "no gpt turn" in err
+    assert "record 3 (line 4, id 'missing')" in err and "nope.png" in err
+    assert "record 4 (line 5, id 'escape')" in err and "escapes the image folder" in err
     assert "3 problem record(s)" in err
 
 

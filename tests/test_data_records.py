@@ -82,8 +82,11 @@ def test_bad_record_error_names_file_index_id_and_problem(tmp_path, name, bad, e
     message = str(info.value)
     assert path in message and "record 4" in message and expected in message
     assert info.value.index == 4 and info.value.path == path
+    line = " (line 5" if name.endswith(".jsonl") else ""
     if isinstance(bad, dict) and "id" in bad:
-        assert f"(id {bad['id']!r})" in message
+        assert f"record 4{line + ', ' if line else ' ('}id {bad['id']!r})" in message
+    else:
+        assert f"record 4{line + ')' if line else ''}: " in message
 
 
 def test_on_error_collects_every_bad_record_and_keeps_the_rest(tmp_path):
@@ -96,7 +99,7 @@ def test_on_error_collects_every_bad_record_and_keeps_the_rest(tmp_path):
 
 def test_jsonl_syntax_error_names_line(tmp_path):
     path = _write(tmp_path, "data.jsonl", json.dumps(GOOD[0]) + "\n{oops\n")
-    with pytest.raises(records.RecordError, match=r"record 1: line 2 is not valid JSON"):
+    with pytest.raises(records.RecordError, match=r"record 1 \(line 2\): not valid JSON"):
         records.load_records(path)
 
 
@@ -135,3 +138,15 @@ def test_resolve_image_path_rejects_escapes(tmp_path, rel, expected):
     (folder / "link").symlink_to(outside)
     with pytest.raises(records.ImagePathError, match=expected):
         records.resolve_image_path(folder, rel)
+
+
+def test_training_and_generate_number_records_alike(tmp_path):
+    """Records count from 0 everywhere; a .jsonl message also gives the 1-based line (blank lines skipped)."""
+    from llava_jax.inference.answering import read_vqa_questions
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({**GOOD[0], "question_id": 1, "text": "q"}) + "\n\n{oops\n")
+    with pytest.raises(records.RecordError, match=r"data\.jsonl: record 1 \(line 3\): not valid JSON"):
+        records.load_records(path)
+    errors = [error for _, _, error in read_vqa_questions(str(path)) if error]
+    assert len(errors) == 1 and f"{path}: record 1 (line 3): not valid JSON" in errors[0], errors

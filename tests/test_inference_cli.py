@@ -145,7 +145,7 @@ def test_batch_mode_reports_bad_questions_and_resumes(model_dir, single, tmp_pat
     assert any("question q4" in e and "missing.png" in e for e in errors)
     assert any("question q5" in e and "context" in e for e in errors)
     assert any("question q6" in e and "2 <image> markers but 1 image" in e for e in errors)
-    assert any("record 8" in e for e in errors)
+    assert any("record 7 (line 8): not valid JSON" in e for e in errors)
     first = _answers(answers_file)
     assert sorted(first) == sorted(['"q1"', '"q2"', "3", '"q7"'])
     for a in first.values():

@@ -22,6 +22,7 @@ i.e. on all of LLaVA's training data (JPEG); we follow transformers, the executa
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
+
+from llava_jax import paths
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -112,11 +115,9 @@ class ImageProcessorConfig:
 
     def save(self, directory: str) -> str:
         """Writes `directory/preprocessor_config.json` in HF format; returns the file path."""
-        os.makedirs(directory, exist_ok=True)
+        paths.makedirs(directory)
         path = os.path.join(directory, PREPROCESSOR_CONFIG)
-        with open(path, "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2)
-            f.write("\n")
+        paths.write_text(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -139,8 +140,8 @@ class ImageProcessorConfig:
         """
         hf_path = os.path.join(directory, PREPROCESSOR_CONFIG)
         llava_path = os.path.join(directory, "config.json")
-        llava = _read_json(llava_path) if os.path.isfile(llava_path) else None
-        if os.path.isfile(hf_path):
+        llava = _read_json(llava_path) if paths.isfile(llava_path) else None
+        if paths.isfile(hf_path):
             hf = _read_json(hf_path)
             cfg = _from_hf_json(hf)
             if "do_pad" not in hf and llava is not None and "image_aspect_ratio" in llava:
@@ -160,7 +161,7 @@ class ImageProcessorConfig:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
+    with paths.open(path) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -221,7 +222,10 @@ def load_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> P
     the file (`name`, for file objects) when it is missing, unreadable or corrupt.
     """
     try:
-        with PIL.Image.open(path) as img:
+        # A remote image is read whole first: PIL's many small reads would each be a request.
+        remote = isinstance(path, (str, os.PathLike)) and paths.is_remote(path)
+        source = io.BytesIO(paths.read_bytes(path)) if remote else path
+        with PIL.Image.open(source) as img:
             img.load()  # decode now, so a truncated file fails here and not later in a worker
             return to_rgb(img)
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:

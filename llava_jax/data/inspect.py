@@ -8,10 +8,13 @@ Text mode prints, per record, the token pieces as text: supervised spans between
 tokenizer has them (a piece "▁USER" prints " USER"), so odd tokenizations are visible.
 `--json` prints one object per line: {"id", "input_ids", "labels"} (labels -100 where ignored).
 
-The tokenizer is `tokenizer.model` in --model-path; the image token count and id come from its
-config.json (HF LLaVA: vision_config image_size/patch_size, vision_feature_select_strategy,
-image_seq_length, image_token_index; original LLaVA: mm_vision_tower, mm_vision_select_feature),
-or from --num-image-tokens / --image-token-index, which win. Records that cannot be trained on
+--model-path is a model directory of any kind the project reads or writes (weights/model_dir.py:
+ours, a training stage's output, a training checkpoint, HF, original LLaVA); its tokenizer.model
+is used, and the image token count and id come from its config (ours: llava_jax_config.json; HF
+LLaVA: vision_config image_size/patch_size, vision_feature_select_strategy, image_seq_length,
+image_token_index; original LLaVA: mm_vision_tower, mm_vision_select_feature), or from
+--num-image-tokens / --image-token-index, which win (a directory with only tokenizer.model then
+does). Records that cannot be trained on
 (malformed, unsafe or missing image path, nothing supervised after truncation) are reported by id
 on stderr; the others are still printed. Exit status 1 if there was any such record.
 """
@@ -28,9 +31,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from llava_jax import paths
 from llava_jax.data import records as records_lib
 from llava_jax.data import templates
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.weights import model_dir
+from llava_jax.weights.safetensors_io import CheckpointError
 
 OPEN, CLOSE = "[[", "]]"
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -38,18 +44,23 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def image_settings(model_path: str, vocab_size: int) -> tuple[int | None, int, list[str]]:
-    """(num_image_tokens or None if unknown, image_token_index, notes) from a model's config.json.
+    """(num_image_tokens or None if unknown, image_token_index, notes) of a model directory.
+
+    Ours (a converted directory, a stage output, a training checkpoint) says both in its config.
+    Otherwise they come from config.json:
 
     num_image_tokens is what the vision tower really produces, (image_size / patch_size)^2, +1 when
     the class token is kept (strategy "full" / feature "cls_patch"); `image_seq_length` is used only
     when the vision config has no sizes (a tiny HF test config keeps the 576 default there).
     image_token_index defaults to `vocab_size`: the id HF LLaVA appends after the text vocabulary.
     """
+    if model_dir.kind(model_path) in (model_dir.OURS, model_dir.CHECKPOINT):
+        ours = model_dir.config_of(model_path)
+        return ours.num_image_tokens, ours.image_token_index, []
     path = os.path.join(model_path, "config.json")
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         return None, vocab_size, [f"no config.json in {model_path}"]
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = json.loads(paths.read_text(path))
     notes = []
     num = None
     vision = cfg.get("vision_config") or {}
@@ -126,33 +137,28 @@ def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, tem
     """Writes every renderable record to `out` and every problem record to `err`; returns #problems."""
     problems = 0
 
-    def report(record_id: Any, index: int, message: str) -> None:
+    def report(where: str, message: str) -> None:
         nonlocal problems
         problems += 1
-        err.write(f"skipped record {record_id} (index {index}): {message}\n")
-
-    bad: set[int] = set()
+        err.write(f"skipped {where}: {message}\n")
 
     def bad_record(e: records_lib.RecordError) -> None:
-        bad.add(e.index)
-        report(e.record_id, e.index, e.problem)
+        report(records_lib.record_location(e.path, e.index, e.line, e.record_id), e.problem)
 
-    recs = records_lib.load_records(data_path, on_error=bad_record)
-    file_indices = [i for i in range(len(recs) + len(bad)) if i not in bad]
     shown = 0
-    for index, record in zip(file_indices, recs):
+    for record, index, line in records_lib.load_located_records(data_path, on_error=bad_record):
         if limit is not None and shown >= limit:
             break
         try:
             for rel in records_lib.record_images(record):
                 path = records_lib.resolve_image_path(image_folder, rel)
-                if not os.path.isfile(path):
+                if not paths.isfile(path):
                     raise FileNotFoundError(f"image {rel!r} not found at {path}")
             sample = templates.render(record["conversations"], template, tokenizer,
                                       image_token_index=image_token_index, num_image_tokens=num_image_tokens,
                                       max_length=max_length)
         except (ValueError, OSError) as e:  # ImagePathError, EmptySampleError, FileNotFoundError, ...
-            report(record["id"], index, f"{type(e).__name__}: {e}")
+            report(records_lib.record_location(data_path, index, line, record["id"]), f"{type(e).__name__}: {e}")
             continue
         shown += 1
         if as_json:
@@ -172,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Show what the model will be trained on, supervised spans marked.")
     p.add_argument("--data-path", required=True, help="LLaVA .json or .jsonl data file")
     p.add_argument("--image-folder", required=True, help="root of the records' image paths")
-    p.add_argument("--model-path", required=True, help="model directory with tokenizer.model (and config.json)")
+    p.add_argument("--model-path", required=True,
+                   help="a model directory of any kind (ours, a stage output, a training checkpoint, HF, original)")
     p.add_argument("--conv-mode", required=True, help=f"template: one of {sorted(templates.TEMPLATES)}")
     p.add_argument("--max-length", type=int, default=2048, help="truncation length after image expansion")
     p.add_argument("--json", action="store_true", help='one {"id", "input_ids", "labels"} object per line')
@@ -184,7 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         template = templates.get_template(a.conv_mode).name
     except KeyError as e:
         p.error(str(e.args[0]))
-    tokenizer = Tokenizer.from_pretrained(a.model_path)
+    kind = model_dir.kind(a.model_path)
+    if kind is None and a.num_image_tokens is None:
+        try:  # says what the directory holds instead (a workdir: its model directories)
+            model_dir.require(a.model_path, accept=model_dir.ALL)
+        except CheckpointError as e:
+            p.error(f"{e}; or pass --num-image-tokens (and --image-token-index) to use its tokenizer.model alone")
+    tokenizer = Tokenizer.from_pretrained(model_dir.tokenizer_dir(a.model_path) if kind else a.model_path)
     num, token, notes = image_settings(a.model_path, tokenizer.vocab_size)
     num = a.num_image_tokens if a.num_image_tokens is not None else num
     token = a.image_token_index if a.image_token_index is not None else token

@@ -179,8 +179,11 @@ class DataStats:
 
     def summary(self) -> str:
         """One human-readable paragraph."""
-        text = (f"{self.samples} samples in {self.batches} batches ({self.empty_rows} empty rows); "
-                f"skipped {self.num_skipped}")
+        text = f"{self.samples} samples in {self.batches} batches"
+        if self.empty_rows:
+            text += (f", {self.empty_rows} rows left empty (the loss ignores them: each epoch's last batch is "
+                     "filled up to the batch size, and a skipped sample leaves its row empty)")
+        text += f"; skipped {self.num_skipped}"
         if self.skipped:
             text += " (" + ", ".join(f"{k}: {n}" for k, n in sorted(self.skipped.items())) + ")"
         if self.problems:
@@ -285,7 +288,8 @@ class _RowLoader:
         except Exception as e:  # pylint: disable=broad-except
             kind = getattr(e, "kind", ERROR)
             record_id = record["id"] if record is not None else f"#{index}"
-            where = f"{self.source.name}: record {index} (id {record_id!r})"
+            locate = getattr(self.source, "locate", None)  # JSON files know each record's file and line
+            where = locate(index) if locate and record is not None else f"{self.source.name}: record {index} (id {record_id!r})"
             if self.strict and kind != EMPTY:
                 raise DataError(f"{where}: {e}") from e
             # Never crash a worker: the problem travels with the batch and is reported by the

@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from llava_jax import paths
+
 IMAGE_MARKER = "<image>"
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 # Role names in the "from" field (LLaVA writes human/gpt); the same set the templates accept.
@@ -27,13 +29,22 @@ ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, 
 Record = dict[str, Any]
 
 
-class RecordError(ValueError):
-    """A record that does not follow LLaVA's data format (names the file, record index and id)."""
+def record_location(path: str, index: int, line: int | None = None, record_id: Any = None) -> str:
+    """How every message names a record: `PATH: record N (line L, id 'X')`.
 
-    def __init__(self, path: str, index: int, record_id: Any, problem: str):
-        self.path, self.index, self.record_id, self.problem = path, index, record_id, problem
-        where = f"{path}: record {index}" + (f" (id {record_id!r})" if record_id is not None else "")
-        super().__init__(f"{where}: {problem}")
+    N counts the file's records from 0 (a .json list's index, the n-th record of a .jsonl); L is
+    the 1-based line of a .jsonl file (blank lines are skipped, so L can differ from N + 1).
+    """
+    details = ([f"line {line}"] if line is not None else []) + ([f"id {record_id!r}"] if record_id is not None else [])
+    return f"{path}: record {index}" + (f" ({', '.join(details)})" if details else "")
+
+
+class RecordError(ValueError):
+    """A record that does not follow LLaVA's data format (names the file, record index, line and id)."""
+
+    def __init__(self, path: str, index: int, record_id: Any, problem: str, line: int | None = None):
+        self.path, self.index, self.record_id, self.problem, self.line = path, index, record_id, problem, line
+        super().__init__(f"{record_location(path, index, line, record_id)}: {problem}")
 
 
 class ImagePathError(ValueError):
@@ -107,23 +118,16 @@ def validate_record(record: Any) -> str | None:
     return None
 
 
-def is_remote(path: str | os.PathLike) -> bool:
-    """True for a URL-like path (gs://bucket/...), read through etils.epath instead of open()."""
-    return "://" in os.fspath(path)
+is_remote = paths.is_remote  # gs://bucket/...: read through etils.epath (llava_jax/paths.py)
 
 
-def _open_text(path: str):
-    if is_remote(path):
-        from etils import epath  # pylint: disable=g-import-not-at-top
+def read_raw(path: str) -> Iterator[tuple[int, int | None, Any]]:
+    """Yields (index, line or None, parsed JSON value) for each record of a .json or .jsonl file (local or gs://).
 
-        return epath.Path(path).open("r", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _raw_records(path: str) -> Iterator[tuple[int, Any]]:
-    """Yields (index, parsed JSON value) for each record of a .json or .jsonl file (local or gs://)."""
+    A .jsonl line that is not JSON raises RecordError naming the record and the line.
+    """
     if path.endswith(".jsonl"):
-        with _open_text(path) as f:
+        with paths.open(path, "r", encoding="utf-8") as f:
             index = 0
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -131,18 +135,19 @@ def _raw_records(path: str) -> Iterator[tuple[int, Any]]:
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise RecordError(path, index, None, f"line {line_no} is not valid JSON: {e}") from None
-                yield index, value
+                    raise RecordError(path, index, None, f"not valid JSON: {e}", line=line_no) from None
+                yield index, line_no, value
                 index += 1
     elif path.endswith(".json"):
-        with _open_text(path) as f:
+        with paths.open(path, "r", encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON: {e}") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
-        yield from enumerate(data)
+        for index, value in enumerate(data):
+            yield index, None, value
     else:
         raise ValueError(f"{path}: unknown data file type; expected a .json list or a .jsonl file")
 
@@ -159,19 +164,25 @@ def load_records(path: str | os.PathLike,
     Returns:
       The valid records, in file order.
     """
+    return [record for record, _, _ in load_located_records(path, on_error)]
+
+
+def load_located_records(path: str | os.PathLike, on_error: Callable[[RecordError], None] | None = None
+                         ) -> list[tuple[Record, int, int | None]]:
+    """`load_records`, each valid record with its index in the file and its line (.jsonl) for messages."""
     path = os.fspath(path)
-    records = []
-    for index, record in _raw_records(path):
+    out = []
+    for index, line, record in read_raw(path):
         problem = validate_record(record)
         if problem is not None:
             record_id = record.get("id") if isinstance(record, dict) else None
-            error = RecordError(path, index, record_id, problem)
+            error = RecordError(path, index, record_id, problem, line=line)
             if on_error is None:
                 raise error
             on_error(error)
             continue
-        records.append(record)
-    return records
+        out.append((record, index, line))
+    return out
 
 
 def check_relative_image_path(rel: str) -> None:
@@ -191,6 +202,8 @@ def resolve_image_path(image_folder: str | os.PathLike, rel: str) -> str:
     The file itself need not exist (a missing image is the loader's concern).
     """
     check_relative_image_path(rel)
+    if paths.is_remote(image_folder):  # object storage has no symbolic links: the lexical check is the whole check
+        return os.path.join(os.fspath(image_folder).rstrip("/"), os.path.normpath(rel))
     root = os.path.realpath(os.fspath(image_folder))
     real = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([root, real]) != root:

@@ -123,15 +123,26 @@ class JsonSource(Source):
         self.paths = [os.fspath(p) for p in paths]
         self.name = self.paths[0] if len(self.paths) == 1 else ",".join(self.paths)
         self.image_folder = os.fspath(image_folder)
-        self.records = [r for p in self.paths for r in records_lib.load_records(p)]
+        self.records, self._starts, lines = [], [], []
+        for path in self.paths:
+            self._starts.append((len(self.records), path))
+            for record, index, line in records_lib.load_located_records(path):
+                for rel in records_lib.record_images(record):
+                    try:
+                        records_lib.check_relative_image_path(rel)
+                    except records_lib.ImagePathError as e:
+                        raise records_lib.RecordError(path, index, record["id"], str(e), line=line) from None
+                self.records.append(record)
+                lines.append(-1 if line is None else line)
         if not self.records:
             raise ValueError(f"no records in {self.paths}")
-        for index, record in enumerate(self.records):
-            for rel in records_lib.record_images(record):
-                try:
-                    records_lib.check_relative_image_path(rel)
-                except records_lib.ImagePathError as e:
-                    raise records_lib.RecordError(self.name, index, record["id"], str(e)) from None
+        self._lines = np.asarray(lines, np.int32)  # each record's .jsonl line (-1: none), for messages
+
+    def locate(self, index: int) -> str:
+        """`FILE: record N (line L, id 'X')` for record `index` of the concatenated files."""
+        start, path = self._starts[bisect.bisect_right([s for s, _ in self._starts], index) - 1]
+        line = int(self._lines[index])
+        return records_lib.record_location(path, index - start, None if line < 0 else line, self.records[index]["id"])
 
     def __len__(self) -> int:
         return len(self.records)

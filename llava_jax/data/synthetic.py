@@ -27,12 +27,13 @@ import io
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from llava_jax import paths
 
 # Bump when the generated content changes, so that cached builds are redone.
 SYNTHETIC_VERSION = 2
@@ -220,6 +221,9 @@ def _text_only_qa(rng: np.random.Generator) -> tuple[str, str]:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+    if paths.is_remote(path):  # an object appears whole or not at all
+        paths.write_bytes(path, data)
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -269,13 +273,12 @@ def _paths(out_dir: str) -> dict[str, str]:
             "manifest": os.path.join(out_dir, "manifest.json")}
 
 
-def _is_complete(paths: Mapping[str, str], args: Mapping[str, Any]) -> bool:
+def _is_complete(files: Mapping[str, str], args: Mapping[str, Any]) -> bool:
     try:
-        with open(paths["manifest"]) as f:
-            manifest = json.load(f)
+        manifest = json.loads(paths.read_text(files["manifest"]))
     except (OSError, ValueError):
         return False
-    return manifest.get("args") == args and all(os.path.exists(p) for p in paths.values())
+    return manifest.get("args") == args and all(paths.exists(p) for p in files.values())
 
 
 def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 200, image_size: int = 56,
@@ -298,17 +301,17 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     Returns:
       {"out_dir", "image_folder", "stage1", "stage2", "val", "tokenizer", "manifest"} -> path.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = paths.absolute(out_dir)
     scene_cfg = dataclasses.replace(scene or SceneConfig(), image_size=image_size)
-    paths = _paths(out_dir)
+    files = _paths(out_dir)
     args = _build_args(num_train, num_val, image_size, seed, vocab_size, scene_cfg)
-    if _is_complete(paths, args):
-        return paths
-    if os.path.exists(paths["manifest"]):
+    if _is_complete(files, args):
+        return files
+    if paths.exists(files["manifest"]):
         # A build of ours for other arguments: drop its images so that none are left stale.
-        os.remove(paths["manifest"])
-        shutil.rmtree(paths["image_folder"], ignore_errors=True)
-    os.makedirs(paths["image_folder"], exist_ok=True)
+        paths.as_path(files["manifest"]).unlink()
+        paths.rmtree(files["image_folder"])
+    paths.makedirs(files["image_folder"])
 
     sentences: list[str] = list(TEMPLATE_TEXT)
     stage1, stage2, val = [], [], []
@@ -316,7 +319,7 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     for i in range(num_train):
         scene_i = sample_scene(train_rng, scene_cfg)
         name = f"train_{i:05d}.png"
-        _save_png(draw_scene(scene_i, image_size), os.path.join(paths["image_folder"], name))
+        _save_png(draw_scene(scene_i, image_size), os.path.join(files["image_folder"], name))
         prompt = CAPTION_PROMPTS[train_rng.integers(len(CAPTION_PROMPTS))]
         caption = _caption(train_rng, scene_i)
         stage1.append({"id": f"cap_{i:05d}", "image": name, "conversations": [
@@ -343,7 +346,7 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     for i in range(num_val):
         scene_i = sample_scene(val_rng, scene_cfg)
         name = f"val_{i:05d}.png"
-        _save_png(draw_scene(scene_i, image_size), os.path.join(paths["image_folder"], name))
+        _save_png(draw_scene(scene_i, image_size), os.path.join(files["image_folder"], name))
         for qtype, answer in scene_i.answers().items():
             q = QUESTIONS[qtype][val_rng.integers(len(QUESTIONS[qtype]))]
             val.append({"id": f"val_{i:05d}_{qtype}", "image": name, "qtype": qtype, "answer": answer,
@@ -351,14 +354,14 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
                                           {"from": "gpt", "value": answer}]})
             sentences.append(q)
 
-    _write_json(paths["stage1"], stage1)
-    _write_json(paths["stage2"], stage2)
-    _write_json(paths["val"], val)
-    _atomic_write(paths["tokenizer"], train_tokenizer(sentences, vocab_size))
-    _write_json(paths["manifest"], {"args": args, "counts": {
+    _write_json(files["stage1"], stage1)
+    _write_json(files["stage2"], stage2)
+    _write_json(files["val"], val)
+    _atomic_write(files["tokenizer"], train_tokenizer(sentences, vocab_size))
+    _write_json(files["manifest"], {"args": args, "counts": {
         "train_images": num_train, "val_images": num_val, "stage1": len(stage1), "stage2": len(stage2),
         "val": len(val)}})
-    return paths
+    return files
 
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -408,9 +411,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=1024)
     a = p.parse_args(argv)
-    paths = build(a.out_dir, num_train=a.num_train, num_val=a.num_val, image_size=a.image_size,
+    files = build(a.out_dir, num_train=a.num_train, num_val=a.num_val, image_size=a.image_size,
                   seed=a.seed, vocab_size=a.vocab_size)
-    print(json.dumps(paths, indent=1))
+    print(json.dumps(files, indent=1))
 
 
 if __name__ == "__main__":

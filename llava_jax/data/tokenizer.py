@@ -32,6 +32,8 @@ from collections.abc import Iterable
 
 import sentencepiece as spm
 
+from llava_jax import paths
+
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -40,10 +42,9 @@ class Tokenizer:
 
     def __init__(self, model_file: str):
         """Loads `model_file` (a sentencepiece tokenizer.model)."""
-        if not os.path.isfile(model_file):
+        if not paths.isfile(model_file):
             raise FileNotFoundError(f"Tokenizer model file {model_file!r} does not exist")
-        with open(model_file, "rb") as f:
-            proto = f.read()
+        proto = paths.read_bytes(model_file)
         self.model_file = model_file
         self._init_from_proto(proto)
 
@@ -68,8 +69,8 @@ class Tokenizer:
     def from_pretrained(cls, directory: str) -> "Tokenizer":
         """Loads `directory/tokenizer.model` (the file LLaMA, Vicuna and LLaVA checkpoints ship)."""
         path = os.path.join(directory, TOKENIZER_FILE)
-        if not os.path.isfile(path):
-            present = sorted(os.listdir(directory)) if os.path.isdir(directory) else "directory does not exist"
+        if not paths.isfile(path):
+            present = paths.listdir(directory) if paths.isdir(directory) else "directory does not exist"
             raise FileNotFoundError(
                 f"No {TOKENIZER_FILE} in {directory!r} (found: {present}). A sentencepiece model is required; "
                 "a tokenizer.json alone (fast tokenizer) is not supported."
@@ -78,11 +79,10 @@ class Tokenizer:
 
     def save(self, directory: str) -> str:
         """Writes the model to `directory/tokenizer.model`; returns that path."""
-        os.makedirs(directory, exist_ok=True)
+        paths.makedirs(directory)
         path = os.path.join(directory, TOKENIZER_FILE)
-        if os.path.abspath(path) != os.path.abspath(self.model_file):
-            with open(path, "wb") as f:
-                f.write(self._proto)
+        if paths.absolute(path) != paths.absolute(self.model_file):
+            paths.write_bytes(path, self._proto)
         return path
 
     @property

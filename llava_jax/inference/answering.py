@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Union
 import PIL.Image
 
 from llava_jax.data.image import ImageError, load_image, to_rgb
-from llava_jax.data.records import resolve_image_path
+from llava_jax.data.records import record_location, resolve_image_path
 
 if TYPE_CHECKING:  # this module imports no jax: scorers read question files without it
     from llava_jax.inference.engine import Prompt
@@ -122,22 +122,23 @@ def read_vqa_questions(path: str) -> Iterator[tuple[int, dict | None, str | None
     """A `model_vqa` question file: (index, record, None) per good line, (index, None, error) per bad one.
 
     One JSON object a line with `question_id`, a string `text` and optionally `image` (a JSON list of
-    such objects is accepted too).
+    such objects is accepted too). Records count from 0 and errors say `record N (line L)`, as
+    training and inspect do (`records.record_location`).
     """
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):
-        lines = [json.dumps(r) for r in json.loads(text)]
+        lines = [(None, json.dumps(r)) for r in json.loads(text)]
     else:
-        lines = [line for line in text.splitlines() if line.strip()]
-    for i, line in enumerate(lines):
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for i, (line_no, line) in enumerate(lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            yield i, None, f"{path}: record {i + 1} is not valid JSON ({e})"
+            yield i, None, f"{record_location(path, i, line_no)}: not valid JSON ({e})"
             continue
         if not isinstance(record, dict) or "question_id" not in record or not isinstance(record.get("text"), str):
-            yield i, None, f"{path}: record {i + 1} needs 'question_id' and a string 'text'"
+            yield i, None, f"{record_location(path, i, line_no)}: needs 'question_id' and a string 'text'"
             continue
         yield i, record, None
 

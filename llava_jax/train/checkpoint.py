@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from llava_jax import paths
 from llava_jax.weights import mapping
 
 
@@ -26,7 +27,7 @@ class Checkpointer:
     """Save and restore `{state, meta, data}` under `directory/<global step>`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)  # local or gs:// (Orbax writes both)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save),

@@ -105,3 +105,28 @@ def tiny_config() -> ml_collections.ConfigDict:
               eval_benchmarks=["shapes"]),
     ]
     return c
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """The embedded default as a config file: what `--config` names when it is not given."""
+    if arg:
+        raise ValueError(f"the embedded default takes no argument; found {arg!r}")
+    return tiny_config()
+
+
+def describe(config: ml_collections.ConfigDict) -> list[str]:
+    """`key = value` for every leaf, the keys as `--config.KEY=VALUE` names them (`stages[0].name`)."""
+    lines = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, ml_collections.ConfigDict):
+            for k in sorted(value.keys()):
+                walk(f"{prefix}.{k}" if prefix else k, value[k])
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, ml_collections.ConfigDict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+        else:
+            lines.append(f"{prefix} = {value!r}")
+
+    walk("", config)
+    return lines

@@ -5,8 +5,9 @@ the loop jit-compiles once per stage with explicit in/out shardings over the mes
 
     run                      where to start (the latest checkpoint), then each stage in turn
       _run_stage             one stage, top to bottom:
-        _initial_params      the previous stage's model directory, config.model.init, or random
+        _initial_model       the previous stage's model directory, config.model.init, or random
         _stage_data          the Grain pipeline (data/pipeline.py) and the stage's step count
+        _initial_params      the weights, loaded or created straight into their shardings
         _initial_state       trainable/frozen split, optimizer state, all created sharded
         _restore             a mid-stage checkpoint: state and data position
         _train               the steps (step.py, jit with parallel/partition.py shardings),
@@ -16,13 +17,14 @@ the loop jit-compiles once per stage with explicit in/out shardings over the mes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -33,7 +35,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llava_jax.config import LlavaConfig, text_config_from_hf, vision_config_from_hf
+from llava_jax import paths
+from llava_jax.config import CONFIG_FILE, LlavaConfig, text_config_from_hf, vision_config_from_hf
 from llava_jax.data import image as image_lib
 from llava_jax.data import pipeline
 from llava_jax.data import synthetic
@@ -48,6 +51,7 @@ from llava_jax.train.checkpoint import Checkpointer, abstract_like
 from llava_jax.train.evaluate import build_eval_set, eval_forward, evaluate
 from llava_jax.train.optimizer import make_optimizer, merge_params, split_params
 from llava_jax.train.step import TrainState, create_state, make_train_step, to_microbatches
+from llava_jax.weights import model_dir
 
 log = logging.getLogger("llava_jax.train")
 
@@ -58,6 +62,10 @@ class NonFiniteError(RuntimeError):
 
 class Preempted(Exception):
     """SIGTERM arrived: a checkpoint was saved and the run stopped."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run as written (names the field to change)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +81,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
                                image_size=s.image_size, seed=s.seed, vocab_size=s.vocab_size)
     tokenizer = d.tokenizer or (os.path.join(config.model.init, "tokenizer.model") if config.model.get("init") else "")
     if not tokenizer:
-        raise ValueError("config.data.tokenizer is empty and config.model.init names no directory holding tokenizer.model")
+        raise ConfigError("config.data.tokenizer is empty and config.model.init names no directory holding tokenizer.model")
     return {"image_folder": d.image_folder, "tokenizer": tokenizer, **{k: d[k] for k in ("val",) if d.get(k)}}
 
 
@@ -99,8 +107,8 @@ def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_fil
     """A directory every command accepts (`generate --model-path`, the next stage), written atomically."""
     from llava_jax.weights.converted import save_converted
 
-    if os.path.exists(directory):  # a stage re-run after a kill between this write and its checkpoint
-        shutil.rmtree(directory)
+    if paths.exists(directory):  # a stage re-run after a kill between this write and its checkpoint
+        paths.rmtree(directory)
     save_converted(directory, cfg, [jax.device_get(params)], tokenizer_dir=os.path.dirname(tokenizer_file),
                    preprocessor=image_cfg)
 
@@ -110,30 +118,54 @@ def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_fil
 
 
 class MetricsWriter:
-    """One JSON object per logged step in workdir/metrics.jsonl (process 0), TensorBoard if installed."""
+    """One JSON object per logged step in workdir/metrics.jsonl (process 0), TensorBoard if installed.
 
-    def __init__(self, workdir: str):
+    A local file is appended to line by line. Object storage (gs://) cannot append: the file is
+    rewritten whole, at most every `flush_seconds` and at every `flush()` (the loop flushes when
+    it saves a checkpoint), so that after a kill it covers at least every step up to the latest
+    checkpoint, from which the run resumes and logs the rest again.
+    """
+
+    def __init__(self, workdir: str, flush_seconds: float = 30.0):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.remote = paths.is_remote(workdir)
+        self.flush_seconds, self.flushed_at = flush_seconds, time.time()
+        self.lines: list[str] = []  # remote: the whole file
         self.tb = None
-        if self.enabled:
-            try:
-                from tensorboardX import SummaryWriter  # type: ignore  # optional: pip install tensorboardX
-            except ImportError:
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if not self.enabled:
+            return
+        if self.remote and paths.exists(self.path):
+            self.lines = paths.read_text(self.path).splitlines(keepends=True)
+        try:
+            from tensorboardX import SummaryWriter  # type: ignore  # optional: pip install tensorboardX
+        except ImportError:
+            SummaryWriter = None
+        if SummaryWriter is not None and not self.remote:
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            if time.time() - self.flushed_at >= self.flush_seconds:
+                self.flush()
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step",):
                     self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
+
+    def flush(self) -> None:
+        """Remote: rewrite the file with every record so far (local files are always up to date)."""
+        if self.enabled and self.remote:
+            paths.write_text(self.path, "".join(self.lines))
+            self.flushed_at = time.time()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +180,7 @@ class _Run:
     workdir: str
     mesh: Mesh
     rules: tuple
-    paths: dict[str, str]  # data files, image folder, tokenizer (resolve_data)
+    files: dict[str, str]  # data files, image folder, tokenizer (resolve_data)
     tokenizer: Tokenizer
     ckpt: Checkpointer
     metrics: MetricsWriter
@@ -170,11 +202,12 @@ class _Resume:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train every stage of `config` in `workdir`, resuming from its checkpoints; returns final eval metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    paths = resolve_data(config, workdir)
+    workdir = paths.absolute(workdir)
+    paths.makedirs(workdir)
+    files = resolve_data(config, workdir)
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.get("sharding_rules", rules_lib.DEFAULT_RULES))
-    r = _Run(config=config, workdir=workdir, mesh=make_mesh(**config.mesh.to_dict()), rules=rules, paths=paths,
-             tokenizer=Tokenizer(paths["tokenizer"]),
+    r = _Run(config=config, workdir=workdir, mesh=make_mesh(**config.mesh.to_dict()), rules=rules, files=files,
+             tokenizer=Tokenizer(files["tokenizer"]),
              ckpt=Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                async_save=config.async_checkpoints),
              metrics=MetricsWriter(workdir))
@@ -188,6 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if start_stage >= len(config.stages):
             log.info("all %d stages are already complete in %s", len(config.stages), workdir)
     finally:
+        r.metrics.flush()
         r.ckpt.close()
         signal.signal(signal.SIGTERM, old_handler)
     return final
@@ -212,10 +246,14 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     `offset` is the global step at which this stage started (metrics and checkpoints count globally).
     """
     stage = run.config.stages[index]
-    cfg, params = _initial_params(run, index)
+    source, cfg = _initial_model(run, index)
     image_cfg = image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
                                                pad_to_square=run.config.data.get("pad_to_square", True))
-    data = _stage_data(run, index, cfg, image_cfg)
+    data = _stage_data(run, index, cfg, image_cfg)  # before the weights: a data error costs seconds, not a load
+    params = _initial_params(run, source, cfg)
+    # What every checkpoint of the stage records, so that it loads as a model on its own (convert --to hf).
+    model = model_dir.checkpoint_model_meta(cfg, run.workdir, _frozen_source(run, stage, source, cfg, params, image_cfg),
+                                            run.files["tokenizer"], image_cfg.to_dict())
     tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=data.total_steps,
                                   warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay)
     state, shardings = _initial_state(run, stage, cfg, params, tx)
@@ -230,30 +268,51 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
         log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s",
                  index + 1, len(run.config.stages), stage.name, data.total_steps, data.batches_per_epoch,
                  stage.global_batch, data.num_micro, list(stage.trainable))
-    state, last = _train(run, index, cfg, state, train_step, data, evaluator, offset)
-    result = _finish(run, index, cfg, image_cfg, state, data, evaluator, offset)
+    state, last = _train(run, index, cfg, state, train_step, data, evaluator, offset, model)
+    result = _finish(run, index, cfg, image_cfg, state, data, evaluator, offset, model)
     return {**last, **result}
 
 
-def _initial_params(run: _Run, index: int) -> tuple[LlavaConfig, Any]:
-    """(compute config, parameters as a sharded tree) at the start of a stage.
+def _initial_model(run: _Run, index: int) -> tuple[str | None, LlavaConfig]:
+    """(where the stage's weights come from, its compute config).
 
-    The previous stage's model directory, else `config.model.init`, else a random initialisation.
+    The previous stage's model directory, else `config.model.init`, else (None) a random
+    initialisation of the config's architecture.
     """
-    from llava_jax.weights.converted import load_params
-
     config = run.config
     source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
     scan = config.model.get("scan_layers", True)
+    cfg = LlavaConfig.load(source) if source else model_config(config, run.tokenizer)
+    return source or None, cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat,
+                                       scan_layers=scan)
+
+
+def _initial_params(run: _Run, source: str | None, cfg: LlavaConfig) -> Any:
+    """The stage's starting parameters (float32), created or loaded directly into their shardings."""
+    from llava_jax.weights.converted import load_params
+
+    shardings = model_param_shardings(cfg, run.mesh, run.rules)
     if source:
-        cfg = LlavaConfig.load(source).replace(scan_layers=scan)
-        cfg, params = load_params(source, "float32", shardings=model_param_shardings(cfg, run.mesh, run.rules),
-                                  scan_layers=scan)
-    else:
-        cfg = model_config(config, run.tokenizer).replace(scan_layers=scan)
-        # Created directly sharded: no host or device ever holds the whole model.
-        params = nn.unbox(init_params(cfg, jax.random.key(config.seed), shardings=model_param_shardings(cfg, run.mesh, run.rules)))
-    return cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat), params
+        return load_params(source, "float32", shardings=shardings, scan_layers=cfg.scan_layers)[1]
+    # Created directly sharded: no host or device ever holds the whole model.
+    return nn.unbox(init_params(cfg, jax.random.key(run.config.seed), shardings=shardings))
+
+
+def _frozen_source(run: _Run, stage, source: str | None, cfg: LlavaConfig, params: Any,
+                   image_cfg: image_lib.ImageProcessorConfig) -> str | None:
+    """The model directory holding the parameters this stage freezes (checkpoints hold only the trained ones).
+
+    None when the stage trains every parameter. A random initialisation that freezes some is
+    written once to WORKDIR/init, so that its checkpoints stay loadable.
+    """
+    if not jax.tree.leaves(split_params(params, list(stage.trainable))[1]):
+        return None
+    if source:
+        return source
+    directory = os.path.join(run.workdir, "init")
+    if run.is_main and not paths.exists(os.path.join(directory, CONFIG_FILE)):
+        write_model_dir(directory, cfg.replace(dtype="float32", remat="none"), params, run.files["tokenizer"], image_cfg)
+    return directory
 
 
 @dataclasses.dataclass
@@ -271,11 +330,11 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
     config, stage = run.config, run.config.stages[index]
     nproc = jax.process_count()
     if stage.global_batch % stage.micro_batch or stage.global_batch % nproc:
-        raise ValueError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
+        raise ConfigError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
                          f"{stage.micro_batch} and by the {nproc} processes")
-    data_path = run.paths.get(stage.data) or _data_file(stage.data, config.data)
+    data_path = run.files.get(stage.data) or _data_file(stage.data, config.data)
     ds = pipeline.make_dataset(
-        data_path, run.paths["image_folder"], run.tokenizer, stage.template, image_cfg,
+        data_path, run.files["image_folder"], run.tokenizer, stage.template, image_cfg,
         num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
         max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
         group_by_modality_length=config.data.get("group_by_modality_length", False),
@@ -306,7 +365,7 @@ def _restore(run: _Run, stage, state: TrainState, iterator: pipeline.DataIterato
 
 
 def _train(run: _Run, index: int, cfg: LlavaConfig, state: TrainState, train_step, data: _StageData,
-           evaluator: "_Evaluator", offset: int) -> tuple[TrainState, dict[str, float]]:
+           evaluator: "_Evaluator", offset: int, model: dict) -> tuple[TrainState, dict[str, float]]:
     """The stage's steps from `state.step` on: metrics, periodic evaluation and checkpoints, SIGTERM."""
     config, stage = run.config, run.config.stages[index]
     logger = _StepLogger(run, stage, cfg, data, offset, start=int(state.step))
@@ -318,7 +377,7 @@ def _train(run: _Run, index: int, cfg: LlavaConfig, state: TrainState, train_ste
         if config.eval_every and step % config.eval_every == 0 and step < data.total_steps:
             run.metrics.write({"step": offset + step, "stage": stage.name, **evaluator(state)})
         if step < data.total_steps and (step % config.checkpoint_every == 0 or run.sigterm):
-            _save(run.ckpt, offset + step, state, index, step, data)
+            _save(run, offset + step, state, index, step, data, model)
             if run.sigterm:
                 run.ckpt.wait()
                 raise Preempted(f"SIGTERM: saved checkpoint {offset + step}; start again to resume")
@@ -327,7 +386,7 @@ def _train(run: _Run, index: int, cfg: LlavaConfig, state: TrainState, train_ste
 
 
 def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig, state: TrainState,
-            data: _StageData, evaluator: "_Evaluator", offset: int) -> dict[str, float]:
+            data: _StageData, evaluator: "_Evaluator", offset: int, model: dict) -> dict[str, float]:
     """End of stage: evaluate, write the model directory, then mark the stage done with a checkpoint."""
     stage = run.config.stages[index]
     result = evaluator(state)
@@ -335,17 +394,22 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
         run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **result})
         if run.is_main:
             log.info("stage %s eval: %s", stage.name, json.dumps({k: round(v, 4) for k, v in result.items()}))
+            eval_template = run.config.data.get("eval_template", "vicuna_v1")
+            if stage.template != eval_template:
+                log.info("stage %s eval: the held-out questions are asked in %s, which this stage (%s) does not "
+                         "train; low accuracy here is expected, the next stage teaches the answers",
+                         stage.name, eval_template, stage.template)
     params = merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen))
     out_dir = _stage_dir(run.workdir, index, stage)
     if run.is_main:
         write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none"), params,
-                        run.paths["tokenizer"], image_cfg)
+                        run.files["tokenizer"], image_cfg)
         log.info("stage %s: model written to %s", stage.name, out_dir)
-    _save(run.ckpt, offset + data.total_steps, state, index, data.total_steps, data)
+    _save(run, offset + data.total_steps, state, index, data.total_steps, data, model)
     run.ckpt.wait()
     if run.is_main and stage.get("eval_benchmarks"):  # generated answers, scored as the original scores them
         bench = evaluate_stage(out_dir, stage.eval_benchmarks, run.config.data.get("eval_root") or
-                               run.paths.get("out_dir", ""), os.path.join(run.workdir, "eval", os.path.basename(out_dir)),
+                               run.files.get("out_dir", ""), os.path.join(run.workdir, "eval", os.path.basename(out_dir)),
                                run.config.data.eval_batch_size, run.config.model.dtype)
         run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **bench})
         result = {**result, **bench}
@@ -367,8 +431,12 @@ class _StepLogger:
         self.peak = flops_lib.peak_tflops(jax.devices()[0].device_kind)
         self.train_vision = any("vision_tower" in p for p in stage.trainable)
         self.train_text = any("language_model" in p for p in stage.trainable)
-        show = run.is_main and run.config.get("progress", True)
+        # A bar only on a terminal: in a log file its carriage returns glue every line together.
+        show = run.is_main and run.config.get("progress", True) and sys.stderr.isatty()
         self.bar = _progress(data.total_steps, start, stage.name) if show else None
+        self._logging = _logging_through(self.bar) if self.bar is not None else None
+        if self._logging is not None:
+            self._logging.__enter__()
         self.t_last, self.logged_at, self.compiled = time.time(), start, False
         self.pending: tuple[int, dict] | None = None  # the previous step's metrics, checked one step late
         self.last: dict[str, float] = {}
@@ -392,30 +460,33 @@ class _StepLogger:
             self._check_finite(*self.pending)
         if self.bar is not None:
             self.bar.close()
+            self._logging.__exit__(None, None, None)
 
     def _record(self, step: int, batch: dict, m: dict) -> None:
-        now = time.time()
-        dt = (now - self.t_last) / max(1, step - self.logged_at)
-        self.t_last, self.logged_at = now, step
-        nproc = jax.process_count()
-        rows, seq = batch["input_ids"].shape
-        n_images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0
-        fl = flops_lib.train_step_flops(self.cfg, tokens=rows * seq * nproc, seq_len=seq, images=n_images * nproc,
-                                        train_vision=self.train_vision, train_text=self.train_text)
         rec = {"step": self.offset + step, "stage": self.stage.name, "stage_step": step,
                "loss": float(m["loss"]), "learning_rate": float(m["learning_rate"]),
-               "grad_norm": float(m["grad_norm"]), "step_time": dt, "tokens_per_s": float(m["tokens"]) / dt,
-               "tflops_per_device": fl / dt / 1e12 / jax.device_count(), "nonfinite_total": int(m["nonfinite_total"])}
-        if self.peak:
-            rec["mfu"] = rec["tflops_per_device"] / self.peak
+               "grad_norm": float(m["grad_norm"]), "nonfinite_total": int(m["nonfinite_total"])}
+        now = time.time()
+        if step > self.logged_at:  # timings over the steps since the last record (none for the compiling step)
+            dt = (now - self.t_last) / (step - self.logged_at)
+            nproc = jax.process_count()
+            rows, seq = batch["input_ids"].shape
+            n_images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0
+            fl = flops_lib.train_step_flops(self.cfg, tokens=rows * seq * nproc, seq_len=seq, images=n_images * nproc,
+                                            train_vision=self.train_vision, train_text=self.train_text)
+            rec.update(step_time=dt, tokens_per_s=float(m["tokens"]) / dt,
+                       tflops_per_device=fl / dt / 1e12 / jax.device_count())
+            if self.peak:
+                rec["mfu"] = rec["tflops_per_device"] / self.peak
+        self.t_last, self.logged_at = now, step
         stats = getattr(self.data.iterator, "stats", None)
         if stats is not None:
             rec.update(stats.metrics())
         self.run.metrics.write(rec)
         self.last = rec
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}",
-                                 step_s=f"{dt:.2f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            timing = {"step_s": f"{rec['step_time']:.2f}", "tok_s": f"{rec['tokens_per_s']:.0f}"} if "step_time" in rec else {}
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}", **timing)
 
     def _check_finite(self, step: int, m: dict) -> None:
         """Count and log a skipped step; stop after too many in a row."""
@@ -442,11 +513,11 @@ def _stage_steps(stage, batches_per_epoch: int, max_steps: int) -> int:
 
 def _data_file(name: str, data_cfg) -> str:
     """A stage's data (a file, a packed directory, tfds:NAME): as given, or relative to data.data_dir."""
-    if name.startswith("tfds:") or "://" in name or os.path.isabs(name) or os.path.exists(name):
+    if name.startswith("tfds:") or paths.is_remote(name) or os.path.isabs(name) or paths.exists(name):
         return name
     base = data_cfg.get("data_dir") or data_cfg.get("image_folder") or ""
     candidate = os.path.join(base, name)
-    if not os.path.exists(candidate):
+    if not paths.exists(candidate):
         raise FileNotFoundError(f"stage data {name!r} not found as given nor in {base!r} (set config.data.data_dir "
                                 f"or give the stage an absolute path)")
     return candidate
@@ -463,9 +534,12 @@ def _checkpointed(state: TrainState) -> dict:
                          "nonfinite_total": state.nonfinite_total}}
 
 
-def _save(ckpt: Checkpointer, global_step: int, state: TrainState, index: int, step: int, data: _StageData) -> None:
-    meta = {"stage": index, "stage_step": step, "stage_steps": data.total_steps, "global_step": global_step}
-    ckpt.save(global_step, _checkpointed(state), meta, data.iterator.get_state())
+def _save(run: _Run, global_step: int, state: TrainState, index: int, step: int, data: _StageData,
+          model: dict) -> None:
+    meta = {"stage": index, "stage_step": step, "stage_steps": data.total_steps, "global_step": global_step,
+            "model": model}
+    run.metrics.flush()  # the metrics cover every step the checkpoint does
+    run.ckpt.save(global_step, _checkpointed(state), meta, data.iterator.get_state())
 
 
 def _progress(total: int, start: int, name: str):
@@ -474,16 +548,39 @@ def _progress(total: int, start: int, name: str):
     return tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
 
 
+@contextlib.contextmanager
+def _logging_through(bar):
+    """Log records are written through the bar (`bar.write`: the bar is cleared, the line written, the
+    bar redrawn), formatted by the handlers that would have written them; restored on exit."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+
+    class Through(logging.Handler):
+        def __init__(self, inner: logging.Handler):
+            super().__init__(inner.level)
+            self.inner = inner
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if self.inner.filter(record):
+                bar.write(self.inner.format(record), file=bar.fp)
+
+    root.handlers = [Through(h) for h in handlers]
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+
+
 class _Evaluator:
     """Held-out evaluation for a stage (nothing when the config names no validation data)."""
 
     def __init__(self, run: _Run, stage, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig):
         self.samples = None
         data_cfg = run.config.data
-        val = run.paths.get("val") or data_cfg.get("val")
+        val = run.files.get("val") or data_cfg.get("val")
         if not val:
             return
-        self.samples = build_eval_set(val, run.paths["image_folder"], run.tokenizer,
+        self.samples = build_eval_set(val, run.files["image_folder"], run.tokenizer,
                                       data_cfg.get("eval_template", "vicuna_v1"), image_cfg, cfg,
                                       data_cfg.get("eval_max_length", 512))
         self.forward = jax.jit(eval_forward(cfg))

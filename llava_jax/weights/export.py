@@ -26,20 +26,20 @@ from typing import Callable, Iterable, Iterator
 import jax
 import numpy as np
 
+from llava_jax import paths
 from llava_jax.config import CONFIG_FILE, LlavaConfig, llava_config_to_hf
 from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
 from llava_jax.weights import mapping
 from llava_jax.weights.converted import (
     DTYPE_PROBE,
     EXTRA_FILE,
+    StoredModel,
+    atomic_directory,
     check_stored,
     copy_tokenizer,
-    find_checkpoint,
-    load_tree,
-    stored_shapes,
-    stored_stacked,
+    _flatten,
+    open_model,
     write_preprocessor,
-    atomic_directory,
 )
 from llava_jax.models.llava import abstract_params
 from llava_jax.weights.safetensors_io import DTYPE_NAMES, CheckpointError, TensorStore
@@ -68,7 +68,7 @@ def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], np.dtyp
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    with paths.open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for (name, shape, dtype), arr in zip(specs, arrays, strict=True):
@@ -98,7 +98,7 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(mean, rows - x.shape[0], axis=0)])
 
 
-def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str, vocab: int) -> dict:
+def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str | bytes, vocab: int) -> dict:
     """A llava-hf style tokenizer_config.json for a bare sentencepiece tokenizer.model.
 
     LLaMA's special tokens and BOS; `<image>` (and `<pad>` after it when the vocabulary was padded)
@@ -106,7 +106,12 @@ def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str, vocab: int) -> dict
     """
     import sentencepiece as spm
 
-    pieces = spm.SentencePieceProcessor(model_file=tokenizer_model).get_piece_size()
+    sp = spm.SentencePieceProcessor()
+    if isinstance(tokenizer_model, bytes):
+        sp.LoadFromSerializedProto(tokenizer_model)
+    else:
+        sp.Load(tokenizer_model)
+    pieces = sp.get_piece_size()
     added = {}
     if cfg.image_token_index == pieces:
         added["<image>"] = pieces
@@ -129,13 +134,6 @@ def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str, vocab: int) -> dict
     if "<pad>" in added:
         out["pad_token"] = "<pad>"
     return out
-
-
-def _find_beside(base: str, name: str) -> str | None:
-    for d in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
-        if os.path.exists(os.path.join(d, name)):
-            return d
-    return None
 
 
 def plan_tensors(
@@ -204,21 +202,16 @@ def _leaf(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def _produce(tensors: list[Tensor], params_dir: str, stored: dict, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """Each tensor's array, reading one parameter group at a time from Orbax."""
+def _produce(tensors: list[Tensor], model: StoredModel, stacked: bool, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each tensor's array, reading one parameter group at a time (in the `stacked` layout or per layer)."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    shapes = _flatten(mapping.to_layout(abstract_params(model.cfg), stacked))
     cached: tuple[tuple[str, ...] | None, dict] = (None, {})
     for t in tensors:
         if t.group is not None and t.group != cached[0]:
-            paths = [p for p in stored if p[: len(t.group)] == t.group]
-            abstract: dict = {}
-            for p in paths:
-                node = abstract
-                for k in p[:-1]:
-                    node = node.setdefault(k, {})
-                node[p[-1]] = jax.ShapeDtypeStruct(stored[p][0], dtype, sharding=cpu)
-            tree = load_tree(params_dir, abstract)
-            cached = (t.group, {p: np.asarray(_leaf(tree, p)) for p in paths})
+            members = [p for p in shapes if p[: len(t.group)] == t.group]
+            loaded = model.load({p: jax.ShapeDtypeStruct(shapes[p].shape, dtype, sharding=cpu) for p in members})
+            cached = (t.group, {p: np.asarray(loaded[p]) for p in members})
         yield t.make(cached[1])
 
 
@@ -240,32 +233,31 @@ def export_hf(
     """Write `src` (our converted directory or a training checkpoint) as a llava-hf directory at `dst`.
 
     Args:
-      src: a directory with `params/` and a `llava_jax_config.json` (see `converted.find_checkpoint`).
+      src: our directory, a stage output or a training checkpoint (see `converted.open_model`).
       dst: output directory; must not exist. Written under `dst.tmp-XXXX`, renamed at the end.
       dtype: output dtype (default: the stored one).
       max_shard_bytes: split into `model-0000i-of-0000n.safetensors` + index past this size.
     """
-    cfg_dir, params_dir = find_checkpoint(src)
-    base = os.path.dirname(params_dir)
-    cfg = LlavaConfig.load(cfg_dir)
+    model = open_model(src)
+    cfg = model.cfg
     try:
         hf_config = llava_config_to_hf(cfg)
     except ValueError as e:
-        raise CheckpointError(f"{cfg_dir}/{CONFIG_FILE}: {e}") from None
-    stored = stored_shapes(params_dir)
-    check_stored(cfg, stored, params_dir)
+        raise CheckpointError(f"{src} ({CONFIG_FILE}): {e}") from None
+    stored = model.shapes()
+    check_stored(cfg, stored, model.path)
     out_dtype = np.dtype(dtype or stored[DTYPE_PROBE][1].name)
-    extra_dir = _find_beside(base, EXTRA_FILE)
+    extra_dir = model.find_file(EXTRA_FILE)
     extras = TensorStore([os.path.join(extra_dir, EXTRA_FILE)]) if extra_dir else None
-    tensors, notes = plan_tensors(cfg, out_dtype, extras, stacked=stored_stacked(stored))
+    tensors, notes = plan_tensors(cfg, out_dtype, extras, stacked=model.stacked)
     hf_config["text_config"]["vocab_size"] = padded_vocab(cfg)
     hf_config["dtype"] = hf_config["torch_dtype"] = out_dtype.name
     shards = _shards(tensors, out_dtype, max_shard_bytes)
-    tok_dir = _find_beside(base, "tokenizer.model") or _find_beside(base, "tokenizer_config.json")
-    pre_dir = _find_beside(base, PREPROCESSOR_CONFIG)
+    tok_dir = model.find_file("tokenizer.model") or model.find_file("tokenizer_config.json")
+    pre_dir = model.find_file(PREPROCESSOR_CONFIG)
 
     def write(tmp: str) -> None:
-        arrays = _produce(tensors, params_dir, stored, out_dtype)
+        arrays = _produce(tensors, model, model.stacked, out_dtype)
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -273,19 +265,20 @@ def export_hf(
             total += write_safetensors(os.path.join(tmp, fname), specs, (next(arrays) for _ in shard))
             weight_map.update({t.name: fname for t in shard})
         if len(shards) > 1:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        copied = copy_tokenizer(tok_dir or base, tmp, dst)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            paths.write_text(os.path.join(tmp, "model.safetensors.index.json"), json.dumps(index, indent=2))
+        copied = copy_tokenizer(tok_dir, tmp, dst)
         if "tokenizer.model" in copied and "tokenizer_config.json" not in copied:
-            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-                json.dump(tokenizer_config(cfg, os.path.join(tmp, "tokenizer.model"), padded_vocab(cfg)), f, indent=2)
+            tok_cfg = tokenizer_config(cfg, paths.read_bytes(os.path.join(tmp, "tokenizer.model")), padded_vocab(cfg))
+            paths.write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps(tok_cfg, indent=2))
         if pre_dir:
             write_preprocessor(os.path.join(pre_dir, PREPROCESSOR_CONFIG), tmp)
+        elif model.image_processor is not None:
+            write_preprocessor(model.image_processor, tmp)
         else:
             size = cfg.vision.image_size
             write_preprocessor(ImageProcessorConfig(size=size, crop_size=size, pad_to_square=False), tmp)
+        paths.write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2))  # last: marks it complete
 
     out = atomic_directory(dst, write)
     for n in notes:

@@ -9,9 +9,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from llava_jax.config import CONFIG_FILE, LlavaConfig, llava_config_from_hf
+from llava_jax import paths
+from llava_jax.config import LlavaConfig, llava_config_from_hf
 from llava_jax.models.llava import LlavaModel, abstract_params
-from llava_jax.weights import mapping
+from llava_jax.weights import mapping, model_dir
 from llava_jax.weights.converted import load_converted
 from llava_jax.weights.safetensors_io import CheckpointError, TensorStore
 
@@ -19,8 +20,7 @@ from llava_jax.weights.safetensors_io import CheckpointError, TensorStore
 def read_json(path: str) -> dict:
     """A JSON file, with an error naming it when it is missing or malformed."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not found") from None
     except json.JSONDecodeError as e:
@@ -118,15 +118,15 @@ def load_hf(path: str, dtype: str | None = None) -> LlavaModel:
 
 
 def load_pretrained(path: str, dtype: str | None = None) -> LlavaModel:
-    """Load a LLaVA from a local directory: our converted checkpoint or a HF LLaVA directory.
+    """Load a LLaVA from a directory (local or gs://): ours, a stage output, a training checkpoint or HF.
 
     Args:
-      path: directory with either our `llava_jax_config.json` + Orbax checkpoint (from
-        `python -m llava_jax.convert`) or HF's `config.json` + `*.safetensors`.
+      path: our `llava_jax_config.json` + Orbax checkpoint (`python -m llava_jax.convert`, a
+        training stage's WORKDIR/stageN_NAME), a training checkpoint WORKDIR/checkpoints/STEP, or
+        HF's `config.json` + `*.safetensors` (see weights/model_dir.py). A directory that holds
+        model directories (a workdir) gives an error listing them.
       dtype: parameter and compute dtype ("float32", "bfloat16", ...); default: the checkpoint's.
     """
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory")
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+    if model_dir.require(path) in (model_dir.OURS, model_dir.CHECKPOINT):
         return load_converted(path, dtype)
     return load_hf(path, dtype)

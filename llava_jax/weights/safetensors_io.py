@@ -16,6 +16,8 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
+from llava_jax import paths
+
 DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -40,8 +42,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = paths.as_path(path).stat().length if paths.is_remote(path) else os.path.getsize(path)
+        with paths.open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header)")
@@ -82,8 +84,14 @@ class SafetensorsFile:
         e = self._entries[key]
         start, _ = e["data_offsets"]
         count = int(np.prod(e["shape"], dtype=np.int64))
-        arr = np.fromfile(self.path, dtype=DTYPES[e["dtype"]], count=count, offset=self._data_start + start)
-        return arr.reshape(e["shape"])
+        dtype = DTYPES[e["dtype"]]
+        if not paths.is_remote(self.path):
+            return np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + start).reshape(e["shape"])
+        arr = np.empty(e["shape"], dtype)
+        with paths.open(self.path, "rb") as f:
+            f.seek(self._data_start + start)
+            f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        return arr
 
 
 class TensorStore:
@@ -102,13 +110,13 @@ class TensorStore:
     @classmethod
     def from_dir(cls, directory: str, prefix: str = "") -> "TensorStore":
         """Open every `{prefix}*.safetensors` in a directory (the index json is checked when present)."""
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") and n.startswith(prefix))
+        listing = paths.listdir(directory)
+        names = sorted(n for n in listing if n.endswith(".safetensors") and n.startswith(prefix))
         if not names:
             raise CheckpointError(f"{directory}: no .safetensors files found")
         store = cls([os.path.join(directory, n) for n in names], source=directory)
-        for index_name in [n for n in os.listdir(directory) if n.endswith(".safetensors.index.json")]:
-            with open(os.path.join(directory, index_name)) as f:
-                weight_map = json.load(f).get("weight_map", {})
+        for index_name in [n for n in listing if n.endswith(".safetensors.index.json")]:
+            weight_map = json.loads(paths.read_text(os.path.join(directory, index_name))).get("weight_map", {})
             missing = [k for k in weight_map if k not in store._where]
             if missing:
                 raise CheckpointError(
@@ -144,7 +152,7 @@ def save_file(tensors: Iterable[tuple[str, np.ndarray]], path: str, metadata: di
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    with paths.open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for _, arr in tensors:
