@@ -31,6 +31,11 @@ def main(argv) -> int:
 
     maybe_initialize()
     config = _CONFIG.value if _CONFIG.value is not None else _DEFAULT.value
+    if config.get("compile_only", False):  # no data, no weights, no workdir: see train/aot.py
+        from llava_jax.train import aot
+
+        aot.run(config)
+        return 0
     workdir = os.path.abspath(_WORKDIR.value)
     try:
         result = loop.run(config, workdir)
