@@ -61,8 +61,18 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     s.micro_batch = rows * n
     if s.global_batch % s.micro_batch:
         raise ValueError(f"{rows} rows x {n} devices do not divide the global batch {s.global_batch}")
+    cpu0 = _cpu_seconds()
     report = aot.compile_stage(c, 0, devices)
-    return {"size": size, "stage": stage, "target": target, "rows_per_device": rows, **aot.report_dict(report)}
+    return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
+            "cpu_s": _cpu_seconds() - cpu0}
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time (user + system): less sensitive than wall time to other jobs on the host."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _cell_subprocess(size, stage, target, rows, remat, scan=True, timeout=1800) -> dict:
@@ -72,7 +82,7 @@ def _cell_subprocess(size, stage, target, rows, remat, scan=True, timeout=1800) 
     r = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
     if r.returncode:
         return {"size": size, "stage": stage, "target": target, "rows_per_device": rows, "remat": remat,
-                "error": r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else f"exit {r.returncode}",
+                "failed": r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else f"exit {r.returncode}",
                 "wall_s": time.time() - t0}
     out = json.loads(r.stdout.strip().splitlines()[-1])
     out["wall_s"] = time.time() - t0
@@ -95,12 +105,18 @@ def table(out_path: str, sizes, stages, targets) -> None:
                     with open(out_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     print(json.dumps(rec), flush=True)
-                    if "error" in rec:
+                    if "failed" in rec:
                         break
                     if rec["fits"]:
                         found = rec
                         break
-                    rows //= 2
+                    free = (rec["chip_bytes"] or 0) - rec["argument_bytes"]
+                    if free <= 0 or rows == 1:  # the state alone does not fit, or one row does not
+                        break
+                    # Temporaries grow about linearly with the rows: jump to the largest power of two
+                    # that the free memory suggests, at most half of what failed.
+                    guess = rows * free / max(rec["temp_bytes"], 1)
+                    rows = min(rows // 2, 1 << (int(guess).bit_length() - 1) if guess >= 1 else 1)
                 last = found or rec
                 rows_md.append(_md_row(size, stage, target, last, found is not None))
     print("\n| model | stage | target | fits with (rows/device, remat, mesh) | per-chip arguments | temporaries | total / chip | compile |")
@@ -110,11 +126,12 @@ def table(out_path: str, sizes, stages, targets) -> None:
 
 
 def _md_row(size, stage, target, rec, fits) -> str:
-    if "error" in rec:
-        return f"| {size} | {stage} | {target} | error: {rec['error']} | | | | |"
+    if "failed" in rec:
+        return f"| {size} | {stage} | {target} | failed: {rec['failed']} | | | | |"
     g = 1 << 30
     mesh = " ".join(f"{k}={v}" for k, v in rec["mesh"].items() if v > 1) or "1 device"
-    what = f"{rec['rows_per_device']} rows, {rec['remat']}, {mesh}" if fits else f"no (1 row/device needs {rec['total_bytes'] / g:.1f} GiB)"
+    what = (f"{rec['rows_per_device']} rows, {rec['remat']}, {mesh}" if fits
+            else f"no: {rec['rows_per_device']} row(s)/chip need {rec['total_bytes'] / g:.1f} GiB")
     chip = f"{rec['chip_bytes'] / g:.0f}" if rec["chip_bytes"] else "?"
     return (f"| {size} | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | {rec['temp_bytes'] / g:.1f} GiB | "
             f"{rec['total_bytes'] / g:.1f} / {chip} GiB | {rec['compile_s']:.0f} s |")
@@ -150,7 +167,7 @@ def depth_point(layers: int, scan: bool, what: str) -> dict:
     from llava_jax.models.llava import abstract_params
 
     cfg = _narrow(layers, scan)
-    t0 = time.time()
+    t0, cpu0 = time.time(), _cpu_seconds()
     if what == "init":
         jax.block_until_ready(init_params(cfg, jax.random.key(0)))
     elif what == "old_init":
@@ -163,9 +180,9 @@ def depth_point(layers: int, scan: bool, what: str) -> dict:
         st = make_stage("finetune", data="", template="", trainable=["projector/.*", "language_model/.*"],
                         learning_rate=1e-4, global_batch=8, micro_batch=4, max_length=256)
         program = stage_program(cfg, st, mesh, rules_lib.DEFAULT_RULES, 100, abstract_params(cfg))
-        t0 = time.time()
+        t0, cpu0 = time.time(), _cpu_seconds()
         program.step.lower(program.state_abstract, abstract_batch(cfg, 2, 4, 256, mesh)).compile()
-    return {"layers": layers, "scan": scan, "what": what, "seconds": time.time() - t0}
+    return {"layers": layers, "scan": scan, "what": what, "seconds": time.time() - t0, "cpu_s": _cpu_seconds() - cpu0}
 
 
 def depth(out_path: str) -> None:

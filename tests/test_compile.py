@@ -99,3 +99,22 @@ def test_compile_only_for_a_tpu_topology():
     mesh = jax.sharding.AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"))
     want = _input_shard_bytes(mesh, 1, 4, 4) / (1 << 20)
     assert want <= _mib(r.stdout, "arguments") < 4 * want, (r.stdout, want)
+
+
+def test_model_clis_turn_the_cache_on_before_loading(tmp_path, monkeypatch):
+    """`--compilation-cache-dir` of generate / chat / eval (their shared flags) reaches the helper
+    before the model is loaded; `--unrolled-layers` reaches the loader."""
+    import argparse
+
+    from llava_jax.inference import flags
+    from llava_jax.inference.pipeline import Pipeline
+    from llava_jax.parallel import compile_cache
+
+    p = argparse.ArgumentParser()
+    flags.add_model_flags(p)
+    calls = []
+    monkeypatch.setattr(compile_cache, "enable", lambda d: calls.append(("cache", d)))
+    monkeypatch.setattr(Pipeline, "from_pretrained", lambda path, **kw: calls.append(("load", kw["scan_layers"])))
+    for extra in ([], ["--unrolled-layers"]):
+        flags.load_pipeline(p.parse_args(["--model-path", "m", "--compilation-cache-dir", str(tmp_path / "c"), *extra]))
+    assert calls == [("cache", str(tmp_path / "c")), ("load", None), ("cache", str(tmp_path / "c")), ("load", False)]

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
+import re
 import time
 import types
 from typing import Any
@@ -69,6 +71,7 @@ class CompileReport:
     alias_bytes: int
     temp_bytes: int
     chip_bytes: int | None  # the device's memory, when known
+    error: str | None = None  # the compiler's out-of-memory refusal (temporaries then from its message)
 
     @property
     def total_bytes(self) -> int:
@@ -77,6 +80,8 @@ class CompileReport:
 
     @property
     def fits(self) -> bool | None:
+        if self.error:
+            return False
         return None if self.chip_bytes is None else self.total_bytes <= self.chip_bytes
 
     def line(self) -> str:
@@ -85,7 +90,10 @@ class CompileReport:
                 f"x {self.seq_len} tokens ({self.num_micro} per step)")
         mem = (f"compile {self.compile_s:.1f} s; per device: arguments {_size(self.argument_bytes)}, "
                f"temporaries {_size(self.temp_bytes)}, total {_size(self.total_bytes)}")
-        if self.chip_bytes is not None:
+        if self.error:
+            mem = (f"DOES NOT FIT: the compiler needs {_size(self.temp_bytes)} of temporaries, "
+                   f"{_size(self.chip_bytes)} of HBM are available (arguments {_size(self.argument_bytes)})")
+        elif self.chip_bytes is not None:
             pct = 100 * self.total_bytes / self.chip_bytes
             mem += f" of {self.chip_bytes / GIB:.0f} GiB ({pct:.0f}%): {'fits' if self.fits else 'DOES NOT FIT'}"
         return f"{head}\n  {mem}"
@@ -167,12 +175,10 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     program = stage_program(cfg, stage, mesh, rules, total, params)
     batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh)
     start = time.time()
-    compiled = program.step.lower(program.state_abstract, batch).compile()
-    seconds = time.time() - start
-    mem = compiled.memory_analysis()
+    lowered = program.step.lower(program.state_abstract, batch)
     device = mesh.devices.flat[0]
     chip = config.get("compile_chip_memory_gib") or CHIP_MEMORY_GIB.get(device.device_kind)
-    return CompileReport(
+    report = CompileReport(
         stage=f"stage {index + 1} {stage.name}",
         devices=f"{mesh.devices.size} x {device.device_kind}",
         mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
@@ -180,13 +186,47 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
         micro_batch=stage.micro_batch,
         num_micro=num_micro,
         seq_len=stage.max_length,
+        compile_s=0.0,
+        argument_bytes=0,
+        output_bytes=0,
+        alias_bytes=0,
+        temp_bytes=0,
+        chip_bytes=None if chip is None else int(float(chip) * GIB),
+    )
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program that cannot fit and says how much it needed.
+        needed = _OOM.search(str(e))
+        if needed is None:
+            raise
+        temp, available = (float(x) * GIB for x in needed.groups())
+        return dataclasses.replace(report, compile_s=time.time() - start, argument_bytes=_input_bytes(program, batch),
+                                   temp_bytes=int(temp), chip_bytes=int(available), error=str(e).splitlines()[0][:300])
+    seconds = time.time() - start
+    mem = compiled.memory_analysis()
+    return dataclasses.replace(
+        report,
         compile_s=seconds,
         argument_bytes=int(getattr(mem, "argument_size_in_bytes", 0)),
         output_bytes=int(getattr(mem, "output_size_in_bytes", 0)),
         alias_bytes=int(getattr(mem, "alias_size_in_bytes", 0)),
         temp_bytes=int(getattr(mem, "temp_size_in_bytes", 0)),
-        chip_bytes=None if chip is None else int(float(chip) * GIB),
     )
+
+
+# "the total memory required for HLO temporaries (45.06G) exceeds available HBM (15.75G)"
+_OOM = re.compile(r"HLO temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)")
+
+
+def _input_bytes(program, batch: dict) -> int:
+    """One device's shards of the state and the batch: the arguments, when the compiler gives no figures."""
+
+    def shard_bytes(x, sharding) -> int:
+        return math.prod(sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+
+    state = sum(jax.tree.leaves(jax.tree.map(shard_bytes, program.state_abstract, program.state_shardings)))
+    return state + sum(shard_bytes(x, x.sharding) for x in batch.values())
 
 
 def run(config: ml_collections.ConfigDict) -> list[CompileReport]:

@@ -231,9 +231,9 @@ def _row_taker(sharding) -> Callable:
     return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), out_shardings=sharding)
 
 
-def load_converted(path: str, dtype: str | None = None) -> LlavaModel:
+def load_converted(path: str, dtype: str | None = None, *, scan_layers: bool | None = None) -> LlavaModel:
     """A converted directory (or training checkpoint) as a `LlavaModel`; what `load_pretrained` calls."""
-    cfg, params = load_params(path, dtype)
+    cfg, params = load_params(path, dtype, scan_layers=scan_layers)
     return LlavaModel(cfg, params)
 
 
