@@ -33,5 +33,8 @@ setup(
         # TFDS locates builder code through etils.epath.resource.
         "tfds": ["tensorflow-datasets>=4.9", "importlib_resources>=6"],
         "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs, model directories, data and images through etils.epath
+        # libtpu for the installed jax (jax 0.10.2 -> libtpu 0.0.42.1): runs on TPU VMs, and compiles
+        # for any TPU topology on any host (`--config.compile_only=True --config.compile_topology=v5e:2x4`).
+        "tpu": ["jax[tpu]>=0.7,<0.13"],
     },
 )

@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth in GB/s for the roofline column")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--unrolled", action="store_true", help="ours with unrolled layers (scan_layers=False)")
     return p.parse_args()
 
 
@@ -162,7 +163,7 @@ def build(cfg: LlavaConfig, dtype: str, want_hf: bool):
 
         with tempfile.TemporaryDirectory() as d:  # the same weights in both implementations
             hf.save_pretrained(d)
-            ours = load_pretrained(d, dtype)
+            ours = load_pretrained(d, dtype, scan_layers=cfg.scan_layers)
     else:
         params = nn.unbox(init_params(cfg, jax.random.key(0)))
         ours = LlavaModel(cfg, params)
@@ -171,7 +172,7 @@ def build(cfg: LlavaConfig, dtype: str, want_hf: bool):
 
 def main() -> None:
     args = parse_args()
-    cfg = SHAPES[args.shape]
+    cfg = SHAPES[args.shape].replace(scan_layers=not args.unrolled)
     new_tokens = args.new_tokens or (32 if args.shape == "small" else 128)
     t0 = time.perf_counter()
     ours, hf, device = build(cfg, args.dtype, not args.no_hf)

@@ -24,6 +24,7 @@ def get_config(arg: str = "7b"):
     if size not in ("7b", "13b") or only not in ("", "stage1", "stage2"):
         raise ValueError(f"configs/llava15.py: arg {arg!r}; expected 7b, 13b, 7b_stage1, 7b_stage2, 13b_stage2, ...")
     c = base_config()
+    c.model.preset = f"llava-1.5-{size}"  # the architecture compile-only uses when model.init is not on this host
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.checkpoint_every = 500

@@ -13,16 +13,16 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.models.llava import init_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.distributed import maybe_initialize
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.parallel.partition import device_batch, jit_sharded, state_shardings
-from llava_jax.train.optimizer import make_optimizer, split_params
-from llava_jax.train.step import create_state, make_train_step, to_microbatches
+from llava_jax.parallel.partition import device_batch
+from llava_jax.train.defaults import stage
+from llava_jax.train.program import stage_program
+from llava_jax.train.step import to_microbatches
 
 TINY = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=28),
@@ -49,13 +49,10 @@ def run(mesh_shape: tuple[int, int, int], cfg: LlavaConfig = TINY) -> list[float
     mesh = make_mesh(*mesh_shape)
     rules = rules_lib.DEFAULT_RULES
     params = jax.device_get(nn.unbox(init_params(cfg, jax.random.key(0))))  # same values on every mesh
-    tx, schedule = make_optimizer(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0)
-    trainable, frozen = split_params(params, ["(projector|language_model)/.*"])
-    abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
-    shardings = state_shardings(abstract, cfg, mesh, rules, tx)
-    state = jax.jit(lambda p, f: create_state(p, f, tx), out_shardings=shardings)(trainable, frozen)
-    step = jit_sharded(make_train_step(cfg, tx, schedule), mesh, rules, (shardings, None),
-                       (shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+    st = stage("finetune", data="", template="", trainable=["(projector|language_model)/.*"], learning_rate=1e-3,
+               global_batch=ROWS, micro_batch=ROWS // MICRO, warmup_ratio=0.0)
+    program = stage_program(cfg, st, mesh, rules, 10, params)  # as the training loop builds it
+    state, step = program.init_state(params), program.step
     batch = global_batch(cfg)
     per_process = ROWS // jax.process_count()
     local = {k: v[jax.process_index() * per_process : (jax.process_index() + 1) * per_process] for k, v in batch.items()}
@@ -67,43 +64,19 @@ def run(mesh_shape: tuple[int, int, int], cfg: LlavaConfig = TINY) -> list[float
 
 
 def compile_7b() -> dict:
-    """Lower and compile the LLaVA-1.5-7B stage-2 step for 8 devices from abstract shapes only."""
-    import time
+    """Lower and compile the LLaVA-1.5-7B stage-2 step for 8 devices from abstract shapes only, through
+    compile-only (train/aot.py), with one micro-batch of 8 rows x 2048 tokens."""
+    from configs.llava15 import get_config
+    from llava_jax.train import aot
 
-    from llava_jax.config import LLAVA_15_7B
-    from llava_jax.parallel.partition import batch_shardings, model_param_shardings
-
-    cfg = LLAVA_15_7B.replace(dtype="bfloat16", remat="full")
-    mesh = make_mesh(1, 8, 1)
-    rules = rules_lib.DEFAULT_RULES
-    sh = model_param_shardings(cfg, mesh, rules)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))), sh)
-    tx, schedule = make_optimizer(learning_rate=2e-5, total_steps=5000)
-    trainable, frozen = split_params(params, ["(projector|language_model)/.*"])
-    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype, sharding=x.sharding), frozen)
-    abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
-    shardings = state_shardings(abstract, cfg, mesh, rules, tx)
-    b, t = 8, 2048
-    batch = {
-        "input_ids": jax.ShapeDtypeStruct((1, b, t), np.int32),
-        "labels": jax.ShapeDtypeStruct((1, b, t), np.int32),
-        "attention_mask": jax.ShapeDtypeStruct((1, b, t), np.int32),
-        "pixel_values": jax.ShapeDtypeStruct((1, b, 1, 336, 336, 3), cfg.dtype),
-    }
-    bsh = batch_shardings(batch, mesh)
-    step = jit_sharded(make_train_step(cfg, tx, schedule), mesh, rules, (shardings, bsh),
-                       (shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
-    t0 = time.time()
-    lowered = step.lower(abstract, batch)
-    compiled = lowered.compile()
-    mem = compiled.memory_analysis()
+    config = get_config("7b_stage2")
+    config.model.init = ""  # the architecture from model.preset
+    config.stages[0].global_batch = config.stages[0].micro_batch = 8
+    report = aot.compile_stage(config, 0)
     gib = 1 << 30
-    out = {"compile_s": time.time() - t0, "mesh": "fsdp=8", "batch": f"{b}x{t}"}
-    if mem is not None:
-        out.update({"argument_gib": mem.argument_size_in_bytes / gib, "output_gib": mem.output_size_in_bytes / gib,
-                    "temp_gib": mem.temp_size_in_bytes / gib, "alias_gib": mem.alias_size_in_bytes / gib})
-    return out
+    return {"compile_s": report.compile_s, "mesh": "fsdp=8", "batch": f"8x{report.seq_len}",
+            "argument_gib": report.argument_bytes / gib, "output_gib": report.output_bytes / gib,
+            "temp_gib": report.temp_bytes / gib, "alias_gib": report.alias_bytes / gib}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ def get_config(arg: str = ""):
     if arg == "frozen_vision":
         c.stages[0].trainable = ["projector/.*"]
         c.stages[1].trainable = ["projector/.*", "language_model/.*"]
+    if arg.startswith("compile"):  # one stage is enough to compile
+        c.stages = c.stages[:1]
+    if arg == "compile_projector":
+        c.stages[0].trainable = ["projector/.*"]
     if arg == "explode":
         c.stages[0].learning_rate = 1e30
         c.stages[0].warmup_ratio = 0.0

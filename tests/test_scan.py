@@ -15,8 +15,7 @@ import pytest
 
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.models import llava as llava_lib
-from llava_jax.models.llama import init_cache
-from llava_jax.models.llava import Llava, abstract_params, default_positions, init_params
+from llava_jax.models.llava import Llava, abstract_params, init_params
 from llava_jax.train.loss import cross_entropy_sum
 from llava_jax.train.optimizer import decay_mask, split_params
 from llava_jax.weights import mapping
@@ -33,12 +32,20 @@ UNROLLED = CFG.replace(scan_layers=False)
 
 
 def _params(seed: int) -> dict:
-    """Random parameters with every tensor perturbed (norm scales and biases away from 1 and 0)."""
-    params = nn.unbox(init_params(CFG, jax.random.key(seed)))
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, leaves)
+    """Random float32 parameters of CFG (stacked), drawn on the host: norm scales near 1, biases near
+    0 but not 0, matrices fan-in scaled (nothing compiled, unlike a jax.random draw per shape)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        name = path[-1].key
+        if name == "scale":
+            return (1 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+        if name == "bias":
+            return (0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+        fan_in = x.shape[-2] if len(x.shape) >= 2 else 1
+        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(CFG))
 
 
 def _batch(seed: int) -> dict:
@@ -58,7 +65,7 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def test_scanned_equals_unrolled_logits_cache_loss_and_gradients():
+def test_scanned_equals_unrolled_logits_loss_and_gradients():
     """Float32, relative to the norm: per element the two differ by float32 reordering only (XLA fuses
     a loop body differently from straight-line code; jit vs eager of the unrolled model differ as much)."""
     seed = fresh_seed()
@@ -86,25 +93,6 @@ def test_scanned_equals_unrolled_logits_cache_loss_and_gradients():
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(ga)[0], jax.tree.leaves(gb)):
         if np.linalg.norm(y) > 1e-6:  # the key bias's gradient is 0 up to rounding (softmax ignores it)
             assert _rel(x, y) < 1e-5, f"{jax.tree_util.keystr(path)}: relative gradient error {_rel(x, y):.2e}"
-
-    # The stacked KV cache (text only): a prefill then one decode step, the same logits and cache.
-    ids = np.where(batch["input_ids"] == CFG.image_token_index, 5, batch["input_ids"])
-    mask, t = batch["attention_mask"], ids.shape[1]
-
-    def prefill_and_step(cfg, params):
-        def run(p):
-            m = Llava(cfg)
-            cache = init_cache(cfg.text, len(ids), t + 1)
-            kv = jnp.concatenate([mask, jnp.zeros((len(ids), 1), jnp.int32)], axis=1)
-            _, cache = m.apply({"params": p}, ids, None, kv, default_positions(mask), cache, 0)
-            pos = jnp.sum(mask, axis=1, keepdims=True)
-            return m.apply({"params": p}, ids[:, -1:], None, kv.at[:, -1].set(1), pos, cache, t)
-
-        return jax.jit(run)(params)
-
-    (la, ca), (lb, cb) = prefill_and_step(CFG, stacked), prefill_and_step(UNROLLED, per_layer)
-    assert ca["k"].shape == (CFG.text.num_layers, 4, t + 1, 2, 16)
-    assert _rel(la, lb) < 1e-6 and _rel(ca["k"], cb["k"]) < 1e-6 and _rel(ca["v"], cb["v"]) < 1e-6
 
     # Weight decay reaches the same parameters in both layouts (stacked biases are not matrices).
     assert jax.tree.leaves(decay_mask(stacked)) == jax.tree.leaves(mapping.stack_layers(decay_mask(per_layer), all))
@@ -141,18 +129,17 @@ def test_directory_and_training_checkpoint_in_the_old_per_layer_layout_load(tmp_
     """A converted directory and a training checkpoint written before layers were scanned (one
     `layers_{i}` subtree per layer, no `scan_layers` in the config) load into the stacked model."""
     import optax
-    import orbax.checkpoint.experimental.v1 as ocp
 
     from llava_jax import load_pretrained
     from llava_jax.train.checkpoint import Checkpointer, abstract_like
-    from llava_jax.weights.converted import CONFIG_FILE, PARAMS_DIR, load_params
+    from llava_jax.weights.converted import CONFIG_FILE, PARAMS_DIR, load_params, save_params
 
     seed = fresh_seed()
     stacked = _params(seed)
     per_layer = jax.tree.map(np.asarray, mapping.unstack_layers(stacked))
     old = tmp_path / "old"
     os.makedirs(old)
-    ocp.save_pytree(str(old / PARAMS_DIR), per_layer)  # exactly the tree the old version saved
+    save_params(per_layer, str(old / PARAMS_DIR))  # the tree (and the writer) the old version saved
     (old / CONFIG_FILE).write_text(_old_config_json(CFG))
     model = load_pretrained(str(old))
     assert model.config.scan_layers and "layers" in model.params["language_model"]
@@ -171,7 +158,7 @@ def test_directory_and_training_checkpoint_in_the_old_per_layer_layout_load(tmp_
 
     # A training checkpoint (state with Adam moments) saved per layer restores stacked.
     tx = optax.adamw(1e-3)
-    trainable, _ = split_params(stacked, ["language_model/.*"])
+    trainable, _ = split_params(jax.tree.map(jnp.asarray, stacked), ["language_model/.*"])
     state = {"params": trainable, "opt_state": tx.init(trainable), "counters": {"step": jnp.int32(7)}}
     state = jax.tree.map(lambda x: x + 1 if x.ndim else x, state)  # moments that are not all zeros
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
@@ -185,7 +172,8 @@ def test_directory_and_training_checkpoint_in_the_old_per_layer_layout_load(tmp_
 
 
 def test_init_params_traces_no_forward_pass_and_follows_the_initializers(monkeypatch):
-    cfg = CFG.replace(vision_feature_layer=-1)
+    # Few parameters (no vision layers): every RNG draw compiles separately on the CPU.
+    cfg = CFG.replace(vision_feature_layer=0, projector_bias=False)
     abstract = abstract_params(cfg, boxed=True)  # the one (cached) abstract trace of a config
 
     def forbidden(*a, **k):

@@ -165,14 +165,21 @@ def _abstract_boxed(cfg: LlavaConfig) -> Any:
 def abstract_params(cfg: LlavaConfig, *, boxed: bool = False) -> Any:
     """Shapes and dtypes of every parameter of a config ([jax.ShapeDtypeStruct]), nothing allocated.
 
-    Traced once per config and process (abstractly, never compiled; with scanned layers the trace
-    holds one layer per tower). `boxed=True` keeps the logical axis names (`nn.Partitioned`) that
-    the sharding rules read. Each call returns a fresh tree: callers may edit it.
+    Traced once per architecture and layer layout in a process (abstractly, never compiled; with
+    scanned layers the trace holds one layer per tower): compute settings change no shape, and every
+    parameter takes `param_dtype`. `boxed=True` keeps the logical axis names (`nn.Partitioned`)
+    that the sharding rules read. Each call returns a fresh tree: callers may edit it.
     """
-    tree = _abstract_boxed(cfg)
-    if not boxed:
-        tree = nn.unbox(tree)
-    return jax.tree.map(lambda x: x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    tree = _abstract_boxed(cfg.replace(dtype="float32", param_dtype="float32", remat="none"))
+    dtype = jnp.dtype(cfg.param_dtype)
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+
+    def leaf(x):
+        value = x.value if is_box(x) else x
+        value = jax.ShapeDtypeStruct(value.shape, dtype)
+        return x.replace_boxed(value) if boxed and is_box(x) else value
+
+    return jax.tree.map(leaf, tree, is_leaf=is_box)
 
 
 # Every parameter starts from one of three initializers, chosen by its leaf name as the modules

@@ -26,9 +26,10 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, num_devices: int 
     return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
-    """A mesh over all devices (all processes), laid out by `jax.make_mesh` for the interconnect."""
-    shape = mesh_shape(data, fsdp, tensor)
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A mesh over all devices (all processes), or over `devices` (e.g. a TPU topology's, for
+    compile-only), laid out by `jax.make_mesh` for the interconnect."""
+    shape = mesh_shape(data, fsdp, tensor, None if devices is None else len(devices))
     # Auto axes: the compiler propagates shardings from jit's in/out shardings and our constraints
     # (recent JAX defaults make_mesh to Explicit axes, a different programming model).
-    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)

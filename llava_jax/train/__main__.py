@@ -39,6 +39,11 @@ def main(argv) -> int:
 
     maybe_initialize()
     config = _CONFIG.value
+    if config.get("compile_only", False):  # no data, no weights, no workdir: see train/aot.py
+        from llava_jax.train import aot
+
+        aot.run(config)
+        return 0
     workdir = paths.absolute(_WORKDIR.value)  # a local directory or gs://bucket/dir
     try:
         result = loop.run(config, workdir)

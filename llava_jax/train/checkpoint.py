@@ -94,7 +94,7 @@ def _stack_into(per_layer: Any, target: Any) -> Any:
         names = tuple(str(getattr(k, "key", "")) for k in kp)
         if mapping.is_stacked_path(names):
             parts = [rows.pop(_row_keypath(kp, i)) for i in range(t.shape[0])]
-            out.append(mapping.stack_rows(parts, t.sharding))
+            out.append(mapping.stack(parts) if t.sharding is None else mapping.stack_rows(parts, t.sharding))
             del parts
         else:
             out.append(rows.pop(kp))

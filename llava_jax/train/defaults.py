@@ -25,6 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.max_nonfinite_steps = 10
     c.progress = True
+    c.compilation_cache_dir = ""  # keep compiled programs here for the next start (llava_jax.parallel.compile_cache)
+    # Compile-only (llava_jax/train/aot.py): compile each stage's step from shapes, print time and memory, exit.
+    c.compile_only = False
+    c.compile_topology = ""  # with compile_only: a TPU topology (v5e:2x4, v5p:2x2x1, v6e:2x4, ...) via libtpu
+    c.compile_chip_memory_gib = 0.0  # the memory to compare against (0: the device kind's, when known)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.model = ml_collections.ConfigDict()
     c.model.init = ""  # a converted checkpoint directory; empty: random init from the fields below

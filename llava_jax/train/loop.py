@@ -8,7 +8,8 @@ the loop jit-compiles once per stage with explicit in/out shardings over the mes
         _initial_model       the previous stage's model directory, config.model.init, or random
         _stage_data          the Grain pipeline (data/pipeline.py) and the stage's step count
         _initial_params      the weights, loaded or created straight into their shardings
-        _initial_state       trainable/frozen split, optimizer state, all created sharded
+        stage_program        optimizer, sharded train state and jitted step (program.py; what
+                             compile-only compiles), the state created straight into its shardings
         _restore             a mid-stage checkpoint: state and data position
         _train               the steps (step.py, jit with parallel/partition.py shardings),
                              metrics, evaluations, checkpoints, SIGTERM
@@ -32,8 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from llava_jax import paths
 from llava_jax.config import CONFIG_FILE, LlavaConfig, text_config_from_hf, vision_config_from_hf
@@ -43,14 +43,15 @@ from llava_jax.data import synthetic
 from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.eval.suite import evaluate_stage
 from llava_jax.models.llava import init_params
-from llava_jax.parallel import rules as rules_lib
-from llava_jax.parallel.partition import device_batch, jit_sharded, model_param_shardings, state_shardings
+from llava_jax.parallel import compile_cache
+from llava_jax.parallel.partition import device_batch, model_param_shardings
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.train import flops as flops_lib
 from llava_jax.train.checkpoint import Checkpointer, abstract_like
 from llava_jax.train.evaluate import build_eval_set, eval_forward, evaluate
-from llava_jax.train.optimizer import make_optimizer, merge_params, split_params
-from llava_jax.train.step import TrainState, create_state, make_train_step, to_microbatches
+from llava_jax.train.optimizer import merge_params, split_params
+from llava_jax.train.program import compute_config, rules_from_config, stage_program
+from llava_jax.train.step import TrainState, to_microbatches
 from llava_jax.weights import model_dir
 
 log = logging.getLogger("llava_jax.train")
@@ -204,8 +205,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train every stage of `config` in `workdir`, resuming from its checkpoints; returns final eval metrics."""
     workdir = paths.absolute(workdir)
     paths.makedirs(workdir)
+    compile_cache.enable(config.get("compilation_cache_dir"))
     files = resolve_data(config, workdir)
-    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.get("sharding_rules", rules_lib.DEFAULT_RULES))
+    rules = rules_from_config(config)
     r = _Run(config=config, workdir=workdir, mesh=make_mesh(**config.mesh.to_dict()), rules=rules, files=files,
              tokenizer=Tokenizer(files["tokenizer"]),
              ckpt=Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
@@ -254,15 +256,13 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     # What every checkpoint of the stage records, so that it loads as a model on its own (convert --to hf).
     model = model_dir.checkpoint_model_meta(cfg, run.workdir, _frozen_source(run, stage, source, cfg, params, image_cfg),
                                             run.files["tokenizer"], image_cfg.to_dict())
-    tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=data.total_steps,
-                                  warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay)
-    state, shardings = _initial_state(run, stage, cfg, params, tx)
+    # The optimizer, the sharded state and the step, built as compile-only builds them (train/program.py).
+    program = stage_program(cfg, stage, run.mesh, run.rules, data.total_steps, params)
+    state = program.init_state(params)
     del params
     if resume is not None:
         state = _restore(run, stage, state, data.iterator, resume)
-    repl = NamedSharding(run.mesh, PartitionSpec())
-    train_step = jit_sharded(make_train_step(cfg, tx, schedule), run.mesh, run.rules, (shardings, None),
-                             (shardings, repl), donate_argnums=(0,))
+    train_step = program.step
     evaluator = _Evaluator(run, stage, cfg, image_cfg)
     if run.is_main:
         log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s",
@@ -281,10 +281,8 @@ def _initial_model(run: _Run, index: int) -> tuple[str | None, LlavaConfig]:
     """
     config = run.config
     source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
-    scan = config.model.get("scan_layers", True)
     cfg = LlavaConfig.load(source) if source else model_config(config, run.tokenizer)
-    return source or None, cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat,
-                                       scan_layers=scan)
+    return source or None, compute_config(cfg, config)
 
 
 def _initial_params(run: _Run, source: str | None, cfg: LlavaConfig) -> Any:
@@ -343,17 +341,6 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
     )
     return _StageData(iter(ds), ds.batches_per_epoch, _stage_steps(stage, ds.batches_per_epoch, config.max_steps),
                       stage.global_batch // stage.micro_batch)
-
-
-def _initial_state(run: _Run, stage, cfg: LlavaConfig, params: Any,
-                   tx: optax.GradientTransformation) -> tuple[TrainState, TrainState]:
-    """(state, its shardings): trainable parameters in float32 with optimizer state, frozen ones in the compute dtype."""
-    trainable, frozen = split_params(params, list(stage.trainable))
-    frozen = jax.tree.map(lambda x: x.astype(cfg.dtype), frozen)
-    abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
-    shardings = state_shardings(abstract, cfg, run.mesh, run.rules, tx)
-    state = jax.jit(lambda p, f: create_state(p, f, tx), out_shardings=shardings)(trainable, frozen)
-    return state, shardings
 
 
 def _restore(run: _Run, stage, state: TrainState, iterator: pipeline.DataIterator, resume: _Resume) -> TrainState:

@@ -361,9 +361,9 @@ def load_params(
     return cfg.replace(dtype=dtype, param_dtype=dtype), _unflatten(model.load(target))
 
 
-def load_converted(path: str, dtype: str | None = None) -> LlavaModel:
+def load_converted(path: str, dtype: str | None = None, *, scan_layers: bool | None = None) -> LlavaModel:
     """A converted directory (or training checkpoint) as a `LlavaModel`; what `load_pretrained` calls."""
-    cfg, params = load_params(path, dtype)
+    cfg, params = load_params(path, dtype, scan_layers=scan_layers)
     return LlavaModel(cfg, params)
 
 

@@ -101,7 +101,7 @@ def checkpoint_dtype(store: TensorStore, name: str) -> str:
     return np.dtype(store.dtype(name)).name
 
 
-def load_hf(path: str, dtype: str | None = None) -> LlavaModel:
+def load_hf(path: str, dtype: str | None = None, *, scan_layers: bool | None = None) -> LlavaModel:
     """A HF LLaVA directory (`config.json` + `*.safetensors`) as a `LlavaModel`."""
     cfg = llava_config_from_hf(read_json(os.path.join(path, "config.json")), os.path.join(path, "config.json"))
     store = TensorStore.from_dir(path)
@@ -112,12 +112,12 @@ def load_hf(path: str, dtype: str | None = None) -> LlavaModel:
     expected = {mapping.torch_name(e, layout, cfg.projector_type): e for e in entries}
     check_names(store.keys(), expected, cfg, layout, path)
     dtype = dtype or checkpoint_dtype(store, next(iter(expected)))
-    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype, scan_layers=cfg.scan_layers if scan_layers is None else scan_layers)
     params = load_entries(store, cfg, entries, layout, dtype=np.dtype(dtype), source=path)
     return LlavaModel(cfg, params)
 
 
-def load_pretrained(path: str, dtype: str | None = None) -> LlavaModel:
+def load_pretrained(path: str, dtype: str | None = None, *, scan_layers: bool | None = None) -> LlavaModel:
     """Load a LLaVA from a directory (local or gs://): ours, a stage output, a training checkpoint or HF.
 
     Args:
@@ -126,7 +126,10 @@ def load_pretrained(path: str, dtype: str | None = None) -> LlavaModel:
         HF's `config.json` + `*.safetensors` (see weights/model_dir.py). A directory that holds
         model directories (a workdir) gives an error listing them.
       dtype: parameter and compute dtype ("float32", "bfloat16", ...); default: the checkpoint's.
+      scan_layers: run each tower's layers as one scan over stacked parameters (the default: compile
+        time independent of depth) or unrolled (False: decoding ran 2x faster unrolled on a CPU,
+        BENCHMARKS.md, at a compile time that grows with depth).
     """
     if model_dir.require(path) in (model_dir.OURS, model_dir.CHECKPOINT):
-        return load_converted(path, dtype)
-    return load_hf(path, dtype)
+        return load_converted(path, dtype, scan_layers=scan_layers)
+    return load_hf(path, dtype, scan_layers=scan_layers)

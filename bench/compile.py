@@ -1,0 +1,245 @@
+"""Compile time, init time and per-chip memory of the train step, from shapes alone (no weights, no data).
+
+  python -m bench.compile --depth        # narrow model: compile and init time at 8 vs 64 layers, scanned vs unrolled
+  python -m bench.compile --table        # LLaVA-1.5 7B / 13B, stage 1 / 2, on v5e-8, v5e-16, v5p-8, v6e-8 and 8 x 80 GB GPUs
+  python -m bench.compile --cell 7b 2 v5e-8 --rows 4 --remat full    # one compile, one JSON line
+
+`--table` compiles each recipe (configs/llava15.py) through `llava_jax.train.aot`, the path of
+`--config.compile_only=True`, which builds the step as training does: TPU targets through libtpu's
+compiler for the topology (`pip install -e ".[tpu]"`), the GPU target with the CPU compiler over 8
+simulated devices against 80 GiB (an upper bound: that compiler does not schedule FSDP gathers for
+memory). For each cell it starts from the recipe's rows per device and halves them until the step
+fits (remat `full`, FSDP over every chip, 2048 tokens, one image per row); it prints a markdown table
+and appends every compile to `--out` as JSON. Every compile runs in its own process.
+
+`--depth` is the scan goal: compile (train step, one CPU device) and random-init time of a narrow
+LLaVA at 8 and 64 LLaMA layers, scanned (this code) and unrolled (`scan_layers=False`, the layout
+before scanning), and the old init (the model's `init` traced and compiled, as `init_params` did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# name -> (libtpu topology or None for the CPU compiler over 8 devices, chip memory GiB override)
+TARGETS = {
+    "v5e-8": ("v5e:2x4", None),
+    "v5e-16": ("v5e:4x4", None),
+    "v5p-8": ("v5p:2x2x1", None),
+    "v6e-8": ("v6e:2x4", None),
+    "8x80GB-GPU": (None, 80.0),
+}
+RECIPE_ROWS = {1: 32, 2: 16}  # rows per device of configs/llava15.py (8 devices: micro-batches 256 and 128)
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool = True) -> dict:
+    """Compile one recipe stage for one target in this process; returns the report as a dict."""
+    from configs.llava15 import get_config
+    from llava_jax.train import aot
+
+    topology, chip = TARGETS[target]
+    devices = aot.topology_devices(topology) if topology else None
+    n = len(devices) if devices else __import__("jax").device_count()
+    c = get_config(f"{size}_stage{stage}")
+    c.model.init = ""
+    c.model.remat = remat
+    c.model.scan_layers = scan
+    if chip:
+        c.compile_chip_memory_gib = chip
+    s = c.stages[0]
+    s.micro_batch = rows * n
+    if s.global_batch % s.micro_batch:
+        raise ValueError(f"{rows} rows x {n} devices do not divide the global batch {s.global_batch}")
+    cpu0 = _cpu_seconds()
+    report = aot.compile_stage(c, 0, devices)
+    return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
+            "cpu_s": _cpu_seconds() - cpu0}
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time (user + system): less sensitive than wall time to other jobs on the host."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cell_subprocess(size, stage, target, rows, remat, scan=True, timeout=1800) -> dict:
+    args = [sys.executable, "-m", "bench.compile", "--cell", size, str(stage), target, "--rows", str(rows),
+            "--remat", remat] + ([] if scan else ["--unrolled"])
+    t0 = time.time()
+    r = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+        return {"size": size, "stage": stage, "target": target, "rows_per_device": rows, "remat": remat,
+                "failed": r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else f"exit {r.returncode}",
+                "wall_s": time.time() - t0}
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["wall_s"] = time.time() - t0
+    return out
+
+
+def table(out_path: str, sizes, stages, targets) -> None:
+    """Compile every cell, halving rows until it fits; print the markdown table."""
+    rows_md = []
+    for size in sizes:
+        for stage in stages:
+            for target in targets:
+                n = 8 if TARGETS[target][0] is None else {"v5e-16": 16, "v5p-8": 4}.get(target, 8)
+                global_batch = 256 if stage == 1 else 128
+                rows = min(RECIPE_ROWS[stage], global_batch // n)
+                found = None
+                while rows >= 1:
+                    rec = _cell_subprocess(size, stage, target, rows, "full")
+                    rec["uptime"] = os.getloadavg()[0]
+                    with open(out_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    print(json.dumps(rec), flush=True)
+                    if "failed" in rec:
+                        break
+                    if rec["fits"]:
+                        found = rec
+                        break
+                    free = (rec["chip_bytes"] or 0) - rec["argument_bytes"]
+                    if free <= 0 or rows == 1:  # the state alone does not fit, or one row does not
+                        break
+                    # Temporaries grow about linearly with the rows: jump to the largest power of two
+                    # that the free memory suggests, at most half of what failed.
+                    guess = rows * free / max(rec["temp_bytes"], 1)
+                    rows = min(rows // 2, 1 << (int(guess).bit_length() - 1) if guess >= 1 else 1)
+                last = found or rec
+                rows_md.append(_md_row(size, stage, target, last, found is not None))
+    print("\n| model | stage | target | fits with (rows/device, remat, mesh) | per-chip arguments | temporaries | total / chip | compile |")
+    print("|---|---|---|---|---|---|---|---|")
+    for line in rows_md:
+        print(line)
+
+
+def _md_row(size, stage, target, rec, fits) -> str:
+    if "failed" in rec:
+        return f"| {size} | {stage} | {target} | failed: {rec['failed']} | | | | |"
+    g = 1 << 30
+    mesh = " ".join(f"{k}={v}" for k, v in rec["mesh"].items() if v > 1) or "1 device"
+    what = (f"{rec['rows_per_device']} rows, {rec['remat']}, {mesh}" if fits
+            else f"no: {rec['rows_per_device']} row(s)/chip need {rec['total_bytes'] / g:.1f} GiB")
+    chip = f"{rec['chip_bytes'] / g:.0f}" if rec["chip_bytes"] else "?"
+    return (f"| {size} | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | {rec['temp_bytes'] / g:.1f} GiB | "
+            f"{rec['total_bytes'] / g:.1f} / {chip} GiB | {rec['compile_s']:.0f} s |")
+
+
+# --- depth scaling -------------------------------------------------------------------------------------
+
+
+def _narrow(layers: int, scan: bool):
+    from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=56),
+        text=TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=layers, num_heads=4,
+                        num_kv_heads=4, head_dim=32),
+        image_token_index=511, vision_feature_layer=-1, remat="full", scan_layers=scan,
+    )
+
+
+def depth_point(layers: int, scan: bool, what: str) -> dict:
+    """One measurement in this process: `init` (init_params, compile + run), `old_init` (the model's
+    init traced and compiled, as init_params was before), or `compile` (the stage-2 train step)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from llava_jax.models.llava import Llava, init_params
+    from llava_jax.parallel import rules as rules_lib
+    from llava_jax.parallel.mesh import make_mesh
+    from llava_jax.train.program import stage_program
+    from llava_jax.train.defaults import stage as make_stage
+    from llava_jax.train.aot import abstract_batch
+    from llava_jax.models.llava import abstract_params
+
+    cfg = _narrow(layers, scan)
+    t0, cpu0 = time.time(), _cpu_seconds()
+    if what == "init":
+        jax.block_until_ready(init_params(cfg, jax.random.key(0)))
+    elif what == "old_init":
+        v = cfg.vision
+        ids = np.zeros((1, 8), np.int32)
+        px = np.zeros((1, 1, v.image_size, v.image_size, 3), np.float32)
+        jax.block_until_ready(jax.jit(lambda k: nn.unbox(Llava(cfg).init(k, ids, px)["params"]))(jax.random.key(0)))
+    else:
+        mesh = make_mesh()
+        st = make_stage("finetune", data="", template="", trainable=["projector/.*", "language_model/.*"],
+                        learning_rate=1e-4, global_batch=8, micro_batch=4, max_length=256)
+        program = stage_program(cfg, st, mesh, rules_lib.DEFAULT_RULES, 100, abstract_params(cfg))
+        t0, cpu0 = time.time(), _cpu_seconds()
+        program.step.lower(program.state_abstract, abstract_batch(cfg, 2, 4, 256, mesh)).compile()
+    return {"layers": layers, "scan": scan, "what": what, "seconds": time.time() - t0, "cpu_s": _cpu_seconds() - cpu0}
+
+
+def depth(out_path: str) -> None:
+    results = []
+    for what in ("compile", "init", "old_init"):
+        for scan in ((True, False) if what != "old_init" else (False,)):
+            for layers in (8, 64):
+                r = subprocess.run([sys.executable, "-m", "bench.compile", "--depth-point", str(layers),
+                                    "scan" if scan else "unrolled", what], cwd=ROOT, env=_env(1),
+                                   capture_output=True, text=True, timeout=3600)
+                rec = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
+                    "layers": layers, "scan": scan, "what": what, "error": r.stderr[-300:]}
+                rec["uptime"] = os.getloadavg()[0]
+                print(json.dumps(rec), flush=True)
+                with open(out_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                results.append(rec)
+    print("\n| measurement | layout | 8 layers | 64 layers | 64 / 8 |\n|---|---|---|---|---|")
+    for what in ("compile", "init", "old_init"):
+        for scan in ((True, False) if what != "old_init" else (False,)):
+            pts = {r["layers"]: r.get("seconds") for r in results if r["what"] == what and r["scan"] == scan}
+            if None in pts.values():
+                continue
+            name = {"compile": "train step compile", "init": "init_params (compile + run)",
+                    "old_init": "old init (model.init traced + compiled)"}[what]
+            print(f"| {name} | {'scanned' if scan else 'unrolled'} | {pts[8]:.2f} s | {pts[64]:.2f} s | "
+                  f"{pts[64] / pts[8]:.2f}x |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--depth", action="store_true")
+    ap.add_argument("--cell", nargs=3, metavar=("SIZE", "STAGE", "TARGET"))
+    ap.add_argument("--depth-point", nargs=3, metavar=("LAYERS", "LAYOUT", "WHAT"))
+    ap.add_argument("--rows", type=int, default=None, help="--cell: rows per device (default: the recipe's)")
+    ap.add_argument("--remat", default="full")
+    ap.add_argument("--unrolled", action="store_true", help="--cell: scan_layers=False")
+    ap.add_argument("--sizes", default="7b,13b")
+    ap.add_argument("--stages", default="1,2")
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--out", default="compile_results.jsonl")
+    args = ap.parse_args()
+    if args.cell:
+        size, stage, target = args.cell
+        rows = args.rows or RECIPE_ROWS[int(stage)]
+        print(json.dumps(cell(size, int(stage), target, rows, args.remat, scan=not args.unrolled)))
+    elif args.depth_point:
+        layers, layout, what = args.depth_point
+        print(json.dumps(depth_point(int(layers), layout == "scan", what)))
+    elif args.depth:
+        depth(args.out)
+    elif args.table:
+        table(args.out, args.sizes.split(","), [int(s) for s in args.stages.split(",")], args.targets.split(","))
+    else:
+        ap.error("choose --table, --depth or --cell")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Compile-only: lower and compile each stage's real train step from shapes alone, and report the
+compile time and per-device memory against the chip's (MaxText's train_compile).
+
+    python -m llava_jax.train --config=configs/llava15.py:7b --config.compile_only=True
+    python -m llava_jax.train --config=configs/llava15.py:7b --config.compile_only=True \\
+        --config.compile_topology=v5e:2x4          # a TPU v5e-8, compiled here through libtpu
+
+No weights and no data are read: the architecture comes from `model.init`'s config when that
+directory exists, else from `model.preset` (configs/llava15.py names one), else from the `model`
+fields of a random-init config. The mesh, remat, dtype, micro-batch and global batch are the
+config's, and the step is built by `program.stage_program`, as training builds it. Sequences are
+`max_length` long (the longest bucket, so the memory is the worst case) with one image per row.
+
+`compile_topology` needs libtpu (`pip install -e ".[tpu]"`); any host can compile for any
+topology (`v5e:2x4`, `v5e:4x4`, `v5p:2x2x1`, `v6e:2x4`, ...). Without it the step compiles for
+this host's devices (simulate N CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N).
+The CPU compiler does not schedule FSDP all-gathers for memory as the TPU and GPU compilers do:
+its temporaries are an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+import types
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from llava_jax.config import CONFIG_FILE, PRESETS, LlavaConfig
+from llava_jax.models.llava import abstract_params
+from llava_jax.parallel import compile_cache
+from llava_jax.parallel.mesh import make_mesh
+from llava_jax.parallel.partition import batch_shardings, model_param_shardings
+from llava_jax.train.program import compute_config, rules_from_config, stage_program
+
+GIB = 1 << 30
+# High-bandwidth memory per chip (vendor figures), by `device_kind`.
+CHIP_MEMORY_GIB = {
+    "TPU v4": 32.0,
+    "TPU v5 lite": 16.0,  # v5e
+    "TPU v5": 95.0,  # v5p
+    "TPU v6 lite": 32.0,  # v6e (Trillium)
+    "NVIDIA A100-SXM4-80GB": 80.0,
+    "NVIDIA H100 80GB HBM3": 80.0,
+    "NVIDIA H200": 141.0,
+}
+SCHEDULE_STEPS = 1000  # the learning-rate schedule's length does not change the compiled program
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """Per-device figures of one compiled stage step (bytes from the compiler's memory analysis)."""
+
+    stage: str
+    devices: str  # e.g. "8 x TPU v5 lite"
+    mesh: dict[str, int]
+    remat: str
+    micro_batch: int  # rows per micro-batch, all devices together
+    num_micro: int
+    seq_len: int
+    compile_s: float
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    chip_bytes: int | None  # the device's memory, when known
+    error: str | None = None  # the compiler's out-of-memory refusal (temporaries then from its message)
+
+    @property
+    def total_bytes(self) -> int:
+        """Live at the peak: arguments, outputs not aliased to (donated) arguments, temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        if self.error:
+            return False
+        return None if self.chip_bytes is None else self.total_bytes <= self.chip_bytes
+
+    def line(self) -> str:
+        mesh = " ".join(f"{k}={v}" for k, v in self.mesh.items())
+        head = (f"{self.stage}: {self.devices}, mesh {mesh}, remat {self.remat}, micro-batch {self.micro_batch} rows "
+                f"x {self.seq_len} tokens ({self.num_micro} per step)")
+        mem = (f"compile {self.compile_s:.1f} s; per device: arguments {_size(self.argument_bytes)}, "
+               f"temporaries {_size(self.temp_bytes)}, total {_size(self.total_bytes)}")
+        if self.error:
+            mem = (f"DOES NOT FIT: the compiler needs {_size(self.temp_bytes)} of temporaries, "
+                   f"{_size(self.chip_bytes)} of HBM are available (arguments {_size(self.argument_bytes)})")
+        elif self.chip_bytes is not None:
+            pct = 100 * self.total_bytes / self.chip_bytes
+            mem += f" of {self.chip_bytes / GIB:.0f} GiB ({pct:.0f}%): {'fits' if self.fits else 'DOES NOT FIT'}"
+        return f"{head}\n  {mem}"
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.2f} MiB"
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a TPU topology such as `v5e:2x4`, `v5p:2x2x1` or `v6e:4x4`, from libtpu (no TPU needed)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError(f"compile_topology={name!r} needs libtpu: pip install -e '.[tpu]'")
+    from jax.experimental import topologies
+
+    # Compiling touches no chip: it may run beside another process that has libtpu loaded (which
+    # otherwise holds /tmp/libtpu_lockfile). Read when libtpu loads, so set before the first use.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default", num_slices=1)
+    except Exception as e:  # libtpu raises its own errors for names it does not know
+        raise ValueError(f"compile_topology={name!r}: libtpu cannot build it ({str(e).splitlines()[0][:200]}); "
+                         "expected e.g. v5e:2x4, v5p:2x2x1, v6e:2x4") from None
+    return list(topo.devices)
+
+
+def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
+    """The architecture compile-only uses (see the module docstring), with the run's compute settings."""
+    m = config.model
+    init = m.get("init") or ""
+    if init and os.path.isfile(os.path.join(init, CONFIG_FILE)):
+        cfg = LlavaConfig.load(init)
+    elif m.get("preset"):
+        if m.preset not in PRESETS:
+            raise ValueError(f"model.preset {m.preset!r} is not one of {sorted(PRESETS)}")
+        cfg = PRESETS[m.preset]
+    elif m.get("text") is not None:
+        from llava_jax.train.loop import model_config as random_init_config
+
+        # The tokenizer only sizes the vocabulary; a stand-in of the size the run would have.
+        vocab = config.data.get("synthetic_args", {}).get("vocab_size", 32000)
+        cfg = random_init_config(config, types.SimpleNamespace(vocab_size=vocab, bos_id=1, eos_id=2))
+    else:
+        raise ValueError("compile_only needs the architecture: model.init (a converted directory), model.preset "
+                         f"(one of {sorted(PRESETS)}) or the model.vision / model.text fields")
+    return compute_config(cfg, config)
+
+
+def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: int, mesh) -> dict:
+    """The micro-batched global batch the loop feeds the step ([A, b, ...], sharded as `device_batch` does)."""
+    v = cfg.vision
+    shapes = {
+        "input_ids": ((num_micro, micro_batch, seq_len), np.int32),
+        "labels": ((num_micro, micro_batch, seq_len), np.int32),
+        "attention_mask": ((num_micro, micro_batch, seq_len), np.int32),
+        "pixel_values": ((num_micro, micro_batch, 1, v.image_size, v.image_size, v.num_channels), np.float32),
+    }
+    batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+    return {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for (k, x), s in zip(batch.items(), batch_shardings(batch, mesh).values())}
+
+
+def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list | None = None) -> CompileReport:
+    """Lower and compile stage `index`'s train step for `devices` (default: this host's) from shapes alone."""
+    stage = config.stages[index]
+    cfg = model_config(config)
+    mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
+    rules = rules_from_config(config)
+    if stage.global_batch % stage.micro_batch:
+        raise ValueError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch {stage.micro_batch}")
+    num_micro = stage.global_batch // stage.micro_batch
+    row_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if stage.micro_batch % row_split:
+        raise ValueError(f"stage {stage.name}: a micro-batch of {stage.micro_batch} rows does not split over the "
+                         f"{row_split} devices of data x fsdp")
+    shardings = model_param_shardings(cfg, mesh, rules)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg), shardings)
+    total = config.max_steps if config.get("max_steps", -1) > 0 else SCHEDULE_STEPS
+    program = stage_program(cfg, stage, mesh, rules, total, params)
+    batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh)
+    start = time.time()
+    lowered = program.step.lower(program.state_abstract, batch)
+    device = mesh.devices.flat[0]
+    chip = config.get("compile_chip_memory_gib") or CHIP_MEMORY_GIB.get(device.device_kind)
+    report = CompileReport(
+        stage=f"stage {index + 1} {stage.name}",
+        devices=f"{mesh.devices.size} x {device.device_kind}",
+        mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
+        remat=cfg.remat,
+        micro_batch=stage.micro_batch,
+        num_micro=num_micro,
+        seq_len=stage.max_length,
+        compile_s=0.0,
+        argument_bytes=0,
+        output_bytes=0,
+        alias_bytes=0,
+        temp_bytes=0,
+        chip_bytes=None if chip is None else int(float(chip) * GIB),
+    )
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program that cannot fit and says how much it needed.
+        needed = _OOM.search(str(e))
+        if needed is None:
+            raise
+        temp, available = (float(x) * GIB for x in needed.groups())
+        return dataclasses.replace(report, compile_s=time.time() - start, argument_bytes=_input_bytes(program, batch),
+                                   temp_bytes=int(temp), chip_bytes=int(available), error=str(e).splitlines()[0][:300])
+    seconds = time.time() - start
+    mem = compiled.memory_analysis()
+    return dataclasses.replace(
+        report,
+        compile_s=seconds,
+        argument_bytes=int(getattr(mem, "argument_size_in_bytes", 0)),
+        output_bytes=int(getattr(mem, "output_size_in_bytes", 0)),
+        alias_bytes=int(getattr(mem, "alias_size_in_bytes", 0)),
+        temp_bytes=int(getattr(mem, "temp_size_in_bytes", 0)),
+    )
+
+
+# "the total memory required for HLO temporaries (45.06G) exceeds available HBM (15.75G)"
+_OOM = re.compile(r"HLO temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)")
+
+
+def _input_bytes(program, batch: dict) -> int:
+    """One device's shards of the state and the batch: the arguments, when the compiler gives no figures."""
+
+    def shard_bytes(x, sharding) -> int:
+        return math.prod(sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+
+    state = sum(jax.tree.leaves(jax.tree.map(shard_bytes, program.state_abstract, program.state_shardings)))
+    return state + sum(shard_bytes(x, x.sharding) for x in batch.values())
+
+
+def run(config: ml_collections.ConfigDict) -> list[CompileReport]:
+    """Compile every stage of `config` (for `compile_topology` when set) and print one report per stage."""
+    compile_cache.enable(config.get("compilation_cache_dir"))
+    topology = config.get("compile_topology") or ""
+    devices = topology_devices(topology) if topology else None
+    reports = []
+    for index in range(len(config.stages)):
+        report = compile_stage(config, index, devices)
+        print(report.line(), flush=True)
+        reports.append(report)
+    return reports
+
+
+def report_dict(report: CompileReport) -> dict[str, Any]:
+    """A report as plain JSON-able values (what bench/compile.py records)."""
+    return {**dataclasses.asdict(report), "total_bytes": report.total_bytes, "fits": report.fits}
