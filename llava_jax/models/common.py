@@ -268,8 +268,10 @@ def _splash_sharded(q, k, v, mask: AttentionMask) -> jax.Array | None:
                          check_vma=False)(q, k, v, tokens)
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, length: int, causal: bool, interpret: bool):
+    """The kernel for one shard's shapes. Its block-mask tables are built by splash's own cached
+    `process_mask` (numpy) and staged into the current trace, so a kernel is never reused across
+    traces (its arrays would be tracers of the first)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     block = next(b for b in SPLASH_BLOCKS if length % b == 0)

@@ -252,7 +252,8 @@ def _initial_params(run: _Run, index: int) -> tuple[LlavaConfig, Any]:
         cfg = model_config(config, run.tokenizer).replace(scan_layers=scan)
         # Created directly sharded: no host or device ever holds the whole model.
         params = nn.unbox(init_params(cfg, jax.random.key(config.seed), shardings=model_param_shardings(cfg, run.mesh, run.rules)))
-    return cfg.replace(dtype=config.model.dtype, param_dtype="float32", remat=config.model.remat), params
+    m = config.model
+    return cfg.replace(dtype=m.dtype, param_dtype="float32", remat=m.remat, attention=m.get("attention", "auto")), params
 
 
 @dataclasses.dataclass
@@ -336,8 +337,8 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
     params = merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen))
     out_dir = _stage_dir(run.workdir, index, stage)
     if run.is_main:
-        write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none"), params,
-                        run.paths["tokenizer"], image_cfg)
+        write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none", attention="auto"),
+                        params, run.paths["tokenizer"], image_cfg)
         log.info("stage %s: model written to %s", stage.name, out_dir)
     _save(run.ckpt, offset + data.total_steps, state, index, data.total_steps, data)
     run.ckpt.wait()
