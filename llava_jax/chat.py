@@ -23,6 +23,7 @@ from llava_jax.data.templates import IMAGE_MARKER
 from llava_jax.generate import EXIT_BAD_INPUT, QUESTION_ERRORS, USER_ERRORS, add_model_flags, load_pipeline
 from llava_jax.inference.pipeline import Pipeline
 from llava_jax.inference.sampling import SamplingParams
+from llava_jax.parallel import xla_flags
 
 
 class ChatSession:
@@ -78,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a read-eval-print loop over stdin; returns the exit status."""
     args = parse_args(argv)
+    xla_flags.apply(not args.no_xla_flags)
     try:
         pipe = load_pipeline(args)
         params = pipe.sampling(

@@ -33,6 +33,7 @@ from llava_jax.data.image import ImageError
 from llava_jax.data.templates import TEMPLATES
 from llava_jax.inference.engine import InputError, completion_dict
 from llava_jax.inference.pipeline import DEFAULT_CONV_MODE, Pipeline
+from llava_jax.parallel import xla_flags
 from llava_jax.weights.safetensors_io import CheckpointError
 
 # Errors whose message is the whole story for the user: printed as one line, exit status 2.
@@ -53,6 +54,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", "--top_p", type=float, default=1.0)
     p.add_argument("--top-k", "--top_k", type=int, default=0, help="0 = no limit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-xla-flags", action="store_true",
+                   help="do not add the GPU/TPU XLA flag presets (llava_jax/parallel/xla_flags.py)")
 
 
 def load_pipeline(args: argparse.Namespace) -> Pipeline:
@@ -243,6 +246,7 @@ def run_batch(pipe: Pipeline, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input)."""
     args = parse_args(argv)
+    xla_flags.apply(not args.no_xla_flags)
     try:
         pipe = load_pipeline(args)
         return run_batch(pipe, args) if args.questions_file else run_single(pipe, args)

@@ -18,6 +18,8 @@ from llava_jax.train import defaults
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); default: the tiny default.")
 _DEFAULT = config_flags.DEFINE_config_dict("default", defaults.tiny_config(), "The embedded default (used without --config).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics and outputs go.")
+_XLA_FLAGS = flags.DEFINE_bool("xla_perf_flags", True, "Add the GPU/TPU XLA flag presets of "
+                               "llava_jax/parallel/xla_flags.py (printed when added; --noxla_perf_flags: none).")
 
 
 def main(argv) -> int:
@@ -25,9 +27,11 @@ def main(argv) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from llava_jax.parallel import xla_flags
     from llava_jax.parallel.distributed import maybe_initialize
     from llava_jax.train import loop
 
+    xla_flags.apply(_XLA_FLAGS.value)
     maybe_initialize()
     config = _CONFIG.value if _CONFIG.value is not None else _DEFAULT.value
     workdir = os.path.abspath(_WORKDIR.value)
