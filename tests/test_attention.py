@@ -20,6 +20,7 @@ import pytest
 
 from llava_jax.models.common import AttentionMask, attention, choose_attention, target_platform
 from llava_jax.models.llava import is_right_padded
+from tests._seeds import fresh_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -82,7 +83,7 @@ def _dense(tokens, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_splash_in_interpret_mode_equals_xla(causal):
     """Forward and gradients at real positions; left and right padding; GQA; T not a multiple of 128."""
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     b, t, n, k, h = 2, 150, 2, 1, 32
     q, kk, v = _qkv(seed, b, t, n, k, h)
     tokens = np.ones((b, t), np.int32)
@@ -112,7 +113,7 @@ def test_splash_in_interpret_mode_equals_xla(causal):
                     f"{jax.default_backend()}); the CPU tests run the XLA path")
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_equals_xla_in_bf16(causal):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     b, t, n, k, h = 2, 577 if not causal else 512, 8, 8 if not causal else 2, 64 if not causal else 128
     q, kk, v = _qkv(seed, b, t, n, k, h, BF16)
     tokens = np.ones((b, t), np.int32)

@@ -102,7 +102,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 
 def test_chunked_loss_equals_the_full_logits_loss():
     """The training loss runs the head per chunk of positions: same loss (1e-6) and gradients (1e-5)."""
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = fresh_seed()
     cfg = LlavaConfig(
         vision=VisionConfig(hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, image_size=14, patch_size=14),
         text=TextConfig(vocab_size=128, hidden_size=32, intermediate_size=72, num_layers=2, num_heads=4, num_kv_heads=2,
