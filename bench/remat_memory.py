@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bench.common import with_layers
 from llava_jax.config import LLAVA_15_7B, LLAVA_15_13B
 from llava_jax.models.common import REMAT_POLICIES
+from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import AXES
 from llava_jax.parallel.partition import batch_shardings, jit_sharded, model_param_shardings, state_shardings
@@ -44,23 +45,19 @@ def devices(topology: str):
     from jax.experimental import topologies
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    bounds = tuple(int(x) for x in topology.split(":")[1].split("x"))
-    bounds = (bounds + (1, 1, 1))[:3]
+    dims = (tuple(int(x) for x in topology.split(":")[1].split("x")) + (1, 1, 1))[:3]
+    host = (2, 2, 1) if topology.startswith(("v4", "v5p")) else (2, 4, 1)  # chips per host
+    bounds = tuple(min(d, h) for d, h in zip(dims, host))
     return topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
                                         chips_per_host_bounds=bounds, num_slices=1).devices
 
 
 def compile_step(cfg, devs, *, stage: int, rows: int, seq: int) -> dict:
     """Compile one train step; its per-device memory (GiB) and compile seconds."""
-    import flax.linen as nn
-
-    from llava_jax.models.llava import init_params
-
     mesh = Mesh(np.array(devs).reshape(1, len(devs), 1), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     rules = rules_lib.DEFAULT_RULES
     sh = model_param_shardings(cfg, mesh, rules)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))), sh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg), sh)
     tx, schedule = make_optimizer(learning_rate=2e-5, total_steps=5000)
     trainable, frozen = split_params(params, STAGES[stage])
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype, sharding=x.sharding), frozen)

@@ -180,11 +180,10 @@ def test_model_lowers_for_tpu_with_splash_in_both_towers():
     """AOT-compile the forward pass for 4 TPU v5e chips (fsdp x tensor = 2 x 2) from this CPU: the
     mesh's platform, not the host's, makes `auto` choose splash, in the vision tower and the
     language model, each under shard_map."""
-    import flax.linen as nn
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-    from llava_jax.models.llava import Llava, init_params
+    from llava_jax.models.llava import Llava, abstract_params
     from llava_jax.parallel import rules as rules_lib
     from llava_jax.parallel.mesh import AXES
     from llava_jax.parallel.partition import jit_sharded, model_param_shardings
@@ -201,8 +200,7 @@ def test_model_lowers_for_tpu_with_splash_in_both_towers():
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     ids = jax.ShapeDtypeStruct((4, 256), np.int32, sharding=rows)
     pixels = jax.ShapeDtypeStruct((4, 1, 56, 56, 3), jnp.bfloat16, sharding=rows)
-    boxed = jax.eval_shape(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), boxed,
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg),
                           model_param_shardings(cfg, mesh, rules))
     module = Llava(cfg)
     forward = jit_sharded(lambda p, i, x: module.apply({"params": p}, i, x, i)[0], mesh, rules, None, None)

@@ -1,14 +1,13 @@
 """Loss and gradients against transformers' LlavaForConditionalGeneration (float32, tiny, perturbed)."""
 
 
-import flax.linen as nn
 import jax
 import numpy as np
 import torch
 
 from llava_jax import load_pretrained
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.models.llava import Llava, init_params
+from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.train.loss import cross_entropy_sum
 from llava_jax.train.optimizer import make_optimizer, merge_params, split_params
 from llava_jax.train.step import create_state, loss_sum_fn, make_train_step, model_inputs, to_microbatches
@@ -112,10 +111,9 @@ def test_chunked_loss_equals_the_full_logits_loss():
 
     # Random values of the right shapes (no compiled init): kernels ~0.3, norm scales ~1.
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: (0.3 * rng.standard_normal(s.shape) + ("scale" in jax.tree_util.keystr(path))).astype(np.float32),
-        shapes)
+        abstract_params(cfg))
     params, frozen = split_params(params, ["language_model/.*"])
     batch = _batch(seed, 0, rows=3, t=37)  # text only: the loss is the language model's
     batch["pixel_values"] = None

@@ -51,12 +51,16 @@ def base_config() -> ml_collections.ConfigDict:
 
 def stage(name: str, *, data: str, template: str, trainable: list[str], learning_rate: float, global_batch: int,
           micro_batch: int, epochs: float = 1.0, max_length: int = 2048, warmup_ratio: float = 0.03,
-          weight_decay: float = 0.0) -> ml_collections.ConfigDict:
-    """One training stage: which data, which template, which parameters train, and how."""
+          weight_decay: float = 0.0, remat: str = "") -> ml_collections.ConfigDict:
+    """One training stage: which data, which template, which parameters train, and how.
+
+    `remat` overrides `model.remat` for this stage (empty: the model's); the policy that pays
+    depends on the stage's micro-batch, so recipes set the two together.
+    """
     return ml_collections.ConfigDict(dict(
         name=name, data=data, template=template, trainable=list(trainable), learning_rate=float(learning_rate),
         global_batch=global_batch, micro_batch=micro_batch, epochs=float(epochs), max_length=max_length,
-        warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, remat=remat,
     ))
 
 

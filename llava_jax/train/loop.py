@@ -226,9 +226,9 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
                              (shardings, repl), donate_argnums=(0,))
     evaluator = _Evaluator(run, stage, cfg, image_cfg)
     if run.is_main:
-        log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s",
-                 index + 1, len(run.config.stages), stage.name, data.total_steps, data.batches_per_epoch,
-                 stage.global_batch, data.num_micro, list(stage.trainable))
+        log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s, "
+                 "remat %s", index + 1, len(run.config.stages), stage.name, data.total_steps, data.batches_per_epoch,
+                 stage.global_batch, data.num_micro, list(stage.trainable), cfg.remat)
     state, last = _train(run, index, cfg, state, train_step, data, evaluator, offset)
     result = _finish(run, index, cfg, image_cfg, state, data, evaluator, offset)
     return {**last, **result}
@@ -253,7 +253,8 @@ def _initial_params(run: _Run, index: int) -> tuple[LlavaConfig, Any]:
         # Created directly sharded: no host or device ever holds the whole model.
         params = nn.unbox(init_params(cfg, jax.random.key(config.seed), shardings=model_param_shardings(cfg, run.mesh, run.rules)))
     m = config.model
-    return cfg.replace(dtype=m.dtype, param_dtype="float32", remat=m.remat, attention=m.get("attention", "auto")), params
+    remat = config.stages[index].get("remat") or m.remat
+    return cfg.replace(dtype=m.dtype, param_dtype="float32", remat=remat, attention=m.get("attention", "auto")), params
 
 
 @dataclasses.dataclass
