@@ -1,9 +1,9 @@
 """Generation speed: time to first token and decode tokens/s, ours vs transformers `generate`.
 
 CPU, a small LLaVA (random weights, shared by both implementations; about 2 minutes):
-    python bench/generate.py
+    python -m bench.generate
 GPU, the LLaVA-1.5-7B shape with random bf16 weights (H200: 4.8 TB/s; H100 SXM: 3.35 TB/s):
-    python bench/generate.py --shape llava-1.5-7b --dtype bfloat16 --bandwidth-gbs 4800
+    python -m bench.generate --shape llava-1.5-7b --dtype bfloat16 --bandwidth-gbs 4800
 
 Each prompt is one image plus `--text-tokens` text tokens; every row generates exactly
 `--new-tokens` tokens (EOS ignored), greedy. TTFT is the wall time from the request to the first
@@ -12,7 +12,8 @@ counts the batch's tokens after the first over the time after the first. Rooflin
 language-model weight bytes x decode steps/s / bandwidth (a decode step must read every weight
 once; at batch 1 steps/s = tokens/s). The KV cache reads are not counted, so this is a lower bound
 on the fraction of bandwidth in use. transformers runs in the same process on the same device
-(skipped when torch cannot reach it, or with --no-hf). Numbers are medians of `--repeats` runs.
+(skipped when torch cannot reach it, or with --no-hf; --no-ours runs transformers alone, as
+bench/suite.py does in its own process). Numbers are medians of `--repeats` runs; `--json` writes them.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from bench.common import write_json
 from llava_jax.config import LLAVA_15_7B, LlavaConfig, TextConfig, VisionConfig, llava_config_to_hf
 from llava_jax.inference.engine import Engine, Prompt
 from llava_jax.inference.sampling import SamplingParams
 from llava_jax.models.llava import LlavaModel, init_params
+from llava_jax.parallel import xla_flags
 
 SMALL = LlavaConfig(
     vision=VisionConfig(
@@ -62,16 +65,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth in GB/s for the roofline column")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--unrolled", action="store_true", help="ours with unrolled layers (scan_layers=False)")
+    p.add_argument("--no-ours", action="store_true", help="skip llava_jax (transformers alone)")
+    p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument("--no-xla-flags", action="store_true")
     return p.parse_args()
 
 
-def lm_weight_bytes(params) -> int:
-    """Bytes a decode step reads: the language model's weights, less the embedding table (B rows gathered)."""
-    lm = dict(params["language_model"])
-    tied = "lm_head" not in lm
-    if not tied:
-        lm.pop("embed_tokens")
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(lm))
+def lm_weight_bytes_of(cfg: LlavaConfig, dtype: str) -> int:
+    """Bytes a decode step reads: the language model's weights, less the embedding table (B rows
+    gathered; it is read whole when tied to the head)."""
+    t = cfg.text
+    per_layer = t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim + t.num_heads * t.head_dim * t.hidden_size
+    per_layer += 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size
+    n = t.num_layers * per_layer + t.hidden_size + t.vocab_size * t.hidden_size
+    return n * jax.numpy.dtype(dtype).itemsize
 
 
 def make_prompts(cfg: LlavaConfig, batch: int, text_tokens: int, rng: np.random.Generator) -> list[Prompt]:
@@ -139,8 +146,8 @@ def time_hf(model, prompts: list[Prompt], new_tokens: int, repeats: int, device:
     return ttft, max(statistics.median(totals) - ttft, 1e-9)
 
 
-def build(cfg: LlavaConfig, dtype: str, want_hf: bool):
-    """(our LlavaModel, transformers model or None, torch device). Same weights on CPU; random each on GPU."""
+def build(cfg: LlavaConfig, dtype: str, want_hf: bool, want_ours: bool = True):
+    """(our LlavaModel or None, transformers model or None, torch device). Same weights on CPU; random each on GPU."""
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     on_gpu = jax.default_backend() != "cpu"
     hf, device = None, "cpu"
@@ -158,7 +165,9 @@ def build(cfg: LlavaConfig, dtype: str, want_hf: bool):
                 hf_cfg = HFLlavaConfig(**llava_config_to_hf(cfg))
                 hf = LlavaForConditionalGeneration._from_config(hf_cfg, dtype=torch_dtype)
             hf.eval()
-    if hf is not None and device == "cpu":
+    if not want_ours:
+        ours = None
+    elif hf is not None and device == "cpu":
         from llava_jax.weights.hf import load_pretrained
 
         with tempfile.TemporaryDirectory() as d:  # the same weights in both implementations
@@ -172,14 +181,16 @@ def build(cfg: LlavaConfig, dtype: str, want_hf: bool):
 
 def main() -> None:
     args = parse_args()
+    xla_flags.apply(not args.no_xla_flags)
     cfg = SHAPES[args.shape].replace(scan_layers=not args.unrolled)
     new_tokens = args.new_tokens or (32 if args.shape == "small" else 128)
     t0 = time.perf_counter()
-    ours, hf, device = build(cfg, args.dtype, not args.no_hf)
-    engine = Engine(ours)
-    weight_bytes = lm_weight_bytes(ours.params)
+    ours, hf, device = build(cfg, args.dtype, not args.no_hf, not args.no_ours)
+    engine = Engine(ours) if ours is not None else None
+    weight_bytes = lm_weight_bytes_of(cfg, args.dtype)
+    where = f"{jax.devices()[0].device_kind} ({jax.default_backend()})" if ours is not None else device
     print(
-        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), shape {args.shape}, {args.dtype}, "
+        f"device: {where}, shape {args.shape}, {args.dtype}, "
         f"LM weights {weight_bytes / 1e9:.3f} GB, prompt {1 + cfg.num_image_tokens + args.text_tokens} tokens "
         f"({cfg.num_image_tokens} image), {new_tokens} new tokens, built in {time.perf_counter() - t0:.0f} s"
     )
@@ -187,7 +198,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = make_prompts(cfg, batch, args.text_tokens, rng)
-        impls = [("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats))]
+        impls = []
+        if engine is not None:
+            impls.append(("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats)))
         if hf is not None:
             impls.append(("transformers", lambda: time_hf(hf, prompts, new_tokens, args.repeats, device)))
         for name, timer in impls:
@@ -205,6 +218,10 @@ def main() -> None:
         roof = f"{100 * r.roofline:.0f}%" if r.roofline is not None else "-"
         print(f"| {r.impl} | {r.batch} | {r.ttft_ms:.1f} | {r.decode_tok_s:.1f} | {roof} | {speedup} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    write_json(args.json, dict(benchmark="decode", shape=args.shape, dtype=args.dtype, device=where,
+                               new_tokens=new_tokens, prompt_tokens=1 + cfg.num_image_tokens + args.text_tokens,
+                               weight_bytes=weight_bytes, bandwidth_gbs=args.bandwidth_gbs,
+                               rows=[dataclasses.asdict(r) for r in rows]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ torch AdamW, gradient checkpointing), same shapes and trainable set, same run.
     python -m bench.train_step --shape llava-1.5-7b --stage 1 --dtype bfloat16 --batch 8 --seq 2048  # GPU
 
 Random weights on both sides (timing only). Prints step time, tokens/s, TFLOP/s and MFU (model
-FLOPs from the shapes, causal attention at half; see llava_jax/train/flops.py).
+FLOPs from the shapes, causal attention at half; see llava_jax/train/flops.py). `--skip-torch` /
+`--skip-ours` run one side (bench/suite.py runs each in its own process); `--json` writes the
+figures; `--layers` cuts the LLaMA depth (the 7B's widths with 16 layers fit one H200).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from bench.common import device_memory_gib, with_layers, write_json
 from bench.forward import SHAPES, hf_model
 from llava_jax.models.llava import init_params
 from llava_jax.parallel import rules as rules_lib
+from llava_jax.parallel import xla_flags
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import device_batch, jit_sharded, model_param_shardings, state_shardings
 from llava_jax.train.flops import peak_tflops, train_step_flops
@@ -111,39 +115,56 @@ def torch_reference(cfg, b, stage: int, iters: int, dtype: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--layers", type=int, default=None, help="LLaMA layers (default: the shape's)")
     ap.add_argument("--stage", type=int, choices=[1, 2], default=2)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--remat", default="full")
+    ap.add_argument("--attention", default="auto", help="auto | xla | cudnn | splash")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--json", default=None, help="write the figures to this file")
+    ap.add_argument("--no-xla-flags", action="store_true")
     args = ap.parse_args()
+    xla_flags.apply(not args.no_xla_flags)
 
-    cfg = SHAPES[args.shape].replace(dtype=args.dtype)
+    cfg = with_layers(SHAPES[args.shape], args.layers).replace(dtype=args.dtype, attention=args.attention)
     b = batch(cfg, args.batch, args.seq)
     tokens = args.batch * args.seq
     flops = train_step_flops(cfg, tokens=tokens, seq_len=args.seq, images=args.batch, train_vision=False,
                              train_text=args.stage == 2)
-    peak = peak_tflops(jax.devices()[0].device_kind)
     rows = []
-    t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat)
-    rows.append((f"llava_jax (remat={args.remat})", t, f"compile {compile_s:.1f} s, {jax.device_count()} device(s)"))
+    if not args.skip_ours:
+        device = jax.devices()[0].device_kind
+        t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat)
+        rows.append(dict(impl="llava_jax", time_s=t, device=device, devices=jax.device_count(),
+                         memory_gib=device_memory_gib(), note=f"remat={args.remat}, attention={args.attention}, "
+                         f"compile {compile_s:.1f} s, {jax.device_count()} device(s)"))
     if not args.skip_torch:
         import torch
 
-        rows.append((f"transformers + torch AdamW (torch {torch.__version__})",
-                     torch_reference(cfg, b, args.stage, args.iters, args.dtype), "gradient checkpointing"))
-    print(f"\ntrain step, shape={args.shape} stage={args.stage} dtype={args.dtype} batch={args.batch}x{args.seq} "
-          f"({cfg.num_image_tokens} image tokens per row), device={jax.devices()[0].device_kind}")
-    print("| implementation | step time (ms) | tokens/s | TFLOP/s per device | MFU | note |")
-    print("|---|---|---|---|---|---|")
-    for name, t, note in rows:
-        tf = flops / t / 1e12 / jax.device_count()
+        t = torch_reference(cfg, b, args.stage, args.iters, args.dtype)
+        cuda = torch.cuda.is_available()
+        rows.append(dict(impl=f"transformers + torch AdamW (torch {torch.__version__})", time_s=t, devices=1,
+                         device=torch.cuda.get_device_name() if cuda else "cpu",
+                         memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                         note="gradient checkpointing, sdpa attention"))
+    print(f"\ntrain step, shape={args.shape} layers={cfg.text.num_layers} stage={args.stage} dtype={args.dtype} "
+          f"batch={args.batch}x{args.seq} ({cfg.num_image_tokens} image tokens per row)")
+    print("| implementation | device | step time (ms) | tokens/s | TFLOP/s per device | MFU | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        tf = flops / r["time_s"] / 1e12 / r["devices"]
+        peak = peak_tflops(r["device"])
         mfu = f"{tf / peak:.1%}" if peak else "n/a"
-        print(f"| {name} | {t * 1e3:.0f} | {tokens / t:,.0f} | {tf:.3f} | {mfu} | {note} |")
+        print(f"| {r['impl']} | {r['device']} | {r['time_s'] * 1e3:.0f} | {tokens / r['time_s']:,.0f} | {tf:.3f} | "
+              f"{mfu} | {r['note']} |")
     if len(rows) == 2:
-        print(f"\nspeed-up of llava_jax over the PyTorch reference: {rows[1][1] / rows[0][1]:.2f}x")
+        print(f"\nspeed-up of llava_jax over the PyTorch reference: {rows[1]['time_s'] / rows[0]['time_s']:.2f}x")
+    write_json(args.json, dict(benchmark="train_step", shape=args.shape, layers=cfg.text.num_layers, stage=args.stage,
+                               dtype=args.dtype, batch=args.batch, seq=args.seq, tokens=tokens, flops=flops, rows=rows))
 
 
 if __name__ == "__main__":

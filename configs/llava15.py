@@ -7,7 +7,17 @@
 # scripts/v1_5/{pretrain,finetune}.sh): stage 1 trains the projector on 558K captions (`plain`,
 # global batch 256, lr 1e-3); stage 2 trains projector + LLM on mix665k (`vicuna_v1`, global
 # batch 128, lr 2e-5). Both: AdamW, no weight decay, warmup 3%, cosine, 1 epoch, 2048 tokens,
-# bf16 compute with float32 master weights, full remat. The vision tower stays frozen.
+# bf16 compute with float32 master weights. The vision tower stays frozen.
+#
+# Remat and micro-batch (gradient accumulation changes no number: the loss is the mean over the
+# global batch), chosen by per-chip memory from the TPU compiler (BENCHMARKS.md, 7B stage 2 on 8
+# v5p chips): full remat at micro-batch 128 takes 39.9 GiB a chip; `minimal` (every projection
+# saved, no matmul recomputed) at micro-batch 32 takes 41.6 GiB, the same, and drops the
+# recomputed forward (a quarter of the LLM's step FLOPs), so 7B stage 2 uses it. Step times are
+# unmeasured (no accelerator yet). On fewer than 8 devices each holds more than 4 rows (about
+# 7 GiB a row with `minimal`); where that does not fit, the previous setting is
+# --config.stages[1].remat=full --config.stages[1].micro_batch=128.
+# Stage 1 and 13B keep full remat at the reference micro-batches (not measured per policy).
 #
 # model.init is the stage-1 starting point converted from parts:
 #   python -m llava_jax.convert --vision-tower clip-vit-large-patch14-336 --llm vicuna-7b-v1.5 \
@@ -29,13 +39,15 @@ def get_config(arg: str = "7b"):
     c.model.remat = "full"
     c.checkpoint_every = 500
     c.log_every = 10
-    # Micro-batches are global (all devices): 8 x A100-80G fit 32 rows each in stage 1, 16 in stage 2.
-    micro1, micro2 = 256, 128
+    # Micro-batches are global (all devices): with full remat 8 x A100-80G fit 32 rows each in stage 1,
+    # 16 in stage 2; the 7B's stage 2 takes 4 rows a device with `minimal` (see the top).
+    micro1 = 256
+    micro2, remat2 = (32, "minimal") if size == "7b" else (128, "")
     stages = [
         stage("pretrain", data="blip_laion_cc_sbu_558k.json", template="plain", trainable=PROJECTOR,
               learning_rate=1e-3, global_batch=256, micro_batch=micro1),
         stage("finetune", data="llava_v1_5_mix665k.json", template="vicuna_v1", trainable=PROJECTOR_AND_LLM,
-              learning_rate=2e-5, global_batch=128, micro_batch=micro2),
+              learning_rate=2e-5, global_batch=128, micro_batch=micro2, remat=remat2),
     ]
     c.data.group_by_modality_length = True
     c.data.length_buckets = (512, 1024, 1536)

@@ -80,6 +80,9 @@ class LlavaConfig:
     # One nn.scan over each tower's layers, parameters stacked on a leading `layers` axis (compile
     # time independent of depth); False: layers unrolled, parameters per layer (`layers_0`, ...).
     scan_layers: bool = True
+    # auto: cuDNN flash attention on GPU, Pallas splash on TPU, XLA elsewhere and wherever a kernel
+    # does not apply; or force one of xla | cudnn | splash (models/common.py: choose_attention).
+    attention: str = "auto"
 
     @property
     def num_image_tokens(self) -> int:

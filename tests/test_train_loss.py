@@ -6,8 +6,11 @@ import numpy as np
 import torch
 
 from llava_jax import load_pretrained
-from llava_jax.train.optimizer import make_optimizer, split_params
-from llava_jax.train.step import create_state, loss_sum_fn, make_train_step, to_microbatches
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.models.llava import Llava, abstract_params
+from llava_jax.train.loss import cross_entropy_sum
+from llava_jax.train.optimizer import make_optimizer, merge_params, split_params
+from llava_jax.train.step import create_state, loss_sum_fn, make_train_step, model_inputs, to_microbatches
 from llava_jax.weights import mapping
 from tests._seeds import fresh_seed
 from tests.hf_reference import IMAGE_TOKEN, make_llava, random_ids
@@ -99,3 +102,36 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert int(m["nonfinite"]) == 1 and int(new.nonfinite_streak) == 1 and int(new.nonfinite_total) == 1
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_chunked_loss_equals_the_full_logits_loss():
+    """The training loss runs the head per chunk of positions: same loss (1e-6) and gradients (1e-5)."""
+    seed = fresh_seed()
+    cfg = LlavaConfig(
+        vision=VisionConfig(hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, image_size=14, patch_size=14),
+        text=TextConfig(vocab_size=128, hidden_size=32, intermediate_size=72, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=8),
+        image_token_index=127, vision_feature_layer=-1,
+    )
+
+    # Random values of the right shapes (no compiled init): kernels ~0.3, norm scales ~1.
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: (0.3 * rng.standard_normal(s.shape) + ("scale" in jax.tree_util.keystr(path))).astype(np.float32),
+        abstract_params(cfg))
+    params, frozen = split_params(params, ["language_model/.*"])
+    batch = _batch(seed, 0, rows=3, t=37)  # text only: the loss is the language model's
+    batch["pixel_values"] = None
+    module = Llava(cfg)
+
+    def full(p):  # the loss as it was: float32 logits of every position at once
+        logits, _ = module.apply({"params": merge_params(p, frozen)}, *model_inputs(batch))
+        return cross_entropy_sum(logits, batch["labels"])
+
+    chunked = lambda p: loss_sum_fn(cfg, chunk=8)(p, frozen, batch)  # noqa: E731  (37 = 4 x 8 + 5)
+    loss_ref, g_ref = jax.jit(jax.value_and_grad(full))(params)
+    loss, g = jax.jit(jax.value_and_grad(chunked))(params)
+    assert abs(float(loss) - float(loss_ref)) <= 1e-6 * abs(float(loss_ref)), (seed, float(loss), float(loss_ref))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+        rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-12)
+        assert rel < 1e-5, f"seed {seed}: {jax.tree_util.keystr(path)} relative gradient error {rel:.2e}"

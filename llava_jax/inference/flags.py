@@ -13,7 +13,7 @@ from llava_jax.data.templates import TEMPLATES
 from llava_jax.inference.engine import InputError
 from llava_jax.inference.pipeline import DEFAULT_CONV_MODE, Pipeline
 from llava_jax.inference.sampling import SamplingParams
-from llava_jax.parallel import compile_cache
+from llava_jax.parallel import compile_cache, xla_flags
 from llava_jax.weights.safetensors_io import CheckpointError
 
 # Errors whose message is the whole story for the user: printed as one line, exit status 2.
@@ -32,6 +32,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="run the layers unrolled, not as one scan: faster decoding (2x on a CPU), slower to compile")
     p.add_argument("--compilation-cache-dir", default=None,
                    help="keep compiled programs here and reuse them in later runs (JAX's persistent cache)")
+    p.add_argument("--no-xla-flags", action="store_true",
+                   help="do not add the GPU/TPU XLA flag presets (llava_jax/parallel/xla_flags.py)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, *, temperature: float = 0.2) -> None:
@@ -44,6 +46,7 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, temperature: float = 0.2) 
 
 def load_pipeline(args: argparse.Namespace) -> Pipeline:
     """The model directory of `--model-path`, with the template and image settings of the flags."""
+    xla_flags.apply(not args.no_xla_flags)  # before JAX starts a backend
     compile_cache.enable(args.compilation_cache_dir)  # before anything compiles
     return Pipeline.from_pretrained(
         args.model_path,

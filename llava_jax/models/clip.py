@@ -14,10 +14,12 @@ from llava_jax.config import VisionConfig
 from llava_jax.models.common import (
     ACTIVATIONS,
     INIT_STD,
+    AttentionMask,
     attention,
     dense,
     layer_norm,
     merge_heads,
+    resolve_attention,
     split_heads,
 )
 from llava_jax.models.stack import layer_stack, run_layers
@@ -29,14 +31,14 @@ class CLIPAttention(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, P, D]
+    def __call__(self, x: jax.Array, mask: AttentionMask) -> jax.Array:  # [B, P, D]
         c = self.cfg
         kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
         q = dense(c.hidden_size, ("vision_embed", "vision_heads"), name="q_proj", **kw)(x)
         k = dense(c.hidden_size, ("vision_embed", "vision_heads"), name="k_proj", **kw)(x)
         v = dense(c.hidden_size, ("vision_embed", "vision_heads"), name="v_proj", **kw)(x)
         q, k, v = (split_heads(t, c.num_heads) for t in (q, k, v))
-        out = merge_heads(attention(q, k, v, mask=None))
+        out = merge_heads(attention(q, k, v, mask))
         return dense(c.hidden_size, ("vision_heads", "vision_embed"), name="out_proj", **kw)(out)
 
 
@@ -60,10 +62,10 @@ class CLIPEncoderLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:  # [N, 1+P, D], the carry of `run_layers`
+    def __call__(self, x: jax.Array, mask: AttentionMask) -> tuple[jax.Array, None]:  # [N, 1+P, D], the carry
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layer_norm(c.layer_norm_eps, "vision_embed", name="layer_norm1", **kw)(x)
-        x = x + CLIPAttention(c, name="self_attn", **kw)(h)
+        x = x + CLIPAttention(c, name="self_attn", **kw)(h, mask)
         h = layer_norm(c.layer_norm_eps, "vision_embed", name="layer_norm2", **kw)(x)
         return x + CLIPMLP(c, name="mlp", **kw)(h), None
 
@@ -121,11 +123,15 @@ class CLIPVisionTower(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = True
+    attention: str = "auto"  # auto | xla | cudnn | splash (models/common.py: choose_attention)
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, 1+P, D]
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = CLIPEmbeddings(c, name="embeddings", **kw)(pixel_values)
         x = layer_norm(c.layer_norm_eps, "vision_embed", name="pre_layrnorm", **kw)(x)
+        # Every patch sees every patch: no mask, no padding (577 tokens at 336 px).
+        mask = AttentionMask(resolve_attention(self.attention, "vision tower", dtype=self.dtype, head_dim=c.head_dim,
+                                               cached=False), causal=False)
         layers = layer_stack(CLIPEncoderLayer, self.num_layers_run, scan=self.scan_layers, remat=self.remat, cfg=c, **kw)
-        return run_layers(layers, x)
+        return run_layers(layers, x, mask)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import logging
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -81,18 +87,222 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+# --------------------------------------------------------------------------------------------
+# Attention: one entry point, three implementations chosen by backend and shape.
+#
+# `jax.nn.dot_product_attention` without `implementation` is always the XLA path in jax 0.10-0.12
+# (its docstring: "defaults to None, which currently falls back to xla"): it materialises the
+# [B, N, T, S] scores in float32. The fused kernels never do:
+#   cudnn   cuDNN flash attention (GPU), `jax.nn.dot_product_attention(implementation="cudnn")`;
+#           causal through `is_causal`, padding through per-row lengths (right padding only).
+#   splash  Pallas splash attention (TPU); causal or full block-sparse mask, padding through
+#           segment ids (any padding); run in Pallas interpret mode when asked for on a CPU (tests).
+#   xla     the dense reference: any mask, any dtype, a KV cache. Parity tests run it on CPU.
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+_KERNEL_BY_PLATFORM = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("llava_jax_target_platform", default=None)
+_logged: set[str] = set()
+log = logging.getLogger("llava_jax.attention")
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+    """Trace for `platform` ("cpu", "gpu", "tpu") instead of the default backend.
+
+    Ahead-of-time compilation for a TPU topology traces on a CPU host: the attention choice must
+    follow the devices the program is compiled for (`parallel.partition.jit_sharded` sets this
+    from its mesh), not the host's backend.
+    """
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform being traced for: `target_platform`'s, else JAX's default backend."""
+    platform = _PLATFORM.get() or jax.default_backend()
+    return "gpu" if platform == "cuda" else platform
+
+
+def choose_attention(
+    requested: str,
+    *,
+    platform: str,
+    dtype,
+    head_dim: int,
+    cached: bool,
+) -> tuple[str, str]:
+    """(implementation, why) for one attention call site; pure, so that the table is unit-tested.
+
+    Args:
+      requested: the config's `attention`: auto | xla | cudnn | splash. An explicit kernel is used
+        wherever it applies and XLA elsewhere (a config covers training and decoding alike); asking
+        for a kernel the platform cannot run is an error.
+      platform: "cpu", "gpu" or "tpu" (see `current_platform`).
+      dtype: the compute dtype of q, k, v.
+      head_dim: H.
+      cached: whether the call reads a KV cache (prefill into a cache, decode steps).
+    """
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={requested!r}; expected one of {ATTENTION_IMPLS}")
+    if requested == "xla":
+        return "xla", "requested in the config"
+    if requested == "cudnn" and platform != "gpu":
+        raise ValueError(f"attention='cudnn' needs a GPU; this program is traced for {platform!r} "
+                         "(use attention='auto' or 'xla')")
+    if requested == "splash" and platform not in ("tpu", "cpu"):
+        raise ValueError(f"attention='splash' is a TPU kernel; this program is traced for {platform!r}")
+    kernel = _KERNEL_BY_PLATFORM.get(platform) if requested == "auto" else requested
+    if kernel is None:
+        return "xla", f"no fused attention kernel on {platform}"
+    if cached:
+        return "xla", f"{kernel} takes no KV-cache offset (prefill into a cache, decode steps)"
+    if kernel == "cudnn":
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return "xla", f"cuDNN flash attention takes bfloat16/float16, the compute dtype is {jnp.dtype(dtype).name}"
+        if head_dim % 8 or head_dim > 128:
+            return "xla", f"cuDNN flash attention takes head dims <= 128 in multiples of 8, not {head_dim}"
+        return "cudnn", "GPU"
+    if platform == "cpu":
+        return "splash", "requested; Pallas interpret mode on CPU (slow: for tests)"
+    return "splash", "TPU"
+
+
+def resolve_attention(requested: str, where: str, **kw) -> str:
+    """`choose_attention` for the platform being traced, logged once per distinct decision."""
+    impl, why = choose_attention(requested, platform=current_platform(), **kw)
+    message = f"attention in the {where}: {impl} ({why})"
+    if message not in _logged:
+        _logged.add(message)
+        log.info(message)
+    return impl
+
+
+@flax.struct.dataclass
+class AttentionMask:
+    """What each query may attend to, in the form the chosen implementation takes.
+
+    `impl` and `causal` are static (part of the tree structure), so the object passes through
+    jit, remat and scan like an array argument.
+    """
+
+    impl: str = flax.struct.field(pytree_node=False)  # xla | cudnn | splash (resolved)
+    causal: bool = flax.struct.field(pytree_node=False)
+    dense: jax.Array | None = None  # [B, 1, T, S] bool, True = attend (xla)
+    tokens: jax.Array | None = None  # [B, S] int, 1 = a real token (fused kernels; queries are the same slots)
+
+
 def attention(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
     v: jax.Array,  # [B, S, K, H]
-    mask: jax.Array | None,  # [B, 1, T, S] bool, True = attend
+    mask: AttentionMask | jax.Array | None,  # or a dense [B, 1, T, S] bool (True = attend)
 ) -> jax.Array:  # [B, T, N, H]
-    """Scaled dot-product attention with grouped KV heads.
+    """Scaled dot-product attention with grouped KV heads, by the implementation `mask.impl` names.
 
-    `jax.nn.dot_product_attention` picks a fused kernel (cuDNN on GPU) when the shapes allow and
-    does the softmax in float32 either way.
+    A bare array or None is the XLA path with that dense mask. The XLA path does the softmax in
+    float32; the fused kernels accumulate in float32 too.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if not isinstance(mask, AttentionMask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if mask.impl == "cudnn":
+        lengths = None
+        if mask.tokens is not None:  # right padding: a row's tokens are its first `length` slots
+            lengths = jnp.sum(mask.tokens, axis=-1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", is_causal=mask.causal,
+                                            query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    if mask.impl == "splash":
+        out = _splash_sharded(q, k, v, mask)
+        if out is not None:
+            return out
+    dense = mask.dense
+    if dense is None and (mask.causal or mask.tokens is not None):  # a fused mask, on the XLA path
+        t, s = q.shape[1], k.shape[1]
+        dense = jnp.ones((1, 1, t, s), bool)
+        if mask.causal:
+            dense = jnp.tril(dense)
+        if mask.tokens is not None:
+            dense = dense & mask.tokens.astype(bool)[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=dense)
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # tried in order; the sequence is padded to a multiple of 128
+
+
+def _splash_sharded(q, k, v, mask: AttentionMask) -> jax.Array | None:
+    """Splash attention, under `shard_map` over the batch and head axes of the current mesh.
+
+    A Pallas kernel has no partitioning rule: under jit with sharded operands it would gather
+    them whole onto every device, so it runs per shard (as MaxText does). Returns None (the
+    caller takes the XLA path, logged) where the batch or heads do not split over the mesh.
+    """
+    interpret = current_platform() != "tpu"
+    tokens = mask.tokens
+    if tokens is None:
+        tokens = jnp.ones(q.shape[:2], jnp.int32)
+    fn = functools.partial(_splash, causal=mask.causal, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, tokens)
+    from jax.sharding import PartitionSpec as P
+
+    batch_axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
+    head_axes = nn.logical_to_mesh_axes(("heads",))[0]
+
+    def size(axes):
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        return math.prod(mesh.shape[a] for a in axes)
+
+    if q.shape[0] % size(batch_axes) or q.shape[2] % size(head_axes) or k.shape[2] % size(head_axes):
+        message = (f"attention: splash falls back to xla: batch {q.shape[0]} / heads {q.shape[2]} / kv heads "
+                   f"{k.shape[2]} do not split over mesh axes {batch_axes} x {head_axes}")
+        if message not in _logged:
+            _logged.add(message)
+            log.info(message)
+        return None
+    qkv = P(batch_axes, None, head_axes, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch_axes, None)), out_specs=qkv,
+                         check_vma=False)(q, k, v, tokens)
+
+
+def _splash_kernel(num_heads: int, length: int, causal: bool, interpret: bool):
+    """The kernel for one shard's shapes. Its block-mask tables are built by splash's own cached
+    `process_mask` (numpy) and staged into the current trace, so a kernel is never reused across
+    traces (its arrays would be tracers of the first)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    head_mask = sa.CausalMask((length, length)) if causal else sa.FullMask((length, length))
+    # "context" names the kernel's residuals (output, logsumexp) for the *_with_context remat policies.
+    return sa.make_splash_mha(sa.MultiHeadMask([head_mask] * num_heads), head_shards=1, q_seq_shards=1,
+                              block_sizes=sizes, residual_checkpoint_name="context", interpret=interpret)
+
+
+def _splash(q, k, v, tokens, *, causal: bool, interpret: bool) -> jax.Array:
+    """Splash attention on one shard: q [B, T, N, H], k/v [B, T, K, H], tokens [B, T] (1 = real).
+
+    Padding is a second segment (id 0): a real token attends only to real tokens, whatever side
+    the padding is on. The sequence is padded to a multiple of 128 the same way (CLIP's 577).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    t = q.shape[1]
+    length = -(-t // 128) * 128
+    if length != t:
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, length - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        q, k, v, tokens = pad(q), pad(k), pad(v), pad(tokens)
+    segments = (tokens != 0).astype(jnp.int32)
+    # The kernel takes [N, T, H] per example and does not scale the logits.
+    q = jnp.swapaxes(q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype), 1, 2)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    kernel = _splash_kernel(q.shape[1], length, causal, interpret)
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(q, k, v, segments)
+    return jnp.swapaxes(out, 1, 2)[:, :t]
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -105,17 +315,49 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-2], -1)
 
 
-def remat_policy(name: str):
-    """Checkpoint policies by name (the config's `remat`); `None` means no remat at all."""
+# Names the layers give their activations (`checkpoint_name`), for the policies below: the
+# projections of attention and MLP, and "context", the attention kernel's residuals.
+QKV = ("query_proj", "key_proj", "value_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _policies() -> dict:
     cp = jax.checkpoint_policies
-    policies = {
-        "none": None,
+    saved = cp.save_only_these_names
+
+    def offloaded(*names):  # to pinned host memory (GPU and TPU); the device keeps nothing
+        return cp.save_and_offload_only_these_names(names_which_can_be_saved=[], names_which_can_be_offloaded=names,
+                                                    offload_src="device", offload_dst="pinned_host")
+
+    return {
+        # From least memory (most recomputation) to most; MaxText's names where it has them.
         "full": cp.nothing_saveable,
+        "save_out_proj": saved("out_proj"),
+        "save_qkv_proj": saved(*QKV),
+        "save_dot_except_mlp": saved(*QKV, "out_proj"),
+        "save_dot_with_context_except_mlp": saved(*QKV, "out_proj", "context"),
+        "save_dot_except_mlpwi": saved(*QKV, "out_proj", "down_proj"),
+        "minimal": saved(*QKV, "out_proj", *MLP),  # every projection: only norms, RoPE, softmax recomputed
+        "minimal_with_context": saved(*QKV, "out_proj", *MLP, "context"),
+        "qkv_proj_offloaded": offloaded(*QKV),
+        "minimal_offloaded": offloaded(*QKV, "out_proj", *MLP),
         "dots_saveable": cp.dots_saveable,
         "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
-        "save_qkv_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
-        "save_qkv_out_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj", "out_proj"),
+        "none": None,
     }
+
+
+REMAT_POLICIES = tuple(_policies())
+
+
+def remat_policy(name: str):
+    """Checkpoint policy by name (the config's `remat`); `None` means no remat at all.
+
+    Which one pays depends on memory: a policy saves what it names per layer and token
+    (save_qkv_proj: 3 x D; minimal: 4 x D + 3 x I) and recomputes the rest in the backward pass.
+    BENCHMARKS.md has per-device memory of each for the 7B step (TPU compiler, AOT).
+    """
+    policies = _policies()
     if name not in policies:
         raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(policies)}")
     return policies[name]

@@ -17,7 +17,16 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import TextConfig
-from llava_jax.models.common import INIT_STD, RMSNorm, attention, dense, merge_heads, split_heads
+from llava_jax.models.common import (
+    INIT_STD,
+    AttentionMask,
+    RMSNorm,
+    attention,
+    dense,
+    merge_heads,
+    resolve_attention,
+    split_heads,
+)
 from llava_jax.models.stack import layer_stack, run_layers
 
 Cache = dict[str, jax.Array]  # {"k", "v"}: [L, B, S, K, H] each
@@ -85,7 +94,7 @@ class LlamaAttention(nn.Module):
             new_cache = {n: jax.lax.dynamic_update_slice(cache[n], t[None].astype(cache[n].dtype), at)
                          for n, t in (("k", k), ("v", v))}
             k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False).astype(self.dtype) for n in "kv")
-        out = merge_heads(attention(q, k, v, mask))
+        out = merge_heads(checkpoint_name(attention(q, k, v, mask), "context"))
         out = dense(c.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
         return checkpoint_name(out, "out_proj"), new_cache
 
@@ -99,9 +108,10 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         c = self.cfg
         kw = dict(use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
-        up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
+        gate = checkpoint_name(dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x), "gate_proj")
+        up = checkpoint_name(dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x), "up_proj")
+        down = dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
+        return checkpoint_name(down, "down_proj")
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -140,6 +150,7 @@ class LlamaModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = True
+    attention: str = "auto"  # auto | xla | cudnn | splash (models/common.py: choose_attention)
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -170,17 +181,29 @@ class LlamaModel(nn.Module):
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
         last_only: bool = False,
+        hidden_only: bool = False,
     ) -> tuple[jax.Array, Cache | None]:  # logits [B, T, V] float32 ([B, 1, V] with last_only)
         """Logits and the updated cache. `last_only` runs the head on the last position alone: a
         prefill needs no more, and the full float32 [B, T, V] logits of a long prompt would cost more
-        memory than the rest of it (left-padded prompts all end in the last column)."""
+        memory than the rest of it (left-padded prompts all end in the last column). `hidden_only`
+        returns the final-norm hidden states [B, T, D] instead, for a loss that runs the head on a
+        few positions at a time (`logits`)."""
         x = inputs_embeds.astype(self.dtype)
         cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
-        mask = attention_mask(kv_mask, x.shape[1], cache_index)
+        impl = resolve_attention(self.attention, "language model", dtype=self.dtype, head_dim=self.cfg.head_dim,
+                                 cached=cache is not None)
+        if impl == "xla":
+            mask = AttentionMask(impl, causal=True, dense=attention_mask(kv_mask, x.shape[1], cache_index))
+        else:  # no cache: queries and keys are the same T slots
+            mask = AttentionMask(impl, causal=True, tokens=kv_mask)
         x, new_cache, _ = run_layers(self.layers, (x, cache, jnp.int32(0)), cos, sin, mask, cache_index)
         x = self.norm(x[:, -1:] if last_only else x)
+        return (x if hidden_only else self.logits(x)), new_cache
+
+    def logits(self, x: jax.Array) -> jax.Array:  # [..., D] final-norm hidden -> [..., V] float32
+        """The LM head."""
         logits = self.embed_tokens.attend(x) if self.cfg.tie_word_embeddings else self.lm_head(x)
-        return logits.astype(jnp.float32), new_cache
+        return logits.astype(jnp.float32)
 
 
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:

@@ -32,11 +32,11 @@ class Llava(nn.Module):
         c = self.cfg
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
         stack = dict(remat=c.remat, scan_layers=c.scan_layers)
-        self.vision_tower = CLIPVisionTower(c.vision, c.num_vision_layers_used, **stack, **kw)
+        self.vision_tower = CLIPVisionTower(c.vision, c.num_vision_layers_used, attention=c.attention, **stack, **kw)
         self.projector = build_projector(
             c.projector_type, c.text.hidden_size, use_bias=c.projector_bias, name="projector", **kw
         )
-        self.language_model = LlamaModel(c.text, **stack, **kw)
+        self.language_model = LlamaModel(c.text, attention=c.attention, **stack, **kw)
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, I, H, W, C] -> [B, I*N, D]
         """Vision features of the chosen layer and strategy, projected to the language width."""
@@ -74,14 +74,25 @@ class Llava(nn.Module):
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
         last_only: bool = False,
+        hidden_only: bool = False,
     ) -> tuple[jax.Array, Cache | None]:
-        """Logits [B, T, V] in float32 ([B, 1, V] with `last_only`) and the updated cache (None without one)."""
+        """Logits [B, T, V] in float32 ([B, 1, V] with `last_only`) and the updated cache (None without one).
+
+        With `hidden_only`, the final-norm hidden states [B, T, D] instead of logits (`lm_logits`
+        turns them into logits). The cuDNN attention kernel takes padding as per-row lengths: rows
+        must be right-padded (tokens first), as the training pipeline and evaluation write them;
+        `LlavaModel` checks its inputs on the host and takes the XLA path for other layouts.
+        """
         embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
             positions = default_positions(attention_mask)
-        return self.language_model(embeds, positions, attention_mask, cache, cache_index, last_only)
+        return self.language_model(embeds, positions, attention_mask, cache, cache_index, last_only, hidden_only)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:  # [..., D] -> [..., V] float32
+        """The LM head on final-norm hidden states (from `hidden_only`)."""
+        return self.language_model.logits(hidden)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -139,7 +150,11 @@ class LlavaModel:
         self.config = config
         self.params = params
         self.module = Llava(config)
-        self._forward = jax.jit(lambda p, ids, px, mask: self.module.apply({"params": p}, ids, px, mask)[0])
+        self._forward = jax.jit(
+            lambda p, ids, px, mask, attention: Llava(config.replace(attention=attention)).apply(
+                {"params": p}, ids, px, mask)[0],
+            static_argnums=4,
+        )
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> LlavaOutput:
         input_ids = np.asarray(input_ids, np.int32)
@@ -151,7 +166,15 @@ class LlavaModel:
             packed = packed.astype(self.config.dtype)
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
-        return LlavaOutput(self._forward(self.params, input_ids, packed, np.asarray(attention_mask, np.int32)))
+        attention_mask = np.asarray(attention_mask, np.int32)
+        attention = self.config.attention if is_right_padded(attention_mask) else "xla"
+        return LlavaOutput(self._forward(self.params, input_ids, packed, attention_mask, attention))
+
+
+def is_right_padded(attention_mask: np.ndarray) -> bool:
+    """Whether every row of a [B, T] mask is its tokens then its padding (what the cuDNN kernel takes)."""
+    m = np.asarray(attention_mask) != 0
+    return bool(np.all(m == (np.arange(m.shape[1]) < m.sum(axis=1, keepdims=True))))
 
 
 @functools.lru_cache(maxsize=32)

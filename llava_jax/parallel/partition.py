@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.config import LlavaConfig
+from llava_jax.models.common import target_platform
 from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import rules as rules_lib
 
@@ -67,12 +68,15 @@ def jit_sharded(fn, mesh: Mesh, rules: rules_lib.Rules, in_shardings, out_shardi
 
     The rules must be active while tracing (when `nn.with_logical_constraint` reads them), so they
     wrap the traced function; the mesh wraps each call (`jax.set_mesh` is not allowed inside jit).
+    The mesh's platform, not the host's, chooses the attention kernels (`target_platform`).
     The result has `.lower(*abstract_args)` for ahead-of-time compilation.
     """
     import flax.linen as nn
 
+    platform = mesh.devices.flat[0].platform  # "tpu" when compiling for a TPU topology from a CPU host
+
     def traced(*args):
-        with nn.logical_axis_rules(rules):
+        with nn.logical_axis_rules(rules), target_platform(platform):
             return fn(*args)
 
     jitted = jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)

@@ -26,6 +26,8 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a data, c
 # --help shows the embedded default one field a line, as --config.KEY=VALUE names them.
 __doc__ += "\nThe embedded default (--config.KEY=VALUE overrides any line):\n\n" + "".join(
     f"  {line}\n" for line in defaults.describe(defaults.tiny_config()))
+_XLA_FLAGS = flags.DEFINE_bool("xla_perf_flags", True, "Add the GPU/TPU XLA flag presets of "
+                               "llava_jax/parallel/xla_flags.py (printed when added; --noxla_perf_flags: none).")
 
 
 def main(argv) -> int:
@@ -34,9 +36,11 @@ def main(argv) -> int:
     for noisy in ("absl", "jax._src", "orbax", "grain", "gcsfs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from llava_jax.eval.suite import table_from_metrics
+    from llava_jax.parallel import xla_flags
     from llava_jax.parallel.distributed import maybe_initialize
     from llava_jax.train import loop
 
+    xla_flags.apply(_XLA_FLAGS.value)
     maybe_initialize()
     config = _CONFIG.value
     if config.get("compile_only", False):  # no data, no weights, no workdir: see train/aot.py

@@ -121,8 +121,8 @@ def topology_devices(name: str) -> list:
     return list(topo.devices)
 
 
-def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
-    """The architecture compile-only uses (see the module docstring), with the run's compute settings."""
+def model_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict | None = None) -> LlavaConfig:
+    """The architecture compile-only uses (see the module docstring), with the run's (and `stage`'s) compute settings."""
     m = config.model
     init = m.get("init") or ""
     if init and os.path.isfile(os.path.join(init, CONFIG_FILE)):
@@ -140,7 +140,7 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
     else:
         raise ValueError("compile_only needs the architecture: model.init (a converted directory), model.preset "
                          f"(one of {sorted(PRESETS)}) or the model.vision / model.text fields")
-    return compute_config(cfg, config)
+    return compute_config(cfg, config, stage)
 
 
 def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: int, mesh) -> dict:
@@ -159,7 +159,7 @@ def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: 
 def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list | None = None) -> CompileReport:
     """Lower and compile stage `index`'s train step for `devices` (default: this host's) from shapes alone."""
     stage = config.stages[index]
-    cfg = model_config(config)
+    cfg = model_config(config, stage)
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
     rules = rules_from_config(config)
     if stage.global_batch % stage.micro_batch:

@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.remat = "none"
     c.model.scan_layers = True  # nn.scan over each tower's layers (compile time independent of depth)
+    c.model.attention = "auto"  # auto | xla | cudnn | splash (llava_jax/models/common.py)
     c.data = ml_collections.ConfigDict()
     c.data.synthetic = False
     c.data.image_folder = ""
@@ -60,16 +61,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 def stage(name: str, *, data: str, template: str, trainable: list[str], learning_rate: float, global_batch: int,
           micro_batch: int, epochs: float = 1.0, max_length: int = 2048, warmup_ratio: float = 0.03,
-          weight_decay: float = 0.0, eval_benchmarks: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+          weight_decay: float = 0.0, eval_benchmarks: tuple[str, ...] = (), remat: str = "") -> ml_collections.ConfigDict:
     """One training stage: which data, which template, which parameters train, and how.
 
     `eval_benchmarks` names benchmarks of `llava_jax.eval` to answer and score with the stage's
     model when the stage ends (data under config.data.eval_root), logged as `bench/<name>`.
+    `remat` overrides `model.remat` for this stage (empty: the model's); the policy that pays
+    depends on the stage's micro-batch, so recipes set the two together.
     """
     return ml_collections.ConfigDict(dict(
         name=name, data=data, template=template, trainable=list(trainable), learning_rate=float(learning_rate),
         global_batch=global_batch, micro_batch=micro_batch, epochs=float(epochs), max_length=max_length,
-        warmup_ratio=warmup_ratio, weight_decay=weight_decay, eval_benchmarks=list(eval_benchmarks),
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, eval_benchmarks=list(eval_benchmarks), remat=remat,
     ))
 
 

@@ -105,8 +105,13 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Lla
 
 def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_file: str,
                     image_cfg: image_lib.ImageProcessorConfig) -> None:
-    """A directory every command accepts (`generate --model-path`, the next stage), written atomically."""
+    """A directory every command accepts (`generate --model-path`, the next stage), written atomically.
+
+    Float32, with the inference defaults for the run's compute settings (no remat, attention by backend).
+    """
     from llava_jax.weights.converted import save_converted
+
+    cfg = cfg.replace(dtype="float32", param_dtype="float32", remat="none", attention="auto")
 
     if paths.exists(directory):  # a stage re-run after a kill between this write and its checkpoint
         paths.rmtree(directory)
@@ -265,9 +270,9 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     train_step = program.step
     evaluator = _Evaluator(run, stage, cfg, image_cfg)
     if run.is_main:
-        log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s",
-                 index + 1, len(run.config.stages), stage.name, data.total_steps, data.batches_per_epoch,
-                 stage.global_batch, data.num_micro, list(stage.trainable))
+        log.info("stage %d/%d %s: %d steps (%d per epoch), global batch %d in %d micro-batches, trainable %s, "
+                 "remat %s", index + 1, len(run.config.stages), stage.name, data.total_steps, data.batches_per_epoch,
+                 stage.global_batch, data.num_micro, list(stage.trainable), cfg.remat)
     state, last = _train(run, index, cfg, state, train_step, data, evaluator, offset, model)
     result = _finish(run, index, cfg, image_cfg, state, data, evaluator, offset, model)
     return {**last, **result}
@@ -282,7 +287,7 @@ def _initial_model(run: _Run, index: int) -> tuple[str | None, LlavaConfig]:
     config = run.config
     source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
     cfg = LlavaConfig.load(source) if source else model_config(config, run.tokenizer)
-    return source or None, compute_config(cfg, config)
+    return source or None, compute_config(cfg, config, config.stages[index])
 
 
 def _initial_params(run: _Run, source: str | None, cfg: LlavaConfig) -> Any:
@@ -309,7 +314,7 @@ def _frozen_source(run: _Run, stage, source: str | None, cfg: LlavaConfig, param
         return source
     directory = os.path.join(run.workdir, "init")
     if run.is_main and not paths.exists(os.path.join(directory, CONFIG_FILE)):
-        write_model_dir(directory, cfg.replace(dtype="float32", remat="none"), params, run.files["tokenizer"], image_cfg)
+        write_model_dir(directory, cfg, params, run.files["tokenizer"], image_cfg)
     return directory
 
 
@@ -389,8 +394,7 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
     params = merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen))
     out_dir = _stage_dir(run.workdir, index, stage)
     if run.is_main:
-        write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none"), params,
-                        run.files["tokenizer"], image_cfg)
+        write_model_dir(out_dir, cfg, params, run.files["tokenizer"], image_cfg)
         log.info("stage %s: model written to %s", stage.name, out_dir)
     _save(run, offset + data.total_steps, state, index, data.total_steps, data, model)
     run.ckpt.wait()

@@ -22,13 +22,17 @@ from llava_jax.train.optimizer import Params, make_optimizer, split_params
 from llava_jax.train.step import TrainState, create_state, make_train_step
 
 
-def compute_config(cfg: LlavaConfig, config: ml_collections.ConfigDict) -> LlavaConfig:
-    """The architecture `cfg` with the run's compute settings: dtype, remat, scanned layers.
+def compute_config(cfg: LlavaConfig, config: ml_collections.ConfigDict,
+                   stage: ml_collections.ConfigDict | None = None) -> LlavaConfig:
+    """The architecture `cfg` with the run's compute settings: dtype, remat, attention, scanned layers.
 
-    Trained parameters keep float32 master copies; the compute (and frozen parameters) use `model.dtype`.
+    Trained parameters keep float32 master copies; the compute (and frozen parameters) use
+    `model.dtype`. A stage's `remat` (when set) overrides `model.remat`.
     """
     m = config.model
-    return cfg.replace(dtype=m.dtype, param_dtype="float32", remat=m.remat, scan_layers=m.get("scan_layers", True))
+    remat = (stage.get("remat") if stage is not None else "") or m.remat
+    return cfg.replace(dtype=m.dtype, param_dtype="float32", remat=remat, attention=m.get("attention", "auto"),
+                       scan_layers=m.get("scan_layers", True))
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> rules_lib.Rules:

@@ -11,7 +11,7 @@ import optax
 
 from llava_jax.config import LlavaConfig
 from llava_jax.models.llava import Llava
-from llava_jax.train.loss import cross_entropy_sum, supervised_count
+from llava_jax.train.loss import LOSS_CHUNK, chunked_cross_entropy_sum, supervised_count
 from llava_jax.train.optimizer import Params, merge_params
 
 Batch = dict[str, jax.Array]
@@ -43,13 +43,19 @@ def model_inputs(batch: Batch) -> tuple:
     return batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"]
 
 
-def loss_sum_fn(cfg: LlavaConfig) -> Callable[[Params, Params, Batch], jax.Array]:
-    """Summed next-token NLL of one micro-batch under trainable + frozen parameters."""
+def loss_sum_fn(cfg: LlavaConfig, chunk: int = LOSS_CHUNK) -> Callable[[Params, Params, Batch], jax.Array]:
+    """Summed next-token NLL of one micro-batch under trainable + frozen parameters.
+
+    The LM head runs inside the loss, `chunk` positions at a time (`chunked_cross_entropy_sum`):
+    the float32 logits of the whole micro-batch never exist at once.
+    """
     module = Llava(cfg)
 
     def loss_sum(params: Params, frozen: Params, batch: Batch) -> jax.Array:
-        logits, _ = module.apply({"params": merge_params(params, frozen)}, *model_inputs(batch))
-        return cross_entropy_sum(logits, batch["labels"])
+        variables = {"params": merge_params(params, frozen)}
+        hidden, _ = module.apply(variables, *model_inputs(batch), hidden_only=True)
+        head = lambda h: module.apply(variables, h, method=Llava.lm_logits)  # noqa: E731
+        return chunked_cross_entropy_sum(hidden, batch["labels"], head, chunk)
 
     return loss_sum
 
@@ -61,7 +67,8 @@ def make_train_step(
 
     The loss is the mean over every supervised token of the global batch (not a mean of
     micro-batch means), as transformers computes it for the same batch. A non-finite loss or
-    gradient norm leaves parameters and optimizer state untouched and is counted.
+    gradient norm leaves parameters and optimizer state untouched and is counted: the update runs
+    under `lax.cond`, so a finite step pays no per-leaf select between new and old state.
     """
     loss_sum = loss_sum_fn(cfg)
     grad_fn = jax.value_and_grad(loss_sum)
@@ -81,13 +88,19 @@ def make_train_step(
         loss = total / denom
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+
+        def update(grads, params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        def skip(grads, params, opt_state):
+            return params, opt_state
+
+        params, opt_state = jax.lax.cond(ok, update, skip, grads, state.params, state.opt_state)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
             nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),
         )
