@@ -3,6 +3,7 @@ torch AdamW, gradient checkpointing), same shapes and trainable set, same run.
 
     python -m bench.train_step                                   # CPU, small config, stage 2
     python -m bench.train_step --shape llava-1.5-7b --stage 1 --dtype bfloat16 --batch 8 --seq 2048  # GPU
+    python -m bench.train_step --lora 128     # stage 2 as LoRA (r 128, projector trained fully) vs full, both sides
 
 Random weights on both sides (timing only). Prints step time, tokens/s, TFLOP/s and MFU (model
 FLOPs from the shapes, causal attention at half; see llava_jax/train/flops.py).
@@ -53,13 +54,20 @@ def time_steps(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def ours(cfg, b, stage: int, iters: int, remat: str) -> tuple[float, float]:
-    cfg = cfg.replace(remat=remat, param_dtype="float32")
+def lora_spec(rank: int):
+    from llava_jax.models.lora import DECODER_LINEARS, LoraSpec
+
+    return LoraSpec(rank=rank, alpha=2.0 * rank, targets=DECODER_LINEARS, dropout=0.05)
+
+
+def ours(cfg, b, stage: int, iters: int, remat: str, lora_rank: int = 0) -> tuple[float, float]:
+    cfg = cfg.replace(remat=remat, param_dtype="float32", lora=lora_spec(lora_rank) if lora_rank else None)
     mesh = make_mesh()
     rules = rules_lib.DEFAULT_RULES
     params = nn.unbox(init_params(cfg, jax.random.key(0), shardings=model_param_shardings(cfg, mesh, rules)))
-    tx, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000)
-    trainable, frozen = split_params(params, TRAINABLE[stage])
+    tx, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000, other_learning_rate=2e-5 if lora_rank else None,
+                                  other=TRAINABLE[1])
+    trainable, frozen = split_params(params, TRAINABLE[1] + [".*/lora_[ab]"] if lora_rank else TRAINABLE[stage])
     frozen = jax.tree.map(lambda x: x.astype(cfg.dtype), frozen)
     abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
     sh = state_shardings(abstract, cfg, mesh, rules, tx)
@@ -80,14 +88,24 @@ def ours(cfg, b, stage: int, iters: int, remat: str) -> tuple[float, float]:
     return time_steps(run, iters), compile_s
 
 
-def torch_reference(cfg, b, stage: int, iters: int, dtype: str) -> float:
+def torch_reference(cfg, b, stage: int, iters: int, dtype: str, lora_rank: int = 0) -> float:
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = hf_model(cfg, dtype, dev).train()
     model.gradient_checkpointing_enable()
+    if lora_rank:  # the original's finetune_lora.sh: peft on the LLM's Linear layers, the projector trained too
+        from peft import LoraConfig, get_peft_model
+
+        from llava_jax.weights.peft import target_modules
+
+        spec = lora_spec(lora_rank)
+        model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                                 target_modules=target_modules(cfg, spec)))
     for name, p in model.named_parameters():
-        p.requires_grad = "multi_modal_projector" in name or (stage == 2 and "language_model" in name)
+        p.requires_grad = ("multi_modal_projector" in name or "lora_" in name
+                           or (stage == 2 and not lora_rank and "language_model" in name))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     kw = {
         "input_ids": torch.as_tensor(b["input_ids"], dtype=torch.long, device=dev),
@@ -118,32 +136,41 @@ def main() -> None:
     ap.add_argument("--remat", default="full")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--lora", type=int, default=0, metavar="RANK",
+                    help="stage 2 as LoRA of this rank (alpha 2r, dropout 0.05; projector trained), timed beside full")
     args = ap.parse_args()
 
     cfg = SHAPES[args.shape].replace(dtype=args.dtype)
     b = batch(cfg, args.batch, args.seq)
     tokens = args.batch * args.seq
-    flops = train_step_flops(cfg, tokens=tokens, seq_len=args.seq, images=args.batch, train_vision=False,
-                             train_text=args.stage == 2)
+    # Model FLOPs: a LoRA step computes no weight gradients for the frozen LLM (the adapters' own are ~r/d of it).
+    flops = {rank: train_step_flops(cfg, tokens=tokens, seq_len=args.seq, images=args.batch, train_vision=False,
+                                    train_text=args.stage == 2 and not rank) for rank in {0, args.lora}}
     peak = peak_tflops(jax.devices()[0].device_kind)
     rows = []
-    t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat)
-    rows.append((f"llava_jax (remat={args.remat})", t, f"compile {compile_s:.1f} s, {jax.device_count()} device(s)"))
-    if not args.skip_torch:
-        import torch
+    for rank in ([0, args.lora] if args.lora else [0]):
+        kind = f"LoRA r={rank}" if rank else "full"
+        t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat, rank)
+        rows.append((f"llava_jax {kind} (remat={args.remat})", t, f"compile {compile_s:.1f} s, {jax.device_count()} device(s)",
+                     flops[rank]))
+        if not args.skip_torch:
+            import torch
 
-        rows.append((f"transformers + torch AdamW (torch {torch.__version__})",
-                     torch_reference(cfg, b, args.stage, args.iters, args.dtype), "gradient checkpointing"))
+            peer = "transformers + peft" if rank else "transformers"
+            rows.append((f"{peer} {kind} + torch AdamW (torch {torch.__version__})",
+                         torch_reference(cfg, b, args.stage, args.iters, args.dtype, rank), "gradient checkpointing",
+                         flops[rank]))
     print(f"\ntrain step, shape={args.shape} stage={args.stage} dtype={args.dtype} batch={args.batch}x{args.seq} "
           f"({cfg.num_image_tokens} image tokens per row), device={jax.devices()[0].device_kind}")
     print("| implementation | step time (ms) | tokens/s | TFLOP/s per device | MFU | note |")
     print("|---|---|---|---|---|---|")
-    for name, t, note in rows:
-        tf = flops / t / 1e12 / jax.device_count()
+    for name, t, note, fl in rows:
+        tf = fl / t / 1e12 / jax.device_count()
         mfu = f"{tf / peak:.1%}" if peak else "n/a"
         print(f"| {name} | {t * 1e3:.0f} | {tokens / t:,.0f} | {tf:.3f} | {mfu} | {note} |")
-    if len(rows) == 2:
-        print(f"\nspeed-up of llava_jax over the PyTorch reference: {rows[1][1] / rows[0][1]:.2f}x")
+    if not args.skip_torch:
+        for ours_row, peer_row in zip(rows[::2], rows[1::2]):
+            print(f"speed-up of {ours_row[0]} over the PyTorch reference: {peer_row[1] / ours_row[1]:.2f}x")
 
 
 if __name__ == "__main__":

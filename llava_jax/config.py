@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llava_jax.models.lora import LoraSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,8 @@ class LlavaConfig:
     # One nn.scan over each tower's layers, parameters stacked on a leading `layers` axis (compile
     # time independent of depth); False: layers unrolled, parameters per layer (`layers_0`, ...).
     scan_layers: bool = True
+    # A LoRA adapter applied at run time (`models.lora.LoraSpec`); never saved with the base config.
+    lora: LoraSpec | None = None
 
     @property
     def num_image_tokens(self) -> int:
@@ -99,7 +104,8 @@ class LlavaConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(self.replace(lora=None))
+        d.pop("lora")
         if d["text"]["rope_scaling"] is not None:
             d["text"]["rope_scaling"] = dict(d["text"]["rope_scaling"])
         return d

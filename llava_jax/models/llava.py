@@ -22,6 +22,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.common import INIT_STD
 from llava_jax.models.llama import Cache, LlamaModel
+from llava_jax.models.lora import LORA_A, LORA_B, lora_a_init
 from llava_jax.models.projector import build_projector
 
 
@@ -36,7 +37,7 @@ class Llava(nn.Module):
         self.projector = build_projector(
             c.projector_type, c.text.hidden_size, use_bias=c.projector_bias, name="projector", **kw
         )
-        self.language_model = LlamaModel(c.text, **stack, **kw)
+        self.language_model = LlamaModel(c.text, lora=c.lora, **stack, **kw)
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, I, H, W, C] -> [B, I*N, D]
         """Vision features of the chosen layer and strategy, projected to the language width."""
@@ -139,7 +140,7 @@ class LlavaModel:
         self.config = config
         self.params = params
         self.module = Llava(config)
-        self._forward = jax.jit(lambda p, ids, px, mask: self.module.apply({"params": p}, ids, px, mask)[0])
+        self._forward = _jitted_forward(config)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> LlavaOutput:
         input_ids = np.asarray(input_ids, np.int32)
@@ -152,6 +153,13 @@ class LlavaModel:
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         return LlavaOutput(self._forward(self.params, input_ids, packed, np.asarray(attention_mask, np.int32)))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_forward(cfg: LlavaConfig):
+    """One compiled forward per config, shared by every model loaded with it (loading twice compiles once)."""
+    module = Llava(cfg)
+    return jax.jit(lambda p, ids, px, mask: module.apply({"params": p}, ids, px, mask)[0])
 
 
 @functools.lru_cache(maxsize=32)
@@ -177,11 +185,13 @@ def abstract_params(cfg: LlavaConfig, *, boxed: bool = False) -> Any:
 
 # Every parameter starts from one of three initializers, chosen by its leaf name as the modules
 # declare them (`models/common.py`): norm scales at 1, biases at 0, every matrix and embedding
-# from N(0, INIT_STD^2).
-_ONES, _ZEROS = ("scale",), ("bias",)
+# from N(0, INIT_STD^2). LoRA adapters start as peft's: A Kaiming-uniform, B at 0 (models/lora.py).
+_ONES, _ZEROS = ("scale",), ("bias", LORA_B)
 
 
 def _initial(key: jax.Array, name: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+    if name == LORA_A:
+        return lora_a_init(key, leaf.shape, leaf.dtype)
     if name in _ONES:
         return jnp.ones(leaf.shape, leaf.dtype)
     if name in _ZEROS:

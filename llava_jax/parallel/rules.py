@@ -29,6 +29,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("lora_rank", None),  # LoRA A/B: split like their base kernel's in / out axes, the rank kept whole
     # Vision tower and projector.
     ("vision_embed", "fsdp"),
     ("vision_heads", "tensor"),

@@ -42,7 +42,9 @@ from llava_jax.models.llava import init_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.partition import device_batch, jit_sharded, model_param_shardings, state_shardings
 from llava_jax.parallel.mesh import make_mesh
+from llava_jax.models import lora as lora_lib
 from llava_jax.train import flops as flops_lib
+from llava_jax.train import lora as lora_train
 from llava_jax.train.checkpoint import Checkpointer, abstract_like
 from llava_jax.train.evaluate import build_eval_set, eval_forward, evaluate
 from llava_jax.train.optimizer import make_optimizer, merge_params, split_params
@@ -212,17 +214,23 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     """
     stage = run.config.stages[index]
     cfg, params = _initial_params(run, index)
+    if stage.get("lora"):  # fresh adapters on the frozen base (train/lora.py)
+        cfg = cfg.replace(lora=lora_train.resolve_spec(stage.lora, cfg))
+        shardings = model_param_shardings(cfg, run.mesh, run.rules)
+        params = merge_params(params, lora_train.init_adapter(cfg, jax.random.key(run.config.seed + index), shardings))
     image_cfg = image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
                                                pad_to_square=run.config.data.get("pad_to_square", True))
     data = _stage_data(run, index, cfg, image_cfg)
     tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=data.total_steps,
-                                  warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay)
+                                  warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay,
+                                  other_learning_rate=stage.lora.non_lora_learning_rate if stage.get("lora") else None,
+                                  other=stage.trainable)
     state, shardings = _initial_state(run, stage, cfg, params, tx)
     del params
     if resume is not None:
         state = _restore(run, stage, state, data.iterator, resume)
     repl = NamedSharding(run.mesh, PartitionSpec())
-    train_step = jit_sharded(make_train_step(cfg, tx, schedule), run.mesh, run.rules, (shardings, None),
+    train_step = jit_sharded(make_train_step(cfg, tx, schedule, seed=run.config.seed + index), run.mesh, run.rules, (shardings, None),
                              (shardings, repl), donate_argnums=(0,))
     evaluator = _Evaluator(run, stage, cfg, image_cfg)
     if run.is_main:
@@ -248,6 +256,7 @@ def _initial_params(run: _Run, index: int) -> tuple[LlavaConfig, Any]:
         cfg = LlavaConfig.load(source).replace(scan_layers=scan)
         cfg, params = load_params(source, "float32", shardings=model_param_shardings(cfg, run.mesh, run.rules),
                                   scan_layers=scan)
+        cfg, params = lora_train.merge_stage_adapter(source, cfg, params, model_param_shardings(cfg, run.mesh, run.rules))
     else:
         cfg = model_config(config, run.tokenizer).replace(scan_layers=scan)
         # Created directly sharded: no host or device ever holds the whole model.
@@ -287,7 +296,7 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
 def _initial_state(run: _Run, stage, cfg: LlavaConfig, params: Any,
                    tx: optax.GradientTransformation) -> tuple[TrainState, TrainState]:
     """(state, its shardings): trainable parameters in float32 with optimizer state, frozen ones in the compute dtype."""
-    trainable, frozen = split_params(params, list(stage.trainable))
+    trainable, frozen = split_params(params, list(stage.trainable) + (list(lora_train.ADAPTER_PATTERNS) if cfg.lora else []))
     frozen = jax.tree.map(lambda x: x.astype(cfg.dtype), frozen)
     abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
     shardings = state_shardings(abstract, cfg, run.mesh, run.rules, tx)
@@ -333,11 +342,13 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
         run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **result})
         if run.is_main:
             log.info("stage %s eval: %s", stage.name, json.dumps({k: round(v, 4) for k, v in result.items()}))
-    params = merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen))
+    adapter, params = lora_lib.split(merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen)))
     out_dir = _stage_dir(run.workdir, index, stage)
     if run.is_main:
-        write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none"), params,
+        write_model_dir(out_dir, cfg.replace(dtype="float32", param_dtype="float32", remat="none", lora=None), params,
                         run.paths["tokenizer"], image_cfg)
+        if adapter:  # before the end-of-stage checkpoint: a kill in between re-runs the whole write
+            lora_train.save_stage_adapter(out_dir, cfg, adapter)
         log.info("stage %s: model written to %s", stage.name, out_dir)
     _save(run.ckpt, offset + data.total_steps, state, index, data.total_steps, data)
     run.ckpt.wait()

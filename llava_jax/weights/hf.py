@@ -117,16 +117,25 @@ def load_hf(path: str, dtype: str | None = None) -> LlavaModel:
     return LlavaModel(cfg, params)
 
 
-def load_pretrained(path: str, dtype: str | None = None) -> LlavaModel:
+def load_pretrained(path: str, dtype: str | None = None, lora: str | None = None) -> LlavaModel:
     """Load a LLaVA from a local directory: our converted checkpoint or a HF LLaVA directory.
 
     Args:
       path: directory with either our `llava_jax_config.json` + Orbax checkpoint (from
-        `python -m llava_jax.convert`) or HF's `config.json` + `*.safetensors`.
+        `python -m llava_jax.convert` or a training stage) or HF's `config.json` + `*.safetensors`.
+        An `adapter/` inside it (a LoRA stage's output, an export) is applied.
       dtype: parameter and compute dtype ("float32", "bfloat16", ...); default: the checkpoint's.
+      lora: a PEFT LoRA adapter directory to apply instead (ours, peft's, or the original LLaVA's
+        with its `non_lora_trainables.bin`); not merged into the weights.
     """
+    from llava_jax.weights import peft
+
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
-        return load_converted(path, dtype)
-    return load_hf(path, dtype)
+    if lora is not None and not os.path.isdir(lora):
+        raise CheckpointError(f"{lora}: not a directory (expected a PEFT adapter with {peft.ADAPTER_CONFIG})")
+    model = load_converted(path, dtype) if os.path.exists(os.path.join(path, CONFIG_FILE)) else load_hf(path, dtype)
+    adapter = lora or peft.find_adapter(path)
+    if adapter is None:
+        return model
+    return LlavaModel(*peft.apply_adapter(model.config, model.params, adapter))
