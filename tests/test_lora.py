@@ -108,7 +108,7 @@ def test_lora_gradients_match_peft(tmp_path):
     from llava_jax.train.optimizer import split_params
     from llava_jax.train.step import loss_sum_fn
     from llava_jax.weights import mapping
-    from tests.test_train_loss import _batch, _get, _torch_forward
+    from tests.test_train_loss import _batch, _torch_forward
 
     seed = fresh_seed()
     hf, n_img = make_model(seed)
@@ -133,7 +133,7 @@ def test_lora_gradients_match_peft(tmp_path):
     checked = 0
     for e in mapping.lora_entries(ours.config, ours.config.lora.targets) + mapping.projector_entries(ours.config):
         g_ref = mapping.to_ours(torch_grads[mapping.torch_name(e, layout)], e.transform)
-        g = np.asarray(_get(grads, e.path))
+        g = np.asarray(mapping.lookup(grads, e))  # a row of the stacked gradient for a layer's tensor
         rel = np.linalg.norm(g - g_ref) / max(np.linalg.norm(g_ref), 1e-12)
         assert rel < 1e-4, f"{'/'.join(e.path)}: relative gradient error {rel:.2e}"
         checked += 1
@@ -244,28 +244,30 @@ def check_lora_stage_outputs(before: str, stage_dir: str, tmp) -> None:
 
 
 def test_adapters_carry_their_kernels_logical_axes():
-    """A [in, r] splits like its kernel's input axis, B [r, out] like its output axis; the rank stays whole."""
+    """A [in, r] splits like its kernel's input axis, B [r, out] like its output axis; the rank stays
+    whole; scanned, both stack on the `layers` axis as their kernel does."""
     import flax.linen as nn
     import flax.traverse_util as tu
 
     from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-    from llava_jax.models.llava import init_params
     from llava_jax.parallel.rules import check_rules
 
     cfg = LlavaConfig(vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, image_size=28),
                       text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                                       num_kv_heads=2, head_dim=16), image_token_index=127, vision_feature_layer=-1,
                       lora=lora_lib.LoraSpec(rank=4, alpha=8.0, targets=lora_lib.DECODER_LINEARS))
-    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    check_rules(boxed)
-    flat = tu.flatten_dict(boxed)
-    adapters = [k for k in flat if k[-1] == lora_lib.LORA_A]
-    assert len(adapters) == 2 * 7
-    for k in adapters:
-        kernel = flat[k[:-1] + ("kernel",)]
-        assert isinstance(kernel, nn.Partitioned)
-        assert flat[k].names[-2:] == (kernel.names[-2], "lora_rank"), k
-        assert flat[k[:-1] + (lora_lib.LORA_B,)].names[-2:] == ("lora_rank", kernel.names[-1]), k
+    for scan, count in ((True, 7), (False, 2 * 7)):
+        boxed = abstract_params(cfg.replace(scan_layers=scan), boxed=True)
+        check_rules(boxed)
+        flat = tu.flatten_dict(boxed)
+        adapters = [k for k in flat if k[-1] == lora_lib.LORA_A]
+        assert len(adapters) == count
+        for k in adapters:
+            kernel, a, b = flat[k[:-1] + ("kernel",)], flat[k], flat[k[:-1] + (lora_lib.LORA_B,)]
+            assert isinstance(kernel, nn.Partitioned)
+            assert a.names == (*kernel.names[:-1], "lora_rank"), k
+            assert b.names == (*kernel.names[:-2], "lora_rank", kernel.names[-1]), k
+            assert a.value.shape[:-2] == b.value.shape[:-2] == kernel.value.shape[:-2] == ((2,) if scan else ())
 
 
 def test_generate_with_lora_flag_equals_peft_generate(tmp_path, capsys):
