@@ -244,13 +244,14 @@ def check_lora_stage_outputs(before: str, stage_dir: str, tmp) -> None:
 
 
 def test_adapters_carry_their_kernels_logical_axes():
-    """A [in, r] splits like its kernel's input axis, B [r, out] like its output axis; the rank stays
-    whole; scanned, both stack on the `layers` axis as their kernel does."""
+    """A [in, r] carries its kernel's input axis, B [r, out] its output axis, both the rank axis; scanned,
+    both stack on the `layers` axis as their kernel does. Under the default rules every adapter is
+    split over fsdp (on the kernel's axis, or on its rank where that axis is not), as FSDP wants."""
     import flax.linen as nn
     import flax.traverse_util as tu
 
     from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-    from llava_jax.parallel.rules import check_rules
+    from llava_jax.parallel.rules import DEFAULT_RULES, check_rules
 
     cfg = LlavaConfig(vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, image_size=28),
                       text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -268,6 +269,8 @@ def test_adapters_carry_their_kernels_logical_axes():
             assert a.names == (*kernel.names[:-1], "lora_rank"), k
             assert b.names == (*kernel.names[:-2], "lora_rank", kernel.names[-1]), k
             assert a.value.shape[:-2] == b.value.shape[:-2] == kernel.value.shape[:-2] == ((2,) if scan else ())
+            for x in (a, b):
+                assert "fsdp" in tuple(nn.logical_to_mesh_axes(x.names, DEFAULT_RULES)), (k, x.names)
 
 
 def test_generate_with_lora_flag_equals_peft_generate(tmp_path, capsys):

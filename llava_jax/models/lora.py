@@ -3,9 +3,9 @@
 A targeted Dense keeps its `kernel` (and `bias`) and gains `lora_a` [in, r] and `lora_b` [r, out]
 beside it: `y = x W + b + ((dropout(x) A) B) * scale`, `scale = alpha / r` (`alpha / sqrt(r)` with
 rsLoRA), in peft's order. A starts like peft's (Kaiming uniform), B at zero, so a fresh adapter
-changes nothing. A and B carry the logical axes of their base kernel's input and output, so they
-shard like it over the mesh (the rank axis stays whole). Dropout runs only when the caller passes
-a `dropout` rng (training); inference never does.
+changes nothing. A and B carry the logical axes of their base kernel's input and output (and
+`lora_rank`), so they shard like it over the mesh (parallel/rules.py). Dropout runs only when the
+caller passes a `dropout` rng (training); inference never does.
 
 The merged weight is `W + scale * A B`; `merge` folds an adapter into the kernels.
 """

@@ -216,6 +216,7 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     cfg, params = _initial_params(run, index)
     if stage.get("lora"):  # fresh adapters on the frozen base (train/lora.py)
         cfg = cfg.replace(lora=lora_train.resolve_spec(stage.lora, cfg))
+        lora_train.check_rank_splits(cfg.lora, run.mesh, run.rules)
         shardings = model_param_shardings(cfg, run.mesh, run.rules)
         params = merge_params(params, lora_train.init_adapter(cfg, jax.random.key(run.config.seed + index), shardings))
     image_cfg = image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,

@@ -88,3 +88,16 @@ def save_stage_adapter(model_dir: str, cfg: LlavaConfig, adapter: Any) -> str:
     from llava_jax.weights import peft
 
     return peft.save_adapter(os.path.join(model_dir, peft.ADAPTER_DIR), cfg, jax.device_get(adapter))
+
+
+def check_rank_splits(spec: lora_lib.LoraSpec, mesh, rules) -> None:
+    """A clear error when the rules split the LoRA rank over more devices than it divides into."""
+    axes = dict(rules).get("lora_rank")
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = 1
+    for a in axes:
+        ways *= mesh.shape[a]
+    if spec.rank % ways:
+        raise ValueError(f"LoRA rank {spec.rank} does not split over the {ways} devices of mesh axes {axes} "
+                         f"(the sharding rules map 'lora_rank' there): use a rank divisible by {ways}, or rules "
+                         f"with ('lora_rank', None)")

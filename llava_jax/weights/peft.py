@@ -116,7 +116,8 @@ def _open_weights(path: str):
     return BinStore([path], path)
 
 
-def _spec_from_config(c: dict, path: str) -> LoraSpec | None:
+def _spec_from_config(c: dict, path: str) -> dict:
+    """The adapter config, checked for what plain LoRA here supports."""
     if c.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: peft_type {c.get('peft_type')!r} is not LORA")
     unsupported = [k for k in ("use_dora", "lora_bias", "fan_in_fan_out") if c.get(k)]
