@@ -54,14 +54,14 @@ def time_steps(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def lora_spec(rank: int):
+def lora_spec(rank: int, dropout: float):
     from llava_jax.models.lora import DECODER_LINEARS, LoraSpec
 
-    return LoraSpec(rank=rank, alpha=2.0 * rank, targets=DECODER_LINEARS, dropout=0.05)
+    return LoraSpec(rank=rank, alpha=2.0 * rank, targets=DECODER_LINEARS, dropout=dropout)
 
 
-def ours(cfg, b, stage: int, iters: int, remat: str, lora_rank: int = 0) -> tuple[float, float]:
-    cfg = cfg.replace(remat=remat, param_dtype="float32", lora=lora_spec(lora_rank) if lora_rank else None)
+def ours(cfg, b, stage: int, iters: int, remat: str, lora_rank: int = 0, lora_dropout: float = 0.05) -> tuple[float, float]:
+    cfg = cfg.replace(remat=remat, param_dtype="float32", lora=lora_spec(lora_rank, lora_dropout) if lora_rank else None)
     mesh = make_mesh()
     rules = rules_lib.DEFAULT_RULES
     params = nn.unbox(init_params(cfg, jax.random.key(0), shardings=model_param_shardings(cfg, mesh, rules)))
@@ -88,7 +88,7 @@ def ours(cfg, b, stage: int, iters: int, remat: str, lora_rank: int = 0) -> tupl
     return time_steps(run, iters), compile_s
 
 
-def torch_reference(cfg, b, stage: int, iters: int, dtype: str, lora_rank: int = 0) -> float:
+def torch_reference(cfg, b, stage: int, iters: int, dtype: str, lora_rank: int = 0, lora_dropout: float = 0.05) -> float:
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,7 +99,7 @@ def torch_reference(cfg, b, stage: int, iters: int, dtype: str, lora_rank: int =
 
         from llava_jax.weights.peft import target_modules
 
-        spec = lora_spec(lora_rank)
+        spec = lora_spec(lora_rank, lora_dropout)
         model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                                                  target_modules=target_modules(cfg, spec)))
@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--lora", type=int, default=0, metavar="RANK",
-                    help="stage 2 as LoRA of this rank (alpha 2r, dropout 0.05; projector trained), timed beside full")
+                    help="stage 2 as LoRA of this rank (alpha 2r; projector trained), timed beside full")
+    ap.add_argument("--lora-dropout", type=float, default=0.05, help="(the original's 0.05)")
     args = ap.parse_args()
 
     cfg = SHAPES[args.shape].replace(dtype=args.dtype)
@@ -149,8 +150,8 @@ def main() -> None:
     peak = peak_tflops(jax.devices()[0].device_kind)
     rows = []
     for rank in ([0, args.lora] if args.lora else [0]):
-        kind = f"LoRA r={rank}" if rank else "full"
-        t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat, rank)
+        kind = f"LoRA r={rank} dropout {args.lora_dropout:g}" if rank else "full"
+        t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat, rank, args.lora_dropout)
         rows.append((f"llava_jax {kind} (remat={args.remat})", t, f"compile {compile_s:.1f} s, {jax.device_count()} device(s)",
                      flops[rank]))
         if not args.skip_torch:
@@ -158,7 +159,8 @@ def main() -> None:
 
             peer = "transformers + peft" if rank else "transformers"
             rows.append((f"{peer} {kind} + torch AdamW (torch {torch.__version__})",
-                         torch_reference(cfg, b, args.stage, args.iters, args.dtype, rank), "gradient checkpointing",
+                         torch_reference(cfg, b, args.stage, args.iters, args.dtype, rank, args.lora_dropout),
+                         "gradient checkpointing",
                          flops[rank]))
     print(f"\ntrain step, shape={args.shape} stage={args.stage} dtype={args.dtype} batch={args.batch}x{args.seq} "
           f"({cfg.num_image_tokens} image tokens per row), device={jax.devices()[0].device_kind}")
