@@ -3,6 +3,7 @@ torch AdamW, gradient checkpointing), same shapes and trainable set, same run.
 
     python -m bench.train_step                                   # CPU, small config, stage 2
     python -m bench.train_step --shape llava-1.5-7b --stage 1 --dtype bfloat16 --batch 8 --seq 2048  # GPU
+    python -m bench.train_step --lora 128     # stage 2 as LoRA (r 128, projector trained fully) vs full, both sides
 
 Random weights on both sides (timing only). Prints step time, tokens/s, TFLOP/s and MFU (model
 FLOPs from the shapes, causal attention at half; see llava_jax/train/flops.py). `--skip-torch` /
@@ -57,13 +58,20 @@ def time_steps(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def ours(cfg, b, stage: int, iters: int, remat: str) -> tuple[float, float]:
-    cfg = cfg.replace(remat=remat, param_dtype="float32")
+def lora_spec(rank: int, dropout: float):
+    from llava_jax.models.lora import DECODER_LINEARS, LoraSpec
+
+    return LoraSpec(rank=rank, alpha=2.0 * rank, targets=DECODER_LINEARS, dropout=dropout)
+
+
+def ours(cfg, b, stage: int, iters: int, remat: str, lora_rank: int = 0, lora_dropout: float = 0.05) -> tuple[float, float]:
+    cfg = cfg.replace(remat=remat, param_dtype="float32", lora=lora_spec(lora_rank, lora_dropout) if lora_rank else None)
     mesh = make_mesh()
     rules = rules_lib.DEFAULT_RULES
     params = nn.unbox(init_params(cfg, jax.random.key(0), shardings=model_param_shardings(cfg, mesh, rules)))
-    tx, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000)
-    trainable, frozen = split_params(params, TRAINABLE[stage])
+    tx, schedule = make_optimizer(learning_rate=1e-5, total_steps=1000, other_learning_rate=2e-5 if lora_rank else None,
+                                  other=TRAINABLE[1])
+    trainable, frozen = split_params(params, TRAINABLE[1] + [".*/lora_[ab]"] if lora_rank else TRAINABLE[stage])
     frozen = jax.tree.map(lambda x: x.astype(cfg.dtype), frozen)
     abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
     sh = state_shardings(abstract, cfg, mesh, rules, tx)
@@ -84,14 +92,24 @@ def ours(cfg, b, stage: int, iters: int, remat: str) -> tuple[float, float]:
     return time_steps(run, iters), compile_s
 
 
-def torch_reference(cfg, b, stage: int, iters: int, dtype: str) -> float:
+def torch_reference(cfg, b, stage: int, iters: int, dtype: str, lora_rank: int = 0, lora_dropout: float = 0.05) -> float:
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = hf_model(cfg, dtype, dev).train()
     model.gradient_checkpointing_enable()
+    if lora_rank:  # the original's finetune_lora.sh: peft on the LLM's Linear layers, the projector trained too
+        from peft import LoraConfig, get_peft_model
+
+        from llava_jax.weights.peft import target_modules
+
+        spec = lora_spec(lora_rank, lora_dropout)
+        model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                                 target_modules=target_modules(cfg, spec)))
     for name, p in model.named_parameters():
-        p.requires_grad = "multi_modal_projector" in name or (stage == 2 and "language_model" in name)
+        p.requires_grad = ("multi_modal_projector" in name or "lora_" in name
+                           or (stage == 2 and not lora_rank and "language_model" in name))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     kw = {
         "input_ids": torch.as_tensor(b["input_ids"], dtype=torch.long, device=dev),
@@ -127,44 +145,54 @@ def main() -> None:
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     ap.add_argument("--no-xla-flags", action="store_true")
+    ap.add_argument("--lora", type=int, default=0, metavar="RANK",
+                    help="stage 2 as LoRA of this rank (alpha 2r; projector trained), timed beside full")
+    ap.add_argument("--lora-dropout", type=float, default=0.05, help="(the original's 0.05)")
     args = ap.parse_args()
     xla_flags.apply(not args.no_xla_flags)
 
     cfg = with_layers(SHAPES[args.shape], args.layers).replace(dtype=args.dtype, attention=args.attention)
     b = batch(cfg, args.batch, args.seq)
     tokens = args.batch * args.seq
-    flops = train_step_flops(cfg, tokens=tokens, seq_len=args.seq, images=args.batch, train_vision=False,
-                             train_text=args.stage == 2)
+    # Model FLOPs: a LoRA step computes no weight gradients for the frozen LLM (the adapters' own are ~r/d of it).
+    flops = {rank: train_step_flops(cfg, tokens=tokens, seq_len=args.seq, images=args.batch, train_vision=False,
+                                    train_text=args.stage == 2 and not rank) for rank in {0, args.lora}}
     rows = []
-    if not args.skip_ours:
-        device = jax.devices()[0].device_kind
-        t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat)
-        rows.append(dict(impl="llava_jax", time_s=t, device=device, devices=jax.device_count(),
-                         memory_gib=device_memory_gib(), note=f"remat={args.remat}, attention={args.attention}, "
-                         f"compile {compile_s:.1f} s, {jax.device_count()} device(s)"))
-    if not args.skip_torch:
-        import torch
+    for rank in ([0, args.lora] if args.lora else [0]):
+        kind = f"LoRA r={rank} dropout {args.lora_dropout:g}" if rank else "full"
+        if not args.skip_ours:
+            device = jax.devices()[0].device_kind
+            t, compile_s = ours(cfg, b, args.stage, args.iters, args.remat, rank, args.lora_dropout)
+            rows.append(dict(impl=f"llava_jax {kind}", time_s=t, device=device, devices=jax.device_count(),
+                             memory_gib=device_memory_gib(), flops=flops[rank], lora_rank=rank,
+                             note=f"remat={args.remat}, attention={args.attention}, compile {compile_s:.1f} s, "
+                                  f"{jax.device_count()} device(s)"))
+        if not args.skip_torch:
+            import torch
 
-        t = torch_reference(cfg, b, args.stage, args.iters, args.dtype)
-        cuda = torch.cuda.is_available()
-        rows.append(dict(impl=f"transformers + torch AdamW (torch {torch.__version__})", time_s=t, devices=1,
-                         device=torch.cuda.get_device_name() if cuda else "cpu",
-                         memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                         note="gradient checkpointing, sdpa attention"))
+            peer = "transformers + peft" if rank else "transformers"
+            t = torch_reference(cfg, b, args.stage, args.iters, args.dtype, rank, args.lora_dropout)
+            cuda = torch.cuda.is_available()
+            rows.append(dict(impl=f"{peer} {kind} + torch AdamW (torch {torch.__version__})", time_s=t, devices=1,
+                             device=torch.cuda.get_device_name() if cuda else "cpu", flops=flops[rank], lora_rank=rank,
+                             memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                             note="gradient checkpointing, sdpa attention"))
     print(f"\ntrain step, shape={args.shape} layers={cfg.text.num_layers} stage={args.stage} dtype={args.dtype} "
           f"batch={args.batch}x{args.seq} ({cfg.num_image_tokens} image tokens per row)")
     print("| implementation | device | step time (ms) | tokens/s | TFLOP/s per device | MFU | note |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        tf = flops / r["time_s"] / 1e12 / r["devices"]
+        tf = r["flops"] / r["time_s"] / 1e12 / r["devices"]
         peak = peak_tflops(r["device"])
         mfu = f"{tf / peak:.1%}" if peak else "n/a"
         print(f"| {r['impl']} | {r['device']} | {r['time_s'] * 1e3:.0f} | {tokens / r['time_s']:,.0f} | {tf:.3f} | "
               f"{mfu} | {r['note']} |")
-    if len(rows) == 2:
-        print(f"\nspeed-up of llava_jax over the PyTorch reference: {rows[1]['time_s'] / rows[0]['time_s']:.2f}x")
+    if not args.skip_ours and not args.skip_torch:
+        for ours_row, peer_row in zip(rows[::2], rows[1::2]):
+            print(f"\nspeed-up of {ours_row['impl']} over the PyTorch reference: "
+                  f"{peer_row['time_s'] / ours_row['time_s']:.2f}x")
     write_json(args.json, dict(benchmark="train_step", shape=args.shape, layers=cfg.text.num_layers, stage=args.stage,
-                               dtype=args.dtype, batch=args.batch, seq=args.seq, tokens=tokens, flops=flops, rows=rows))
+                               dtype=args.dtype, batch=args.batch, seq=args.seq, tokens=tokens, flops=flops[0], rows=rows))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,13 @@
 #   python -m llava_jax.convert --vision-tower clip-vit-large-patch14-336 --llm vicuna-7b-v1.5 \
 #     --projector-type mlp2x_gelu --dst /ckpt/llava15-7b-init
 # `:7b_stage2` / `:13b_stage2` run stage 2 alone from a stage-1 output (model.init = that dir).
-from llava_jax.train.defaults import base_config, stage
+#
+# `:7b_lora` / `:13b_lora`: stage 2 as LoRA, the original's scripts/v1_5/finetune_lora.sh (LoRA r 128,
+# alpha 256, dropout 0.05 on every Linear of the LLM but lm_head, lr 2e-4; the projector trained
+# fully at `--mm_projector_lr 2e-5`; global batch 128). The stage writes workdir/stage2_finetune_lora
+# (the base + trained projector, and adapter/ in PEFT's layout). `:7b_lora_stage2` runs it alone,
+# from a stage-1 output or, as finetune_task_lora.sh on a user's own data, from a full LLaVA-1.5.
+from llava_jax.train.defaults import base_config, lora, stage
 
 PROJECTOR = ["projector/.*"]
 PROJECTOR_AND_LLM = ["projector/.*", "language_model/.*"]
@@ -31,8 +37,11 @@ PROJECTOR_AND_LLM = ["projector/.*", "language_model/.*"]
 
 def get_config(arg: str = "7b"):
     size, _, only = arg.partition("_")
+    use_lora = only.startswith("lora")
+    only = only.removeprefix("lora").removeprefix("_")
     if size not in ("7b", "13b") or only not in ("", "stage1", "stage2"):
-        raise ValueError(f"configs/llava15.py: arg {arg!r}; expected 7b, 13b, 7b_stage1, 7b_stage2, 13b_stage2, ...")
+        raise ValueError(f"configs/llava15.py: arg {arg!r}; expected 7b, 13b, 7b_stage1, 7b_stage2, 13b_stage2, "
+                         f"7b_lora, 13b_lora, 7b_lora_stage2, ...")
     c = base_config()
     c.model.preset = f"llava-1.5-{size}"  # the architecture compile-only uses when model.init is not on this host
     c.model.dtype = "bfloat16"
@@ -49,6 +58,10 @@ def get_config(arg: str = "7b"):
         stage("finetune", data="llava_v1_5_mix665k.json", template="vicuna_v1", trainable=PROJECTOR_AND_LLM,
               learning_rate=2e-5, global_batch=128, micro_batch=micro2, remat=remat2),
     ]
+    if use_lora:
+        stages[1] = stage("finetune_lora", data="llava_v1_5_mix665k.json", template="vicuna_v1", trainable=PROJECTOR,
+                          learning_rate=2e-4, global_batch=128, micro_batch=micro2,
+                          lora=lora(rank=128, alpha=256, dropout=0.05, non_lora_learning_rate=2e-5))
     c.data.group_by_modality_length = True
     c.data.length_buckets = (512, 1024, 1536)
     c.data.worker_count = 8

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llava_jax.models.lora import LoraSpec
 
 from llava_jax import paths
 
@@ -83,6 +86,8 @@ class LlavaConfig:
     # auto: cuDNN flash attention on GPU, Pallas splash on TPU, XLA elsewhere and wherever a kernel
     # does not apply; or force one of xla | cudnn | splash (models/common.py: choose_attention).
     attention: str = "auto"
+    # A LoRA adapter applied at run time (`models.lora.LoraSpec`); never saved with the base config.
+    lora: LoraSpec | None = None
 
     @property
     def num_image_tokens(self) -> int:
@@ -104,7 +109,8 @@ class LlavaConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(self.replace(lora=None))
+        d.pop("lora")
         if d["text"]["rope_scaling"] is not None:
             d["text"]["rope_scaling"] = dict(d["text"]["rope_scaling"])
         return d

@@ -9,6 +9,11 @@
   # ours -> HF: a converted directory, a training stage's output, or a training checkpoint:
   python -m llava_jax.convert --src workdir/stage2_finetune --dst llava-hf-out --to hf
   python -m llava_jax.convert --src workdir/checkpoints/2414 --dst llava-hf-step2414 --to hf
+  # a LoRA stage -> HF base + trained projector + OUT/adapter/ (PEFT), or one merged model:
+  python -m llava_jax.convert --src workdir/stage2_finetune_lora --dst out --to hf [--merge-lora]
+  # the original LLaVA's LoRA output (adapter + non_lora_trainables.bin) on its base:
+  python -m llava_jax.convert --vision-tower clip-vit-large-patch14-336 --llm vicuna-13b-v1.5 \
+      --lora llava-v1.5-13b-lora --dst llava-v1.5-13b-lora-jax [--merge-lora]
 
 Errors a user can act on (unknown format, missing/unexpected tensors, shapes that disagree with the
 config, truncated files, configs that are not LLaVA/CLIP/LLaMA, pickles that hold code) exit with
@@ -23,7 +28,7 @@ import sys
 import time
 from typing import Callable
 
-from llava_jax.weights import mapping, parts
+from llava_jax.weights import mapping, parts, peft
 from llava_jax.weights.converted import save_converted
 from llava_jax.weights.export import SHARD_BYTES, export_hf
 from llava_jax.weights.safetensors_io import CheckpointError
@@ -83,25 +88,55 @@ def convert(
     dtype: str | None = None,
     batch_bytes: int = BATCH_BYTES,
     log: Callable[[str], None] = print,
+    lora: str | None = None,
+    merge_lora: bool = False,
     **plan_kw,
 ) -> str:
-    """Convert a PyTorch checkpoint (see `make_plan`) into our directory at `dst`; returns its path."""
+    """Convert a PyTorch checkpoint (see `make_plan`) into our directory at `dst`; returns its path.
+
+    `lora`: a PEFT LoRA adapter directory for that base (ours, peft's, or the original LLaVA's LoRA
+    output, whose `non_lora_trainables.bin` replaces the base's projector); it goes to `dst/adapter/`
+    (applied whenever `dst` is loaded), or into the weights with `merge_lora`.
+    """
     if os.path.exists(dst):
         raise FileExistsError(f"{dst} already exists; remove it or choose another --dst")
+    if src and os.path.isfile(os.path.join(src, peft.ADAPTER_CONFIG)):
+        raise CheckpointError(f"{src} is a LoRA adapter ({peft.ADAPTER_CONFIG}), not a model: give its base model as "
+                              f"--src (or --vision-tower and --llm) and the adapter as --lora {src}")
+    if merge_lora and not lora:
+        raise CheckpointError("--merge-lora needs --lora DIR (or, with --to hf, a source holding adapter/)")
+    non_lora = os.path.join(lora, peft.NON_LORA_FILE) if lora else None
+    non_lora = non_lora if non_lora and os.path.isfile(non_lora) else None
+    if non_lora and src is None and not plan_kw.get("projector_type") and not plan_kw.get("projector"):
+        keys = parts.BinStore([non_lora], non_lora).keys()
+        plan_kw["projector_type"] = parts.projector_type_of(keys, mapping.PEFT_PREFIX + "model.mm_projector.")
     plan = make_plan(src, **plan_kw)
+    if non_lora:
+        peft.use_non_lora_trainables(plan, non_lora)
     plan.validate()
     source_dtype = plan.source_dtype if plan.source_dtype in DTYPES else "float32"
     dtype = dtype or source_dtype
     cfg = plan.cfg.replace(dtype=dtype, param_dtype=dtype)
+    batches, write_more = plan.batches(dtype, batch_bytes), None
+    if lora:
+        spec, adapter = peft.read_adapter(lora, plan.cfg)
+        desc = f"LoRA adapter {lora} (r={spec.rank}, alpha={spec.alpha:g}, {len(spec.targets)} Linear layers per decoder layer)"
+        if merge_lora:
+            batches = peft.merged_batches(batches, peft.AdapterDeltas(lora, plan.cfg))
+            plan.notes.append(f"{desc} merged into the weights")
+        else:
+            write_more = lambda tmp: peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), adapter)  # noqa: E731
+            plan.notes.append(f"{desc} written to {os.path.join(dst, peft.ADAPTER_DIR)}; applied whenever {dst} is loaded")
     for note in plan.notes:
         log(f"note: {note}")
     out = save_converted(
         dst,
         cfg,
-        plan.batches(dtype, batch_bytes),
+        batches,
         extras=lambda: plan.extras(dtype),
         tokenizer_dir=plan.tokenizer_dir,
         preprocessor=plan.preprocessor,
+        write_more=write_more,
     )
     n = len(mapping.entries(cfg))
     log(f"wrote {out}: {n} parameters as {dtype} (source {plan.source_dtype}); load it with llava_jax.load_pretrained")
@@ -126,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-token-index", type=int, help="id of <image> (default: the source's, else the vocab size)")
     p.add_argument("--seed", type=int, default=0, help="seed of a fresh projector")
     p.add_argument("--shard-size-gb", type=float, default=SHARD_BYTES / 1e9, help="--to hf: shard size")
+    p.add_argument("--lora", help="PEFT LoRA adapter directory for the base (ours, peft's, or the original LLaVA's LoRA "
+                                  "output with non_lora_trainables.bin): written to DST/adapter/")
+    p.add_argument("--merge-lora", action="store_true", help="fold the adapter (--lora, or --to hf: SRC/adapter/) into "
+                                                             "the weights: one model of the base's size and dtype")
     return p
 
 
@@ -143,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.to == "hf":
             if not args.src:
                 raise CheckpointError("--to hf needs --src DIR (our converted directory or a training checkpoint)")
-            export_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.shard_size_gb * 1e9))
+            if args.lora:
+                raise CheckpointError("--lora is for conversion into ours; convert with --lora first, then export "
+                                      "that directory (its adapter/ comes along, or is merged with --merge-lora)")
+            export_hf(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.shard_size_gb * 1e9),
+                      merge_lora=args.merge_lora)
         else:
             convert(
                 args.src,
@@ -159,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 image_aspect_ratio=args.image_aspect_ratio,
                 image_token_index=args.image_token_index,
                 seed=args.seed,
+                lora=args.lora,
+                merge_lora=args.merge_lora,
             )
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """A minutes-free variant of the embedded default for loop tests: tiny data, both stages, few steps."""
 
-from llava_jax.train.defaults import tiny_config
+from llava_jax.train.defaults import lora, tiny_config
 
 
 def get_config(arg: str = ""):
@@ -21,6 +21,9 @@ def get_config(arg: str = ""):
         c.stages = c.stages[:1]
     if arg == "compile_projector":
         c.stages[0].trainable = ["projector/.*"]
+    if arg == "lora":  # stage 2 as LoRA (dropout on): adapters + the projector train, the rest is frozen
+        c.stages[1].trainable = ["projector/.*"]
+        c.stages[1].lora = lora(rank=4, alpha=8, dropout=0.1, non_lora_learning_rate=1e-3)
     if arg == "explode":
         c.stages[0].learning_rate = 1e30
         c.stages[0].warmup_ratio = 0.0

@@ -38,32 +38,36 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def test_kill_9_and_resume_logs_the_same_losses(tmp_path):
-    ref = _run(tmp_path / "ref")
+    """Killed (kill -9) in stage 1 (trained fully) and again in stage 2 (a LoRA stage), resumed each
+    time: the losses of a run never interrupted, step for step. Then the LoRA stage's outputs."""
+    ref = _run(tmp_path / "ref", "lora")
     assert ref.returncode == 0, ref.stderr[-3000:]
     expected = _losses(tmp_path / "ref")
     # Stage 1 trains captions only: its near-zero accuracy on held-out questions is explained.
     assert "asked in vicuna_v1, which this stage (plain) does not train" in ref.stderr, ref.stderr[-3000:]
     assert sorted(expected) == list(range(1, 13))  # 6 steps per stage, two stages
-    # Kill -9 once stage 2 has a mid-stage checkpoint (global step 8 = stage 2 step 2).
     work = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(work), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (work / "checkpoints" / "8").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-8 checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    again = _run(work)
+    for checkpoint in (2, 8):  # stage 1 step 2, then stage 2 step 2
+        proc = subprocess.Popen(_cmd(work, "lora"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while not (work / "checkpoints" / str(checkpoint)).exists():
+            assert proc.poll() is None and time.time() < deadline, f"the run ended before its step-{checkpoint} checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    again = _run(work, "lora")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from checkpoint" in again.stderr
+    assert "resuming from checkpoint 8" in again.stderr
     got = _losses(work)
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[k] for k in sorted(got)], [expected[k] for k in sorted(expected)], rtol=1e-6)
-    # The output directory is a model every command accepts.
+    # The output directory is a model every command accepts (its adapter applied).
     from llava_jax import load_pretrained
+    from tests.test_lora import check_lora_stage_outputs
 
     model = load_pretrained(str(work / "stage2_finetune"))
-    assert model.config.num_image_tokens == 16
+    assert model.config.num_image_tokens == 16 and model.config.lora.rank == 4
+    check_lora_stage_outputs(work / "stage1_pretrain", work / "stage2_finetune", tmp_path / "export")
 
 
 def test_sigterm_saves_and_resumes(tmp_path):

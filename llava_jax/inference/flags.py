@@ -24,6 +24,8 @@ EXIT_BAD_INPUT = 2
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """The model directory, its dtype, template, image settings and context."""
     p.add_argument("--model-path", "--model_path", required=True, help="converted or HF LLaVA directory")
+    p.add_argument("--lora", default=None, help="PEFT LoRA adapter directory to apply to the model, unmerged "
+                                                "(ours, peft's, or the original LLaVA's LoRA output)")
     p.add_argument("--conv-mode", "--conv_mode", default=DEFAULT_CONV_MODE, choices=sorted(TEMPLATES))
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--image-aspect-ratio", choices=["pad", "square"], default=None, help="override the checkpoint's")
@@ -51,6 +53,7 @@ def load_pipeline(args: argparse.Namespace) -> Pipeline:
     return Pipeline.from_pretrained(
         args.model_path,
         dtype=args.dtype,
+        lora=args.lora,
         conv_mode=args.conv_mode,
         image_aspect_ratio=args.image_aspect_ratio,
         max_context=args.max_context,

@@ -83,16 +83,18 @@ class Pipeline:
         image_aspect_ratio: str | None = None,
         max_context: int | None = None,
         scan_layers: bool | None = None,
+        lora: str | None = None,
     ) -> "Pipeline":
         """Load everything from a model directory (ours, converted, or a HF LLaVA directory).
 
         The tokenizer is `path/tokenizer.model`; image settings come from `preprocessor_config.json`
         (or an original LLaVA `config.json`), `image_aspect_ratio` ("pad" | "square") overriding them.
-        `scan_layers=False` runs the layers unrolled (see `load_pretrained`).
+        `scan_layers=False` runs the layers unrolled; `lora` names a PEFT LoRA adapter directory to
+        apply (see `load_pretrained`).
         """
         from llava_jax.weights.hf import load_pretrained  # heavy import, only when loading
 
-        model = load_pretrained(path, dtype, scan_layers=scan_layers)
+        model = load_pretrained(path, dtype, lora=lora, scan_layers=scan_layers)
         tokenizer = Tokenizer.from_pretrained(path)
         image_config = ImageProcessorConfig.from_pretrained(path, image_aspect_ratio=image_aspect_ratio)
         return cls(model, tokenizer, image_config, conv_mode, max_context=max_context, path=path)

@@ -14,6 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from llava_jax.models.lora import LoraDense
+
 Dtype = jnp.dtype
 
 INIT_STD = 0.02
@@ -27,9 +29,14 @@ def dense(
     dtype: Dtype,
     param_dtype: Dtype,
     name: str,
+    lora=None,
 ) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names for sharding."""
-    return nn.Dense(
+    """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names for sharding.
+
+    With `lora` (a `models.lora.LoraSpec`) it also carries a LoRA adapter (`lora_a`, `lora_b`).
+    """
+    cls, extra = (nn.Dense, {}) if lora is None else (LoraDense, dict(lora=lora, kernel_axes=tuple(axes)))
+    return cls(
         features,
         use_bias=use_bias,
         dtype=dtype,
@@ -37,6 +44,7 @@ def dense(
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
         name=name,
+        **extra,
     )
 
 

@@ -27,6 +27,7 @@ from llava_jax.models.common import (
     resolve_attention,
     split_heads,
 )
+from llava_jax.models.lora import LoraSpec, for_module
 from llava_jax.models.stack import layer_stack, run_layers
 
 Cache = dict[str, jax.Array]  # {"k", "v"}: [L, B, S, K, H] each
@@ -74,14 +75,16 @@ class LlamaAttention(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache, cache_index, layer):
         c = self.cfg
         kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense(c.num_heads * c.head_dim, ("embed", "heads"), name="q_proj", **kw)(x)
-        k = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x)
-        v = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x)
+        lora = lambda name: for_module(self.lora, f"self_attn/{name}")  # noqa: E731
+        q = dense(c.num_heads * c.head_dim, ("embed", "heads"), name="q_proj", lora=lora("q_proj"), **kw)(x)
+        k = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="k_proj", lora=lora("k_proj"), **kw)(x)
+        v = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="v_proj", lora=lora("v_proj"), **kw)(x)
         q = checkpoint_name(q, "query_proj")
         k = checkpoint_name(k, "key_proj")
         v = checkpoint_name(v, "value_proj")
@@ -95,7 +98,7 @@ class LlamaAttention(nn.Module):
                          for n, t in (("k", k), ("v", v))}
             k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False).astype(self.dtype) for n in "kv")
         out = merge_heads(checkpoint_name(attention(q, k, v, mask), "context"))
-        out = dense(c.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
+        out = dense(c.hidden_size, ("heads", "embed"), name="o_proj", lora=lora("o_proj"), **kw)(out)
         return checkpoint_name(out, "out_proj"), new_cache
 
 
@@ -103,14 +106,17 @@ class LlamaMLP(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.cfg
         kw = dict(use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = checkpoint_name(dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x), "gate_proj")
-        up = checkpoint_name(dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x), "up_proj")
-        down = dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(jax.nn.silu(gate) * up)
+        lora = lambda name: for_module(self.lora, f"mlp/{name}")  # noqa: E731
+        gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", lora=lora("gate_proj"), **kw)(x)
+        up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", lora=lora("up_proj"), **kw)(x)
+        gate, up = checkpoint_name(gate, "gate_proj"), checkpoint_name(up, "up_proj")
+        down = dense(c.hidden_size, ("mlp", "embed"), name="down_proj", lora=lora("down_proj"), **kw)(jax.nn.silu(gate) * up)
         return checkpoint_name(down, "down_proj")
 
 
@@ -120,16 +126,17 @@ class LlamaDecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask, cache_index):
         x, cache, layer = carry
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, cache = LlamaAttention(c, name="self_attn", **kw)(h, cos, sin, mask, cache, cache_index, layer)
+        h, cache = LlamaAttention(c, name="self_attn", lora=self.lora, **kw)(h, cos, sin, mask, cache, cache_index, layer)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + LlamaMLP(c, name="mlp", **kw)(h)
+        x = x + LlamaMLP(c, name="mlp", lora=self.lora, **kw)(h)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         return (x, cache, layer + 1), None
 
@@ -151,6 +158,7 @@ class LlamaModel(nn.Module):
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "auto"  # auto | xla | cudnn | splash (models/common.py: choose_attention)
+    lora: LoraSpec | None = None  # adapters in the decoder layers' Linear layers (models/lora.py)
 
     def setup(self):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -161,7 +169,8 @@ class LlamaModel(nn.Module):
             name="embed_tokens",
             **kw,
         )
-        self.layers = layer_stack(LlamaDecoderLayer, c.num_layers, scan=self.scan_layers, remat=self.remat, cfg=c, **kw)
+        self.layers = layer_stack(LlamaDecoderLayer, c.num_layers, scan=self.scan_layers, remat=self.remat, cfg=c,
+                                  lora=self.lora, **kw)
         self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)

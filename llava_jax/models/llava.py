@@ -22,6 +22,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.common import INIT_STD
 from llava_jax.models.llama import Cache, LlamaModel
+from llava_jax.models.lora import LORA_A, LORA_B, lora_a_init
 from llava_jax.models.projector import build_projector
 
 
@@ -36,7 +37,7 @@ class Llava(nn.Module):
         self.projector = build_projector(
             c.projector_type, c.text.hidden_size, use_bias=c.projector_bias, name="projector", **kw
         )
-        self.language_model = LlamaModel(c.text, attention=c.attention, **stack, **kw)
+        self.language_model = LlamaModel(c.text, attention=c.attention, lora=c.lora, **stack, **kw)
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, I, H, W, C] -> [B, I*N, D]
         """Vision features of the chosen layer and strategy, projected to the language width."""
@@ -150,11 +151,7 @@ class LlavaModel:
         self.config = config
         self.params = params
         self.module = Llava(config)
-        self._forward = jax.jit(
-            lambda p, ids, px, mask, attention: Llava(config.replace(attention=attention)).apply(
-                {"params": p}, ids, px, mask)[0],
-            static_argnums=4,
-        )
+        self._forward = _jitted_forward(config)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> LlavaOutput:
         input_ids = np.asarray(input_ids, np.int32)
@@ -175,6 +172,18 @@ def is_right_padded(attention_mask: np.ndarray) -> bool:
     """Whether every row of a [B, T] mask is its tokens then its padding (what the cuDNN kernel takes)."""
     m = np.asarray(attention_mask) != 0
     return bool(np.all(m == (np.arange(m.shape[1]) < m.sum(axis=1, keepdims=True))))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_forward(cfg: LlavaConfig):
+    """One compiled forward per config, shared by every model loaded with it (loading twice compiles once).
+
+    The attention implementation is a static argument: a left-padded batch falls back to "xla".
+    """
+    return jax.jit(
+        lambda p, ids, px, mask, attention: Llava(cfg.replace(attention=attention)).apply({"params": p}, ids, px, mask)[0],
+        static_argnums=4,
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -207,11 +216,13 @@ def abstract_params(cfg: LlavaConfig, *, boxed: bool = False) -> Any:
 
 # Every parameter starts from one of three initializers, chosen by its leaf name as the modules
 # declare them (`models/common.py`): norm scales at 1, biases at 0, every matrix and embedding
-# from N(0, INIT_STD^2).
-_ONES, _ZEROS = ("scale",), ("bias",)
+# from N(0, INIT_STD^2). LoRA adapters start as peft's: A Kaiming-uniform, B at 0 (models/lora.py).
+_ONES, _ZEROS = ("scale",), ("bias", LORA_B)
 
 
 def _initial(key: jax.Array, name: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+    if name == LORA_A:
+        return lora_a_init(key, leaf.shape, leaf.dtype)
     if name in _ONES:
         return jnp.ones(leaf.shape, leaf.dtype)
     if name in _ZEROS:

@@ -34,7 +34,7 @@ def layer_stack(layer_cls: type[nn.Module], num_layers: int, *, scan: bool, rema
     scanned = nn.scan(
         cls,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},  # each layer its own draws (LoRA dropout, models/lora.py)
         in_axes=nn.broadcast,
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: STACK_AXIS},

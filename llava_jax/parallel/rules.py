@@ -29,6 +29,9 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    # LoRA A [in, r] / B [r, out] split like their kernel's in / out axes; B's out axis is often not
+    # split over fsdp (heads, mlp), so its rank takes fsdp (A's rank stays whole: embed took fsdp first).
+    ("lora_rank", "fsdp"),
     # Vision tower and projector.
     ("vision_embed", "fsdp"),
     ("vision_heads", "tensor"),

@@ -162,6 +162,11 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     cfg = model_config(config, stage)
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
     rules = rules_from_config(config)
+    if stage.get("lora"):  # the adapters the stage adds to the frozen base, as the loop adds them
+        from llava_jax.train import lora as lora_train
+
+        cfg = cfg.replace(lora=lora_train.resolve_spec(stage.lora, cfg))
+        lora_train.check_rank_splits(cfg.lora, mesh, rules)
     if stage.global_batch % stage.micro_batch:
         raise ValueError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch {stage.micro_batch}")
     num_micro = stage.global_batch // stage.micro_batch

@@ -61,18 +61,39 @@ def base_config() -> ml_collections.ConfigDict:
 
 def stage(name: str, *, data: str, template: str, trainable: list[str], learning_rate: float, global_batch: int,
           micro_batch: int, epochs: float = 1.0, max_length: int = 2048, warmup_ratio: float = 0.03,
-          weight_decay: float = 0.0, eval_benchmarks: tuple[str, ...] = (), remat: str = "") -> ml_collections.ConfigDict:
+          weight_decay: float = 0.0, eval_benchmarks: tuple[str, ...] = (), remat: str = "",
+          lora: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """One training stage: which data, which template, which parameters train, and how.
 
     `eval_benchmarks` names benchmarks of `llava_jax.eval` to answer and score with the stage's
     model when the stage ends (data under config.data.eval_root), logged as `bench/<name>`.
     `remat` overrides `model.remat` for this stage (empty: the model's); the policy that pays
     depends on the stage's micro-batch, so recipes set the two together.
+    With `lora` (see `lora()`) the stage trains LoRA adapters at `learning_rate` plus the parameters
+    `trainable` names (e.g. the projector) at `lora.non_lora_learning_rate`; everything else is frozen.
     """
     return ml_collections.ConfigDict(dict(
         name=name, data=data, template=template, trainable=list(trainable), learning_rate=float(learning_rate),
         global_batch=global_batch, micro_batch=micro_batch, epochs=float(epochs), max_length=max_length,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, eval_benchmarks=list(eval_benchmarks), remat=remat,
+        lora=lora,
+    ))
+
+
+# The original's `find_all_linear_names`: every Linear of the language model, not lm_head, the
+# projector or the vision tower; here: every kernel inside the decoder layers.
+LORA_TARGETS = ("language_model/layers.*/kernel",)
+
+
+def lora(rank: int = 128, alpha: float = 256.0, dropout: float = 0.05, targets=LORA_TARGETS,
+         non_lora_learning_rate: float | None = 2e-5) -> ml_collections.ConfigDict:
+    """A stage's LoRA settings; defaults are LLaVA-1.5's `finetune_lora.sh` (r 128, alpha 256, dropout
+    0.05, projector at `--mm_projector_lr 2e-5`). `targets` are regular expressions over our
+    parameter paths (kernels of the decoder layers' Linear layers); `non_lora_learning_rate` None
+    trains the non-LoRA trainables at the stage's learning rate."""
+    return ml_collections.ConfigDict(dict(
+        rank=rank, alpha=float(alpha), dropout=float(dropout), targets=list(targets),
+        non_lora_learning_rate=None if non_lora_learning_rate is None else float(non_lora_learning_rate),
     ))
 
 

@@ -46,7 +46,9 @@ from llava_jax.models.llava import init_params
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.partition import device_batch, model_param_shardings
 from llava_jax.parallel.mesh import make_mesh
+from llava_jax.models import lora as lora_lib
 from llava_jax.train import flops as flops_lib
+from llava_jax.train import lora as lora_train
 from llava_jax.train.checkpoint import Checkpointer, abstract_like
 from llava_jax.train.evaluate import build_eval_set, eval_forward, evaluate
 from llava_jax.train.optimizer import merge_params, split_params
@@ -111,7 +113,7 @@ def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_fil
     """
     from llava_jax.weights.converted import save_converted
 
-    cfg = cfg.replace(dtype="float32", param_dtype="float32", remat="none", attention="auto")
+    cfg = cfg.replace(dtype="float32", param_dtype="float32", remat="none", attention="auto", lora=None)
 
     if paths.exists(directory):  # a stage re-run after a kill between this write and its checkpoint
         paths.rmtree(directory)
@@ -261,8 +263,13 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     # What every checkpoint of the stage records, so that it loads as a model on its own (convert --to hf).
     model = model_dir.checkpoint_model_meta(cfg, run.workdir, _frozen_source(run, stage, source, cfg, params, image_cfg),
                                             run.files["tokenizer"], image_cfg.to_dict())
+    if stage.get("lora"):  # fresh adapters on the frozen base (train/lora.py)
+        cfg = cfg.replace(lora=lora_train.resolve_spec(stage.lora, cfg))
+        lora_train.check_rank_splits(cfg.lora, run.mesh, run.rules)
+        shardings = model_param_shardings(cfg, run.mesh, run.rules)
+        params = merge_params(params, lora_train.init_adapter(cfg, jax.random.key(run.config.seed + index), shardings))
     # The optimizer, the sharded state and the step, built as compile-only builds them (train/program.py).
-    program = stage_program(cfg, stage, run.mesh, run.rules, data.total_steps, params)
+    program = stage_program(cfg, stage, run.mesh, run.rules, data.total_steps, params, seed=run.config.seed + index)
     state = program.init_state(params)
     del params
     if resume is not None:
@@ -296,7 +303,9 @@ def _initial_params(run: _Run, source: str | None, cfg: LlavaConfig) -> Any:
 
     shardings = model_param_shardings(cfg, run.mesh, run.rules)
     if source:
-        return load_params(source, "float32", shardings=shardings, scan_layers=cfg.scan_layers)[1]
+        params = load_params(source, "float32", shardings=shardings, scan_layers=cfg.scan_layers)[1]
+        # A LoRA stage's output carries its adapter: the next stage starts from the merged weights.
+        return lora_train.merge_stage_adapter(source, cfg, params, shardings)[1]
     # Created directly sharded: no host or device ever holds the whole model.
     return nn.unbox(init_params(cfg, jax.random.key(run.config.seed), shardings=shardings))
 
@@ -391,10 +400,12 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
                 log.info("stage %s eval: the held-out questions are asked in %s, which this stage (%s) does not "
                          "train; low accuracy here is expected, the next stage teaches the answers",
                          stage.name, eval_template, stage.template)
-    params = merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen))
+    adapter, params = lora_lib.split(merge_params(state.params, jax.tree.map(lambda x: x.astype(jnp.float32), state.frozen)))
     out_dir = _stage_dir(run.workdir, index, stage)
     if run.is_main:
         write_model_dir(out_dir, cfg, params, run.files["tokenizer"], image_cfg)
+        if adapter:  # before the end-of-stage checkpoint: a kill in between re-runs the whole write
+            lora_train.save_stage_adapter(out_dir, cfg, adapter)
         log.info("stage %s: model written to %s", stage.name, out_dir)
     _save(run, offset + data.total_steps, state, index, data.total_steps, data, model)
     run.ckpt.wait()

@@ -62,14 +62,28 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float) -
 def make_optimizer(
     *, learning_rate: float, total_steps: int, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, clip_norm: float = 1.0,
+    other_learning_rate: float | None = None, other: Sequence[str] = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (torch defaults) with global-norm clipping and warmup + cosine."""
+    """AdamW (torch defaults) with global-norm clipping and warmup + cosine.
+
+    With `other_learning_rate`, parameters whose path fully matches a pattern of `other` follow
+    their own warmup + cosine to that peak (the original LLaVA's `mm_projector_lr` parameter group);
+    clipping still sees every gradient together, as torch's clip_grad_norm_ over the model does.
+    """
     schedule = learning_rate_schedule(learning_rate, total_steps, warmup_ratio)
-    tx = optax.chain(
-        optax.clip_by_global_norm(clip_norm),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
-    )
-    return tx, schedule
+    if other_learning_rate is None:
+        adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    else:  # optax.adamw is this chain; only the last link differs between the groups
+        pats = [re.compile(p) for p in other]
+        label = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, _: "other" if any(p.fullmatch(path_str(tuple(k.key for k in path))) for p in pats) else "main",
+            params)
+        by_group = {"main": optax.scale_by_learning_rate(schedule),
+                    "other": optax.scale_by_learning_rate(learning_rate_schedule(other_learning_rate, total_steps, warmup_ratio))}
+        adamw = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                            optax.add_decayed_weights(weight_decay, decay_mask),
+                            optax.multi_transform(by_group, label))
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw), schedule
 
 
 

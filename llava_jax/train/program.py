@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llava_jax.config import LlavaConfig
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.partition import jit_sharded, state_shardings
+from llava_jax.train.lora import ADAPTER_PATTERNS
 from llava_jax.train.optimizer import Params, make_optimizer, split_params
 from llava_jax.train.step import TrainState, create_state, make_train_step
 
@@ -75,7 +76,8 @@ class StageProgram:
 
 
 def stage_program(
-    cfg: LlavaConfig, stage: ml_collections.ConfigDict, mesh: Mesh, rules: rules_lib.Rules, total_steps: int, params: Params
+    cfg: LlavaConfig, stage: ml_collections.ConfigDict, mesh: Mesh, rules: rules_lib.Rules, total_steps: int,
+    params: Params, *, seed: int = 0,
 ) -> StageProgram:
     """The program of one stage over `mesh`; `params` (arrays or shapes) only give shapes and dtypes.
 
@@ -83,15 +85,21 @@ def stage_program(
       cfg: the model config with compute settings (`compute_config`).
       stage: the stage's config (`trainable` patterns, learning rate, warmup, weight decay).
       total_steps: the stage's length, for the learning-rate schedule.
+      params: with `cfg.lora`, the adapters too: they train with `stage.learning_rate`, and the
+        stage's `trainable` patterns (e.g. the projector) with `stage.lora.non_lora_learning_rate`.
+      seed: LoRA dropout's seed (the step and micro-batch are folded in).
     """
-    trainable = list(stage.trainable)
+    lora = stage.get("lora") if cfg.lora is not None else None
+    trainable = list(stage.trainable) + (list(ADAPTER_PATTERNS) if cfg.lora is not None else [])
     tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=total_steps,
-                                  warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay)
+                                  warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay,
+                                  other_learning_rate=lora.get("non_lora_learning_rate") if lora else None,
+                                  other=list(stage.trainable))
     program = StageProgram(cfg, trainable, tx, schedule, None, None, None)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     state_abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), *program.split(shapes))
     shardings = state_shardings(state_abstract, cfg, mesh, rules, tx)
     repl = NamedSharding(mesh, PartitionSpec())
-    step = jit_sharded(make_train_step(cfg, tx, schedule), mesh, rules, (shardings, None), (shardings, repl),
+    step = jit_sharded(make_train_step(cfg, tx, schedule, seed=seed), mesh, rules, (shardings, None), (shardings, repl),
                        donate_argnums=(0,))
     return dataclasses.replace(program, state_abstract=state_abstract, state_shardings=shardings, step=step)

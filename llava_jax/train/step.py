@@ -43,17 +43,18 @@ def model_inputs(batch: Batch) -> tuple:
     return batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"]
 
 
-def loss_sum_fn(cfg: LlavaConfig, chunk: int = LOSS_CHUNK) -> Callable[[Params, Params, Batch], jax.Array]:
-    """Summed next-token NLL of one micro-batch under trainable + frozen parameters.
+def loss_sum_fn(cfg: LlavaConfig, chunk: int = LOSS_CHUNK) -> Callable[..., jax.Array]:
+    """Summed next-token NLL of one micro-batch under trainable + frozen parameters (`rng`: dropout).
 
     The LM head runs inside the loss, `chunk` positions at a time (`chunked_cross_entropy_sum`):
     the float32 logits of the whole micro-batch never exist at once.
     """
     module = Llava(cfg)
 
-    def loss_sum(params: Params, frozen: Params, batch: Batch) -> jax.Array:
+    def loss_sum(params: Params, frozen: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
+        rngs = None if rng is None else {"dropout": rng}
         variables = {"params": merge_params(params, frozen)}
-        hidden, _ = module.apply(variables, *model_inputs(batch), hidden_only=True)
+        hidden, _ = module.apply(variables, *model_inputs(batch), hidden_only=True, rngs=rngs)
         head = lambda h: module.apply(variables, h, method=Llava.lm_logits)  # noqa: E731
         return chunked_cross_entropy_sum(hidden, batch["labels"], head, chunk)
 
@@ -61,29 +62,35 @@ def loss_sum_fn(cfg: LlavaConfig, chunk: int = LOSS_CHUNK) -> Callable[[Params, 
 
 
 def make_train_step(
-    cfg: LlavaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule
+    cfg: LlavaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, *, seed: int = 0
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """A step over a global batch whose leaves are [A, b, ...]: A micro-batches accumulated.
 
     The loss is the mean over every supervised token of the global batch (not a mean of
     micro-batch means), as transformers computes it for the same batch. A non-finite loss or
     gradient norm leaves parameters and optimizer state untouched and is counted: the update runs
-    under `lax.cond`, so a finite step pays no per-leaf select between new and old state.
+    under `lax.cond`, so a finite step pays no per-leaf select between new and old state. LoRA
+    dropout (the only dropout) draws from `seed`, the step and the micro-batch: a resumed run
+    redraws the same masks.
     """
     loss_sum = loss_sum_fn(cfg)
     grad_fn = jax.value_and_grad(loss_sum)
+    dropout = cfg.lora is not None and cfg.lora.dropout > 0
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         tokens = supervised_count(batch["labels"])
         denom = jnp.maximum(tokens, 1).astype(jnp.float32)
 
-        def micro(carry, mb):
+        def micro(carry, xs):
             grads, total = carry
-            loss, g = grad_fn(state.params, state.frozen, mb)
+            mb, i = xs
+            rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step), i) if dropout else None
+            loss, g = grad_fn(state.params, state.frozen, mb, rng)
             return (jax.tree.map(jnp.add, grads, g), total + loss), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, total), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), batch)
+        num_micro = jax.tree.leaves(batch)[0].shape[0]
+        (grads, total), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batch, jnp.arange(num_micro)))
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = total / denom
         grad_norm = optax.tree.norm(grads)

@@ -443,6 +443,7 @@ def save_converted(
     extras: Callable[[], list[tuple[str, np.ndarray]]] | None = None,
     tokenizer_dir: str | None = None,
     preprocessor: ImageProcessorConfig | str | None = None,
+    write_more: Callable[[str], None] | None = None,
 ) -> str:
     """Write our directory at `dst` (which must not exist) from parameter batches; returns its path.
 
@@ -452,6 +453,7 @@ def save_converted(
       extras: returns (llava-hf name, torch-layout array) pairs kept for export in extra.safetensors.
       tokenizer_dir: directory whose tokenizer files are copied.
       preprocessor: preprocessor_config.json to copy, or settings to write (default: from `cfg`).
+      write_more: writes further files into the (temporary) directory, e.g. a LoRA adapter.
     """
     if preprocessor is None:
         size = cfg.vision.image_size
@@ -464,6 +466,8 @@ def save_converted(
             save_file(kept, os.path.join(tmp, EXTRA_FILE), metadata={"format": "pt"})
         copy_tokenizer(tokenizer_dir, tmp, dst)
         write_preprocessor(preprocessor, tmp)
+        if write_more is not None:
+            write_more(tmp)
         cfg.save(tmp)  # last, so that a directory with a config is a complete one
 
     return atomic_directory(dst, write)

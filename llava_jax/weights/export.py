@@ -202,8 +202,10 @@ def _leaf(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def _produce(tensors: list[Tensor], model: StoredModel, stacked: bool, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """Each tensor's array, reading one parameter group at a time (in the `stacked` layout or per layer)."""
+def _produce(tensors: list[Tensor], model: StoredModel, stacked: bool, dtype: np.dtype,
+             deltas: dict | None = None) -> Iterator[np.ndarray]:
+    """Each tensor's array, reading one parameter group at a time (in the `stacked` layout or per
+    layer); `deltas` (kernel path -> float32 array) are added to their kernels (a merged LoRA adapter)."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     shapes = _flatten(mapping.to_layout(abstract_params(model.cfg), stacked))
     cached: tuple[tuple[str, ...] | None, dict] = (None, {})
@@ -212,6 +214,9 @@ def _produce(tensors: list[Tensor], model: StoredModel, stacked: bool, dtype: np
             members = [p for p in shapes if p[: len(t.group)] == t.group]
             loaded = model.load({p: jax.ShapeDtypeStruct(shapes[p].shape, dtype, sharding=cpu) for p in members})
             cached = (t.group, {p: np.asarray(loaded[p]) for p in members})
+            for p in members if deltas else ():
+                if p in deltas:
+                    cached[1][p] = (cached[1][p].astype(np.float32) + deltas[p]).astype(dtype)
         yield t.make(cached[1])
 
 
@@ -228,16 +233,22 @@ def _shards(tensors: list[Tensor], dtype: np.dtype, max_bytes: int) -> list[list
 
 
 def export_hf(
-    src: str, dst: str, *, dtype: str | None = None, max_shard_bytes: int = SHARD_BYTES, log: Callable[[str], None] = print
+    src: str, dst: str, *, dtype: str | None = None, max_shard_bytes: int = SHARD_BYTES, merge_lora: bool = False,
+    log: Callable[[str], None] = print,
 ) -> str:
     """Write `src` (our converted directory or a training checkpoint) as a llava-hf directory at `dst`.
 
     Args:
       src: our directory, a stage output or a training checkpoint (see `converted.open_model`).
+        When it holds a LoRA adapter (`adapter/`, a LoRA stage's output) the adapter is written to
+        `dst/adapter/` in PEFT's layout beside the base, or merged into the weights with `merge_lora`.
       dst: output directory; must not exist. Written under `dst.tmp-XXXX`, renamed at the end.
       dtype: output dtype (default: the stored one).
       max_shard_bytes: split into `model-0000i-of-0000n.safetensors` + index past this size.
+      merge_lora: fold the adapter into the weights: one model with the base's tensors, size and dtype.
     """
+    from llava_jax.weights import peft
+
     model = open_model(src)
     cfg = model.cfg
     try:
@@ -253,11 +264,15 @@ def export_hf(
     hf_config["text_config"]["vocab_size"] = padded_vocab(cfg)
     hf_config["dtype"] = hf_config["torch_dtype"] = out_dtype.name
     shards = _shards(tensors, out_dtype, max_shard_bytes)
+    adapter = peft.find_adapter(model.path)
+    if merge_lora and adapter is None:
+        raise CheckpointError(f"{src}: --merge-lora, but there is no LoRA adapter ({peft.ADAPTER_DIR}/{peft.ADAPTER_CONFIG}) to merge")
+    deltas = peft.AdapterDeltas(adapter, cfg, stacked=model.stacked) if merge_lora else None
     tok_dir = model.find_file("tokenizer.model") or model.find_file("tokenizer_config.json")
     pre_dir = model.find_file(PREPROCESSOR_CONFIG)
 
     def write(tmp: str) -> None:
-        arrays = _produce(tensors, model, model.stacked, out_dtype)
+        arrays = _produce(tensors, model, model.stacked, out_dtype, deltas)
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -278,6 +293,13 @@ def export_hf(
         else:
             size = cfg.vision.image_size
             write_preprocessor(ImageProcessorConfig(size=size, crop_size=size, pad_to_square=False), tmp)
+        if adapter is not None and not merge_lora:
+            spec, lora = peft.read_adapter(adapter, cfg)
+            peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), lora)
+            notes.append(f"LoRA adapter written to {os.path.join(dst, peft.ADAPTER_DIR)} (PEFT: "
+                         f"PeftModel.from_pretrained(model, that directory)); --merge-lora folds it into the weights")
+        elif merge_lora:
+            notes.append(f"LoRA adapter of {adapter} merged into the weights")
         paths.write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2))  # last: marks it complete
 
     out = atomic_directory(dst, write)

@@ -136,6 +136,27 @@ def text_entries(cfg: LlavaConfig) -> list[Entry]:
     return list(_expand("language_model", table, cfg.text.num_layers))
 
 
+# PEFT keeps a LoRA adapter beside the Linear it adapts: `<module>.lora_A.weight` [r, in] and
+# `<module>.lora_B.weight` [out, r]; ours sit beside the kernel as `lora_a` [in, r] and `lora_b` [r, out].
+LORA_LEAVES = (("lora_a", "lora_A.weight"), ("lora_b", "lora_B.weight"))
+PEFT_PREFIX = "base_model.model."  # what peft puts before the adapted model's own names
+
+
+def lora_entries(cfg: LlavaConfig, modules) -> list[Entry]:
+    """LoRA A and B of the decoder layers' Linear layers named in `modules` (as under a layer, e.g.
+    `self_attn/q_proj`), derived from the text table: `kernel` -> `lora_a`/`lora_b` and
+    `weight` -> `lora_A.weight`/`lora_B.weight`, both transposed like a Linear weight."""
+    out = []
+    for e in text_entries(cfg):
+        head, _, rest = e.ours.partition("/")
+        if not (head.startswith("layers_") and e.transform == LINEAR and rest.rsplit("/", 1)[0] in modules):
+            continue
+        for ours, theirs in LORA_LEAVES:
+            out.append(Entry(e.component, e.ours[: -len("kernel")] + ours, e.theirs[: -len("weight")] + theirs, LINEAR,
+                             layer=e.layer))
+    return out
+
+
 def entries(cfg: LlavaConfig) -> list[Entry]:
     """Every parameter of a LLaVA with this config, in a stable order."""
     return vision_entries(cfg) + projector_entries(cfg) + text_entries(cfg)
