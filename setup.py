@@ -25,10 +25,11 @@ setup(
     extras_require={
         # tensorflow-datasets (about 230 MB with pyarrow, no TensorFlow) builds the test's tiny TFDS
         # dataset; gcsfs + gcp-storage-emulator serve gs:// on 127.0.0.1 in the tests; nbclient runs
-        # the notebook.
+        # the notebook; peft is the LoRA reference (never imported at run time).
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57", "tensorflow-datasets==4.9.10",
                  "importlib_resources==7.1.0", "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",
-                 "nbclient==0.10.2", "nbformat==5.11.1", "ipykernel==7.4.0"],
+                 "nbclient==0.10.2", "nbformat==5.11.1", "ipykernel==7.4.0", "peft==0.21.2",
+                 "pytest-xdist==3.8.0"],
         # Building and reading TFDS datasets; no TensorFlow needed (see README). importlib_resources:
         # TFDS locates builder code through etils.epath.resource.
         "tfds": ["tensorflow-datasets>=4.9", "importlib_resources>=6"],
