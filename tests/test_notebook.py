@@ -33,3 +33,6 @@ def test_smoke_colab_notebook_runs_on_cpu_and_skips_what_needs_a_tpu(tmp_path, m
     assert out["tpu-train"].startswith("Skipped: this runtime has no TPU")
     assert out["7b-check"].startswith("Skipped: section 4 needs a TPU runtime")
     assert all(out[k] == "" for k in ("7b-convert", "7b-generate", "7b-batch"))
+    assert "Accuracy: " in out["eval"] and "questions (" in out["eval"], out["eval"][-3000:]
+    assert f"model: {tmp_path / 'demo'}-lora/stage2_finetune_lora\n" in out["lora"], out["lora"][-3000:]
+    assert out["lora"].endswith("['adapter_config.json', 'adapter_model.safetensors']\n"), out["lora"][-3000:]

@@ -63,6 +63,14 @@ def device_batch(batch: dict, mesh: Mesh) -> dict:
     return out
 
 
+def mesh_platform(mesh) -> str:
+    """The platform a mesh's devices are on; an AbstractMesh without devices: this host's backend."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        device = getattr(mesh, "abstract_device", None)
+        return device.platform if device is not None else jax.default_backend()
+    return mesh.devices.flat[0].platform
+
+
 def jit_sharded(fn, mesh: Mesh, rules: rules_lib.Rules, in_shardings, out_shardings, donate_argnums=()):
     """`jax.jit` of `fn` with explicit shardings, traced under the mesh and the logical-axis rules.
 
@@ -73,7 +81,7 @@ def jit_sharded(fn, mesh: Mesh, rules: rules_lib.Rules, in_shardings, out_shardi
     """
     import flax.linen as nn
 
-    platform = mesh.devices.flat[0].platform  # "tpu" when compiling for a TPU topology from a CPU host
+    platform = mesh_platform(mesh)  # "tpu" when compiling for a TPU topology from a CPU host
 
     def traced(*args):
         with nn.logical_axis_rules(rules), target_platform(platform):

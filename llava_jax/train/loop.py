@@ -88,6 +88,37 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
     return {"image_folder": d.image_folder, "tokenizer": tokenizer, **{k: d[k] for k in ("val",) if d.get(k)}}
 
 
+def _eval_root(config: ml_collections.ConfigDict, files: dict[str, str]) -> str:
+    """Where the stages' eval_benchmarks find their data: `data.eval_root`, else the synthetic data folder."""
+    return config.data.get("eval_root") or files.get("out_dir", "")
+
+
+def _stage_benchmarks(config: ml_collections.ConfigDict, files: dict[str, str]) -> dict[str, list[str]]:
+    """Each stage's `eval_benchmarks`, checked before training: an unknown name or a missing question
+    file is a ConfigError now, not after the stage. The synthetic `shapes` benchmark is dropped (with
+    a log line) when the synthetic data has no held-out set (`synthetic_args.num_val=0`)."""
+    from llava_jax.eval.benchmark import BENCHMARKS
+
+    root, out = _eval_root(config, files), {}
+    no_val = config.data.get("synthetic", False) and config.data.synthetic_args.num_val == 0
+    for stage in config.stages:
+        names = []
+        for name in stage.get("eval_benchmarks", []):
+            if name not in BENCHMARKS:
+                raise ConfigError(f"stage {stage.name}: eval_benchmarks: unknown benchmark {name!r}; known: "
+                                  f"{', '.join(sorted(BENCHMARKS))}")
+            if name == "shapes" and no_val:
+                log.info("stage %s: no held-out questions (synthetic_args.num_val=0): benchmark shapes skipped", stage.name)
+                continue
+            question_file = BENCHMARKS[name].layout(root).question_file
+            if not paths.exists(question_file):
+                raise ConfigError(f"stage {stage.name}: eval_benchmarks {name}: {question_file} not found "
+                                  "(config.data.eval_root holds the original's playground/data/eval layout)")
+            names.append(name)
+        out[stage.name] = names
+    return out
+
+
 def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> LlavaConfig:
     """The architecture for a random initialisation (the tiny default), sized to the tokenizer."""
     m = config.model
@@ -193,6 +224,7 @@ class _Run:
     ckpt: Checkpointer
     metrics: MetricsWriter
     sigterm: bool = False  # set by the signal handler; the step loop saves and stops
+    benchmarks: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # stage name -> eval_benchmarks
 
     @property
     def is_main(self) -> bool:
@@ -220,6 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
              ckpt=Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                async_save=config.async_checkpoints),
              metrics=MetricsWriter(workdir))
+    r.benchmarks = _stage_benchmarks(config, files)  # before any training: a missing data file fails now
     old_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(r, "sigterm", True))
     start_stage, resume, offset = _where_to_start(r.ckpt)
     final: dict[str, float] = {}
@@ -409,9 +442,10 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
         log.info("stage %s: model written to %s", stage.name, out_dir)
     _save(run, offset + data.total_steps, state, index, data.total_steps, data, model)
     run.ckpt.wait()
-    if run.is_main and stage.get("eval_benchmarks"):  # generated answers, scored as the original scores them
-        bench = evaluate_stage(out_dir, stage.eval_benchmarks, run.config.data.get("eval_root") or
-                               run.files.get("out_dir", ""), os.path.join(run.workdir, "eval", os.path.basename(out_dir)),
+    benchmarks = run.benchmarks.get(stage.name, [])
+    if run.is_main and benchmarks:  # generated answers, scored as the original scores them
+        bench = evaluate_stage(out_dir, benchmarks, _eval_root(run.config, run.files),
+                               os.path.join(run.workdir, "eval", os.path.basename(out_dir)),
                                run.config.data.eval_batch_size, run.config.model.dtype)
         run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **bench})
         result = {**result, **bench}
