@@ -87,7 +87,7 @@ class Completion:
 class DecodeState(NamedTuple):
     """Everything the decode loop carries; a pytree that crosses the jit boundary (donated)."""
 
-    cache: Cache  # {"k", "v"}: [L, B, S, K, H] each (all layers stacked), S = T + W (the window)
+    cache: Cache  # {"k", "v"}: [L, B, K, S, H] each (all layers stacked), S = T + W (the window)
     kv_mask: jax.Array  # [B, S] int32, 1 = slot holds a real token
     tokens: jax.Array  # [B, N] int32 generated tokens (pad after a row is done)
     logprobs: jax.Array  # [B, N] float32
@@ -245,7 +245,7 @@ def grow_cache(state: DecodeState, *, slots: int) -> DecodeState:
     Not donated: a larger result cannot reuse the old buffers, which are freed with the old state.
     """
     extra = slots - state.kv_mask.shape[1]
-    cache = {n: jnp.pad(c, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))) for n, c in state.cache.items()}
+    cache = {n: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))) for n, c in state.cache.items()}
     return state._replace(cache=cache, kv_mask=jnp.pad(state.kv_mask, ((0, 0), (0, extra))))
 
 
