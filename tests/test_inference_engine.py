@@ -236,3 +236,5 @@ def test_decode_window_grows_and_equals_full_window_decode(setup):
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
     # A short answer (one window, never grown) is the start of the long one.
     assert engine.generate([p], GREEDY)[0].token_ids == want.token_ids[:NEW]
+    # Streaming (one step per dispatch) grows the window between steps: the same tokens.
+    assert [d.token_id for d in _drain(engine.stream(p, params))] == want.token_ids
