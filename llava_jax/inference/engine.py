@@ -39,6 +39,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.inference.quant import int8_matmuls, quantize_params
 from llava_jax.inference.sampling import SamplingParams, select_tokens
 from llava_jax.models.llama import Cache, init_cache
 from llava_jax.config import LlavaConfig
@@ -169,7 +170,7 @@ def _decode_logits(m: Llava, ids, positions, kv_mask, cache, cache_index):
 # --- pure functions at the jit boundary ----------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("module", "num_new", "window", "greedy", "rules"))
+@functools.partial(jax.jit, static_argnames=("module", "num_new", "window", "greedy", "rules", "int8"))
 def prefill_step(
     module: Llava,
     params: Any,
@@ -185,13 +186,15 @@ def prefill_step(
     window: int,
     greedy: bool,
     rules: rules_lib.Rules | None = None,
+    int8: bool = False,
 ) -> DecodeState:
     """Prompts (and images) into a fresh cache of T + window slots; the first token of each row.
 
     Token buffers hold the whole budget (`num_new`); the cache only the first window. `rules`:
     the logical-axis rules of the mesh the call runs on (`Engine(mesh=...)`), None on one device.
+    `int8`: `params` hold int8 kernels (`inference/quant.py`).
     """
-    with _rules(rules):
+    with _rules(rules), int8_matmuls(int8):
         cfg = module.cfg
         b, t = ids.shape
         cache = init_cache(cfg.text, b, t + window, jnp.dtype(cfg.dtype))
@@ -217,7 +220,7 @@ def prefill_step(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("module", "greedy", "rules"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("module", "greedy", "rules", "int8"), donate_argnames=("state",))
 def decode_loop(
     module: Llava,
     params: Any,
@@ -228,6 +231,7 @@ def decode_loop(
     *,
     greedy: bool,
     rules: rules_lib.Rules | None = None,
+    int8: bool = False,
 ) -> DecodeState:
     """Decode steps in a `lax.while_loop` until every row is done, `stop_at` tokens exist, or the
     cache window is full (the next token's k/v would not fit: `grow_cache`, then call again)."""
@@ -262,7 +266,7 @@ def decode_loop(
             prompt_len=st.prompt_len,
         )
 
-    with _rules(rules):
+    with _rules(rules), int8_matmuls(int8):
         return jax.lax.while_loop(cond, body, state)
 
 
@@ -315,6 +319,9 @@ class Engine:
         parameters placed by `rules` (heads, MLP and vocab over `tensor`), the KV cache split on
         kv heads, the batch over `data`. None: the default device.
       rules: the logical-axis rules table for the mesh (default `parallel.rules.DEFAULT_RULES`).
+      int8: weight-only int8 for the language model's Linear layers (`inference/quant.py`): half
+        the weight bytes of bf16 per decoded token; greedy ids close to, not equal to, float's
+        (tests/test_inference_engine.py::test_int8_weights_stay_close_to_float). Not with `mesh` yet.
 
     Compiled code is shared by every engine over the same model config (the module is a static
     argument of `prefill_step` and `decode_loop`).
@@ -330,12 +337,18 @@ class Engine:
         first_window: int | None = FIRST_WINDOW,
         mesh: Mesh | None = None,
         rules: rules_lib.Rules = rules_lib.DEFAULT_RULES,
+        int8: bool = False,
     ):
+        if int8 and mesh is not None:
+            raise InputError("int8 weights on a mesh (--int8 with --tensor-parallel) are not supported yet")
         self.model = model
         self.first_window = first_window
         self.mesh = mesh
         self.rules = None if mesh is None else tuple(rules)
+        self.int8 = int8
         self.params = model.params if mesh is None else shard_params(model.params, model.config, mesh, rules)
+        if int8:
+            self.params = quantize_params(self.params)
         self.config = model.config
         self.tokenizer = tokenizer
         self.max_context = int(max_context or self.config.text.max_position_embeddings)
@@ -428,6 +441,7 @@ class Engine:
                 window=self.window(batch.num_new),
                 greedy=params.greedy,
                 rules=self.rules,
+                int8=self.int8,
             )
 
     def window(self, num_new: int) -> int:
@@ -443,7 +457,7 @@ class Engine:
         while True:
             with self._on_mesh():
                 state = decode_loop(self.model.module, self.params, state, jnp.int32(stop_at), warp, eos,
-                                    greedy=params.greedy, rules=self.rules)
+                                    greedy=params.greedy, rules=self.rules, int8=self.int8)
             window = state.kv_mask.shape[1] - int(state.prompt_len)
             if window >= n:
                 return state
