@@ -21,6 +21,7 @@ engine a larger budget than the answer (as a chat's max_new_tokens=512 does), an
 also times the single whole-budget window (`first_window=None`, the layout before windows) in the
 same run:
     python -m bench.generate --no-hf --batch-sizes 1 --new-tokens 32 --max-new-tokens 512 --full-window
+`--int8` times the weight-only int8 engine (`Engine(int8=True)`) beside the float one.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="default 32 (small) / 128 (7b)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="ours: the engine's token budget (default --new-tokens); decoding stops at --new-tokens")
+    p.add_argument("--int8", action="store_true", help="also time ours with weight-only int8 (Engine(int8=True))")
     p.add_argument("--full-window", action="store_true",
                    help="also time ours with one cache window of the whole budget (first_window=None)")
     p.add_argument("--repeats", type=int, default=3)
@@ -201,6 +203,7 @@ def main() -> None:
     ours, hf, device = build(cfg, args.dtype, not args.no_hf, not args.no_ours)
     engine = Engine(ours) if ours is not None else None
     full = Engine(ours, first_window=None) if ours is not None and args.full_window else None
+    int8 = Engine(ours, int8=True) if ours is not None and args.int8 else None
     weight_bytes = lm_weight_bytes_of(cfg, args.dtype)
     where = f"{jax.devices()[0].device_kind} ({jax.default_backend()})" if ours is not None else device
     print(
@@ -215,6 +218,8 @@ def main() -> None:
         impls = []
         if engine is not None:
             impls.append(("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats, args.max_new_tokens)))
+        if int8 is not None:
+            impls.append(("llava_jax int8", lambda: time_ours(int8, prompts, new_tokens, args.repeats, args.max_new_tokens)))
         if full is not None:
             impls.append(("llava_jax (full window)",
                           lambda: time_ours(full, prompts, new_tokens, args.repeats, args.max_new_tokens)))
