@@ -213,16 +213,17 @@ def main() -> None:
     )
     rows = []
     rng = np.random.default_rng(0)
+    budget = args.max_new_tokens
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = make_prompts(cfg, batch, args.text_tokens, rng)
         impls = []
         if engine is not None:
-            impls.append(("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats, args.max_new_tokens)))
+            impls.append(("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats, budget)))
         if int8 is not None:
-            impls.append(("llava_jax int8", lambda: time_ours(int8, prompts, new_tokens, args.repeats, args.max_new_tokens)))
+            impls.append(("llava_jax int8", lambda: time_ours(int8, prompts, new_tokens, args.repeats, budget)))
         if full is not None:
             impls.append(("llava_jax (full window)",
-                          lambda: time_ours(full, prompts, new_tokens, args.repeats, args.max_new_tokens)))
+                          lambda: time_ours(full, prompts, new_tokens, args.repeats, budget)))
         if hf is not None:
             impls.append(("transformers", lambda: time_hf(hf, prompts, new_tokens, args.repeats, device)))
         for name, timer in impls:

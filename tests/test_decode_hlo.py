@@ -84,7 +84,8 @@ def _decode_hlo(cfg: LlavaConfig) -> str:
     state = DecodeState(
         cache=cache, kv_mask=sds((B, slots), jnp.int32), tokens=sds((B, N), jnp.int32),
         logprobs=sds((B, N), jnp.float32), positions=sds((B,), jnp.int32), done=sds((B,), jnp.bool_),
-        step=sds((), jnp.int32), seeds=sds((B,), jnp.uint32), limits=sds((B,), jnp.int32), prompt_len=sds((), jnp.int32),
+        step=sds((), jnp.int32), seeds=sds((B,), jnp.uint32), limits=sds((B,), jnp.int32),
+        prompt_len=sds((), jnp.int32),
     )
     warp = SamplingParams(max_new_tokens=N).warp_args()
     lowered = decode_loop.lower(Llava(cfg), abstract_params(cfg), state, sds((), jnp.int32), warp,

@@ -2,7 +2,8 @@
 
 The cache is an argument and a result, never hidden state, so that the decode step stays a pure
 function at the jit boundary: `cache` is {"k", "v"}, each one stacked array [L, B, K, S, H] over
-the L layers (kv heads before slots, so that the attention matmuls read it in place), and `cache_index` the slot where the first of this call's T tokens is written. Each
+the L layers (kv heads before slots, so that the attention matmuls read it in place), and
+`cache_index` the slot where the first of this call's T tokens is written. Each
 layer writes its slice in place (scanned, the cache rides in the loop carry: no copy per layer).
 """
 
@@ -95,7 +96,7 @@ class LlamaAttention(nn.Module):
         if cache is not None:  # this layer's slice of the stacked cache [L, B, K, S, H], written in place
             at = (layer, 0, 0, cache_index, 0)
             new_cache = {n: jax.lax.dynamic_update_slice(cache[n], jnp.swapaxes(t, 1, 2)[None].astype(cache[n].dtype), at)
-                         for n, t in (("k", k), ("v", v))}
+                         for n, t in (("k", k), ("v", v))}  # [B, T, K, H] written as [1, B, K, T, H]
             # Read back as [B, S, K, H]: the transpose folds into the attention matmuls, whose batch
             # axes (B, K) lead in the cache layout, so no step copies the cache into another layout.
             k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False), 1, 2)
