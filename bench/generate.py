@@ -14,6 +14,14 @@ once; at batch 1 steps/s = tokens/s). The KV cache reads are not counted, so thi
 on the fraction of bandwidth in use. transformers runs in the same process on the same device
 (skipped when torch cannot reach it, or with --no-hf; --no-ours runs transformers alone, as
 bench/suite.py does in its own process). Numbers are medians of `--repeats` runs; `--json` writes them.
+
+The engine keeps a KV-cache window that doubles as the answer grows (`Engine(first_window=16)`);
+"cache slots" is the cache length the last decode program ran with. `--max-new-tokens` gives the
+engine a larger budget than the answer (as a chat's max_new_tokens=512 does), and `--full-window`
+also times the single whole-budget window (`first_window=None`, the layout before windows) in the
+same run:
+    python -m bench.generate --no-hf --batch-sizes 1 --new-tokens 32 --max-new-tokens 512 --full-window
+`--int8` times the weight-only int8 engine (`Engine(int8=True)`) beside the float one.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class Row:
     ttft_ms: float
     decode_tok_s: float
     roofline: float | None
+    cache_slots: int | None = None  # ours: the cache length (prompt + window) decode ended with
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,6 +70,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=None, help="default 32 (small) / 128 (7b)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="ours: the engine's token budget (default --new-tokens); decoding stops at --new-tokens")
+    p.add_argument("--int8", action="store_true", help="also time ours with weight-only int8 (Engine(int8=True))")
+    p.add_argument("--full-window", action="store_true",
+                   help="also time ours with one cache window of the whole budget (first_window=None)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth in GB/s for the roofline column")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -91,9 +105,10 @@ def make_prompts(cfg: LlavaConfig, batch: int, text_tokens: int, rng: np.random.
     return prompts
 
 
-def time_ours(engine: Engine, prompts: list[Prompt], new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(TTFT seconds, decode seconds) medians; the first run compiles and is not counted."""
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+def time_ours(engine: Engine, prompts: list[Prompt], new_tokens: int, repeats: int,
+              budget: int | None = None) -> tuple[float, float, int]:
+    """(TTFT seconds, decode seconds, cache slots at the end): medians; the first run compiles and is not counted."""
+    params = SamplingParams(max_new_tokens=budget or new_tokens, ignore_eos=True)
     ttfts, decodes = [], []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -107,7 +122,7 @@ def time_ours(engine: Engine, prompts: list[Prompt], new_tokens: int, repeats: i
         if i:
             ttfts.append(t1 - t0)
             decodes.append(t2 - t1)
-    return statistics.median(ttfts), statistics.median(decodes)
+    return statistics.median(ttfts), statistics.median(decodes), state.kv_mask.shape[1]
 
 
 def time_hf(model, prompts: list[Prompt], new_tokens: int, repeats: int, device: str) -> tuple[float, float]:
@@ -143,7 +158,7 @@ def time_hf(model, prompts: list[Prompt], new_tokens: int, repeats: int, device:
     ttfts = [gen(1) for _ in range(repeats)]
     totals = [gen(new_tokens) for _ in range(repeats)]
     ttft = statistics.median(ttfts)
-    return ttft, max(statistics.median(totals) - ttft, 1e-9)
+    return ttft, max(statistics.median(totals) - ttft, 1e-9), None
 
 
 def build(cfg: LlavaConfig, dtype: str, want_hf: bool, want_ours: bool = True):
@@ -187,6 +202,8 @@ def main() -> None:
     t0 = time.perf_counter()
     ours, hf, device = build(cfg, args.dtype, not args.no_hf, not args.no_ours)
     engine = Engine(ours) if ours is not None else None
+    full = Engine(ours, first_window=None) if ours is not None and args.full_window else None
+    int8 = Engine(ours, int8=True) if ours is not None and args.int8 else None
     weight_bytes = lm_weight_bytes_of(cfg, args.dtype)
     where = f"{jax.devices()[0].device_kind} ({jax.default_backend()})" if ours is not None else device
     print(
@@ -196,30 +213,38 @@ def main() -> None:
     )
     rows = []
     rng = np.random.default_rng(0)
+    budget = args.max_new_tokens
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = make_prompts(cfg, batch, args.text_tokens, rng)
         impls = []
         if engine is not None:
-            impls.append(("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats)))
+            impls.append(("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats, budget)))
+        if int8 is not None:
+            impls.append(("llava_jax int8", lambda: time_ours(int8, prompts, new_tokens, args.repeats, budget)))
+        if full is not None:
+            impls.append(("llava_jax (full window)",
+                          lambda: time_ours(full, prompts, new_tokens, args.repeats, budget)))
         if hf is not None:
             impls.append(("transformers", lambda: time_hf(hf, prompts, new_tokens, args.repeats, device)))
         for name, timer in impls:
-            ttft, decode = timer()
+            ttft, decode, slots = timer()
             tok_s = batch * (new_tokens - 1) / decode
             steps_s = (new_tokens - 1) / decode
             roof = weight_bytes * steps_s / (args.bandwidth_gbs * 1e9) if args.bandwidth_gbs else None
-            rows.append(Row(name, batch, ttft * 1e3, tok_s, roof))
+            rows.append(Row(name, batch, ttft * 1e3, tok_s, roof, slots))
     print()
-    print("| implementation | batch | TTFT (ms) | decode tok/s | roofline | speed-up (decode) |")
-    print("|---|---|---|---|---|---|")
+    print("| implementation | batch | TTFT (ms) | decode tok/s | roofline | speed-up (decode) | cache slots |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next((x for x in rows if x.impl == "transformers" and x.batch == r.batch), None)
         speedup = f"{r.decode_tok_s / ref.decode_tok_s:.2f}x" if ref and r.impl != "transformers" else ""
         roof = f"{100 * r.roofline:.0f}%" if r.roofline is not None else "-"
-        print(f"| {r.impl} | {r.batch} | {r.ttft_ms:.1f} | {r.decode_tok_s:.1f} | {roof} | {speedup} |")
+        slots = "-" if r.cache_slots is None else str(r.cache_slots)
+        print(f"| {r.impl} | {r.batch} | {r.ttft_ms:.1f} | {r.decode_tok_s:.1f} | {roof} | {speedup} | {slots} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     write_json(args.json, dict(benchmark="decode", shape=args.shape, dtype=args.dtype, device=where,
-                               new_tokens=new_tokens, prompt_tokens=1 + cfg.num_image_tokens + args.text_tokens,
+                               new_tokens=new_tokens, max_new_tokens=args.max_new_tokens or new_tokens,
+                               prompt_tokens=1 + cfg.num_image_tokens + args.text_tokens,
                                weight_bytes=weight_bytes, bandwidth_gbs=args.bandwidth_gbs,
                                rows=[dataclasses.asdict(r) for r in rows]))
 

@@ -198,3 +198,64 @@ def test_growing_prompt_reuses_compiled_code(setup, alone):
         assert bucket(len(ids), 32) == bucket(len(base.ids), 32)
         engine.generate([Prompt(ids, base.images)], dataclasses.replace(GREEDY, max_new_tokens=5 + extra))
     assert (prefill_step._cache_size(), decode_loop._cache_size()) == before
+
+
+LONG = 40  # new tokens of the long answer: budget 48, windows 16, 32, 48
+
+
+def test_decode_window_grows_and_equals_full_window_decode(setup):
+    """The cache starts with a 16-slot window for generated tokens, not the 48 of the budget, and
+    doubles as the answer grows; the long answer across three windows equals the previous layout
+    (one window of the whole budget) token for token."""
+    from llava_jax.inference.engine import FIRST_WINDOW
+
+    _, model, engine = setup
+    p = PROMPTS[2]
+    params = dataclasses.replace(GREEDY, max_new_tokens=LONG)
+    batch = engine.prepare([p], params)
+    t, n = batch.ids.shape[1], batch.num_new
+    assert n == bucket(LONG) > 2 * FIRST_WINDOW
+    state = engine.prefill(batch, params)
+    c = model.config.text
+    per_slot = c.num_layers * len(batch.ids) * c.num_kv_heads * c.head_dim
+    seen = [state.kv_mask.shape[1]]
+    for stop_at in (10, 20, LONG):  # windows 16, 32 and 48 are the first to hold them
+        state = engine.decode(state, params, stop_at=stop_at)
+        assert int(state.step) == stop_at
+        seen.append(state.kv_mask.shape[1])
+        assert state.cache["k"].size == per_slot * seen[-1]  # the cache has as many slots as the mask
+    assert seen == [t + 16, t + 16, t + 32, t + 48]
+    got = engine.finish(batch, state, params)[0]
+
+    full = Engine(model, engine.tokenizer, first_window=None)
+    state = full.prefill(full.prepare([p], params), params)
+    assert state.kv_mask.shape[1] == t + n
+    want = full.generate([p], params)[0]
+    assert len(got.token_ids) == LONG
+    assert got.token_ids == want.token_ids
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    # A short answer (one window, never grown) is the start of the long one.
+    assert engine.generate([p], GREEDY)[0].token_ids == want.token_ids[:NEW]
+    # Streaming (one step per dispatch) grows the window between steps: the same tokens.
+    assert [d.token_id for d in _drain(engine.stream(p, params))] == want.token_ids
+
+
+INT8_AGREE = 8  # int8 greedy ids equal float's for at least this many leading tokens (of NEW)
+INT8_LOGPROB_ATOL = 0.1  # nats, on the tokens where they agree
+
+
+def test_int8_weights_stay_close_to_float(setup, alone):
+    """Weight-only int8 (per output channel): the documented tolerance on the tiny model. A rounding
+    flip of a near tie may change a later token, after which the answers diverge."""
+    _, model, _ = setup
+    engine = Engine(model, first_window=None, int8=True)
+    mlp = engine.params["language_model"]["layers"]["mlp"]["up_proj"]
+    assert mlp["kernel"].dtype == jnp.int8 and mlp["kernel_scale"].dtype == jnp.float32
+    got = [engine.generate([p], GREEDY)[0] for p in PROMPTS]
+    for g, a in zip(got, alone):
+        agree = next((i for i, (x, y) in enumerate(zip(g.token_ids, a.token_ids)) if x != y), NEW)
+        assert agree >= INT8_AGREE, (g.token_ids, a.token_ids)
+        err = np.abs(np.asarray(g.logprobs[:agree]) - np.asarray(a.logprobs[:agree])).max()
+        assert err < INT8_LOGPROB_ATOL, f"int8 log-prob error {err:.3f}"
+    # Quantised, not float: the log-probs move (by about the rounding of the weights).
+    assert max(np.abs(np.asarray(g.logprobs[:4]) - np.asarray(a.logprobs[:4])).max() for g, a in zip(got, alone)) > 1e-4

@@ -3,8 +3,14 @@ arrays, with the cache carried in a `DecodeState` that each call takes and retur
 
 Layout of one call (B rows, prompts left-padded to a shared length T, N new tokens at most):
 
-    cache slots   [0 ............ T) [T ........... T+N)
+    cache slots   [0 ............ T) [T ........... T+W)
                    prompts, left-pad   generated tokens, same slot for every row at a step
+
+The cache holds a window of W <= N slots for generated tokens, not the whole budget: decode attends
+over T + W slots, so a short answer never pays for a long `max_new_tokens`. W starts at
+`Engine(first_window=...)` (16) and doubles (capped at N) whenever it fills; growing copies the
+cache once (`grow_cache`), so the copies cost no more than one full-size cache, and each W is one
+compiled decode program.
 
 Rows share slot indices, so one `dynamic_update_slice` writes a step for the whole batch; the
 `kv_mask` [B, S] marks which slots hold real tokens and positions count real tokens only, so a
@@ -12,31 +18,42 @@ padded row computes exactly what it would alone. T, N, B and the images per row 
 buckets (`bucket`), so a chat whose prompt grows by a few tokens per turn reuses compiled code.
 
 Host round trips: `prefill` (vision tower, prompt, first token) and `decode` (a
-`lax.while_loop` over steps that ends when every row is done or `stop_at` is reached) are one
-dispatch each. Stop strings need the text, which only the host has: with stop strings the loop runs
-in chunks of `STOP_CHECK_EVERY` steps and the host checks between them. `stream` runs one step per
-dispatch and yields each token as it comes.
+`lax.while_loop` over steps that ends when every row is done, `stop_at` is reached or the window
+is full) are one dispatch each, plus one per window growth. Stop strings need the text, which
+only the host has: with stop strings the loop runs in chunks of `STOP_CHECK_EVERY` steps and the
+host checks between them. `stream` runs one step per dispatch and yields each token as it comes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Generator, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.inference.quant import int8_matmuls, quantize_params
 from llava_jax.inference.sampling import SamplingParams, select_tokens
 from llava_jax.models.llama import Cache, init_cache
+from llava_jax.config import LlavaConfig
 from llava_jax.models.llava import Llava, LlavaModel, default_positions
+from llava_jax.parallel import rules as rules_lib
+from llava_jax.parallel.mesh import make_mesh
+from llava_jax.parallel.partition import model_param_shardings, subtree_like
 
 STOP_CHECK_EVERY = 32  # decode steps between host checks for stop strings
 MIN_PROMPT_BUCKET = 32
 MIN_NEW_TOKENS_BUCKET = 16
+FIRST_WINDOW = 16  # cache slots for generated tokens before the first growth
+# Logical axes of the cache [L, B, K, S, H]: on a mesh the kv heads split like k_proj's output.
+CACHE_AXES = ("layers", "activation_batch", "kv_heads", "activation_length", None)
 
 
 class InputError(ValueError):
@@ -80,7 +97,7 @@ class Completion:
 class DecodeState(NamedTuple):
     """Everything the decode loop carries; a pytree that crosses the jit boundary (donated)."""
 
-    cache: Cache  # {"k", "v"}: [L, B, S, K, H] each (all layers stacked), S = T + N
+    cache: Cache  # {"k", "v"}: [L, B, K, S, H] each (all layers stacked), S = T + W (the window)
     kv_mask: jax.Array  # [B, S] int32, 1 = slot holds a real token
     tokens: jax.Array  # [B, N] int32 generated tokens (pad after a row is done)
     logprobs: jax.Array  # [B, N] float32
@@ -89,6 +106,7 @@ class DecodeState(NamedTuple):
     step: jax.Array  # [] int32 tokens generated so far (same for every row)
     seeds: jax.Array  # [B] uint32
     limits: jax.Array  # [B] int32 tokens this row may generate
+    prompt_len: jax.Array  # [] int32 T, the prompt slots (the window is S - T)
 
 
 @dataclasses.dataclass
@@ -119,6 +137,17 @@ def batch_bucket(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+def _constrain(cache: Cache, kv_mask: jax.Array) -> tuple[Cache, jax.Array]:
+    """Pin the cache's sharding by its logical axes (a no-op without rules, i.e. off a mesh)."""
+    cache = {n: nn.with_logical_constraint(c, CACHE_AXES) for n, c in cache.items()}
+    return cache, nn.with_logical_constraint(kv_mask, ("activation_batch", "activation_length"))
+
+
+def _rules(rules: rules_lib.Rules | None):
+    """The logical-axis rules in force while tracing (none: single device)."""
+    return nn.logical_axis_rules(rules) if rules else contextlib.nullcontext()
+
+
 # --- model functions applied through the Llava module (Linen `method=`) ------------------------
 
 
@@ -141,7 +170,7 @@ def _decode_logits(m: Llava, ids, positions, kv_mask, cache, cache_index):
 # --- pure functions at the jit boundary ----------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("module", "num_new", "greedy"))
+@functools.partial(jax.jit, static_argnames=("module", "num_new", "window", "greedy", "rules", "int8"))
 def prefill_step(
     module: Llava,
     params: Any,
@@ -154,17 +183,28 @@ def prefill_step(
     eos_id: jax.Array,  # [] int32 (-1: never stop)
     *,
     num_new: int,
+    window: int,
     greedy: bool,
+    rules: rules_lib.Rules | None = None,
+    int8: bool = False,
 ) -> DecodeState:
-    """Prompts (and images) into a fresh cache of T + num_new slots; the first token of each row."""
-    cfg = module.cfg
-    b, t = ids.shape
-    cache = init_cache(cfg.text, b, t + num_new, jnp.dtype(cfg.dtype))
-    kv_mask = jnp.zeros((b, t + num_new), jnp.int32).at[:, :t].set(mask)
-    positions = default_positions(mask)  # [B, T]
-    logits, cache = module.apply(
-        {"params": params}, ids, pixels, kv_mask, positions, cache, method=_prefill_last_logits
-    )
+    """Prompts (and images) into a fresh cache of T + window slots; the first token of each row.
+
+    Token buffers hold the whole budget (`num_new`); the cache only the first window. `rules`:
+    the logical-axis rules of the mesh the call runs on (`Engine(mesh=...)`), None on one device.
+    `int8`: `params` hold int8 kernels (`inference/quant.py`).
+    """
+    with _rules(rules), int8_matmuls(int8):
+        cfg = module.cfg
+        b, t = ids.shape
+        cache = init_cache(cfg.text, b, t + window, jnp.dtype(cfg.dtype))
+        kv_mask = jnp.zeros((b, t + window), jnp.int32).at[:, :t].set(mask)
+        cache, kv_mask = _constrain(cache, kv_mask)
+        positions = default_positions(mask)  # [B, T]
+        logits, cache = module.apply(
+            {"params": params}, ids, pixels, kv_mask, positions, cache, method=_prefill_last_logits
+        )
+        cache, _ = _constrain(cache, kv_mask)
     first, logprob = select_tokens(logits, seeds, jnp.int32(0), warp, greedy=greedy)
     return DecodeState(
         cache=cache,
@@ -176,10 +216,11 @@ def prefill_step(
         step=jnp.int32(1),
         seeds=seeds,
         limits=limits,
+        prompt_len=jnp.int32(t),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("module", "greedy"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("module", "greedy", "rules", "int8"), donate_argnames=("state",))
 def decode_loop(
     module: Llava,
     params: Any,
@@ -189,22 +230,26 @@ def decode_loop(
     eos_id: jax.Array,
     *,
     greedy: bool,
+    rules: rules_lib.Rules | None = None,
+    int8: bool = False,
 ) -> DecodeState:
-    """Decode steps in a `lax.while_loop` until every row is done or `stop_at` tokens exist."""
+    """Decode steps in a `lax.while_loop` until every row is done, `stop_at` tokens exist, or the
+    cache window is full (the next token's k/v would not fit: `grow_cache`, then call again)."""
     b, n = state.tokens.shape
-    prompt_slots = state.kv_mask.shape[1] - n
+    slots = state.kv_mask.shape[1]  # S = T + W
     pad = module.cfg.text.pad_token_id
 
     def cond(st: DecodeState):
-        return (st.step < stop_at) & ~jnp.all(st.done)
+        return (st.step < stop_at) & ~jnp.all(st.done) & (st.prompt_len + st.step - 1 < slots)
 
     def body(st: DecodeState) -> DecodeState:
-        slot = prompt_slots + st.step - 1  # where the previous token's k/v go
+        slot = st.prompt_len + st.step - 1  # where the previous token's k/v go
         prev = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)  # [B, 1]
         kv_mask = jax.lax.dynamic_update_slice(st.kv_mask, jnp.ones((b, 1), jnp.int32), (0, slot))
         logits, cache = module.apply(
             {"params": params}, prev, st.positions[:, None], kv_mask, st.cache, slot, method=_decode_logits
         )
+        cache, kv_mask = _constrain(cache, kv_mask)
         token, logprob = select_tokens(logits[:, 0], st.seeds, st.step, warp, greedy=greedy)
         token = jnp.where(st.done, pad, token)
         logprob = jnp.where(st.done, 0.0, logprob)
@@ -218,9 +263,42 @@ def decode_loop(
             step=st.step + 1,
             seeds=st.seeds,
             limits=st.limits,
+            prompt_len=st.prompt_len,
         )
 
-    return jax.lax.while_loop(cond, body, state)
+    with _rules(rules), int8_matmuls(int8):
+        return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnames=("slots", "rules"))
+def grow_cache(state: DecodeState, *, slots: int, rules: rules_lib.Rules | None = None) -> DecodeState:
+    """The same state with its cache and kv_mask padded to `slots` slots (empty, masked out).
+
+    Not donated: a larger result cannot reuse the old buffers, which are freed with the old state.
+    """
+    extra = slots - state.kv_mask.shape[1]
+    cache = {n: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))) for n, c in state.cache.items()}
+    with _rules(rules):
+        cache, kv_mask = _constrain(cache, jnp.pad(state.kv_mask, ((0, 0), (0, extra))))
+    return state._replace(cache=cache, kv_mask=kv_mask)
+
+
+def next_window(window: int, num_new: int) -> int:
+    """The window after `window`: twice as many slots, at most the budget."""
+    return min(2 * window, num_new)
+
+
+def tensor_parallel_mesh(n: int) -> Mesh:
+    """A mesh of the first `n` devices, all on the `tensor` axis (heads, MLP and vocab split n ways)."""
+    if not 1 <= n <= jax.device_count():
+        raise InputError(f"tensor parallelism over {n} devices: {jax.device_count()} device(s) are present")
+    return make_mesh(data=1, fsdp=1, tensor=n, devices=jax.devices()[:n])
+
+
+def shard_params(params: Any, cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> Any:
+    """The parameters placed on the mesh by the logical-axis rules (the training layout's table)."""
+    shardings = subtree_like(model_param_shardings(cfg, mesh, rules), params)
+    return jax.device_put(params, shardings)
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -235,6 +313,15 @@ class Engine:
       max_context: longest sequence (prompt + answer) to run; default the model's
         `max_position_embeddings`.
       eos_token_id: the id that ends an answer; default the model config's.
+      first_window: cache slots for generated tokens at the start of decoding; the window doubles
+        when full, up to the budget. None: the whole budget from the start (one window).
+      mesh: run on this device mesh (`tensor_parallel_mesh(n)`, or any `parallel.mesh.make_mesh`):
+        parameters placed by `rules` (heads, MLP and vocab over `tensor`), the KV cache split on
+        kv heads, the batch over `data`. None: the default device.
+      rules: the logical-axis rules table for the mesh (default `parallel.rules.DEFAULT_RULES`).
+      int8: weight-only int8 for the language model's Linear layers (`inference/quant.py`): half
+        the weight bytes of bf16 per decoded token; greedy ids close to, not equal to, float's
+        (tests/test_inference_engine.py::test_int8_weights_stay_close_to_float). Not with `mesh` yet.
 
     Compiled code is shared by every engine over the same model config (the module is a static
     argument of `prefill_step` and `decode_loop`).
@@ -247,8 +334,21 @@ class Engine:
         *,
         max_context: int | None = None,
         eos_token_id: int | None = None,
+        first_window: int | None = FIRST_WINDOW,
+        mesh: Mesh | None = None,
+        rules: rules_lib.Rules = rules_lib.DEFAULT_RULES,
+        int8: bool = False,
     ):
+        if int8 and mesh is not None:
+            raise InputError("int8 weights on a mesh (--int8 with --tensor-parallel) are not supported yet")
         self.model = model
+        self.first_window = first_window
+        self.mesh = mesh
+        self.rules = None if mesh is None else tuple(rules)
+        self.int8 = int8
+        self.params = model.params if mesh is None else shard_params(model.params, model.config, mesh, rules)
+        if int8:
+            self.params = quantize_params(self.params)
         self.config = model.config
         self.tokenizer = tokenizer
         self.max_context = int(max_context or self.config.text.max_position_embeddings)
@@ -320,35 +420,53 @@ class Engine:
     def _eos(self, params: SamplingParams) -> jax.Array:
         return jnp.int32(-1 if params.ignore_eos else self.eos_id)
 
+    def _on_mesh(self):
+        """Calls that trace or run on the engine's mesh (the logical constraints resolve against it)."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def prefill(self, batch: Batch, params: SamplingParams) -> DecodeState:
         """Run the prompts (and images) through the model into a fresh cache; picks the first token."""
-        return prefill_step(
-            self.model.module,
-            self.model.params,
-            batch.ids,
-            batch.pixels,
-            batch.mask,
-            batch.seeds,
-            batch.limits,
-            params.warp_args(),
-            self._eos(params),
-            num_new=batch.num_new,
-            greedy=params.greedy,
-        )
+        with self._on_mesh():
+            return prefill_step(
+                self.model.module,
+                self.params,
+                batch.ids,
+                batch.pixels,
+                batch.mask,
+                batch.seeds,
+                batch.limits,
+                params.warp_args(),
+                self._eos(params),
+                num_new=batch.num_new,
+                window=self.window(batch.num_new),
+                greedy=params.greedy,
+                rules=self.rules,
+                int8=self.int8,
+            )
+
+    def window(self, num_new: int) -> int:
+        """The first cache window for a budget of `num_new` tokens."""
+        return num_new if self.first_window is None else max(1, min(self.first_window, num_new))
 
     def decode(self, state: DecodeState, params: SamplingParams, stop_at: int | None = None) -> DecodeState:
-        """Decode steps until every row is done or `stop_at` tokens exist (default: the budget). Donates `state`."""
+        """Decode steps until every row is done or `stop_at` tokens exist (default: the budget),
+        growing the cache window as it fills. Donates `state`."""
         n = state.tokens.shape[1]
         stop_at = n if stop_at is None else min(stop_at, n)
-        return decode_loop(
-            self.model.module,
-            self.model.params,
-            state,
-            jnp.int32(stop_at),
-            params.warp_args(),
-            self._eos(params),
-            greedy=params.greedy,
-        )
+        warp, eos = params.warp_args(), self._eos(params)
+        while True:
+            with self._on_mesh():
+                state = decode_loop(self.model.module, self.params, state, jnp.int32(stop_at), warp, eos,
+                                    greedy=params.greedy, rules=self.rules, int8=self.int8)
+            window = state.kv_mask.shape[1] - int(state.prompt_len)
+            if window >= n:
+                return state
+            step, done = jax.device_get((state.step, state.done))
+            if step >= stop_at or np.all(done) or step <= window:
+                return state
+            with self._on_mesh():
+                state = grow_cache(state, slots=state.kv_mask.shape[1] - window + next_window(window, n),
+                                   rules=self.rules)
 
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None

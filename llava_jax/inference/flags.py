@@ -10,7 +10,7 @@ import argparse
 
 from llava_jax.data.image import ImageError
 from llava_jax.data.templates import TEMPLATES
-from llava_jax.inference.engine import InputError
+from llava_jax.inference.engine import InputError, tensor_parallel_mesh
 from llava_jax.inference.pipeline import DEFAULT_CONV_MODE, Pipeline
 from llava_jax.inference.sampling import SamplingParams
 from llava_jax.parallel import compile_cache, xla_flags
@@ -32,6 +32,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="longest prompt + answer (default: the model's)")
     p.add_argument("--unrolled-layers", action="store_true",
                    help="run the layers unrolled, not as one scan: faster decoding (2x on a CPU), slower to compile")
+    p.add_argument("--tensor-parallel", "--tensor_parallel", type=int, default=1, metavar="N",
+                   help="split the model over the first N devices (heads, MLP, vocab and KV cache; "
+                        "parallel/rules.py), e.g. a 7B over chips too small to hold it")
+    p.add_argument("--int8", action="store_true",
+                   help="weight-only int8 language model (per output channel): half the weight bytes of "
+                        "bf16 per token; greedy answers close to, not equal to, float's")
     p.add_argument("--compilation-cache-dir", default=None,
                    help="keep compiled programs here and reuse them in later runs (JAX's persistent cache)")
     p.add_argument("--no-xla-flags", action="store_true",
@@ -58,6 +64,8 @@ def load_pipeline(args: argparse.Namespace) -> Pipeline:
         image_aspect_ratio=args.image_aspect_ratio,
         max_context=args.max_context,
         scan_layers=False if args.unrolled_layers else None,
+        mesh=tensor_parallel_mesh(args.tensor_parallel) if args.tensor_parallel != 1 else None,
+        int8=args.int8,
     )
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
+from jax.sharding import Mesh
 
 from llava_jax.data.image import ImageProcessorConfig, load_image, preprocess_batch
 from llava_jax.data.templates import IMAGE_MARKER, Template, get_template, render_prompt
@@ -48,6 +49,8 @@ class Pipeline:
       image_config: preprocessing settings (crop size must equal the vision tower's image size).
       template: conversation template (object or registry name).
       max_context: longest prompt + answer (default: the model's max_position_embeddings).
+      mesh: run the engine on this device mesh (`engine.tensor_parallel_mesh`); None: one device.
+      int8: weight-only int8 language model for decoding (`inference/quant.py`).
       path: the model directory, when loaded from one (names the model in answer files).
     """
 
@@ -59,6 +62,8 @@ class Pipeline:
         template: Template | str = DEFAULT_CONV_MODE,
         *,
         max_context: int | None = None,
+        mesh: Mesh | None = None,
+        int8: bool = False,
         path: str | None = None,
     ):
         if image_config.crop_size != model.config.vision.image_size:
@@ -70,7 +75,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.image_config = image_config
         self.template = get_template(template) if isinstance(template, str) else template
-        self.engine = Engine(model, tokenizer, max_context=max_context)
+        self.engine = Engine(model, tokenizer, max_context=max_context, mesh=mesh, int8=int8)
         self.path = path
 
     @classmethod
@@ -84,20 +89,24 @@ class Pipeline:
         max_context: int | None = None,
         scan_layers: bool | None = None,
         lora: str | None = None,
+        mesh: Mesh | None = None,
+        int8: bool = False,
     ) -> "Pipeline":
         """Load everything from a model directory (ours, converted, or a HF LLaVA directory).
 
         The tokenizer is `path/tokenizer.model`; image settings come from `preprocessor_config.json`
         (or an original LLaVA `config.json`), `image_aspect_ratio` ("pad" | "square") overriding them.
         `scan_layers=False` runs the layers unrolled; `lora` names a PEFT LoRA adapter directory to
-        apply (see `load_pretrained`).
+        apply (see `load_pretrained`); `mesh` places the engine on a device mesh; `int8` quantises
+        the language model's Linear weights for decoding.
         """
         from llava_jax.weights.hf import load_pretrained  # heavy import, only when loading
 
         model = load_pretrained(path, dtype, lora=lora, scan_layers=scan_layers)
         tokenizer = Tokenizer.from_pretrained(path)
         image_config = ImageProcessorConfig.from_pretrained(path, image_aspect_ratio=image_aspect_ratio)
-        return cls(model, tokenizer, image_config, conv_mode, max_context=max_context, path=path)
+        return cls(model, tokenizer, image_config, conv_mode, max_context=max_context, mesh=mesh, int8=int8,
+                   path=path)
 
     @property
     def model_id(self) -> str:

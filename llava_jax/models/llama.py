@@ -1,8 +1,9 @@
 """LLaMA-family decoder (LLaMA 1/2/3, Vicuna, Mistral-style GQA) with an explicit KV cache.
 
 The cache is an argument and a result, never hidden state, so that the decode step stays a pure
-function at the jit boundary: `cache` is {"k", "v"}, each one stacked array [L, B, S, K, H] over
-the L layers, and `cache_index` the slot where the first of this call's T tokens is written. Each
+function at the jit boundary: `cache` is {"k", "v"}, each one stacked array [L, B, K, S, H] over
+the L layers (kv heads before slots, so that the attention matmuls read it in place), and
+`cache_index` the slot where the first of this call's T tokens is written. Each
 layer writes its slice in place (scanned, the cache rides in the loop carry: no copy per layer).
 """
 
@@ -30,7 +31,7 @@ from llava_jax.models.common import (
 from llava_jax.models.lora import LoraSpec, for_module
 from llava_jax.models.stack import layer_stack, run_layers
 
-Cache = dict[str, jax.Array]  # {"k", "v"}: [L, B, S, K, H] each
+Cache = dict[str, jax.Array]  # {"k", "v"}: [L, B, K, S, H] each
 
 
 def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
@@ -92,11 +93,14 @@ class LlamaAttention(nn.Module):
         k = apply_rope(split_heads(k, c.num_kv_heads), cos, sin)  # [B, T, K, H]
         v = split_heads(v, c.num_kv_heads)
         new_cache = None
-        if cache is not None:  # this layer's slice of the stacked cache, written in place
-            at = (layer, 0, cache_index, 0, 0)
-            new_cache = {n: jax.lax.dynamic_update_slice(cache[n], t[None].astype(cache[n].dtype), at)
-                         for n, t in (("k", k), ("v", v))}
-            k, v = (jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False).astype(self.dtype) for n in "kv")
+        if cache is not None:  # this layer's slice of the stacked cache [L, B, K, S, H], written in place
+            at = (layer, 0, 0, cache_index, 0)
+            new_cache = {n: jax.lax.dynamic_update_slice(cache[n], jnp.swapaxes(t, 1, 2)[None].astype(cache[n].dtype), at)
+                         for n, t in (("k", k), ("v", v))}  # [B, T, K, H] written as [1, B, K, T, H]
+            # Read back as [B, S, K, H]: the transpose folds into the attention matmuls, whose batch
+            # axes (B, K) lead in the cache layout, so no step copies the cache into another layout.
+            k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False), 1, 2)
+                    .astype(self.dtype) for n in "kv")
         out = merge_heads(checkpoint_name(attention(q, k, v, mask), "context"))
         out = dense(c.hidden_size, ("heads", "embed"), name="o_proj", lora=lora("o_proj"), **kw)(out)
         return checkpoint_name(out, "out_proj"), new_cache
@@ -216,6 +220,6 @@ class LlamaModel(nn.Module):
 
 
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
-    """An empty KV cache: k, v [L, B, S, K, H], one stacked array each."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """An empty KV cache: k, v [L, B, K, S, H], one stacked array each."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

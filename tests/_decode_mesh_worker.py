@@ -1,0 +1,85 @@
+"""Generate with a tiny LLaVA on one device and on meshes of simulated CPU devices, in a fresh
+process (the device count is process-wide), and print the results as JSON. Used by
+tests/test_decode_mesh.py.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests._decode_mesh_worker SEED
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.inference.engine import Engine, Prompt
+from llava_jax.inference.sampling import SamplingParams
+from llava_jax.models.llava import LlavaModel, abstract_params
+from llava_jax.parallel.mesh import make_mesh
+
+CFG = LlavaConfig(
+    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=28),
+    text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, max_position_embeddings=256),
+    image_token_index=127,
+    vision_feature_layer=-2,
+)
+NEW = 24  # crosses the first cache window (16): the growth runs sharded too
+MESHES = {"tensor2": (1, 1, 2), "data2_tensor2": (2, 1, 2)}  # (data, fsdp, tensor)
+
+
+def random_params(seed: int) -> dict:
+    """Fan-in scaled normal matrices, norm scales near 1: logits far from ties (unlike init_params)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        name = path[-1].key
+        if name == "scale":
+            return (1 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+        if name == "bias":
+            return (0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+        fan_in = x.shape[-2] if len(x.shape) >= 2 else 1
+        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(CFG))
+
+
+def prompts(seed: int) -> list[Prompt]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for images, text in ((0, 9), (1, 4), (2, 7)):
+        ids = [1] + list(rng.integers(3, 120, 3))
+        for _ in range(images):
+            ids += [CFG.image_token_index] * CFG.num_image_tokens + list(rng.integers(3, 120, 2))
+        ids += list(rng.integers(3, 120, text))
+        px = rng.standard_normal((images, 28, 28, 3)).astype(np.float32) if images else None
+        out.append(Prompt(np.asarray(ids, np.int32), px))
+    return out
+
+
+def run(engine: Engine, ps: list[Prompt]) -> dict:
+    greedy = engine.generate(ps, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    return {"tokens": [c.token_ids for c in greedy], "logprobs": [c.logprobs for c in greedy]}
+
+
+def main(seed: int) -> None:
+    model = LlavaModel(CFG, random_params(seed))
+    ps = prompts(seed)
+    out = {"single": run(Engine(model), ps)}
+    for name, shape in MESHES.items():
+        mesh = make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        engine = Engine(model, mesh=mesh)
+        out[name] = run(engine, ps)
+        q = engine.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+        params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+        state = engine.prefill(engine.prepare(ps, params), params)
+        out[name]["q_kernel_spec"] = [str(a) for a in q.sharding.spec]
+        out[name]["cache_shard_shape"] = list(state.cache["k"].addressable_shards[0].data.shape)
+        out[name]["cache_shape"] = list(state.cache["k"].shape)
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
