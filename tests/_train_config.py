@@ -14,7 +14,7 @@ def get_config(arg: str = ""):
     for s in c.stages:
         s.global_batch = 8
         s.micro_batch = 4
-        s.eval_benchmarks = []  # the end-of-stage benchmark is test_train_default's; here it would only add compiles
+        s.eval_benchmarks = ()  # the end-of-stage benchmark is test_train_default's; here it would only add compiles
     if arg == "frozen_vision":
         c.stages[0].trainable = ["projector/.*"]
         c.stages[1].trainable = ["projector/.*", "language_model/.*"]

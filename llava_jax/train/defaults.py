@@ -75,7 +75,7 @@ def stage(name: str, *, data: str, template: str, trainable: list[str], learning
     return ml_collections.ConfigDict(dict(
         name=name, data=data, template=template, trainable=list(trainable), learning_rate=float(learning_rate),
         global_batch=global_batch, micro_batch=micro_batch, epochs=float(epochs), max_length=max_length,
-        warmup_ratio=warmup_ratio, weight_decay=weight_decay, eval_benchmarks=list(eval_benchmarks), remat=remat,
+        warmup_ratio=warmup_ratio, weight_decay=weight_decay, eval_benchmarks=tuple(eval_benchmarks), remat=remat,
         lora=lora,
     ))
 
