@@ -27,7 +27,7 @@ OVERRIDES = ["--config.max_steps=3", "--config.checkpoint_every=1", "--config.da
              "--config.data.synthetic_args.num_val=0", "--config.progress=True"]
 
 @pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
+def gcs():
     """(env for clients, base URL) of a fresh in-memory emulator with one bucket."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,9 +38,7 @@ def gcs(tmp_path_factory):
     assert proc.stdout.readline().strip() == "ready"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no storage-layout API in the emulator
-           # The resumed run reuses the first run's compiled steps (CI time; the computation is the same).
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           # The runs share the test session's compilation cache (tests/conftest.py) through os.environ.
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     yield env, url
     proc.kill()
