@@ -54,6 +54,8 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     c = get_config(f"{size}_stage{stage}")
     c.model.init = ""
     c.model.remat = remat
+    for st in c.stages:
+        st.remat = ""  # the cell's remat, not the recipe's per-stage choice
     c.model.scan_layers = scan
     if chip:
         c.compile_chip_memory_gib = chip
