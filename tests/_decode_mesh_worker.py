@@ -16,8 +16,9 @@ import numpy as np
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.inference.engine import Engine, Prompt
 from llava_jax.inference.sampling import SamplingParams
-from llava_jax.models.llava import LlavaModel, abstract_params
+from llava_jax.models.llava import LlavaModel
 from llava_jax.parallel.mesh import make_mesh
+from tests._params import host_random_params
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=28),
@@ -31,19 +32,8 @@ MESHES = {"tensor2": (1, 1, 2), "data2_tensor2": (2, 1, 2)}  # (data, fsdp, tens
 
 
 def random_params(seed: int) -> dict:
-    """Fan-in scaled normal matrices, norm scales near 1: logits far from ties (unlike init_params)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        name = path[-1].key
-        if name == "scale":
-            return (1 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
-        if name == "bias":
-            return (0.1 * rng.standard_normal(x.shape)).astype(np.float32)
-        fan_in = x.shape[-2] if len(x.shape) >= 2 else 1
-        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(CFG))
+    """Fan-in scaled matrices, norm scales near 1: logits far from ties (unlike init_params)."""
+    return host_random_params(CFG, seed)
 
 
 def prompts(seed: int) -> list[Prompt]:

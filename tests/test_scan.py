@@ -19,6 +19,7 @@ from llava_jax.models.llava import Llava, abstract_params, init_params
 from llava_jax.train.loss import cross_entropy_sum
 from llava_jax.train.optimizer import decay_mask, split_params
 from llava_jax.weights import mapping
+from tests._params import host_random_params
 from tests._seeds import fresh_seed
 
 CFG = LlavaConfig(
@@ -32,20 +33,8 @@ UNROLLED = CFG.replace(scan_layers=False)
 
 
 def _params(seed: int) -> dict:
-    """Random float32 parameters of CFG (stacked), drawn on the host: norm scales near 1, biases near
-    0 but not 0, matrices fan-in scaled (nothing compiled, unlike a jax.random draw per shape)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        name = path[-1].key
-        if name == "scale":
-            return (1 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
-        if name == "bias":
-            return (0.1 * rng.standard_normal(x.shape)).astype(np.float32)
-        fan_in = x.shape[-2] if len(x.shape) >= 2 else 1
-        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(CFG))
+    """Random float32 parameters of CFG (stacked), drawn on the host (tests/_params.py)."""
+    return host_random_params(CFG, seed)
 
 
 def _batch(seed: int) -> dict:

@@ -191,9 +191,9 @@ def read_adapter(directory: str, cfg: LlavaConfig, stacked: bool | None = None) 
     return spec, mapping.to_layout(tree, cfg.scan_layers if stacked is None else stacked)
 
 
-def read_non_lora_trainables(path: str, cfg: LlavaConfig) -> dict[tuple[str, ...], np.ndarray]:
-    """The original LoRA run's `non_lora_trainables.bin` (projector, and whatever else it trained fully)
-    as {our parameter path: array}, read with `torch.load(weights_only=True)`."""
+def _non_lora_store(path: str, cfg: LlavaConfig) -> tuple[Any, dict[str, Any]]:
+    """(the `.bin` store, its tensor names -> mapping entries); an error names tensors that are not
+    the projector, the embeddings, the final norm or lm_head (no layer tensors)."""
     from llava_jax.weights.parts import BinStore
 
     store = BinStore([path], path)
@@ -203,7 +203,14 @@ def read_non_lora_trainables(path: str, cfg: LlavaConfig) -> dict[tuple[str, ...
     unknown = sorted(k for k in store.keys() if k not in by_name)
     if unknown:
         raise CheckpointError(f"{path}: {len(unknown)} tensors that are not the projector, the embeddings, the final "
-                              f"norm or lm_head of this config, e.g. {unknown[:3]}")
+                              f"norm or lm_head of this config ({cfg.projector_type} projector), e.g. {unknown[:3]}")
+    return store, by_name
+
+
+def read_non_lora_trainables(path: str, cfg: LlavaConfig) -> dict[tuple[str, ...], np.ndarray]:
+    """The original LoRA run's `non_lora_trainables.bin` (projector, and whatever else it trained fully)
+    as {our parameter path: array}, read with `torch.load(weights_only=True)`."""
+    store, by_name = _non_lora_store(path, cfg)
     shapes = abstract_params(cfg.replace(lora=None))
     out = {}
     for name in store.keys():
@@ -265,17 +272,10 @@ class AdapterDeltas(Mapping):
 def use_non_lora_trainables(plan, path: str) -> None:
     """Make a conversion plan (weights/parts.py) take every tensor the original LoRA run's
     `non_lora_trainables.bin` holds (its trained projector) from that file instead of the base."""
-    from llava_jax.weights.parts import BinStore, Piece
+    from llava_jax.weights.parts import Piece
 
     cfg = plan.cfg
-    store = BinStore([path], path)
-    layout = peft_layout(mapping.ORIGINAL)
-    by_name = {mapping.torch_name(e, layout, cfg.projector_type): e
-               for e in mapping.projector_entries(cfg) + mapping.text_entries(cfg) if e.layer is None}
-    unknown = sorted(k for k in store.keys() if k not in by_name)
-    if unknown:
-        raise CheckpointError(f"{path}: {len(unknown)} tensors that are not the projector, the embeddings, the final "
-                              f"norm or lm_head of this config ({cfg.projector_type} projector), e.g. {unknown[:3]}")
+    store, by_name = _non_lora_store(path, cfg)
     taken = [by_name[k] for k in store.keys()]  # no layer tensors (see read_non_lora_trainables)
     paths = {e.path for e in taken}
     for piece in plan.pieces:
@@ -285,7 +285,7 @@ def use_non_lora_trainables(plan, path: str) -> None:
     if any(p[0] == "projector" for p in paths) and "projector" in plan.fresh:
         del plan.fresh["projector"]
         plan.notes = [n for n in plan.notes if "freshly initialised" not in n]
-    plan.pieces.append(Piece(store, layout, taken))
+    plan.pieces.append(Piece(store, peft_layout(mapping.ORIGINAL), taken))
     plan.notes.append(f"{len(taken)} tensors ({', '.join(sorted({p[0] for p in paths}))}) from {path}")
 
 
