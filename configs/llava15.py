@@ -19,6 +19,13 @@
 # --config.stages[1].remat=full --config.stages[1].micro_batch=128.
 # Stage 1 and 13B keep full remat at the reference micro-batches (not measured per policy).
 #
+# Where 7B fits (TPU compiler, full remat, FSDP over every chip; BENCHMARKS.md, `bench.compile --table`):
+#   v5p-8 (4 chips):  stage 1 at 32 rows a chip, stage 2 at 16 (the recipe's micro-batches as they are)
+#   v6e-8:            stage 2 at 4 rows a chip: --config.stages[1].remat=full --config.stages[1].micro_batch=32
+#   v5e-8:            stage 1 at 8 rows a chip (--config.stages[0].micro_batch=64); stage 2 does not fit
+#                     (1 row a chip asks 28 GiB of 16): use `:7b_lora` (5.4 GiB a chip) or a larger slice
+# Check any other slice before renting it: --config.compile_only=True --config.compile_topology=v5e:4x4
+#
 # model.init is the stage-1 starting point converted from parts:
 #   python -m llava_jax.convert --vision-tower clip-vit-large-patch14-336 --llm vicuna-7b-v1.5 \
 #     --projector-type mlp2x_gelu --dst /ckpt/llava15-7b-init
