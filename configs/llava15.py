@@ -21,7 +21,8 @@
 #
 # Where 7B fits (TPU compiler, full remat, FSDP over every chip; BENCHMARKS.md, `bench.compile --table`):
 #   v5p-8 (4 chips):  stage 1 at 32 rows a chip, stage 2 at 16 (the recipe's micro-batches as they are)
-#   v6e-8:            stage 2 at 4 rows a chip: --config.stages[1].remat=full --config.stages[1].micro_batch=32
+#   v6e-8:            stage 1 at 16 rows a chip (--config.stages[0].micro_batch=128); stage 2 at 4:
+#                     --config.stages[1].remat=full --config.stages[1].micro_batch=32
 #   v5e-8:            stage 1 at 8 rows a chip (--config.stages[0].micro_batch=64); stage 2 does not fit
 #                     (1 row a chip asks 28 GiB of 16): use `:7b_lora` (5.4 GiB a chip) or a larger slice
 # Check any other slice before renting it: --config.compile_only=True --config.compile_topology=v5e:4x4
