@@ -95,26 +95,27 @@ def _eval_root(config: ml_collections.ConfigDict, files: dict[str, str]) -> str:
 
 def _stage_benchmarks(config: ml_collections.ConfigDict, files: dict[str, str]) -> dict[str, list[str]]:
     """Each stage's `eval_benchmarks`, checked before training: an unknown name or a missing question
-    file is a ConfigError now, not after the stage. The synthetic `shapes` benchmark is dropped (with
-    a log line) when the synthetic data has no held-out set (`synthetic_args.num_val=0`)."""
-    from llava_jax.eval.benchmark import BENCHMARKS
+    file is a ConfigError now, not after the stage. Benchmarks that would read the synthetic data's
+    held-out set are dropped (with a log line) when it has none (`synthetic_args.num_val=0`)."""
+    from llava_jax.eval.benchmark import get_benchmark
 
     root, out = _eval_root(config, files), {}
-    no_val = config.data.get("synthetic", False) and config.data.synthetic_args.num_val == 0
+    no_val = (config.data.get("synthetic", False) and not config.data.get("eval_root")
+              and config.data.synthetic_args.num_val == 0)
     for stage in config.stages:
-        names = []
-        for name in stage.get("eval_benchmarks", []):
-            if name not in BENCHMARKS:
-                raise ConfigError(f"stage {stage.name}: eval_benchmarks: unknown benchmark {name!r}; known: "
-                                  f"{', '.join(sorted(BENCHMARKS))}")
-            if name == "shapes" and no_val:
-                log.info("stage %s: no held-out questions (synthetic_args.num_val=0): benchmark shapes skipped", stage.name)
-                continue
-            question_file = BENCHMARKS[name].layout(root).question_file
+        names = list(stage.get("eval_benchmarks", ()))
+        if names and no_val:
+            log.info("stage %s: no held-out questions (synthetic_args.num_val=0): eval_benchmarks %s skipped",
+                     stage.name, names)
+            names = []
+        for name in names:
+            try:
+                question_file = get_benchmark(name).layout(root).question_file
+            except KeyError as e:
+                raise ConfigError(f"stage {stage.name}: eval_benchmarks: {e.args[0]}") from None
             if not paths.exists(question_file):
                 raise ConfigError(f"stage {stage.name}: eval_benchmarks {name}: {question_file} not found "
                                   "(config.data.eval_root holds the original's playground/data/eval layout)")
-            names.append(name)
         out[stage.name] = names
     return out
 
