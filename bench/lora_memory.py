@@ -19,54 +19,40 @@ import argparse
 import json
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bench.forward import SHAPES
-from llava_jax.models.lora import DECODER_LINEARS, LoraSpec
-from llava_jax.models.llava import init_params
+from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import rules as rules_lib
-from llava_jax.parallel.partition import batch_shardings, jit_sharded, model_param_shardings, state_shardings
-from llava_jax.train.lora import ADAPTER_PATTERNS
-from llava_jax.train.optimizer import make_optimizer, split_params
-from llava_jax.train.step import create_state, make_train_step
+from llava_jax.parallel.mesh import make_mesh
+from llava_jax.parallel.partition import model_param_shardings
+from llava_jax.train import lora as lora_train
+from llava_jax.train.aot import abstract_batch, topology_devices
+from llava_jax.train.defaults import lora, stage
+from llava_jax.train.program import stage_program
 
 GIB = 1 << 30
 PROJECTOR, PROJECTOR_AND_LLM = ["projector/.*"], ["projector/.*", "language_model/.*"]
 
 
-def compile_step(cfg, mesh: Mesh, batch: int, seq: int, lora_rank: int) -> dict:
-    """Compile one stage-2 step (full, or LoRA of `lora_rank`) for `mesh`; per-device memory in GiB."""
-    if lora_rank:
-        cfg = cfg.replace(lora=LoraSpec(rank=lora_rank, alpha=2.0 * lora_rank, targets=DECODER_LINEARS, dropout=0.05))
+def compile_step(cfg, mesh, batch: int, seq: int, lora_rank: int) -> dict:
+    """Compile one stage-2 step (full, or LoRA of `lora_rank`) for `mesh`, built by the training loop's
+    own `train/program.stage_program` (as compile-only builds it); per-device memory in GiB."""
+    st = stage("finetune", data="", template="", trainable=PROJECTOR if lora_rank else PROJECTOR_AND_LLM,
+               learning_rate=2e-4 if lora_rank else 2e-5, global_batch=batch, micro_batch=batch, max_length=seq,
+               lora=lora(rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.05, non_lora_learning_rate=2e-5)
+               if lora_rank else None)
     rules = rules_lib.DEFAULT_RULES
-    sh = model_param_shardings(cfg, mesh, rules)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))), sh)
-    tx, schedule = make_optimizer(learning_rate=2e-4 if lora_rank else 2e-5, total_steps=5000,
-                                  other_learning_rate=2e-5 if lora_rank else None, other=PROJECTOR)
-    trainable, frozen = split_params(params, PROJECTOR + list(ADAPTER_PATTERNS) if lora_rank else PROJECTOR_AND_LLM)
-    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype, sharding=x.sharding), frozen)
-    abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), trainable, frozen)
-    shardings = state_shardings(abstract, cfg, mesh, rules, tx)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    v = cfg.vision
-    b = {
-        "input_ids": jax.ShapeDtypeStruct((1, batch, seq), np.int32),
-        "labels": jax.ShapeDtypeStruct((1, batch, seq), np.int32),
-        "attention_mask": jax.ShapeDtypeStruct((1, batch, seq), np.int32),
-        "pixel_values": jax.ShapeDtypeStruct((1, batch, 1, v.image_size, v.image_size, 3), cfg.dtype),
-    }
-    bsh = batch_shardings(b, mesh)
-    b = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bsh[k]) for k, x in b.items()}
-    step = jit_sharded(make_train_step(cfg, tx, schedule), mesh, rules, (shardings, bsh),
-                       (shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+    if lora_rank:  # the adapters the loop adds for the stage (train/lora.py)
+        cfg = cfg.replace(lora=lora_train.resolve_spec(st.lora, cfg))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg),
+                          model_param_shardings(cfg, mesh, rules))
+    program = stage_program(cfg, st, mesh, rules, 5000, params)
     t0 = time.time()
-    compiled = step.lower(abstract, b).compile()
+    compiled = program.step.lower(program.state_abstract, abstract_batch(cfg, 1, batch, seq, mesh)).compile()
     mem = compiled.memory_analysis()
-    trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+    trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program.split(params)[0]))
     return {
         "mode": f"LoRA r={lora_rank}" if lora_rank else "full",
         "trained_params_M": round(trained / 1e6, 1),
@@ -81,18 +67,6 @@ def compile_step(cfg, mesh: Mesh, batch: int, seq: int, lora_rank: int) -> dict:
     }
 
 
-def topology_mesh(name: str) -> Mesh:
-    """A mesh (data 1, fsdp = every chip, tensor 1) over the chips of a TPU topology, e.g. `v5e:2x4`."""
-    from jax.experimental import topologies
-
-    kind, _, shape = name.partition(":")
-    dims = tuple(int(d) for d in shape.split("x"))
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
-                                        chips_per_host_bounds=dims + (1,) * (3 - len(dims)), num_slices=1)
-    devices = np.array(topo.devices)
-    return Mesh(devices.reshape(1, devices.size, 1), ("data", "fsdp", "tensor"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llava-1.5-7b")
@@ -104,10 +78,8 @@ def main() -> None:
                                                      "default: this host's devices")
     args = ap.parse_args()
     cfg = SHAPES[args.shape].replace(dtype="bfloat16", remat=args.remat)
-    if args.topology:
-        mesh = topology_mesh(args.topology)
-    else:
-        mesh = Mesh(np.array(jax.devices()).reshape(1, -1, 1), ("data", "fsdp", "tensor"))
+    # FSDP over every device: a TPU topology's (through libtpu) or this host's.
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1, devices=topology_devices(args.topology) if args.topology else None)
     where = args.topology or f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"stage-2 step, shape={args.shape}, batch {args.batch} x {args.seq}, bf16, remat={args.remat}, "
           f"fsdp over {mesh.devices.size} devices ({where})")
