@@ -57,7 +57,14 @@ def run(engine: Engine, ps: list[Prompt]) -> dict:
 def main(seed: int) -> None:
     model = LlavaModel(CFG, random_params(seed))
     ps = prompts(seed)
-    out = {"single": run(Engine(model), ps)}
+    out = {"single": run(Engine(model), ps), "int8_single": run(Engine(model, int8=True), ps)}
+    mesh = make_mesh(1, 1, 2, devices=jax.devices()[:2])
+    int8 = Engine(model, mesh=mesh, int8=True)
+    out["int8_tensor2"] = run(int8, ps)
+    mlp = int8.params["language_model"]["layers"]["mlp"]
+    out["int8_tensor2"]["specs"] = {f"{proj}/{leaf}": [str(a) for a in mlp[proj][leaf].sharding.spec]
+                                    for proj in ("gate_proj", "down_proj") for leaf in ("kernel", "kernel_scale")}
+    out["int8_tensor2"]["dtype"] = str(mlp["gate_proj"]["kernel"].dtype)
     for name, shape in MESHES.items():
         mesh = make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
         engine = Engine(model, mesh=mesh)

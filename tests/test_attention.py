@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llava_jax.models.common import AttentionMask, attention, choose_attention, target_platform
+from llava_jax.models.common import AttentionMask, attention, choose_attention, target_platform, via_right_padding
 from llava_jax.models.llava import is_right_padded
 from tests._seeds import fresh_seed
 
@@ -26,13 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16, F32 = jnp.bfloat16, jnp.float32
 
 
-@pytest.mark.parametrize("requested,platform,dtype,head_dim,cached,expected", [
+@pytest.mark.parametrize("requested,platform,dtype,head_dim,decoding,expected", [
     ("auto", "cpu", BF16, 128, False, "xla"),
     ("auto", "gpu", BF16, 128, False, "cudnn"),
     ("auto", "gpu", jnp.float16, 64, False, "cudnn"),
     ("auto", "gpu", F32, 128, False, "xla"),  # cuDNN flash attention has no float32
     ("auto", "gpu", BF16, 256, False, "xla"),
-    ("auto", "gpu", BF16, 128, True, "xla"),  # decode / prefill into a KV cache
+    ("auto", "gpu", BF16, 128, True, "xla"),  # decode steps over a KV cache window
     ("auto", "tpu", BF16, 128, False, "splash"),
     ("auto", "tpu", F32, 64, False, "splash"),
     ("auto", "tpu", BF16, 128, True, "xla"),
@@ -42,8 +42,8 @@ BF16, F32 = jnp.bfloat16, jnp.float32
     ("splash", "tpu", BF16, 128, True, "xla"),
     ("splash", "cpu", F32, 64, False, "splash"),  # Pallas interpret mode: for tests
 ])
-def test_choice_by_backend_and_shape(requested, platform, dtype, head_dim, cached, expected):
-    impl, why = choose_attention(requested, platform=platform, dtype=dtype, head_dim=head_dim, cached=cached)
+def test_choice_by_backend_and_shape(requested, platform, dtype, head_dim, decoding, expected):
+    impl, why = choose_attention(requested, platform=platform, dtype=dtype, head_dim=head_dim, decoding=decoding)
     assert impl == expected, why
     assert why
 
@@ -51,7 +51,7 @@ def test_choice_by_backend_and_shape(requested, platform, dtype, head_dim, cache
 @pytest.mark.parametrize("requested,platform", [("cudnn", "cpu"), ("cudnn", "tpu"), ("splash", "gpu"), ("flash", "gpu")])
 def test_a_kernel_the_platform_cannot_run_is_an_error(requested, platform):
     with pytest.raises(ValueError, match="attention"):
-        choose_attention(requested, platform=platform, dtype=BF16, head_dim=128, cached=False)
+        choose_attention(requested, platform=platform, dtype=BF16, head_dim=128, decoding=False)
 
 
 def test_target_platform_overrides_the_host_backend():
@@ -109,6 +109,34 @@ def test_splash_in_interpret_mode_equals_xla(causal):
         assert rel < 1e-5, f"seed {seed}: d{name} relative error {rel:.2e}"
 
 
+def test_rows_rotated_to_the_front_equal_attention_over_their_padding():
+    """The cuDNN path for left-padded prompts (`right_padded=False`): each row's run of tokens is
+    rotated to the front and a right-padding-only kernel (here XLA with a lengths mask, standing in
+    for cuDNN, which needs a GPU) runs with per-row lengths; real positions equal the dense mask's.
+    Rows: left-padded, right-padded, unpadded, padded on both sides, empty."""
+    seed = fresh_seed()
+    b, t, n, k, h = 5, 24, 4, 2, 8
+    q, kk, v = _qkv(seed, b, t, n, k, h)
+    tokens = np.ones((b, t), np.int32)
+    tokens[0, :9] = 0
+    tokens[1, 17:] = 0
+    tokens[3, :5], tokens[3, 20:] = 0, 0
+    tokens[4] = 0
+    calls = []
+
+    def right_padded_kernel(q, k, v, lengths):
+        calls.append(lengths)
+        m = jnp.arange(q.shape[1])[None, :] < lengths[:, None]  # [B, S]: the first `length` slots
+        return jax.nn.dot_product_attention(q, k, v, mask=jnp.tril(jnp.ones((t, t), bool))[None, None] & m[:, None, None])
+
+    out = via_right_padding(right_padded_kernel, q, kk, v, jnp.asarray(tokens))
+    ref = jax.nn.dot_product_attention(q, kk, v, mask=_dense(tokens, True))
+    assert np.asarray(calls[0]).tolist() == tokens.sum(1).tolist()
+    real = tokens.astype(bool)
+    err = float(np.max(np.abs(np.asarray(out - ref))[real]))
+    assert err < 1e-6, f"seed {seed}: max error {err:.2e}"
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU (this is "
                     f"{jax.default_backend()}); the CPU tests run the XLA path")
 @pytest.mark.parametrize("causal", [True, False])
@@ -119,11 +147,18 @@ def test_cudnn_equals_xla_in_bf16(causal):
     tokens = np.ones((b, t), np.int32)
     if causal:
         tokens[0, 400:] = 0  # right padding: the lengths the kernel takes
-    out = jax.jit(lambda q, k, v: attention(q, k, v, AttentionMask("cudnn", causal=causal, tokens=jnp.asarray(tokens))))(q, kk, v)
-    ref = jax.nn.dot_product_attention(q.astype(F32), kk.astype(F32), v.astype(F32), mask=_dense(tokens, causal))
-    real = tokens.astype(bool)[:, :, None, None]
-    err = float(jnp.max(jnp.where(real, jnp.abs(out.astype(F32) - ref), 0.0)))
-    assert err < 2e-2, f"seed {seed}: max error {err:.3e} against float32 XLA"
+    layouts = [(tokens, True)]
+    if causal:  # left padding (the engine's prefill): rows rotated to the front, then the kernel
+        left = np.ones((b, t), np.int32)
+        left[0, :112] = 0
+        layouts.append((left, False))
+    for toks, right in layouts:
+        mask = AttentionMask("cudnn", causal=causal, tokens=jnp.asarray(toks), right_padded=right)
+        out = jax.jit(lambda q, k, v: attention(q, k, v, mask))(q, kk, v)
+        ref = jax.nn.dot_product_attention(q.astype(F32), kk.astype(F32), v.astype(F32), mask=_dense(toks, causal))
+        real = toks.astype(bool)[:, :, None, None]
+        err = float(jnp.max(jnp.where(real, jnp.abs(out.astype(F32) - ref), 0.0)))
+        assert err < 2e-2, f"seed {seed}: max error {err:.3e} against float32 XLA (right_padded={right})"
 
 
 SHARDED = """
@@ -176,17 +211,12 @@ def _tpu_topology(name: str):
         pytest.skip(f"libtpu is installed but gives no {name} topology here: {str(e).splitlines()[0]}")
 
 
-def test_model_lowers_for_tpu_with_splash_in_both_towers():
-    """AOT-compile the forward pass for 4 TPU v5e chips (fsdp x tensor = 2 x 2) from this CPU: the
-    mesh's platform, not the host's, makes `auto` choose splash, in the vision tower and the
-    language model, each under shard_map."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+def _tpu_mesh_and_config():
+    """4 TPU v5e chips as fsdp x tensor = 2 x 2, and a bf16 LLaVA whose head dim (128) splash takes."""
+    from jax.sharding import Mesh
 
     from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-    from llava_jax.models.llava import Llava, abstract_params
-    from llava_jax.parallel import rules as rules_lib
     from llava_jax.parallel.mesh import AXES
-    from llava_jax.parallel.partition import jit_sharded, model_param_shardings
 
     topo = _tpu_topology("v5e:2x2")
     mesh = Mesh(np.array(topo.devices).reshape(1, 2, 2), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -196,6 +226,45 @@ def test_model_lowers_for_tpu_with_splash_in_both_towers():
                         num_kv_heads=2, head_dim=128),
         image_token_index=255, vision_feature_layer=-1, dtype="bfloat16",
     )
+    return mesh, cfg
+
+
+def test_engine_prefill_lowers_for_tpu_with_splash():
+    """The engine's prefill (left-padded prompts into an empty cache) compiled for 4 TPU v5e chips
+    on the engine's mesh: it runs the splash kernel in both towers; decode steps stay on XLA."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from llava_jax.inference.engine import prefill_step
+    from llava_jax.inference.sampling import SamplingParams
+    from llava_jax.models.llava import Llava, abstract_params
+    from llava_jax.parallel import rules as rules_lib
+    from llava_jax.parallel.partition import model_param_shardings
+
+    mesh, cfg = _tpu_mesh_and_config()
+    rules = rules_lib.DEFAULT_RULES
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg),
+                          model_param_shardings(cfg, mesh, rules))
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)  # noqa: E731
+    args = (params, spec((2, 256), np.int32), spec((2, 1, 56, 56, 3), jnp.bfloat16), spec((2, 256), np.int32),
+            spec((2,), np.uint32), spec((2,), np.int32), SamplingParams().warp_args(), jnp.int32(2))
+    with target_platform("tpu"), jax.set_mesh(mesh):
+        lowered = prefill_step.lower(Llava(cfg), *args, num_new=16, window=16, greedy=True, rules=tuple(rules))
+        text = lowered.compile().as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') >= 2, "expected a Pallas kernel per tower"
+
+
+def test_model_lowers_for_tpu_with_splash_in_both_towers():
+    """AOT-compile the forward pass for 4 TPU v5e chips (fsdp x tensor = 2 x 2) from this CPU: the
+    mesh's platform, not the host's, makes `auto` choose splash, in the vision tower and the
+    language model, each under shard_map."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from llava_jax.models.llava import Llava, abstract_params
+    from llava_jax.parallel import rules as rules_lib
+    from llava_jax.parallel.partition import jit_sharded, model_param_shardings
+
+    mesh, cfg = _tpu_mesh_and_config()
     rules = rules_lib.DEFAULT_RULES
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     ids = jax.ShapeDtypeStruct((4, 256), np.int32, sharding=rows)

@@ -1,6 +1,7 @@
 """The engine on a mesh (tensor parallel over heads / MLP / vocab, the batch over `data`) generates
 what it generates on one device: greedy ids equal, log-probs within 1e-5, across a cache growth; the
-parameters and the KV cache are really split. Runs in a subprocess with 4 simulated CPU devices."""
+parameters and the KV cache are really split; int8 weights too. Runs in a subprocess with 4
+simulated CPU devices."""
 
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ def test_sharded_engine_equals_single_device():
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
     out = json.loads(line[len("RESULT "):])
     single = out.pop("single")
+    int8_single, int8 = out.pop("int8_single"), out.pop("int8_tensor2")
+    # int8 weights on the mesh: each kernel [layers, in, out] split as its float kernel (gate_proj's
+    # output over `tensor`, down_proj's input), its scale [layers, out] as the kernel's output axis.
+    specs = {k: v + ["None"] * (3 - len(v)) if k.endswith("/kernel") else v for k, v in int8["specs"].items()}
+    assert int8["dtype"] == "int8" and specs["gate_proj/kernel"][-1] == "tensor", int8
+    for proj in ("gate_proj", "down_proj"):
+        kernel = specs[f"{proj}/kernel"]
+        assert (specs[f"{proj}/kernel_scale"] + ["None"] * 2)[:2] == [kernel[0], kernel[2]], int8["specs"]
+    assert int8["tokens"] == int8_single["tokens"]
+    for a, b in zip(int8["logprobs"], int8_single["logprobs"]):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg="int8 on tensor=2")
     assert set(out) == {"tensor2", "data2_tensor2"}
     for name, got in out.items():
         assert got["tokens"] == single["tokens"], name

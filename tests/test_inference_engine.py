@@ -18,6 +18,7 @@ from llava_jax import load_pretrained
 from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.inference.engine import Engine, InputError, Prompt, bucket
 from llava_jax.inference.sampling import SamplingParams, warp_logits
+from llava_jax.models.llava import LlavaModel
 from tests._inference import IMAGE_SIZE, IMAGE_TOKEN, NUM_IMAGE_TOKENS, SPM_VOCAB, hf_generate, make_model_dir
 
 LOGPROB_ATOL = 1e-4
@@ -82,6 +83,17 @@ def test_batch_equals_each_prompt_alone(setup, alone):
     _, _, engine = setup
     batched = engine.generate(PROMPTS, GREEDY)
     for b, a in zip(batched, alone):
+        assert b.token_ids == a.token_ids
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
+
+
+def test_prefill_through_splash_equals_xla(setup, alone):
+    """The prefill attends over the prompt's own keys, so a fused kernel runs it: Pallas splash (in
+    interpret mode on this CPU) over the left-padded batch gives each prompt's greedy ids and
+    log-probs of the XLA path alone (decode steps stay on XLA)."""
+    _, model, _ = setup
+    splash = Engine(LlavaModel(model.config.replace(attention="splash"), model.params))
+    for b, a in zip(splash.generate(PROMPTS, GREEDY), alone):
         assert b.token_ids == a.token_ids
         np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
 

@@ -17,6 +17,10 @@ Rows share slot indices, so one `dynamic_update_slice` writes a step for the who
 padded row computes exactly what it would alone. T, N, B and the images per row are rounded up to
 buckets (`bucket`), so a chat whose prompt grows by a few tokens per turn reuses compiled code.
 
+The prefill attends over the prompt's own keys (the cache starts empty), so it runs the fused
+attention kernel of the backend (cuDNN on GPU, each left-padded row rotated to the front; Pallas
+splash on TPU, padding as a segment); decode steps read the cache window through XLA.
+
 Host round trips: `prefill` (vision tower, prompt, first token) and `decode` (a
 `lax.while_loop` over steps that ends when every row is done, `stop_at` is reached or the window
 is full) are one dispatch each, plus one per window growth. Stop strings need the text, which
@@ -36,17 +40,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.data.tokenizer import Tokenizer
-from llava_jax.inference.quant import int8_matmuls, quantize_params
+from llava_jax.inference.quant import SCALE, int8_matmuls, quantize_params
 from llava_jax.inference.sampling import SamplingParams, select_tokens
 from llava_jax.models.llama import Cache, init_cache
 from llava_jax.config import LlavaConfig
 from llava_jax.models.llava import Llava, LlavaModel, default_positions
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.parallel.partition import model_param_shardings, subtree_like
+from llava_jax.parallel.partition import model_param_shardings
 
 STOP_CHECK_EVERY = 32  # decode steps between host checks for stop strings
 MIN_PROMPT_BUCKET = 32
@@ -153,7 +157,7 @@ def _rules(rules: rules_lib.Rules | None):
 
 def _prefill_last_logits(m: Llava, ids, pixels, kv_mask, positions, cache):
     """Prompt forward into the cache; logits [B, V] of the last position only (left padding)."""
-    logits, new_cache = m(ids, pixels, kv_mask, positions, cache, 0, last_only=True)
+    logits, new_cache = m(ids, pixels, kv_mask, positions, cache, None, last_only=True)
     return logits[:, 0], new_cache
 
 
@@ -296,9 +300,24 @@ def tensor_parallel_mesh(n: int) -> Mesh:
 
 
 def shard_params(params: Any, cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> Any:
-    """The parameters placed on the mesh by the logical-axis rules (the training layout's table)."""
-    shardings = subtree_like(model_param_shardings(cfg, mesh, rules), params)
-    return jax.device_put(params, shardings)
+    """The parameters placed on the mesh by the logical-axis rules (the training layout's table).
+
+    int8 parameters (`quantize_params`) too: a kernel is split as its float kernel is, and its
+    per-output-channel scale [..., out] as the kernel's output axis (so each device scales the
+    output columns it computes, with no communication).
+    """
+
+    def like(full: Any, sub: Any) -> Any:
+        if not isinstance(sub, dict):
+            return full
+        out = {k: like(full[k], v) for k, v in sub.items() if k != SCALE}
+        if SCALE in sub:
+            kernel = full["kernel"]
+            spec = tuple(kernel.spec) + (None,) * (np.ndim(sub["kernel"]) - len(kernel.spec))
+            out[SCALE] = NamedSharding(mesh, PartitionSpec(*spec[:-2], spec[-1]))
+        return out
+
+    return jax.device_put(params, like(model_param_shardings(cfg, mesh, rules), params))
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -321,7 +340,7 @@ class Engine:
       rules: the logical-axis rules table for the mesh (default `parallel.rules.DEFAULT_RULES`).
       int8: weight-only int8 for the language model's Linear layers (`inference/quant.py`): half
         the weight bytes of bf16 per decoded token; greedy ids close to, not equal to, float's
-        (tests/test_inference_engine.py::test_int8_weights_stay_close_to_float). Not with `mesh` yet.
+        (tests/test_inference_engine.py::test_int8_weights_stay_close_to_float); on a `mesh` too.
 
     Compiled code is shared by every engine over the same model config (the module is a static
     argument of `prefill_step` and `decode_loop`).
@@ -339,16 +358,14 @@ class Engine:
         rules: rules_lib.Rules = rules_lib.DEFAULT_RULES,
         int8: bool = False,
     ):
-        if int8 and mesh is not None:
-            raise InputError("int8 weights on a mesh (--int8 with --tensor-parallel) are not supported yet")
         self.model = model
         self.first_window = first_window
         self.mesh = mesh
         self.rules = None if mesh is None else tuple(rules)
         self.int8 = int8
-        self.params = model.params if mesh is None else shard_params(model.params, model.config, mesh, rules)
-        if int8:
-            self.params = quantize_params(self.params)
+        self.params = quantize_params(model.params) if int8 else model.params
+        if mesh is not None:
+            self.params = shard_params(self.params, model.config, mesh, rules)
         self.config = model.config
         self.tokenizer = tokenizer
         self.max_context = int(max_context or self.config.text.max_position_embeddings)

@@ -132,6 +132,6 @@ class CLIPVisionTower(nn.Module):
         x = layer_norm(c.layer_norm_eps, "vision_embed", name="pre_layrnorm", **kw)(x)
         # Every patch sees every patch: no mask, no padding (577 tokens at 336 px).
         mask = AttentionMask(resolve_attention(self.attention, "vision tower", dtype=self.dtype, head_dim=c.head_dim,
-                                               cached=False), causal=False)
+                                               decoding=False), causal=False)
         layers = layer_stack(CLIPEncoderLayer, self.num_layers_run, scan=self.scan_layers, remat=self.remat, cfg=c, **kw)
         return run_layers(layers, x, mask)

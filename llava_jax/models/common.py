@@ -102,7 +102,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # (its docstring: "defaults to None, which currently falls back to xla"): it materialises the
 # [B, N, T, S] scores in float32. The fused kernels never do:
 #   cudnn   cuDNN flash attention (GPU), `jax.nn.dot_product_attention(implementation="cudnn")`;
-#           causal through `is_causal`, padding through per-row lengths (right padding only).
+#           causal through `is_causal`, padding through per-row lengths: right padding as it is,
+#           any other contiguous run (the engine's left-padded prompts) rotated to the front first.
 #   splash  Pallas splash attention (TPU); causal or full block-sparse mask, padding through
 #           segment ids (any padding); run in Pallas interpret mode when asked for on a CPU (tests).
 #   xla     the dense reference: any mask, any dtype, a KV cache. Parity tests run it on CPU.
@@ -141,7 +142,7 @@ def choose_attention(
     platform: str,
     dtype,
     head_dim: int,
-    cached: bool,
+    decoding: bool,
 ) -> tuple[str, str]:
     """(implementation, why) for one attention call site; pure, so that the table is unit-tested.
 
@@ -152,7 +153,8 @@ def choose_attention(
       platform: "cpu", "gpu" or "tpu" (see `current_platform`).
       dtype: the compute dtype of q, k, v.
       head_dim: H.
-      cached: whether the call reads a KV cache (prefill into a cache, decode steps).
+      decoding: whether the queries are decode steps that attend over a KV cache window (a
+        prefill into an empty cache attends over its own keys, so the kernels apply to it).
     """
     if requested not in ATTENTION_IMPLS:
         raise ValueError(f"attention={requested!r}; expected one of {ATTENTION_IMPLS}")
@@ -166,8 +168,8 @@ def choose_attention(
     kernel = _KERNEL_BY_PLATFORM.get(platform) if requested == "auto" else requested
     if kernel is None:
         return "xla", f"no fused attention kernel on {platform}"
-    if cached:
-        return "xla", f"{kernel} takes no KV-cache offset (prefill into a cache, decode steps)"
+    if decoding:
+        return "xla", f"{kernel} takes no KV-cache offset (decode steps attend over the cache window)"
     if kernel == "cudnn":
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             return "xla", f"cuDNN flash attention takes bfloat16/float16, the compute dtype is {jnp.dtype(dtype).name}"
@@ -201,6 +203,9 @@ class AttentionMask:
     causal: bool = flax.struct.field(pytree_node=False)
     dense: jax.Array | None = None  # [B, 1, T, S] bool, True = attend (xla)
     tokens: jax.Array | None = None  # [B, S] int, 1 = a real token (fused kernels; queries are the same slots)
+    # cudnn: whether every row is its tokens then padding (training and evaluation batches). If not,
+    # each row's tokens must be one contiguous run (left-padded prompts): it is rotated to the front.
+    right_padded: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 def attention(
@@ -217,11 +222,12 @@ def attention(
     if not isinstance(mask, AttentionMask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     if mask.impl == "cudnn":
-        lengths = None
-        if mask.tokens is not None:  # right padding: a row's tokens are its first `length` slots
-            lengths = jnp.sum(mask.tokens, axis=-1, dtype=jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", is_causal=mask.causal,
-                                            query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+        kernel = functools.partial(_cudnn, causal=mask.causal)
+        if mask.tokens is None:
+            return kernel(q, k, v, None)
+        if mask.right_padded:  # a row's tokens are its first `length` slots
+            return kernel(q, k, v, jnp.sum(mask.tokens, axis=-1, dtype=jnp.int32))
+        return via_right_padding(kernel, q, k, v, mask.tokens)
     if mask.impl == "splash":
         out = _splash_sharded(q, k, v, mask)
         if out is not None:
@@ -235,6 +241,32 @@ def attention(
         if mask.tokens is not None:
             dense = dense & mask.tokens.astype(bool)[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=dense)
+
+
+def _cudnn(q, k, v, lengths, *, causal: bool) -> jax.Array:
+    """cuDNN flash attention; `lengths` [B]: each row's tokens are its first `length` slots."""
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", is_causal=causal,
+                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+
+
+def via_right_padding(kernel: Callable, q, k, v, tokens: jax.Array) -> jax.Array:
+    """`kernel(q, k, v, lengths)` (right padding only) for rows whose tokens are one contiguous run
+    anywhere in the row, e.g. left-padded prompts that all end in the last slot.
+
+    Each row is rotated so that its run starts at slot 0, the kernel runs with per-row lengths, and
+    the output is rotated back. Attention depends on the order of the keys only through the causal
+    mask, which the rotation keeps within the run; positions are already in q and k (RoPE), so a row
+    computes what it computes alone. The rotations are gathers of q, k, v and the output: memory
+    traffic of the size of the activations, never of the [T, S] scores.
+    """
+    t = q.shape[1]
+    real = tokens != 0
+    first = jnp.argmax(real, axis=1).astype(jnp.int32)  # [B]: the run's first slot (0 for an empty row)
+    slots = jnp.arange(t, dtype=jnp.int32)[None]
+    take = lambda x, idx: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)  # noqa: E731
+    front = (slots + first[:, None]) % t  # row slot j <- slot first + j
+    out = kernel(take(q, front), take(k, front), take(v, front), jnp.sum(real, axis=1, dtype=jnp.int32))
+    return take(out, (slots - first[:, None]) % t)
 
 
 SPLASH_BLOCKS = (512, 256, 128)  # tried in order; the sequence is padded to a multiple of 128

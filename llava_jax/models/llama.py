@@ -94,9 +94,10 @@ class LlamaAttention(nn.Module):
         v = split_heads(v, c.num_kv_heads)
         new_cache = None
         if cache is not None:  # this layer's slice of the stacked cache [L, B, K, S, H], written in place
-            at = (layer, 0, 0, cache_index, 0)
+            at = (layer, 0, 0, 0 if cache_index is None else cache_index, 0)
             new_cache = {n: jax.lax.dynamic_update_slice(cache[n], jnp.swapaxes(t, 1, 2)[None].astype(cache[n].dtype), at)
                          for n, t in (("k", k), ("v", v))}  # [B, T, K, H] written as [1, B, K, T, H]
+        if cache is not None and cache_index is not None:  # a decode step: attend over the cache window
             # Read back as [B, S, K, H]: the transpose folds into the attention matmuls, whose batch
             # axes (B, K) lead in the cache layout, so no step copies the cache into another layout.
             k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False), 1, 2)
@@ -192,23 +193,35 @@ class LlamaModel(nn.Module):
         positions: jax.Array,  # [B, T] int
         kv_mask: jax.Array,  # [B, S] 1 = a real token in that slot (S = T without cache)
         cache: Cache | None = None,
-        cache_index: jax.Array | int = 0,
+        cache_index: jax.Array | int | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
     ) -> tuple[jax.Array, Cache | None]:  # logits [B, T, V] float32 ([B, 1, V] with last_only)
-        """Logits and the updated cache. `last_only` runs the head on the last position alone: a
+        """Logits and the updated cache.
+
+        With a cache and `cache_index` None, this is a prefill into an empty cache: the T prompt
+        slots are written at slot 0 and the prompt attends over its own keys, so the fused kernels
+        apply (prompts are left-padded there: cuDNN rotates each row, splash takes any padding).
+        With `cache_index` (a traced scalar), the T queries are decode steps written at that slot,
+        attending over every slot of the cache window (the XLA path, `kv_mask` [B, S]).
+
+        `last_only` runs the head on the last position alone: a
         prefill needs no more, and the full float32 [B, T, V] logits of a long prompt would cost more
         memory than the rest of it (left-padded prompts all end in the last column). `hidden_only`
         returns the final-norm hidden states [B, T, D] instead, for a loss that runs the head on a
         few positions at a time (`logits`)."""
         x = inputs_embeds.astype(self.dtype)
         cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
+        t = x.shape[1]
+        decoding = cache is not None and cache_index is not None
         impl = resolve_attention(self.attention, "language model", dtype=self.dtype, head_dim=self.cfg.head_dim,
-                                 cached=cache is not None)
-        if impl == "xla":
-            mask = AttentionMask(impl, causal=True, dense=attention_mask(kv_mask, x.shape[1], cache_index))
-        else:  # no cache: queries and keys are the same T slots
-            mask = AttentionMask(impl, causal=True, tokens=kv_mask)
+                                 decoding=decoding)
+        if decoding:
+            mask = AttentionMask(impl, causal=True, dense=attention_mask(kv_mask, t, cache_index))
+        elif impl == "xla":  # queries and keys are the same T slots (a prefill's first T of the cache)
+            mask = AttentionMask(impl, causal=True, dense=attention_mask(kv_mask[:, :t], t, 0))
+        else:  # training and evaluation rows are right-padded (LlavaModel checks); prefill rows left-padded
+            mask = AttentionMask(impl, causal=True, tokens=kv_mask[:, :t], right_padded=cache is None)
         x, new_cache, _ = run_layers(self.layers, (x, cache, jnp.int32(0)), cos, sin, mask, cache_index)
         x = self.norm(x[:, -1:] if last_only else x)
         return (x if hidden_only else self.logits(x)), new_cache

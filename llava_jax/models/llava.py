@@ -73,7 +73,7 @@ class Llava(nn.Module):
         attention_mask: jax.Array | None = None,  # [B, T] (or [B, S] with a cache)
         positions: jax.Array | None = None,  # [B, T]
         cache: Cache | None = None,
-        cache_index: jax.Array | int = 0,
+        cache_index: jax.Array | int | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
     ) -> tuple[jax.Array, Cache | None]:
@@ -82,7 +82,8 @@ class Llava(nn.Module):
         With `hidden_only`, the final-norm hidden states [B, T, D] instead of logits (`lm_logits`
         turns them into logits). The cuDNN attention kernel takes padding as per-row lengths: rows
         must be right-padded (tokens first), as the training pipeline and evaluation write them;
-        `LlavaModel` checks its inputs on the host and takes the XLA path for other layouts.
+        `LlavaModel` checks its inputs on the host and takes the XLA path for other layouts. A
+        prefill into a cache (`cache_index` None) takes left-padded prompts (`LlamaModel`).
         """
         embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:
