@@ -3,6 +3,7 @@
   python -m bench.compile --depth        # narrow model: compile and init time at 8 vs 64 layers, scanned vs unrolled
   python -m bench.compile --table        # LLaVA-1.5 7B / 13B, stage 1 / 2, on v5e-8, v5e-16, v5p-8, v6e-8 and 8 x 80 GB GPUs
   python -m bench.compile --cell 7b 2 v5e-8 --rows 4 --remat full    # one compile, one JSON line
+  python -m bench.compile --table --sizes 13b --stages 2 --lora       # stage 2 as LoRA (`:13b_lora`)
 
 `--table` compiles each recipe (configs/llava15.py) through `llava_jax.train.aot`, the path of
 `--config.compile_only=True`, which builds the step as training does: TPU targets through libtpu's
@@ -43,15 +44,19 @@ def _env(devices: int) -> dict:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool = True) -> dict:
-    """Compile one recipe stage for one target in this process; returns the report as a dict."""
+def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool = True, lora: bool = False) -> dict:
+    """Compile one recipe stage for one target in this process; returns the report as a dict.
+
+    `lora`: stage 2 of the `:SIZE_lora` recipe (r 128 adapters, the base frozen), not full fine-tuning."""
     from configs.llava15 import get_config
     from llava_jax.train import aot
 
     topology, chip = TARGETS[target]
     devices = aot.topology_devices(topology) if topology else None
     n = len(devices) if devices else __import__("jax").device_count()
-    c = get_config(f"{size}_stage{stage}")
+    if lora and stage != 2:
+        raise ValueError("--lora is a stage-2 recipe")
+    c = get_config(f"{size}_lora_stage2" if lora else f"{size}_stage{stage}")
     c.model.init = ""
     c.model.remat = remat
     for st in c.stages:
@@ -66,7 +71,7 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     cpu0 = _cpu_seconds()
     report = aot.compile_stage(c, 0, devices)
     return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
-            "cpu_s": _cpu_seconds() - cpu0}
+            "lora": lora, "cpu_s": _cpu_seconds() - cpu0}
 
 
 def _cpu_seconds() -> float:
@@ -77,9 +82,9 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _cell_subprocess(size, stage, target, rows, remat, scan=True, timeout=1800) -> dict:
+def _cell_subprocess(size, stage, target, rows, remat, scan=True, lora=False, timeout=1800) -> dict:
     args = [sys.executable, "-m", "bench.compile", "--cell", size, str(stage), target, "--rows", str(rows),
-            "--remat", remat] + ([] if scan else ["--unrolled"])
+            "--remat", remat] + ([] if scan else ["--unrolled"]) + (["--lora"] if lora else [])
     t0 = time.time()
     r = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
     if r.returncode:
@@ -91,7 +96,7 @@ def _cell_subprocess(size, stage, target, rows, remat, scan=True, timeout=1800) 
     return out
 
 
-def table(out_path: str, sizes, stages, targets) -> None:
+def table(out_path: str, sizes, stages, targets, lora: bool = False) -> None:
     """Compile every cell, halving rows until it fits; print the markdown table."""
     rows_md = []
     for size in sizes:
@@ -102,7 +107,7 @@ def table(out_path: str, sizes, stages, targets) -> None:
                 rows = min(RECIPE_ROWS[stage], global_batch // n)
                 found = None
                 while rows >= 1:
-                    rec = _cell_subprocess(size, stage, target, rows, "full")
+                    rec = _cell_subprocess(size, stage, target, rows, "full", lora=lora)
                     rec["uptime"] = os.getloadavg()[0]
                     with open(out_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
@@ -132,7 +137,8 @@ def _md_row(size, stage, target, rec, fits) -> str:
         return f"| {size} | {stage} | {target} | failed: {rec['failed']} | | | | |"
     g = 1 << 30
     mesh = " ".join(f"{k}={v}" for k, v in rec["mesh"].items() if v > 1) or "1 device"
-    what = (f"{rec['rows_per_device']} rows, {rec['remat']}, {mesh}" if fits
+    remat = f"{rec['remat']}{', LoRA r 128' if rec.get('lora') else ''}"
+    what = (f"{rec['rows_per_device']} rows, {remat}, {mesh}" if fits
             else f"no: {rec['rows_per_device']} row(s)/chip need {rec['total_bytes'] / g:.1f} GiB")
     chip = f"{rec['chip_bytes'] / g:.0f}" if rec["chip_bytes"] else "?"
     return (f"| {size} | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | {rec['temp_bytes'] / g:.1f} GiB | "
@@ -223,6 +229,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=None, help="--cell: rows per device (default: the recipe's)")
     ap.add_argument("--remat", default="full")
     ap.add_argument("--unrolled", action="store_true", help="--cell: scan_layers=False")
+    ap.add_argument("--lora", action="store_true", help="--cell / --table: stage 2 as LoRA (the `:SIZE_lora` recipe)")
     ap.add_argument("--sizes", default="7b,13b")
     ap.add_argument("--stages", default="1,2")
     ap.add_argument("--targets", default=",".join(TARGETS))
@@ -231,14 +238,15 @@ def main() -> None:
     if args.cell:
         size, stage, target = args.cell
         rows = args.rows or RECIPE_ROWS[int(stage)]
-        print(json.dumps(cell(size, int(stage), target, rows, args.remat, scan=not args.unrolled)))
+        print(json.dumps(cell(size, int(stage), target, rows, args.remat, scan=not args.unrolled, lora=args.lora)))
     elif args.depth_point:
         layers, layout, what = args.depth_point
         print(json.dumps(depth_point(int(layers), layout == "scan", what)))
     elif args.depth:
         depth(args.out)
     elif args.table:
-        table(args.out, args.sizes.split(","), [int(s) for s in args.stages.split(",")], args.targets.split(","))
+        table(args.out, args.sizes.split(","), [int(s) for s in args.stages.split(",")], args.targets.split(","),
+              lora=args.lora)
     else:
         ap.error("choose --table, --depth or --cell")
 

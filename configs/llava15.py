@@ -19,12 +19,20 @@
 # --config.stages[1].remat=full --config.stages[1].micro_batch=128.
 # Stage 1 and 13B keep full remat at the reference micro-batches (not measured per policy).
 #
-# Where 7B fits (TPU compiler, full remat, FSDP over every chip; BENCHMARKS.md, `bench.compile --table`):
-#   v5p-8 (4 chips):  stage 1 at 32 rows a chip, stage 2 at 16 (the recipe's micro-batches as they are)
-#   v6e-8:            stage 1 at 16 rows a chip (--config.stages[0].micro_batch=128); stage 2 at 4:
-#                     --config.stages[1].remat=full --config.stages[1].micro_batch=32
-#   v5e-8:            stage 1 at 8 rows a chip (--config.stages[0].micro_batch=64); stage 2 does not fit
-#                     (1 row a chip asks 28 GiB of 16): use `:7b_lora` (5.4 GiB a chip) or a larger slice
+# Where it fits (TPU compiler; GPUs: the CPU compiler's upper bound; full remat, FSDP over every
+# chip; BENCHMARKS.md, `python -m bench.compile --table`). Rows are per chip; micro_batch is global.
+#   7B   v5p-8 (4 chips):  stage 1 at 32 rows, stage 2 at 16 (the recipe's micro-batches as they are)
+#        8 x 80 GB GPUs:   stage 1 at 16 rows (--config.stages[0].micro_batch=128), stage 2 as it is
+#        v6e-8:            stage 1 at 16 rows (--config.stages[0].micro_batch=128); stage 2 at 4:
+#                          --config.stages[1].remat=full --config.stages[1].micro_batch=32
+#        v5e-16:           stage 1 at 8 rows (micro_batch=128); stage 2 at 2 (remat=full, micro_batch=32)
+#        v5e-8:            stage 1 at 8 rows (--config.stages[0].micro_batch=64); stage 2 does not fit
+#                          (1 row a chip asks 28 GiB of 16): use `:7b_lora` or a larger slice
+#   13B  v5p-8 (4 chips):  stage 1 at 32 rows; stage 2 at 4 (--config.stages[1].micro_batch=16)
+#        8 x 80 GB GPUs:   stage 1 at 16 rows (micro_batch=128); stage 2 at 8 (micro_batch=64)
+#        v6e-8:            stage 1 at 16 rows (micro_batch=128); stage 2 does not fit: `:13b_lora`
+#        v5e-8, v5e-16:    stage 1 at 8 rows (micro_batch=64 / 128); stage 2 does not fit: `:13b_lora`
+#                          (full fine-tuning holds 16 bytes a parameter a chip before activations)
 # Check any other slice before renting it: --config.compile_only=True --config.compile_topology=v5e:4x4
 #
 # model.init is the stage-1 starting point converted from parts:
