@@ -30,9 +30,11 @@
 #                          (1 row a chip asks 28 GiB of 16): use `:7b_lora` or a larger slice
 #   13B  v5p-8 (4 chips):  stage 1 at 32 rows; stage 2 at 4 (--config.stages[1].micro_batch=16)
 #        8 x 80 GB GPUs:   stage 1 at 16 rows (micro_batch=128); stage 2 at 8 (micro_batch=64)
-#        v6e-8:            stage 1 at 16 rows (micro_batch=128); stage 2 does not fit: `:13b_lora`
-#        v5e-8, v5e-16:    stage 1 at 8 rows (micro_batch=64 / 128); stage 2 does not fit: `:13b_lora`
-#                          (full fine-tuning holds 16 bytes a parameter a chip before activations)
+#        v6e-8:            stage 1 at 16 rows (micro_batch=128); stage 2 does not fit: `:13b_lora` at 8
+#                          rows (--config.stages[1].micro_batch=64)
+#        v5e-8, v5e-16:    stage 1 at 8 rows (micro_batch=64 / 128); stage 2 does not fit: `:13b_lora` at 4
+#                          rows (micro_batch=32 / 64). Full fine-tuning holds 16 bytes a parameter
+#                          before any activation; `:7b_lora` fits a v5e-8 as it is (4 rows a chip).
 # Check any other slice before renting it: --config.compile_only=True --config.compile_topology=v5e:4x4
 #
 # model.init is the stage-1 starting point converted from parts:
