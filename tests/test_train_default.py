@@ -2,7 +2,7 @@
 
 The bar of the training issue: on a 2-core CPU the whole default run (data build, stage 1, stage 2,
 evaluation) finishes within 5 minutes with >= 85% held-out accuracy, >= 50 points above the same
-model with the image blanked. The default takes about 2.5 minutes on an idle 2-core CPU, so CI runs
+model with the image blanked. The default takes about 4 minutes on an idle 2-core CPU, so CI runs
 the full thing; there is no shorter variant.
 """
 
@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 
-# The issue's limit is 5 minutes; a loaded CI machine gets twice that before the run counts as hung.
-TIMEOUT_S = 600
+# The issue's limit is 5 minutes idle. Under `pytest -n 3` the run shares the 2 cores with two other
+# workers and took up to 517 s (2026-11-29), so a hang is what exceeds 14 minutes.
+TIMEOUT_S = 840
 QTYPES = ("color", "shape", "count", "position")
 
 
