@@ -271,3 +271,16 @@ def test_int8_weights_stay_close_to_float(setup, alone):
         assert err < INT8_LOGPROB_ATOL, f"int8 log-prob error {err:.3f}"
     # Quantised, not float: the log-probs move (by about the rounding of the weights).
     assert max(np.abs(np.asarray(g.logprobs[:4]) - np.asarray(a.logprobs[:4])).max() for g, a in zip(got, alone)) > 1e-4
+
+
+def test_int8_parameter_shapes_without_weights(setup):
+    """`abstract_quantized` (what compile-only memory figures use, bench/serve_memory.py) is the tree
+    `quantize_params` makes: the same leaves, shapes and dtypes (int8 kernels, float32 scales)."""
+    from llava_jax.inference.quant import abstract_quantized, quantize_params
+
+    _, model, _ = setup
+    real = jax.eval_shape(lambda: quantize_params(model.params))
+    shapes = abstract_quantized(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model.params))
+    assert jax.tree.structure(real) == jax.tree.structure(shapes)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(real)] == [(x.shape, x.dtype) for x in jax.tree.leaves(shapes)]
+    assert sum(x.dtype == jnp.int8 for x in jax.tree.leaves(shapes)) >= 7  # q, k, v, o, gate, up, down at least

@@ -299,8 +299,9 @@ def tensor_parallel_mesh(n: int) -> Mesh:
     return make_mesh(data=1, fsdp=1, tensor=n, devices=jax.devices()[:n])
 
 
-def shard_params(params: Any, cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> Any:
-    """The parameters placed on the mesh by the logical-axis rules (the training layout's table).
+def param_shardings(params: Any, cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> Any:
+    """Shardings for `params` (arrays or shapes) on the mesh by the logical-axis rules (the training
+    layout's table), nothing placed.
 
     int8 parameters (`quantize_params`) too: a kernel is split as its float kernel is, and its
     per-output-channel scale [..., out] as the kernel's output axis (so each device scales the
@@ -313,11 +314,16 @@ def shard_params(params: Any, cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rul
         out = {k: like(full[k], v) for k, v in sub.items() if k != SCALE}
         if SCALE in sub:
             kernel = full["kernel"]
-            spec = tuple(kernel.spec) + (None,) * (np.ndim(sub["kernel"]) - len(kernel.spec))
+            spec = tuple(kernel.spec) + (None,) * (len(sub["kernel"].shape) - len(kernel.spec))
             out[SCALE] = NamedSharding(mesh, PartitionSpec(*spec[:-2], spec[-1]))
         return out
 
-    return jax.device_put(params, like(model_param_shardings(cfg, mesh, rules), params))
+    return like(model_param_shardings(cfg, mesh, rules), params)
+
+
+def shard_params(params: Any, cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> Any:
+    """The parameters (float or int8) placed on the mesh by `param_shardings`."""
+    return jax.device_put(params, param_shardings(params, cfg, mesh, rules))
 
 
 # --- the engine ----------------------------------------------------------------------------------

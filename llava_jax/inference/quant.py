@@ -35,18 +35,29 @@ def quantize_kernel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def quantize_params(params: Any) -> Any:
-    """The same tree with every QUANTISED kernel int8 and its `kernel_scale` beside it."""
+def _map_quantised(params: Any, fn) -> Any:
+    """The tree with each QUANTISED node's kernel replaced by `fn(kernel)` = (kernel, scale)."""
 
     def walk(node: Any, path: str) -> Any:
         if not isinstance(node, dict):
             return node
         if "kernel" in node and QUANTISED.search(path) and "lora_a" not in node:
-            q, s = quantize_kernel(jax.device_get(node["kernel"]))
-            return {**node, "kernel": jnp.asarray(q), SCALE: jnp.asarray(s)}
+            q, s = fn(node["kernel"])
+            return {**node, "kernel": q, SCALE: s}
         return {k: walk(v, f"{path}/{k}" if path else k) for k, v in node.items()}
 
     return walk(params, "")
+
+
+def quantize_params(params: Any) -> Any:
+    """The same tree with every QUANTISED kernel int8 and its `kernel_scale` beside it."""
+    return _map_quantised(params, lambda k: tuple(map(jnp.asarray, quantize_kernel(jax.device_get(k)))))
+
+
+def abstract_quantized(params: Any) -> Any:
+    """`quantize_params` on shapes (`jax.ShapeDtypeStruct` leaves): what an int8 engine holds."""
+    return _map_quantised(params, lambda k: (jax.ShapeDtypeStruct(k.shape, jnp.int8),
+                                             jax.ShapeDtypeStruct(k.shape[:-2] + k.shape[-1:], jnp.float32)))
 
 
 def _int8_dense(next_fun, args, kwargs, context):

@@ -1,0 +1,113 @@
+"""Per-chip memory of the engine serving LLaVA-1.5, from the compiler alone (no weights, no chip).
+
+    JAX_PLATFORMS=cpu python -m bench.serve_memory --size 7b --topology v5e:2x2            # 4 v5e chips, tensor=4
+    JAX_PLATFORMS=cpu python -m bench.serve_memory --size 7b --topology v5e:2x2 --chips 1 --int8   # one chip, int8
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m bench.serve_memory --size 13b   # 2 CPU devices
+
+Compiles the engine's two programs, `prefill_step` (vision tower, prompts into a fresh cache, first
+token) and `decode_loop` (the `while_loop` of decode steps), exactly as `Engine(model, mesh=
+tensor_parallel_mesh(N), int8=...)` runs them: bf16 weights (or int8 with a scale per output
+channel) split over `tensor` by the rules table, the KV cache split on kv heads. TPU topologies go
+through libtpu's compiler on this host (`pip install -e ".[tpu]"`); without `--topology`, this
+host's devices. Prints one markdown row per program: arguments, new outputs (those not written
+over a donated input: the prefill's fresh cache), temporaries and their total per chip against
+the chip's memory. The cache holds the prompt plus the decode window that `--new`
+tokens end in (`Engine`'s doubling from 16 slots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llava_jax.config import PRESETS
+from llava_jax.inference import engine as engine_lib
+from llava_jax.inference.quant import abstract_quantized
+from llava_jax.inference.sampling import SamplingParams
+from llava_jax.models.common import target_platform
+from llava_jax.models.llava import Llava, abstract_params
+from llava_jax.parallel import rules as rules_lib
+from llava_jax.parallel.mesh import make_mesh
+from llava_jax.parallel.partition import mesh_platform
+from llava_jax.train.aot import CHIP_MEMORY_GIB, topology_devices
+
+GIB = 1 << 30
+
+
+def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: int, int8: bool) -> list[dict]:
+    """Compile prefill and decode for `devices` (tensor-parallel over all of them); a dict per program."""
+    cfg = PRESETS[f"llava-1.5-{size}"].replace(dtype="bfloat16")
+    mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
+    rules = tuple(rules_lib.DEFAULT_RULES)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype), abstract_params(cfg))
+    if int8:
+        shapes = abstract_quantized(shapes)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                          engine_lib.param_shardings(shapes, cfg, mesh, rules))
+    whole = NamedSharding(mesh, PartitionSpec())
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
+    t = engine_lib.bucket(prompt, engine_lib.MIN_PROMPT_BUCKET)
+    num_new = engine_lib.bucket(new, engine_lib.MIN_NEW_TOKENS_BUCKET)
+    window = engine_lib.FIRST_WINDOW
+    while window < new:  # the window the answer's last token is decoded in
+        window = engine_lib.next_window(window, num_new)
+    v = cfg.vision
+    warp = {k: spec((), x.dtype) for k, x in SamplingParams().warp_args().items()}  # shapes: nothing runs on a chip
+    args = (params, spec((batch, t), np.int32), spec((batch, 1, v.image_size, v.image_size, 3), jnp.bfloat16),
+            spec((batch, t), np.int32), spec((batch,), np.uint32), spec((batch,), np.int32), warp, spec((), np.int32))
+    module = Llava(cfg)
+    out = []
+    with target_platform(mesh_platform(mesh)), jax.set_mesh(mesh):
+        lowered = engine_lib.prefill_step.lower(module, *args, num_new=num_new, window=window, greedy=True,
+                                                rules=rules, int8=int8)
+        prefill = lowered.compile()
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), lowered.out_info,
+                             prefill.output_shardings)
+        decode = engine_lib.decode_loop.lower(module, params, state, spec((), np.int32), warp, spec((), np.int32),
+                                              greedy=True, rules=rules, int8=int8).compile()
+    chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)
+    for name, compiled in (("prefill", prefill), ("decode", decode)):
+        mem = compiled.memory_analysis()
+        args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+        new_out = mem.output_size_in_bytes - mem.alias_size_in_bytes  # outputs not written over a donated input
+        out.append({"size": size, "program": name, "devices": f"{len(devices)} x {devices[0].device_kind}",
+                    "int8": int8, "batch": batch, "prompt": t, "cache_slots": t + window,
+                    "argument_gib": args_b / GIB, "output_gib": new_out / GIB, "temp_gib": temp_b / GIB,
+                    "total_gib": (args_b + new_out + temp_b) / GIB, "chip_gib": chip})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="7b", choices=["7b", "13b"])
+    ap.add_argument("--topology", default=None, help="a TPU topology, e.g. v5e:2x2 (default: this host's devices)")
+    ap.add_argument("--chips", type=int, default=None, help="tensor-parallel over the first N devices (default: all)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=641, help="prompt tokens (576 image + text)")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--json", default=None, help="append the figures to this file")
+    a = ap.parse_args()
+    devices = (topology_devices(a.topology) if a.topology else jax.devices())[: a.chips]
+    rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt, new=a.new, int8=a.int8)
+    print("| model | weights | devices | program | batch x cache slots | arguments | new outputs | temporaries | total / chip |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        chip = f"{r['chip_gib']:.2f} GiB" if r["chip_gib"] else "?"
+        print(f"| {r['size']} | {'int8' if r['int8'] else 'bf16'} | {r['devices']} | {r['program']} | "
+              f"{r['batch']} x {r['cache_slots']} | {r['argument_gib']:.2f} GiB | {r['output_gib']:.2f} GiB | "
+              f"{r['temp_gib']:.2f} GiB | "
+              f"{r['total_gib']:.2f} / {chip} |")
+    if a.json:
+        with open(a.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
