@@ -23,10 +23,9 @@ import jax
 import numpy as np
 
 from bench.forward import SHAPES
-from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.parallel.partition import model_param_shardings
+from llava_jax.parallel.partition import abstract_sharded_params
 from llava_jax.train import lora as lora_train
 from llava_jax.train.aot import abstract_batch, topology_devices
 from llava_jax.train.defaults import lora, stage
@@ -46,8 +45,7 @@ def compile_step(cfg, mesh, batch: int, seq: int, lora_rank: int) -> dict:
     rules = rules_lib.DEFAULT_RULES
     if lora_rank:  # the adapters the loop adds for the stage (train/lora.py)
         cfg = cfg.replace(lora=lora_train.resolve_spec(st.lora, cfg))
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg),
-                          model_param_shardings(cfg, mesh, rules))
+    params = abstract_sharded_params(cfg, mesh, rules)
     program = stage_program(cfg, st, mesh, rules, 5000, params)
     t0 = time.time()
     compiled = program.step.lower(program.state_abstract, abstract_batch(cfg, 1, batch, seq, mesh)).compile()

@@ -26,10 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from bench.common import with_layers
 from llava_jax.config import LLAVA_15_7B, LLAVA_15_13B
 from llava_jax.models.common import REMAT_POLICIES
-from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import AXES
-from llava_jax.parallel.partition import batch_shardings, jit_sharded, model_param_shardings, state_shardings
+from llava_jax.parallel.partition import abstract_sharded_params, batch_shardings, jit_sharded, state_shardings
 from llava_jax.train.optimizer import make_optimizer, split_params
 from llava_jax.train.step import create_state, make_train_step
 
@@ -56,8 +55,7 @@ def compile_step(cfg, devs, *, stage: int, rows: int, seq: int) -> dict:
     """Compile one train step; its per-device memory (GiB) and compile seconds."""
     mesh = Mesh(np.array(devs).reshape(1, len(devs), 1), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     rules = rules_lib.DEFAULT_RULES
-    sh = model_param_shardings(cfg, mesh, rules)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg), sh)
+    params = abstract_sharded_params(cfg, mesh, rules)
     tx, schedule = make_optimizer(learning_rate=2e-5, total_steps=5000)
     trainable, frozen = split_params(params, STAGES[stage])
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype, sharding=x.sharding), frozen)

@@ -33,7 +33,7 @@ from llava_jax.models.common import target_platform
 from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.parallel.partition import mesh_platform
+from llava_jax.parallel.partition import mesh_platform, sharded_shapes
 from llava_jax.train.aot import CHIP_MEMORY_GIB, topology_devices
 
 GIB = 1 << 30
@@ -47,8 +47,7 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype), abstract_params(cfg))
     if int8:
         shapes = abstract_quantized(shapes)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                          engine_lib.param_shardings(shapes, cfg, mesh, rules))
+    params = sharded_shapes(shapes, engine_lib.param_shardings(shapes, cfg, mesh, rules))
     whole = NamedSharding(mesh, PartitionSpec())
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
     t = engine_lib.bucket(prompt, engine_lib.MIN_PROMPT_BUCKET)
@@ -66,8 +65,7 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
         lowered = engine_lib.prefill_step.lower(module, *args, num_new=num_new, window=window, greedy=True,
                                                 rules=rules, int8=int8)
         prefill = lowered.compile()
-        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), lowered.out_info,
-                             prefill.output_shardings)
+        state = sharded_shapes(lowered.out_info, prefill.output_shardings)
         decode = engine_lib.decode_loop.lower(module, params, state, spec((), np.int32), warp, spec((), np.int32),
                                               greedy=True, rules=rules, int8=int8).compile()
     chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)

@@ -236,15 +236,14 @@ def test_engine_prefill_lowers_for_tpu_with_splash():
 
     from llava_jax.inference.engine import prefill_step
     from llava_jax.inference.sampling import SamplingParams
-    from llava_jax.models.llava import Llava, abstract_params
+    from llava_jax.models.llava import Llava
     from llava_jax.parallel import rules as rules_lib
-    from llava_jax.parallel.partition import model_param_shardings
+    from llava_jax.parallel.partition import abstract_sharded_params
 
     mesh, cfg = _tpu_mesh_and_config()
     rules = rules_lib.DEFAULT_RULES
     rows = NamedSharding(mesh, PartitionSpec("data"))
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg),
-                          model_param_shardings(cfg, mesh, rules))
+    params = abstract_sharded_params(cfg, mesh, rules)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)  # noqa: E731
     args = (params, spec((2, 256), np.int32), spec((2, 1, 56, 56, 3), jnp.bfloat16), spec((2, 256), np.int32),
             spec((2,), np.uint32), spec((2,), np.int32), SamplingParams().warp_args(), jnp.int32(2))
@@ -260,17 +259,16 @@ def test_model_lowers_for_tpu_with_splash_in_both_towers():
     language model, each under shard_map."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from llava_jax.models.llava import Llava, abstract_params
+    from llava_jax.models.llava import Llava
     from llava_jax.parallel import rules as rules_lib
-    from llava_jax.parallel.partition import jit_sharded, model_param_shardings
+    from llava_jax.parallel.partition import abstract_sharded_params, jit_sharded
 
     mesh, cfg = _tpu_mesh_and_config()
     rules = rules_lib.DEFAULT_RULES
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     ids = jax.ShapeDtypeStruct((4, 256), np.int32, sharding=rows)
     pixels = jax.ShapeDtypeStruct((4, 1, 56, 56, 3), jnp.bfloat16, sharding=rows)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg),
-                          model_param_shardings(cfg, mesh, rules))
+    params = abstract_sharded_params(cfg, mesh, rules)
     module = Llava(cfg)
     forward = jit_sharded(lambda p, i, x: module.apply({"params": p}, i, x, i)[0], mesh, rules, None, None)
     text = forward.lower(params, ids, pixels).compile().as_text()

@@ -41,7 +41,7 @@ def test_compilation_cache_is_reused_by_the_next_process(tmp_path):
 
 def _input_shard_bytes(mesh, data: int, fsdp: int, micro_batch: int) -> int:
     """Bytes of one device's shards of the train state and micro-batched batch (tests/_train_config.py:compile_projector)."""
-    from llava_jax.parallel.partition import model_param_shardings
+    from llava_jax.parallel.partition import abstract_sharded_params
     from llava_jax.train import aot
     from llava_jax.train.program import rules_from_config, stage_program
     from tests._train_config import get_config
@@ -49,8 +49,7 @@ def _input_shard_bytes(mesh, data: int, fsdp: int, micro_batch: int) -> int:
     c = get_config("compile_projector")
     c.mesh.data, c.mesh.fsdp, c.stages[0].micro_batch = data, fsdp, micro_batch
     cfg, stage, rules = aot.model_config(c), c.stages[0], rules_from_config(c)
-    shardings = model_param_shardings(cfg, mesh, rules)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), aot.abstract_params(cfg), shardings)
+    params = abstract_sharded_params(cfg, mesh, rules)
     program = stage_program(cfg, stage, mesh, rules, 10, params)
     batch = aot.abstract_batch(cfg, stage.global_batch // stage.micro_batch, stage.micro_batch, stage.max_length, mesh)
 

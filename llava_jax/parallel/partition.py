@@ -22,6 +22,17 @@ def model_param_shardings(cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules =
     return rules_lib.param_shardings(abstract_params(cfg, boxed=True), mesh, rules)
 
 
+def sharded_shapes(shapes: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s of `shapes` carrying `shardings` (the same tree): arguments to lower
+    and compile a program with, no arrays allocated."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_sharded_params(cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> Any:
+    """Every parameter of a config as a shape with its sharding on the mesh by the rules table."""
+    return sharded_shapes(abstract_params(cfg), model_param_shardings(cfg, mesh, rules))
+
+
 def subtree_like(full: Any, sub: Any) -> Any:
     """The part of `full` (a nested dict) with the keys of `sub`."""
     if not isinstance(sub, dict):

@@ -34,10 +34,9 @@ import ml_collections
 import numpy as np
 
 from llava_jax.config import CONFIG_FILE, PRESETS, LlavaConfig
-from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.parallel.partition import batch_shardings, model_param_shardings
+from llava_jax.parallel.partition import abstract_sharded_params, batch_shardings, sharded_shapes
 from llava_jax.train.program import compute_config, rules_from_config, stage_program
 
 GIB = 1 << 30
@@ -153,7 +152,7 @@ def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: 
         "pixel_values": ((num_micro, micro_batch, 1, v.image_size, v.image_size, v.num_channels), np.float32),
     }
     batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
-    return {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for (k, x), s in zip(batch.items(), batch_shardings(batch, mesh).values())}
+    return sharded_shapes(batch, batch_shardings(batch, mesh))
 
 
 def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list | None = None) -> CompileReport:
@@ -174,8 +173,7 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     if stage.micro_batch % row_split:
         raise ValueError(f"stage {stage.name}: a micro-batch of {stage.micro_batch} rows does not split over the "
                          f"{row_split} devices of data x fsdp")
-    shardings = model_param_shardings(cfg, mesh, rules)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg), shardings)
+    params = abstract_sharded_params(cfg, mesh, rules)
     total = config.max_steps if config.get("max_steps", -1) > 0 else SCHEDULE_STEPS
     program = stage_program(cfg, stage, mesh, rules, total, params)
     batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh)
