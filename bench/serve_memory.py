@@ -39,9 +39,11 @@ from llava_jax.train.aot import CHIP_MEMORY_GIB, topology_devices
 GIB = 1 << 30
 
 
-def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: int, int8: bool) -> list[dict]:
-    """Compile prefill and decode for `devices` (tensor-parallel over all of them); a dict per program."""
-    cfg = PRESETS[f"llava-1.5-{size}"].replace(dtype="bfloat16")
+def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: int, int8: bool,
+                   attention: str = "auto") -> list[dict]:
+    """Compile prefill and decode for `devices` (tensor-parallel over all of them); a dict per program.
+    `attention`: the model config's (`xla` shows the prefill without the fused kernel)."""
+    cfg = PRESETS[f"llava-1.5-{size}"].replace(dtype="bfloat16", attention=attention)
     mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
     rules = tuple(rules_lib.DEFAULT_RULES)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype), abstract_params(cfg))
@@ -74,7 +76,7 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
         args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
         new_out = mem.output_size_in_bytes - mem.alias_size_in_bytes  # outputs not written over a donated input
         out.append({"size": size, "program": name, "devices": f"{len(devices)} x {devices[0].device_kind}",
-                    "int8": int8, "batch": batch, "prompt": t, "cache_slots": t + window,
+                    "int8": int8, "attention": attention, "batch": batch, "prompt": t, "cache_slots": t + window,
                     "argument_gib": args_b / GIB, "output_gib": new_out / GIB, "temp_gib": temp_b / GIB,
                     "total_gib": (args_b + new_out + temp_b) / GIB, "chip_gib": chip})
     return out
@@ -89,10 +91,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=641, help="prompt tokens (576 image + text)")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--attention", default="auto", help="auto | xla (the prefill without the fused kernel)")
     ap.add_argument("--json", default=None, help="append the figures to this file")
     a = ap.parse_args()
     devices = (topology_devices(a.topology) if a.topology else jax.devices())[: a.chips]
-    rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt, new=a.new, int8=a.int8)
+    rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt, new=a.new, int8=a.int8,
+                          attention=a.attention)
     print("| model | weights | devices | program | batch x cache slots | arguments | new outputs | temporaries | total / chip |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
