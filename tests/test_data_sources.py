@@ -19,7 +19,7 @@ import pytest
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import pack as pack_lib
-from llava_jax.data import pipeline, sources, synthetic
+from llava_jax.data import packed_format, pipeline, sources, synthetic
 from llava_jax.data.tokenizer import Tokenizer
 from tests._seeds import fresh_seed
 
@@ -97,10 +97,10 @@ def test_byte_range_reads_equal_the_array_record_reader(data):
     local = sources.PackedSource(data.packed)
     by_range = sources.PackedSource(data.packed, byte_ranges=True)  # the path remote (gs://) shards take
     assert len(local) == len(by_range) == len(data.records)
-    assert max(local.length) > 2 * sources.BLOCK_SIZE  # some records straddle block headers
+    assert max(local.length) > 2 * packed_format.BLOCK_SIZE  # some records straddle block headers
     for i in range(len(local)):
         assert by_range.payload(i) == local.payload(i), i
-    record, images = sources.decode_example(local.payload(len(local) - 1))
+    record, images = packed_format.decode_example(local.payload(len(local) - 1))
     assert record == data.records[-1] and images == [open(os.path.join(data.folder, "noise1.png"), "rb").read()]
 
 

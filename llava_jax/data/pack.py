@@ -42,7 +42,7 @@ import numpy as np
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
-from llava_jax.data import sources
+from llava_jax.data import packed_format
 from llava_jax.data.records import is_remote
 
 logger = logging.getLogger("llava_jax.data.pack")
@@ -57,32 +57,6 @@ class PackError(ValueError):
 
 
 # ----------------------------------------------------------------------------- reading the input
-
-
-def read_example(record: records_lib.Record, image_folder: str) -> list[bytes]:
-    """The encoded bytes of each of `record`'s images, each checked to decode as the loader will.
-
-    Raises ImagePathError / ImageError / OSError naming the image on any problem.
-    """
-    out = []
-    for rel in records_lib.record_images(record):
-        data = sources.read_image_bytes(image_folder, rel)
-        image_lib.load_image(io.BytesIO(data), name=f"{image_folder.rstrip('/')}/{rel}")
-        out.append(data)
-    return out
-
-
-def load_input(data_path: str) -> tuple[list[tuple[int, records_lib.Record]], list[dict[str, Any]], int]:
-    """([(input index, valid record)], [skipped: {index, id, reason}], number of input records)."""
-    errors: list[records_lib.RecordError] = []
-    valid = records_lib.load_records(data_path, on_error=errors.append)
-    bad = {e.index for e in errors}
-    total = len(valid) + len(errors)
-    indices = [i for i in range(total) if i not in bad]
-    skipped = [{"index": e.index, "id": e.record_id, "reason": e.problem} for e in errors]
-    for e in errors:
-        logger.warning("pack: skipped %s", e)
-    return list(zip(indices, valid)), skipped, total
 
 
 def file_sha256(path: str) -> str:
@@ -146,9 +120,9 @@ def _chunk_offsets(path: str, lengths: Sequence[int]) -> list[int]:
     offsets = []
     with open(path, "rb") as f:
         def read(logical: int, n: int) -> bytes:
-            begin, end = sources.physical_range(logical, n)
+            begin, end = packed_format.physical_range(logical, n)
             f.seek(begin)
-            return sources.strip_block_headers(f.read(end - begin), begin)
+            return packed_format.strip_block_headers(f.read(end - begin), begin)
 
         pos = 0
         while len(offsets) < len(lengths):
@@ -186,16 +160,16 @@ def _pack_shard(job: dict[str, Any]) -> dict[str, Any]:
     try:
         for index, record in job["records"]:
             try:
-                images = read_example(record, image_folder)
+                images = packed_format.read_example(record, image_folder)
             except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
                 skipped.append({"index": index, "id": record["id"], "reason": str(e)})
                 logger.warning("pack: skipped record %d (id %r): %s", index, record["id"], e)
                 continue
-            payload = sources.encode_example(record, images)
+            payload = packed_format.encode_example(record, images)
             writer.write(payload)
             payloads_sha.update(hashlib.sha256(payload).digest())
             lengths.append(len(payload))
-            stats.append(sources.record_stats(record))
+            stats.append(packed_format.record_stats(record))
     finally:
         writer.close()
     offsets = _chunk_offsets(local, lengths)
@@ -204,9 +178,9 @@ def _pack_shard(job: dict[str, Any]) -> dict[str, Any]:
     check = hashlib.sha256()
     with open(local, "rb") as f:
         for off, n in zip(offsets, lengths):
-            begin, end = sources.physical_range(off, n)
+            begin, end = packed_format.physical_range(off, n)
             f.seek(begin)
-            check.update(hashlib.sha256(sources.strip_block_headers(f.read(end - begin), begin)).digest())
+            check.update(hashlib.sha256(packed_format.strip_block_headers(f.read(end - begin), begin)).digest())
     reader = array_record_module.ArrayRecordReader(local)
     count = reader.num_records()
     reader.close()
@@ -252,12 +226,12 @@ def pack(data_path: str | os.PathLike, image_folder: str | os.PathLike, output: 
 
     data_path, image_folder = os.fspath(data_path), os.fspath(image_folder)
     output = os.fspath(output).rstrip("/")
-    records, skipped, total = load_input(data_path)
+    records, skipped, total = packed_format.load_input(data_path)
     if not records:
         raise PackError(f"{data_path}: no valid records to pack")
     num_shards = num_shards or max(1, math.ceil(len(records) / RECORDS_PER_SHARD))
     num_shards = min(num_shards, len(records))
-    plan = {"format": sources.FORMAT, "data_path": data_path, "data_sha256": file_sha256(data_path),
+    plan = {"format": packed_format.FORMAT, "data_path": data_path, "data_sha256": file_sha256(data_path),
             "image_folder": image_folder, "num_shards": num_shards}
     out = epath.Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +244,7 @@ def pack(data_path: str | os.PathLike, image_folder: str | os.PathLike, output: 
         raise PackError(f"{output}: holds a packing of other input ({', '.join(changed)} differ); pack into a new "
                         "directory or delete it")
     if previous is None:
-        if (out / sources.MANIFEST).exists():
+        if (out / packed_format.MANIFEST).exists():
             raise PackError(f"{output}: already holds a packed dataset from another run; use a new directory")
         _write_text(f"{output}/{PLAN}", json.dumps(plan, indent=1))
     if not is_remote(output):
@@ -309,16 +283,16 @@ def pack(data_path: str | os.PathLike, image_folder: str | os.PathLike, output: 
     local_index = os.path.join(tmp_dir or tempfile.gettempdir(), f".index-{os.getpid()}.npz")
     with open(local_index, "wb") as f:
         f.write(buf.getvalue())
-    _publish(local_index, f"{output}/{sources.INDEX}")
+    _publish(local_index, f"{output}/{packed_format.INDEX}")
     skipped = sorted(skipped + [x for s in ordered for x in s["skipped"]], key=lambda x: x["index"])
     manifest = {
-        "format": sources.FORMAT, "data_path": data_path, "data_sha256": plan["data_sha256"],
+        "format": packed_format.FORMAT, "data_path": data_path, "data_sha256": plan["data_sha256"],
         "image_folder": image_folder, "num_input_records": total, "num_records": int(sum(s["num_records"] for s in ordered)),
         "num_skipped": len(skipped), "skipped": skipped,
         "shards": [{k: s[k] for k in ("file", "bytes", "sha256", "num_records", "input_range")} for s in ordered],
-        "index": {"file": sources.INDEX, "sha256": hashlib.sha256(buf.getvalue()).hexdigest()},
+        "index": {"file": packed_format.INDEX, "sha256": hashlib.sha256(buf.getvalue()).hexdigest()},
     }
-    _write_text(f"{output}/{sources.MANIFEST}", json.dumps(manifest, indent=1))
+    _write_text(f"{output}/{packed_format.MANIFEST}", json.dumps(manifest, indent=1))
     logger.info("pack: %d records in %d shards in %s; %d skipped", manifest["num_records"], num_shards, output,
                 len(skipped))
     return manifest
@@ -335,7 +309,7 @@ def verify(directory: str | os.PathLike) -> list[str]:
     from etils import epath  # pylint: disable=g-import-not-at-top
 
     directory = os.fspath(directory).rstrip("/")
-    manifest = sources._read_manifest(directory)  # pylint: disable=protected-access
+    manifest = packed_format.read_manifest(directory)
     problems = []
     for shard in manifest["shards"]:
         path = f"{directory}/{shard['file']}"
@@ -354,8 +328,8 @@ def verify(directory: str | os.PathLike) -> list[str]:
 def verify_source(directory: str | os.PathLike, data_path: str | os.PathLike) -> bool:
     """True if `directory` holds a complete packing of `data_path` as it is now (same sha256)."""
     try:
-        manifest = sources._read_manifest(os.fspath(directory))  # pylint: disable=protected-access
-    except sources.DataSourceError:
+        manifest = packed_format.read_manifest(os.fspath(directory))
+    except packed_format.DataSourceError:
         return False
     return manifest["data_sha256"] == file_sha256(os.fspath(data_path))
 
@@ -389,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (args.data_path and args.image_folder and args.output):
             p.error("--data-path, --image-folder and --output are required (or --verify DIR)")
         if args.format == "tfds":
+            # Lazy: tfds_builder imports tensorflow-datasets, an optional dependency packing needs not.
             from llava_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
 
             name = args.name or os.path.splitext(os.path.basename(args.data_path))[0].replace("-", "_").lower()
@@ -396,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tfds:llava_records/{name} in {args.output}: {info}")
             return 0
         manifest = pack(args.data_path, args.image_folder, args.output, num_shards=args.shards, workers=args.workers)
-    except (PackError, sources.DataSourceError, records_lib.RecordError, FileNotFoundError, ValueError) as e:
+    except (PackError, packed_format.DataSourceError, records_lib.RecordError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.output}: {manifest['num_records']} records in {len(manifest['shards'])} shards; "

@@ -11,18 +11,9 @@ one opener per image returning the decoded PIL image. The pipeline plans, render
 preprocesses Examples the same way whatever their source, so the same records in the same order
 give the same batches, token ids, labels and pixels from every source.
 
-Packed shards (format written by pack.py): ArrayRecord files, one record per chunk, uncompressed
-(images are JPEG/PNG already), each record one `encode_example` payload:
-
-    b"LJR1" | uint32 LE header length | header JSON {"record": {...}, "image_sizes": [n, ...]}
-    | the images' original file bytes, concatenated
-
-`manifest.json` names the shards with their sizes, record counts and sha256; `index.npz` holds
-per record what the planner needs (words, image count) and where its payload lies in its shard,
-so that opening a packed dataset reads two small files, not the shards. array_record's
-open-source reader opens local files only; for remote shards (gs://) records are read by byte
-range through that index (riegeli block headers, 24 bytes every 64 KiB, are skipped). No pickle
-anywhere: a shard is data, never code.
+Packed shards: the format `pack.py` writes, described in `packed_format.py` (ArrayRecord shards of
+one record per chunk, `manifest.json`, `index.npz`). array_record's open-source reader opens local
+files only; for remote shards (gs://) records are read by byte range through the index.
 
 TFDS: `tfds.data_source` reads ArrayRecord datasets with numpy only; TensorFlow is never imported
 (building one needs only tensorflow-datasets when the images are given as encoded bytes, as
@@ -39,7 +30,6 @@ import io
 import json
 import logging
 import os
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,21 +39,13 @@ import PIL.Image
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
+from llava_jax.data.packed_format import (INDEX, MANIFEST, DataSourceError, decode_example, physical_range,
+                                          read_image_bytes, read_manifest, record_stats, strip_block_headers)
 from llava_jax.data.records import Record, is_remote
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-INDEX = "index.npz"
-FORMAT = "llava_jax.packed/1"
-MAGIC = b"LJR1"
 TFDS_PREFIX = "tfds:"
-# riegeli (ArrayRecord's container): a 24-byte block header starts every 64 KiB of the file.
-BLOCK_SIZE, BLOCK_HEADER = 1 << 16, 24
-
-
-class DataSourceError(ValueError):
-    """A data source that cannot be read as given (names the file or dataset and the cause)."""
 
 
 @dataclasses.dataclass
@@ -96,12 +78,6 @@ class Source:
         """
         words, images, has_image = self.record_stats()
         return (words + num_image_tokens * images) * np.where(has_image, 1, -1)
-
-
-def record_stats(record: Record) -> tuple[int, int, bool]:
-    """(words of all turns, number of images, has an `image` field) of one record."""
-    words = sum(len(turn["value"].split()) for turn in record["conversations"])
-    return words, len(records_lib.record_images(record)), "image" in record
 
 
 def _stats_arrays(rows: Sequence[tuple[int, int, bool]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,90 +137,7 @@ class JsonSource(Source):
         return _stats_arrays([record_stats(r) for r in self.records])
 
 
-def read_image_bytes(image_folder: str, rel: str) -> bytes:
-    """The bytes of image `rel` inside `image_folder` (local or gs://); never outside the folder.
-
-    Local folders go through `records.resolve_image_path` (which also refuses symbolic links that
-    leave the folder); remote ones through the lexical check (object stores have no links).
-    """
-    if is_remote(image_folder):
-        from etils import epath  # pylint: disable=g-import-not-at-top
-
-        records_lib.check_relative_image_path(rel)
-        return (epath.Path(image_folder) / rel).read_bytes()
-    with open(records_lib.resolve_image_path(image_folder, rel), "rb") as f:
-        return f.read()
-
-
 # ----------------------------------------------------------------------------- packed shards
-
-
-def encode_example(record: Record, images: Sequence[bytes]) -> bytes:
-    """One packed payload: the record and its images' encoded bytes (see the module docstring)."""
-    header = json.dumps({"record": record, "image_sizes": [len(b) for b in images]},
-                        ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *images])
-
-
-def decode_example(payload: bytes) -> tuple[Record, list[bytes]]:
-    """Inverse of `encode_example`; raises ValueError on anything that is not one."""
-    if payload[:4] != MAGIC or len(payload) < 8:
-        raise ValueError(f"not a packed LLaVA record (starts with {payload[:8]!r})")
-    (n,) = struct.unpack("<I", payload[4:8])
-    header = json.loads(payload[8 : 8 + n].decode("utf-8"))
-    sizes = header["image_sizes"]
-    if 8 + n + sum(sizes) != len(payload):
-        raise ValueError(f"packed record of {len(payload)} bytes, its header accounts for {8 + n + sum(sizes)}")
-    images, pos = [], 8 + n
-    for size in sizes:
-        images.append(payload[pos : pos + size])
-        pos += size
-    return header["record"], images
-
-
-def physical_range(start: int, length: int) -> tuple[int, int]:
-    """File byte range [begin, end) holding logical bytes [start, start + length) of a riegeli file.
-
-    Logical positions count the file's bytes without its block headers (24 bytes at every
-    multiple of 64 KiB, the first at 0).
-    """
-    usable = BLOCK_SIZE - BLOCK_HEADER
-
-    def phys(logical):
-        return (logical // usable) * BLOCK_SIZE + BLOCK_HEADER + logical % usable
-
-    return phys(start), phys(start + length - 1) + 1
-
-
-def strip_block_headers(data: bytes, begin: int) -> bytes:
-    """`data` read from file offset `begin`, without the riegeli block headers inside it."""
-    parts, pos = [], begin
-    end = begin + len(data)
-    while pos < end:
-        block_start = pos - pos % BLOCK_SIZE
-        if pos < block_start + BLOCK_HEADER:  # inside a block header: skip it
-            pos = block_start + BLOCK_HEADER
-            continue
-        stop = min(end, block_start + BLOCK_SIZE)
-        parts.append(data[pos - begin : stop - begin])
-        pos = stop
-    return b"".join(parts)
-
-
-def _read_manifest(directory: str) -> dict[str, Any]:
-    from etils import epath  # pylint: disable=g-import-not-at-top
-
-    path = epath.Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataSourceError(f"{path}: no manifest: not a packed dataset, or its packing has not finished "
-                              "(run `python -m llava_jax.data.pack` again to complete it)") from None
-    except json.JSONDecodeError as e:
-        raise DataSourceError(f"{path}: not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise DataSourceError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
 
 
 def is_packed(path: str | os.PathLike) -> bool:
@@ -270,7 +163,7 @@ class PackedSource(Source):
         self.directory = os.fspath(directory).rstrip("/")
         self.byte_ranges = is_remote(self.directory) if byte_ranges is None else byte_ranges
         self.name = self.directory
-        manifest = _read_manifest(self.directory)
+        manifest = read_manifest(self.directory)
         self.files = [f"{self.directory}/{s['file']}" for s in manifest["shards"]]
         counts = [int(s["num_records"]) for s in manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -391,6 +284,7 @@ class TfdsSource(Source):
         tfds = _import_tfds()
         name, split = parse_tfds_spec(spec)
         if name.split("/")[0].split(":")[0] == "llava_records":
+            # Registers the builder of our own datasets; lazy, as it imports tensorflow-datasets (optional).
             from llava_jax.data import tfds_builder  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
         self.name = f"{TFDS_PREFIX}{name}@{split}"
         try:

@@ -26,9 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from llava_jax.data import image as image_lib
-from llava_jax.data import pack as pack_lib
 from llava_jax.data import records as records_lib
-from llava_jax.data import sources
+from llava_jax.data.packed_format import load_input, read_example, record_stats
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +67,16 @@ class LlavaRecords(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         cfg = self.builder_config
-        records, skipped, _ = pack_lib.load_input(cfg.data_path)
+        records, skipped, _ = load_input(cfg.data_path)
         stats = []
         for index, record in records:
             try:
-                images = pack_lib.read_example(record, cfg.image_folder)
+                images = read_example(record, cfg.image_folder)
             except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
                 skipped.append({"index": index, "id": record["id"], "reason": str(e)})
                 logger.warning("tfds: skipped record %d (id %r): %s", index, record["id"], e)
                 continue
-            stats.append(sources.record_stats(record))
+            stats.append(record_stats(record))
             yield index, {"id": str(record["id"]), "conversations": json.dumps(record["conversations"], ensure_ascii=False),
                           "image": records_lib.record_images(record), "images": images}
         # Filled during generation, written with the dataset info when preparation completes.
