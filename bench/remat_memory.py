@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bench.common import with_layers
 from llava_jax.config import LLAVA_15_7B, LLAVA_15_13B
-from llava_jax.models.common import REMAT_POLICIES
+from llava_jax.models.remat import REMAT_POLICIES
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import AXES
 from llava_jax.parallel.partition import abstract_sharded_params, batch_shardings, jit_sharded, state_shardings

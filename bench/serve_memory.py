@@ -29,7 +29,7 @@ from llava_jax.config import PRESETS
 from llava_jax.inference import engine as engine_lib
 from llava_jax.inference.quant import abstract_quantized
 from llava_jax.inference.sampling import SamplingParams
-from llava_jax.models.common import target_platform
+from llava_jax.models.attention import target_platform
 from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="folder for the results (created)")
     ap.add_argument("--shape", choices=sorted(PRESETS), default="7b")
     ap.add_argument("--layers", type=int, default=16, help="LLaMA layers of the 7B train step")
-    ap.add_argument("--remat", default="minimal", help="our remat policy for the train step (models/common.py)")
+    ap.add_argument("--remat", default="minimal", help="our remat policy for the train step (models/remat.py)")
     ap.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth for the roofline (H200)")
     ap.add_argument("--only", default="", help="comma-separated subset of the process names")
     args = ap.parse_args(argv)

@@ -84,7 +84,7 @@ class LlavaConfig:
     # time independent of depth); False: layers unrolled, parameters per layer (`layers_0`, ...).
     scan_layers: bool = True
     # auto: cuDNN flash attention on GPU, Pallas splash on TPU, XLA elsewhere and wherever a kernel
-    # does not apply; or force one of xla | cudnn | splash (models/common.py: choose_attention).
+    # does not apply; or force one of xla | cudnn | splash (models/attention.py: choose_attention).
     attention: str = "auto"
     # A LoRA adapter applied at run time (`models.lora.LoraSpec`); never saved with the base config.
     lora: LoraSpec | None = None

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llava_jax.models.common import AttentionMask, attention, choose_attention, target_platform, via_right_padding
+from llava_jax.models.attention import AttentionMask, attention, choose_attention, target_platform, via_right_padding
 from llava_jax.models.llava import is_right_padded
 from tests._seeds import fresh_seed
 
@@ -55,7 +55,7 @@ def test_a_kernel_the_platform_cannot_run_is_an_error(requested, platform):
 
 
 def test_target_platform_overrides_the_host_backend():
-    from llava_jax.models.common import current_platform
+    from llava_jax.models.attention import current_platform
 
     assert current_platform() == jax.default_backend()
     with target_platform("tpu"):
@@ -278,7 +278,7 @@ def test_model_lowers_for_tpu_with_splash_in_both_towers():
 def test_splash_temporaries_are_a_fraction_of_the_dense_scores():
     """One TPU v5e chip, the 7B's attention shape (2 x 2048 tokens, 32 heads of 128, bf16, causal):
     the compiler's temporaries for splash against the dense XLA path, which holds float32 scores."""
-    from llava_jax.models.common import AttentionMask
+    from llava_jax.models.attention import AttentionMask
 
     topo = _tpu_topology("v5e:2x2")
     chip = jax.sharding.SingleDeviceSharding(topo.devices[0])

@@ -11,17 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import VisionConfig
-from llava_jax.models.common import (
-    ACTIVATIONS,
-    INIT_STD,
-    AttentionMask,
-    attention,
-    dense,
-    layer_norm,
-    merge_heads,
-    resolve_attention,
-    split_heads,
-)
+from llava_jax.models.attention import AttentionMask, attention, merge_heads, resolve_attention, split_heads
+from llava_jax.models.layers import ACTIVATIONS, INIT_STD, dense, layer_norm
 from llava_jax.models.stack import layer_stack, run_layers
 
 
@@ -123,7 +114,7 @@ class CLIPVisionTower(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = True
-    attention: str = "auto"  # auto | xla | cudnn | splash (models/common.py: choose_attention)
+    attention: str = "auto"  # auto | xla | cudnn | splash (models/attention.py: choose_attention)
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, 1+P, D]

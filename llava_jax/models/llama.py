@@ -18,16 +18,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import TextConfig
-from llava_jax.models.common import (
-    INIT_STD,
-    AttentionMask,
-    RMSNorm,
-    attention,
-    dense,
-    merge_heads,
-    resolve_attention,
-    split_heads,
-)
+from llava_jax.models.attention import AttentionMask, attention, merge_heads, resolve_attention, split_heads
+from llava_jax.models.layers import INIT_STD, RMSNorm, dense
 from llava_jax.models.lora import LoraSpec, for_module
 from llava_jax.models.stack import layer_stack, run_layers
 
@@ -162,7 +154,7 @@ class LlamaModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = True
-    attention: str = "auto"  # auto | xla | cudnn | splash (models/common.py: choose_attention)
+    attention: str = "auto"  # auto | xla | cudnn | splash (models/attention.py: choose_attention)
     lora: LoraSpec | None = None  # adapters in the decoder layers' Linear layers (models/lora.py)
 
     def setup(self):

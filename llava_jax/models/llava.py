@@ -20,7 +20,7 @@ import numpy as np
 
 from llava_jax.config import LlavaConfig
 from llava_jax.models.clip import CLIPVisionTower
-from llava_jax.models.common import INIT_STD
+from llava_jax.models.layers import INIT_STD
 from llava_jax.models.llama import Cache, LlamaModel
 from llava_jax.models.lora import LORA_A, LORA_B, lora_a_init
 from llava_jax.models.projector import build_projector
@@ -216,7 +216,7 @@ def abstract_params(cfg: LlavaConfig, *, boxed: bool = False) -> Any:
 
 
 # Every parameter starts from one of three initializers, chosen by its leaf name as the modules
-# declare them (`models/common.py`): norm scales at 1, biases at 0, every matrix and embedding
+# declare them (`models/layers.py`): norm scales at 1, biases at 0, every matrix and embedding
 # from N(0, INIT_STD^2). LoRA adapters start as peft's: A Kaiming-uniform, B at 0 (models/lora.py).
 _ONES, _ZEROS = ("scale",), ("bias", LORA_B)
 

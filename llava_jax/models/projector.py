@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llava_jax.models.common import dense, gelu_exact
+from llava_jax.models.layers import dense, gelu_exact
 
 
 class MLPProjector(nn.Module):

@@ -16,7 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from llava_jax.models.common import maybe_remat
+from llava_jax.models.remat import maybe_remat
 
 STACK_AXIS = "layers"  # the logical axis name of the stacked layer dimension, and the scanned module's name
 

@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.config import LlavaConfig
-from llava_jax.models.common import target_platform
+from llava_jax.models.attention import target_platform
 from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import rules as rules_lib
 

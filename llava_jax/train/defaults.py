@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.remat = "none"
     c.model.scan_layers = True  # nn.scan over each tower's layers (compile time independent of depth)
-    c.model.attention = "auto"  # auto | xla | cudnn | splash (llava_jax/models/common.py)
+    c.model.attention = "auto"  # auto | xla | cudnn | splash (llava_jax/models/attention.py)
     c.data = ml_collections.ConfigDict()
     c.data.synthetic = False
     c.data.image_folder = ""

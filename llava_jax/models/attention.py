@@ -1,4 +1,8 @@
-"""Building blocks shared by the towers: dense layers with logical axis names, norms, attention."""
+"""Attention: one entry point (`attention`), three implementations chosen by backend and shape.
+
+`choose_attention` picks one per call site (pure, unit-tested); `AttentionMask` carries the choice
+and the mask in the form that implementation takes. Also the head reshapes the towers share.
+"""
 
 from __future__ import annotations
 
@@ -7,97 +11,13 @@ import contextvars
 import functools
 import logging
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from llava_jax.models.lora import LoraDense
-
-Dtype = jnp.dtype
-
-INIT_STD = 0.02
-
-
-def dense(
-    features: int,
-    axes: tuple[str | None, str | None],
-    *,
-    use_bias: bool,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    name: str,
-    lora=None,
-) -> nn.Dense:
-    """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names for sharding.
-
-    With `lora` (a `models.lora.LoraSpec`) it also carries a LoRA adapter (`lora_a`, `lora_b`).
-    """
-    cls, extra = (nn.Dense, {}) if lora is None else (LoraDense, dict(lora=lora, kernel_axes=tuple(axes)))
-    return cls(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        name=name,
-        **extra,
-    )
-
-
-def layer_norm(eps: float, axis_name: str, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    """LayerNorm with torch semantics (biased variance, eps inside the sqrt); statistics in float32."""
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
-        name=name,
-    )
-
-
-class RMSNorm(nn.Module):
-    """LLaMA RMSNorm: computed in float32, cast back, then scaled (the order HF uses)."""
-
-    eps: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), self.param_dtype
-        )
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * h.astype(self.dtype)
-
-
-def quick_gelu(x: jax.Array) -> jax.Array:
-    """CLIP's activation: x * sigmoid(1.702 x)."""
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-def gelu_exact(x: jax.Array) -> jax.Array:
-    """erf GELU, as torch.nn.GELU(); flax's nn.gelu defaults to the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
-
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": quick_gelu,
-    "gelu": gelu_exact,
-    "silu": jax.nn.silu,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Attention: one entry point, three implementations chosen by backend and shape.
-#
 # `jax.nn.dot_product_attention` without `implementation` is always the XLA path in jax 0.10-0.12
 # (its docstring: "defaults to None, which currently falls back to xla"): it materialises the
 # [B, N, T, S] scores in float32. The fused kernels never do:
@@ -353,61 +273,3 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 def merge_heads(x: jax.Array) -> jax.Array:
     """[B, T, N, H] -> [B, T, N*H]."""
     return x.reshape(*x.shape[:-2], -1)
-
-
-# Names the layers give their activations (`checkpoint_name`), for the policies below: the
-# projections of attention and MLP, and "context", the attention kernel's residuals.
-QKV = ("query_proj", "key_proj", "value_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-def _policies() -> dict:
-    cp = jax.checkpoint_policies
-    saved = cp.save_only_these_names
-
-    def offloaded(*names):  # to pinned host memory (GPU and TPU); the device keeps nothing
-        return cp.save_and_offload_only_these_names(names_which_can_be_saved=[], names_which_can_be_offloaded=names,
-                                                    offload_src="device", offload_dst="pinned_host")
-
-    return {
-        # From least memory (most recomputation) to most; MaxText's names where it has them.
-        "full": cp.nothing_saveable,
-        "save_out_proj": saved("out_proj"),
-        "save_qkv_proj": saved(*QKV),
-        "save_dot_except_mlp": saved(*QKV, "out_proj"),
-        "save_dot_with_context_except_mlp": saved(*QKV, "out_proj", "context"),
-        "save_dot_except_mlpwi": saved(*QKV, "out_proj", "down_proj"),
-        "minimal": saved(*QKV, "out_proj", *MLP),  # every projection: only norms, RoPE, softmax recomputed
-        "minimal_with_context": saved(*QKV, "out_proj", *MLP, "context"),
-        "qkv_proj_offloaded": offloaded(*QKV),
-        "minimal_offloaded": offloaded(*QKV, "out_proj", *MLP),
-        "dots_saveable": cp.dots_saveable,
-        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
-        "none": None,
-    }
-
-
-REMAT_POLICIES = tuple(_policies())
-
-
-def remat_policy(name: str):
-    """Checkpoint policy by name (the config's `remat`); `None` means no remat at all.
-
-    Which one pays depends on memory: a policy saves what it names per layer and token
-    (save_qkv_proj: 3 x D; minimal: 4 x D + 3 x I) and recomputes the rest in the backward pass.
-    BENCHMARKS.md has per-device memory of each for the 7B step (TPU compiler, AOT).
-    """
-    policies = _policies()
-    if name not in policies:
-        raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(policies)}")
-    return policies[name]
-
-
-def maybe_remat(
-    module_cls: type[nn.Module], policy_name: str, static_argnums: Sequence[int] = (), *, prevent_cse: bool = True
-) -> type[nn.Module]:
-    """Wrap a layer class in `nn.remat` with the named policy (identity for 'none')."""
-    if policy_name == "none":
-        return module_cls
-    return nn.remat(module_cls, policy=remat_policy(policy_name), prevent_cse=prevent_cse,
-                    static_argnums=tuple(static_argnums))
