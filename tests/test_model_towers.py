@@ -130,3 +130,50 @@ def test_every_parameter_has_logical_axes():
     # And the mapping table names exactly the parameters the model has.
     flat = {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]}
     assert flat == {"/".join(e.location(cfg.scan_layers)[0]) for e in mapping.entries(cfg)}
+
+
+def test_a_new_projector_names_its_dense_layers_as_it_likes():
+    """The registry's promise: a factory is all a new projector needs, whatever its layers are called.
+
+    The mapping, the built parameters and the FLOP count agree on a projector whose Dense layers are
+    not `linear_N` (created in an order their names do not sort in); a parameter outside a Dense layer
+    is refused by name, since no checkpoint name exists for it.
+    """
+    import flax.linen as nn
+
+    from llava_jax.models.layers import dense
+    from llava_jax.models.llava import abstract_params
+    from llava_jax.models.projector import projector_linears, register_projector
+    from llava_jax.train import flops
+
+    class Bottleneck(nn.Module):
+        out_features: int
+        use_bias: bool = True
+        dtype: jnp.dtype = jnp.float32
+        param_dtype: jnp.dtype = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+            x = dense(4 * self.out_features, ("vision_embed", "proj_mlp"), name="wide", **kw)(x)
+            return dense(self.out_features, ("proj_mlp", "embed"), name="narrow", **kw)(jax.nn.relu(x))
+
+    class Normed(Bottleneck):
+        @nn.compact
+        def __call__(self, x):
+            kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+            return nn.LayerNorm(name="norm")(dense(self.out_features, ("vision_embed", "embed"), name="fc", **kw)(x))
+
+    register_projector(r"^test_bottleneck$")(lambda m, out_features, **kw: Bottleneck(out_features, **kw))
+    register_projector(r"^test_normed$")(lambda m, out_features, **kw: Normed(out_features, **kw))
+
+    assert projector_linears("test_bottleneck") == ("wide", "narrow")
+    cfg = LlavaConfig(vision=TINY_VISION, text=TINY_TEXT, projector_type="test_bottleneck")
+    rows = mapping.projector_entries(cfg)
+    built = jax.tree_util.tree_flatten_with_path(abstract_params(cfg)["projector"])[0]
+    assert sorted(e.ours for e in rows) == sorted("/".join(k.key for k in path) for path, _ in built)
+    assert [e.theirs for e in rows] == ["wide.weight", "wide.bias", "narrow.weight", "narrow.bias"]
+    v, t = cfg.vision.hidden_size, cfg.text.hidden_size
+    assert flops._projector_forward(cfg, 3) == 2 * 3 * cfg.num_image_tokens * (v * 4 * t + 4 * t * t)
+    with pytest.raises(ValueError, match=r"'test_normed': parameters \['norm'\] are not Dense layers"):
+        projector_linears("test_normed")

@@ -1,9 +1,12 @@
 """Vision-to-language projectors, registered by name: the one place that knows them.
 
-A new projector is one factory decorated with `register_projector(pattern)`. Its Dense layers are
-named `linear_1 ... linear_N` (torch's `linear_N.weight`, or index 2(N-1) of the original
-nn.Sequential): the checkpoint mapping, the FLOP count and config validation read the names off
-the module the factory builds (`projector_linears`), so nothing else needs to change.
+A new projector is one factory decorated with `register_projector(pattern)`, building a module whose
+parameters are Dense layers (`kernel` [in, out], `bias` [out]) directly under it, named as it likes.
+The checkpoint mapping (`<name>.weight` / `<name>.bias` under the projector's prefix), the FLOP count
+and config validation read those names off the module the factory builds (`projector_linears`), so
+nothing else needs to change. The built-in MLPs name theirs `linear_1 ... linear_N`, as transformers
+does; in the original LLaVA's checkpoints (which hold only its own types, `linear` and `mlpNx_gelu`)
+Linear N sits at index 2(N-1) of an nn.Sequential.
 """
 
 from __future__ import annotations
@@ -93,16 +96,25 @@ def build_projector(
 
 @functools.lru_cache(maxsize=None)
 def projector_linears(projector_type: str) -> tuple[str, ...]:
-    """Names of the Dense layers (`linear_1`, ...) of the registered projector, in order.
+    """Names of the Dense layers of the registered projector, in the order the module creates them.
 
     Read off the module the factory builds (an abstract init: nothing is computed), so a new
-    projector needs no other table. Raises ValueError for an unregistered type.
+    projector needs no other table. Raises ValueError for an unregistered type, or for a projector
+    with a parameter outside a Dense layer directly under it (the mapping has names for those only).
     """
     width = 8  # any width: only the names matter (the identity projector needs equal widths)
     module = build_projector(projector_type, width, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, width))))
-    names = list(shapes.get("params", {}))
-    bad = [n for n in names if not re.fullmatch(r"linear_\d+", n)]
+    created: list[str] = []
+
+    def init():
+        params = module.init(jax.random.key(0), jnp.zeros((1, width))).get("params", {})
+        created.extend(params)  # creation order; eval_shape's output dict comes back sorted by name
+        return params
+
+    params = jax.eval_shape(init)
+    bad = [n for n in created if not (isinstance(params[n], dict) and "kernel" in params[n]
+                                      and set(params[n]) <= {"kernel", "bias"})]
     if bad:
-        raise ValueError(f"projector {projector_type!r}: parameters {bad} are not named linear_N, which the checkpoint mapping needs")
-    return tuple(sorted(names, key=lambda n: int(n.split("_")[1])))
+        raise ValueError(f"projector {projector_type!r}: parameters {bad} are not Dense layers (kernel, bias) directly "
+                         "under the projector, which is all the checkpoint mapping and the FLOP count know")
+    return tuple(created)
