@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterable
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2  # needs protobuf (a dependency of ours, not of sentencepiece)
 
 from llava_jax import paths
 
@@ -159,64 +160,9 @@ class Tokenizer:
         return token_id
 
 
-# --- sentencepiece ModelProto surgery, without a protobuf dependency -------------------------
-# ModelProto field 3 is normalizer_spec (a length-delimited NormalizerSpec); NormalizerSpec field 3
-# is add_dummy_prefix (bool). Protobuf lets the last occurrence of a scalar field win, so
-# appending "field 3 = 0" to the NormalizerSpec bytes turns the dummy prefix off.
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-_NORMALIZER_SPEC = 3
-_ADD_DUMMY_PREFIX_FALSE = _varint((3 << 3) | 0) + _varint(0)  # field 3, varint, value 0
-
-
 def _without_dummy_prefix(proto: bytes) -> bytes:
     """The serialized ModelProto with normalizer_spec.add_dummy_prefix = false."""
-    out = bytearray()
-    pos, found = 0, False
-    while pos < len(proto):
-        start = pos
-        tag, pos = _read_varint(proto, pos)
-        field, wire = tag >> 3, tag & 7
-        if wire == 0:
-            _, pos = _read_varint(proto, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, body = _read_varint(proto, pos)
-            pos = body + length
-            if field == _NORMALIZER_SPEC:
-                spec = proto[body:pos] + _ADD_DUMMY_PREFIX_FALSE
-                out += _varint(tag) + _varint(len(spec)) + spec
-                found = True
-                continue
-        else:
-            raise ValueError(f"Unsupported protobuf wire type {wire} in sentencepiece model")
-        out += proto[start:pos]
-    if not found:
-        out += _varint((_NORMALIZER_SPEC << 3) | 2) + _varint(len(_ADD_DUMMY_PREFIX_FALSE)) + _ADD_DUMMY_PREFIX_FALSE
-    return bytes(out)
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    model.normalizer_spec.add_dummy_prefix = False
+    return model.SerializeToString()
