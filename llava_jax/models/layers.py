@@ -64,9 +64,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), self.param_dtype
-        )
+        init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * h.astype(self.dtype)
