@@ -2,8 +2,8 @@
 
     python -m llava_jax.chat --model-path DIR [--image-file PATH]
 
-Type a message and press Enter; the answer streams as it is generated. Commands (never sent to
-the model):
+Type a message and press Enter; the answer streams as it is generated. Commands (any case, never
+sent to the model; an unknown /word is refused, a path such as /usr/... is a message):
 {commands}
 
 The whole conversation is the prompt of each turn (`llava_jax.inference.chat.ChatSession`).

@@ -190,3 +190,26 @@ def test_single_bad_input_one_line_exit_2(model_dir, case, expected):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], r.stderr
     assert r.stdout == ""
+
+
+def test_chat_commands_are_case_insensitive_and_unknown_ones_never_reach_the_model():
+    """ChatSession.handle alone (no model): what each typed line becomes."""
+    from llava_jax.inference.chat import Action, ChatSession
+
+    chat = ChatSession(pipe=None, params=None)
+    for line in ("/exit", "/EXIT", " /Quit "):
+        assert chat.handle(line).kind == "exit", line
+    shown = chat.handle("/HELP")
+    assert shown.kind == "say" and "/image PATH" in shown.text and "//TEXT" in shown.text
+    chat.turns = [{"from": "human", "value": "hi"}]
+    assert chat.handle("/Reset").kind == "say" and chat.turns == []
+    assert chat.handle("/IMAGE").kind == "error"  # needs a file, as /image does
+    for line in ("/bogus", "/bogus what is this?", "/exi"):
+        action = chat.handle(line)
+        assert action.kind == "error", line
+        assert action.text.startswith(f"unknown command {line.split()[0]}, /help lists them"), action.text
+        assert "\n" not in action.text
+    # Messages that start with "/" still reach the model: a path, or the "//" escape.
+    assert chat.handle("/usr/share/cat.png what is this?") == Action("ask", "/usr/share/cat.png what is this?")
+    assert chat.handle("//exit now") == Action("ask", "/exit now")
+    assert chat.handle("what does /exit do?") == Action("ask", "what does /exit do?")
