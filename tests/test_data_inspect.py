@@ -125,3 +125,24 @@ def test_image_settings_from_config_variants(tmp_path):
     assert settings({})[:2] == (None, 32000)
     os.remove(tmp_path / "config.json")
     assert inspect_cli.image_settings(str(tmp_path), 99)[:2] == (None, 99)
+
+
+@pytest.mark.parametrize("unbuffered", ["0", "1"])
+def test_output_into_a_closed_pipe_ends_quietly(setup, unbuffered):
+    """`inspect ... | head -1`: the reader has left; a status, no BrokenPipeError traceback.
+
+    Unbuffered, the first write fails inside the loop; buffered, the final flush does.
+    """
+    from llava_jax import cli  # pylint: disable=g-import-not-at-top
+
+    read, write = os.pipe()
+    os.close(read)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED=unbuffered)
+    try:
+        result = subprocess.run([sys.executable, "-m", "llava_jax.data.inspect", *_args(setup, "--json")],
+                                stdout=write, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == cli.EXIT_BROKEN_PIPE, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

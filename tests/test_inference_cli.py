@@ -213,3 +213,46 @@ def test_chat_commands_are_case_insensitive_and_unknown_ones_never_reach_the_mod
     assert chat.handle("/usr/share/cat.png what is this?") == Action("ask", "/usr/share/cat.png what is this?")
     assert chat.handle("//exit now") == Action("ask", "/exit now")
     assert chat.handle("what does /exit do?") == Action("ask", "what does /exit do?")
+
+
+def test_generate_json_into_a_closed_pipe_ends_quietly(model_dir):
+    """`generate --json ... | head -c0`: the broken pipe is not reported as bad input (exit 2) nor as a traceback."""
+    from llava_jax import cli
+
+    d, _, images = model_dir
+    read, write = os.pipe()
+    os.close(read)
+    args = ["--model-path", d, "--image-file", images["a.png"], "--prompt", QUESTION, "--json", *GREEDY]
+    try:
+        r = subprocess.run([sys.executable, "-m", "llava_jax.generate", *args], stdout=write, stderr=subprocess.PIPE,
+                           text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"),
+                           timeout=300)
+    finally:
+        os.close(write)
+    assert r.returncode == cli.EXIT_BROKEN_PIPE, r.stderr
+    assert "error:" not in r.stderr and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_chat_lets_a_broken_pipe_through_to_exit_with(monkeypatch, capsys):
+    """A closed stdout mid-answer ends the chat (cli.exit_with), not reported as the model's error and ignored."""
+    from llava_jax import chat as chat_cli
+    from llava_jax.inference.chat import Action
+
+    class Session:
+        def __init__(self, pipe, params):
+            del pipe, params
+
+        def handle(self, line):
+            return Action("ask", line)
+
+        def ask(self, text):
+            yield "A"
+            raise BrokenPipeError(32, "Broken pipe")
+
+    lines = iter(["hello"])
+    monkeypatch.setattr(chat_cli, "load_pipeline", lambda args: None)
+    monkeypatch.setattr(chat_cli, "sampling_from_args", lambda pipe, args: None)
+    monkeypatch.setattr(chat_cli, "ChatSession", Session)
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))  # a second prompt: StopIteration
+    with pytest.raises(BrokenPipeError):
+        chat_cli.main(["--model-path", "unused"])

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from llava_jax import paths
+from llava_jax import cli, paths
 from llava_jax.data import records as records_lib
 from llava_jax.data import templates
 from llava_jax.data.tokenizer import Tokenizer
@@ -217,4 +217,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)
