@@ -146,3 +146,33 @@ def test_output_into_a_closed_pipe_ends_quietly(setup, unbuffered):
         os.close(write)
     assert result.returncode == cli.EXIT_BROKEN_PIPE, result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_corrupt_image_is_reported_as_pack_and_training_skip_it(setup, tmp_path):
+    """A record whose PNG does not decode is a problem record, like a missing one: the check is pack's."""
+    from llava_jax.data import image as image_lib  # pylint: disable=g-import-not-at-top
+    from llava_jax.data import pack  # pylint: disable=g-import-not-at-top
+
+    good = setup["good"][0]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    png = os.path.join(setup["paths"]["image_folder"], good["image"])
+    with open(png, "rb") as f:
+        data = f.read()
+    (folder / "good.png").write_bytes(data)
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])  # a valid header, then nothing
+    (folder / "garbage.png").write_bytes(b"not an image at all")
+    rows = [dict(good, id="good", image="good.png"), dict(good, id="truncated", image="truncated.png"),
+            dict(good, id="garbage", image="garbage.png")]
+    data_path = tmp_path / "data.jsonl"
+    data_path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = _run("--data-path", str(data_path), "--image-folder", str(folder), "--model-path", setup["model"],
+                  "--conv-mode", "vicuna_v1", "--json")
+    assert result.returncode == 1, result.stderr
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["good"]
+    for index, name in ((1, "truncated"), (2, "garbage")):
+        assert f"record {index} (line {index + 1}, id '{name}'): ImageError" in result.stderr
+        assert f"{name}.png" in result.stderr
+        with pytest.raises(image_lib.ImageError):  # what pack (and so training's loader) says of it
+            pack.read_example(rows[index], str(folder))
+    assert "2 problem record(s)" in result.stderr
