@@ -478,3 +478,13 @@ def test_score_printout_into_a_closed_pipe_ends_quietly(tmp_path):
         os.close(write)
     assert r.returncode == cli.EXIT_BROKEN_PIPE, r.stderr
     assert "error:" not in r.stderr and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_pope_metric_names_what_its_result_holds(tmp_path, capsys):
+    """`metric` is a key of every category's result, and the headline is its mean over them, in percent."""
+    fx = F.pope(str(tmp_path))
+    result, _ = ours(capsys, "pope", "--annotation-dir", fx["annotation_dir"], "--question-file", fx["question_file"],
+                     "--result-file", F.write_jsonl(str(tmp_path / "answers.jsonl"), fx["answers"]))
+    bench = get_benchmark("pope")
+    assert all(bench.metric in m for m in result.values()), (bench.metric, result)
+    assert bench.headline(result) == pytest.approx(100 * sum(m["f1"] for m in result.values()) / 3)
