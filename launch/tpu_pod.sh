@@ -5,8 +5,10 @@
 #   launch/tpu_pod.sh my-v5p-64 us-east5-a configs/llava15.py:7b gs://bucket/llava15-7b \
 #       --config.model.init=gs://bucket/llava15-7b-init --config.data.image_folder=gs://bucket/llava
 #
-# The repository is copied to every host and installed there with its GCS support; `jax[tpu]`
-# replaces the CPU jax. Keep WORKDIR, model directories and data on gs:// (every host sees them).
+# The package, configs/, launch/ and setup.py (and CONFIG, if it is a file of the repository elsewhere)
+# are copied to every host and installed there with GCS support; `jax[tpu]` replaces the CPU jax.
+# Nothing else is: local workdirs, adapters and exported models stay here. Keep WORKDIR, model
+# directories and data on gs:// (every host sees them).
 # Preemption: the training loop saves a checkpoint on SIGTERM; run the same command again to resume.
 # --dry-run prints the commands (tar, gcloud) instead of running them.
 set -euo pipefail
@@ -18,10 +20,17 @@ TPU=$1 ZONE=$2 CONFIG=$3 WORKDIR=$4; shift 4
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # The remote shell gets one string: every argument quoted for it, so spaces and $ survive as typed.
 TRAIN=$(printf '%q ' python -m llava_jax.train --config="$CONFIG" --workdir="$WORKDIR" "$@")
+# What `pip install -e .` and the training command need, and nothing a local run or export left.
+SHIP=(llava_jax configs launch setup.py)
+CONFIG_FILE=${CONFIG%%:*}
+case "$CONFIG_FILE" in
+  configs/* | /* | *://*) ;;
+  *) if [ -f "$REPO/$CONFIG_FILE" ]; then SHIP+=("$CONFIG_FILE"); fi ;;
+esac
 REMOTE="set -e; mkdir -p ~/llava_jax && tar -C ~/llava_jax -xzf ~/llava_jax.tgz && cd ~/llava_jax; \
 python3 -m venv .venv && . .venv/bin/activate; pip install -q -e '.[gcs]' 'jax[tpu]'; $TRAIN"
 CMDS=(
-  "tar -C $(printf '%q' "$REPO") --exclude=.git --exclude=.venv --exclude=workdir -czf /tmp/llava_jax.tgz ."
+  "$(printf '%q ' tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -czf /tmp/llava_jax.tgz "${SHIP[@]}")"
   "$(printf '%q ' gcloud compute tpus tpu-vm scp /tmp/llava_jax.tgz "$TPU":~/ --zone "$ZONE" --worker=all)"
   "$(printf '%q ' gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "$REMOTE")"
 )

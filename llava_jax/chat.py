@@ -2,8 +2,8 @@
 
     python -m llava_jax.chat --model-path DIR [--image-file PATH]
 
-Type a message and press Enter; the answer streams as it is generated. Commands (never sent to
-the model):
+Type a message and press Enter; the answer streams as it is generated. Commands (any case, never
+sent to the model; an unknown /word is refused, a path such as /usr/... is a message):
 {commands}
 
 The whole conversation is the prompt of each turn (`llava_jax.inference.chat.ChatSession`).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llava_jax import cli
 from llava_jax.inference.chat import ChatSession, commands_help
 from llava_jax.inference.flags import (
     EXIT_BAD_INPUT,
@@ -74,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                 for text in chat.ask(action.text):
                     print(text, end="", flush=True)
                 print()
+            except BrokenPipeError:  # the reader of stdout left: not the model's error (cli.exit_with)
+                raise
             except (ValueError, KeyError, TypeError, OSError) as e:
                 print()
                 print(f"error: {e} (use /reset to start over)", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

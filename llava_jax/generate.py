@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 
+from llava_jax import cli
 from llava_jax.inference import answering
 from llava_jax.inference.engine import completion_dict
 from llava_jax.inference.flags import (
@@ -108,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = load_pipeline(args)
         return run_batch(pipe, args) if args.questions_file else run_single(pipe, args)
+    except BrokenPipeError:  # an OSError, but not bad input: the reader of stdout left (cli.exit_with)
+        raise
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

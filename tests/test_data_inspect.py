@@ -125,3 +125,54 @@ def test_image_settings_from_config_variants(tmp_path):
     assert settings({})[:2] == (None, 32000)
     os.remove(tmp_path / "config.json")
     assert inspect_cli.image_settings(str(tmp_path), 99)[:2] == (None, 99)
+
+
+@pytest.mark.parametrize("unbuffered", ["0", "1"])
+def test_output_into_a_closed_pipe_ends_quietly(setup, unbuffered):
+    """`inspect ... | head -1`: the reader has left; a status, no BrokenPipeError traceback.
+
+    Unbuffered, the first write fails inside the loop; buffered, the final flush does.
+    """
+    from llava_jax import cli  # pylint: disable=g-import-not-at-top
+
+    read, write = os.pipe()
+    os.close(read)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED=unbuffered)
+    try:
+        result = subprocess.run([sys.executable, "-m", "llava_jax.data.inspect", *_args(setup, "--json")],
+                                stdout=write, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, timeout=120)
+    finally:
+        os.close(write)
+    assert result.returncode == cli.EXIT_BROKEN_PIPE, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_corrupt_image_is_reported_as_pack_and_training_skip_it(setup, tmp_path):
+    """A record whose PNG does not decode is a problem record, like a missing one: the check is pack's."""
+    from llava_jax.data import image as image_lib  # pylint: disable=g-import-not-at-top
+    from llava_jax.data import pack  # pylint: disable=g-import-not-at-top
+
+    good = setup["good"][0]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    png = os.path.join(setup["paths"]["image_folder"], good["image"])
+    with open(png, "rb") as f:
+        data = f.read()
+    (folder / "good.png").write_bytes(data)
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])  # a valid header, then nothing
+    (folder / "garbage.png").write_bytes(b"not an image at all")
+    rows = [dict(good, id="good", image="good.png"), dict(good, id="truncated", image="truncated.png"),
+            dict(good, id="garbage", image="garbage.png")]
+    data_path = tmp_path / "data.jsonl"
+    data_path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = _run("--data-path", str(data_path), "--image-folder", str(folder), "--model-path", setup["model"],
+                  "--conv-mode", "vicuna_v1", "--json")
+    assert result.returncode == 1, result.stderr
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["good"]
+    for index, name in ((1, "truncated"), (2, "garbage")):
+        assert f"record {index} (line {index + 1}, id '{name}'): ImageError" in result.stderr
+        assert f"{name}.png" in result.stderr
+        with pytest.raises(image_lib.ImageError):  # what pack (and so training's loader) says of it
+            pack.read_example(rows[index], str(folder))
+    assert "2 problem record(s)" in result.stderr

@@ -456,3 +456,35 @@ def test_seed_equals_convert_seed_for_submission(tmp_path, capsys):
     assert ours_printed == printed
     with open(tmp_path / "orig.jsonl") as f, open(tmp_path / "ours.jsonl") as g:
         assert f.read() == g.read()
+
+
+def test_score_printout_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`eval score pope ... | head -1`: the broken pipe is not reported as a user error (exit 2) nor as a traceback."""
+    from llava_jax import cli
+
+    fx = F.pope(str(tmp_path))
+    result_file = F.write_jsonl(str(tmp_path / "answers.jsonl"), fx["answers"])
+    argv = ["score", "pope", "--annotation-dir", fx["annotation_dir"], "--question-file", fx["question_file"],
+            "--result-file", result_file]
+    repo = os.path.dirname(os.path.dirname(REF))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    read, write = os.pipe()
+    os.close(read)
+    try:  # unbuffered: the first printed line fails inside the scorer, where a user error would be caught
+        r = subprocess.run([sys.executable, "-m", "llava_jax.eval", *argv], stdout=write, stderr=subprocess.PIPE,
+                           text=True, cwd=repo, env=env, timeout=120)
+    finally:
+        os.close(write)
+    assert r.returncode == cli.EXIT_BROKEN_PIPE, r.stderr
+    assert "error:" not in r.stderr and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_pope_metric_names_what_its_result_holds(tmp_path, capsys):
+    """`metric` is a key of every category's result, and the headline is its mean over them, in percent."""
+    fx = F.pope(str(tmp_path))
+    result, _ = ours(capsys, "pope", "--annotation-dir", fx["annotation_dir"], "--question-file", fx["question_file"],
+                     "--result-file", F.write_jsonl(str(tmp_path / "answers.jsonl"), fx["answers"]))
+    bench = get_benchmark("pope")
+    assert all(bench.metric in m for m in result.values()), (bench.metric, result)
+    assert bench.headline(result) == pytest.approx(100 * sum(m["f1"] for m in result.values()) / 3)

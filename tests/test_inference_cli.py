@@ -190,3 +190,69 @@ def test_single_bad_input_one_line_exit_2(model_dir, case, expected):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], r.stderr
     assert r.stdout == ""
+
+
+def test_chat_commands_are_case_insensitive_and_unknown_ones_never_reach_the_model():
+    """ChatSession.handle alone (no model): what each typed line becomes."""
+    from llava_jax.inference.chat import Action, ChatSession
+
+    chat = ChatSession(pipe=None, params=None)
+    for line in ("/exit", "/EXIT", " /Quit "):
+        assert chat.handle(line).kind == "exit", line
+    shown = chat.handle("/HELP")
+    assert shown.kind == "say" and "/image PATH" in shown.text and "//TEXT" in shown.text
+    chat.turns = [{"from": "human", "value": "hi"}]
+    assert chat.handle("/Reset").kind == "say" and chat.turns == []
+    assert chat.handle("/IMAGE").kind == "error"  # needs a file, as /image does
+    for line in ("/bogus", "/bogus what is this?", "/exi"):
+        action = chat.handle(line)
+        assert action.kind == "error", line
+        assert action.text.startswith(f"unknown command {line.split()[0]}, /help lists them"), action.text
+        assert "\n" not in action.text
+    # Messages that start with "/" still reach the model: a path, or the "//" escape.
+    assert chat.handle("/usr/share/cat.png what is this?") == Action("ask", "/usr/share/cat.png what is this?")
+    assert chat.handle("//exit now") == Action("ask", "/exit now")
+    assert chat.handle("what does /exit do?") == Action("ask", "what does /exit do?")
+
+
+def test_generate_json_into_a_closed_pipe_ends_quietly(model_dir):
+    """`generate --json ... | head -c0`: the broken pipe is not reported as bad input (exit 2) nor as a traceback."""
+    from llava_jax import cli
+
+    d, _, images = model_dir
+    read, write = os.pipe()
+    os.close(read)
+    args = ["--model-path", d, "--image-file", images["a.png"], "--prompt", QUESTION, "--json", *GREEDY]
+    try:
+        r = subprocess.run([sys.executable, "-m", "llava_jax.generate", *args], stdout=write, stderr=subprocess.PIPE,
+                           text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"),
+                           timeout=300)
+    finally:
+        os.close(write)
+    assert r.returncode == cli.EXIT_BROKEN_PIPE, r.stderr
+    assert "error:" not in r.stderr and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_chat_lets_a_broken_pipe_through_to_exit_with(monkeypatch, capsys):
+    """A closed stdout mid-answer ends the chat (cli.exit_with), not reported as the model's error and ignored."""
+    from llava_jax import chat as chat_cli
+    from llava_jax.inference.chat import Action
+
+    class Session:
+        def __init__(self, pipe, params):
+            del pipe, params
+
+        def handle(self, line):
+            return Action("ask", line)
+
+        def ask(self, text):
+            yield "A"
+            raise BrokenPipeError(32, "Broken pipe")
+
+    lines = iter(["hello"])
+    monkeypatch.setattr(chat_cli, "load_pipeline", lambda args: None)
+    monkeypatch.setattr(chat_cli, "sampling_from_args", lambda pipe, args: None)
+    monkeypatch.setattr(chat_cli, "ChatSession", Session)
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))  # a second prompt: StopIteration
+    with pytest.raises(BrokenPipeError):
+        chat_cli.main(["--model-path", "unused"])

@@ -62,3 +62,31 @@ def test_tpu_pod_passes_arguments_to_every_host_as_typed():
     train = shlex.split(remote.split("; ")[-1])
     assert train == ["python", "-m", "llava_jax.train", "--config=configs/llava15.py:7b", "--workdir=gs://b/run", TRICKY]
     assert "pip install -q -e '.[gcs]'" in remote
+
+
+@pytest.mark.parametrize("config,extra", [("configs/tiny.py", []), ("mine.py:7b", ["mine.py"])])
+def test_tpu_pod_ships_the_package_not_local_outputs(tmp_path, config, extra):
+    """The tar of --dry-run, run on a checkout holding what the README's LoRA and export commands leave."""
+    import tarfile  # pylint: disable=g-import-not-at-top
+
+    repo = tmp_path / "repo"
+    for name in ("llava_jax/__init__.py", "llava_jax/__pycache__/x.cpython-311.pyc", "configs/tiny.py", "setup.py",
+                 "mine.py", "README.md", "workdir/ckpt", "workdir-lora/ckpt", "lora-hf/adapter.safetensors",
+                 "merged-hf/model.safetensors", ".venv/bin/python", ".git/HEAD", "notes.txt"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(name)
+    (repo / "launch").mkdir()
+    for script in SCRIPTS:
+        with open(os.path.join(ROOT, "launch", script)) as f:
+            (repo / "launch" / script).write_text(f.read())
+    r = subprocess.run(["bash", str(repo / "launch" / "tpu_pod.sh"), "--dry-run", "tpu", "zone", config, "gs://b/r"],
+                       cwd=repo, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    tar = shlex.split(r.stdout.splitlines()[0])
+    archive = tmp_path / "ship.tgz"
+    tar[tar.index("-czf") + 1] = str(archive)
+    subprocess.run(tar, check=True, timeout=60)
+    with tarfile.open(archive) as t:
+        files = sorted(m.name for m in t.getmembers() if m.isfile())
+    assert files == sorted(["llava_jax/__init__.py", "configs/tiny.py", "setup.py", *extra,
+                            *(f"launch/{s}" for s in SCRIPTS)])

@@ -15,8 +15,9 @@ LLaVA: vision_config image_size/patch_size, vision_feature_select_strategy, imag
 image_token_index; original LLaVA: mm_vision_tower, mm_vision_select_feature), or from
 --num-image-tokens / --image-token-index, which win (a directory with only tokenizer.model then
 does). Records that cannot be trained on
-(malformed, unsafe or missing image path, nothing supervised after truncation) are reported by id
-on stderr; the others are still printed. Exit status 1 if there was any such record.
+(malformed, unsafe or missing image path, an image that does not decode, nothing supervised after
+truncation) are reported by id on stderr, as `data.pack` and training skip them; the others are
+still printed. Exit status 1 if there was any such record.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from llava_jax import paths
+from llava_jax import cli, paths
+from llava_jax.data import pack
 from llava_jax.data import records as records_lib
 from llava_jax.data import templates
 from llava_jax.data.tokenizer import Tokenizer
@@ -150,14 +152,13 @@ def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, tem
         if limit is not None and shown >= limit:
             break
         try:
-            for rel in records_lib.record_images(record):
-                path = records_lib.resolve_image_path(image_folder, rel)
-                if not paths.isfile(path):
-                    raise FileNotFoundError(f"image {rel!r} not found at {path}")
+            # Pack's check, which training's loader agrees with: every image read and fully decoded, so
+            # a corrupt or truncated file is reported here as it is skipped there.
+            pack.read_example(record, image_folder)
             sample = templates.render(record["conversations"], template, tokenizer,
                                       image_token_index=image_token_index, num_image_tokens=num_image_tokens,
                                       max_length=max_length)
-        except (ValueError, OSError) as e:  # ImagePathError, EmptySampleError, FileNotFoundError, ...
+        except (ValueError, OSError) as e:  # ImagePathError, ImageError, EmptySampleError, FileNotFoundError, ...
             report(records_lib.record_location(data_path, index, line, record["id"]), f"{type(e).__name__}: {e}")
             continue
         shown += 1
@@ -217,4 +218,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

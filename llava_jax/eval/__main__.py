@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 
+from llava_jax import cli
 from llava_jax.eval import BENCHMARKS, get_benchmark
 from llava_jax.eval.harness import add_score_flags, module_summary, run_benchmark, run_flags_parser
 from llava_jax.inference.answering import QuestionError
@@ -131,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         message = what if isinstance(what, str) and " " in what else f"a record has no field {what!r}"
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # an OSError, but not bad input: the reader of stdout left (cli.exit_with)
+        raise
     except (QuestionError, ValueError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

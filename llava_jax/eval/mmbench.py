@@ -183,7 +183,13 @@ def write_submission(path: str, rows: list[dict], answers: list[dict]) -> None:
             writer.writerows(["" if v is None else v for v in values] for values in table)
 
 
+# Why this writer is ours and not a library's: none is kept. The original's `DataFrame.to_excel`
+# goes through pandas and openpyxl; neither (nor xlsxwriter) is in setup.py's install_requires or in
+# the test environment, and one optional output file (one sheet of strings and integers, write-only)
+# is 62 lines here (`_cell_ref` and `write_xlsx`), against a new runtime dependency.
+# tests/test_eval_scorers.py reads the sheet back (cells, types, empty cells).
 def _cell_ref(row: int, col: int) -> str:
+    """A1-style reference of a 0-based cell (row 0, col 27 -> "AB1")."""
     letters = ""
     col += 1
     while col:

@@ -103,7 +103,9 @@ def score_files(annotation_dir: str, question_file: str, result_file: str, log: 
 class Pope(Benchmark):
     name = "pope"
     title = "POPE"
-    metric = "f1_mean"
+    # The result has no top-level figure, one entry per category: `metric` is each category's key, and
+    # `headline` averages it over the categories.
+    metric = "f1"
     metric_label = "F1, mean of the categories (%)"
     paper = (85.9, 85.9)
 
@@ -116,7 +118,8 @@ class Pope(Benchmark):
         return score_files(args.annotation_dir, args.question_file, args.result_file, log)
 
     def headline(self, result: dict[str, Any]) -> float | None:
-        f1 = [m["f1"] for m in result.values()]
+        """The paper's POPE figure: the categories' F1, averaged, in percent (None when nothing was scored)."""
+        f1 = [m[self.metric] for m in result.values()]
         return 100 * sum(f1) / len(f1) if f1 else None
 
     def layout(self, root: str) -> Layout:

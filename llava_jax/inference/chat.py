@@ -3,12 +3,18 @@
 `ChatSession` keeps the turns and images; each message renders the whole conversation as the
 prompt (images where their markers are), and the engine's length buckets keep a growing chat from
 recompiling at every turn. `ChatSession.handle` turns one typed line into what to do: a command
-(`/image`, `/reset`, `/help`, `/exit`) is done here and never reaches the model.
+(`/image`, `/reset`, `/help`, `/exit`, in any case) is done here and never reaches the model.
+
+A line is a command when its first word is "/" and letters (`/exit`, `/EXIT`, `/bogus`): an
+unknown one is refused, so that a mistyped command is not sent as a message. A message may still
+start with "/": a path (`/usr/share/cat.png ...`, its first word has a second "/") is a message,
+and "//" sends the rest of the line after one "/" (`//exit` sends "/exit").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Generator
 
 import numpy as np
@@ -22,7 +28,11 @@ COMMANDS = (
     ("/reset", "forget the conversation and its images"),
     ("/help", "list these commands"),
     ("/exit", "quit (so does end of input, Ctrl-D)"),
+    ("//TEXT", "send /TEXT as a message (commands are case-insensitive; other /words are refused)"),
 )
+# The first word of a command line: "/" and letters ("/?" is help's short form). A word with a second
+# "/" (a path) is not one.
+_COMMAND_WORD = re.compile(r"/(?:[A-Za-z]+|\?)")
 
 
 def commands_help() -> str:
@@ -65,9 +75,14 @@ class ChatSession:
     def handle(self, line: str) -> Action:
         """A typed line -> what to do; commands are carried out here (an empty line asks nothing)."""
         line = line.strip()
-        command, _, rest = line.partition(" ")
         if not line:
             return Action("say")
+        word, rest = (line.split(None, 1) + [""])[:2]
+        if line.startswith("//"):  # the escape: a message that starts with "/"
+            return Action("ask", line[1:])
+        if not _COMMAND_WORD.fullmatch(word):
+            return Action("ask", line)
+        command = word.lower()
         if command in ("/exit", "/quit"):
             return Action("exit")
         if command in ("/help", "/?"):
@@ -84,7 +99,7 @@ class ChatSession:
             except (OSError, ValueError) as e:
                 return Action("error", str(e))
             return Action("say", f"(image {path} attached to your next message)")
-        return Action("ask", line)
+        return Action("error", f"unknown command {word}, /help lists them (// sends a message starting with /)")
 
     def ask(self, text: str) -> Generator[str, None, str]:
         """Stream the answer to `text` (with any pending images); returns the whole answer.
