@@ -52,10 +52,14 @@ def hf_token_count(cfg: AnyresConfig, size: tuple[int, int]) -> int:
 
 @pytest.mark.parametrize("cfg", [V16, OV], ids=["v16", "onevision"])
 def test_counts_match_transformers(cfg):
-    """Best resolution, grid shape, patch count and token count equal transformers' for random sizes."""
-    from transformers.image_processing_utils import select_best_resolution
+    """Best resolution, grid shape, patch count, token count and the resize and paste of the image on its canvas
+    equal transformers' for random sizes."""
+    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+    from transformers.image_utils import ChannelDimension
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     pins = hf_pinpoints(cfg)
+    processor = LlavaNextImageProcessorPil(image_grid_pinpoints=pins)
     for size in random_sizes(np.random.default_rng(fresh_seed()), 300):
         lay = layout(cfg, size)
         assert lay.resolution == tuple(select_best_resolution(size, pins)), size
@@ -63,6 +67,10 @@ def test_counts_match_transformers(cfg):
         assert (lay.rows, lay.cols) == tf_next.get_anyres_image_grid_shape(size, pins, cfg.tile_size), size
         assert lay.num_patches == tf_next.image_size_to_num_patches(size, pins, cfg.tile_size), size
         assert lay.num_tokens == hf_token_count(cfg, size), size
+        image = np.broadcast_to(np.zeros((3, 1, 1), np.uint8), (3, *size))  # [C, H, W]: only its shape is read
+        resized = get_patch_output_size(image, lay.resolution, ChannelDimension.FIRST)
+        assert lay.resized == resized, size
+        assert lay.offset == tuple(p[0] for p in processor._get_padding_size(resized, lay.resolution)), size
         assert lay.num_patches <= cfg.max_patches and lay.num_tokens <= cfg.max_tokens, size
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import re
 from typing import Sequence
 
@@ -153,10 +154,18 @@ def select_best_resolution(size: Size, resolutions: Sequence[Size]) -> Size:
 
 @dataclasses.dataclass(frozen=True)
 class ImageLayout:
-    """What one image becomes. `rows x cols` tiles (0 x 0 for flat) of `resolution`; the base comes first."""
+    """What one image becomes. `rows x cols` tiles (0 x 0 for flat) of `resolution`; the base comes first.
+
+    Preprocessing (both conventions): resize the image to `resized` (aspect kept, the scaled side rounded up),
+    paste it at `offset` (top, left) on a black `resolution` canvas, cut it into row-major tiles; the base is
+    the whole image resized to one tile. Flat: the base only (`resized` is the tile; LLaVA-1.5's own
+    `image_aspect_ratio` decides how the image gets there).
+    """
 
     size: Size  # the original image (height, width)
     resolution: Size  # the padded canvas the tiles are cut from (height, width)
+    resized: Size  # the image on that canvas
+    offset: Size  # (top, left) of the image on the canvas
     rows: int
     cols: int
     num_patches: int  # base + rows * cols tiles: the vision tower's batch for this image
@@ -172,11 +181,22 @@ def layout(cfg: AnyresConfig, size: Size) -> ImageLayout:
         raise ValueError(f"image size (height, width) must be positive, got {tuple(size)}")
     if cfg.merge == "flat":
         t = cfg.tile_size
-        return ImageLayout((height, width), (t, t), 0, 0, 1, 0, 0, cfg.tile_tokens)
+        return ImageLayout((height, width), (t, t), (t, t), (0, 0), 0, 0, 1, 0, 0, cfg.tile_tokens)
     res = select_best_resolution((height, width), cfg.resolutions())
+    resized = _fit(height, width, *res)
+    offset = ((res[0] - resized[0]) // 2, (res[1] - resized[1]) // 2)
     rows, cols = res[0] // cfg.tile_size, res[1] // cfg.tile_size
     fh, fw = _unpadded(height, width, rows * cfg.grid, cols * cfg.grid, cfg.convention)
-    return ImageLayout((height, width), res, rows, cols, 1 + rows * cols, fh, fw, cfg.tile_tokens + fh * (fw + 1))
+    return ImageLayout((height, width), res, resized, offset, rows, cols, 1 + rows * cols, fh, fw,
+                       cfg.tile_tokens + fh * (fw + 1))
+
+
+def _fit(height: int, width: int, target_h: int, target_w: int) -> Size:
+    """The image resized into the target, aspect kept, the scaled side rounded up (`get_patch_output_size`)."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
 
 
 def _unpadded(height: int, width: int, fh: int, fw: int, convention: str) -> Size:
