@@ -238,3 +238,21 @@ def test_imports_no_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)})
     assert out.stdout.strip() == "[]"
+
+
+def test_from_hf_config():
+    """transformers' configs: llava is flat, llava_next tiles by its pinpoints; the rest fail naming the file."""
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
+
+    assert anyres.from_hf_config(LlavaNextConfig().to_dict(), 336, 24) == V16
+    wide = dict(LlavaNextConfig().to_dict(), image_grid_pinpoints=[[336, 1344], [1344, 336]])
+    assert anyres.from_hf_config(wide, 336, 24).pinpoints == ((336, 1344), (1344, 336))
+    assert anyres.from_hf_config(LlavaConfig().to_dict(), 336, 24, 1) == AnyresConfig.flat(extra_tokens=1)
+    with pytest.raises(ValueError, match="^x/config.json: anyres merge 'spatial_unpad' needs a tile of exactly"):
+        anyres.from_hf_config(LlavaNextConfig().to_dict(), 336, 24, 1, source="x/config.json")
+    with pytest.raises(ValueError, match="^config.json: image_grid_pinpoints '1x2'"):
+        anyres.from_hf_config(dict(LlavaNextConfig().to_dict(), image_grid_pinpoints="1x2"), 336, 24)
+    with pytest.raises(ValueError, match="^config.json: vision_aspect_ratio 'anyres_max_9' of llava_onevision"):
+        anyres.from_hf_config(LlavaOnevisionConfig().to_dict(), 384, 27)
+    with pytest.raises(ValueError, match="^config.json: model_type 'clip' has no image geometry"):
+        anyres.from_hf_config({"model_type": "clip"}, 336, 24)

@@ -236,3 +236,26 @@ def gather_index(cfg: AnyresConfig, size: Size, table_patches: int | None = None
     kept = stitched[top:top + lay.feature_rows, left:left + lay.feature_cols]
     with_newlines = np.concatenate([kept, np.full((lay.feature_rows, 1), newline)], axis=1)
     return np.concatenate([base, with_newlines.reshape(-1)]).astype(np.int32)
+
+
+def from_hf_config(c: dict, tile_size: int, grid: int, extra_tokens: int = 0,
+                   source: str = "config.json") -> AnyresConfig:
+    """The geometry of a transformers config.json: `llava` is flat, `llava_next` tiles by its pinpoints.
+
+    tile_size, grid and extra_tokens come from the vision tower as config.py parses it (image_size,
+    image_size // patch_size, 1 when strategy "full" keeps a CLS), so that the tower is read in one place.
+    """
+    model_type = c.get("model_type")
+    try:
+        if model_type == "llava":
+            return AnyresConfig.flat(tile_size, grid, extra_tokens)
+        if model_type == "llava_next":
+            # LlavaNextConfig's default when the field is absent is the v1.6 list.
+            pins = parse_pinpoints(c.get("image_grid_pinpoints") or V16_PINPOINTS, tile_size)
+            return AnyresConfig(tile_size, grid, pins, extra_tokens=extra_tokens)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if model_type == "llava_onevision":
+        raise ValueError(f"{source}: vision_aspect_ratio {c.get('vision_aspect_ratio')!r} of llava_onevision "
+                         f"(anyres_max_9 downscaling) is not supported")
+    raise ValueError(f"{source}: model_type {model_type!r} has no image geometry (expected llava or llava_next)")
