@@ -1,4 +1,4 @@
-"""models/anyres.py against transformers' LLaVA-NeXT (float32): best resolution, tile grid, patch and token
+"""anyres.py against transformers' LLaVA-NeXT (float32): best resolution, tile grid, patch and token
 counts, and the gather index against `LlavaNextModel.pack_image_features`, on fresh random image sizes."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from llava_jax.models import anyres
-from llava_jax.models.anyres import V16_PINPOINTS, AnyresConfig, gather_index, layout, parse_pinpoints
+from llava_jax import anyres
+from llava_jax.anyres import V16_PINPOINTS, AnyresConfig, gather_index, layout, parse_pinpoints
 from tests._seeds import fresh_seed
 
 tf_next = pytest.importorskip("transformers.models.llava_next.modeling_llava_next")
@@ -234,7 +234,7 @@ def test_bad_sizes():
 
 def test_imports_no_jax():
     """The data layer (Grain workers) imports this module: it must not pull in jax, flax or torch."""
-    code = "import sys, llava_jax.models.anyres; print(sorted({'jax', 'flax', 'torch'} & set(sys.modules)))"
+    code = "import sys, llava_jax.anyres; print(sorted({'jax', 'flax', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)})
     assert out.stdout.strip() == "[]"
