@@ -9,7 +9,7 @@ through `etils.epath` (GCS through `gcsfs`), and Orbax and TensorStore write che
 What differs on GCS, and is handled by the callers that care:
 - there is no rename of a directory (it is a copy of every object): model directories are
   written in place there, with the config written last as the completeness marker;
-- there is no append: metrics are rewritten whole (see `train.loop.MetricsWriter`);
+- there is no append: metrics are rewritten whole (see `train.metrics.MetricsWriter`);
 - there are no symbolic links, so an image path is checked lexically only.
 
 A local GCS emulator (tests; `gcp-storage-emulator`) is reached by setting both

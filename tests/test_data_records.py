@@ -150,3 +150,24 @@ def test_training_and_generate_number_records_alike(tmp_path):
         records.load_records(path)
     errors = [error for _, _, error in read_vqa_questions(str(path)) if error]
     assert len(errors) == 1 and f"{path}: record 1 (line 3): not valid JSON" in errors[0], errors
+
+
+def test_json_file_that_does_not_parse_is_a_data_file_error_naming_file_line_and_column(tmp_path):
+    path = _write(tmp_path, "data.json", '[\n  {"id": "a", "conversations": []},\n  {"id": "b" "x"}\n]')
+    with pytest.raises(records.DataFileError, match=rf"^{path}: not valid JSON: .*line 3 column 14"):
+        records.load_records(path)
+
+
+def test_inspect_cli_on_a_json_file_that_does_not_parse_is_one_line_with_exit_2(tmp_path, capsys):
+    """data.inspect reads the file with records.read_raw, as training does: the same one line, exit 2."""
+    from llava_jax.data import inspect, synthetic
+
+    built = synthetic.build(tmp_path / "syn", num_train=4, num_val=2, image_size=28)
+    bad = _write(tmp_path, "bad.json", '[{"id": "a",]')
+    status = inspect.main(["--data-path", bad, "--image-folder", built["image_folder"],
+                           "--model-path", os.path.dirname(built["tokenizer"]), "--conv-mode", "plain",
+                           "--num-image-tokens", "4", "--image-token-index", "1024"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.splitlines()[-1].startswith(f"error: {bad}: not valid JSON: ") and "line 1 column 13" in err, err
+    assert "Traceback" not in err

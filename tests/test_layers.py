@@ -1,6 +1,6 @@
 """The package's layering: lower layers never import upper ones, no import cycles, and light imports stay light.
 
-Layers, bottom to top (issue 19): `paths`/`config` (with the pure helpers `anyres` and `cli`), `models`, `weights`, `data`, `parallel`, `train`,
+Layers, bottom to top (issue 19): `paths`/`config` (with the pure helpers `anyres`, `cli` and `progress`), `models`, `weights`, `data`, `parallel`, `train`,
 `inference`, `eval`, then the entry points (`llava_jax/*.py`, every `__main__`). A module may import its
 own layer or any below it. Every import counts: module level or inside a function, `import x`,
 `from x import y`, relative ones, `importlib.import_module("literal")`, and those under `TYPE_CHECKING`
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "llava_jax")
 # The floor of each top-level name under llava_jax/; anything not listed is an entry point.
 LAYERS = {
-    "paths": 0, "config": 0, "anyres": 0, "cli": 0,
+    "paths": 0, "config": 0, "anyres": 0, "cli": 0, "progress": 0,
     "models": 1,
     "weights": 2,
     "data": 3,

@@ -209,9 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     color = not a.json and sys.stdout.isatty()
-    problems = inspect_records(a.data_path, a.image_folder, tokenizer, template, num_image_tokens=num,
-                               image_token_index=token, max_length=a.max_length, as_json=a.json,
-                               out=sys.stdout, err=sys.stderr, limit=a.limit, color=color)
+    try:
+        problems = inspect_records(a.data_path, a.image_folder, tokenizer, template, num_image_tokens=num,
+                                   image_token_index=token, max_length=a.max_length, as_json=a.json,
+                                   out=sys.stdout, err=sys.stderr, limit=a.limit, color=color)
+    except records_lib.DataFileError as e:  # the whole file is unreadable: one line, as data.pack says it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if problems:
         print(f"{problems} problem record(s), listed above", file=sys.stderr)
     return 1 if problems else 0

@@ -39,7 +39,7 @@ Usage (the data may also be a packed directory or "tfds:NAME@split", see sources
     it = iter(ds)                      # a DataIterator; ds.batches_per_epoch steps per epoch
     batch = next(it)
     it.stats.metrics()                 # {"data/samples": ..., "data/skipped_image": ...}
-    state = it.get_state()             # JSON-able; or grain.checkpoint.CheckpointSave(it) in Orbax
+    state = it.get_state()             # JSON-able: the training checkpoint saves it with ocp.args.JsonSave
 """
 
 from __future__ import annotations
@@ -369,10 +369,12 @@ class _Collate:
 class DataIterator(grain.DatasetIterator):
     """The pipeline's iterator: yields the batches, keeps DataStats, saves/restores exactly.
 
-    Its state (`get_state`, JSON-serialisable) holds Grain's position and the stats; Grain's Orbax
-    handler saves it with the training checkpoint:
+    Its state (`get_state`, JSON-serialisable) holds Grain's position and the stats; the training
+    checkpoint saves it as JSON beside the train state (train/checkpoint.py):
 
-        ckpt.save(step, args=ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it)))
+        ckpt.save(step, args=ocp.args.Composite(..., data=ocp.args.JsonSave(it.get_state())))
+
+    and `set_state` puts a fresh iterator back at that position on resume.
     """
 
     def __init__(self, parent: grain.DatasetIterator, batches_per_epoch: int,
@@ -537,8 +539,3 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return LlavaIterDataset(it, batches_per_epoch=loader.rows_per_epoch // batch_size, num_records=len(source),
                             source=source, image_cfg=image_cfg if normalize_pixels else None)
-
-
-def make_iterator(*args, **kwargs) -> DataIterator:
-    """`iter(make_dataset(*args, **kwargs))`: a fresh DataIterator at the start of the data."""
-    return iter(make_dataset(*args, **kwargs))

@@ -47,6 +47,13 @@ class RecordError(ValueError):
         super().__init__(f"{record_location(path, index, line, record_id)}: {problem}")
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as records at all: not JSON, not a list, an unknown kind of file.
+
+    The message names the file and, for JSON that does not parse, the line and column.
+    """
+
+
 class ImagePathError(ValueError):
     """An image path that is absolute or escapes the image folder."""
 
@@ -124,7 +131,8 @@ is_remote = paths.is_remote  # gs://bucket/...: read through etils.epath (llava_
 def read_raw(path: str) -> Iterator[tuple[int, int | None, Any]]:
     """Yields (index, line or None, parsed JSON value) for each record of a .json or .jsonl file (local or gs://).
 
-    A .jsonl line that is not JSON raises RecordError naming the record and the line.
+    A .jsonl line that is not JSON raises RecordError naming the record and the line; a .json file
+    that is not JSON, or not a list, raises DataFileError naming the file (and the line and column).
     """
     if path.endswith(".jsonl"):
         with paths.open(path, "r", encoding="utf-8") as f:
@@ -143,13 +151,13 @@ def read_raw(path: str) -> Iterator[tuple[int, int | None, Any]]:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON: {e}") from None
+                raise DataFileError(f"{path}: not valid JSON: {e}") from None
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
+            raise DataFileError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
         for index, value in enumerate(data):
             yield index, None, value
     else:
-        raise ValueError(f"{path}: unknown data file type; expected a .json list or a .jsonl file")
+        raise DataFileError(f"{path}: unknown data file type; expected a .json list or a .jsonl file")
 
 
 def load_records(path: str | os.PathLike,

@@ -259,10 +259,10 @@ def answer_questions(
       batch_size: rows per generate call (a fixed shape: the last batch is padded).
       strict: raise QuestionError at the first question that cannot be asked.
       model_id: the `model_id` of answer lines (default: the model directory's name).
-      progress: a progress bar on stderr.
+      progress: a progress bar on stderr (when it is a terminal; llava_jax/progress.py).
       on_error: called with each failure message (default: printed to stderr as "error: ...").
     """
-    from tqdm import tqdm
+    from llava_jax import progress as progress_bars
 
     questions = list(questions)
     model_id = model_id or pipe.model_id
@@ -273,8 +273,7 @@ def answer_questions(
         order.setdefault(q.key, i)
     todo = [(i, q) for i, q in enumerate(questions) if q.key not in done]
     report = AnswerReport(skipped=len(questions) - len(todo))
-    bar = tqdm(total=len(todo), unit="q", desc="answering", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress)
+    bar = progress_bars.bar(len(todo), desc="answering", unit="q", enabled=progress)  # drawn on a terminal only
 
     def fail(question: Question, error: Exception) -> None:
         message = f"question {question.line['question_id']}: {error}"

@@ -7,9 +7,12 @@ Starting again on the same workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import sys
+from typing import Iterator
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -17,9 +20,51 @@ from ml_collections import config_flags
 from llava_jax import paths
 from llava_jax.train import defaults
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", defaults.__file__, "Config file (configs/NAME.py[:ARG]); default: the embedded default, listed above.",
-    lock_config=True)
+# What parsing --config and its --config.KEY=VALUE overrides raises for an override that does not fit
+# the config: an unknown field (ml_collections' "did you mean"), a stage index past the end, a value
+# of the wrong type, a config file that is not there or rejects its argument.
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, IndexError, TypeError, ValueError, OSError)
+
+
+def _flag_error_line(error: Exception, argv: list[str]) -> str:
+    """`error` as one line that names the flag: ml_collections' messages span lines and quote their key."""
+    text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    if "Traceback (most recent call last)" in text:  # a config file's own error, wrapped with its traceback
+        text = text.strip().splitlines()[-1]
+    elif isinstance(error, OSError) and "No such file" in text:  # ml_collections lists every path it tried
+        text = f"--config: {text.strip().splitlines()[-1].strip()}"
+    text = " ".join(text.split())
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if re.match(r"--?(no)?config\.", a)]
+    if isinstance(error, IndexError):
+        indexed = [o for o in overrides if "[" in o]
+        return f"{', '.join(indexed) or '--config'}: a list index past the end of the config's list"
+    if isinstance(error, (AttributeError, KeyError)):
+        match = re.search(r"[A-Za-z_]\w*", text)  # the first name in the message is the unknown key
+        key = match[0] if match else text
+        named = [o for o in overrides if re.search(rf"[.\]]{re.escape(key)}(\W|$)", o)]
+        hint = text[text.index("Did you mean"):].rstrip("'") if "Did you mean" in text else ""
+        where = named[0] if named else "--config"
+        return f"{where}: no such field {key!r} in the config" + (f"; {hint}" if hint else "")
+    return text
+
+
+@contextlib.contextmanager
+def _flag_errors(argv: list[str]) -> Iterator[None]:
+    """A flag that does not fit the config is one line and exit status 2 (--debug: the traceback)."""
+    try:
+        yield
+    except _FLAG_ERRORS as e:
+        if "--debug" in argv:
+            raise
+        print(f"llava_jax.train: error: {_flag_error_line(e, argv)}", file=sys.stderr)
+        sys.exit(2)
+
+
+# Without --config the embedded default and its overrides are parsed here, as the flag is defined.
+with _flag_errors(sys.argv):
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", defaults.__file__,
+        "Config file (configs/NAME.py[:ARG]); default: the embedded default, listed above.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics and outputs go.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of a data, config or checkpoint error.")
 
@@ -38,18 +83,21 @@ def main(argv) -> int:
     from llava_jax.eval.suite import table_from_metrics
     from llava_jax.parallel import xla_flags
     from llava_jax.parallel.distributed import maybe_initialize
-    from llava_jax.train import loop
+    from llava_jax.train import loop, validate
 
     xla_flags.apply(_XLA_FLAGS.value)
     maybe_initialize()
-    config = _CONFIG.value
-    if config.get("compile_only", False):  # no data, no weights, no workdir: see train/aot.py
-        from llava_jax.train import aot
-
-        aot.run(config)
-        return 0
+    with _flag_errors(sys.argv):
+        config = _CONFIG.value
+        config.stages  # pylint: disable=pointless-statement  # a file that failed to load raises on first use
     workdir = paths.absolute(_WORKDIR.value)  # a local directory or gs://bucket/dir
     try:
+        validate.validate(config)  # the whole config, before any data, weights or workdir
+        if config.compile_only:  # no data, no weights, no workdir: see train/aot.py
+            from llava_jax.train import aot
+
+            aot.run(config)
+            return 0
         result = loop.run(config, workdir)
     except (loop.NonFiniteError, loop.Preempted) as e:
         print(f"llava_jax.train: {e}", file=sys.stderr)
@@ -70,15 +118,23 @@ def main(argv) -> int:
     return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a flag that does not fit the config as one line and exit status 2."""
+    with _flag_errors(argv):
+        return flags.FLAGS(argv)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells the user what to fix: printed as one line, exit status 2."""
     from llava_jax.data.pipeline import DataError
-    from llava_jax.data.records import ImagePathError, RecordError
-    from llava_jax.train.loop import ConfigError
+    from llava_jax.data.records import DataFileError, ImagePathError, RecordError
+    from llava_jax.data.sources import DataSourceError
+    from llava_jax.train.validate import ConfigError
     from llava_jax.weights.safetensors_io import CheckpointError
 
-    return (RecordError, ImagePathError, DataError, ConfigError, CheckpointError, FileNotFoundError)
+    return (RecordError, DataFileError, DataSourceError, ImagePathError, DataError, ConfigError, CheckpointError,
+            FileNotFoundError)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -38,6 +38,7 @@ from llava_jax.parallel import compile_cache
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import abstract_sharded_params, batch_shardings, sharded_shapes
 from llava_jax.train.program import compute_config, rules_from_config, stage_program
+from llava_jax.train.validate import has_architecture, validate
 
 GIB = 1 << 30
 # High-bandwidth memory per chip (vendor figures), by `device_kind`.
@@ -123,18 +124,18 @@ def topology_devices(name: str) -> list:
 def model_config(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict | None = None) -> LlavaConfig:
     """The architecture compile-only uses (see the module docstring), with the run's (and `stage`'s) compute settings."""
     m = config.model
-    init = m.get("init") or ""
+    init = m.init
     if init and os.path.isfile(os.path.join(init, CONFIG_FILE)):
         cfg = LlavaConfig.load(init)
-    elif m.get("preset"):
+    elif m.preset:
         if m.preset not in PRESETS:
             raise ValueError(f"model.preset {m.preset!r} is not one of {sorted(PRESETS)}")
         cfg = PRESETS[m.preset]
-    elif m.get("text") is not None:
+    elif has_architecture(m):
         from llava_jax.train.loop import model_config as random_init_config
 
         # The tokenizer only sizes the vocabulary; a stand-in of the size the run would have.
-        vocab = config.data.get("synthetic_args", {}).get("vocab_size", 32000)
+        vocab = config.data.synthetic_args.vocab_size
         cfg = random_init_config(config, types.SimpleNamespace(vocab_size=vocab, bos_id=1, eos_id=2))
     else:
         raise ValueError("compile_only needs the architecture: model.init (a converted directory), model.preset "
@@ -161,7 +162,7 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     cfg = model_config(config, stage)
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
     rules = rules_from_config(config)
-    if stage.get("lora"):  # the adapters the stage adds to the frozen base, as the loop adds them
+    if stage.lora:  # the adapters the stage adds to the frozen base, as the loop adds them
         from llava_jax.train import lora as lora_train
 
         cfg = cfg.replace(lora=lora_train.resolve_spec(stage.lora, cfg))
@@ -174,13 +175,13 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
         raise ValueError(f"stage {stage.name}: a micro-batch of {stage.micro_batch} rows does not split over the "
                          f"{row_split} devices of data x fsdp")
     params = abstract_sharded_params(cfg, mesh, rules)
-    total = config.max_steps if config.get("max_steps", -1) > 0 else SCHEDULE_STEPS
+    total = config.max_steps if config.max_steps > 0 else SCHEDULE_STEPS
     program = stage_program(cfg, stage, mesh, rules, total, params)
     batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh)
     start = time.time()
     lowered = program.step.lower(program.state_abstract, batch)
     device = mesh.devices.flat[0]
-    chip = config.get("compile_chip_memory_gib") or CHIP_MEMORY_GIB.get(device.device_kind)
+    chip = config.compile_chip_memory_gib or CHIP_MEMORY_GIB.get(device.device_kind)
     report = CompileReport(
         stage=f"stage {index + 1} {stage.name}",
         devices=f"{mesh.devices.size} x {device.device_kind}",
@@ -234,8 +235,9 @@ def _input_bytes(program, batch: dict) -> int:
 
 def run(config: ml_collections.ConfigDict) -> list[CompileReport]:
     """Compile every stage of `config` (for `compile_topology` when set) and print one report per stage."""
-    compile_cache.enable(config.get("compilation_cache_dir"))
-    topology = config.get("compile_topology") or ""
+    validate(config)
+    compile_cache.enable(config.compilation_cache_dir)
+    topology = config.compile_topology
     devices = topology_devices(topology) if topology else None
     reports = []
     for index in range(len(config.stages)):

@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import ml_collections
 
+from llava_jax.parallel import rules as rules_lib
+
 
 def base_config() -> ml_collections.ConfigDict:
-    """Fields every run has; recipes fill in model, data and stages."""
+    """Every field a run reads, each declared once here; recipes (configs/*.py) set values, never add fields.
+
+    Stages are the one exception to a fixed shape: `stages` is a list of `stage(...)` entries, each
+    with the fields `stage` declares. `--config.KEY=VALUE` can only set fields declared here, so a
+    misspelt key is an error, and `python -m llava_jax.train --help` lists them all.
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.max_steps = -1  # cap on each stage's steps (-1: the stage's epochs decide)
@@ -31,14 +38,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.compile_topology = ""  # with compile_only: a TPU topology (v5e:2x4, v5p:2x2x1, v6e:2x4, ...) via libtpu
     c.compile_chip_memory_gib = 0.0  # the memory to compare against (0: the device kind's, when known)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Logical axis name -> mesh axes, the one table that shards every parameter and activation
+    # (llava_jax/parallel/rules.py); a run may replace it whole, e.g. to shard vocab over `tensor`.
+    c.sharding_rules = rules_lib.DEFAULT_RULES
     c.model = ml_collections.ConfigDict()
     c.model.init = ""  # a converted checkpoint directory; empty: random init from the fields below
     c.model.dtype = "bfloat16"
     c.model.remat = "none"
     c.model.scan_layers = True  # nn.scan over each tower's layers (compile time independent of depth)
     c.model.attention = "auto"  # auto | xla | cudnn | splash (llava_jax/models/attention.py)
+    c.model.preset = ""  # compile-only: a named architecture (train/aot.py PRESETS) when model.init is not here
+    # A random initialisation (no model.init) builds this architecture; HF config names, 0: not given.
+    c.model.projector_type = "mlp2x_gelu"
+    c.model.vision_feature_layer = -2
+    c.model.vision_feature_select_strategy = "default"
+    c.model.vision = ml_collections.ConfigDict(dict(
+        hidden_size=0, intermediate_size=0, num_hidden_layers=0, num_attention_heads=0, image_size=0, patch_size=0,
+        hidden_act="quick_gelu"))
+    c.model.text = ml_collections.ConfigDict(dict(
+        hidden_size=0, intermediate_size=0, num_hidden_layers=0, num_attention_heads=0, num_key_value_heads=0,
+        max_position_embeddings=0, rms_norm_eps=1e-5, rope_theta=10000.0))
     c.data = ml_collections.ConfigDict()
-    c.data.synthetic = False
+    c.data.synthetic = False  # generate the coloured-shapes data into WORKDIR/data (data/synthetic.py)
+    c.data.synthetic_args = ml_collections.ConfigDict(dict(num_train=2000, num_val=200, image_size=56, seed=0,
+                                                           vocab_size=1024))
     c.data.image_folder = ""
     c.data.data_dir = ""  # where relative stage data files are looked up (default: image_folder)
     c.data.tfds_data_dir = ""  # TFDS data_dir for stages whose data is "tfds:NAME" (default: TFDS's own)
@@ -111,18 +134,15 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.async_checkpoints = False
     c.model.dtype = "float32"  # bf16 is slow on CPU; the real recipes use bf16
-    c.model.projector_type = "mlp2x_gelu"
     c.model.vision_feature_layer = -1
-    c.model.vision_feature_select_strategy = "default"
-    c.model.vision = ml_collections.ConfigDict(dict(
+    c.model.vision.update(dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=56,
         patch_size=14, hidden_act="quick_gelu"))
-    c.model.text = ml_collections.ConfigDict(dict(
+    c.model.text.update(dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0))
     c.data.synthetic = True
-    c.data.synthetic_args = ml_collections.ConfigDict(dict(num_train=2000, num_val=200, image_size=56, seed=0,
-                                                           vocab_size=1024))
+    c.data.synthetic_args.update(dict(num_train=2000, num_val=200, image_size=56, seed=0, vocab_size=1024))
     # Steps are compute-bound in T: captions are <= 38 tokens (16 of them image tokens), Q/A 43-112.
     c.data.length_buckets = (32, 40, 48, 64, 80, 96, 112)
     c.data.eval_max_length = 128

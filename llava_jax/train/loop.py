@@ -3,7 +3,8 @@
 Side effects live here; the step (step.py) and the evaluation forward are pure functions that
 the loop jit-compiles once per stage with explicit in/out shardings over the mesh.
 
-    run                      where to start (the latest checkpoint), then each stage in turn
+    run                      the config checked (validate.py), where to start (the latest checkpoint),
+                             every stage's data opened (check_stage_data), then each stage in turn
       _run_stage             one stage, top to bottom:
         _initial_model       the previous stage's model directory, config.model.init, or random
         _stage_data          the Grain pipeline (data/pipeline.py) and the stage's step count
@@ -12,20 +13,18 @@ the loop jit-compiles once per stage with explicit in/out shardings over the mes
                              compile-only compiles), the state created straight into its shardings
         _restore             a mid-stage checkpoint: state and data position
         _train               the steps (step.py, jit with parallel/partition.py shardings),
-                             metrics, evaluations, checkpoints, SIGTERM
+                             metrics (metrics.py), evaluations, checkpoints, SIGTERM
         _finish              evaluation, the stage's model directory, the end-of-stage checkpoint
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -36,9 +35,11 @@ import ml_collections
 from jax.sharding import Mesh
 
 from llava_jax import paths
+from llava_jax import progress
 from llava_jax.config import CONFIG_FILE, LlavaConfig, text_config_from_hf, vision_config_from_hf
 from llava_jax.data import image as image_lib
 from llava_jax.data import pipeline
+from llava_jax.data import sources as sources_lib
 from llava_jax.data import synthetic
 from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.eval.suite import evaluate_stage
@@ -51,9 +52,11 @@ from llava_jax.train import flops as flops_lib
 from llava_jax.train import lora as lora_train
 from llava_jax.train.checkpoint import Checkpointer, abstract_like
 from llava_jax.train.evaluate import build_eval_set, eval_forward, evaluate
+from llava_jax.train.metrics import MetricsWriter
 from llava_jax.train.optimizer import merge_params, split_params
 from llava_jax.train.program import compute_config, rules_from_config, stage_program
 from llava_jax.train.step import TrainState, to_microbatches
+from llava_jax.train.validate import ConfigError, validate
 from llava_jax.weights import model_dir
 
 log = logging.getLogger("llava_jax.train")
@@ -67,10 +70,6 @@ class Preempted(Exception):
     """SIGTERM arrived: a checkpoint was saved and the run stopped."""
 
 
-class ConfigError(ValueError):
-    """A config that cannot run as written (names the field to change)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Assets: data paths, tokenizer, model config and initial parameters.
 
@@ -78,19 +77,17 @@ class ConfigError(ValueError):
 def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Data files of the run: built once into workdir/data for the synthetic default."""
     d = config.data
-    if d.get("synthetic", False):
+    if d.synthetic:
         s = d.synthetic_args
         return synthetic.build(os.path.join(workdir, "data"), num_train=s.num_train, num_val=s.num_val,
                                image_size=s.image_size, seed=s.seed, vocab_size=s.vocab_size)
-    tokenizer = d.tokenizer or (os.path.join(config.model.init, "tokenizer.model") if config.model.get("init") else "")
-    if not tokenizer:
-        raise ConfigError("config.data.tokenizer is empty and config.model.init names no directory holding tokenizer.model")
-    return {"image_folder": d.image_folder, "tokenizer": tokenizer, **{k: d[k] for k in ("val",) if d.get(k)}}
+    tokenizer = d.tokenizer or os.path.join(config.model.init, "tokenizer.model")  # validate: one of the two is set
+    return {"image_folder": d.image_folder, "tokenizer": tokenizer, **({"val": d.val} if d.val else {})}
 
 
 def _eval_root(config: ml_collections.ConfigDict, files: dict[str, str]) -> str:
     """Where the stages' eval_benchmarks find their data: `data.eval_root`, else the synthetic data folder."""
-    return config.data.get("eval_root") or files.get("out_dir", "")
+    return config.data.eval_root or files.get("out_dir", "")
 
 
 def _stage_benchmarks(config: ml_collections.ConfigDict, files: dict[str, str]) -> dict[str, list[str]]:
@@ -100,10 +97,9 @@ def _stage_benchmarks(config: ml_collections.ConfigDict, files: dict[str, str]) 
     from llava_jax.eval.benchmark import get_benchmark
 
     root, out = _eval_root(config, files), {}
-    no_val = (config.data.get("synthetic", False) and not config.data.get("eval_root")
-              and config.data.synthetic_args.num_val == 0)
+    no_val = config.data.synthetic and not config.data.eval_root and config.data.synthetic_args.num_val == 0
     for stage in config.stages:
-        names = list(stage.get("eval_benchmarks", ()))
+        names = list(stage.eval_benchmarks)
         if names and no_val:
             log.info("stage %s: no held-out questions (synthetic_args.num_val=0): eval_benchmarks %s skipped",
                      stage.name, names)
@@ -154,61 +150,6 @@ def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_fil
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics.
-
-
-class MetricsWriter:
-    """One JSON object per logged step in workdir/metrics.jsonl (process 0), TensorBoard if installed.
-
-    A local file is appended to line by line. Object storage (gs://) cannot append: the file is
-    rewritten whole, at most every `flush_seconds` and at every `flush()` (the loop flushes when
-    it saves a checkpoint), so that after a kill it covers at least every step up to the latest
-    checkpoint, from which the run resumes and logs the rest again.
-    """
-
-    def __init__(self, workdir: str, flush_seconds: float = 30.0):
-        self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.remote = paths.is_remote(workdir)
-        self.flush_seconds, self.flushed_at = flush_seconds, time.time()
-        self.lines: list[str] = []  # remote: the whole file
-        self.tb = None
-        if not self.enabled:
-            return
-        if self.remote and paths.exists(self.path):
-            self.lines = paths.read_text(self.path).splitlines(keepends=True)
-        try:
-            from tensorboardX import SummaryWriter  # type: ignore  # optional: pip install tensorboardX
-        except ImportError:
-            SummaryWriter = None
-        if SummaryWriter is not None and not self.remote:
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(record) + "\n"
-        if self.remote:
-            self.lines.append(line)
-            if time.time() - self.flushed_at >= self.flush_seconds:
-                self.flush()
-        else:
-            with open(self.path, "a") as f:
-                f.write(line)
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step",):
-                    self.tb.add_scalar(k, v, record["step"])
-            self.tb.flush()
-
-    def flush(self) -> None:
-        """Remote: rewrite the file with every record so far (local files are always up to date)."""
-        if self.enabled and self.remote:
-            paths.write_text(self.path, "".join(self.lines))
-            self.flushed_at = time.time()
-
-
-# ---------------------------------------------------------------------------------------------
 # The run.
 
 
@@ -226,6 +167,7 @@ class _Run:
     metrics: MetricsWriter
     sigterm: bool = False  # set by the signal handler; the step loop saves and stops
     benchmarks: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # stage name -> eval_benchmarks
+    sources: dict[int, sources_lib.Source] = dataclasses.field(default_factory=dict)  # opened by check_stage_data
 
     @property
     def is_main(self) -> bool:
@@ -243,9 +185,10 @@ class _Resume:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train every stage of `config` in `workdir`, resuming from its checkpoints; returns final eval metrics."""
+    validate(config)  # before anything is written: a config error leaves the workdir as it was
     workdir = paths.absolute(workdir)
     paths.makedirs(workdir)
-    compile_cache.enable(config.get("compilation_cache_dir"))
+    compile_cache.enable(config.compilation_cache_dir)
     files = resolve_data(config, workdir)
     rules = rules_from_config(config)
     r = _Run(config=config, workdir=workdir, mesh=make_mesh(**config.mesh.to_dict()), rules=rules, files=files,
@@ -256,6 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     r.benchmarks = _stage_benchmarks(config, files)  # before any training: a missing data file fails now
     old_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(r, "sigterm", True))
     start_stage, resume, offset = _where_to_start(r.ckpt)
+    r.sources = check_stage_data(r, start_stage)  # every stage's data before the first step
     final: dict[str, float] = {}
     try:
         for index in range(start_stage, len(config.stages)):
@@ -291,13 +235,13 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     stage = run.config.stages[index]
     source, cfg = _initial_model(run, index)
     image_cfg = image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
-                                               pad_to_square=run.config.data.get("pad_to_square", True))
+                                               pad_to_square=run.config.data.pad_to_square)
     data = _stage_data(run, index, cfg, image_cfg)  # before the weights: a data error costs seconds, not a load
     params = _initial_params(run, source, cfg)
     # What every checkpoint of the stage records, so that it loads as a model on its own (convert --to hf).
     model = model_dir.checkpoint_model_meta(cfg, run.workdir, _frozen_source(run, stage, source, cfg, params, image_cfg),
                                             run.files["tokenizer"], image_cfg.to_dict())
-    if stage.get("lora"):  # fresh adapters on the frozen base (train/lora.py)
+    if stage.lora:  # fresh adapters on the frozen base (train/lora.py)
         cfg = cfg.replace(lora=lora_train.resolve_spec(stage.lora, cfg))
         lora_train.check_rank_splits(cfg.lora, run.mesh, run.rules)
         shardings = model_param_shardings(cfg, run.mesh, run.rules)
@@ -326,7 +270,7 @@ def _initial_model(run: _Run, index: int) -> tuple[str | None, LlavaConfig]:
     initialisation of the config's architecture.
     """
     config = run.config
-    source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.get("init")
+    source = _stage_dir(run.workdir, index - 1, config.stages[index - 1]) if index > 0 else config.model.init
     cfg = LlavaConfig.load(source) if source else model_config(config, run.tokenizer)
     return source or None, compute_config(cfg, config, config.stages[index])
 
@@ -371,6 +315,29 @@ class _StageData:
     num_micro: int  # micro-batches per global batch (gradient accumulation)
 
 
+def _stage_data_path(run: _Run, index: int) -> str:
+    """Where stage `index` reads its data: a synthetic build's file, or `stage.data` resolved."""
+    stage = run.config.stages[index]
+    return run.files.get(stage.data) or _data_file(stage.data, run.config.data)
+
+
+def check_stage_data(run: _Run, first: int) -> dict[int, sources_lib.Source]:
+    """Opens the data of every stage from `first` on, so that a missing file, JSON that does not parse or
+    a truncated packed shard of stage 2 stops the run before stage 1 trains, not after.
+
+    Returns {first: its opened source}, for the stage about to start; later stages' sources are
+    dropped once checked and opened again when their stage starts (holding a 665K-record file in
+    memory through stage 1 costs more than reading it twice).
+    """
+    opened = {}
+    for index in range(first, len(run.config.stages)):
+        source = sources_lib.open_source(_stage_data_path(run, index), run.files["image_folder"],
+                                         tfds_data_dir=run.config.data.tfds_data_dir or None)
+        if index == first:
+            opened[index] = source
+    return opened
+
+
 def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig) -> _StageData:
     """The stage's Grain pipeline over this process's share of each global batch."""
     config, stage = run.config, run.config.stages[index]
@@ -378,14 +345,14 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
     if stage.global_batch % stage.micro_batch or stage.global_batch % nproc:
         raise ConfigError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
                          f"{stage.micro_batch} and by the {nproc} processes")
-    data_path = run.files.get(stage.data) or _data_file(stage.data, config.data)
+    data = run.sources.pop(index, None) or _stage_data_path(run, index)  # opened by check_stage_data, or its path
     ds = pipeline.make_dataset(
-        data_path, run.files["image_folder"], run.tokenizer, stage.template, image_cfg,
+        data, run.files["image_folder"], run.tokenizer, stage.template, image_cfg,
         num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
         max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
-        group_by_modality_length=config.data.get("group_by_modality_length", False),
-        length_buckets=config.data.get("length_buckets") or None, worker_count=config.data.get("worker_count", 0),
-        tfds_data_dir=config.data.get("tfds_data_dir") or None,
+        group_by_modality_length=config.data.group_by_modality_length,
+        length_buckets=config.data.length_buckets or None, worker_count=config.data.worker_count,
+        tfds_data_dir=config.data.tfds_data_dir or None,
     )
     return _StageData(iter(ds), ds.batches_per_epoch, _stage_steps(stage, ds.batches_per_epoch, config.max_steps),
                       stage.global_batch // stage.micro_batch)
@@ -429,7 +396,7 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
         run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **result})
         if run.is_main:
             log.info("stage %s eval: %s", stage.name, json.dumps({k: round(v, 4) for k, v in result.items()}))
-            eval_template = run.config.data.get("eval_template", "vicuna_v1")
+            eval_template = run.config.data.eval_template
             if stage.template != eval_template:
                 log.info("stage %s eval: the held-out questions are asked in %s, which this stage (%s) does not "
                          "train; low accuracy here is expected, the next stage teaches the answers",
@@ -468,12 +435,11 @@ class _StepLogger:
         self.peak = flops_lib.peak_tflops(jax.devices()[0].device_kind)
         self.train_vision = any("vision_tower" in p for p in stage.trainable)
         self.train_text = any("language_model" in p for p in stage.trainable)
-        # A bar only on a terminal: in a log file its carriage returns glue every line together.
-        show = run.is_main and run.config.get("progress", True) and sys.stderr.isatty()
-        self.bar = _progress(data.total_steps, start, stage.name) if show else None
-        self._logging = _logging_through(self.bar) if self.bar is not None else None
-        if self._logging is not None:
-            self._logging.__enter__()
+        # Drawn only on a terminal (llava_jax/progress.py); log records go through it while it is.
+        self.bar = progress.bar(data.total_steps, desc=stage.name, initial=start,
+                                enabled=run.is_main and run.config.progress)
+        self._logging = progress.logging_through(self.bar)
+        self._logging.__enter__()
         self.t_last, self.logged_at, self.compiled = time.time(), start, False
         self.pending: tuple[int, dict] | None = None  # the previous step's metrics, checked one step late
         self.last: dict[str, float] = {}
@@ -489,15 +455,13 @@ class _StepLogger:
         self.pending = (step, m)
         if step % self.run.config.log_every == 0 or step == self.data.total_steps:
             self._record(step, batch, jax.device_get(m))
-        if self.bar is not None:
-            self.bar.update(1)
+        self.bar.update(1)
 
     def close(self) -> None:
         if self.pending is not None:
             self._check_finite(*self.pending)
-        if self.bar is not None:
-            self.bar.close()
-            self._logging.__exit__(None, None, None)
+        self.bar.close()
+        self._logging.__exit__(None, None, None)
 
     def _record(self, step: int, batch: dict, m: dict) -> None:
         rec = {"step": self.offset + step, "stage": self.stage.name, "stage_step": step,
@@ -521,7 +485,7 @@ class _StepLogger:
             rec.update(stats.metrics())
         self.run.metrics.write(rec)
         self.last = rec
-        if self.bar is not None:
+        if not self.bar.disable:
             timing = {"step_s": f"{rec['step_time']:.2f}", "tok_s": f"{rec['tokens_per_s']:.0f}"} if "step_time" in rec else {}
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}", **timing)
 
@@ -552,7 +516,7 @@ def _data_file(name: str, data_cfg) -> str:
     """A stage's data (a file, a packed directory, tfds:NAME): as given, or relative to data.data_dir."""
     if name.startswith("tfds:") or paths.is_remote(name) or os.path.isabs(name) or paths.exists(name):
         return name
-    base = data_cfg.get("data_dir") or data_cfg.get("image_folder") or ""
+    base = data_cfg.data_dir or data_cfg.image_folder
     candidate = os.path.join(base, name)
     if not paths.exists(candidate):
         raise FileNotFoundError(f"stage data {name!r} not found as given nor in {base!r} (set config.data.data_dir "
@@ -579,49 +543,19 @@ def _save(run: _Run, global_step: int, state: TrainState, index: int, step: int,
     run.ckpt.save(global_step, _checkpointed(state), meta, data.iterator.get_state())
 
 
-def _progress(total: int, start: int, name: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def _logging_through(bar):
-    """Log records are written through the bar (`bar.write`: the bar is cleared, the line written, the
-    bar redrawn), formatted by the handlers that would have written them; restored on exit."""
-    root = logging.getLogger()
-    handlers = root.handlers[:]
-
-    class Through(logging.Handler):
-        def __init__(self, inner: logging.Handler):
-            super().__init__(inner.level)
-            self.inner = inner
-
-        def emit(self, record: logging.LogRecord) -> None:
-            if self.inner.filter(record):
-                bar.write(self.inner.format(record), file=bar.fp)
-
-    root.handlers = [Through(h) for h in handlers]
-    try:
-        yield
-    finally:
-        root.handlers = handlers
-
-
 class _Evaluator:
     """Held-out evaluation for a stage (nothing when the config names no validation data)."""
 
     def __init__(self, run: _Run, stage, cfg: LlavaConfig, image_cfg: image_lib.ImageProcessorConfig):
         self.samples = None
         data_cfg = run.config.data
-        val = run.files.get("val") or data_cfg.get("val")
+        val = run.files.get("val") or data_cfg.val
         if not val:
             return
         self.samples = build_eval_set(val, run.files["image_folder"], run.tokenizer,
-                                      data_cfg.get("eval_template", "vicuna_v1"), image_cfg, cfg,
-                                      data_cfg.get("eval_max_length", 512))
+                                      data_cfg.eval_template, image_cfg, cfg, data_cfg.eval_max_length)
         self.forward = jax.jit(eval_forward(cfg))
-        self.batch_size = data_cfg.get("eval_batch_size", 32)
+        self.batch_size = data_cfg.eval_batch_size
         self.crop = image_cfg.crop_size
 
     def __call__(self, state: TrainState) -> dict[str, float]:

@@ -31,14 +31,14 @@ def compute_config(cfg: LlavaConfig, config: ml_collections.ConfigDict,
     `model.dtype`. A stage's `remat` (when set) overrides `model.remat`.
     """
     m = config.model
-    remat = (stage.get("remat") if stage is not None else "") or m.remat
-    return cfg.replace(dtype=m.dtype, param_dtype="float32", remat=remat, attention=m.get("attention", "auto"),
-                       scan_layers=m.get("scan_layers", True))
+    remat = (stage.remat if stage is not None else "") or m.remat
+    return cfg.replace(dtype=m.dtype, param_dtype="float32", remat=remat, attention=m.attention,
+                       scan_layers=m.scan_layers)
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> rules_lib.Rules:
-    """The sharding rules of a run: `config.sharding_rules` if set, else the default table."""
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.get("sharding_rules", rules_lib.DEFAULT_RULES))
+    """The sharding rules of a run: `config.sharding_rules` (declared as the default table, train/defaults.py)."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.sharding_rules)
 
 
 def _cast(x: Any, dtype) -> Any:
@@ -89,11 +89,11 @@ def stage_program(
         stage's `trainable` patterns (e.g. the projector) with `stage.lora.non_lora_learning_rate`.
       seed: LoRA dropout's seed (the step and micro-batch are folded in).
     """
-    lora = stage.get("lora") if cfg.lora is not None else None
+    lora = stage.lora if cfg.lora is not None else None
     trainable = list(stage.trainable) + (list(ADAPTER_PATTERNS) if cfg.lora is not None else [])
     tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=total_steps,
                                   warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay,
-                                  other_learning_rate=lora.get("non_lora_learning_rate") if lora else None,
+                                  other_learning_rate=lora.non_lora_learning_rate if lora else None,
                                   other=list(stage.trainable))
     program = StageProgram(cfg, trainable, tx, schedule, None, None, None)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
