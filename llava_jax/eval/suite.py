@@ -125,3 +125,20 @@ def evaluate_stage(model_dir: str, names: list[str], data_root: str, output_dir:
     pipe = Pipeline.from_pretrained(model_dir, dtype=dtype)
     rows = run_suite(pipe, data_root, list(names), output_dir, batch_size=batch_size, progress=False)
     return {f"bench/{row.name}": float(row.ours) for row in rows if row.ours is not None}
+
+
+class SuiteBenchmarks:
+    """The training loop's end-of-stage benchmarks (`train.loop.StageBenchmarks`), by registry name.
+
+    `python -m llava_jax.train` hands one to `loop.run`: training sits below evaluation in the
+    package's layers, so the loop never imports this module itself.
+    """
+
+    def question_file(self, name: str, data_root: str) -> str:
+        """The benchmark's question file under `data_root`; KeyError (with the known names) for an unknown one."""
+        return get_benchmark(name).layout(data_root).question_file
+
+    def run(self, model_dir: str, names: list[str], data_root: str, output_dir: str, batch_size: int,
+            dtype: str) -> dict[str, float]:
+        """Answers and scores `names` with the stage's model: {"bench/<name>": headline figure}."""
+        return evaluate_stage(model_dir, names, data_root, output_dir, batch_size, dtype)

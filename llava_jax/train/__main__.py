@@ -80,7 +80,8 @@ def main(argv) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("absl", "jax._src", "orbax", "grain", "gcsfs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from llava_jax.eval.suite import table_from_metrics
+    from llava_jax.eval.benchmark import BENCHMARKS
+    from llava_jax.eval.suite import SuiteBenchmarks, table_from_metrics
     from llava_jax.parallel import xla_flags
     from llava_jax.parallel.distributed import maybe_initialize
     from llava_jax.train import loop, validate
@@ -92,13 +93,13 @@ def main(argv) -> int:
         config.stages  # pylint: disable=pointless-statement  # a file that failed to load raises on first use
     workdir = paths.absolute(_WORKDIR.value)  # a local directory or gs://bucket/dir
     try:
-        validate.validate(config)  # the whole config, before any data, weights or workdir
+        validate.validate(config, BENCHMARKS)  # the whole config, before any data, weights or workdir
         if config.compile_only:  # no data, no weights, no workdir: see train/aot.py
             from llava_jax.train import aot
 
             aot.run(config)
             return 0
-        result = loop.run(config, workdir)
+        result = loop.run(config, workdir, benchmarks=SuiteBenchmarks())
     except (loop.NonFiniteError, loop.Preempted) as e:
         print(f"llava_jax.train: {e}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,6 @@ from llava_jax.data import pipeline
 from llava_jax.data import sources as sources_lib
 from llava_jax.data import synthetic
 from llava_jax.data.tokenizer import Tokenizer
-from llava_jax.eval.suite import evaluate_stage
 from llava_jax.models.llava import init_params
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.partition import device_batch, model_param_shardings
@@ -90,12 +89,27 @@ def _eval_root(config: ml_collections.ConfigDict, files: dict[str, str]) -> str:
     return config.data.eval_root or files.get("out_dir", "")
 
 
-def _stage_benchmarks(config: ml_collections.ConfigDict, files: dict[str, str]) -> dict[str, list[str]]:
+class StageBenchmarks(Protocol):
+    """What the loop needs to answer and score a stage's `eval_benchmarks` when the stage ends.
+
+    Training sits below evaluation in the package's layers (evaluation answers with the inference
+    engine), so the loop is handed a runner: `python -m llava_jax.train` passes
+    `llava_jax.eval.suite.SuiteBenchmarks()`. A run without one refuses a stage that names benchmarks.
+    """
+
+    def question_file(self, name: str, data_root: str) -> str:
+        """The benchmark's question file under `data_root` (KeyError, with the known names, if none)."""
+
+    def run(self, model_dir: str, names: list[str], data_root: str, output_dir: str, batch_size: int,
+            dtype: str) -> dict[str, float]:
+        """Answers and scores `names` with the model in `model_dir`: {"bench/<name>": headline figure}."""
+
+
+def _stage_benchmarks(config: ml_collections.ConfigDict, files: dict[str, str],
+                      runner: StageBenchmarks | None) -> dict[str, list[str]]:
     """Each stage's `eval_benchmarks`, checked before training: an unknown name or a missing question
     file is a ConfigError now, not after the stage. Benchmarks that would read the synthetic data's
     held-out set are dropped (with a log line) when it has none (`synthetic_args.num_val=0`)."""
-    from llava_jax.eval.benchmark import get_benchmark
-
     root, out = _eval_root(config, files), {}
     no_val = config.data.synthetic and not config.data.eval_root and config.data.synthetic_args.num_val == 0
     for stage in config.stages:
@@ -104,9 +118,12 @@ def _stage_benchmarks(config: ml_collections.ConfigDict, files: dict[str, str]) 
             log.info("stage %s: no held-out questions (synthetic_args.num_val=0): eval_benchmarks %s skipped",
                      stage.name, names)
             names = []
+        if names and runner is None:
+            raise ConfigError(f"stage {stage.name}: eval_benchmarks {names}, but this run has no benchmark runner "
+                              "(python -m llava_jax.train has one; from Python pass loop.run(..., benchmarks=...))")
         for name in names:
             try:
-                question_file = get_benchmark(name).layout(root).question_file
+                question_file = runner.question_file(name, root)
             except KeyError as e:
                 raise ConfigError(f"stage {stage.name}: eval_benchmarks: {e.args[0]}") from None
             if not paths.exists(question_file):
@@ -167,6 +184,7 @@ class _Run:
     metrics: MetricsWriter
     sigterm: bool = False  # set by the signal handler; the step loop saves and stops
     benchmarks: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # stage name -> eval_benchmarks
+    runner: StageBenchmarks | None = None  # answers and scores them
     sources: dict[int, sources_lib.Source] = dataclasses.field(default_factory=dict)  # opened by check_stage_data
 
     @property
@@ -183,8 +201,13 @@ class _Resume:
     data_state: dict  # the Grain iterator position
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train every stage of `config` in `workdir`, resuming from its checkpoints; returns final eval metrics."""
+def run(config: ml_collections.ConfigDict, workdir: str,
+        benchmarks: StageBenchmarks | None = None) -> dict[str, float]:
+    """Train every stage of `config` in `workdir`, resuming from its checkpoints; returns final eval metrics.
+
+    `benchmarks` answers and scores the stages' `eval_benchmarks` (see StageBenchmarks); without it a
+    stage that names any is a ConfigError before training.
+    """
     validate(config)  # before anything is written: a config error leaves the workdir as it was
     workdir = paths.absolute(workdir)
     paths.makedirs(workdir)
@@ -196,7 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
              ckpt=Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                async_save=config.async_checkpoints),
              metrics=MetricsWriter(workdir))
-    r.benchmarks = _stage_benchmarks(config, files)  # before any training: a missing data file fails now
+    r.runner = benchmarks
+    r.benchmarks = _stage_benchmarks(config, files, benchmarks)  # before any training: a missing data file fails now
     old_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(r, "sigterm", True))
     start_stage, resume, offset = _where_to_start(r.ckpt)
     r.sources = check_stage_data(r, start_stage)  # every stage's data before the first step
@@ -412,7 +436,7 @@ def _finish(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.ImageP
     run.ckpt.wait()
     benchmarks = run.benchmarks.get(stage.name, [])
     if run.is_main and benchmarks:  # generated answers, scored as the original scores them
-        bench = evaluate_stage(out_dir, benchmarks, _eval_root(run.config, run.files),
+        bench = run.runner.run(out_dir, benchmarks, _eval_root(run.config, run.files),
                                os.path.join(run.workdir, "eval", os.path.basename(out_dir)),
                                run.config.data.eval_batch_size, run.config.model.dtype)
         run.metrics.write({"step": offset + data.total_steps, "stage": stage.name, **bench})

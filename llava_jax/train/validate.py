@@ -9,6 +9,7 @@ once the data is resolved, still before the first step (`loop.check_stage_data`)
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import ml_collections
 
@@ -26,8 +27,13 @@ def has_architecture(model: ml_collections.ConfigDict) -> bool:
     return model.vision.hidden_size > 0 and model.text.hidden_size > 0
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for the first field of `config` that cannot run; returns None if all can."""
+def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | None = None) -> None:
+    """Raises ConfigError for the first field of `config` that cannot run; returns None if all can.
+
+    `benchmarks`: the benchmark names a stage's `eval_benchmarks` may use (the train CLI passes the
+    eval registry's; training sits below evaluation, so it does not import it). None: not checked here
+    (`loop.run` checks them with its benchmark runner, still before training).
+    """
     from llava_jax.data.templates import TEMPLATES
     from llava_jax.models.attention import ATTENTION_IMPLS
     from llava_jax.models.remat import REMAT_POLICIES
@@ -59,15 +65,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.stages is empty: a run needs at least one stage")
     names = [s.name for s in config.stages]
     for index, stage in enumerate(config.stages):
-        _check_stage(f"stages[{index}]", stage, TEMPLATES, REMAT_POLICIES, config.compile_only)
+        _check_stage(f"stages[{index}]", stage, TEMPLATES, REMAT_POLICIES, config.compile_only, benchmarks)
         if names.count(stage.name) > 1:
             raise ConfigError(f"config.stages[{index}].name: {stage.name!r} names two stages; each writes "
                               "WORKDIR/stageN_NAME and needs its own name")
 
 
-def _check_stage(key: str, stage: ml_collections.ConfigDict, templates, remat_policies, compile_only: bool) -> None:
-    from llava_jax.eval.benchmark import BENCHMARKS
-
+def _check_stage(key: str, stage: ml_collections.ConfigDict, templates, remat_policies, compile_only: bool,
+                 benchmarks: Collection[str] | None) -> None:
     if not stage.name or not re.fullmatch(r"[\w.-]+", stage.name):
         raise ConfigError(f"config.{key}.name: {stage.name!r}; expected letters, digits, '_', '-' or '.'")
     if not stage.data and not compile_only:
@@ -91,8 +96,8 @@ def _check_stage(key: str, stage: ml_collections.ConfigDict, templates, remat_po
     _at_least(f"{key}.weight_decay", stage.weight_decay, 0)
     if not 0 <= stage.warmup_ratio < 1:
         raise ConfigError(f"config.{key}.warmup_ratio: {stage.warmup_ratio!r}; expected a fraction in [0, 1)")
-    for name in stage.eval_benchmarks:
-        _one_of(f"{key}.eval_benchmarks", name, tuple(BENCHMARKS))
+    for name in stage.eval_benchmarks if benchmarks is not None else ():
+        _one_of(f"{key}.eval_benchmarks", name, tuple(benchmarks))
     if stage.lora is not None:
         _positive(f"{key}.lora.rank", stage.lora.rank)
         if not 0 <= stage.lora.dropout < 1:
