@@ -452,11 +452,15 @@ class ImageProcessorConfig:
                 f"No image processor settings in {directory!r}: expected {PREPROCESSOR_CONFIG} "
                 "(HF CLIP/Llava image processor) or config.json (original LLaVA, with mm_vision_tower)."
             )
-        if image_aspect_ratio is not None:
-            if image_aspect_ratio not in ("pad", "square"):
-                raise ValueError(f"image_aspect_ratio must be 'pad' or 'square'; got {image_aspect_ratio!r}")
-            cfg = dataclasses.replace(cfg, pad_to_square=_aspect_ratio_pads(image_aspect_ratio))
-        return cfg
+        return cfg.with_aspect_ratio(image_aspect_ratio)
+
+    def with_aspect_ratio(self, image_aspect_ratio: str | None) -> "ImageProcessorConfig":
+        """These settings with the padding `image_aspect_ratio` ("pad" | "square") asks for; None keeps them."""
+        if image_aspect_ratio is None:
+            return self
+        if image_aspect_ratio not in ("pad", "square"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'square'; got {image_aspect_ratio!r}")
+        return dataclasses.replace(self, pad_to_square=_aspect_ratio_pads(image_aspect_ratio))
 
 
 def _read_json(path: str) -> dict[str, Any]:

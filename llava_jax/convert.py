@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Callable
 
-from llava_jax.weights import mapping, parts, peft
+from llava_jax.weights import mapping, parts, peft, stores
 from llava_jax.weights.converted import save_converted
 from llava_jax.weights.export import SHARD_BYTES, export_hf
 from llava_jax.weights.safetensors_io import CheckpointError
@@ -108,7 +108,7 @@ def convert(
     non_lora = os.path.join(lora, peft.NON_LORA_FILE) if lora else None
     non_lora = non_lora if non_lora and os.path.isfile(non_lora) else None
     if non_lora and src is None and not plan_kw.get("projector_type") and not plan_kw.get("projector"):
-        keys = parts.BinStore([non_lora], non_lora).keys()
+        keys = stores.BinStore([non_lora], non_lora).keys()
         plan_kw["projector_type"] = parts.projector_type_of(keys, mapping.PEFT_PREFIX + "model.mm_projector.")
     plan = make_plan(src, **plan_kw)
     if non_lora:
@@ -122,7 +122,7 @@ def convert(
         spec, adapter = peft.read_adapter(lora, plan.cfg)
         desc = f"LoRA adapter {lora} (r={spec.rank}, alpha={spec.alpha:g}, {len(spec.targets)} Linear layers per decoder layer)"
         if merge_lora:
-            batches = peft.merged_batches(batches, peft.AdapterDeltas(lora, plan.cfg))
+            batches = peft.merged_batches(batches, peft.AdapterDeltas(*peft.read_adapter(lora, plan.cfg, stacked=False)))
             plan.notes.append(f"{desc} merged into the weights")
         else:
             write_more = lambda tmp: peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), adapter)  # noqa: E731

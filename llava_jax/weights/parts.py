@@ -2,11 +2,8 @@
 
 Each source becomes a `Plan`: our config plus `Piece`s (a tensor store, its mapping layout and the
 entries it provides). Names and shapes are checked from the file headers before anything is
-written, then `Plan.batches` streams the parameters in groups of a bounded size.
-
-Tensors are read by copy (safetensors: `np.fromfile` at the tensor's offset; torch `.bin`: a memory
-map that is dropped every GiB) so that pages of a 13.5 GB checkpoint never pile up in the
-process's resident memory. Torch pickles are only ever opened with `torch.load(weights_only=True)`.
+written, then `Plan.batches` streams the parameters in groups of a bounded size. Files are opened
+as tensor stores (stores.py), which read each tensor by copy.
 """
 
 from __future__ import annotations
@@ -14,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pickle
 import re
-from typing import Iterator, Protocol
+from typing import Iterator
 
+import flax.traverse_util as tu
 import numpy as np
 
 from llava_jax.config import (
+    PREPROCESSOR_CONFIG,
+    ImageProcessorConfig,
     LlavaConfig,
     TextConfig,
     VisionConfig,
@@ -28,139 +27,16 @@ from llava_jax.config import (
     text_config_from_hf,
     vision_config_from_hf,
 )
-from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
-from llava_jax.weights import mapping
 from llava_jax.models.llava import abstract_params
 from llava_jax.models.projector import projector_linears
-from llava_jax.weights.hf import check_names, load_entries, read_json
-from llava_jax.weights.safetensors_io import CheckpointError, TensorStore
+from llava_jax.weights import mapping
+from llava_jax.weights.entries import check_names, checkpoint_dtype, load_entries
+from llava_jax.weights.safetensors_io import CheckpointError
+from llava_jax.weights.stores import Store, open_checkpoint, open_file, read_json
 
 FORMATS = ("hf", "original", "parts")
-# Files beside the weights that are not weights (HF Trainer output); never opened.
-_NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state.bin")
-_RELOAD_BYTES = 1 << 30  # drop a torch memory map after this much has been read through it
 # OpenAI CLIP towers (ViT-B/32 ... ViT-L/14-336) all use 64-wide heads: the only field shapes do not give.
 CLIP_HEAD_DIM = 64
-
-
-class Store(Protocol):
-    """What conversion needs from a checkpoint: names, header shapes/dtypes, and fresh copies."""
-
-    source: str
-
-    def keys(self) -> list[str]: ...
-    def __contains__(self, name: str) -> bool: ...
-    def shape(self, name: str) -> tuple[int, ...]: ...
-    def dtype(self, name: str) -> np.dtype: ...
-    def get(self, name: str) -> np.ndarray: ...
-
-
-def _import_torch(path: str):
-    try:
-        import torch  # only this path touches torch, and only to read tensors
-    except ImportError:
-        raise CheckpointError(
-            f"{path}: a torch .bin checkpoint needs PyTorch to read, and it is not installed; "
-            "install torch (the CPU build is enough) or convert the files to .safetensors"
-        ) from None
-    return torch
-
-
-def read_torch_state_dict(path: str) -> dict:
-    """A torch state dict, opened with `weights_only=True` (never runs code from the file), memory-mapped."""
-    torch = _import_torch(path)
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format: no mmap
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused: the pickle holds more than tensors ({first[:200]}); "
-            "checkpoints are only read with torch.load(weights_only=True), which never runs code from the file"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).strip()[:200]})") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise CheckpointError(f"{path}: expected a flat state dict of name -> tensor, found {type(sd).__name__}")
-    return sd
-
-
-def _torch_to_numpy(t) -> np.ndarray:
-    import ml_dtypes
-    import torch
-
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return t.numpy().copy()
-
-
-class BinStore:
-    """torch `.bin` files (`pytorch_model*.bin`, `mm_projector.bin`): one memory map at a time, copied out."""
-
-    def __init__(self, files: list[str], source: str):
-        self.source = source
-        self._meta: dict[str, tuple[str, tuple[int, ...], np.dtype]] = {}
-        for path in files:
-            for name, t in read_torch_state_dict(path).items():
-                self._meta[name] = (path, tuple(t.shape), _torch_to_numpy(t.flatten()[:0]).dtype)
-        self._open: tuple[str, dict] | None = None
-        self._read = 0
-
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._meta
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._meta[name][2]
-
-    def get(self, name: str) -> np.ndarray:
-        path = self._meta[name][0]
-        if self._open is None or self._open[0] != path:
-            self._open, self._read = (path, read_torch_state_dict(path)), 0
-        x = _torch_to_numpy(self._open[1][name])
-        self._read += x.nbytes
-        if self._read > _RELOAD_BYTES:  # unmapping releases the file pages counted in our resident memory
-            self._open = None
-        return x
-
-
-def _weight_files(directory: str) -> tuple[list[str], list[str]]:
-    names = sorted(os.listdir(directory))
-    st = [n for n in names if n.endswith(".safetensors")]
-    bins = [n for n in names if n.endswith((".bin", ".pt", ".pth")) and n not in _NOT_WEIGHTS]
-    preferred = [n for n in bins if n.startswith(("pytorch_model", "model"))]
-    return st, preferred or bins
-
-
-def open_checkpoint(directory: str) -> Store:
-    """Every weight file of a directory: `*.safetensors` (preferred) or torch `*.bin`."""
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: not a directory")
-    st, bins = _weight_files(directory)
-    if st:
-        return TensorStore.from_dir(directory)
-    if bins:
-        return BinStore([os.path.join(directory, n) for n in bins], directory)
-    raise CheckpointError(f"{directory}: no weights found (expected *.safetensors or pytorch_model*.bin)")
-
-
-def open_file(path: str) -> Store:
-    """One weight file (e.g. `mm_projector.bin` as original stage 1 writes it, or a .safetensors)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: not found")
-    if path.endswith(".safetensors"):
-        return TensorStore([path], source=path)
-    return BinStore([path], path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +167,7 @@ class Plan:
 
     def validate(self) -> None:
         """Names and shapes of every piece against the config, from headers only (nothing read yet)."""
-        shapes = mapping.unstack_layers(abstract_params(self.cfg))
+        shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(self.cfg)))
         for p in self.pieces:
             expected = p.names(self.cfg)
             keys = [k for k in p.store.keys() if k not in p.skip]
@@ -299,7 +175,7 @@ class Plan:
             for name, e in expected.items():
                 found = p.store.shape(name)
                 got = mapping.to_ours(np.broadcast_to(np.zeros((), np.uint8), found), e.transform).shape
-                want = _leaf(shapes, e.path).shape
+                want = shapes[e.path].shape
                 if tuple(got) != tuple(want):
                     raise CheckpointError(
                         f"{p.store.source}: tensor {name} has shape {tuple(found)}, which does not match the config "
@@ -322,7 +198,7 @@ class Plan:
 
     def batches(self, dtype: str, max_bytes: int) -> Iterator[dict]:
         """Our parameter tree (one array per layer, as stored) in pieces of about `max_bytes`, never splitting a layer."""
-        shapes = mapping.unstack_layers(abstract_params(self.cfg))
+        shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(self.cfg)))
         np_dtype = np.dtype(dtype)
         if self.fresh:
             yield _cast(self.fresh, np_dtype)
@@ -335,7 +211,7 @@ class Plan:
                     batch, size = [], 0
                 batch.append(e)
                 group = e.path[:2]
-                size += math.prod(_leaf(shapes, e.path).shape) * np_dtype.itemsize
+                size += math.prod(shapes[e.path].shape) * np_dtype.itemsize
             if batch:
                 yield self._load(p, batch, np_dtype)
 
@@ -345,14 +221,8 @@ class Plan:
         )
 
 
-def _leaf(tree: dict, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def _cast(tree: dict, dtype: np.dtype) -> dict:
-    return {k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype) for k, v in tree.items()}
+    return tu.unflatten_dict({p: np.asarray(v).astype(dtype) for p, v in tu.flatten_dict(tree).items()})
 
 
 def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> ImageProcessorConfig | str:
@@ -389,10 +259,6 @@ def detect_format(src: str) -> str:
     )
 
 
-def _dtype_of(store: Store, name: str) -> str:
-    return np.dtype(store.dtype(name)).name
-
-
 def plan_hf(src: str, *, image_aspect_ratio: str | None = None) -> Plan:
     """A HF LLaVA directory (either key layout, safetensors or .bin)."""
     path = os.path.join(src, "config.json")
@@ -403,7 +269,7 @@ def plan_hf(src: str, *, image_aspect_ratio: str | None = None) -> Plan:
         raise CheckpointError(f"{src}: config.json is HF LLaVA but the tensor names look like a {layout.name} checkpoint")
     piece = Piece(store, layout, mapping.entries(cfg))
     first = next(iter(piece.names(cfg)))
-    dtype = _dtype_of(store, first) if first in store else "float32"
+    dtype = checkpoint_dtype(store, first) if first in store else "float32"
     return Plan(cfg, [piece], dtype, src, _preprocessor(src, cfg, _pad(image_aspect_ratio)))
 
 
@@ -450,7 +316,7 @@ def plan_original(
     aspect = image_aspect_ratio or c.get("image_aspect_ratio") or "square"
     pre = _preprocessor(vision_tower, cfg, aspect == "pad")
     text_name = mapping.torch_name(mapping.text_entries(cfg)[0], layout)
-    dtype = _dtype_of(store, text_name) if text_name in store else "float32"
+    dtype = checkpoint_dtype(store, text_name) if text_name in store else "float32"
     return Plan(cfg, pieces, dtype, src, pre, notes=notes)
 
 
@@ -507,6 +373,6 @@ def plan_parts(
         notes.append(f"projector {cfg.projector_type} freshly initialised (seed {seed})")
     pieces.append(Piece(lm, lm_layout, mapping.text_entries(cfg)))
     first = mapping.torch_name(mapping.text_entries(cfg)[0], lm_layout)
-    dtype = _dtype_of(lm, first) if first in lm else "float32"
+    dtype = checkpoint_dtype(lm, first) if first in lm else "float32"
     pre = _preprocessor(vision_tower, cfg, _pad(image_aspect_ratio))
     return Plan(cfg, pieces, dtype, llm, pre, fresh=fresh, notes=notes)
