@@ -122,7 +122,8 @@ def convert(
         spec, adapter = peft.read_adapter(lora, plan.cfg)
         desc = f"LoRA adapter {lora} (r={spec.rank}, alpha={spec.alpha:g}, {len(spec.targets)} Linear layers per decoder layer)"
         if merge_lora:
-            batches = peft.merged_batches(batches, peft.AdapterDeltas(*peft.read_adapter(lora, plan.cfg, stacked=False)))
+            per_layer = peft.read_adapter(lora, plan.cfg, stacked=False)  # the batches' layout
+            batches = peft.merged_batches(batches, peft.AdapterDeltas(*per_layer))
             plan.notes.append(f"{desc} merged into the weights")
         else:
             write_more = lambda tmp: peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), adapter)  # noqa: E731

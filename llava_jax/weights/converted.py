@@ -154,9 +154,7 @@ def _read_part(directory: str, prefix: tuple[str, ...], targets: dict, held: dic
         else:
             want[p] = t
     tree = load_tree(directory, tu.unflatten_dict({prefix + q: v for q, v in want.items()}))
-    for k in prefix:
-        tree = tree[k]
-    loaded = tu.flatten_dict(tree)
+    loaded = {p[len(prefix):]: x for p, x in tu.flatten_dict(tree).items()}
     out = {}
     for p, t in targets.items():
         if mapping.is_stacked_path(p) and not on_disk:

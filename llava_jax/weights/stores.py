@@ -13,6 +13,7 @@ import os
 import pickle
 from typing import Protocol
 
+import ml_dtypes
 import numpy as np
 
 from llava_jax import paths
@@ -80,8 +81,7 @@ def read_torch_state_dict(path: str) -> dict:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import ml_dtypes
-    import torch
+    import torch  # optional (only .bin checkpoints need it); present here, since `t` is a torch tensor
 
     t = t.detach().contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
