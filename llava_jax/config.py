@@ -36,7 +36,8 @@ class LoraSpec:
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in DECODER_LINEARS]
         if unknown or not self.targets:
-            raise ValueError(f"LoRA targets {list(self.targets)}: expected a non-empty subset of {list(DECODER_LINEARS)}")
+            raise ValueError(f"LoRA targets {list(self.targets)}: expected a non-empty subset of "
+                             f"{list(DECODER_LINEARS)}")
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:

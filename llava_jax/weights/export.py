@@ -106,7 +106,8 @@ def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str | bytes, vocab: int)
         "legacy": False,
         "padding_side": "left",
         "added_tokens_decoder": {
-            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                     "single_word": False}
             for t, i in added.items()
         },
     }
@@ -154,7 +155,8 @@ def plan_tensors(
     full = cfg.replace(vision_feature_layer=cfg.vision.num_layers)
     full_shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(full)))
     unused = [e for e in mapping.vision_entries(full) if e.layer is not None and e.layer >= cfg.num_vision_layers_used]
-    rest = [(mapping.HF_LEGACY.vision + mapping.VISION_UNUSED_PREFIXES[0] + leaf, (cfg.vision.hidden_size,)) for leaf in ("weight", "bias")]
+    post_norm = mapping.HF_LEGACY.vision + mapping.VISION_UNUSED_PREFIXES[0]
+    rest = [(post_norm + leaf, (cfg.vision.hidden_size,)) for leaf in ("weight", "bias")]
     rest += [(mapping.torch_name(e, mapping.HF_LEGACY), _torch_shape(tuple(full_shapes[e.path].shape), e.transform))
              for e in sorted(unused, key=mapping.layer_order)]
     filled = []
@@ -251,7 +253,8 @@ def export_hf(
     shards = _shards(tensors, out_dtype, max_shard_bytes)
     adapter = _adapter(model, cfg)
     if merge_lora and adapter is None:
-        raise CheckpointError(f"{src}: --merge-lora, but there is no LoRA adapter ({peft.ADAPTER_DIR}/{peft.ADAPTER_CONFIG}) to merge")
+        raise CheckpointError(f"{src}: --merge-lora, but there is no LoRA adapter "
+                              f"({peft.ADAPTER_DIR}/{peft.ADAPTER_CONFIG}) to merge")
     deltas = peft.AdapterDeltas(*adapter) if merge_lora else None
     tok_dir = model.find_file("tokenizer.model") or model.find_file("tokenizer_config.json")
     pre_dir = model.find_file(PREPROCESSOR_CONFIG)
@@ -291,5 +294,6 @@ def export_hf(
     for n in notes:
         log(f"note: {n}")
     size = sum(math.prod(t.shape) for t in tensors) * out_dtype.itemsize
-    log(f"wrote {out}: {len(tensors)} tensors, {len(shards)} shard(s), {size / 1e9:.2f} GB {out_dtype.name} (llava-hf layout)")
+    log(f"wrote {out}: {len(tensors)} tensors, {len(shards)} shard(s), {size / 1e9:.2f} GB {out_dtype.name} "
+        "(llava-hf layout)")
     return out

@@ -166,7 +166,8 @@ def layer_order(entry: Entry) -> tuple:
     """Sort key that keeps each module's (e.g. one layer's) tensors together, layers in numeric order."""
     head = entry.path[1]
     layer = -1 if entry.layer is None else entry.layer
-    return ("vision_tower", "projector", "language_model").index(entry.component), head in ("norm", "lm_head"), layer, head
+    tower = ("vision_tower", "projector", "language_model").index(entry.component)
+    return tower, head in ("norm", "lm_head"), layer, head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,9 +317,11 @@ class Layout:
 
 
 # llava-hf checkpoints as published (and as we export them): what every loader understands.
-HF_LEGACY = Layout("hf_legacy", "vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.", "language_model.lm_head.")
+HF_LEGACY = Layout("hf_legacy", "vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.",
+                   "language_model.lm_head.")
 # transformers >= 4.52 in memory (and some re-saved checkpoints).
-HF_NEW = Layout("hf", "model.vision_tower.vision_model.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
+HF_NEW = Layout("hf", "model.vision_tower.vision_model.", "model.multi_modal_projector.", "model.language_model.",
+                "lm_head.")
 # liuhaotian/llava-v1.5-7b: a LLaMA checkpoint plus model.mm_projector; the CLIP tower kept apart.
 ORIGINAL = Layout("original", None, "model.mm_projector.", "model.", "lm_head.")
 CLIP = Layout("clip", vision="vision_model.")

@@ -59,7 +59,8 @@ def clip_vision_config(directory: str) -> VisionConfig:
     c = read_json(path)
     model_type = c.get("model_type")
     if model_type not in ("clip", "clip_vision_model"):
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a CLIP vision tower (expected clip or clip_vision_model)")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a CLIP vision tower "
+                              "(expected clip or clip_vision_model)")
     return _wrap(vision_config_from_hf, c.get("vision_config") or {} if model_type == "clip" else c, path)
 
 
@@ -94,16 +95,19 @@ def original_llava_config(c: dict, vision: VisionConfig, path: str, image_token_
     """Our config from an original LLaVA `config.json` (`mm_*` fields) and the tower's vision config."""
     model_type = c.get("model_type", "llava")
     if model_type not in _ORIGINAL_TEXT_TYPES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a LLaMA-based LLaVA (expected one of {sorted(_ORIGINAL_TEXT_TYPES)})")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a LLaMA-based LLaVA "
+                              f"(expected one of {sorted(_ORIGINAL_TEXT_TYPES)})")
     text = _wrap(text_config_from_hf, {**c, "model_type": _ORIGINAL_TEXT_TYPES[model_type]}, path)
     projector = c.get("mm_projector_type", "linear")  # LLaVA v1 configs predate the field
     _wrap(projector_linears, projector)
     feature = c.get("mm_vision_select_feature", "patch")
     if feature not in _SELECT_FEATURE:
-        raise CheckpointError(f"{path}: mm_vision_select_feature {feature!r} is not supported (expected patch or cls_patch)")
+        raise CheckpointError(f"{path}: mm_vision_select_feature {feature!r} is not supported "
+                              "(expected patch or cls_patch)")
     mm_hidden = c.get("mm_hidden_size", vision.hidden_size)
     if mm_hidden != vision.hidden_size:
-        raise CheckpointError(f"{path}: mm_hidden_size is {mm_hidden} but the vision tower's width is {vision.hidden_size}")
+        raise CheckpointError(f"{path}: mm_hidden_size is {mm_hidden} but the vision tower's width is "
+                              f"{vision.hidden_size}")
     cfg = LlavaConfig(
         vision=vision,
         text=text,
@@ -197,7 +201,8 @@ class Plan:
         return out
 
     def batches(self, dtype: str, max_bytes: int) -> Iterator[dict]:
-        """Our parameter tree (one array per layer, as stored) in pieces of about `max_bytes`, never splitting a layer."""
+        """Our parameter tree (one array per layer, as stored) in pieces of about `max_bytes`, never
+        splitting a layer."""
         shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(self.cfg)))
         np_dtype = np.dtype(dtype)
         if self.fresh:
@@ -217,7 +222,8 @@ class Plan:
 
     def _load(self, p: Piece, entries, dtype) -> dict:
         return load_entries(
-            p.store, self.cfg, entries, p.layout, dtype=dtype, source=p.store.source, place=lambda path, x: x, stacked=False
+            p.store, self.cfg, entries, p.layout, dtype=dtype, source=p.store.source, place=lambda path, x: x,
+            stacked=False,
         )
 
 
@@ -245,7 +251,8 @@ def detect_format(src: str) -> str:
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a directory")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{src}: unknown checkpoint format: no config.json (expected a HF or original LLaVA directory)")
+        raise CheckpointError(f"{src}: unknown checkpoint format: no config.json "
+                              "(expected a HF or original LLaVA directory)")
     c = read_json(path)
     if "text_config" in c or "vision_config" in c:
         if c.get("model_type") != "llava":
@@ -255,7 +262,8 @@ def detect_format(src: str) -> str:
         return "original"
     raise CheckpointError(
         f"{path}: unknown checkpoint format (model_type {c.get('model_type')!r}): not HF LLaVA (text_config + "
-        "vision_config) nor original LLaVA (mm_* fields); for a CLIP tower plus a LLaMA use --vision-tower DIR --llm DIR"
+        "vision_config) nor original LLaVA (mm_* fields); for a CLIP tower plus a LLaMA use "
+        "--vision-tower DIR --llm DIR"
     )
 
 
@@ -266,7 +274,8 @@ def plan_hf(src: str, *, image_aspect_ratio: str | None = None) -> Plan:
     store = open_checkpoint(src)
     layout = _wrap(mapping.detect_layout, store.keys())
     if layout.name not in ("hf", "hf_legacy"):
-        raise CheckpointError(f"{src}: config.json is HF LLaVA but the tensor names look like a {layout.name} checkpoint")
+        raise CheckpointError(f"{src}: config.json is HF LLaVA but the tensor names look like a "
+                              f"{layout.name} checkpoint")
     piece = Piece(store, layout, mapping.entries(cfg))
     first = next(iter(piece.names(cfg)))
     dtype = checkpoint_dtype(store, first) if first in store else "float32"
@@ -278,7 +287,8 @@ def _pad(image_aspect_ratio: str | None) -> bool | None:
 
 
 def plan_original(
-    src: str, *, vision_tower: str | None = None, image_aspect_ratio: str | None = None, image_token_index: int | None = None
+    src: str, *, vision_tower: str | None = None, image_aspect_ratio: str | None = None,
+    image_token_index: int | None = None,
 ) -> Plan:
     """An original LLaVA directory: LLaMA + `model.mm_projector`, the CLIP tower apart (or embedded)."""
     path = os.path.join(src, "config.json")
@@ -286,7 +296,8 @@ def plan_original(
     store = open_checkpoint(src)
     layout = _wrap(mapping.detect_layout, store.keys())
     if layout.name != "original":
-        raise CheckpointError(f"{src}: config.json has mm_* fields but the tensor names look like a {layout.name} checkpoint")
+        raise CheckpointError(f"{src}: config.json has mm_* fields but the tensor names look like a "
+                              f"{layout.name} checkpoint")
     embedded = layout.vision
     notes = []
     if vision_tower:
@@ -297,7 +308,8 @@ def plan_original(
         layout = dataclasses.replace(layout, vision=None)
     elif embedded:
         vision, skip = infer_clip_config(store, embedded), frozenset()
-        notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's {CLIP_HEAD_DIM}-wide heads")
+        notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's "
+                     f"{CLIP_HEAD_DIM}-wide heads")
     else:
         raise CheckpointError(
             f"{src}: the vision tower is not in the checkpoint; config.json names "
@@ -323,7 +335,8 @@ def plan_original(
 def _clip_layout(store: Store) -> mapping.Layout:
     prefix = mapping.find_vision_prefix(store.keys())
     if prefix is None:
-        raise CheckpointError(f"{store.source}: no CLIP vision tower found (no *embeddings.patch_embedding.weight tensor)")
+        raise CheckpointError(f"{store.source}: no CLIP vision tower found "
+                              "(no *embeddings.patch_embedding.weight tensor)")
     return dataclasses.replace(mapping.CLIP, vision=prefix)
 
 
@@ -346,7 +359,8 @@ def plan_parts(
     proj_store = open_file(projector) if projector else None
     found = projector_type_of(proj_store.keys()) if proj_store else None
     if proj_store and found is None:
-        raise CheckpointError(f"{projector}: no model.mm_projector.* tensors (expected the mm_projector.bin stage 1 writes)")
+        raise CheckpointError(f"{projector}: no model.mm_projector.* tensors "
+                              "(expected the mm_projector.bin stage 1 writes)")
     if projector_type and found and projector_type != found:
         raise CheckpointError(f"{projector}: holds a {found} projector but --projector-type is {projector_type}")
     cfg = LlavaConfig(
@@ -363,7 +377,8 @@ def plan_parts(
     lm = open_checkpoint(llm)
     lm_layout = _wrap(mapping.detect_layout, lm.keys())
     if lm_layout.name != "llama":
-        raise CheckpointError(f"{llm}: expected a LLaMA checkpoint (model.layers.*), the tensor names look like {lm_layout.name}")
+        raise CheckpointError(f"{llm}: expected a LLaMA checkpoint (model.layers.*), the tensor names look like "
+                              f"{lm_layout.name}")
     pieces = [Piece(clip, _clip_layout(clip), mapping.vision_entries(cfg))]
     fresh = {}
     if proj_store:

@@ -44,7 +44,8 @@ NON_LORA_FILE = "non_lora_trainables.bin"
 def peft_layout(layout: mapping.Layout) -> mapping.Layout:
     """A checkpoint layout as seen inside a PEFT wrapper: every prefix under `base_model.model.`."""
     fields = ("vision", "projector", "text", "head")
-    return dataclasses.replace(layout, **{f: mapping.PEFT_PREFIX + getattr(layout, f) for f in fields if getattr(layout, f)})
+    prefixed = {f: mapping.PEFT_PREFIX + getattr(layout, f) for f in fields if getattr(layout, f)}
+    return dataclasses.replace(layout, **prefixed)
 
 
 # Layouts an adapter's names may come in: llava-hf (what we write), transformers 5, original LLaVA.
@@ -61,7 +62,8 @@ def find_adapter(model_dir: str) -> str | None:
 def target_modules(cfg: LlavaConfig, spec: LoraSpec) -> str:
     """peft's `target_modules` for LlavaForConditionalGeneration as a regex: a list of names (q_proj, ...)
     would also catch the CLIP tower's q/k/v_proj. Matches both transformers layouts' module names."""
-    first = {e.ours.split("/", 1)[1].rsplit("/", 1)[0]: e for e in mapping.text_entries(cfg) if e.ours.startswith("layers_0/")}
+    first = {e.ours.split("/", 1)[1].rsplit("/", 1)[0]: e for e in mapping.text_entries(cfg)
+             if e.ours.startswith("layers_0/")}
     modules = [first[t].theirs[len("model.layers.0.") : -len(".weight")] for t in DECODER_LINEARS if t in spec.targets]
     return r".*language_model\.(model\.)?layers\.\d+\.(" + "|".join(re.escape(m) for m in modules) + ")"
 
@@ -116,7 +118,8 @@ def _spec_from_config(c: dict, path: str) -> dict:
     if c.get("bias", "none") != "none":
         unsupported.append(f"bias={c['bias']!r}")
     if unsupported:
-        raise CheckpointError(f"{path}: adapter options {unsupported} are not supported (plain LoRA with bias='none' is)")
+        raise CheckpointError(f"{path}: adapter options {unsupported} are not supported "
+                              "(plain LoRA with bias='none' is)")
     for k in ("r", "lora_alpha"):
         if not isinstance(c.get(k), (int, float)):
             raise CheckpointError(f"{path}: {k} is missing or not a number")
@@ -147,7 +150,8 @@ def read_adapter(directory: str, cfg: LlavaConfig, stacked: bool | None = None) 
     unknown = sorted(k for k in keys if k not in by_name)
     if unknown:
         raise CheckpointError(
-            f"{store.source}: {len(unknown)} tensors are not LoRA weights of the language model's decoder Linear layers, "
+            f"{store.source}: {len(unknown)} tensors are not LoRA weights of the language model's decoder "
+            "Linear layers, "
             f"e.g. {unknown[:3]} (llava_jax adapts only those, as LLaVA's LoRA recipe does)"
         )
     present = {by_name[k] for k in keys}
@@ -158,8 +162,8 @@ def read_adapter(directory: str, cfg: LlavaConfig, stacked: bool | None = None) 
     rank = int(store.shape(a_key)[0])
     if rank != int(c["r"]):
         raise CheckpointError(f"{store.source}: {a_key} has rank {rank} but {ADAPTER_CONFIG} says r={c['r']}")
-    spec = LoraSpec(rank=rank, alpha=float(c["lora_alpha"]), targets=targets, dropout=float(c.get("lora_dropout") or 0.0),
-                    use_rslora=bool(c.get("use_rslora", False)))
+    spec = LoraSpec(rank=rank, alpha=float(c["lora_alpha"]), targets=targets,
+                    dropout=float(c.get("lora_dropout") or 0.0), use_rslora=bool(c.get("use_rslora", False)))
     shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(cfg.replace(lora=spec))))
     flat: dict = {}
     for e in mapping.lora_entries(cfg, targets):
@@ -201,7 +205,8 @@ def read_non_lora_trainables(path: str, cfg: LlavaConfig) -> dict[tuple[str, ...
         x = mapping.to_ours(store.get(name), e.transform)
         want = tuple(shapes[e.path].shape)
         if tuple(x.shape) != want:
-            raise CheckpointError(f"{path}: {name} has shape {store.shape(name)}, expected ours {'/'.join(e.path)} {want}")
+            raise CheckpointError(f"{path}: {name} has shape {store.shape(name)}, "
+                                  f"expected ours {'/'.join(e.path)} {want}")
         out[e.path] = x
     return out
 

@@ -79,7 +79,8 @@ class SafetensorsFile:
                 )
             expected = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
             if end - start != expected:
-                raise CheckpointError(f"{path}: corrupt entry for tensor {key!r} ({end - start} bytes, expected {expected})")
+                raise CheckpointError(f"{path}: corrupt entry for tensor {key!r} ({end - start} bytes, "
+                                      f"expected {expected})")
 
     def keys(self) -> list[str]:
         return list(self._entries)
