@@ -49,10 +49,12 @@ class LoraSpec:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def replace(self, **kw) -> "LoraSpec":
+        """A copy with the given fields changed."""
         return dataclasses.replace(self, **kw)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoraSpec":
+        """Inverse of `dataclasses.asdict` (what a training checkpoint records)."""
         return cls(**{**d, "targets": tuple(d["targets"])})
 
 
@@ -72,10 +74,12 @@ class VisionConfig:
 
     @property
     def num_patches(self) -> int:
+        """Patches per image (the CLS token not counted)."""
         return (self.image_size // self.patch_size) ** 2
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.hidden_size // self.num_heads
 
 
@@ -145,9 +149,11 @@ class LlavaConfig:
         return used
 
     def replace(self, **kw) -> "LlavaConfig":
+        """A copy with the given fields changed."""
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
+        """Plain-JSON form (`llava_jax_config.json`); the run-time LoRA spec is left out."""
         d = dataclasses.asdict(self.replace(lora=None))
         d.pop("lora")
         if d["text"]["rope_scaling"] is not None:
@@ -156,6 +162,7 @@ class LlavaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaConfig":
+        """Inverse of `to_dict`."""
         d = dict(d)
         text = dict(d.pop("text"))
         if text.get("rope_scaling") is not None:
@@ -168,6 +175,7 @@ class LlavaConfig:
 
     @classmethod
     def load(cls, directory: str) -> "LlavaConfig":
+        """Read `directory/llava_jax_config.json`."""
         return cls.from_dict(json.loads(paths.read_text(os.path.join(directory, CONFIG_FILE))))
 
 

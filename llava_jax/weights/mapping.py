@@ -116,6 +116,7 @@ def _expand(component, table, n_layers) -> Iterator[Entry]:
 
 
 def vision_entries(cfg: LlavaConfig) -> list[Entry]:
+    """The vision tower's entries, up to the layer LLaVA takes its features from."""
     return list(_expand("vision_tower", VISION_TABLE + VISION_LAYER_TABLE, cfg.num_vision_layers_used))
 
 
@@ -130,6 +131,7 @@ def projector_entries(cfg: LlavaConfig) -> list[Entry]:
 
 
 def text_entries(cfg: LlavaConfig) -> list[Entry]:
+    """The language model's entries (lm_head only when not tied to the embedding)."""
     table = TEXT_TABLE + _text_layer_table(cfg)
     if not cfg.text.tie_word_embeddings:
         table = table + [TEXT_HEAD]
@@ -187,6 +189,7 @@ def layer_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
 
 
 def is_stacked_path(path: tuple[str, ...]) -> bool:
+    """Whether a parameter path is in the stacked layout (`.../layers/...`)."""
     return STACK_AXIS in path
 
 
