@@ -20,7 +20,6 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pillow>=10",
-        "safetensors>=0.4",
         "tqdm>=4.66",
     ],
     extras_require={

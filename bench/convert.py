@@ -28,7 +28,7 @@ import numpy as np
 
 from llava_jax.config import LLAVA_15_7B, LlavaConfig, llava_config_to_hf
 from llava_jax.weights import mapping
-from llava_jax.weights.export import write_safetensors
+from llava_jax.weights.safetensors_io import write_safetensors
 from llava_jax.models.llava import abstract_params
 
 SHAPES = {

@@ -183,7 +183,7 @@ def build(cfg: LlavaConfig, dtype: str, want_hf: bool, want_ours: bool = True):
     if not want_ours:
         ours = None
     elif hf is not None and device == "cpu":
-        from llava_jax.weights.hf import load_pretrained
+        from llava_jax.weights.load import load_pretrained
 
         with tempfile.TemporaryDirectory() as d:  # the same weights in both implementations
             hf.save_pretrained(d)

@@ -16,14 +16,14 @@ _EXPORTS = {
     "Llava": "llava_jax.models.llava",
     "LlavaModel": "llava_jax.models.llava",
     "LlavaOutput": "llava_jax.models.llava",
-    "load_pretrained": "llava_jax.weights.hf",
+    "load_pretrained": "llava_jax.weights.load",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
     from llava_jax.models.llava import Llava, LlavaModel, LlavaOutput
-    from llava_jax.weights.hf import load_pretrained
+    from llava_jax.weights.load import load_pretrained
 
 
 def __getattr__(name: str):

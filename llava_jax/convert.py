@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Callable
 
-from llava_jax.weights import mapping, parts, peft
+from llava_jax.weights import mapping, parts, peft, stores
 from llava_jax.weights.converted import save_converted
 from llava_jax.weights.export import SHARD_BYTES, export_hf
 from llava_jax.weights.safetensors_io import CheckpointError
@@ -108,7 +108,7 @@ def convert(
     non_lora = os.path.join(lora, peft.NON_LORA_FILE) if lora else None
     non_lora = non_lora if non_lora and os.path.isfile(non_lora) else None
     if non_lora and src is None and not plan_kw.get("projector_type") and not plan_kw.get("projector"):
-        keys = parts.BinStore([non_lora], non_lora).keys()
+        keys = stores.BinStore([non_lora], non_lora).keys()
         plan_kw["projector_type"] = parts.projector_type_of(keys, mapping.PEFT_PREFIX + "model.mm_projector.")
     plan = make_plan(src, **plan_kw)
     if non_lora:
@@ -120,13 +120,18 @@ def convert(
     batches, write_more = plan.batches(dtype, batch_bytes), None
     if lora:
         spec, adapter = peft.read_adapter(lora, plan.cfg)
-        desc = f"LoRA adapter {lora} (r={spec.rank}, alpha={spec.alpha:g}, {len(spec.targets)} Linear layers per decoder layer)"
+        desc = (f"LoRA adapter {lora} (r={spec.rank}, alpha={spec.alpha:g}, {len(spec.targets)} Linear layers per "
+                "decoder layer)")
         if merge_lora:
-            batches = peft.merged_batches(batches, peft.AdapterDeltas(lora, plan.cfg))
+            per_layer = peft.read_adapter(lora, plan.cfg, stacked=False)  # the batches' layout
+            batches = peft.merged_batches(batches, peft.AdapterDeltas(*per_layer))
             plan.notes.append(f"{desc} merged into the weights")
         else:
-            write_more = lambda tmp: peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), adapter)  # noqa: E731
-            plan.notes.append(f"{desc} written to {os.path.join(dst, peft.ADAPTER_DIR)}; applied whenever {dst} is loaded")
+            def write_more(tmp: str) -> None:
+                peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), adapter)
+
+            plan.notes.append(f"{desc} written to {os.path.join(dst, peft.ADAPTER_DIR)}; "
+                              f"applied whenever {dst} is loaded")
     for note in plan.notes:
         log(f"note: {note}")
     out = save_converted(
@@ -144,7 +149,8 @@ def convert(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", help="source directory (HF or original LLaVA; with --to hf: ours, a stage output "
                    "WORKDIR/stageN_NAME or a training checkpoint WORKDIR/checkpoints/STEP)")
     p.add_argument("--dst", required=True, help="output directory (must not exist)")
@@ -161,8 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-token-index", type=int, help="id of <image> (default: the source's, else the vocab size)")
     p.add_argument("--seed", type=int, default=0, help="seed of a fresh projector")
     p.add_argument("--shard-size-gb", type=float, default=SHARD_BYTES / 1e9, help="--to hf: shard size")
-    p.add_argument("--lora", help="PEFT LoRA adapter directory for the base (ours, peft's, or the original LLaVA's LoRA "
-                                  "output with non_lora_trainables.bin): written to DST/adapter/")
+    p.add_argument("--lora", help="PEFT LoRA adapter directory for the base (ours, peft's, or the original LLaVA's "
+                                  "LoRA output with non_lora_trainables.bin): written to DST/adapter/")
     p.add_argument("--merge-lora", action="store_true", help="fold the adapter (--lora, or --to hf: SRC/adapter/) into "
                                                              "the weights: one model of the base's size and dtype")
     return p

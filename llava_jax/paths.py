@@ -22,7 +22,9 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import os
+import secrets
 import shutil
+from collections.abc import Callable
 from typing import IO
 
 from etils import epath
@@ -115,3 +117,42 @@ def copy(src: PathLike, dst: PathLike) -> None:
         shutil.copy2(src, dst)
     else:
         write_bytes(dst, read_bytes(src))
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic directories
+
+
+def atomic_directory(dst: PathLike, write: Callable[[str], None]) -> str:
+    """Run `write(tmp)` on a fresh `DST.tmp-XXXXXXXX` beside DST, then rename it to DST; on any failure remove it.
+
+    Returns DST (absolute). DST must not exist. The directory is made with `os.mkdir(..., 0o777)`, so
+    it gets the permissions of any directory the user creates (the kernel applies the umask), not
+    mkdtemp's 0700. On object storage (no directory rename) `write` runs on DST itself, which is
+    removed on failure; writers put the file that marks a complete directory last.
+    """
+    dst = absolute(dst)
+    if exists(dst):
+        raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
+    if is_remote(dst):
+        try:
+            write(dst)
+        except BaseException:
+            rmtree(dst)
+            raise
+        return dst
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    while True:
+        tmp = f"{dst}.tmp-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp, 0o777)
+            break
+        except FileExistsError:  # another writer's temporary directory: draw another name
+            continue
+    try:
+        write(tmp)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

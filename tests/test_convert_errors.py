@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -189,3 +190,37 @@ def test_cli_exit_code_smoke(tmp_path, sources):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not dst.exists()
+
+
+def _cut_short(directory) -> None:
+    for f in glob.glob(os.path.join(directory, "**", "ocdbt*", "d", "*"), recursive=True):
+        os.truncate(f, os.path.getsize(f) // 2)
+
+
+def _drop_process_files(directory) -> None:
+    found = glob.glob(os.path.join(directory, "**", "ocdbt.process_0*"), recursive=True)
+    assert found
+    for f in found:
+        shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
+
+
+@pytest.mark.parametrize("damage", [_cut_short, _drop_process_files])
+def test_damaged_orbax_directories_are_named(tmp_path, capsys, sources, damage):
+    """A converted directory, and a training checkpoint, with their Orbax files cut short or missing: one line
+    naming the directory (exit 2), from convert --to hf and from load_pretrained (what generate calls)."""
+    from llava_jax import load_pretrained
+    from llava_jax.weights.converted import load_params
+    from tests.test_model_dirs import training_checkpoint
+
+    ours = str(tmp_path / "work" / "ours")
+    assert main(["--src", str(sources / "hf"), "--dst", ours]) == 0
+    _, params = load_params(ours)
+    ckpt = training_checkpoint(tmp_path / "work", ours, {"projector": params["projector"]})
+    capsys.readouterr()
+    for src, orbax_dir in ((ckpt, os.path.join(ckpt, "state")), (ours, os.path.join(ours, "params"))):
+        damage(orbax_dir)  # the checkpoint first, while the base it reads its frozen parameters from is whole
+        named = "^error: " + re.escape(src) + r"\S*: damaged Orbax checkpoint"
+        fails(tmp_path, capsys, ["--src", src, "--to", "hf"], named)
+        with pytest.raises(CheckpointError, match=re.escape(src) + r"\S*: damaged Orbax checkpoint") as e:
+            load_pretrained(src)
+        assert len(str(e.value).splitlines()) == 1, str(e.value)

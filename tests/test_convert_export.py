@@ -11,11 +11,12 @@ import jax
 import ml_dtypes
 import numpy as np
 import torch
+from flax.traverse_util import flatten_dict as _flatten
 
 from llava_jax import load_pretrained
 from llava_jax.convert import main
 from llava_jax.data.image import ImageProcessorConfig
-from llava_jax.weights.converted import _flatten, load_converted, load_params, save_params
+from llava_jax.weights.converted import load_converted, load_params, save_params
 from llava_jax.weights.safetensors_io import TensorStore
 from tests._seeds import fresh_seed
 from tests.hf_reference import IMAGE_TOKEN, VOCAB, torch_logits

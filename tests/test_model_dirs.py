@@ -9,7 +9,7 @@ import pytest
 
 from llava_jax.config import CONFIG_FILE
 from llava_jax.weights import model_dir
-from llava_jax.weights.converted import atomic_directory
+from llava_jax.paths import atomic_directory
 from llava_jax.weights.safetensors_io import CheckpointError
 
 
@@ -49,3 +49,21 @@ def test_outputs_get_the_users_umask_not_0700(tmp_path, umask):
     finally:
         os.umask(old)
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+
+
+def training_checkpoint(workdir, base: str, params: dict, *, step: int = 4, lora=None,
+                        tokenizer: str | None = None) -> str:
+    """A training checkpoint as train/loop.py writes one (its Checkpointer, its model record): `params`, the
+    stage's trained part (the model's layout), over the frozen model directory `base`; `lora` the stage's spec."""
+    from llava_jax.config import ImageProcessorConfig, LlavaConfig
+    from llava_jax.train.checkpoint import Checkpointer
+
+    cfg = LlavaConfig.load(str(base))
+    image = ImageProcessorConfig.from_pretrained(str(base))
+    record = model_dir.checkpoint_model_meta(cfg, str(workdir), str(base), tokenizer or os.path.join(workdir, "tok"),
+                                             image.to_dict(), lora=lora)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt.save(step, {"params": params}, {"stage": 1, "stage_step": step, "stage_steps": step, "global_step": step,
+                                          "model": record}, {})
+    ckpt.close()
+    return os.path.join(workdir, "checkpoints", str(step))

@@ -19,6 +19,7 @@ from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.inference.engine import Engine, InputError, Prompt
 from llava_jax.inference.sampling import SamplingParams
 from llava_jax.models.llava import LlavaModel
+from llava_jax.weights import model_dir
 
 DEFAULT_CONV_MODE = "vicuna_v1"  # what LLaVA-1.5 was trained and evaluated with
 
@@ -92,19 +93,20 @@ class Pipeline:
         mesh: Mesh | None = None,
         int8: bool = False,
     ) -> "Pipeline":
-        """Load everything from a model directory (ours, converted, or a HF LLaVA directory).
+        """Load everything from a model directory (ours, converted, a training checkpoint, or HF LLaVA).
 
-        The tokenizer is `path/tokenizer.model`; image settings come from `preprocessor_config.json`
-        (or an original LLaVA `config.json`), `image_aspect_ratio` ("pad" | "square") overriding them.
+        The tokenizer is `path/tokenizer.model` (a training checkpoint's: the run's, which its record
+        names); image settings come from `preprocessor_config.json` (or an original LLaVA `config.json`,
+        or a training checkpoint's record), `image_aspect_ratio` ("pad" | "square") overriding them.
         `scan_layers=False` runs the layers unrolled; `lora` names a PEFT LoRA adapter directory to
         apply (see `load_pretrained`); `mesh` places the engine on a device mesh; `int8` quantises
         the language model's Linear weights for decoding.
         """
-        from llava_jax.weights.hf import load_pretrained  # heavy import, only when loading
+        from llava_jax.weights.load import load_pretrained  # heavy import, only when loading
 
         model = load_pretrained(path, dtype, lora=lora, scan_layers=scan_layers)
-        tokenizer = Tokenizer.from_pretrained(path)
-        image_config = ImageProcessorConfig.from_pretrained(path, image_aspect_ratio=image_aspect_ratio)
+        tokenizer = Tokenizer.from_pretrained(model_dir.tokenizer_dir(path))
+        image_config = model_dir.image_processor(path, image_aspect_ratio)
         return cls(model, tokenizer, image_config, conv_mode, max_context=max_context, mesh=mesh, int8=int8,
                    path=path)
 

@@ -12,7 +12,6 @@ The merged weight is `W + scale * A B`; `merge` folds an adapter into the kernel
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -21,44 +20,10 @@ import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 
+# The spec is configuration (config.py, the bottom layer); re-exported here for the model code.
+from llava_jax.config import DECODER_LINEARS, LoraSpec  # noqa: F401
+
 LORA_A, LORA_B = "lora_a", "lora_b"
-# The decoder layer's Linear layers, named as our parameter paths name them under a layer.
-DECODER_LINEARS = (
-    "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
-    "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """Which of the decoder's Linear layers carry an adapter, and its rank, alpha and dropout."""
-
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]  # from DECODER_LINEARS, e.g. ("self_attn/q_proj", "mlp/down_proj")
-    dropout: float = 0.0
-    use_rslora: bool = False
-
-    def __post_init__(self):
-        unknown = [t for t in self.targets if t not in DECODER_LINEARS]
-        if unknown or not self.targets:
-            raise ValueError(f"LoRA targets {list(self.targets)}: expected a non-empty subset of {list(DECODER_LINEARS)}")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        """peft's `scaling`: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    def replace(self, **kw) -> "LoraSpec":
-        return dataclasses.replace(self, **kw)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoraSpec":
-        return cls(**{**d, "targets": tuple(d["targets"])})
 
 
 def for_module(spec: LoraSpec | None, module: str) -> LoraSpec | None:

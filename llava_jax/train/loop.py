@@ -263,10 +263,11 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     data = _stage_data(run, index, cfg, image_cfg)  # before the weights: a data error costs seconds, not a load
     params = _initial_params(run, source, cfg)
     # What every checkpoint of the stage records, so that it loads as a model on its own (convert --to hf).
+    spec = lora_train.resolve_spec(stage.lora, cfg) if stage.lora else None
     model = model_dir.checkpoint_model_meta(cfg, run.workdir, _frozen_source(run, stage, source, cfg, params, image_cfg),
-                                            run.files["tokenizer"], image_cfg.to_dict())
-    if stage.lora:  # fresh adapters on the frozen base (train/lora.py)
-        cfg = cfg.replace(lora=lora_train.resolve_spec(stage.lora, cfg))
+                                            run.files["tokenizer"], image_cfg.to_dict(), lora=spec)
+    if spec is not None:  # fresh adapters on the frozen base (train/lora.py)
+        cfg = cfg.replace(lora=spec)
         lora_train.check_rank_splits(cfg.lora, run.mesh, run.rules)
         shardings = model_param_shardings(cfg, run.mesh, run.rules)
         params = merge_params(params, lora_train.init_adapter(cfg, jax.random.key(run.config.seed + index), shardings))

@@ -8,12 +8,11 @@
   DST/tokenizer.model          (+ tokenizer_config.json etc. when the source has them)
   DST/preprocessor_config.json HF image processor settings (`ImageProcessorConfig`)
 
-Everything is written into `DST.tmp-XXXX` and renamed to DST at the end, so a failed or
-interrupted conversion never leaves a DST that looks complete.
+Everything is written into `DST.tmp-XXXXXXXX` and renamed to DST at the end
+(`paths.atomic_directory`), so a failed or interrupted conversion never leaves a DST that looks complete.
 
-`params/` uses Orbax's partial saving (`orbax.checkpoint.experimental.v1.partial`): the tree is
-written a few layers at a time, so a 7B model never has to be in host memory at once, and it is
-read back with `ocp.load` into any shardings, whole or in part.
+`params/` is an Orbax checkpoint written a few layers at a time and read back into any shardings,
+whole or in part (orbax_io.py).
 
 Layers are stored one array per layer (`layers_0/...`, the checkpoint mapping's layout), whatever
 the model's layout: a conversion or an export then streams a layer at a time, and the directory
@@ -23,7 +22,9 @@ does not depend on `scan_layers`. `save_params` unstacks a scanned model's tree 
 A training checkpoint (WORKDIR/checkpoints/STEP) is read as a model too (`open_model`): its state
 holds the trained parameters under `params` (in the model's layout, stacked when scanned), and
 its meta names the model directory the frozen ones come from (weights/model_dir.py), so
-`load_params`, `load_pretrained` and `--to hf` accept it. Each part is read in its own layout.
+`load_params`, `load_pretrained` and `--to hf` accept it. Each part is read in its own layout. A
+LoRA stage's checkpoint also holds the adapters (`lora_a`/`lora_b`) and records their spec: its
+config carries `lora`, and the parameters load with the adapters in place.
 
 DST may be local or `gs://...` (llava_jax/paths.py). Object storage cannot rename a directory:
 there the files are written in place, the config still last, and removed again on failure.
@@ -33,99 +34,36 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import os
-import shutil
-import sys
-import tempfile
-from collections.abc import Mapping
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
+import flax.traverse_util as tu
 import jax
 import numpy as np
-import orbax.checkpoint.experimental.v1 as ocp
 
 from llava_jax import paths
-from llava_jax.config import CONFIG_FILE, LlavaConfig
-from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
+from llava_jax.config import CONFIG_FILE, DECODER_LINEARS, ImageProcessorConfig, LlavaConfig, LoraSpec
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaModel, abstract_params
-from llava_jax.weights import mapping, model_dir
+from llava_jax.weights import mapping, model_dir, peft
+from llava_jax.weights.orbax_io import (
+    check_stored,
+    is_orbax,
+    load_tree,
+    save_param_batches,
+    save_params,  # noqa: F401  (re-exported: the writer of `params/` that training and tests use)
+    stored_shapes,
+    stored_stacked,
+)
 from llava_jax.weights.safetensors_io import CheckpointError, save_file
+from llava_jax.weights.side_files import copy_tokenizer, write_preprocessor
+from llava_jax.weights.stores import read_json
 
 PARAMS_DIR = "params"
 EXTRA_FILE = "extra.safetensors"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
 # Where the parameters' dtype is read when the caller does not choose one.
 DTYPE_PROBE = ("language_model", "embed_tokens", "embedding")
-ORBAX_METADATA = "_CHECKPOINT_METADATA"  # written by every finalized Orbax checkpoint
-
-
-def save_param_batches(batches: Iterable[dict], directory: str) -> int:
-    """Write a parameter tree given as disjoint subtrees, one Orbax partial save each; returns bytes written.
-
-    The checkpoint appears at `directory` only after the last batch (Orbax finalize). Stacked
-    layers are written one array per layer (see the module docstring). On object storage (gs://)
-    Orbax cannot save partially (it snapshots the growing checkpoint, which its commit-file
-    atomicity there does not offer): the batches are gathered and written as one tree.
-    """
-    total = 0
-    with _saving_context():
-        if paths.is_remote(directory):
-            flat: dict = {}
-            for batch in batches:
-                flat.update(_flatten(mapping.unstack_layers(batch)))
-            ocp.save(directory, _unflatten(flat))
-            return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in flat.values())
-        for batch in batches:
-            batch = mapping.unstack_layers(batch)
-            ocp.partial.save(directory, batch)
-            total += sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))
-        ocp.partial.finalize(directory)
-    return total
-
-
-def _saving_context():
-    # zstd (Orbax's default) saves ~10% on bf16 weights, whose mantissas are noise, and costs a
-    # 10x slower write on a small host (35 vs 450 MB/s on 2 cores): weights are stored raw.
-    ctx = ocp.Context()
-    try:
-        ctx.array.saving.use_compression = False
-    except AttributeError:  # Orbax releases before the dot-notation options
-        ctx = ocp.Context(array_options=ocp.options.ArrayOptions(saving=ocp.options.ArrayOptions.Saving(use_compression=False)))
-    return ctx
-
-
-def save_params(params: dict, directory: str) -> None:
-    """Write a parameter tree (numpy or jax arrays, sharded or not) as the Orbax checkpoint at `directory`.
-
-    The format `load_params` reads: training writes `CKPT/params` with it (other items such as
-    `CKPT/opt_state` may sit beside it) and keeps `llava_jax_config.json` in CKPT or up to two levels up.
-    """
-    save_param_batches([params], directory)
-
-
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
-def _is_orbax(directory: str) -> bool:
-    # Orbax also "recognises" a plain safetensors directory (its safetensors layout): ask for its own metadata file.
-    return paths.isfile(os.path.join(directory, ORBAX_METADATA))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,10 +153,8 @@ def _read_part(directory: str, prefix: tuple[str, ...], targets: dict, held: dic
             want[q] = jax.ShapeDtypeStruct(held[q][0], t.dtype, sharding=mapping.with_leading_axis(t.sharding))
         else:
             want[p] = t
-    tree = load_tree(directory, _unflatten({prefix + q: v for q, v in want.items()}))
-    for k in prefix:
-        tree = tree[k]
-    loaded = _flatten(tree)
+    tree = load_tree(directory, tu.unflatten_dict({prefix + q: v for q, v in want.items()}))
+    loaded = {p[len(prefix):]: x for p, x in tu.flatten_dict(tree).items()}
     out = {}
     for p, t in targets.items():
         if mapping.is_stacked_path(p) and not on_disk:
@@ -242,9 +178,9 @@ def open_model(path: str) -> StoredModel:
     path = paths.absolute(path)
     if model_dir.kind(path) == model_dir.CHECKPOINT:
         return _open_training_checkpoint(path)
-    if _is_orbax(os.path.join(path, PARAMS_DIR)):
+    if is_orbax(os.path.join(path, PARAMS_DIR)):
         params, base = os.path.join(path, PARAMS_DIR), path
-    elif _is_orbax(path):
+    elif is_orbax(path):
         params, base = path, os.path.dirname(path)
     else:
         raise CheckpointError(
@@ -268,64 +204,33 @@ def _open_training_checkpoint(path: str) -> StoredModel:
         file_dirs = frozen.file_dirs
     if record.get("tokenizer"):
         file_dirs += (os.path.dirname(record["tokenizer"]),)
-    return StoredModel(path, record["config"], file_dirs, parts,
-                       ImageProcessorConfig.from_dict(record["image_processor"]))
+    model = StoredModel(path, record["config"], file_dirs, parts,
+                        ImageProcessorConfig.from_dict(record["image_processor"]))
+    if model.cfg.lora is None and any(lora_lib.is_lora_path(p) for p in model.stored[0]):
+        model = dataclasses.replace(model, cfg=model.cfg.replace(lora=_spec_from_stage_output(path, model.stored[0])))
+    return model
 
 
-def find_checkpoint(path: str) -> tuple[str, str]:
-    """(directory holding llava_jax_config.json, Orbax params directory) of a converted directory.
-
-    `path` is a directory with `params/` (or the `params/` directory itself); the config is looked
-    up in that directory and the two above it. (`open_model` also reads training checkpoints.)
-    """
-    model = open_model(path)
-    if len(model.parts) != 1 or model.parts[0][1]:
-        raise CheckpointError(f"{path}: a training checkpoint, not one parameter directory; use open_model")
-    return model.find_file(CONFIG_FILE), model.parts[0][0]
-
-
-def stored_shapes(params_dir: str, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-    """Path -> (shape, dtype) of every array in an Orbax checkpoint (under `prefix` of its tree), from metadata only."""
-    meta = ocp.metadata(params_dir).metadata
-    for k in prefix:
-        meta = meta[k]
-    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(meta).items()}
-
-
-def stored_stacked(stored: dict) -> bool:
-    """Whether a stored tree (path -> anything) keeps its layers stacked (`layers/...`) or one per layer."""
-    return any(mapping.is_stacked_path(p) for p in stored)
-
-
-def check_stored(cfg: LlavaConfig, stored: dict, source: str) -> None:
-    """Raise unless a stored tree holds exactly the parameters, with the shapes, of this config (either layout)."""
-    shapes = mapping.to_layout(abstract_params(cfg), stored_stacked(stored))
-    want = {p: tuple(x.shape) for p, x in _flatten(shapes).items()}
-    missing = ["/".join(p) for p in want if p not in stored]
-    if missing:
-        raise CheckpointError(f"{source}: {len(missing)} parameters missing, e.g. {missing[:4]}")
-    unexpected = ["/".join(p) for p in stored if p not in want]
-    if unexpected:
-        raise CheckpointError(f"{source}: {len(unexpected)} unexpected parameters, e.g. {unexpected[:4]}")
-    for p, shape in want.items():
-        if stored[p][0] != shape:
-            raise CheckpointError(f"{source}: parameter {'/'.join(p)} has shape {stored[p][0]}, the config expects {shape}")
-
-
-def _partial_load_context():
-    ctx = ocp.Context()
-    try:
-        ctx.pytree.loading.partial_load = True
-    except AttributeError:  # Orbax releases before the dot-notation options
-        opts = ocp.options.PyTreeOptions
-        ctx = ocp.Context(pytree_options=opts(loading=opts.Loading(partial_load=True)))
-    return ctx
-
-
-def load_tree(params_dir: str, abstract: dict) -> dict:
-    """The leaves named by `abstract` (a subtree of `jax.ShapeDtypeStruct`s with shardings), cast and placed."""
-    with _partial_load_context():
-        return ocp.load(params_dir, abstract)
+def _spec_from_stage_output(path: str, trained: dict) -> LoraSpec:
+    """The LoRA spec of a LoRA stage's checkpoint written before checkpoints recorded it: rank and targets
+    from its adapter arrays, alpha, dropout and rsLoRA from the finished stage's `adapter/adapter_config.json`."""
+    a = {p: shape for p, (shape, _) in trained.items() if p[-1] == lora_lib.LORA_A}
+    rank = next(iter(a.values()))[-1]
+    targets = tuple(t for t in DECODER_LINEARS if any("/".join(p[-3:-1]) == t for p in a))
+    stage = read_json(os.path.join(path, model_dir.CHECKPOINT_META)).get("stage")
+    workdir = os.path.dirname(os.path.dirname(path))
+    found = sorted(glob.glob(os.path.join(workdir, f"stage{stage + 1}_*", peft.ADAPTER_DIR, peft.ADAPTER_CONFIG))
+                   if isinstance(stage, int) and not paths.is_remote(workdir) else [])
+    if not found:
+        number = stage + 1 if isinstance(stage, int) else "N"
+        raise CheckpointError(f"{path}: holds LoRA adapters but, written before checkpoints recorded their spec, not "
+                              f"their alpha, and its stage's output (WORKDIR/stage{number}_NAME/{peft.ADAPTER_DIR}) "
+                              "that has it is not there; use a checkpoint written since")
+    c = read_json(found[0])
+    if c.get("r") != rank:
+        raise CheckpointError(f"{path}: its adapters have rank {rank}, {found[0]} says r={c.get('r')}")
+    return LoraSpec(rank=rank, alpha=float(c["lora_alpha"]), targets=targets, dropout=float(c.get("lora_dropout") or 0),
+                    use_rslora=bool(c.get("use_rslora", False)))
 
 
 def load_params(
@@ -349,90 +254,22 @@ def load_params(
     stored = model.shapes()
     check_stored(cfg, stored, model.path)
     dtype = dtype or stored[DTYPE_PROBE][1].name
-    want = _flatten(abstract_params(cfg))
+    want = tu.flatten_dict(abstract_params(cfg))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = _unflatten({p: device for p in want})
-    targets = _flatten(shardings)
+        shardings = tu.unflatten_dict({p: device for p in want})
+    targets = tu.flatten_dict(shardings)
     for p in targets:
         if p not in want:
             raise CheckpointError(f"{model.path}: shardings name {'/'.join(p)}, which the checkpoint does not hold")
     target = {p: jax.ShapeDtypeStruct(want[p].shape, np.dtype(dtype), sharding=s) for p, s in targets.items()}
-    return cfg.replace(dtype=dtype, param_dtype=dtype), _unflatten(model.load(target))
+    return cfg.replace(dtype=dtype, param_dtype=dtype), tu.unflatten_dict(model.load(target))
 
 
 def load_converted(path: str, dtype: str | None = None, *, scan_layers: bool | None = None) -> LlavaModel:
     """A converted directory (or training checkpoint) as a `LlavaModel`; what `load_pretrained` calls."""
     cfg, params = load_params(path, dtype, scan_layers=scan_layers)
     return LlavaModel(cfg, params)
-
-
-def copy_tokenizer(src_dir: str | None, dst_dir: str, shown_as: str) -> list[str]:
-    """Copy the tokenizer files `src_dir` has; warn (stderr) when there is no tokenizer.model."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if src_dir and paths.isfile(os.path.join(src_dir, name)):
-            paths.copy(os.path.join(src_dir, name), os.path.join(dst_dir, name))
-            copied.append(name)
-    if "tokenizer.model" not in copied:
-        print(
-            f"warning: {src_dir or 'the source'} has no tokenizer.model; copy the model's sentencepiece "
-            f"tokenizer.model into {shown_as} before training or inference",
-            file=sys.stderr,
-        )
-    return copied
-
-
-def write_preprocessor(preprocessor: ImageProcessorConfig | str, directory: str) -> None:
-    """Copy a preprocessor_config.json (a path) or write one from an `ImageProcessorConfig`."""
-    if isinstance(preprocessor, str):
-        paths.copy(preprocessor, os.path.join(directory, PREPROCESSOR_CONFIG))
-    else:
-        preprocessor.save(directory)
-
-
-def atomic_directory(dst: str, write: Callable[[str], None]) -> str:
-    """Run `write(tmp)` on a fresh `DST.tmp-XXXX` beside DST, then rename it to DST; on any failure remove it.
-
-    The result gets the permissions of a directory the user creates (umask), not mkdtemp's 0700.
-    On object storage (no directory rename) `write` runs on DST itself, which is removed on failure;
-    writers put the file that marks a complete directory last.
-    """
-    dst = paths.absolute(dst)
-    if paths.exists(dst):
-        raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
-    if paths.is_remote(dst):
-        try:
-            write(dst)
-        except BaseException:
-            paths.rmtree(dst)
-            raise
-        return dst
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        write(tmp)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where the system allows (os.umask sets it to read it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_converted(
@@ -470,4 +307,4 @@ def save_converted(
             write_more(tmp)
         cfg.save(tmp)  # last, so that a directory with a config is a complete one
 
-    return atomic_directory(dst, write)
+    return paths.atomic_directory(dst, write)

@@ -20,29 +20,28 @@ import dataclasses
 import json
 import math
 import os
-import struct
 from typing import Callable, Iterable, Iterator
 
+import flax.traverse_util as tu
 import jax
 import numpy as np
 
 from llava_jax import paths
-from llava_jax.config import CONFIG_FILE, LlavaConfig, llava_config_to_hf
-from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
-from llava_jax.weights import mapping
-from llava_jax.weights.converted import (
-    DTYPE_PROBE,
-    EXTRA_FILE,
-    StoredModel,
-    atomic_directory,
-    check_stored,
-    copy_tokenizer,
-    _flatten,
-    open_model,
-    write_preprocessor,
+from llava_jax.config import (
+    CONFIG_FILE,
+    PREPROCESSOR_CONFIG,
+    ImageProcessorConfig,
+    LlavaConfig,
+    LoraSpec,
+    llava_config_to_hf,
 )
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import abstract_params
-from llava_jax.weights.safetensors_io import DTYPE_NAMES, CheckpointError, TensorStore
+from llava_jax.weights import mapping, peft
+from llava_jax.weights.converted import DTYPE_PROBE, EXTRA_FILE, StoredModel, open_model
+from llava_jax.weights.orbax_io import check_stored
+from llava_jax.weights.safetensors_io import CheckpointError, TensorStore, write_safetensors
+from llava_jax.weights.side_files import copy_tokenizer, write_preprocessor
 
 SHARD_BYTES = 5 * 10**9  # as the published llava-hf checkpoints
 VOCAB_MULTIPLE = 64  # llava-hf pads 32000 + <image> + <pad> to 32064
@@ -56,26 +55,6 @@ class Tensor:
     shape: tuple[int, ...]
     group: tuple[str, ...] | None  # stored parameter group to read from Orbax (None: not a parameter)
     make: Callable[[dict], np.ndarray]  # group arrays (stored, by path) -> torch-layout array
-
-
-def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], np.dtype]], arrays: Iterable[np.ndarray]) -> int:
-    """Write a .safetensors file whose header is known up front, taking the arrays one at a time."""
-    header, offset = {}, 0
-    for name, shape, dtype in specs:
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with paths.open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (name, shape, dtype), arr in zip(specs, arrays, strict=True):
-            if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise ValueError(f"{path}: {name} is {arr.dtype}{arr.shape}, its header says {np.dtype(dtype)}{tuple(shape)}")
-            f.write(np.ascontiguousarray(arr).tobytes())
-    return offset
 
 
 def _torch_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
@@ -127,7 +106,8 @@ def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str | bytes, vocab: int)
         "legacy": False,
         "padding_side": "left",
         "added_tokens_decoder": {
-            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                     "single_word": False}
             for t, i in added.items()
         },
     }
@@ -144,7 +124,7 @@ def plan_tensors(
     `stacked`: the source stores its layers stacked; tensors are then read one stacked parameter
     at a time (all its layers), else one module (e.g. one layer) at a time.
     """
-    shapes = mapping.unstack_layers(abstract_params(cfg))
+    shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(cfg)))
     vocab = padded_vocab(cfg)
     notes = []
     out = []
@@ -153,7 +133,7 @@ def plan_tensors(
         entries = sorted(entries, key=lambda e: (e.location(True)[0] != e.path, e.location(True)[0]))
     for e in entries:
         name = mapping.torch_name(e, mapping.HF_LEGACY, cfg.projector_type)
-        shape = _torch_shape(tuple(_leaf(shapes, e.path).shape), e.transform)
+        shape = _torch_shape(tuple(shapes[e.path].shape), e.transform)
         where, row = e.location(stacked)
 
         def make(arrays, e=e, where=where, row=row):
@@ -173,10 +153,11 @@ def plan_tensors(
         )
     # CLIP's own tensors past what LLaVA uses.
     full = cfg.replace(vision_feature_layer=cfg.vision.num_layers)
-    full_shapes = mapping.unstack_layers(abstract_params(full))["vision_tower"]
+    full_shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(full)))
     unused = [e for e in mapping.vision_entries(full) if e.layer is not None and e.layer >= cfg.num_vision_layers_used]
-    rest = [(mapping.HF_LEGACY.vision + mapping.VISION_UNUSED_PREFIXES[0] + leaf, (cfg.vision.hidden_size,)) for leaf in ("weight", "bias")]
-    rest += [(mapping.torch_name(e, mapping.HF_LEGACY), _torch_shape(tuple(_leaf(full_shapes, e.path[1:]).shape), e.transform))
+    post_norm = mapping.HF_LEGACY.vision + mapping.VISION_UNUSED_PREFIXES[0]
+    rest = [(post_norm + leaf, (cfg.vision.hidden_size,)) for leaf in ("weight", "bias")]
+    rest += [(mapping.torch_name(e, mapping.HF_LEGACY), _torch_shape(tuple(full_shapes[e.path].shape), e.transform))
              for e in sorted(unused, key=mapping.layer_order)]
     filled = []
     for name, shape in rest:
@@ -196,18 +177,26 @@ def plan_tensors(
     return out, notes
 
 
-def _leaf(tree: dict, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
+def _adapter(model: StoredModel, cfg: LlavaConfig) -> tuple[LoraSpec, dict] | None:
+    """(spec, float32 adapter tree in the model's stored layout) of the LoRA adapter that comes with a model:
+    its own `lora_a`/`lora_b` (a LoRA stage's training checkpoint) or its `adapter/` (a LoRA stage's output)."""
+    if model.cfg.lora is not None:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        shapes = tu.flatten_dict(mapping.to_layout(abstract_params(model.cfg), model.stacked))
+        targets = {p: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=cpu) for p, x in shapes.items()
+                   if lora_lib.is_lora_path(p)}
+        return model.cfg.lora, tu.unflatten_dict({p: np.asarray(x) for p, x in model.load(targets).items()})
+    directory = peft.find_adapter(model.path)
+    return None if directory is None else peft.read_adapter(directory, cfg, stacked=model.stacked)
 
 
-def _produce(tensors: list[Tensor], model: StoredModel, stacked: bool, dtype: np.dtype,
+def _produce(tensors: list[Tensor], model: StoredModel, cfg: LlavaConfig, dtype: np.dtype,
              deltas: dict | None = None) -> Iterator[np.ndarray]:
-    """Each tensor's array, reading one parameter group at a time (in the `stacked` layout or per
-    layer); `deltas` (kernel path -> float32 array) are added to their kernels (a merged LoRA adapter)."""
+    """Each tensor's array, reading one parameter group of `cfg` (the base) at a time (in the model's
+    stored layout: stacked, or per layer); `deltas` (kernel path -> float32 array) are added to their
+    kernels (a merged LoRA adapter)."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    shapes = _flatten(mapping.to_layout(abstract_params(model.cfg), stacked))
+    shapes = tu.flatten_dict(mapping.to_layout(abstract_params(cfg), model.stacked))
     cached: tuple[tuple[str, ...] | None, dict] = (None, {})
     for t in tensors:
         if t.group is not None and t.group != cached[0]:
@@ -247,16 +236,14 @@ def export_hf(
       max_shard_bytes: split into `model-0000i-of-0000n.safetensors` + index past this size.
       merge_lora: fold the adapter into the weights: one model with the base's tensors, size and dtype.
     """
-    from llava_jax.weights import peft
-
     model = open_model(src)
-    cfg = model.cfg
+    cfg = model.cfg.replace(lora=None)  # the base; a LoRA training checkpoint's adapters are exported apart
     try:
         hf_config = llava_config_to_hf(cfg)
     except ValueError as e:
         raise CheckpointError(f"{src} ({CONFIG_FILE}): {e}") from None
     stored = model.shapes()
-    check_stored(cfg, stored, model.path)
+    check_stored(model.cfg, stored, model.path)
     out_dtype = np.dtype(dtype or stored[DTYPE_PROBE][1].name)
     extra_dir = model.find_file(EXTRA_FILE)
     extras = TensorStore([os.path.join(extra_dir, EXTRA_FILE)]) if extra_dir else None
@@ -264,15 +251,16 @@ def export_hf(
     hf_config["text_config"]["vocab_size"] = padded_vocab(cfg)
     hf_config["dtype"] = hf_config["torch_dtype"] = out_dtype.name
     shards = _shards(tensors, out_dtype, max_shard_bytes)
-    adapter = peft.find_adapter(model.path)
+    adapter = _adapter(model, cfg)
     if merge_lora and adapter is None:
-        raise CheckpointError(f"{src}: --merge-lora, but there is no LoRA adapter ({peft.ADAPTER_DIR}/{peft.ADAPTER_CONFIG}) to merge")
-    deltas = peft.AdapterDeltas(adapter, cfg, stacked=model.stacked) if merge_lora else None
+        raise CheckpointError(f"{src}: --merge-lora, but there is no LoRA adapter "
+                              f"({peft.ADAPTER_DIR}/{peft.ADAPTER_CONFIG}) to merge")
+    deltas = peft.AdapterDeltas(*adapter) if merge_lora else None
     tok_dir = model.find_file("tokenizer.model") or model.find_file("tokenizer_config.json")
     pre_dir = model.find_file(PREPROCESSOR_CONFIG)
 
     def write(tmp: str) -> None:
-        arrays = _produce(tensors, model, model.stacked, out_dtype, deltas)
+        arrays = _produce(tensors, model, cfg, out_dtype, deltas)
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -294,17 +282,18 @@ def export_hf(
             size = cfg.vision.image_size
             write_preprocessor(ImageProcessorConfig(size=size, crop_size=size, pad_to_square=False), tmp)
         if adapter is not None and not merge_lora:
-            spec, lora = peft.read_adapter(adapter, cfg)
+            spec, lora = adapter
             peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), lora)
             notes.append(f"LoRA adapter written to {os.path.join(dst, peft.ADAPTER_DIR)} (PEFT: "
                          f"PeftModel.from_pretrained(model, that directory)); --merge-lora folds it into the weights")
         elif merge_lora:
-            notes.append(f"LoRA adapter of {adapter} merged into the weights")
+            notes.append(f"LoRA adapter of {src} merged into the weights")
         paths.write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2))  # last: marks it complete
 
-    out = atomic_directory(dst, write)
+    out = paths.atomic_directory(dst, write)
     for n in notes:
         log(f"note: {n}")
     size = sum(math.prod(t.shape) for t in tensors) * out_dtype.itemsize
-    log(f"wrote {out}: {len(tensors)} tensors, {len(shards)} shard(s), {size / 1e9:.2f} GB {out_dtype.name} (llava-hf layout)")
+    log(f"wrote {out}: {len(tensors)} tensors, {len(shards)} shard(s), {size / 1e9:.2f} GB {out_dtype.name} "
+        "(llava-hf layout)")
     return out

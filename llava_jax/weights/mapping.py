@@ -116,6 +116,7 @@ def _expand(component, table, n_layers) -> Iterator[Entry]:
 
 
 def vision_entries(cfg: LlavaConfig) -> list[Entry]:
+    """The vision tower's entries, up to the layer LLaVA takes its features from."""
     return list(_expand("vision_tower", VISION_TABLE + VISION_LAYER_TABLE, cfg.num_vision_layers_used))
 
 
@@ -130,6 +131,7 @@ def projector_entries(cfg: LlavaConfig) -> list[Entry]:
 
 
 def text_entries(cfg: LlavaConfig) -> list[Entry]:
+    """The language model's entries (lm_head only when not tied to the embedding)."""
     table = TEXT_TABLE + _text_layer_table(cfg)
     if not cfg.text.tie_word_embeddings:
         table = table + [TEXT_HEAD]
@@ -166,7 +168,8 @@ def layer_order(entry: Entry) -> tuple:
     """Sort key that keeps each module's (e.g. one layer's) tensors together, layers in numeric order."""
     head = entry.path[1]
     layer = -1 if entry.layer is None else entry.layer
-    return ("vision_tower", "projector", "language_model").index(entry.component), head in ("norm", "lm_head"), layer, head
+    tower = ("vision_tower", "projector", "language_model").index(entry.component)
+    return tower, head in ("norm", "lm_head"), layer, head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +189,7 @@ def layer_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
 
 
 def is_stacked_path(path: tuple[str, ...]) -> bool:
+    """Whether a parameter path is in the stacked layout (`.../layers/...`)."""
     return STACK_AXIS in path
 
 
@@ -316,9 +320,11 @@ class Layout:
 
 
 # llava-hf checkpoints as published (and as we export them): what every loader understands.
-HF_LEGACY = Layout("hf_legacy", "vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.", "language_model.lm_head.")
+HF_LEGACY = Layout("hf_legacy", "vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.",
+                   "language_model.lm_head.")
 # transformers >= 4.52 in memory (and some re-saved checkpoints).
-HF_NEW = Layout("hf", "model.vision_tower.vision_model.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
+HF_NEW = Layout("hf", "model.vision_tower.vision_model.", "model.multi_modal_projector.", "model.language_model.",
+                "lm_head.")
 # liuhaotian/llava-v1.5-7b: a LLaMA checkpoint plus model.mm_projector; the CLIP tower kept apart.
 ORIGINAL = Layout("original", None, "model.mm_projector.", "model.", "lm_head.")
 CLIP = Layout("clip", vision="vision_model.")

@@ -13,13 +13,15 @@ heavy import and say what a directory holds when it is not a model (`--model-pat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
 from llava_jax import paths
-from llava_jax.config import CONFIG_FILE, LlavaConfig
+from llava_jax.config import CONFIG_FILE, ImageProcessorConfig, LlavaConfig, LoraSpec
 from llava_jax.weights.safetensors_io import CheckpointError
+from llava_jax.weights.stores import read_json
 
 OURS, CHECKPOINT, HF, ORIGINAL = "ours", "training checkpoint", "hf", "original"
 ALL = (OURS, CHECKPOINT, HF, ORIGINAL)
@@ -86,7 +88,7 @@ def require(path: str, accept: tuple[str, ...] = (OURS, CHECKPOINT, HF)) -> str:
 
 
 def checkpoint_model_meta(cfg: LlavaConfig, workdir: str, frozen_from: str | None, tokenizer: str,
-                          image_processor: dict[str, Any]) -> dict[str, Any]:
+                          image_processor: dict[str, Any], lora: LoraSpec | None = None) -> dict[str, Any]:
     """What a training checkpoint records so that it loads as a model on its own.
 
     Args:
@@ -97,6 +99,8 @@ def checkpoint_model_meta(cfg: LlavaConfig, workdir: str, frozen_from: str | Non
         starting point), or None when the stage trains every parameter.
       tokenizer: the run's tokenizer.model.
       image_processor: `ImageProcessorConfig.to_dict()` of the stage.
+      lora: the LoRA stage's adapter spec (its `lora_a`/`lora_b` are among the checkpoint's parameters,
+        and their alpha is nowhere else), or None.
     """
     def rel(p: str | None) -> str | None:
         if p is None:
@@ -105,12 +109,14 @@ def checkpoint_model_meta(cfg: LlavaConfig, workdir: str, frozen_from: str | Non
         return os.path.relpath(p, workdir) if p.startswith(workdir.rstrip("/") + "/") else p
 
     return {"config": cfg.replace(dtype="float32", param_dtype="float32", remat="none").to_dict(),
-            "frozen_from": rel(frozen_from), "tokenizer": rel(tokenizer), "image_processor": image_processor}
+            "frozen_from": rel(frozen_from), "tokenizer": rel(tokenizer), "image_processor": image_processor,
+            "lora": None if lora is None else dataclasses.asdict(lora)}
 
 
 def checkpoint_model(path: str) -> dict[str, Any]:
-    """A training checkpoint's model record, its paths made absolute: config (a LlavaConfig), frozen_from, ..."""
-    meta = json.loads(paths.read_text(os.path.join(path, CHECKPOINT_META)))
+    """A training checkpoint's model record, its paths made absolute: config (a LlavaConfig, with its LoRA
+    spec when the stage trains adapters), frozen_from, tokenizer, image_processor."""
+    meta = read_json(os.path.join(path, CHECKPOINT_META))
     model = meta.get("model")
     if not model:
         raise CheckpointError(f"{path}: this training checkpoint does not record its model (written before "
@@ -120,8 +126,9 @@ def checkpoint_model(path: str) -> dict[str, Any]:
     def resolve(p: str | None) -> str | None:
         return p if p is None or paths.is_remote(p) or os.path.isabs(p) else os.path.join(workdir, p)
 
-    return {**model, "config": LlavaConfig.from_dict(model["config"]), "frozen_from": resolve(model["frozen_from"]),
-            "tokenizer": resolve(model["tokenizer"])}
+    lora = LoraSpec.from_dict(model["lora"]) if model.get("lora") else None
+    return {**model, "config": LlavaConfig.from_dict(model["config"]).replace(lora=lora),
+            "frozen_from": resolve(model["frozen_from"]), "tokenizer": resolve(model["tokenizer"])}
 
 
 def config_of(path: str) -> LlavaConfig:
@@ -132,7 +139,17 @@ def config_of(path: str) -> LlavaConfig:
 
 
 def tokenizer_dir(path: str) -> str:
-    """The directory holding the tokenizer files of a model directory of any kind."""
+    """The directory holding the tokenizer files of a model directory of any kind (a training checkpoint
+    has none of its own: the run's tokenizer.model, which its record names)."""
     if kind(path) == CHECKPOINT:
         return os.path.dirname(checkpoint_model(path)["tokenizer"])
     return path
+
+
+def image_processor(path: str, image_aspect_ratio: str | None = None) -> ImageProcessorConfig:
+    """The image settings of a model directory of any kind: a training checkpoint's record, else the
+    directory's preprocessor_config.json (or original config.json); `image_aspect_ratio` overrides the padding."""
+    if kind(path) == CHECKPOINT:
+        recorded = ImageProcessorConfig.from_dict(checkpoint_model(path)["image_processor"])
+        return recorded.with_aspect_ratio(image_aspect_ratio)
+    return ImageProcessorConfig.from_pretrained(path, image_aspect_ratio=image_aspect_ratio)

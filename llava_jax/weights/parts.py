@@ -2,11 +2,8 @@
 
 Each source becomes a `Plan`: our config plus `Piece`s (a tensor store, its mapping layout and the
 entries it provides). Names and shapes are checked from the file headers before anything is
-written, then `Plan.batches` streams the parameters in groups of a bounded size.
-
-Tensors are read by copy (safetensors: `np.fromfile` at the tensor's offset; torch `.bin`: a memory
-map that is dropped every GiB) so that pages of a 13.5 GB checkpoint never pile up in the
-process's resident memory. Torch pickles are only ever opened with `torch.load(weights_only=True)`.
+written, then `Plan.batches` streams the parameters in groups of a bounded size. Files are opened
+as tensor stores (stores.py), which read each tensor by copy.
 """
 
 from __future__ import annotations
@@ -14,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pickle
 import re
-from typing import Iterator, Protocol
+from typing import Iterator
 
+import flax.traverse_util as tu
 import numpy as np
 
 from llava_jax.config import (
+    PREPROCESSOR_CONFIG,
+    ImageProcessorConfig,
     LlavaConfig,
     TextConfig,
     VisionConfig,
@@ -28,139 +27,16 @@ from llava_jax.config import (
     text_config_from_hf,
     vision_config_from_hf,
 )
-from llava_jax.data.image import PREPROCESSOR_CONFIG, ImageProcessorConfig
-from llava_jax.weights import mapping
 from llava_jax.models.llava import abstract_params
 from llava_jax.models.projector import projector_linears
-from llava_jax.weights.hf import check_names, load_entries, read_json
-from llava_jax.weights.safetensors_io import CheckpointError, TensorStore
+from llava_jax.weights import mapping
+from llava_jax.weights.entries import check_names, checkpoint_dtype, load_entries
+from llava_jax.weights.safetensors_io import CheckpointError
+from llava_jax.weights.stores import Store, open_checkpoint, open_file, read_json
 
 FORMATS = ("hf", "original", "parts")
-# Files beside the weights that are not weights (HF Trainer output); never opened.
-_NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "scheduler.bin", "rng_state.bin")
-_RELOAD_BYTES = 1 << 30  # drop a torch memory map after this much has been read through it
 # OpenAI CLIP towers (ViT-B/32 ... ViT-L/14-336) all use 64-wide heads: the only field shapes do not give.
 CLIP_HEAD_DIM = 64
-
-
-class Store(Protocol):
-    """What conversion needs from a checkpoint: names, header shapes/dtypes, and fresh copies."""
-
-    source: str
-
-    def keys(self) -> list[str]: ...
-    def __contains__(self, name: str) -> bool: ...
-    def shape(self, name: str) -> tuple[int, ...]: ...
-    def dtype(self, name: str) -> np.dtype: ...
-    def get(self, name: str) -> np.ndarray: ...
-
-
-def _import_torch(path: str):
-    try:
-        import torch  # only this path touches torch, and only to read tensors
-    except ImportError:
-        raise CheckpointError(
-            f"{path}: a torch .bin checkpoint needs PyTorch to read, and it is not installed; "
-            "install torch (the CPU build is enough) or convert the files to .safetensors"
-        ) from None
-    return torch
-
-
-def read_torch_state_dict(path: str) -> dict:
-    """A torch state dict, opened with `weights_only=True` (never runs code from the file), memory-mapped."""
-    torch = _import_torch(path)
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format: no mmap
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused: the pickle holds more than tensors ({first[:200]}); "
-            "checkpoints are only read with torch.load(weights_only=True), which never runs code from the file"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).strip()[:200]})") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise CheckpointError(f"{path}: expected a flat state dict of name -> tensor, found {type(sd).__name__}")
-    return sd
-
-
-def _torch_to_numpy(t) -> np.ndarray:
-    import ml_dtypes
-    import torch
-
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return t.numpy().copy()
-
-
-class BinStore:
-    """torch `.bin` files (`pytorch_model*.bin`, `mm_projector.bin`): one memory map at a time, copied out."""
-
-    def __init__(self, files: list[str], source: str):
-        self.source = source
-        self._meta: dict[str, tuple[str, tuple[int, ...], np.dtype]] = {}
-        for path in files:
-            for name, t in read_torch_state_dict(path).items():
-                self._meta[name] = (path, tuple(t.shape), _torch_to_numpy(t.flatten()[:0]).dtype)
-        self._open: tuple[str, dict] | None = None
-        self._read = 0
-
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._meta
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._meta[name][2]
-
-    def get(self, name: str) -> np.ndarray:
-        path = self._meta[name][0]
-        if self._open is None or self._open[0] != path:
-            self._open, self._read = (path, read_torch_state_dict(path)), 0
-        x = _torch_to_numpy(self._open[1][name])
-        self._read += x.nbytes
-        if self._read > _RELOAD_BYTES:  # unmapping releases the file pages counted in our resident memory
-            self._open = None
-        return x
-
-
-def _weight_files(directory: str) -> tuple[list[str], list[str]]:
-    names = sorted(os.listdir(directory))
-    st = [n for n in names if n.endswith(".safetensors")]
-    bins = [n for n in names if n.endswith((".bin", ".pt", ".pth")) and n not in _NOT_WEIGHTS]
-    preferred = [n for n in bins if n.startswith(("pytorch_model", "model"))]
-    return st, preferred or bins
-
-
-def open_checkpoint(directory: str) -> Store:
-    """Every weight file of a directory: `*.safetensors` (preferred) or torch `*.bin`."""
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: not a directory")
-    st, bins = _weight_files(directory)
-    if st:
-        return TensorStore.from_dir(directory)
-    if bins:
-        return BinStore([os.path.join(directory, n) for n in bins], directory)
-    raise CheckpointError(f"{directory}: no weights found (expected *.safetensors or pytorch_model*.bin)")
-
-
-def open_file(path: str) -> Store:
-    """One weight file (e.g. `mm_projector.bin` as original stage 1 writes it, or a .safetensors)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: not found")
-    if path.endswith(".safetensors"):
-        return TensorStore([path], source=path)
-    return BinStore([path], path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +59,8 @@ def clip_vision_config(directory: str) -> VisionConfig:
     c = read_json(path)
     model_type = c.get("model_type")
     if model_type not in ("clip", "clip_vision_model"):
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a CLIP vision tower (expected clip or clip_vision_model)")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a CLIP vision tower "
+                              "(expected clip or clip_vision_model)")
     return _wrap(vision_config_from_hf, c.get("vision_config") or {} if model_type == "clip" else c, path)
 
 
@@ -218,16 +95,19 @@ def original_llava_config(c: dict, vision: VisionConfig, path: str, image_token_
     """Our config from an original LLaVA `config.json` (`mm_*` fields) and the tower's vision config."""
     model_type = c.get("model_type", "llava")
     if model_type not in _ORIGINAL_TEXT_TYPES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a LLaMA-based LLaVA (expected one of {sorted(_ORIGINAL_TEXT_TYPES)})")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a LLaMA-based LLaVA "
+                              f"(expected one of {sorted(_ORIGINAL_TEXT_TYPES)})")
     text = _wrap(text_config_from_hf, {**c, "model_type": _ORIGINAL_TEXT_TYPES[model_type]}, path)
     projector = c.get("mm_projector_type", "linear")  # LLaVA v1 configs predate the field
     _wrap(projector_linears, projector)
     feature = c.get("mm_vision_select_feature", "patch")
     if feature not in _SELECT_FEATURE:
-        raise CheckpointError(f"{path}: mm_vision_select_feature {feature!r} is not supported (expected patch or cls_patch)")
+        raise CheckpointError(f"{path}: mm_vision_select_feature {feature!r} is not supported "
+                              "(expected patch or cls_patch)")
     mm_hidden = c.get("mm_hidden_size", vision.hidden_size)
     if mm_hidden != vision.hidden_size:
-        raise CheckpointError(f"{path}: mm_hidden_size is {mm_hidden} but the vision tower's width is {vision.hidden_size}")
+        raise CheckpointError(f"{path}: mm_hidden_size is {mm_hidden} but the vision tower's width is "
+                              f"{vision.hidden_size}")
     cfg = LlavaConfig(
         vision=vision,
         text=text,
@@ -291,7 +171,7 @@ class Plan:
 
     def validate(self) -> None:
         """Names and shapes of every piece against the config, from headers only (nothing read yet)."""
-        shapes = mapping.unstack_layers(abstract_params(self.cfg))
+        shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(self.cfg)))
         for p in self.pieces:
             expected = p.names(self.cfg)
             keys = [k for k in p.store.keys() if k not in p.skip]
@@ -299,7 +179,7 @@ class Plan:
             for name, e in expected.items():
                 found = p.store.shape(name)
                 got = mapping.to_ours(np.broadcast_to(np.zeros((), np.uint8), found), e.transform).shape
-                want = _leaf(shapes, e.path).shape
+                want = shapes[e.path].shape
                 if tuple(got) != tuple(want):
                     raise CheckpointError(
                         f"{p.store.source}: tensor {name} has shape {tuple(found)}, which does not match the config "
@@ -321,8 +201,9 @@ class Plan:
         return out
 
     def batches(self, dtype: str, max_bytes: int) -> Iterator[dict]:
-        """Our parameter tree (one array per layer, as stored) in pieces of about `max_bytes`, never splitting a layer."""
-        shapes = mapping.unstack_layers(abstract_params(self.cfg))
+        """Our parameter tree (one array per layer, as stored) in pieces of about `max_bytes`, never
+        splitting a layer."""
+        shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(self.cfg)))
         np_dtype = np.dtype(dtype)
         if self.fresh:
             yield _cast(self.fresh, np_dtype)
@@ -335,24 +216,19 @@ class Plan:
                     batch, size = [], 0
                 batch.append(e)
                 group = e.path[:2]
-                size += math.prod(_leaf(shapes, e.path).shape) * np_dtype.itemsize
+                size += math.prod(shapes[e.path].shape) * np_dtype.itemsize
             if batch:
                 yield self._load(p, batch, np_dtype)
 
     def _load(self, p: Piece, entries, dtype) -> dict:
         return load_entries(
-            p.store, self.cfg, entries, p.layout, dtype=dtype, source=p.store.source, place=lambda path, x: x, stacked=False
+            p.store, self.cfg, entries, p.layout, dtype=dtype, source=p.store.source, place=lambda path, x: x,
+            stacked=False,
         )
 
 
-def _leaf(tree: dict, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def _cast(tree: dict, dtype: np.dtype) -> dict:
-    return {k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype) for k, v in tree.items()}
+    return tu.unflatten_dict({p: np.asarray(v).astype(dtype) for p, v in tu.flatten_dict(tree).items()})
 
 
 def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> ImageProcessorConfig | str:
@@ -375,7 +251,8 @@ def detect_format(src: str) -> str:
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a directory")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{src}: unknown checkpoint format: no config.json (expected a HF or original LLaVA directory)")
+        raise CheckpointError(f"{src}: unknown checkpoint format: no config.json "
+                              "(expected a HF or original LLaVA directory)")
     c = read_json(path)
     if "text_config" in c or "vision_config" in c:
         if c.get("model_type") != "llava":
@@ -385,12 +262,9 @@ def detect_format(src: str) -> str:
         return "original"
     raise CheckpointError(
         f"{path}: unknown checkpoint format (model_type {c.get('model_type')!r}): not HF LLaVA (text_config + "
-        "vision_config) nor original LLaVA (mm_* fields); for a CLIP tower plus a LLaMA use --vision-tower DIR --llm DIR"
+        "vision_config) nor original LLaVA (mm_* fields); for a CLIP tower plus a LLaMA use "
+        "--vision-tower DIR --llm DIR"
     )
-
-
-def _dtype_of(store: Store, name: str) -> str:
-    return np.dtype(store.dtype(name)).name
 
 
 def plan_hf(src: str, *, image_aspect_ratio: str | None = None) -> Plan:
@@ -400,10 +274,11 @@ def plan_hf(src: str, *, image_aspect_ratio: str | None = None) -> Plan:
     store = open_checkpoint(src)
     layout = _wrap(mapping.detect_layout, store.keys())
     if layout.name not in ("hf", "hf_legacy"):
-        raise CheckpointError(f"{src}: config.json is HF LLaVA but the tensor names look like a {layout.name} checkpoint")
+        raise CheckpointError(f"{src}: config.json is HF LLaVA but the tensor names look like a "
+                              f"{layout.name} checkpoint")
     piece = Piece(store, layout, mapping.entries(cfg))
     first = next(iter(piece.names(cfg)))
-    dtype = _dtype_of(store, first) if first in store else "float32"
+    dtype = checkpoint_dtype(store, first) if first in store else "float32"
     return Plan(cfg, [piece], dtype, src, _preprocessor(src, cfg, _pad(image_aspect_ratio)))
 
 
@@ -412,7 +287,8 @@ def _pad(image_aspect_ratio: str | None) -> bool | None:
 
 
 def plan_original(
-    src: str, *, vision_tower: str | None = None, image_aspect_ratio: str | None = None, image_token_index: int | None = None
+    src: str, *, vision_tower: str | None = None, image_aspect_ratio: str | None = None,
+    image_token_index: int | None = None,
 ) -> Plan:
     """An original LLaVA directory: LLaMA + `model.mm_projector`, the CLIP tower apart (or embedded)."""
     path = os.path.join(src, "config.json")
@@ -420,7 +296,8 @@ def plan_original(
     store = open_checkpoint(src)
     layout = _wrap(mapping.detect_layout, store.keys())
     if layout.name != "original":
-        raise CheckpointError(f"{src}: config.json has mm_* fields but the tensor names look like a {layout.name} checkpoint")
+        raise CheckpointError(f"{src}: config.json has mm_* fields but the tensor names look like a "
+                              f"{layout.name} checkpoint")
     embedded = layout.vision
     notes = []
     if vision_tower:
@@ -431,7 +308,8 @@ def plan_original(
         layout = dataclasses.replace(layout, vision=None)
     elif embedded:
         vision, skip = infer_clip_config(store, embedded), frozenset()
-        notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's {CLIP_HEAD_DIM}-wide heads")
+        notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's "
+                     f"{CLIP_HEAD_DIM}-wide heads")
     else:
         raise CheckpointError(
             f"{src}: the vision tower is not in the checkpoint; config.json names "
@@ -450,14 +328,15 @@ def plan_original(
     aspect = image_aspect_ratio or c.get("image_aspect_ratio") or "square"
     pre = _preprocessor(vision_tower, cfg, aspect == "pad")
     text_name = mapping.torch_name(mapping.text_entries(cfg)[0], layout)
-    dtype = _dtype_of(store, text_name) if text_name in store else "float32"
+    dtype = checkpoint_dtype(store, text_name) if text_name in store else "float32"
     return Plan(cfg, pieces, dtype, src, pre, notes=notes)
 
 
 def _clip_layout(store: Store) -> mapping.Layout:
     prefix = mapping.find_vision_prefix(store.keys())
     if prefix is None:
-        raise CheckpointError(f"{store.source}: no CLIP vision tower found (no *embeddings.patch_embedding.weight tensor)")
+        raise CheckpointError(f"{store.source}: no CLIP vision tower found "
+                              "(no *embeddings.patch_embedding.weight tensor)")
     return dataclasses.replace(mapping.CLIP, vision=prefix)
 
 
@@ -480,7 +359,8 @@ def plan_parts(
     proj_store = open_file(projector) if projector else None
     found = projector_type_of(proj_store.keys()) if proj_store else None
     if proj_store and found is None:
-        raise CheckpointError(f"{projector}: no model.mm_projector.* tensors (expected the mm_projector.bin stage 1 writes)")
+        raise CheckpointError(f"{projector}: no model.mm_projector.* tensors "
+                              "(expected the mm_projector.bin stage 1 writes)")
     if projector_type and found and projector_type != found:
         raise CheckpointError(f"{projector}: holds a {found} projector but --projector-type is {projector_type}")
     cfg = LlavaConfig(
@@ -497,7 +377,8 @@ def plan_parts(
     lm = open_checkpoint(llm)
     lm_layout = _wrap(mapping.detect_layout, lm.keys())
     if lm_layout.name != "llama":
-        raise CheckpointError(f"{llm}: expected a LLaMA checkpoint (model.layers.*), the tensor names look like {lm_layout.name}")
+        raise CheckpointError(f"{llm}: expected a LLaMA checkpoint (model.layers.*), the tensor names look like "
+                              f"{lm_layout.name}")
     pieces = [Piece(clip, _clip_layout(clip), mapping.vision_entries(cfg))]
     fresh = {}
     if proj_store:
@@ -507,6 +388,6 @@ def plan_parts(
         notes.append(f"projector {cfg.projector_type} freshly initialised (seed {seed})")
     pieces.append(Piece(lm, lm_layout, mapping.text_entries(cfg)))
     first = mapping.torch_name(mapping.text_entries(cfg)[0], lm_layout)
-    dtype = _dtype_of(lm, first) if first in lm else "float32"
+    dtype = checkpoint_dtype(lm, first) if first in lm else "float32"
     pre = _preprocessor(vision_tower, cfg, _pad(image_aspect_ratio))
     return Plan(cfg, pieces, dtype, llm, pre, fresh=fresh, notes=notes)

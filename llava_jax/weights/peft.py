@@ -22,13 +22,17 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import flax.traverse_util as tu
+import jax
 import numpy as np
 
-from llava_jax.config import LlavaConfig
+from llava_jax.config import DECODER_LINEARS, LlavaConfig, LoraSpec
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import abstract_params
-from llava_jax.models.lora import DECODER_LINEARS, LoraSpec
 from llava_jax.weights import mapping
-from llava_jax.weights.safetensors_io import CheckpointError, TensorStore, save_file
+from llava_jax.weights.parts import Piece
+from llava_jax.weights.safetensors_io import CheckpointError, save_file
+from llava_jax.weights.stores import BinStore, open_file, read_json
 
 ADAPTER_DIR = "adapter"  # an adapter inside a model directory: applied when the model is loaded
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,7 +44,8 @@ NON_LORA_FILE = "non_lora_trainables.bin"
 def peft_layout(layout: mapping.Layout) -> mapping.Layout:
     """A checkpoint layout as seen inside a PEFT wrapper: every prefix under `base_model.model.`."""
     fields = ("vision", "projector", "text", "head")
-    return dataclasses.replace(layout, **{f: mapping.PEFT_PREFIX + getattr(layout, f) for f in fields if getattr(layout, f)})
+    prefixed = {f: mapping.PEFT_PREFIX + getattr(layout, f) for f in fields if getattr(layout, f)}
+    return dataclasses.replace(layout, **prefixed)
 
 
 # Layouts an adapter's names may come in: llava-hf (what we write), transformers 5, original LLaVA.
@@ -57,7 +62,8 @@ def find_adapter(model_dir: str) -> str | None:
 def target_modules(cfg: LlavaConfig, spec: LoraSpec) -> str:
     """peft's `target_modules` for LlavaForConditionalGeneration as a regex: a list of names (q_proj, ...)
     would also catch the CLIP tower's q/k/v_proj. Matches both transformers layouts' module names."""
-    first = {e.ours.split("/", 1)[1].rsplit("/", 1)[0]: e for e in mapping.text_entries(cfg) if e.ours.startswith("layers_0/")}
+    first = {e.ours.split("/", 1)[1].rsplit("/", 1)[0]: e for e in mapping.text_entries(cfg)
+             if e.ours.startswith("layers_0/")}
     modules = [first[t].theirs[len("model.layers.0.") : -len(".weight")] for t in DECODER_LINEARS if t in spec.targets]
     return r".*language_model\.(model\.)?layers\.\d+\.(" + "|".join(re.escape(m) for m in modules) + ")"
 
@@ -84,12 +90,6 @@ def adapter_config(cfg: LlavaConfig, spec: LoraSpec, base_model: str | None = No
     }
 
 
-def _leaf(tree: Any, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def save_adapter(directory: str, cfg: LlavaConfig, lora_params: Any, *, base_model: str | None = None) -> str:
     """Write `cfg.lora`'s adapter (`lora_params`: a tree holding our `lora_a`/`lora_b` leaves) as a PEFT
     adapter directory for transformers' LlavaForConditionalGeneration; returns the directory."""
@@ -108,14 +108,6 @@ def save_adapter(directory: str, cfg: LlavaConfig, lora_params: Any, *, base_mod
     return directory
 
 
-def _open_weights(path: str):
-    from llava_jax.weights.parts import BinStore  # torch only for .bin files
-
-    if path.endswith(".safetensors"):
-        return TensorStore([path], source=path)
-    return BinStore([path], path)
-
-
 def _spec_from_config(c: dict, path: str) -> dict:
     """The adapter config, checked for what plain LoRA here supports."""
     if c.get("peft_type", "LORA") != "LORA":
@@ -126,7 +118,8 @@ def _spec_from_config(c: dict, path: str) -> dict:
     if c.get("bias", "none") != "none":
         unsupported.append(f"bias={c['bias']!r}")
     if unsupported:
-        raise CheckpointError(f"{path}: adapter options {unsupported} are not supported (plain LoRA with bias='none' is)")
+        raise CheckpointError(f"{path}: adapter options {unsupported} are not supported "
+                              "(plain LoRA with bias='none' is)")
     for k in ("r", "lora_alpha"):
         if not isinstance(c.get(k), (int, float)):
             raise CheckpointError(f"{path}: {k} is missing or not a number")
@@ -143,14 +136,12 @@ def read_adapter(directory: str, cfg: LlavaConfig, stacked: bool | None = None) 
     config_path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{directory}: not a PEFT adapter (no {ADAPTER_CONFIG})")
-    from llava_jax.weights.hf import read_json
-
     c = _spec_from_config(read_json(config_path), config_path)
     files = [os.path.join(directory, n) for n in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN)]
     files = [f for f in files if os.path.isfile(f)]
     if not files:
         raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}")
-    store = _open_weights(files[0])
+    store = open_file(files[0])
     keys = set(store.keys())
     all_entries = mapping.lora_entries(cfg, DECODER_LINEARS)
     best = max(READ_LAYOUTS, key=lambda lay: sum(mapping.torch_name(e, peft_layout(lay)) in keys for e in all_entries))
@@ -159,7 +150,8 @@ def read_adapter(directory: str, cfg: LlavaConfig, stacked: bool | None = None) 
     unknown = sorted(k for k in keys if k not in by_name)
     if unknown:
         raise CheckpointError(
-            f"{store.source}: {len(unknown)} tensors are not LoRA weights of the language model's decoder Linear layers, "
+            f"{store.source}: {len(unknown)} tensors are not LoRA weights of the language model's decoder "
+            "Linear layers, "
             f"e.g. {unknown[:3]} (llava_jax adapts only those, as LLaVA's LoRA recipe does)"
         )
     present = {by_name[k] for k in keys}
@@ -170,12 +162,12 @@ def read_adapter(directory: str, cfg: LlavaConfig, stacked: bool | None = None) 
     rank = int(store.shape(a_key)[0])
     if rank != int(c["r"]):
         raise CheckpointError(f"{store.source}: {a_key} has rank {rank} but {ADAPTER_CONFIG} says r={c['r']}")
-    spec = LoraSpec(rank=rank, alpha=float(c["lora_alpha"]), targets=targets, dropout=float(c.get("lora_dropout") or 0.0),
-                    use_rslora=bool(c.get("use_rslora", False)))
-    shapes = mapping.unstack_layers(abstract_params(cfg.replace(lora=spec)))
-    tree: dict = {}
+    spec = LoraSpec(rank=rank, alpha=float(c["lora_alpha"]), targets=targets,
+                    dropout=float(c.get("lora_dropout") or 0.0), use_rslora=bool(c.get("use_rslora", False)))
+    shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(cfg.replace(lora=spec))))
+    flat: dict = {}
     for e in mapping.lora_entries(cfg, targets):
-        want = tuple(_leaf(shapes, e.path).shape)
+        want = tuple(shapes[e.path].shape)
         name = mapping.torch_name(e, layout)
         if e in present:
             x = mapping.to_ours(store.get(name), e.transform).astype(np.float32)
@@ -184,18 +176,13 @@ def read_adapter(directory: str, cfg: LlavaConfig, stacked: bool | None = None) 
                                       f"model (ours: {'/'.join(e.path)} {want})")
         else:
             x = np.zeros(want, np.float32)
-        node = tree
-        for k in e.path[:-1]:
-            node = node.setdefault(k, {})
-        node[e.path[-1]] = np.ascontiguousarray(x)
-    return spec, mapping.to_layout(tree, cfg.scan_layers if stacked is None else stacked)
+        flat[e.path] = np.ascontiguousarray(x)
+    return spec, mapping.to_layout(tu.unflatten_dict(flat), cfg.scan_layers if stacked is None else stacked)
 
 
 def _non_lora_store(path: str, cfg: LlavaConfig) -> tuple[Any, dict[str, Any]]:
     """(the `.bin` store, its tensor names -> mapping entries); an error names tensors that are not
     the projector, the embeddings, the final norm or lm_head (no layer tensors)."""
-    from llava_jax.weights.parts import BinStore
-
     store = BinStore([path], path)
     layout = peft_layout(mapping.ORIGINAL)
     by_name = {mapping.torch_name(e, layout, cfg.projector_type): e
@@ -211,14 +198,15 @@ def read_non_lora_trainables(path: str, cfg: LlavaConfig) -> dict[tuple[str, ...
     """The original LoRA run's `non_lora_trainables.bin` (projector, and whatever else it trained fully)
     as {our parameter path: array}, read with `torch.load(weights_only=True)`."""
     store, by_name = _non_lora_store(path, cfg)
-    shapes = abstract_params(cfg.replace(lora=None))
+    shapes = tu.flatten_dict(abstract_params(cfg.replace(lora=None)))
     out = {}
     for name in store.keys():
         e = by_name[name]
         x = mapping.to_ours(store.get(name), e.transform)
-        want = tuple(_leaf(shapes, e.path).shape)
+        want = tuple(shapes[e.path].shape)
         if tuple(x.shape) != want:
-            raise CheckpointError(f"{path}: {name} has shape {store.shape(name)}, expected ours {'/'.join(e.path)} {want}")
+            raise CheckpointError(f"{path}: {name} has shape {store.shape(name)}, "
+                                  f"expected ours {'/'.join(e.path)} {want}")
         out[e.path] = x
     return out
 
@@ -227,9 +215,6 @@ def apply_adapter(cfg: LlavaConfig, params: Any, directory: str) -> tuple[LlavaC
     """(config with `lora` set, parameters with the adapter added) for a base model and an adapter
     directory (ours, peft's, or the original LLaVA's: its `non_lora_trainables.bin`, when present,
     replaces the base's projector). Everything is cast to the base's parameter dtype."""
-    import flax.traverse_util as tu
-    import jax
-
     spec, lora = read_adapter(directory, cfg)
     flat = tu.flatten_dict(params)
     dtype = cfg.param_dtype
@@ -244,21 +229,19 @@ def apply_adapter(cfg: LlavaConfig, params: Any, directory: str) -> tuple[LlavaC
 
 class AdapterDeltas(Mapping):
     """{kernel path: scale * A B as float32 numpy} of an adapter: what merging adds to each kernel.
-    Computed when asked for, so that merging a 7B holds one delta at a time, not a model's worth."""
+    Computed when asked for, so that merging a 7B holds one delta at a time, not a model's worth.
 
-    def __init__(self, directory: str, cfg: LlavaConfig, stacked: bool = False):
-        import flax.traverse_util as tu
+    Built from the adapter's spec and its `lora_a`/`lora_b` tree (`read_adapter`'s result, or a LoRA
+    training checkpoint's); the paths are in that tree's layer layout.
+    """
 
-        from llava_jax.models import lora as lora_lib
-
-        self.spec, tree = read_adapter(directory, cfg, stacked)
+    def __init__(self, spec: LoraSpec, tree: dict):
+        self.spec = spec
         flat = tu.flatten_dict(tree)
         self._ab = {k[:-1] + ("kernel",): (a, flat[k[:-1] + (lora_lib.LORA_B,)]) for k, a in flat.items()
                     if k[-1] == lora_lib.LORA_A}
 
     def __getitem__(self, path: tuple[str, ...]) -> np.ndarray:
-        from llava_jax.models import lora as lora_lib
-
         a, b = self._ab[path]
         return np.asarray(lora_lib.delta(a, b, self.spec.scale))
 
@@ -272,8 +255,6 @@ class AdapterDeltas(Mapping):
 def use_non_lora_trainables(plan, path: str) -> None:
     """Make a conversion plan (weights/parts.py) take every tensor the original LoRA run's
     `non_lora_trainables.bin` holds (its trained projector) from that file instead of the base."""
-    from llava_jax.weights.parts import Piece
-
     cfg = plan.cfg
     store, by_name = _non_lora_store(path, cfg)
     taken = [by_name[k] for k in store.keys()]  # no layer tensors (see read_non_lora_trainables)
@@ -292,8 +273,6 @@ def use_non_lora_trainables(plan, path: str) -> None:
 def merged_batches(batches, deltas: Mapping):
     """Parameter batches (nested numpy trees) with `deltas` added to their kernels, in float32, stored
     back in each kernel's dtype."""
-    import flax.traverse_util as tu
-
     for batch in batches:
         flat = tu.flatten_dict(batch)
         for p, x in flat.items():
