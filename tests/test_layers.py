@@ -151,7 +151,7 @@ def test_graph_sees_every_kind_of_import():
     for e in import_graph():
         by_source.setdefault(e.source, set()).add(e.target)
     # Inside a function, and under TYPE_CHECKING:
-    assert "llava_jax.weights.hf" in by_source["llava_jax"]
+    assert "llava_jax.weights.load" in by_source["llava_jax"]
     assert "llava_jax.eval.suite" in by_source["llava_jax.train.__main__"]
     modules = _modules()
     relative = ast.parse("from . import image\nfrom ..models import llava\nfrom .records import x")
