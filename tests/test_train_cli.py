@@ -243,7 +243,7 @@ def test_progress_bar_writes_no_frames_when_stderr_is_a_file(tmp_path):
     code = ("import sys, logging; from llava_jax import progress; logging.basicConfig(format='%(message)s'); "
             "bar = progress.bar(5, desc='answering', unit='q')\n"
             "with progress.logging_through(bar):\n"
-            "    bar.update(3); logging.getLogger('x').warning('a log line'); bar.write('error: a line')\n"
+            "    bar.update(3); logging.getLogger('x').warning('a log line'); bar.write('error: a line', file=sys.stderr)\n"
             "bar.update(2); bar.close()")
     err = tmp_path / "stderr.txt"
     with open(err, "w") as f:
