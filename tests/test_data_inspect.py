@@ -151,7 +151,7 @@ def test_output_into_a_closed_pipe_ends_quietly(setup, unbuffered):
 def test_corrupt_image_is_reported_as_pack_and_training_skip_it(setup, tmp_path):
     """A record whose PNG does not decode is a problem record, like a missing one: the check is pack's."""
     from llava_jax.data import image as image_lib  # pylint: disable=g-import-not-at-top
-    from llava_jax.data import pack  # pylint: disable=g-import-not-at-top
+    from llava_jax.data import packed_format  # pylint: disable=g-import-not-at-top
 
     good = setup["good"][0]
     folder = tmp_path / "images"
@@ -174,5 +174,5 @@ def test_corrupt_image_is_reported_as_pack_and_training_skip_it(setup, tmp_path)
         assert f"record {index} (line {index + 1}, id '{name}'): ImageError" in result.stderr
         assert f"{name}.png" in result.stderr
         with pytest.raises(image_lib.ImageError):  # what pack (and so training's loader) says of it
-            pack.read_example(rows[index], str(folder))
+            packed_format.read_example(rows[index], str(folder))
     assert "2 problem record(s)" in result.stderr

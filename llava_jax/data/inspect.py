@@ -33,7 +33,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from llava_jax import cli, paths
-from llava_jax.data import pack
+from llava_jax.data import packed_format
 from llava_jax.data import records as records_lib
 from llava_jax.data import templates
 from llava_jax.data.tokenizer import Tokenizer
@@ -154,7 +154,7 @@ def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, tem
         try:
             # Pack's check, which training's loader agrees with: every image read and fully decoded, so
             # a corrupt or truncated file is reported here as it is skipped there.
-            pack.read_example(record, image_folder)
+            packed_format.read_example(record, image_folder)
             sample = templates.render(record["conversations"], template, tokenizer,
                                       image_token_index=image_token_index, num_image_tokens=num_image_tokens,
                                       max_length=max_length)
