@@ -50,6 +50,7 @@ def main(argv) -> int:
         return 0
     workdir = paths.absolute(_WORKDIR.value)  # a local directory or gs://bucket/dir
     try:
+        paths.check_writable_workdir(workdir)  # a bad bucket fails now, not at the first checkpoint
         result = loop.run(config, workdir)
     except (loop.NonFiniteError, loop.Preempted) as e:
         print(f"llava_jax.train: {e}", file=sys.stderr)
@@ -77,7 +78,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from llava_jax.train.loop import ConfigError
     from llava_jax.weights.safetensors_io import CheckpointError
 
-    return (RecordError, ImagePathError, DataError, ConfigError, CheckpointError, FileNotFoundError)
+    return (RecordError, ImagePathError, DataError, ConfigError, CheckpointError, FileNotFoundError,
+            paths.PathError)
 
 
 if __name__ == "__main__":
