@@ -136,7 +136,7 @@ def load_pretrained(path: str, dtype: str | None = None, lora: str | None = None
     """
     from llava_jax.weights import peft
 
-    if lora is not None and not os.path.isdir(lora):
+    if lora is not None and not paths.isdir(lora):
         raise CheckpointError(f"{lora}: not a directory (expected a PEFT adapter with {peft.ADAPTER_CONFIG})")
     if model_dir.require(path) in (model_dir.OURS, model_dir.CHECKPOINT):
         model = load_converted(path, dtype, scan_layers=scan_layers)

@@ -20,6 +20,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from llava_jax import paths
 from llava_jax.config import (
     LlavaConfig,
     TextConfig,
@@ -135,7 +136,7 @@ class BinStore:
 
 
 def _weight_files(directory: str) -> tuple[list[str], list[str]]:
-    names = sorted(os.listdir(directory))
+    names = sorted(paths.listdir(directory))
     st = [n for n in names if n.endswith(".safetensors")]
     bins = [n for n in names if n.endswith((".bin", ".pt", ".pth")) and n not in _NOT_WEIGHTS]
     preferred = [n for n in bins if n.startswith(("pytorch_model", "model"))]
@@ -144,7 +145,7 @@ def _weight_files(directory: str) -> tuple[list[str], list[str]]:
 
 def open_checkpoint(directory: str) -> Store:
     """Every weight file of a directory: `*.safetensors` (preferred) or torch `*.bin`."""
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
     st, bins = _weight_files(directory)
     if st:
@@ -156,7 +157,7 @@ def open_checkpoint(directory: str) -> Store:
 
 def open_file(path: str) -> Store:
     """One weight file (e.g. `mm_projector.bin` as original stage 1 writes it, or a .safetensors)."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise CheckpointError(f"{path}: not found")
     if path.endswith(".safetensors"):
         return TensorStore([path], source=path)
@@ -357,7 +358,7 @@ def _cast(tree: dict, dtype: np.dtype) -> dict:
 
 def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> ImageProcessorConfig | str:
     """The source's preprocessor_config.json (copied as is unless padding is overridden), else one from the config."""
-    if directory and os.path.isfile(os.path.join(directory, PREPROCESSOR_CONFIG)):
+    if directory and paths.isfile(os.path.join(directory, PREPROCESSOR_CONFIG)):
         try:
             parsed = ImageProcessorConfig.from_pretrained(directory)
         except ValueError as e:
@@ -372,9 +373,9 @@ def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> 
 def detect_format(src: str) -> str:
     """`hf` or `original`, from `src/config.json`; a clear error for anything else."""
     path = os.path.join(src, "config.json")
-    if not os.path.isdir(src):
+    if not paths.isdir(src):
         raise CheckpointError(f"{src}: not a directory")
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise CheckpointError(f"{src}: unknown checkpoint format: no config.json (expected a HF or original LLaVA directory)")
     c = read_json(path)
     if "text_config" in c or "vision_config" in c:
