@@ -230,8 +230,13 @@ def atomic_write(path: PathLike, data: bytes | str) -> None:
         write_bytes(path, data)
         return
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with builtins.open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    publish(tmp, path)
+    try:
+        with builtins.open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except BaseException:  # a full disk, a kill: the old file stays, and no temporary file is left
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -25,7 +25,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from llava_jax import paths
-from llava_jax.eval.benchmark import get_benchmark
+from llava_jax.eval.benchmark import Benchmark, get_benchmark
 from llava_jax.eval.harness import quiet_log, run_benchmark, score_benchmark
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ def run_suite(
     return rows
 
 
-def _answer_and_score(bench, pipe: "Pipeline", data_root: str, output_dir: str, work_dir: str, **kwargs) -> Row:
+def _answer_and_score(bench: Benchmark, pipe: "Pipeline", data_root: str, output_dir: str, work_dir: str,
+                      **kwargs) -> Row:
     """One benchmark of `run_suite`, answered and scored in `work_dir`, which is then copied to `output_dir`."""
     layout = bench.layout(data_root)
     answers_file = os.path.join(work_dir, "answers", f"{bench.name}.jsonl")
@@ -127,8 +128,12 @@ def _answer_and_score(bench, pipe: "Pipeline", data_root: str, output_dir: str, 
         os.makedirs(os.path.dirname(answers_file), exist_ok=True)
         paths.copy(remote_answers, answers_file)
     log.info("%s: answering %s", bench.name, layout.question_file)
-    report = run_benchmark(bench, pipe, layout.question_file, layout.image_folder, answers_file,
-                           on_error=lambda m: log.warning("%s", m), **kwargs)
+    try:
+        report = run_benchmark(bench, pipe, layout.question_file, layout.image_folder, answers_file,
+                               on_error=lambda m: log.warning("%s", m), **kwargs)
+    finally:  # what was answered is kept on GCS, also when answering ends in an error
+        if work_dir != output_dir and os.path.exists(answers_file):
+            paths.copy(answers_file, remote_answers)
     collect, printout = quiet_log()
     result = score_benchmark(bench, bench.suite_score_argv(data_root, answers_file, work_dir), collect)
     with open(os.path.join(work_dir, f"{bench.name}_score.txt"), "w") as f:
