@@ -34,6 +34,9 @@ setup(
         # TFDS locates builder code through etils.epath.resource.
         "tfds": ["tensorflow-datasets>=4.9", "importlib_resources>=6"],
         "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs, model directories, data and images through etils.epath
+        # A local GCS to try gs:// without a bucket (README: `python -m tests._gcs_emulator`, which patches
+        # this version's handlers for TensorStore).
+        "gcs-emulator": ["gcsfs>=2024.2", "gcp-storage-emulator==2026.7.19"],
         # libtpu for the installed jax (jax 0.10.2 -> libtpu 0.0.42.1): runs on TPU VMs, and compiles
         # for any TPU topology on any host (`--config.compile_only=True --config.compile_topology=v5e:2x4`).
         "tpu": ["jax[tpu]>=0.7,<0.13"],

@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Callable
 
+from llava_jax import paths
 from llava_jax.weights import mapping, parts, peft, stores
 from llava_jax.weights.converted import save_converted
 from llava_jax.weights.export import SHARD_BYTES, export_hf
@@ -98,15 +99,15 @@ def convert(
     output, whose `non_lora_trainables.bin` replaces the base's projector); it goes to `dst/adapter/`
     (applied whenever `dst` is loaded), or into the weights with `merge_lora`.
     """
-    if os.path.exists(dst):
+    if paths.exists(dst):
         raise FileExistsError(f"{dst} already exists; remove it or choose another --dst")
-    if src and os.path.isfile(os.path.join(src, peft.ADAPTER_CONFIG)):
+    if src and paths.isfile(os.path.join(src, peft.ADAPTER_CONFIG)):
         raise CheckpointError(f"{src} is a LoRA adapter ({peft.ADAPTER_CONFIG}), not a model: give its base model as "
                               f"--src (or --vision-tower and --llm) and the adapter as --lora {src}")
     if merge_lora and not lora:
         raise CheckpointError("--merge-lora needs --lora DIR (or, with --to hf, a source holding adapter/)")
     non_lora = os.path.join(lora, peft.NON_LORA_FILE) if lora else None
-    non_lora = non_lora if non_lora and os.path.isfile(non_lora) else None
+    non_lora = non_lora if non_lora and paths.isfile(non_lora) else None
     if non_lora and src is None and not plan_kw.get("projector_type") and not plan_kw.get("projector"):
         keys = stores.BinStore([non_lora], non_lora).keys()
         plan_kw["projector_type"] = parts.projector_type_of(keys, mapping.PEFT_PREFIX + "model.mm_projector.")

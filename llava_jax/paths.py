@@ -15,13 +15,17 @@ What differs on GCS, and is handled by the callers that care:
 A local GCS emulator (tests; `gcp-storage-emulator`) is reached by setting both
 `STORAGE_EMULATOR_HOST` (gcsfs) and `TENSORSTORE_GCS_HTTP_URL` (TensorStore, used by Orbax) to
 its address.
+
+Paths that are always local (temporary files, /proc) use `os` and `open` directly.
 """
 
 from __future__ import annotations
 
 import builtins
 import importlib.util
+import ipaddress
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -30,6 +34,17 @@ from typing import IO
 from etils import epath
 
 PathLike = str | os.PathLike
+
+# gcsfs asks GCS's storage-control API for each bucket's layout (hierarchical or not) unless this is
+# "false", and logs a warning every time that fails. An emulator has no such API: a 3-step run printed
+# about 2,000 "Could not determine bucket type" lines. Set here, before gcsfs is imported; only for an
+# emulator, and never over the user's own choice.
+if os.environ.get("STORAGE_EMULATOR_HOST"):
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+class PathError(ValueError):
+    """A path the user gave cannot be used (a bucket name GCS refuses, a workdir that cannot be written)."""
 
 
 def is_remote(path: PathLike) -> bool:
@@ -53,14 +68,17 @@ def absolute(path: PathLike) -> str:
 
 
 def exists(path: PathLike) -> bool:
+    """True if a file or directory is there (on GCS: an object, or objects under it as a prefix)."""
     return as_path(path).exists()
 
 
 def isfile(path: PathLike) -> bool:
+    """True for a file (on GCS: an object)."""
     return as_path(path).is_file() if is_remote(path) else os.path.isfile(path)
 
 
 def isdir(path: PathLike) -> bool:
+    """True for a directory (on GCS: a prefix that objects sit under)."""
     return as_path(path).is_dir()
 
 
@@ -76,6 +94,7 @@ def makedirs(path: PathLike) -> None:
 
 
 def rmtree(path: PathLike) -> None:
+    """Remove a directory and everything under it; nothing to do if it is not there."""
     if is_remote(path):
         as_path(path).rmtree(missing_ok=True)
     else:
@@ -92,21 +111,25 @@ def open(path: PathLike, mode: str = "r", encoding: str | None = None) -> IO:  #
 
 
 def read_bytes(path: PathLike) -> bytes:
+    """A whole file's bytes."""
     with open(path, "rb") as f:
         return f.read()
 
 
 def read_text(path: PathLike) -> str:
+    """A whole UTF-8 file's text."""
     with open(path, "r", encoding="utf-8") as f:
         return f.read()
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
+    """Write a whole file (not atomic locally: see `atomic_write`)."""
     with open(path, "wb") as f:
         f.write(data)
 
 
 def write_text(path: PathLike, text: str) -> None:
+    """Write a whole UTF-8 file (not atomic locally: see `atomic_write`)."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -156,3 +179,105 @@ def atomic_directory(dst: PathLike, write: Callable[[str], None]) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def copytree(src: PathLike, dst: PathLike) -> None:
+    """Copy every file under local or remote `src` to the same relative path under `dst`."""
+    for name in listdir(src):
+        child = os.path.join(os.fspath(src), name)
+        if isdir(child):
+            makedirs(os.path.join(os.fspath(dst), name))
+            copytree(child, os.path.join(os.fspath(dst), name))
+        else:
+            copy(child, os.path.join(os.fspath(dst), name))
+
+
+# --- checking a workdir ---------------------------------------------------------------------------
+
+
+def gcs_bucket_problem(bucket: str) -> str | None:
+    """Why GCS would refuse `bucket` as a bucket name, or None if it is a valid one.
+
+    GCS's naming rules: 3-63 characters (up to 222 with dots, 63 between dots), lowercase letters,
+    digits, `-`, `_` and `.`, a letter or digit at each end, not an IP address, no `goog` prefix and
+    no `google`. TensorStore only says so at the first checkpoint, after the data and a stage's work.
+    """
+    if not re.fullmatch(r"[a-z0-9._-]+", bucket):
+        return "only lowercase letters, digits, '-', '_' and '.' are allowed"
+    if len(bucket) < 3 or len(bucket) > (222 if "." in bucket else 63):
+        return f"it has {len(bucket)} characters; GCS needs 3 to 63 (222 with dots)"
+    if any(len(part) > 63 for part in bucket.split(".")):
+        return "a part between dots is longer than 63 characters"
+    if not (bucket[0].isalnum() and bucket[-1].isalnum()):
+        return "it must start and end with a letter or digit"
+    try:
+        ipaddress.ip_address(bucket)
+        return "it is an IP address"
+    except ValueError:
+        pass
+    if bucket.startswith("goog") or "google" in bucket:
+        return "GCS reserves names that start with 'goog' or contain 'google'"
+    return None
+
+
+def check_writable_workdir(workdir: PathLike) -> None:
+    """Raise PathError (one line) unless a `gs://` workdir names a valid bucket and can be written.
+
+    Run before any work: a bad bucket otherwise fails only at the first checkpoint. The check writes
+    and deletes one small object in the workdir. Local workdirs are left to the first write.
+    """
+    workdir = os.fspath(workdir)
+    if not workdir.startswith("gs://"):
+        return
+    bucket = workdir[len("gs://"):].split("/", 1)[0]
+    problem = gcs_bucket_problem(bucket)
+    if problem:
+        raise PathError(f"{workdir}: {bucket!r} is not a valid GCS bucket name ({problem})")
+    probe = os.path.join(workdir, f".write_check_{os.getpid()}")
+    try:
+        write_bytes(probe, b"")
+        as_path(probe).unlink()
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001  (gcsfs raises OSError, HttpError or its own errors alike)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise PathError(f"{workdir}: cannot write to the workdir ({type(e).__name__}: {first})") from e
+
+
+# --- atomic writes --------------------------------------------------------------------------------
+
+
+def publish(local_file: str, path: PathLike) -> None:
+    """Move a finished local file to `path` whole: a rename on disk (same file system), one upload to GCS.
+
+    A reader of `path` sees the old file or the new one, never a part: several processes (hosts)
+    may write the same file at once, and a killed writer leaves no torn file behind.
+    """
+    if is_remote(path):
+        with builtins.open(local_file, "rb") as src, as_path(path).open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+        os.remove(local_file)
+    else:
+        os.replace(local_file, path)
+
+
+def atomic_write(path: PathLike, data: bytes | str) -> None:
+    """Write a whole file atomically (`str` as UTF-8): a temporary file beside it renamed over it
+    locally (after fsync, so that a crash leaves the old or the new file); one object upload on GCS,
+    where an object appears whole or not at all."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if is_remote(path):
+        write_bytes(path, data)
+        return
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with builtins.open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    except BaseException:  # a full disk, a kill: the old file stays, and no temporary file is left
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

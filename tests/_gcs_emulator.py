@@ -2,6 +2,8 @@
 
     python -m tests._gcs_emulator PORT BUCKET      # serves until killed; prints "ready" when it listens
 
+Tests start one with `running(BUCKET)` (the one emulator of the test suite).
+
 TensorStore (Orbax's array storage, with its OCDBT manifest) reads an object's generation from the
 `x-goog-generation` header of a download and writes with `ifGenerationMatch` preconditions. The
 emulator sends no such header and ignores preconditions, so TensorStore fails with "Malformed
@@ -12,8 +14,13 @@ http://127.0.0.1:PORT.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
 
 from gcp_storage_emulator import server
@@ -83,6 +90,28 @@ def _patch_routes() -> None:
     server.HANDLERS = tuple((pattern, {m: _WRAPPED.get(h, h) for m, h in handlers.items()})
                             for pattern, handlers in server.HANDLERS)
     objects.insert = insert  # the server's fallback for uploads posted without /upload
+
+
+@contextlib.contextmanager
+def running(bucket: str) -> Iterator[str]:
+    """This emulator in a subprocess on a free 127.0.0.1 port, holding one empty `bucket`; yields its URL.
+
+    Point clients at it with STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL (and, for gcsfs,
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: the emulator has no storage-layout API).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "tests._gcs_emulator", str(port), bucket], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the GCS emulator did not start (exit status {proc.wait()})")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def main(port: int, bucket: str) -> None:

@@ -7,10 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import types
 
 import numpy as np
@@ -230,34 +227,17 @@ def test_truncated_or_changed_shard_is_a_clear_error_naming_the_file(data, tmp_p
 def gcs(monkeypatch, tmp_path):
     """A gcp-storage-emulator on 127.0.0.1 (in memory) with bucket `bkt`; yields its URL."""
     pytest.importorskip("gcsfs")
-    exe = shutil.which("gcp-storage-emulator") or os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-                             "--default-bucket", "bkt", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("gcp-storage-emulator did not start")
-            time.sleep(0.1)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
     import fsspec
 
-    fsspec.config.conf.pop("gcs", None)
-    try:
-        yield url
-    finally:
-        proc.kill()
-        proc.wait()
-        for fs_cls in (fsspec.get_filesystem_class("gs"),):
-            fs_cls.clear_instance_cache()
+    from tests import _gcs_emulator
+
+    with _gcs_emulator.running("bkt") as url:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        fsspec.config.conf.pop("gcs", None)
+        try:
+            yield url
+        finally:
+            fsspec.get_filesystem_class("gs").clear_instance_cache()
 
 
 def test_pack_to_and_train_from_gcs(data, gcs):

@@ -2,15 +2,17 @@
 
 `python -m llava_jax.train --workdir=gs://...` builds its data there, trains reading records,
 images and the tokenizer from there, checkpoints there (Orbax, TensorStore), is killed with -9,
-resumes from there, and writes model directories that load from there.
+resumes from there, and writes model directories that load from there. The embedded default's
+end-of-stage benchmark and `eval suite` read their data from there; a bucket name GCS refuses is
+refused before any work.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
+
+from tests import _gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "_train_config.py")
@@ -29,20 +33,30 @@ OVERRIDES = ["--config.max_steps=3", "--config.checkpoint_every=1", "--config.da
 @pytest.fixture(scope="module")
 def gcs():
     """(env for clients, base URL) of a fresh in-memory emulator with one bucket."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "tests._gcs_emulator", str(port), BUCKET], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no storage-layout API in the emulator
-           # The runs share the test session's compilation cache (tests/conftest.py) through os.environ.
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    yield env, url
-    proc.kill()
-    proc.wait()
+    if importlib.util.find_spec("gcsfs") is None:  # not importorskip: gcsfs reads its settings on import
+        pytest.skip("gs:// needs gcsfs")
+    with _gcs_emulator.running(BUCKET) as url:
+        # No GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT: llava_jax.paths sets it for an emulator (README's recipe).
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+               # The runs share the test session's compilation cache (tests/conftest.py) through os.environ.
+               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env.pop("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", None)
+        yield env, url
+
+
+@pytest.fixture
+def gcs_here(gcs, monkeypatch):
+    """The emulator's URL, with this process's gcsfs and TensorStore pointed at it."""
+    import fsspec
+
+    env, url = gcs
+    for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # in case gcsfs is not imported yet
+    fsspec.config.conf.pop("gcs", None)
+    fsspec.get_filesystem_class("gs").clear_instance_cache()  # instances remember the endpoint
+    yield url
+    fsspec.get_filesystem_class("gs").clear_instance_cache()
 
 
 def _objects(url: str, prefix: str) -> list[str]:
@@ -107,9 +121,134 @@ def test_workdir_on_gcs_trains_checkpoints_is_killed_and_resumes(gcs, monkeypatc
     from llava_jax import load_pretrained
     from llava_jax.weights.converted import load_params
 
-    for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+    for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"):
         monkeypatch.setenv(key, env[key])
     model = load_pretrained(f"{workdir}/stage2_finetune")
     _, checkpoint = load_params(f"{workdir}/checkpoints/6")
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), model.params, checkpoint)
     assert all(jax.tree.leaves(same)) and model.config.num_image_tokens == 16
+
+
+def test_embedded_default_ends_with_its_shapes_benchmark_on_a_gcs_workdir(gcs):
+    """Issue 22: the README's `--workdir=gs://...` run, its stage 2's `shapes` benchmark included, exits 0
+    with the results table; the benchmark's answers and results land in the bucket; the emulator's
+    gcsfs prints no "Could not determine bucket type" warning (issue 19)."""
+    env, url = gcs
+    workdir = f"gs://{BUCKET}/bench"
+    cmd = [sys.executable, "-m", "llava_jax.train", f"--workdir={workdir}", "--config.max_steps=2",
+           "--config.data.synthetic_args.num_train=16", "--config.data.synthetic_args.num_val=6"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| synthetic shapes | exact match, held-out (%) |" in run.stdout, run.stdout
+    assert run.stdout.endswith(f"model: {workdir}/stage2_finetune\n"), run.stdout
+    assert "Could not determine bucket type" not in run.stderr
+    questions = len(json.loads(_read(url, "bench/data/val.json")))
+    results = json.loads(_read(url, "bench/eval/stage2_finetune/results.json"))
+    assert results["shapes"]["answered"] == questions > 0 and results["shapes"]["failed"] == 0
+    answers = _read(url, "bench/eval/stage2_finetune/answers/shapes.jsonl").decode().splitlines()
+    assert len(answers) == questions
+    assert _objects(url, "bench/eval/stage2_finetune/shapes_score.txt")
+
+
+def test_eval_suite_and_run_read_and_write_gcs_as_local_files(gcs_here, tmp_path):
+    """Issue 22: `eval suite --data-root gs://... --output-dir gs://...` gives the results a local copy of
+    the same data gives; `eval run` with a gs:// answers file writes the same answers."""
+    from llava_jax.data import synthetic
+    from llava_jax.eval.__main__ import main as eval_main
+    from tests._inference import make_model_dir
+
+    model = str(tmp_path / "model")
+    make_model_dir(model, seed=5)
+    local_root = str(tmp_path / "data")
+    synthetic.build(local_root, num_train=14, num_val=5, image_size=28)
+    remote_root = f"gs://{BUCKET}/evaldata"
+    for name in ("val.json", *(f"images/{n}" for n in os.listdir(os.path.join(local_root, "images")))):
+        with open(os.path.join(local_root, name), "rb") as f:
+            _upload(gcs_here, f"evaldata/{name}", f.read())
+    flags = ["--model-path", model, "--benchmarks", "shapes", "--no-progress", "--batch-size", "2"]
+    local_out, remote_out = str(tmp_path / "out"), f"gs://{BUCKET}/evalout"
+    assert eval_main(["suite", *flags, "--data-root", local_root, "--output-dir", local_out]) == 0
+    assert eval_main(["suite", *flags, "--data-root", remote_root, "--output-dir", remote_out]) == 0
+    with open(os.path.join(local_out, "results.json")) as f:
+        expected = json.load(f)
+    with open(os.path.join(local_root, "val.json")) as f:
+        assert expected["shapes"]["answered"] == len(json.load(f)) > 0
+    assert json.loads(_read(gcs_here, "evalout/results.json")) == expected
+    with open(os.path.join(local_out, "results.md"), "rb") as f:
+        assert _read(gcs_here, "evalout/results.md") == f.read()
+    with open(os.path.join(local_out, "answers", "shapes.jsonl")) as f:
+        local_answers = [_without_answer_id(line) for line in f]
+    remote_answers = _read(gcs_here, "evalout/answers/shapes.jsonl").decode().splitlines(keepends=True)
+    assert [_without_answer_id(line) for line in remote_answers] == local_answers
+    # `eval run` into a gs:// answers file; run again, it resumes from the answers already there.
+    answers = f"gs://{BUCKET}/run/shapes.jsonl"
+    run = ["run", "shapes", "--model-path", model, "--question-file", f"{remote_root}/val.json", "--image-folder",
+           f"{remote_root}/images", "--answers-file", answers, "--no-progress", "--batch-size", "2"]
+    assert eval_main(run) == 0
+    first = _read(gcs_here, "run/shapes.jsonl")
+    assert [_without_answer_id(line) for line in first.decode().splitlines(keepends=True)] == local_answers
+    assert eval_main(run) == 0
+    assert _read(gcs_here, "run/shapes.jsonl") == first  # nothing answered twice
+
+
+def test_a_bucket_name_gcs_refuses_fails_before_any_work(gcs):
+    """Issue 22: `gs://rb/...` (under 3 characters) is one line and exit 2, and nothing is written."""
+    env, url = gcs
+    run = subprocess.run([sys.executable, "-m", "llava_jax.train", "--workdir=gs://rb/tiny"], cwd=ROOT, env=env,
+                         text=True, capture_output=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    lines = [line for line in run.stderr.splitlines() if "error" in line]
+    assert lines == ["llava_jax.train: error: gs://rb/tiny: 'rb' is not a valid GCS bucket name (it has 2 characters; "
+                     "GCS needs 3 to 63 (222 with dots)) (--debug shows the traceback)"], run.stderr[-3000:]
+    assert not _objects(url, "tiny/")
+
+
+@pytest.mark.parametrize("bucket, problem", [
+    ("my-bucket", None), ("a.b-c_d", None), ("rb", "2 characters"), ("x" * 64, "64 characters"),
+    ("My-Bucket", "lowercase"), ("-bucket", "start and end"), ("192.168.1.1", "IP address"),
+    ("goog-data", "goog"), ("my-google-data", "google"), ("a" * 64 + ".b", "between dots")])
+def test_bucket_names_follow_gcs_rules(bucket, problem):
+    from llava_jax import paths
+
+    found = paths.gcs_bucket_problem(bucket)
+    assert (found is None) if problem is None else (problem in found), found
+
+
+def test_a_workdir_that_cannot_be_written_is_one_clear_error(gcs_here):
+    from llava_jax import paths
+
+    paths.check_writable_workdir(f"gs://{BUCKET}/ok")  # writable: no error, and no probe left behind
+    assert not _objects(gcs_here, "ok/")
+    with pytest.raises(paths.PathError, match=r"^gs://no-such-bucket/run: cannot write to the workdir \("):
+        paths.check_writable_workdir("gs://no-such-bucket/run")
+
+
+def test_atomic_write_replaces_whole_files_locally_and_on_gcs(gcs_here, tmp_path, monkeypatch):
+    from llava_jax import paths
+
+    local, remote = str(tmp_path / "f.json"), f"gs://{BUCKET}/atomic/f.json"
+    for path in (local, remote):
+        paths.atomic_write(path, "old")
+        paths.atomic_write(path, b"new")
+        assert paths.read_bytes(path) == b"new"
+    assert os.listdir(tmp_path) == ["f.json"]
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        paths.atomic_write(local, "newer")
+    assert paths.read_bytes(local) == b"new" and os.listdir(tmp_path) == ["f.json"]  # old file kept, no debris
+
+
+def _upload(url: str, name: str, data: bytes) -> None:
+    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+    req = urllib.request.Request(f"{url}/upload/storage/v1/b/{BUCKET}/o?{query}", data=data, method="POST")
+    urllib.request.urlopen(req).close()
+
+
+def _without_answer_id(line: str) -> dict:
+    record = json.loads(line)
+    record.pop("answer_id")  # a fresh uuid per answer
+    return record

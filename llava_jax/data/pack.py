@@ -31,7 +31,6 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import struct
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_jax import paths
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
 from llava_jax.data import packed_format
@@ -74,30 +74,8 @@ def file_sha256(path: str) -> str:
 
 
 def _write_text(path: str, text: str) -> None:
-    """Writes a whole file atomically: rename locally; one object upload on GCS."""
-    from etils import epath  # pylint: disable=g-import-not-at-top
-
-    if is_remote(path):
-        epath.Path(path).write_text(text)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _publish(local: str, final: str) -> None:
-    """Moves a finished local file to `final` (same-disk rename, or one upload to GCS)."""
-    from etils import epath  # pylint: disable=g-import-not-at-top
-
-    if is_remote(final):
-        with open(local, "rb") as src, epath.Path(final).open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 24)
-        os.remove(local)
-    else:
-        os.replace(local, final)
+    """Writes a whole file atomically (`paths.atomic_write`; a name the crash test can intercept)."""
+    paths.atomic_write(path, text)
 
 
 def _chunk_offsets(path: str, lengths: Sequence[int]) -> list[int]:
@@ -190,7 +168,7 @@ def _pack_shard(job: dict[str, Any]) -> dict[str, Any]:
                "num_records": len(lengths), "input_range": job["input_range"], "skipped": skipped,
                "words": [s[0] for s in stats], "num_images": [s[1] for s in stats],
                "has_image": [bool(s[2]) for s in stats], "offset": offsets, "length": lengths}
-    _publish(local, final)
+    paths.publish(local, final)
     _write_text(f"{final}.json", json.dumps(summary))
     return summary
 
@@ -283,7 +261,7 @@ def pack(data_path: str | os.PathLike, image_folder: str | os.PathLike, output: 
     local_index = os.path.join(tmp_dir or tempfile.gettempdir(), f".index-{os.getpid()}.npz")
     with open(local_index, "wb") as f:
         f.write(buf.getvalue())
-    _publish(local_index, f"{output}/{packed_format.INDEX}")
+    paths.publish(local_index, f"{output}/{packed_format.INDEX}")
     skipped = sorted(skipped + [x for s in ordered for x in s["skipped"]], key=lambda x: x["index"])
     manifest = {
         "format": packed_format.FORMAT, "data_path": data_path, "data_sha256": plan["data_sha256"],

@@ -220,25 +220,15 @@ def _text_only_qa(rng: np.random.Generator) -> tuple[str, str]:
                                                  "bottom": "top"}[pos]
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    if paths.is_remote(path):  # an object appears whole or not at all
-        paths.write_bytes(path, data)
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _save_png(img: Image.Image, path: str) -> None:
     # Atomic, like every file here: several processes (hosts) may build the same folder at once.
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
-    _atomic_write(path, buf.getvalue())
+    paths.atomic_write(path, buf.getvalue())
 
 
 def _write_json(path: str, value: Any) -> None:
-    _atomic_write(path, json.dumps(value, indent=1).encode())
+    paths.atomic_write(path, json.dumps(value, indent=1).encode())
 
 
 def train_tokenizer(sentences: Iterable[str], vocab_size: int) -> bytes:
@@ -357,7 +347,7 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     _write_json(files["stage1"], stage1)
     _write_json(files["stage2"], stage2)
     _write_json(files["val"], val)
-    _atomic_write(files["tokenizer"], train_tokenizer(sentences, vocab_size))
+    paths.atomic_write(files["tokenizer"], train_tokenizer(sentences, vocab_size))
     _write_json(files["manifest"], {"args": args, "counts": {
         "train_images": num_train, "val_images": num_val, "stage1": len(stage1), "stage2": len(stage2),
         "val": len(val)}})

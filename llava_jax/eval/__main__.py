@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from llava_jax import cli
+from llava_jax import cli, paths
 from llava_jax.eval import BENCHMARKS, get_benchmark
 from llava_jax.eval.harness import add_score_flags, module_summary, run_benchmark, run_flags_parser
 from llava_jax.inference.answering import QuestionError
@@ -97,9 +97,8 @@ def _score(args: argparse.Namespace) -> int:
     bench = get_benchmark(args.benchmark)
     result = bench.score(args)
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=1)
+        paths.makedirs(os.path.dirname(paths.absolute(args.output_json)))
+        paths.write_text(args.output_json, json.dumps(result, indent=1))
     return 0
 
 

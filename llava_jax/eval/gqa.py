@@ -20,6 +20,7 @@ import argparse
 import json
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.inference.answering import read_jsonl
 
@@ -38,13 +39,13 @@ def score_files(result_file: str, dst: str | None, questions_file: str | None, l
     predictions = [{"questionId": r["question_id"], "prediction": to_prediction(r["text"])}
                    for r in read_jsonl(result_file)]
     if dst:
-        with open(dst, "w") as f:
+        with paths.open(dst, "w") as f:
             json.dump(predictions, f)
         log(f"predictions for GQA's eval.py: {dst}")
     result: dict[str, Any] = {"count": len(predictions)}
     if not questions_file:
         return result
-    with open(questions_file) as f:
+    with paths.open(questions_file) as f:
         questions = json.load(f)
     by_id = {str(p["questionId"]): p["prediction"] for p in predictions}
     scores: dict[str, list[float]] = {"accuracy": [], "binary": [], "open": []}

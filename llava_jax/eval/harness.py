@@ -5,10 +5,16 @@ loop's end-of-stage evaluation share.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Log
 from llava_jax.inference import answering
 
@@ -56,6 +62,7 @@ def run_benchmark(
 
     `options` holds the benchmark's own run flags (default: their defaults). Resumable; questions
     that cannot be asked are reported by id (fatal with `strict`); see `answering.answer_questions`.
+    Any of the paths may be `gs://`.
     """
     if options is None:
         options = run_flags_parser(bench).parse_args([])
@@ -63,10 +70,34 @@ def run_benchmark(
     if num_chunks > 1:
         questions = answering.chunk(questions, num_chunks, chunk_idx)
     params = answering.greedy(max_new_tokens or bench.max_new_tokens)
-    return answering.answer_questions(
-        pipe, questions, answers_file, params, image_folder=image_folder, batch_size=batch_size, strict=strict,
-        model_id=model_id, progress=progress, on_error=on_error,
-    )
+    with local_answers_file(answers_file) as local:
+        return answering.answer_questions(
+            pipe, questions, local, params, image_folder=image_folder, batch_size=batch_size, strict=strict,
+            model_id=model_id, progress=progress, on_error=on_error,
+        )
+
+
+@contextlib.contextmanager
+def local_answers_file(answers_file: str) -> Iterator[str]:
+    """`answers_file` itself if local; for a `gs://` one, a local copy that goes back to GCS at the end.
+
+    Answers are appended line by line so that a killed run resumes, and GCS has no append: the
+    local copy starts from the answers already on GCS and is uploaded whole when answering ends,
+    also when it ends in an error, so that what was answered is kept.
+    """
+    if not paths.is_remote(answers_file):
+        yield answers_file
+        return
+    tmp_dir = tempfile.mkdtemp(prefix="llava_jax_answers_")
+    local = os.path.join(tmp_dir, os.path.basename(answers_file))
+    try:
+        if paths.exists(answers_file):
+            paths.copy(answers_file, local)
+        yield local
+    finally:
+        if os.path.exists(local):
+            paths.copy(local, answers_file)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def score_benchmark(bench: Benchmark, argv: list[str], log: Log = print) -> dict[str, Any]:

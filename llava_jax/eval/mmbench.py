@@ -34,12 +34,14 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import io
 import json
 import os
 import re
 import sys
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.inference import answering
 
@@ -55,7 +57,7 @@ CIRCULAR_STRIDE = 1_000_000
 def read_tsv(path: str) -> list[dict[str, str | None]]:
     """The rows of an MMBench tsv; missing cells (pandas' NA spellings) are None."""
     csv.field_size_limit(sys.maxsize)  # images are inline
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(paths.read_bytes(path).decode("utf-8"), newline="") as f:  # csv: no newline translation
         reader = csv.reader(f, delimiter="\t")
         header = next(reader)
         rows = []
@@ -173,7 +175,7 @@ def write_submission(path: str, rows: list[dict], answers: list[dict]) -> None:
     for row in rows:
         values = dict(row, prediction=prediction.get(json.dumps(row_index(row))), index=row_index(row))
         table.append([values.get(c) for c in columns])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    paths.makedirs(os.path.dirname(paths.absolute(path)))
     if path.endswith(".xlsx"):
         write_xlsx(path, columns, table)
     else:
@@ -245,11 +247,11 @@ def write_xlsx(path: str, header: list[str], rows: list[list]) -> None:
             f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><worksheet xmlns="{main}"><sheetData>'
             + "".join(sheet_rows) + "</sheetData></worksheet>"),
     }
-    tmp = f"{path}.tmp{os.getpid()}"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
         for name, text in files.items():
             z.writestr(name, text)
-    os.replace(tmp, path)
+    paths.atomic_write(path, buffer.getvalue())
 
 
 def score_files(annotation_file: str, result_file: str, upload_file: str | None, log: Log = print) -> dict[str, Any]:

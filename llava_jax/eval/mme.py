@@ -30,6 +30,7 @@ import collections
 import os
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.inference.answering import read_jsonl
 
@@ -45,17 +46,17 @@ YES_NO = " Please answer yes or no."
 def read_ground_truth(data_dir: str) -> dict[tuple[str, str, str], str]:
     """(task, "<image stem>.txt", question) -> "Yes"/"No", from the MME release folder."""
     gt = {}
-    for task in sorted(os.listdir(data_dir)):
+    for task in sorted(paths.listdir(data_dir)):
         task_dir = os.path.join(data_dir, task)
-        if not os.path.isdir(task_dir):
+        if not paths.isdir(task_dir):
             continue
         qa_dir = task_dir
-        if os.path.exists(os.path.join(task_dir, "images")):
+        if paths.exists(os.path.join(task_dir, "images")):
             qa_dir = os.path.join(task_dir, "questions_answers_YN")
-        for name in sorted(os.listdir(qa_dir)):
+        for name in sorted(paths.listdir(qa_dir)):
             if not name.endswith(".txt"):
                 continue
-            with open(os.path.join(qa_dir, name)) as f:
+            with paths.open(os.path.join(qa_dir, name)) as f:
                 for line in f:
                     if line.strip():
                         question, answer = line.strip().split("\t")
@@ -104,9 +105,9 @@ def task_score(items: list[tuple[str, str, str | None]]) -> dict[str, Any]:
 
 def write_eval_tool_files(results_dir: str, rows: dict[str, list[tuple[str, str, str, str]]]) -> None:
     """`<task>.txt` files of image, question, truth, answer lines, as convert_answer_to_mme.py writes them."""
-    os.makedirs(results_dir, exist_ok=True)
+    paths.makedirs(results_dir)
     for task, lines in rows.items():
-        with open(os.path.join(results_dir, f"{task}.txt"), "w") as f:
+        with paths.open(os.path.join(results_dir, f"{task}.txt"), "w") as f:
             for line in lines:
                 f.write("\t".join(line) + "\n")
 

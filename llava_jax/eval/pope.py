@@ -29,6 +29,7 @@ import json
 import os
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.inference.answering import read_jsonl
 
@@ -78,7 +79,7 @@ def score_files(annotation_dir: str, question_file: str, result_file: str, log: 
             raise ValueError(f"{result_file}: answer to question {key}, which {question_file} does not have")
         answers[key] = a["text"]
     out: dict[str, Any] = {}
-    names = sorted(f for f in os.listdir(annotation_dir) if f.startswith(PREFIX) and f.endswith(SUFFIX))
+    names = sorted(f for f in paths.listdir(annotation_dir) if f.startswith(PREFIX) and f.endswith(SUFFIX))
     if not names:
         raise FileNotFoundError(f"no {PREFIX}<category>{SUFFIX} files in {annotation_dir}")
     for name in names:

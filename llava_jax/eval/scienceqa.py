@@ -33,6 +33,7 @@ import os
 import re
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.inference import answering
 
@@ -46,9 +47,9 @@ ANSWER_PATTERN = re.compile(r"The answer is ([A-Z]).")
 
 def cqm_a_records(base_dir: str, split: str, options: list[str] = OPTIONS) -> list[dict]:
     """`llava_<split>_CQM-A.json` records built from problems.json and pid_splits.json (module docstring)."""
-    with open(os.path.join(base_dir, "pid_splits.json")) as f:
+    with paths.open(os.path.join(base_dir, "pid_splits.json")) as f:
         pids = json.load(f)[split]
-    with open(os.path.join(base_dir, "problems.json")) as f:
+    with paths.open(os.path.join(base_dir, "problems.json")) as f:
         problems = json.load(f)
     records = []
     for pid in pids:
@@ -105,9 +106,9 @@ def _index(letter: str, choices: list, options: list[str]) -> int:
 def score_files(base_dir: str, result_file: str, split: str = "test", options: list[str] = OPTIONS,
                 output_file: str | None = None, output_result: str | None = None, log: Log = print) -> dict:
     """{"count", "correct", "accuracy", "img_accuracy"} (percent) of the answers in `result_file`."""
-    with open(os.path.join(base_dir, "pid_splits.json")) as f:
+    with paths.open(os.path.join(base_dir, "pid_splits.json")) as f:
         split_indices = json.load(f)[split]
-    with open(os.path.join(base_dir, "problems.json")) as f:
+    with paths.open(os.path.join(base_dir, "problems.json")) as f:
         problems = json.load(f)
     predictions = {p["question_id"]: p for p in answering.read_jsonl(result_file)}
     results: dict[str, list] = {"correct": [], "incorrect": []}
@@ -132,10 +133,10 @@ def score_files(base_dir: str, result_file: str, split: str = "test", options: l
     log(f"Total: {total}, Correct: {correct}, Accuracy: {accuracy:.2f}%, IMG-Accuracy: {img_accuracy:.2f}%")
     sqa_results.update(acc=accuracy, correct=correct, count=total)
     if output_file:
-        with open(output_file, "w") as f:
+        with paths.open(output_file, "w") as f:
             json.dump(results, f, indent=2)
     if output_result:
-        with open(output_result, "w") as f:
+        with paths.open(output_result, "w") as f:
             json.dump(sqa_results, f, indent=2)
     return {"count": total, "correct": correct, "accuracy": accuracy, "img_accuracy": img_accuracy}
 
@@ -158,7 +159,7 @@ class ScienceQA(Benchmark):
         if os.path.basename(question_file) == "problems.json":
             records = cqm_a_records(os.path.dirname(question_file), args.split)
         else:
-            with open(question_file) as f:
+            with paths.open(question_file) as f:
                 records = json.load(f)
         return [science_question(r, args.single_pred_prompt) for r in records]
 

@@ -22,6 +22,7 @@ import json
 import os
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.inference.answering import read_jsonl
 
@@ -60,7 +61,7 @@ def _accuracy(data: dict, results: dict, only: str | None, log: Log) -> tuple[fl
 
 def score_files(annotation_file: str, result_file: str, upload_file: str | None, log: Log = print) -> dict[str, Any]:
     """Per-type, overall, image and video accuracy; the upload file when asked."""
-    with open(annotation_file) as f:
+    with paths.open(annotation_file) as f:
         data = json.load(f)
     results = {row["question_id"]: row for row in read_jsonl(result_file)}
     total, per_type = _accuracy(data, results, None, log)
@@ -68,8 +69,8 @@ def score_files(annotation_file: str, result_file: str, upload_file: str | None,
     video, _ = _accuracy(data, results, "video", log)
     missing = 0
     if upload_file:
-        os.makedirs(os.path.dirname(os.path.abspath(upload_file)), exist_ok=True)
-        with open(upload_file, "w") as fp:
+        paths.makedirs(os.path.dirname(paths.absolute(upload_file)))
+        with paths.open(upload_file, "w") as fp:
             for q in data["questions"]:
                 row = results.get(q["question_id"], results.get(_qid(q["question_id"])))
                 missing += row is None

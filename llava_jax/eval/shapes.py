@@ -20,14 +20,14 @@ import argparse
 import json
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.data import synthetic
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.inference import answering
 
 
 def _records(question_file: str) -> list[dict]:
-    with open(question_file) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(question_file))
 
 
 @register

@@ -7,6 +7,11 @@ score`, and writes
 `results.json` and `results.md` into the output folder, with the answers under `answers/` and each
 scorer's printout as `<name>_score.txt`. `evaluate_stage` is the same for the training loop: the
 stage's model directory, the stage's `eval_benchmarks`, metrics named `bench/<name>`.
+
+The data root, the model and the output folder may each be local or `gs://` (`llava_jax.paths`).
+Answers are appended line by line (resumable), which GCS cannot do: for a `gs://` output folder the
+suite works in a local folder, starting from the answers already there, and copies the folder out
+after each benchmark.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import TYPE_CHECKING, Any
 
-from llava_jax.eval.benchmark import get_benchmark
+from llava_jax import paths
+from llava_jax.eval.benchmark import Benchmark, get_benchmark
 from llava_jax.eval.harness import quiet_log, run_benchmark, score_benchmark
 
 if TYPE_CHECKING:
@@ -67,13 +75,11 @@ def table_from_metrics(metrics: dict[str, Any]) -> str:
 
 
 def write_results(rows: list[Row], output_dir: str) -> tuple[str, str]:
-    """results.json and results.md in `output_dir`; returns their paths."""
-    os.makedirs(output_dir, exist_ok=True)
+    """results.json and results.md in `output_dir` (local or `gs://`); returns their paths."""
+    paths.makedirs(output_dir)
     json_path, md_path = os.path.join(output_dir, "results.json"), os.path.join(output_dir, "results.md")
-    with open(json_path, "w") as f:
-        json.dump({row.name: row.as_dict() for row in rows}, f, indent=1, default=float)
-    with open(md_path, "w") as f:
-        f.write(results_table(rows))
+    paths.write_text(json_path, json.dumps({row.name: row.as_dict() for row in rows}, indent=1, default=float))
+    paths.write_text(md_path, results_table(rows))
     return json_path, md_path
 
 
@@ -88,29 +94,56 @@ def run_suite(
     progress: bool = True,
     model_id: str | None = None,
 ) -> list[Row]:
-    """Answer and score each named benchmark from `data_root`; writes results.json and results.md."""
+    """Answer and score each named benchmark from `data_root`; writes results.json and results.md.
+
+    `data_root` and `output_dir` may be local or `gs://` (see the module docstring).
+    """
     benches = [get_benchmark(n) for n in names]  # unknown names fail before any work
-    rows = []
-    for bench in benches:
+    for bench in benches:  # missing data fails before any work too
         layout = bench.layout(data_root)
         for path in (layout.question_file, layout.image_folder):
-            if not os.path.exists(path):
+            if not paths.exists(path):
                 raise FileNotFoundError(f"{bench.name}: {path} not found (the original's layout under --data-root)")
-        answers_file = os.path.join(output_dir, "answers", f"{bench.name}.jsonl")
-        log.info("%s: answering %s", bench.name, layout.question_file)
-        report = run_benchmark(bench, pipe, layout.question_file, layout.image_folder, answers_file,
-                               batch_size=batch_size, strict=strict, progress=progress, model_id=model_id,
-                               on_error=lambda m: log.warning("%s", m))
-        collect, printout = quiet_log()
-        result = score_benchmark(bench, bench.suite_score_argv(data_root, answers_file, output_dir), collect)
-        with open(os.path.join(output_dir, f"{bench.name}_score.txt"), "w") as f:
-            f.write(printout.getvalue())
-        note = "" if bench.metric is not None else "submit to the server"
-        row = Row(bench.name, bench.headline(result), result, report.answered + report.skipped, len(report.failed), note)
-        log.info("%s: %s = %s", bench.name, bench.metric_label, _fmt(row.ours))
-        rows.append(row)
-    write_results(rows, output_dir)
+    # Answers files are appended to: on GCS, answer into a local copy of the output folder.
+    work_dir = tempfile.mkdtemp(prefix="llava_jax_suite_") if paths.is_remote(output_dir) else output_dir
+    try:
+        rows = []
+        for bench in benches:
+            rows.append(_answer_and_score(bench, pipe, data_root, output_dir, work_dir, batch_size=batch_size,
+                                          strict=strict, progress=progress, model_id=model_id))
+        write_results(rows, output_dir)
+    finally:
+        if work_dir != output_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
     return rows
+
+
+def _answer_and_score(bench: Benchmark, pipe: "Pipeline", data_root: str, output_dir: str, work_dir: str,
+                      **kwargs) -> Row:
+    """One benchmark of `run_suite`, answered and scored in `work_dir`, which is then copied to `output_dir`."""
+    layout = bench.layout(data_root)
+    answers_file = os.path.join(work_dir, "answers", f"{bench.name}.jsonl")
+    remote_answers = os.path.join(output_dir, "answers", f"{bench.name}.jsonl")
+    if work_dir != output_dir and paths.exists(remote_answers):  # resume from the answers already on GCS
+        os.makedirs(os.path.dirname(answers_file), exist_ok=True)
+        paths.copy(remote_answers, answers_file)
+    log.info("%s: answering %s", bench.name, layout.question_file)
+    try:
+        report = run_benchmark(bench, pipe, layout.question_file, layout.image_folder, answers_file,
+                               on_error=lambda m: log.warning("%s", m), **kwargs)
+    finally:  # what was answered is kept on GCS, also when answering ends in an error
+        if work_dir != output_dir and os.path.exists(answers_file):
+            paths.copy(answers_file, remote_answers)
+    collect, printout = quiet_log()
+    result = score_benchmark(bench, bench.suite_score_argv(data_root, answers_file, work_dir), collect)
+    with open(os.path.join(work_dir, f"{bench.name}_score.txt"), "w") as f:
+        f.write(printout.getvalue())
+    if work_dir != output_dir:
+        paths.copytree(work_dir, output_dir)
+    note = "" if bench.metric is not None else "submit to the server"
+    row = Row(bench.name, bench.headline(result), result, report.answered + report.skipped, len(report.failed), note)
+    log.info("%s: %s = %s", bench.name, bench.metric_label, _fmt(row.ours))
+    return row
 
 
 def evaluate_stage(model_dir: str, names: list[str], data_root: str, output_dir: str, batch_size: int = 32,

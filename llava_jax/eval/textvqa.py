@@ -21,6 +21,7 @@ import os
 import re
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.eval.vqa_accuracy import normalize_answer, soft_scores
 from llava_jax.inference.answering import read_jsonl
@@ -48,7 +49,7 @@ def question_of_prompt(prompt: str) -> str:
 def score_files(annotation_file: str, result_file: str, log: Log = print) -> dict[str, Any]:
     """{"count", "accuracy"} (percent) of the answers in `result_file`."""
     log(os.path.splitext(os.path.basename(result_file))[0])
-    with open(annotation_file) as f:
+    with paths.open(annotation_file) as f:
         annotations = {(a["image_id"], a["question"].lower()): a for a in json.load(f)["data"]}
     scores = []
     for result in read_jsonl(result_file):

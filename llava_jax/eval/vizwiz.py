@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.eval.vqa_accuracy import normalize_answer
 from llava_jax.eval.vqav2 import read_results
@@ -37,8 +38,8 @@ def score_files(annotation_file: str, result_file: str, upload_file: str, log: L
         entries.append({"image": q["image"], "answer": "" if text is None else normalize_answer(text)})
     if missing:
         log(f"warning: {missing} questions have no answer (submitted as '')")
-    os.makedirs(os.path.dirname(os.path.abspath(upload_file)), exist_ok=True)
-    with open(upload_file, "w") as f:
+    paths.makedirs(os.path.dirname(paths.absolute(upload_file)))
+    with paths.open(upload_file, "w") as f:
         json.dump(entries, f)
     return {"count": len(results), "submitted": len(entries), "error_lines": errors, "missing": missing}
 

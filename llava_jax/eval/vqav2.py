@@ -24,6 +24,7 @@ import json
 import os
 from typing import Any
 
+from llava_jax import paths
 from llava_jax.eval.benchmark import Benchmark, Layout, Log, join, register
 from llava_jax.eval.vqa_accuracy import normalize_answer, soft_scores
 from llava_jax.inference.answering import read_jsonl
@@ -32,7 +33,7 @@ from llava_jax.inference.answering import read_jsonl
 def read_results(path: str) -> tuple[dict[Any, str], int]:
     """{question_id: text} of an answers file, and how many lines were not JSON (as the original)."""
     results, errors = {}, 0
-    with open(path) as f:
+    with paths.open(path) as f:
         for line in f:
             try:
                 record = json.loads(line)
@@ -54,7 +55,7 @@ def submission(results: dict[Any, str], test_questions: list[dict]) -> list[dict
 
 def local_accuracy(results: dict[Any, str], annotation_file: str) -> dict[str, Any]:
     """Mean VQA accuracy (percent) of the answered questions found in a val-format annotation file."""
-    with open(annotation_file) as f:
+    with paths.open(annotation_file) as f:
         annotations = {a["question_id"]: a for a in json.load(f)["annotations"]}
     scores, per_type = [], {}
     for qid, text in results.items():
@@ -78,8 +79,8 @@ def score_files(result_file: str, test_file: str, upload_file: str | None, annot
     log(f"total results: {len(results)}, total split: {len(test_split)}, error_line: {errors}")
     entries = submission(results, test_split)
     if upload_file:
-        os.makedirs(os.path.dirname(os.path.abspath(upload_file)), exist_ok=True)
-        with open(upload_file, "w") as f:
+        paths.makedirs(os.path.dirname(paths.absolute(upload_file)))
+        with paths.open(upload_file, "w") as f:
             json.dump(entries, f)
         log(f"submission for EvalAI: {upload_file}")
     out: dict[str, Any] = {"count": len(results), "submitted": len(entries), "error_lines": errors}

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import PIL.Image
 
+from llava_jax import paths
 from llava_jax.data.image import ImageError, load_image, to_rgb
 from llava_jax.data.records import record_location, resolve_image_path
 
@@ -104,8 +105,7 @@ def read_jsonl(path: str) -> list[Any]:
 
     A line that is not JSON raises ValueError naming the file and line.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = paths.read_text(path)
     if text.lstrip().startswith("["):
         return json.loads(text)
     out = []
@@ -125,8 +125,7 @@ def read_vqa_questions(path: str) -> Iterator[tuple[int, dict | None, str | None
     such objects is accepted too). Records count from 0 and errors say `record N (line L)`, as
     training and inspect do (`records.record_location`).
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = paths.read_text(path)
     if text.lstrip().startswith("["):
         lines = [(None, json.dumps(r)) for r in json.loads(text)]
     else:
@@ -202,10 +201,7 @@ def _put_in_question_order(path: str, order: dict[str, int]) -> None:
             ranks.append(len(order))
     if ranks == sorted(ranks):
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line for _, line in sorted(zip(ranks, lines), key=lambda x: x[0]))
-    os.replace(tmp, path)
+    paths.atomic_write(path, "".join(line for _, line in sorted(zip(ranks, lines), key=lambda x: x[0])))
 
 
 # --- answering ------------------------------------------------------------------------------------

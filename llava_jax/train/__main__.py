@@ -99,6 +99,7 @@ def main(argv) -> int:
 
             aot.run(config)
             return 0
+        paths.check_writable_workdir(workdir)  # a bad bucket fails now, not at the first checkpoint
         result = loop.run(config, workdir, benchmarks=SuiteBenchmarks())
     except (loop.NonFiniteError, loop.Preempted) as e:
         print(f"llava_jax.train: {e}", file=sys.stderr)
@@ -134,7 +135,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from llava_jax.weights.safetensors_io import CheckpointError
 
     return (RecordError, DataFileError, DataSourceError, ImagePathError, DataError, ConfigError, CheckpointError,
-            FileNotFoundError)
+            FileNotFoundError, paths.PathError)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from llava_jax import paths
 from llava_jax.config import CONFIG_FILE, PRESETS, LlavaConfig
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.mesh import make_mesh
@@ -125,7 +126,7 @@ def model_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
     """The architecture compile-only uses (see the module docstring), with the run's (and `stage`'s) compute settings."""
     m = config.model
     init = m.init
-    if init and os.path.isfile(os.path.join(init, CONFIG_FILE)):
+    if init and paths.isfile(os.path.join(init, CONFIG_FILE)):
         cfg = LlavaConfig.load(init)
     elif m.preset:
         if m.preset not in PRESETS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from llava_jax import paths
 from llava_jax.models.llava import LlavaModel
 from llava_jax.weights import model_dir, peft
 from llava_jax.weights.converted import load_converted
@@ -32,7 +33,7 @@ def load_pretrained(path: str, dtype: str | None = None, lora: str | None = None
         time independent of depth) or unrolled (False: decoding ran 2x faster unrolled on a CPU,
         BENCHMARKS.md, at a compile time that grows with depth).
     """
-    if lora is not None and not os.path.isdir(lora):
+    if lora is not None and not paths.isdir(lora):
         raise CheckpointError(f"{lora}: not a directory (expected a PEFT adapter with {peft.ADAPTER_CONFIG})")
     if model_dir.require(path) in (model_dir.OURS, model_dir.CHECKPOINT):
         model = load_converted(path, dtype, scan_layers=scan_layers)

@@ -17,6 +17,7 @@ from typing import Iterator
 import flax.traverse_util as tu
 import numpy as np
 
+from llava_jax import paths
 from llava_jax.config import (
     PREPROCESSOR_CONFIG,
     ImageProcessorConfig,
@@ -233,7 +234,7 @@ def _cast(tree: dict, dtype: np.dtype) -> dict:
 
 def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> ImageProcessorConfig | str:
     """The source's preprocessor_config.json (copied as is unless padding is overridden), else one from the config."""
-    if directory and os.path.isfile(os.path.join(directory, PREPROCESSOR_CONFIG)):
+    if directory and paths.isfile(os.path.join(directory, PREPROCESSOR_CONFIG)):
         try:
             parsed = ImageProcessorConfig.from_pretrained(directory)
         except ValueError as e:
@@ -248,9 +249,9 @@ def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> 
 def detect_format(src: str) -> str:
     """`hf` or `original`, from `src/config.json`; a clear error for anything else."""
     path = os.path.join(src, "config.json")
-    if not os.path.isdir(src):
+    if not paths.isdir(src):
         raise CheckpointError(f"{src}: not a directory")
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise CheckpointError(f"{src}: unknown checkpoint format: no config.json "
                               "(expected a HF or original LLaVA directory)")
     c = read_json(path)

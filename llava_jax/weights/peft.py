@@ -26,6 +26,7 @@ import flax.traverse_util as tu
 import jax
 import numpy as np
 
+from llava_jax import paths
 from llava_jax.config import DECODER_LINEARS, LlavaConfig, LoraSpec
 from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import abstract_params
@@ -56,7 +57,7 @@ WRITE_LAYOUT = mapping.HF_LEGACY
 def find_adapter(model_dir: str) -> str | None:
     """`model_dir/adapter` when it holds an adapter (a LoRA stage's output, an export), else None."""
     d = os.path.join(model_dir, ADAPTER_DIR)
-    return d if os.path.isfile(os.path.join(d, ADAPTER_CONFIG)) else None
+    return d if paths.isfile(os.path.join(d, ADAPTER_CONFIG)) else None
 
 
 def target_modules(cfg: LlavaConfig, spec: LoraSpec) -> str:
@@ -134,11 +135,11 @@ def read_adapter(directory: str, cfg: LlavaConfig, stacked: bool | None = None) 
     layers stacked) unless `stacked` says otherwise.
     """
     config_path = os.path.join(directory, ADAPTER_CONFIG)
-    if not os.path.isfile(config_path):
+    if not paths.isfile(config_path):
         raise CheckpointError(f"{directory}: not a PEFT adapter (no {ADAPTER_CONFIG})")
     c = _spec_from_config(read_json(config_path), config_path)
     files = [os.path.join(directory, n) for n in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN)]
-    files = [f for f in files if os.path.isfile(f)]
+    files = [f for f in files if paths.isfile(f)]
     if not files:
         raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}")
     store = open_file(files[0])
@@ -219,7 +220,7 @@ def apply_adapter(cfg: LlavaConfig, params: Any, directory: str) -> tuple[LlavaC
     flat = tu.flatten_dict(params)
     dtype = cfg.param_dtype
     non_lora = os.path.join(directory, NON_LORA_FILE)
-    if os.path.isfile(non_lora):
+    if paths.isfile(non_lora):
         for p, x in read_non_lora_trainables(non_lora, cfg).items():
             flat[p] = jax.device_put(np.asarray(x).astype(dtype))
     for p, x in tu.flatten_dict(lora).items():

@@ -125,7 +125,7 @@ class BinStore:
 
 
 def _weight_files(directory: str) -> tuple[list[str], list[str]]:
-    names = sorted(os.listdir(directory))
+    names = sorted(paths.listdir(directory))
     st = [n for n in names if n.endswith(".safetensors")]
     bins = [n for n in names if n.endswith((".bin", ".pt", ".pth")) and n not in _NOT_WEIGHTS]
     preferred = [n for n in bins if n.startswith(("pytorch_model", "model"))]
@@ -134,7 +134,7 @@ def _weight_files(directory: str) -> tuple[list[str], list[str]]:
 
 def open_checkpoint(directory: str) -> Store:
     """Every weight file of a directory: `*.safetensors` (preferred) or torch `*.bin`."""
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
     st, bins = _weight_files(directory)
     if st:
@@ -146,7 +146,7 @@ def open_checkpoint(directory: str) -> Store:
 
 def open_file(path: str) -> Store:
     """One weight file (e.g. `mm_projector.bin` as original stage 1 writes it, or a .safetensors)."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise CheckpointError(f"{path}: not found")
     if path.endswith(".safetensors"):
         return TensorStore([path], source=path)
