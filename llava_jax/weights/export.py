@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import flax.traverse_util as tu
 import jax

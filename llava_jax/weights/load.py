@@ -6,8 +6,6 @@ The entry point above the format readers: ours / stage outputs / training checkp
 
 from __future__ import annotations
 
-import os
-
 from llava_jax import paths
 from llava_jax.models.llava import LlavaModel
 from llava_jax.weights import model_dir, peft
