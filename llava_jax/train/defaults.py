@@ -123,7 +123,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.data.synthetic = True
     c.data.synthetic_args = ml_collections.ConfigDict(dict(num_train=2000, num_val=200, image_size=56, seed=0,
                                                            vocab_size=1024))
-    # Steps are compute-bound in T: captions are <= 38 tokens (16 of them image tokens), Q/A 43-112.
+    # Steps are compute-bound in T: captions are <= 38 tokens (16 of them image tokens), Q/A 43-120.
     c.data.length_buckets = (32, 40, 48, 64, 80, 96, 112)
     c.data.eval_max_length = 128
     c.stages = [
