@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -92,15 +93,56 @@ def test_answers_are_balanced_and_from_a_closed_set(default_build):
         if "image" not in r:
             continue
         for q, a in zip(r["conversations"][::2], r["conversations"][1::2]):
-            qtype = next(t for t, qs in synthetic.QUESTIONS.items() if q["value"].replace("<image>", "").strip() in qs)
-            answers[qtype][a["value"]] += 1
+            answers[_qtype(q["value"])][a["value"]] += 1
+    # Two or three quadrants in reading order: "top left and bottom right", "top left, top right and bottom left".
+    quadrants = {f"{a} and {b}" for a, b in itertools.combinations(synthetic.QUADRANT_NAMES, 2)}
+    quadrants |= {f"{a}, {b} and {c}" for a, b, c in itertools.combinations(synthetic.QUADRANT_NAMES, 3)}
     expected = {"color": set(synthetic.COLORS), "shape": set(synthetic.SHAPES), "count": {"1", "2", "3", "4"},
-                "position": set(synthetic.POSITIONS)}
+                "position": set(synthetic.POSITIONS), "quadrants": quadrants}
+    assert set(answers) == set(expected)
     for qtype, counter in answers.items():
         assert set(counter) == expected[qtype]
         share = np.array(list(counter.values())) / sum(counter.values())
         # Uniform up to sampling noise (+-35% relative).
         assert np.all(np.abs(share * len(counter) - 1) < 0.35), (qtype, counter)
+
+
+def _qtype(question: str) -> str:
+    """The question type of a stage-2 question, by its wording ("quadrants": the training-only one)."""
+    question = question.replace("<image>", "").strip()
+    if question in synthetic.QUADRANT_QUESTIONS:
+        return "quadrants"
+    return next(t for t, qs in synthetic.QUESTIONS.items() if question in qs)
+
+
+def test_stage2_asks_where_the_objects_are_and_the_pixels_agree(default_build):
+    """Every stage-2 image record asks where its objects are, unless the answer is no information (four
+    objects fill every quadrant): position for one object, the occupied quadrants for two or three.
+    Stage 2 freezes the tower, and without this the default's position answers stayed at chance."""
+    paths, _ = default_build
+    checked = collections.Counter()
+    for r in records.load_records(paths["stage2"]):
+        if "image" not in r:
+            continue
+        asked = {_qtype(q["value"]): a["value"] for q, a in zip(r["conversations"][::2], r["conversations"][1::2])}
+        pixels = np.asarray(Image.open(os.path.join(paths["image_folder"], r["image"])).convert("RGB")).astype(int)
+        mask = np.abs(pixels - np.array(synthetic.BACKGROUND)).sum(-1) > 30
+        size = pixels.shape[0]
+        seen = [name for name, (fx, fy) in zip(synthetic.QUADRANT_NAMES, synthetic.QUADRANTS)
+                if mask[int(fy * size) - 2 : int(fy * size) + 3, int(fx * size) - 2 : int(fx * size) + 3].mean() > 0.5]
+        count = ndimage.label(mask)[1]
+        if count == 1:
+            assert "position" in asked and "quadrants" not in asked, (r["id"], asked)
+            checked["position"] += 1
+        elif len(seen) in (2, 3):
+            assert "quadrants" in asked and "position" not in asked, (r["id"], asked)
+            named = [q for q in synthetic.QUADRANT_NAMES if q in asked["quadrants"]]
+            assert named == seen, (r["id"], asked["quadrants"], seen)
+            checked["quadrants"] += 1
+        else:
+            assert len(seen) == 4 and not {"position", "quadrants"} & set(asked), (r["id"], asked, seen)
+        assert len(asked) >= 2 and len(asked) == len(r["conversations"]) // 2, (r["id"], asked)
+    assert checked["position"] > 300 and checked["quadrants"] > 600, checked
 
 
 def test_tokenizer_is_llama_like_and_answers_are_single_pieces(default_build):

@@ -2,8 +2,8 @@
 
 The bar of the training issue: on a 2-core CPU the whole default run (data build, stage 1, stage 2,
 evaluation) finishes within 5 minutes with >= 85% held-out accuracy, >= 50 points above the same
-model with the image blanked. The default takes about 4 minutes on an idle 2-core CPU, so CI runs
-the full thing; there is no shorter variant.
+model with the image blanked, and every question type (issue 19) clearly above chance. The default
+takes about 4 minutes on an idle 2-core CPU, so CI runs the full thing; there is no shorter variant.
 """
 
 from __future__ import annotations
@@ -14,10 +14,20 @@ import subprocess
 import sys
 import time
 
+from llava_jax.data import synthetic
+
 # The issue's limit is 5 minutes idle. Under `pytest -n 3` the run shares the 2 cores with two other
 # workers and took up to 517 s (2026-11-29), so a hang is what exceeds 14 minutes.
 TIMEOUT_S = 840
 QTYPES = ("color", "shape", "count", "position")
+# Answering one of the closed set's answers at random.
+CHANCE = {"color": 1 / len(synthetic.COLORS), "shape": 1 / len(synthetic.SHAPES),
+          "count": 1 / synthetic.SceneConfig().max_count, "position": 1 / len(synthetic.POSITIONS)}
+# Every question type clearly above its chance. Position questions (single objects only: 42 of the
+# 642 held-out questions) fell to chance (0.26) while the overall accuracy still read 0.95. With
+# stage 2's where-questions (data/synthetic.py), position measured 1.0 / 0.52 / 0.66 at seeds 0 / 1 / 2
+# (seed and data seed, 2026-12-06); the margin leaves room for that spread and for so few questions.
+ABOVE_CHANCE = 0.25
 
 
 def _final_eval(metrics_path: str) -> dict:
@@ -43,6 +53,8 @@ def test_embedded_default_reaches_the_accuracy_bar(tmp_path):
     # Reported per question type, as the issue asks.
     assert all(f"eval/accuracy_{q}" in final for q in QTYPES), summary
     assert final["eval/accuracy"] >= 0.85, summary
+    for q in QTYPES:
+        assert final[f"eval/accuracy_{q}"] >= CHANCE[q] + ABOVE_CHANCE, (q, summary)
     assert final["eval/accuracy"] - final["eval/blind_accuracy"] >= 0.50, summary
     # The command prints the same figures and where the answering model is.
     assert f"eval/accuracy={final['eval/accuracy']:.4f}" in proc.stdout, proc.stdout

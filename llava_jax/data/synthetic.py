@@ -14,6 +14,8 @@
 Questions are about colour, shape, count and (for a single object) position; answers are one word
 from a small closed set, balanced by construction, so that held-out accuracy is easy to score and a
 tiny model trained from scratch can learn the task (objects are big, clean and well separated).
+Stage 2 asks every image where its objects are (position, or for two or three objects a training-only
+question answered with their quadrants), since that is what a frozen tower's features make hardest.
 
 Example:
     python -m llava_jax.data.synthetic --out-dir /tmp/shapes --num-train 2000 --num-val 200
@@ -36,7 +38,7 @@ from PIL import Image, ImageDraw
 from llava_jax import paths
 
 # Bump when the generated content changes, so that cached builds are redone.
-SYNTHETIC_VERSION = 2
+SYNTHETIC_VERSION = 3
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -73,6 +75,10 @@ QUESTIONS = {
     "position": ("Where is the shape?", "Where is the object located?",
                  "In which part of the image is the shape?"),
 }
+# Stage-2 training only (never held out): where several objects are, answered with their quadrants
+# ("top left and bottom right"). See `build` for why stage 2 needs them.
+QUADRANT_QUESTIONS = ("Where are the shapes?", "Where are the objects located?",
+                      "In which parts of the image are the shapes?")
 # A few of the prompts LLaVA pairs with BLIP captions in blip_laion_cc_sbu_558k.json.
 CAPTION_PROMPTS = (
     "Describe the image concisely.", "Provide a brief description of the given image.",
@@ -146,6 +152,13 @@ class Scene:
             places = [f"the {q}" for q in self.quadrants]
             text += f" at {', '.join(places[:-1])} and {places[-1]}"
         return text
+
+    def quadrant_answer(self) -> str | None:
+        """Where several objects are, e.g. 'top left and bottom right'; None for one object, or for four
+        (they fill every quadrant, so the answer would not depend on the image)."""
+        if not self.quadrants or len(self.quadrants) == len(QUADRANTS):
+            return None
+        return f"{', '.join(self.quadrants[:-1])} and {self.quadrants[-1]}"
 
 
 def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
@@ -314,11 +327,25 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
         caption = _caption(train_rng, scene_i)
         stage1.append({"id": f"cap_{i:05d}", "image": name, "conversations": [
             {"from": "human", "value": _with_marker(train_rng, prompt)}, {"from": "gpt", "value": caption}]})
+        # Where objects are is what stage 2 struggles to learn: the stage-1 model reads it off which
+        # image tokens hold an object, a reading that the new template's ~40 tokens in front of the
+        # image do not leave intact, and the tower is frozen. So every image with a "where" answer
+        # asks it (single objects: position; two or three: their quadrants, a training-only question),
+        # about 4x the spatial supervision of the position questions alone.
         answers = scene_i.answers()
         qtypes = [qtype for qtype in QTYPES if qtype in answers]
-        order = train_rng.permutation(len(qtypes))[: train_rng.integers(2, len(qtypes) + 1)]
-        qa = [(QUESTIONS[qtypes[k]][train_rng.integers(len(QUESTIONS[qtypes[k]]))], answers[qtypes[k]])
-              for k in order]
+        others = [q for q in (qtypes[k] for k in train_rng.permutation(len(qtypes))) if q != "position"]
+        chosen = others[: train_rng.integers(2 - ("position" in answers), len(others) + 1)]
+        qa = [(QUESTIONS[q][train_rng.integers(len(QUESTIONS[q]))], answers[q]) for q in chosen]
+        where = scene_i.quadrant_answer()
+        if "position" in answers:
+            where_qa = (QUESTIONS["position"][train_rng.integers(len(QUESTIONS["position"]))], answers["position"])
+        elif where is not None:
+            where_qa = (QUADRANT_QUESTIONS[train_rng.integers(len(QUADRANT_QUESTIONS))], where)
+        else:
+            where_qa = None
+        if where_qa is not None:
+            qa.insert(int(train_rng.integers(len(qa) + 1)), where_qa)
         turns = _qa_turns(qa)
         turns[0]["value"] = _with_marker(train_rng, turns[0]["value"])
         stage2.append({"id": f"qa_{i:05d}", "image": name, "conversations": turns})
