@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 # The limit is 5 minutes idle. Under `pytest -n 3` the run shares the 2 cores with two other
 # workers and took up to 517 s (2026-11-29), so a hang is what exceeds 14 minutes.
 TIMEOUT_S = 840
@@ -29,6 +31,7 @@ def _final_eval(metrics_path: str) -> dict:
     return evals[-1]
 
 
+@pytest.mark.slow(seconds=240)
 def test_embedded_default_reaches_the_accuracy_bar(tmp_path):
     workdir = tmp_path / "run"
     start = time.perf_counter()
