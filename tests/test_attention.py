@@ -80,6 +80,7 @@ def _dense(tokens, causal):
     return jnp.asarray(m[None, None] & tokens.astype(bool)[:, None, None, :])
 
 
+@pytest.mark.slow(seconds=12)
 @pytest.mark.parametrize("causal", [True, False])
 def test_splash_in_interpret_mode_equals_xla(causal):
     """Forward and gradients at real positions; left and right padding; GQA; T not a multiple of 128."""
@@ -183,6 +184,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow(seconds=20)
 def test_splash_under_a_sharded_mesh_equals_xla():
     """The whole model on 4 simulated devices (fsdp x tensor = 2 x 2): splash runs per shard under
     shard_map (interpret mode here) and gives XLA's logits at every real position, with left and
