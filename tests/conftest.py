@@ -55,10 +55,11 @@ def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist, start every worker on its share of the slow tests.
 
     The suite's wall time on 2 cores ends with its longest tests: in file order the training runs
-    (tests/test_train_*.py, the embedded default's for minutes) start last and finish alone. `--dist
-    worksteal` first hands each of the N workers a contiguous chunk of the collection, then steals from
-    the tails of the longest queues; so the slow tests go to the heads of those chunks, a module's slow tests together (its
-    module-scoped fixtures are built once), the longest module first to the least loaded worker.
+    (tests/test_train_*.py, the embedded default's for minutes) start last and finish alone.
+    `--dist worksteal` first hands each of the N workers a contiguous chunk of the collection, then
+    steals from the tails of the longest queues; so the slow tests go to the heads of those chunks, a
+    module's slow tests together (its module-scoped fixtures are built once), the longest module first
+    to the least loaded worker.
     Only the order changes (every worker collects the same list, as xdist requires); with another
     scheduler the run is as correct, only slower.
     """
