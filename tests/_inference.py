@@ -6,6 +6,7 @@ padding rows, so that every id the tokenizer emits is a real embedding row.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
@@ -44,8 +45,11 @@ def make_hf_llava(seed: int, *, max_positions: int = 256, eos: int = 2):
 
 
 def tokenizer_cache_dir() -> str:
-    """Where the tiny tokenizer is trained once per machine (training takes a second or two)."""
-    return os.path.join(os.environ.get("TMPDIR", "/tmp"), "llava_jax_test_spm_400")
+    """Where the tiny tokenizer is trained once per machine; named by tests/_spm.py's text, so that a changed
+    corpus or trainer setting trains a new one instead of reusing the old."""
+    with open(_spm.__file__, "rb") as f:
+        version = hashlib.sha256(f.read()).hexdigest()[:12]
+    return os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llava_jax_test_spm_{SPM_VOCAB}_{version}")
 
 
 def make_model_dir(path: str, seed: int = 0, **kw) -> tuple[str, object]:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.models.llava import init_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.distributed import maybe_initialize
 from llava_jax.parallel.mesh import make_mesh
@@ -23,6 +21,7 @@ from llava_jax.parallel.partition import device_batch
 from llava_jax.train.defaults import stage
 from llava_jax.train.program import stage_program
 from llava_jax.train.step import to_microbatches
+from tests._params import host_random_params
 
 TINY = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=28),
@@ -48,7 +47,9 @@ def global_batch(cfg: LlavaConfig) -> dict:
 def run(mesh_shape: tuple[int, int, int], cfg: LlavaConfig = TINY) -> list[float]:
     mesh = make_mesh(*mesh_shape)
     rules = rules_lib.DEFAULT_RULES
-    params = jax.device_get(nn.unbox(init_params(cfg, jax.random.key(0))))  # same values on every mesh
+    # Same values on every mesh, drawn on the host: init_params would compile its initializers in every
+    # worker process (a jit per device count; ~20 s of a loaded 2-core CPU each).
+    params = host_random_params(cfg, 0)
     st = stage("finetune", data="", template="", trainable=["(projector|language_model)/.*"], learning_rate=1e-3,
                global_batch=ROWS, micro_batch=ROWS // MICRO, warmup_ratio=0.0)
     program = stage_program(cfg, st, mesh, rules, 10, params)  # as the training loop builds it

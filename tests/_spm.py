@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 
 import sentencepiece as spm
 
@@ -47,17 +49,20 @@ def train_tiny_spm(
     """Trains the tokenizer into `directory/tokenizer.model` (once per directory) and returns its path.
 
     `user_defined_symbols` become atomic pieces (as ChatML tags are in a ChatML model's vocabulary).
+    Several processes may share `directory` (tests/_inference.py's one per machine): each trains in a
+    private subdirectory and moves the finished model into place, so that none reads a half-written one.
     """
     os.makedirs(directory, exist_ok=True)
     model_path = os.path.join(directory, "tokenizer.model")
     if os.path.exists(model_path):
         return model_path
-    text_path = os.path.join(directory, "corpus.txt")
+    work = tempfile.mkdtemp(dir=directory, prefix=".training-")
+    text_path = os.path.join(work, "corpus.txt")
     with open(text_path, "w") as f:
         f.write("\n".join(corpus()) + "\n")
     spm.SentencePieceTrainer.train(
         input=text_path,
-        model_prefix=os.path.join(directory, "tokenizer"),
+        model_prefix=os.path.join(work, "tokenizer"),
         model_type=model_type,
         vocab_size=vocab_size,
         byte_fallback=True,
@@ -74,4 +79,6 @@ def train_tiny_spm(
         num_threads=1,
         minloglevel=2,
     )
+    os.replace(os.path.join(work, "tokenizer.model"), model_path)  # the same pieces whichever process wins
+    shutil.rmtree(work, ignore_errors=True)
     return model_path

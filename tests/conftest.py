@@ -1,5 +1,5 @@
-"""Test-session hooks: one persistent compilation cache for the session; a failing test's report
-names the fresh seeds it drew (tests/_seeds.py)."""
+"""Test-session hooks: one persistent compilation cache for the session; the slow tests first, spread over
+the pytest-xdist workers; a failing test's report names the fresh seeds it drew (tests/_seeds.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from tests import _seeds
+from tests import _seeds, _spm
 
 # Many tests start training, generation or conversion in subprocesses of the same tiny configs; each
 # would compile the same programs again (a tiny training run: 61 s cold, 16 s with a warm cache).
@@ -27,6 +27,65 @@ def pytest_sessionfinish(session, exitstatus):
     # The process that made the directory removes it: with xdist, the controller, after its workers.
     if _OWN_CACHE and not hasattr(session.config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_spm_dir(tmp_path_factory) -> str:
+    """A directory with tests/_spm.py's tiny LLaMA-like `tokenizer.model` (400 pieces), trained once a session."""
+    return os.path.dirname(_spm.train_tiny_spm(str(tmp_path_factory.mktemp("spm"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_spm_dir(tmp_path_factory) -> str:
+    """The same tokenizer with ChatML's tags as atomic pieces, as in a ChatML model's vocabulary."""
+    d = str(tmp_path_factory.mktemp("spm_chatml"))
+    return os.path.dirname(_spm.train_tiny_spm(d, user_defined_symbols=("<|im_start|>", "<|im_end|>")))
+
+
+def _seconds(item) -> float:
+    """The idle-CPU estimate a test's `slow` marker carries (`@pytest.mark.slow(seconds=240)`); 0 when unmarked."""
+    mark = item.get_closest_marker("slow")
+    if mark is None:
+        return 0.0
+    return float(mark.kwargs.get("seconds", mark.args[0] if mark.args else 60))
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection, so that the chunks below are the ones xdist sends
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, start every worker on its share of the slow tests.
+
+    The suite's wall time on 2 cores ends with its longest tests: in file order the training runs
+    (tests/test_train_*.py, the embedded default's for minutes) start last and finish alone.
+    `--dist worksteal` first hands each of the N workers a contiguous chunk of the collection, then
+    steals from the tails of the longest queues; so the slow tests go to the heads of those chunks, a
+    module's slow tests together (its module-scoped fixtures are built once), the longest module first
+    to the least loaded worker.
+    Only the order changes (every worker collects the same list, as xdist requires); with another
+    scheduler the run is as correct, only slower.
+    """
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers < 2 or not any(_seconds(item) for item in items):
+        return
+    modules: dict[str, list] = {}
+    for item in items:
+        if _seconds(item):
+            modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    units = sorted(modules.values(), key=lambda unit: sum(map(_seconds, unit)), reverse=True)
+    fast = [item for item in items if not _seconds(item)]
+    lanes, loads = [[] for _ in range(workers)], [0.0] * workers
+    for unit in units:
+        k = loads.index(min(loads))
+        lanes[k] += unit
+        loads[k] += sum(map(_seconds, unit))
+    # The chunk sizes of xdist's first distribution: each worker in turn gets remaining // workers left.
+    ordered, remaining = [], len(items)
+    for k, lane in enumerate(lanes):
+        size = remaining // (workers - k)
+        remaining -= size
+        take = max(0, size - len(lane))
+        ordered += lane + fast[:take]
+        fast = fast[take:]
+    items[:] = ordered + fast
 
 
 def pytest_runtest_setup(item):

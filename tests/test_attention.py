@@ -80,6 +80,7 @@ def _dense(tokens, causal):
     return jnp.asarray(m[None, None] & tokens.astype(bool)[:, None, None, :])
 
 
+@pytest.mark.slow(seconds=12)
 @pytest.mark.parametrize("causal", [True, False])
 def test_splash_in_interpret_mode_equals_xla(causal):
     """Forward and gradients at real positions; left and right padding; GQA; T not a multiple of 128."""
@@ -162,15 +163,16 @@ def test_cudnn_equals_xla_in_bf16(causal):
 
 
 SHARDED = """
-import json, numpy as np, jax, flax.linen as nn
+import json, numpy as np, jax
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import jit_sharded, model_param_shardings
-from llava_jax.models.llava import Llava, init_params
+from llava_jax.models.llava import Llava
 from tests._parallel_worker import TINY, global_batch
+from tests._params import host_random_params
 cfg = TINY.replace(vision=TINY.vision.__class__(**{**TINY.vision.__dict__, "num_layers": 1}))
 mesh, rules = make_mesh(1, 2, 2), rules_lib.DEFAULT_RULES
-params = jax.device_put(nn.unbox(init_params(cfg, jax.random.key(0))), model_param_shardings(cfg, mesh, rules))
+params = jax.device_put(host_random_params(cfg, 0), model_param_shardings(cfg, mesh, rules))  # no init compile
 batch = {k: v[:8] for k, v in global_batch(cfg).items()}
 batch["attention_mask"][2::4, :6] = 0  # left padding too: splash takes any padding
 real = batch["attention_mask"] == 1
@@ -183,6 +185,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow(seconds=20)
 def test_splash_under_a_sharded_mesh_equals_xla():
     """The whole model on 4 simulated devices (fsdp x tensor = 2 x 2): splash runs per shard under
     shard_map (interpret mode here) and gives XLA's logits at every real position, with left and

@@ -65,6 +65,7 @@ def _mib(text: str, what: str) -> float:
     return float(value) * (1024 if unit == "GiB" else 1)
 
 
+@pytest.mark.slow(seconds=8)
 def test_compile_only_on_8_simulated_devices_reports_the_sharded_memory(tmp_path):
     """`--config.compile_only=True` compiles every stage without data or weights and prints the
     figures: the arguments per device are the shards of the state and of the batch, to the byte

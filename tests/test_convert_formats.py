@@ -22,7 +22,6 @@ from llava_jax.data.image import ImageProcessorConfig
 from llava_jax.weights.converted import load_params
 from llava_jax.weights.safetensors_io import TensorStore, save_file
 from tests._seeds import fresh_seed
-from tests._spm import train_tiny_spm
 from tests.hf_reference import IMAGE_TOKEN, VOCAB, perturb_, random_ids, text_config_dict, torch_logits, vision_config_dict
 
 ATOL = 1e-4
@@ -62,10 +61,9 @@ def assert_logits_match(hf_model, ours, n_img: int, seed: int, image_token: int 
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> str:
-    d = str(tmp_path_factory.mktemp("spm"))
-    train_tiny_spm(d)
-    return d
+def tokenizer_dir(tiny_spm_dir) -> str:
+    """The session's tiny tokenizer (tests/conftest.py)."""
+    return tiny_spm_dir
 
 
 def hf_tensors(model, directory) -> dict[str, np.ndarray]:

@@ -266,6 +266,7 @@ def test_resume_through_orbax_checkpoint_manager(data, tmp_path):
     manager.close()
 
 
+@pytest.mark.slow(seconds=7)
 def test_worker_processes_give_the_same_batches_and_resume(data):
     kwargs = dict(num_epochs=2, batch_size=3)
     reference = _take(iter(_dataset(data, **kwargs)))

@@ -10,7 +10,6 @@ import pytest
 from llava_jax.data import templates as T
 from llava_jax.data.templates import IGNORE_INDEX, EmptySampleError, render, render_prompt, render_text
 from llava_jax.data.tokenizer import Tokenizer
-from tests import _spm
 
 IMG = 400  # == the tiny vocabulary size: outside the vocabulary, like llava-hf's 32000
 N_IMG = 5
@@ -83,10 +82,8 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("spm")
-    _spm.train_tiny_spm(str(d))
-    return Tokenizer.from_pretrained(str(d))
+def tok(tiny_spm_dir):
+    return Tokenizer.from_pretrained(tiny_spm_dir)
 
 
 def _render(conv, name, tok, **kw):
@@ -217,10 +214,8 @@ def test_chatml_ids_equal_full_string(tok, record):
 
 
 @pytest.mark.parametrize("record", sorted(RECORDS))
-def test_chatml_ids_equal_full_string_with_tag_pieces(tmp_path_factory, record):
-    d = tmp_path_factory.mktemp("spm_chatml")
-    _spm.train_tiny_spm(str(d), user_defined_symbols=("<|im_start|>", "<|im_end|>"))
-    tok = Tokenizer.from_pretrained(str(d))
+def test_chatml_ids_equal_full_string_with_tag_pieces(tiny_chatml_spm_dir, record):
+    tok = Tokenizer.from_pretrained(tiny_chatml_spm_dir)
     assert len(tok.encode("<|im_end|>", add_dummy_prefix=False)) == 1
     conv = RECORDS[record]
     sample = _render(conv, "chatml_direct", tok)

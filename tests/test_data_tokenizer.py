@@ -10,7 +10,6 @@ from sentencepiece import sentencepiece_model_pb2
 from transformers import LlamaTokenizer
 
 from llava_jax.data.tokenizer import Tokenizer
-from tests import _spm
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -41,10 +40,8 @@ PLAIN_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("spm")
-    _spm.train_tiny_spm(str(d))
-    return str(d)
+def model_dir(tiny_spm_dir):
+    return tiny_spm_dir
 
 
 @pytest.fixture(scope="module")

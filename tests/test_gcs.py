@@ -82,6 +82,7 @@ def _train(env, workdir, **kw):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **kw)
 
 
+@pytest.mark.slow(seconds=60)
 def test_workdir_on_gcs_trains_checkpoints_is_killed_and_resumes(gcs, monkeypatch):
     env, url = gcs
     workdir = f"gs://{BUCKET}/run"

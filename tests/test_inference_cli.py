@@ -21,6 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What is in the picture?"
 NEW = 10
 GREEDY = ["--temperature", "0", "--max-new-tokens", str(NEW)]
+# Every test starts CLIs in subprocesses (seconds each) on the module's model directory.
+pytestmark = pytest.mark.slow(seconds=15)
 
 
 def run(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

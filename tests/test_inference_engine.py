@@ -78,6 +78,7 @@ def test_eos_stops_like_transformers(setup, alone):
     assert got.finish_reason == "eos"
 
 
+@pytest.mark.slow(seconds=15)
 def test_batch_equals_each_prompt_alone(setup, alone):
     """Three prompts of different lengths and image counts (0, 1, 2) in one left-padded batch."""
     _, _, engine = setup
@@ -87,6 +88,7 @@ def test_batch_equals_each_prompt_alone(setup, alone):
         np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
 
 
+@pytest.mark.slow(seconds=8)
 def test_prefill_through_splash_equals_xla(setup, alone):
     """The prefill attends over the prompt's own keys, so a fused kernel runs it: Pallas splash (in
     interpret mode on this CPU) over the left-padded batch gives each prompt's greedy ids and
@@ -110,6 +112,7 @@ def test_kv_cache_decoding_equals_full_recompute(setup, alone):
     assert err < LOGPROB_ATOL, f"log-prob error {err:.2e}"
 
 
+@pytest.mark.slow(seconds=30)
 def test_sampling_reproducible_and_batch_independent(setup):
     _, _, engine = setup
     params = SamplingParams(temperature=1.5, top_k=50, top_p=0.95, max_new_tokens=NEW, seed=7, ignore_eos=True)
@@ -145,6 +148,7 @@ def test_warpers_equal_transformers(temperature, top_k, top_p):
     np.testing.assert_allclose(got[~np.isinf(got)], ref[~np.isinf(ref)], rtol=1e-6)
 
 
+@pytest.mark.slow(seconds=13)
 def test_stop_strings_and_streaming_equal_generate(setup, alone):
     _, _, engine = setup
     full = engine.generate([PROMPTS[1]], GREEDY)[0]
@@ -215,6 +219,7 @@ def test_growing_prompt_reuses_compiled_code(setup, alone):
 LONG = 40  # new tokens of the long answer: budget 48, windows 16, 32, 48
 
 
+@pytest.mark.slow(seconds=12)
 def test_decode_window_grows_and_equals_full_window_decode(setup):
     """The cache starts with a 16-slot window for generated tokens, not the 48 of the budget, and
     doubles as the answer grows; the long answer across three windows equals the previous layout
@@ -256,6 +261,7 @@ INT8_AGREE = 8  # int8 greedy ids equal float's for at least this many leading t
 INT8_LOGPROB_ATOL = 0.1  # nats, on the tokens where they agree
 
 
+@pytest.mark.slow(seconds=15)
 def test_int8_weights_stay_close_to_float(setup, alone):
     """Weight-only int8 (per output channel): the documented tolerance on the tiny model. A rounding
     flip of a near tie may change a later token, after which the answers diverge."""

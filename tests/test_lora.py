@@ -41,6 +41,7 @@ def random_adapter(model: LlavaModel, spec: lora_lib.LoraSpec, seed: int) -> Lla
     return LlavaModel(cfg, tu.unflatten_dict(flat))
 
 
+@pytest.mark.slow(seconds=12)
 def test_saved_adapter_gives_peft_logits_merged_or_not(tmp_path):
     from peft import PeftModel
 
@@ -71,6 +72,7 @@ def test_saved_adapter_gives_peft_logits_merged_or_not(tmp_path):
     print(f"max logit error {err:.2e}; merged vs unmerged {merge_err:.2e}")
 
 
+@pytest.mark.slow(seconds=6)
 def test_peft_made_adapter_gives_peft_logits(tmp_path):
     """An adapter peft created (transformers 5 names, some modules, one layer only, rsLoRA) loaded by us."""
     from peft import LoraConfig, get_peft_model
@@ -102,6 +104,7 @@ def test_adapter_on_the_vision_tower_is_refused(tmp_path):
         load_pretrained(str(tmp_path / "base"), lora=str(tmp_path / "a"))
 
 
+@pytest.mark.slow(seconds=20)
 def test_lora_gradients_match_peft(tmp_path):
     """Gradients of A, B (and of the projector, trained beside them) against torch + peft, dropout off."""
     from peft import LoraConfig, get_peft_model
@@ -165,6 +168,7 @@ def _original_lora_output(hf, directory) -> None:
         json.dump(config, f)
 
 
+@pytest.mark.slow(seconds=7)
 def test_convert_reads_the_original_lora_output(tmp_path):
     """CLIP + Vicuna parts + the original's LoRA output (adapter_model.bin, non_lora_trainables.bin):
     converted with the adapter kept (applied on load) or merged, both give peft's logits."""

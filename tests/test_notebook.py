@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +16,7 @@ def _text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
 
 
+@pytest.mark.slow(seconds=150)
 def test_smoke_colab_notebook_runs_on_cpu_and_skips_what_needs_a_tpu(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)  # cell ids included (nbformat 4.5)

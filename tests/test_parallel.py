@@ -37,6 +37,7 @@ def _losses(proc, timeout: int = 600) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow(seconds=60)
 def test_losses_equal_across_meshes_and_one_device():
     meshes = "8,1,1;2,2,2;1,4,2;1,8,1"
     sharded = _losses(_worker([meshes], devices=8))
@@ -47,6 +48,7 @@ def test_losses_equal_across_meshes_and_one_device():
     assert single[-1] < single[0]  # the steps really train
 
 
+@pytest.mark.slow(seconds=40)
 def test_two_processes_equal_one_process_with_two_devices():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,6 +87,7 @@ def test_unmatched_logical_axis_is_an_error():
         rules_lib.check_rules(boxed, rules)
 
 
+@pytest.mark.slow(seconds=60)
 def test_llava15_7b_stage2_step_compiles_for_8_devices():
     """The real 7B train step (remat, bf16, FSDP over 8 devices) lowers and compiles from abstract
     shapes alone; the per-device memory estimate is printed (CPU compiler: an upper bound, it does

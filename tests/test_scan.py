@@ -54,6 +54,7 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+@pytest.mark.slow(seconds=28)
 def test_scanned_equals_unrolled_logits_loss_and_gradients():
     """Float32, relative to the norm: per element the two differ by float32 reordering only (XLA fuses
     a loop body differently from straight-line code; jit vs eager of the unrolled model differ as much)."""
@@ -114,6 +115,7 @@ def _old_config_json(cfg: LlavaConfig) -> str:
     return json.dumps(d)
 
 
+@pytest.mark.slow(seconds=9)
 def test_directory_and_training_checkpoint_in_the_old_per_layer_layout_load(tmp_path):
     """A converted directory and a training checkpoint written before layers were scanned (one
     `layers_{i}` subtree per layer, no `scan_layers` in the config) load into the stacked model."""
@@ -160,6 +162,7 @@ def test_directory_and_training_checkpoint_in_the_old_per_layer_layout_load(tmp_
     ckpt.close()
 
 
+@pytest.mark.slow(seconds=9)
 def test_init_params_traces_no_forward_pass_and_follows_the_initializers(monkeypatch):
     # Few parameters (no vision layers): every RNG draw compiles separately on the CPU.
     cfg = CFG.replace(vision_feature_layer=0, projector_bias=False)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from llava_jax.data import synthetic
 
 # The limit is 5 minutes idle. Under `pytest -n 3` the run shares the 2 cores with two other
@@ -39,6 +41,7 @@ def _final_eval(metrics_path: str) -> dict:
     return evals[-1]
 
 
+@pytest.mark.slow(seconds=240)
 def test_embedded_default_reaches_the_accuracy_bar(tmp_path):
     workdir = tmp_path / "run"
     start = time.perf_counter()

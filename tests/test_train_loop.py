@@ -37,6 +37,7 @@ def _losses(workdir) -> dict[int, float]:
     return out
 
 
+@pytest.mark.slow(seconds=90)
 def test_kill_9_and_resume_logs_the_same_losses(tmp_path):
     """Killed (kill -9) in stage 1 (trained fully) and again in stage 2 (a LoRA stage), resumed each
     time: the losses of a run never interrupted, step for step. Then the LoRA stage's outputs."""
@@ -70,6 +71,7 @@ def test_kill_9_and_resume_logs_the_same_losses(tmp_path):
     check_lora_stage_outputs(work / "stage1_pretrain", work / "stage2_finetune", tmp_path / "export")
 
 
+@pytest.mark.slow(seconds=30)
 def test_sigterm_saves_and_resumes(tmp_path):
     work = tmp_path / "w"
     proc = subprocess.Popen(_cmd(work, "", "--config.checkpoint_every=100"), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -87,6 +89,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
     assert again.returncode == 0 and f"resuming from checkpoint {saved}" in again.stderr
 
 
+@pytest.mark.slow(seconds=30)
 def test_frozen_parameters_and_checkpoints_as_models(tmp_path, capsys):
     """Frozen towers leave a stage exactly as they entered it. A training checkpoint holds only the
     trained parameters, yet loads, exports and inspects as a model (its frozen ones come from the
@@ -130,6 +133,7 @@ def test_frozen_parameters_and_checkpoints_as_models(tmp_path, capsys):
     assert f"{work}/stage2_finetune (ours)" in err and f"{work}/checkpoints/4 (training checkpoint)" in err, err
 
 
+@pytest.mark.slow(seconds=20)
 def test_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path):
     work = tmp_path / "w"
     r = _run(work, "explode")

@@ -3,6 +3,7 @@
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from llava_jax import load_pretrained
@@ -47,6 +48,7 @@ def _torch_forward(hf, batch):
               labels=torch.as_tensor(batch["labels"]).long())
 
 
+@pytest.mark.slow(seconds=25)
 def test_loss_and_gradients_match_transformers(tmp_path):
     hf, model, batch = _tiny(tmp_path)
     # Loss: the mean over all supervised tokens of the batch.
@@ -72,6 +74,7 @@ def test_loss_and_gradients_match_transformers(tmp_path):
     assert checked > 10
 
 
+@pytest.mark.slow(seconds=25)
 def test_accumulated_step_equals_one_big_step(tmp_path):
     """Two micro-batches give the loss and update of the whole batch at once."""
     hf, model, batch = _tiny(tmp_path)
@@ -92,6 +95,7 @@ def test_accumulated_step_equals_one_big_step(tmp_path):
     assert set(jax.tree_util.tree_structure(s1.params).node_data()[1]) == {"projector"}
 
 
+@pytest.mark.slow(seconds=13)
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     hf, model, batch = _tiny(tmp_path)
     batch["pixel_values"][0, 0, 0, 0, 0] = np.nan
@@ -104,6 +108,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow(seconds=20)
 def test_chunked_loss_equals_the_full_logits_loss():
     """The training loss runs the head per chunk of positions: same loss (1e-6) and gradients (1e-5)."""
     seed = fresh_seed()
