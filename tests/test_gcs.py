@@ -130,6 +130,7 @@ def test_workdir_on_gcs_trains_checkpoints_is_killed_and_resumes(gcs, monkeypatc
     assert all(jax.tree.leaves(same)) and model.config.num_image_tokens == 16
 
 
+@pytest.mark.slow(seconds=40)
 def test_embedded_default_ends_with_its_shapes_benchmark_on_a_gcs_workdir(gcs):
     """Issue 22: the README's `--workdir=gs://...` run, its stage 2's `shapes` benchmark included, exits 0
     with the results table; the benchmark's answers and results land in the bucket; the emulator's
@@ -151,6 +152,7 @@ def test_embedded_default_ends_with_its_shapes_benchmark_on_a_gcs_workdir(gcs):
     assert _objects(url, "bench/eval/stage2_finetune/shapes_score.txt")
 
 
+@pytest.mark.slow(seconds=15)
 def test_eval_suite_and_run_read_and_write_gcs_as_local_files(gcs_here, tmp_path):
     """Issue 22: `eval suite --data-root gs://... --output-dir gs://...` gives the results a local copy of
     the same data gives; `eval run` with a gs:// answers file writes the same answers."""

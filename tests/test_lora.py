@@ -311,6 +311,7 @@ def test_dropout_only_with_a_training_rng():
     assert np.abs(dropped - plain).max() > 1e-3
 
 
+@pytest.mark.slow(seconds=60)
 def test_lora_runs_training_checkpoint_is_a_model(tmp_path, capsys):
     """A LoRA run's training checkpoint (tests/_train_config.py:lora, 2 steps a stage) is a model every
     command takes: `load_pretrained` applies its adapters (the stage's last checkpoint gives the stage
