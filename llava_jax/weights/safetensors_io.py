@@ -5,11 +5,9 @@ conversion holds a tensor or two in memory. bfloat16 is read with `ml_dtypes` (n
 
 Why not the `safetensors` package: its `safe_open` memory-maps the file, and every page a read
 touches stays counted in the process's resident memory, so reading a 14 GB checkpoint that way peaks
-near 14 GB. Measured on a 512 MiB file (24 bf16 [4096, 2048] + 8 f32 [2048, 2048] tensors), each
-tensor read, cast to float32 and transposed, peak RSS (ru_maxrss; 77 MiB after the imports):
-  ours (np.fromfile at the tensor's offset)       124 MiB   7.3 s
-  safe_open(framework="numpy") (+ ml_dtypes)      595 MiB   6.9 s
-  safe_open(framework="flax")                     887 MiB  13.8 s
+near 14 GB. `python -m bench.safetensors_memory` (BENCHMARKS.md) reads a 512 MiB file, each tensor
+cast to float32 and transposed: peak RSS 126 MiB with ours (np.fromfile at the tensor's offset), 638
+MiB with safe_open(framework="numpy") (887 MiB with framework="flax"), 46 MiB after the imports.
 (safe_open's numpy API reads bf16 only once ml_dtypes is imported: "data type 'bfloat16' not
 understood" otherwise.) Its writer (`safetensors.numpy.save_file`) takes every tensor at once, where
 an export streams one at a time. Reads from gs:// go through `paths.open` here, which it cannot.
