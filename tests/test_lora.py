@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -309,65 +308,3 @@ def test_dropout_only_with_a_training_rng():
     np.testing.assert_allclose(plain, x @ params["kernel"] + params["bias"] + (x @ a @ b) * spec.scale, rtol=1e-5)
     dropped = np.asarray(layer.apply({"params": params}, x, rngs={"dropout": jax.random.key(1)}))
     assert np.abs(dropped - plain).max() > 1e-3
-
-
-@pytest.mark.slow(seconds=60)
-def test_lora_runs_training_checkpoint_is_a_model(tmp_path, capsys):
-    """A LoRA run's training checkpoint (tests/_train_config.py:lora, 2 steps a stage) is a model every
-    command takes: `load_pretrained` applies its adapters (the stage's last checkpoint gives the stage
-    output's logits exactly), `--to hf` writes the base + adapter/ that peft loads to our logits (and
-    `--merge-lora` one model with them), and `generate` finds the run's tokenizer and image settings."""
-    import subprocess
-    import sys
-
-    from peft import PeftModel
-    from transformers import LlavaForConditionalGeneration
-
-    from llava_jax import generate
-    from llava_jax.convert import main
-    from tests.hf_reference import torch_logits
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    work = tmp_path / "work"
-    r = subprocess.run([sys.executable, "-m", "llava_jax.train", f"--config={root}/tests/_train_config.py:lora",
-                        f"--workdir={work}", "--config.max_steps=2", "--config.checkpoint_every=2"],
-                       cwd=root, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ckpt, stage = str(work / "checkpoints" / "4"), str(work / "stage2_finetune")  # stage 2's last step
-    ours, ref = load_pretrained(ckpt), load_pretrained(stage)
-    assert ours.config.lora is not None and ours.config.lora == ref.config.lora
-    cfg = ours.config
-    rng = np.random.default_rng(0)
-    image_run = [cfg.image_token_index] * cfg.num_image_tokens
-    ids = np.array([[1, *rng.integers(3, 100, 3), *image_run, *rng.integers(3, 100, 6)]])
-    mask = np.ones_like(ids)
-    px = rng.standard_normal((1, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
-    got = np.asarray(ours(ids, px, mask).logits)
-    np.testing.assert_array_equal(got, np.asarray(ref(ids, px, mask).logits))
-    # A checkpoint written before checkpoints recorded the LoRA spec takes alpha from its stage's adapter/.
-    old = work / "checkpoints" / "5"
-    shutil.copytree(ckpt, old)
-    meta = json.loads((old / "meta" / "metadata").read_text())
-    del meta["model"]["lora"]
-    (old / "meta" / "metadata").write_text(json.dumps(meta))
-    np.testing.assert_array_equal(np.asarray(load_pretrained(str(old))(ids, px, mask).logits), got)
-    shutil.rmtree(old)
-
-    kept, merged = str(tmp_path / "hf"), str(tmp_path / "hf-merged")
-    assert main(["--src", ckpt, "--dst", kept, "--to", "hf"]) == 0
-    assert main(["--src", ckpt, "--dst", merged, "--to", "hf", "--merge-lora"]) == 0
-    base = LlavaForConditionalGeneration.from_pretrained(kept)
-    pos = np.arange(ids.shape[1])[None]
-    for name, hf in (("peft", PeftModel.from_pretrained(base, os.path.join(kept, "adapter")).eval()),
-                     ("merged export", LlavaForConditionalGeneration.from_pretrained(merged))):
-        err = float(np.abs(got - torch_logits(hf, ids, px, mask, pos)[..., : got.shape[-1]]).max())
-        assert err < 1e-4, f"{name}: max logit error {err:.2e}"
-
-    capsys.readouterr()
-    image = work / "data" / "images" / sorted(os.listdir(work / "data" / "images"))[0]
-    answers = []
-    for model in (ckpt, stage):
-        assert generate.main(["--model-path", model, "--image-file", str(image), "--prompt", "What is it?",
-                              "--temperature", "0", "--max-new-tokens", "4", "--json"]) == 0
-        answers.append(json.loads(capsys.readouterr().out))
-    assert answers[0] == answers[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import time
 
 import numpy as np
 import pytest
+
+from llava_jax import load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "_train_config.py")
@@ -37,15 +40,23 @@ def _losses(workdir) -> dict[int, float]:
     return out
 
 
-@pytest.mark.slow(seconds=90)
-def test_kill_9_and_resume_logs_the_same_losses(tmp_path):
-    """Killed (kill -9) in stage 1 (trained fully) and again in stage 2 (a LoRA stage), resumed each
-    time: the losses of a run never interrupted, step for step. Then the LoRA stage's outputs."""
-    ref = _run(tmp_path / "ref", "lora")
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One uninterrupted run of tests/_train_config.py:lora (6 steps a stage, a checkpoint every 2), shared
+    by the kill -9 test (its reference losses) and the checkpoint-as-a-model test: one training run less."""
+    work = tmp_path_factory.mktemp("lora_run") / "ref"
+    ref = _run(work, "lora")
     assert ref.returncode == 0, ref.stderr[-3000:]
-    expected = _losses(tmp_path / "ref")
     # Stage 1 trains captions only: its near-zero accuracy on held-out questions is explained.
     assert "asked in vicuna_v1, which this stage (plain) does not train" in ref.stderr, ref.stderr[-3000:]
+    return work
+
+
+@pytest.mark.slow(seconds=90)
+def test_kill_9_and_resume_logs_the_same_losses(lora_run, tmp_path):
+    """Killed (kill -9) in stage 1 (trained fully) and again in stage 2 (a LoRA stage), resumed each
+    time: the losses of a run never interrupted, step for step. Then the LoRA stage's outputs."""
+    expected = _losses(lora_run)
     assert sorted(expected) == list(range(1, 13))  # 6 steps per stage, two stages
     work = tmp_path / "killed"
     for checkpoint in (2, 8):  # stage 1 step 2, then stage 2 step 2
@@ -63,7 +74,6 @@ def test_kill_9_and_resume_logs_the_same_losses(tmp_path):
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[k] for k in sorted(got)], [expected[k] for k in sorted(expected)], rtol=1e-6)
     # The output directory is a model every command accepts (its adapter applied).
-    from llava_jax import load_pretrained
     from tests.test_lora import check_lora_stage_outputs
 
     model = load_pretrained(str(work / "stage2_finetune"))
@@ -141,3 +151,58 @@ def test_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path):
     assert "consecutive steps with a non-finite loss or gradient" in r.stderr
     records = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert any(rec.get("nonfinite_total", 0) > 0 for rec in records)
+
+
+@pytest.mark.slow(seconds=30)
+def test_lora_runs_training_checkpoint_is_a_model(lora_run, tmp_path, capsys):
+    """A LoRA run's training checkpoint (tests/_train_config.py:lora, 6 steps a stage, the
+    kill -9 test's reference run) is a model every
+    command takes: `load_pretrained` applies its adapters (the stage's last checkpoint gives the stage
+    output's logits exactly), `--to hf` writes the base + adapter/ that peft loads to our logits (and
+    `--merge-lora` one model with them), and `generate` finds the run's tokenizer and image settings."""
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_jax import generate
+    from llava_jax.convert import main
+    from tests.hf_reference import torch_logits
+
+    work = lora_run
+    ckpt, stage = str(work / "checkpoints" / "12"), str(work / "stage2_finetune")  # stage 2's last step
+    ours, ref = load_pretrained(ckpt), load_pretrained(stage)
+    assert ours.config.lora is not None and ours.config.lora == ref.config.lora
+    cfg = ours.config
+    rng = np.random.default_rng(0)
+    image_run = [cfg.image_token_index] * cfg.num_image_tokens
+    ids = np.array([[1, *rng.integers(3, 100, 3), *image_run, *rng.integers(3, 100, 6)]])
+    mask = np.ones_like(ids)
+    px = rng.standard_normal((1, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
+    got = np.asarray(ours(ids, px, mask).logits)
+    np.testing.assert_array_equal(got, np.asarray(ref(ids, px, mask).logits))
+    # A checkpoint written before checkpoints recorded the LoRA spec takes alpha from its stage's adapter/.
+    old = work / "checkpoints" / "13"  # a copy, removed below: the run is shared with the kill -9 test
+    shutil.copytree(ckpt, old)
+    meta = json.loads((old / "meta" / "metadata").read_text())
+    del meta["model"]["lora"]
+    (old / "meta" / "metadata").write_text(json.dumps(meta))
+    np.testing.assert_array_equal(np.asarray(load_pretrained(str(old))(ids, px, mask).logits), got)
+    shutil.rmtree(old)
+
+    kept, merged = str(tmp_path / "hf"), str(tmp_path / "hf-merged")
+    assert main(["--src", ckpt, "--dst", kept, "--to", "hf"]) == 0
+    assert main(["--src", ckpt, "--dst", merged, "--to", "hf", "--merge-lora"]) == 0
+    base = LlavaForConditionalGeneration.from_pretrained(kept)
+    pos = np.arange(ids.shape[1])[None]
+    for name, hf in (("peft", PeftModel.from_pretrained(base, os.path.join(kept, "adapter")).eval()),
+                     ("merged export", LlavaForConditionalGeneration.from_pretrained(merged))):
+        err = float(np.abs(got - torch_logits(hf, ids, px, mask, pos)[..., : got.shape[-1]]).max())
+        assert err < 1e-4, f"{name}: max logit error {err:.2e}"
+
+    capsys.readouterr()
+    image = work / "data" / "images" / sorted(os.listdir(work / "data" / "images"))[0]
+    answers = []
+    for model in (ckpt, stage):
+        assert generate.main(["--model-path", model, "--image-file", str(image), "--prompt", "What is it?",
+                              "--temperature", "0", "--max-new-tokens", "4", "--json"]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0] == answers[1]
