@@ -142,8 +142,7 @@ def copy(src: PathLike, dst: PathLike) -> None:
         write_bytes(dst, read_bytes(src))
 
 
-# ---------------------------------------------------------------------------------------------
-# Atomic directories
+# --- atomic directories ---------------------------------------------------------------------------
 
 
 def atomic_directory(dst: PathLike, write: Callable[[str], None]) -> str:
