@@ -367,9 +367,9 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
     """The stage's Grain pipeline over this process's share of each global batch."""
     config, stage = run.config, run.config.stages[index]
     nproc = jax.process_count()
-    if stage.global_batch % stage.micro_batch or stage.global_batch % nproc:
-        raise ConfigError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by micro_batch "
-                         f"{stage.micro_batch} and by the {nproc} processes")
+    if stage.global_batch % nproc:  # by micro_batch: validate.py; the process count is known only here
+        raise ConfigError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by the {nproc} "
+                          "processes")
     data = run.sources.pop(index, None) or _stage_data_path(run, index)  # opened by check_stage_data, or its path
     ds = pipeline.make_dataset(
         data, run.files["image_folder"], run.tokenizer, stage.template, image_cfg,
