@@ -131,14 +131,15 @@ def _answer_and_score(bench: Benchmark, pipe: "Pipeline", data_root: str, output
     try:
         report = run_benchmark(bench, pipe, layout.question_file, layout.image_folder, answers_file,
                                on_error=lambda m: log.warning("%s", m), **kwargs)
-    finally:  # what was answered is kept on GCS, also when answering ends in an error
+    except BaseException:  # what was answered is kept on GCS, also when answering ends in an error
         if work_dir != output_dir and os.path.exists(answers_file):
             paths.copy(answers_file, remote_answers)
+        raise
     collect, printout = quiet_log()
     result = score_benchmark(bench, bench.suite_score_argv(data_root, answers_file, work_dir), collect)
     with open(os.path.join(work_dir, f"{bench.name}_score.txt"), "w") as f:
         f.write(printout.getvalue())
-    if work_dir != output_dir:
+    if work_dir != output_dir:  # the answers, the score printout and what the scorer wrote, uploaded once
         paths.copytree(work_dir, output_dir)
     note = "" if bench.metric is not None else "submit to the server"
     row = Row(bench.name, bench.headline(result), result, report.answered + report.skipped, len(report.failed), note)
