@@ -259,3 +259,23 @@ def from_hf_config(c: dict, tile_size: int, grid: int, extra_tokens: int = 0,
         raise ValueError(f"{source}: vision_aspect_ratio {c.get('vision_aspect_ratio')!r} of llava_onevision "
                          f"(anyres_max_9 downscaling) is not supported")
     raise ValueError(f"{source}: model_type {model_type!r} has no image geometry (expected llava or llava_next)")
+
+
+def table_index(cfg: AnyresConfig, sizes: Sequence[Size], slots: int) -> np.ndarray:
+    """int32 [sum of the images' num_tokens]: one row's image tokens, in placeholder order, as rows of the
+    row's feature table `concat(tiles.reshape(slots * tile_tokens, D), newline[None])`.
+
+    The row's images hold consecutive tile slots in order (each its base then its tiles), `slots` in all (the
+    static tile count of a batch row); the newline is the table's last row. Flat (LLaVA-1.5) gives
+    arange(len(sizes) * tile_tokens): the features in order.
+    """
+    parts, used = [], 0
+    for size in sizes:
+        lay = layout(cfg, size)
+        index = gather_index(cfg, size)
+        own_newline = lay.num_patches * cfg.tile_tokens
+        parts.append(np.where(index == own_newline, slots * cfg.tile_tokens, index + used * cfg.tile_tokens))
+        used += lay.num_patches
+    if used > slots:
+        raise ValueError(f"images of sizes {list(sizes)} take {used} tiles, more than the row's {slots} slots")
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)

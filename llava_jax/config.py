@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from llava_jax import anyres as anyres_lib
 from llava_jax import paths
 
 
@@ -131,12 +132,34 @@ class LlavaConfig:
     attention: str = "auto"
     # A LoRA adapter applied at run time (`LoraSpec` below, used by models/lora.py); never saved with the base config.
     lora: LoraSpec | None = None
+    # LLaVA-NeXT's anyres tiling (pinpoints, `spatial_unpad` merge, `image_newline`); None: LLaVA-1.5, one tile.
+    anyres: anyres_lib.AnyresConfig | None = None
+
+    @property
+    def geometry(self) -> anyres_lib.AnyresConfig:
+        """How an image becomes tokens (`llava_jax.anyres`): `anyres`, or the one-tile layout of LLaVA-1.5."""
+        if self.anyres is not None:
+            return self.anyres
+        extra = 1 if self.vision_feature_select_strategy in ("full", "cls_patch") else 0
+        v = self.vision
+        return anyres_lib.AnyresConfig.flat(v.image_size, v.image_size // v.patch_size, extra)
+
+    @property
+    def is_anyres(self) -> bool:
+        """Whether an image's token count depends on its size (LLaVA-NeXT), not one constant (LLaVA-1.5)."""
+        return self.geometry.merge != "flat"
+
+    def image_layout(self, size: tuple[int, int]) -> anyres_lib.ImageLayout:
+        """What an image of `size` (height, width) becomes: patches, tile grid, token count."""
+        return anyres_lib.layout(self.geometry, size)
 
     @property
     def num_image_tokens(self) -> int:
-        """Feature vectors each image contributes (the length of one placeholder run)."""
-        extra = 1 if self.vision_feature_select_strategy in ("full", "cls_patch") else 0
-        return self.vision.num_patches + extra
+        """Feature vectors each image contributes (LLaVA-1.5: one constant; anyres: see `image_layout`)."""
+        if self.is_anyres:
+            raise ValueError("an anyres (LLaVA-NeXT) image's token count depends on its size: "
+                             "use LlavaConfig.image_layout(size).num_tokens")
+        return self.geometry.tile_tokens
 
     @property
     def num_vision_layers_used(self) -> int:
@@ -156,6 +179,10 @@ class LlavaConfig:
         """Plain-JSON form (`llava_jax_config.json`); the run-time LoRA spec is left out."""
         d = dataclasses.asdict(self.replace(lora=None))
         d.pop("lora")
+        if d["anyres"] is None:
+            d.pop("anyres")  # LLaVA-1.5 configs read and write exactly as before
+        else:
+            d["anyres"]["pinpoints"] = [list(p) for p in d["anyres"]["pinpoints"]]
         if d["text"]["rope_scaling"] is not None:
             d["text"]["rope_scaling"] = dict(d["text"]["rope_scaling"])
         return d
@@ -167,7 +194,9 @@ class LlavaConfig:
         text = dict(d.pop("text"))
         if text.get("rope_scaling") is not None:
             text["rope_scaling"] = _freeze(text["rope_scaling"])
-        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
+        geometry = d.pop("anyres", None)
+        geometry = None if geometry is None else anyres_lib.AnyresConfig(**geometry)
+        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), anyres=geometry, **d)
 
     def save(self, directory: str) -> None:
         """Write our own config as `llava_jax_config.json`."""
@@ -252,10 +281,13 @@ def text_config_from_hf(c: dict, source: str = "config") -> TextConfig:
     )
 
 
+LLAVA_MODEL_TYPES = ("llava", "llava_next")
+
+
 def llava_config_from_hf(c: dict, source: str = "config.json") -> LlavaConfig:
-    """Parse a HF `LlavaConfig` dict (`model_type: llava`)."""
-    if c.get("model_type") != "llava":
-        raise ValueError(f"{source}: model_type is {c.get('model_type')!r}, expected 'llava'")
+    """Parse a HF `LlavaConfig` (`model_type: llava`) or `LlavaNextConfig` (`llava_next`: anyres) dict."""
+    if c.get("model_type") not in LLAVA_MODEL_TYPES:
+        raise ValueError(f"{source}: model_type is {c.get('model_type')!r}, expected one of {list(LLAVA_MODEL_TYPES)}")
     layer = c.get("vision_feature_layer", -2)
     if isinstance(layer, list):
         raise ValueError(f"{source}: a list of vision_feature_layer values ({layer}) is not supported")
@@ -265,7 +297,7 @@ def llava_config_from_hf(c: dict, source: str = "config.json") -> LlavaConfig:
     text = text_config_from_hf(c.get("text_config") or {}, source)
     if c.get("tie_word_embeddings") and not text.tie_word_embeddings:
         text = dataclasses.replace(text, tie_word_embeddings=True)
-    return LlavaConfig(
+    cfg = LlavaConfig(
         vision=vision_config_from_hf(c.get("vision_config") or {}, source),
         text=text,
         projector_type="mlp2x_gelu",
@@ -274,6 +306,11 @@ def llava_config_from_hf(c: dict, source: str = "config.json") -> LlavaConfig:
         vision_feature_select_strategy=c.get("vision_feature_select_strategy", "default"),
         image_token_index=c.get("image_token_index", c.get("image_token_id", 32000)),
     )
+    if c["model_type"] == "llava":
+        return cfg
+    flat = cfg.geometry
+    geometry = anyres_lib.from_hf_config(c, flat.tile_size, flat.grid, flat.extra_tokens, source)
+    return cfg.replace(anyres=geometry)
 
 
 def llava_config_to_hf(cfg: LlavaConfig) -> dict:
@@ -314,19 +351,27 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
         "layer_norm_eps": v.layer_norm_eps,
         "hidden_act": v.hidden_act,
     }
-    return {
+    out = {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "vision_config": vision,
         "text_config": text,
         "image_token_index": cfg.image_token_index,
-        "image_seq_length": cfg.num_image_tokens,
+        "image_seq_length": cfg.geometry.tile_tokens,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": cfg.projector_bias,
         "vision_feature_layer": cfg.vision_feature_layer,
         "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
         "tie_word_embeddings": t.tie_word_embeddings,
     }
+    if cfg.is_anyres:
+        g = cfg.geometry
+        if g.convention != "transformers":
+            # transformers reads pinpoints as (height, width); the original writes (width, height).
+            g = dataclasses.replace(g, pinpoints=g.resolutions(), convention="transformers")
+        out.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                   image_grid_pinpoints=[list(p) for p in g.pinpoints])
+    return out
 
 
 # Presets for the shapes users ask for by name.

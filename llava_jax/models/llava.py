@@ -1,9 +1,13 @@
-"""LLaVA: CLIP vision tower -> projector -> LLaMA, joined the way transformers' `LlavaForConditionalGeneration` is.
+"""LLaVA: CLIP vision tower -> projector -> LLaMA, joined the way transformers' `LlavaForConditionalGeneration`
+(LLaVA-1.5) and `LlavaNextForConditionalGeneration` (LLaVA-NeXT anyres) are.
 
-Images enter per sample: `pixel_values` [B, I, H, W, C] holds row b's images in the order of its
-placeholder runs (zeros where a row has fewer than I). `input_ids` already carry each image as
-`num_image_tokens` copies of `image_token_index`; the projected features replace them in order.
-Shapes are static under jit: unused image slots cost vision compute but change nothing.
+Images enter per row as tiles: `pixel_values` [B, S, H, W, C] holds row b's tiles (LLaVA-1.5: one per image;
+NeXT: each image's base then its tiles), its images in the order of their placeholder runs, zeros in unused
+slots. `input_ids` already carry each image as its own number of `image_token_index` copies (`llava_jax.anyres`
+says how many). Each row's projected tile features, with the learned `image_newline` after them (NeXT), form
+a table; `image_index` [B, T] names the table row each image token takes (built on the host by
+`image_index`, below). Without it the features fill the placeholders in order, which is LLaVA-1.5's layout.
+Shapes are static under jit: unused tile slots cost vision compute but change nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax import anyres
 from llava_jax.config import LlavaConfig
 from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.layers import INIT_STD
@@ -38,9 +44,13 @@ class Llava(nn.Module):
             c.projector_type, c.text.hidden_size, use_bias=c.projector_bias, name="projector", **kw
         )
         self.language_model = LlamaModel(c.text, attention=c.attention, lora=c.lora, **stack, **kw)
+        if c.is_anyres:
+            # Replicated like a norm scale: it is appended to every row's feature table.
+            init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("norm",))
+            self.image_newline = self.param("image_newline", init, (c.text.hidden_size,), kw["param_dtype"])
 
-    def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, I, H, W, C] -> [B, I*N, D]
-        """Vision features of the chosen layer and strategy, projected to the language width."""
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, S, H, W, C] -> [B, S*N, D]
+        """Vision features of the chosen layer and strategy for each tile, projected to the language width."""
         b, i = pixel_values.shape[:2]
         feats = self.vision_tower(pixel_values.reshape(b * i, *pixel_values.shape[2:]))
         if self.cfg.vision_feature_select_strategy in ("default", "patch"):
@@ -50,19 +60,32 @@ class Llava(nn.Module):
         feats = self.projector(feats)
         return feats.reshape(b, -1, feats.shape[-1])
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:  # [B, T, D]
-        """Token embeddings with image placeholders replaced, in order, by their row's image features."""
+    def embed(
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, image_index: jax.Array | None = None
+    ) -> jax.Array:  # [B, T, D]
+        """Token embeddings with image placeholders replaced by their row's image features.
+
+        `image_index` [B, T]: the row of the feature table (tile features, then the newline) each image
+        token takes; None fills the placeholders with the tile features in order (LLaVA-1.5).
+        """
         is_image = input_ids == self.cfg.image_token_index
         text_ids = jnp.where(is_image, 0, input_ids)
         embeds = self.language_model.embed(text_ids)
         if pixel_values is None:
             return embeds
         feats = self.encode_images(pixel_values).astype(embeds.dtype)
+        if self.cfg.is_anyres:
+            newline = jnp.broadcast_to(self.image_newline.astype(feats.dtype), (feats.shape[0], 1, feats.shape[2]))
+            feats = jnp.concatenate([feats, newline], axis=1)
         # Rows stay on their devices through the gather: without these the partitioner replicates it.
         axes = ("activation_batch", "activation_length", "activation_embed")
         feats = nn.with_logical_constraint(feats, axes)
         embeds = nn.with_logical_constraint(embeds, axes)
-        idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)  # [B, T]
+        if image_index is None:
+            if self.cfg.is_anyres:
+                raise ValueError("an anyres (LLaVA-NeXT) model needs image_index: which feature each image token takes")
+            image_index = jnp.cumsum(is_image, axis=1) - 1
+        idx = jnp.clip(image_index, 0, feats.shape[1] - 1)  # [B, T]
         gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
         return nn.with_logical_constraint(jnp.where(is_image[..., None], gathered, embeds), axes)
 
@@ -76,6 +99,7 @@ class Llava(nn.Module):
         cache_index: jax.Array | int | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
+        image_index: jax.Array | None = None,  # [B, T]
     ) -> tuple[jax.Array, Cache | None]:
         """Logits [B, T, V] in float32 ([B, 1, V] with `last_only`) and the updated cache (None without one).
 
@@ -85,7 +109,7 @@ class Llava(nn.Module):
         `LlavaModel` checks its inputs on the host and takes the XLA path for other layouts. A
         prefill into a cache (`cache_index` None) takes left-padded prompts (`LlamaModel`).
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_index)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
@@ -102,38 +126,77 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def images_per_row(input_ids: np.ndarray, cfg: LlavaConfig) -> np.ndarray:
-    """Number of images each row of `input_ids` [B, T] holds; a partial placeholder run is an error."""
-    counts = (np.asarray(input_ids) == cfg.image_token_index).sum(axis=1)
-    n = cfg.num_image_tokens
-    bad = np.nonzero(counts % n)[0]
-    if bad.size:
-        raise ValueError(
-            f"row {bad[0]} of input_ids holds {counts[bad[0]]} image tokens ({cfg.image_token_index}), "
-            f"not a multiple of the {n} tokens one image takes"
-        )
-    return counts // n
+def place_images(
+    input_ids: np.ndarray,  # [B, T]
+    images: Sequence[np.ndarray],  # per image in order across the batch: [P, H, W, C] tiles, or [H, W, C]
+    cfg: LlavaConfig,
+    sizes: Sequence[tuple[int, int]] | None = None,  # per image (height, width); needed for anyres only
+    slots: int | None = None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(pixel_values [B, S, H, W, C], image_index [B, T] or None): the images of a batch as the model takes them.
 
-
-def pack_images(input_ids: np.ndarray, pixel_values: np.ndarray | None, cfg: LlavaConfig) -> np.ndarray | None:
-    """[num_images, H, W, C] in order across the batch -> [B, I, H, W, C] per row, checking the counts."""
-    per_row = images_per_row(input_ids, cfg)
-    total = int(per_row.sum())
-    given = 0 if pixel_values is None else len(pixel_values)
-    if total != given:
-        raise ValueError(
-            f"input_ids hold {total} image placeholder runs of {cfg.num_image_tokens} tokens "
-            f"but {given} images were given"
-        )
-    if total == 0:
-        return None
-    pixel_values = np.asarray(pixel_values)
-    packed = np.zeros((len(per_row), int(per_row.max()), *pixel_values.shape[1:]), pixel_values.dtype)
-    start = 0
-    for b, k in enumerate(per_row):
-        packed[b, :k] = pixel_values[start : start + k]
-        start += k
-    return packed
+    Images are matched to placeholder runs in order, row by row: each takes `cfg.image_layout(size).num_tokens`
+    of its row's image tokens and `num_patches` tile slots (an image's padding patches beyond those are
+    dropped). S is `slots`, or the most tiles a row needs. `image_index` is None for LLaVA-1.5, whose
+    features fill the placeholders in order. A row whose image tokens do not add up to whole images is an
+    error naming the row.
+    """
+    input_ids = np.asarray(input_ids)
+    is_image = input_ids == cfg.image_token_index
+    counts = is_image.sum(axis=1)
+    if sizes is None:
+        if cfg.is_anyres:
+            raise ValueError("an anyres (LLaVA-NeXT) model needs image_sizes: each image's (height, width)")
+        sizes = [(cfg.vision.image_size, cfg.vision.image_size)] * len(images)
+    if len(sizes) != len(images):
+        raise ValueError(f"{len(images)} images but {len(sizes)} image sizes")
+    layouts = [cfg.image_layout(s) for s in sizes]
+    if not cfg.is_anyres:
+        n = cfg.geometry.tile_tokens
+        bad = np.nonzero(counts % n)[0]
+        if bad.size:
+            raise ValueError(f"row {bad[0]} of input_ids holds {counts[bad[0]]} image tokens ({cfg.image_token_index}), "
+                             f"not a multiple of the {n} tokens one image takes")
+    rows: list[list[int]] = [[] for _ in counts]
+    i = 0
+    for b, count in enumerate(counts):
+        taken = 0
+        while taken < count and i < len(layouts):
+            taken += layouts[i].num_tokens
+            rows[b].append(i)
+            i += 1
+        if taken > count:
+            raise ValueError(f"row {b} of input_ids holds {count} image tokens ({cfg.image_token_index}), not the "
+                             f"{taken} its images of sizes {[tuple(sizes[j]) for j in rows[b]]} take")
+        if taken < count:
+            i = len(layouts) + 1  # images ran out: reported below with the batch's totals
+            break
+    if i != len(images):
+        runs = f"{int(counts.sum()) // cfg.geometry.tile_tokens} image placeholder runs of {cfg.geometry.tile_tokens} " \
+            "tokens" if not cfg.is_anyres else f"{int(counts.sum())} image tokens"
+        raise ValueError(f"input_ids hold {runs} but {len(images)} images were given"
+                         + ("" if not cfg.is_anyres else f" (of sizes {[tuple(s) for s in sizes]})"))
+    if not images:
+        return None, None
+    tiles = [np.asarray(im)[None] if np.ndim(im) == 3 else np.asarray(im) for im in images]
+    for j, (t, lay) in enumerate(zip(tiles, layouts)):
+        if len(t) < lay.num_patches:
+            raise ValueError(f"image {j} (size {tuple(sizes[j])}) has {len(t)} patches, its layout needs {lay.num_patches}")
+    need = max(sum(layouts[j].num_patches for j in r) for r in rows)
+    slots = need if slots is None else slots
+    if slots < need:
+        raise ValueError(f"a row needs {need} tile slots, more than the {slots} given")
+    pixels = np.zeros((len(rows), slots, *tiles[0].shape[1:]), tiles[0].dtype)
+    index = np.zeros(input_ids.shape, np.int32) if cfg.is_anyres else None
+    for b, r in enumerate(rows):
+        start = 0
+        for j in r:
+            n = layouts[j].num_patches
+            pixels[b, start:start + n] = tiles[j][:n]
+            start += n
+        if index is not None:
+            index[b, is_image[b]] = anyres.table_index(cfg.geometry, [sizes[j] for j in r], slots)
+    return pixels, index
 
 
 @dataclasses.dataclass
@@ -144,8 +207,10 @@ class LlavaOutput:
 class LlavaModel:
     """A LLaVA with its parameters: what `load_pretrained` returns.
 
-    Call it like transformers' model: `model(input_ids, pixel_values, attention_mask).logits`, with
-    `pixel_values` [num_images, H, W, 3] (NHWC, CLIP-normalised) in order across the batch.
+    Call it like transformers' model: `model(input_ids, pixel_values, attention_mask, image_sizes).logits`,
+    with `pixel_values` in order across the batch, channels last and normalised: LLaVA-1.5 [num_images, H, W, 3];
+    LLaVA-NeXT [num_images, max_patches, H, W, 3] (zero patches as padding) with `image_sizes` [num_images, 2]
+    as (height, width), as transformers' `LlavaNextForConditionalGeneration` takes them.
     """
 
     def __init__(self, config: LlavaConfig, params: Any):
@@ -154,19 +219,22 @@ class LlavaModel:
         self.module = Llava(config)
         self._forward = _jitted_forward(config)
 
-    def __call__(self, input_ids, pixel_values=None, attention_mask=None) -> LlavaOutput:
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None) -> LlavaOutput:
         input_ids = np.asarray(input_ids, np.int32)
-        if pixel_values is not None and np.ndim(pixel_values) == 5:
+        index = None
+        if pixel_values is not None and not self.config.is_anyres and np.ndim(pixel_values) == 5:
             packed = np.asarray(pixel_values)  # already per row [B, I, H, W, C]
         else:
-            packed = pack_images(input_ids, pixel_values, self.config)
+            images = [] if pixel_values is None else list(np.asarray(pixel_values))
+            packed, index = place_images(input_ids, images, self.config,
+                                         None if image_sizes is None else [tuple(s) for s in np.asarray(image_sizes)])
         if packed is not None:
             packed = packed.astype(self.config.dtype)
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, np.int32)
         attention = self.config.attention if is_right_padded(attention_mask) else "xla"
-        return LlavaOutput(self._forward(self.params, input_ids, packed, attention_mask, attention))
+        return LlavaOutput(self._forward(self.params, input_ids, packed, attention_mask, index, attention))
 
 
 def is_right_padded(attention_mask: np.ndarray) -> bool:
@@ -181,10 +249,10 @@ def _jitted_forward(cfg: LlavaConfig):
 
     The attention implementation is a static argument: a left-padded batch falls back to "xla".
     """
-    return jax.jit(
-        lambda p, ids, px, mask, attention: Llava(cfg.replace(attention=attention)).apply({"params": p}, ids, px, mask)[0],
-        static_argnums=4,
-    )
+    def forward(p, ids, px, mask, index, attention):
+        return Llava(cfg.replace(attention=attention)).apply({"params": p}, ids, px, mask, image_index=index)[0]
+
+    return jax.jit(forward, static_argnums=5)
 
 
 @functools.lru_cache(maxsize=32)
@@ -192,7 +260,7 @@ def _abstract_boxed(cfg: LlavaConfig) -> Any:
     v = cfg.vision
     ids = jnp.zeros((1, 1), jnp.int32)
     px = jnp.zeros((1, 1, v.image_size, v.image_size, v.num_channels), jnp.float32)
-    return jax.eval_shape(lambda: Llava(cfg).init(jax.random.key(0), ids, px))["params"]
+    return jax.eval_shape(lambda: Llava(cfg).init(jax.random.key(0), ids, px, image_index=ids))["params"]
 
 
 def abstract_params(cfg: LlavaConfig, *, boxed: bool = False) -> Any:

@@ -76,8 +76,8 @@ TEXT_UNUSED_SUFFIXES = (".rotary_emb.inv_freq",)
 class Entry:
     """One parameter: where it lives in our tree and, under its component, in torch's."""
 
-    component: str  # "vision_tower" | "projector" | "language_model"
-    ours: str  # path under the component, "/"-separated, per layer (`layers_3/...`)
+    component: str  # "vision_tower" | "projector" | "language_model" | "image_newline" (a leaf itself)
+    ours: str  # path under the component, "/"-separated, per layer (`layers_3/...`); "" for a leaf component
     theirs: str  # torch name under the component
     transform: str
     layer: int | None = None  # which repeated layer ({i} in the table); None outside the layer stack
@@ -85,7 +85,7 @@ class Entry:
     @property
     def path(self) -> tuple[str, ...]:
         """The per-layer path (`component/layers_3/...`)."""
-        return (self.component, *self.ours.split("/"))
+        return (self.component, *self.ours.split("/")) if self.ours else (self.component,)
 
     def location(self, stacked: bool) -> tuple[tuple[str, ...], int | None]:
         """(path, layer index) of this entry in a tree of the given layout: with stacked layers, a
@@ -159,16 +159,21 @@ def lora_entries(cfg: LlavaConfig, modules) -> list[Entry]:
     return out
 
 
+def newline_entries(cfg: LlavaConfig) -> list[Entry]:
+    """LLaVA-NeXT's learned `image_newline` [hidden] (anyres configs only)."""
+    return [Entry("image_newline", "", "image_newline", SAME)] if cfg.is_anyres else []
+
+
 def entries(cfg: LlavaConfig) -> list[Entry]:
     """Every parameter of a LLaVA with this config, in a stable order."""
-    return vision_entries(cfg) + projector_entries(cfg) + text_entries(cfg)
+    return vision_entries(cfg) + projector_entries(cfg) + newline_entries(cfg) + text_entries(cfg)
 
 
 def layer_order(entry: Entry) -> tuple:
     """Sort key that keeps each module's (e.g. one layer's) tensors together, layers in numeric order."""
-    head = entry.path[1]
+    head = entry.path[-1] if len(entry.path) == 1 else entry.path[1]
     layer = -1 if entry.layer is None else entry.layer
-    tower = ("vision_tower", "projector", "language_model").index(entry.component)
+    tower = ("vision_tower", "projector", "image_newline", "language_model").index(entry.component)
     return tower, head in ("norm", "lm_head"), layer, head
 
 
@@ -306,7 +311,8 @@ class Layout:
 
     `vision` prefixes CLIP's names (`embeddings...`, `encoder.layers...`), `text` replaces LLaMA's
     `model.` and `head` its `lm_head.`; `projector` prefixes `linear_N...`, except in the original
-    format where the projector is an nn.Sequential (`mm_projector.0`, `.2`, ...).
+    format where the projector is an nn.Sequential (`mm_projector.0`, `.2`, ...); `newline` prefixes
+    LLaVA-NeXT's `image_newline`.
     """
 
     name: str
@@ -314,19 +320,21 @@ class Layout:
     projector: str | None = None
     text: str | None = None
     head: str | None = None
+    newline: str | None = None
 
     def prefix(self, component: str) -> str | None:
-        return {"vision_tower": self.vision, "projector": self.projector, "language_model": self.text}[component]
+        return {"vision_tower": self.vision, "projector": self.projector, "language_model": self.text,
+                "image_newline": self.newline}[component]
 
 
 # llava-hf checkpoints as published (and as we export them): what every loader understands.
 HF_LEGACY = Layout("hf_legacy", "vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.",
-                   "language_model.lm_head.")
+                   "language_model.lm_head.", "")
 # transformers >= 4.52 in memory (and some re-saved checkpoints).
 HF_NEW = Layout("hf", "model.vision_tower.vision_model.", "model.multi_modal_projector.", "model.language_model.",
-                "lm_head.")
+                "lm_head.", "model.")
 # liuhaotian/llava-v1.5-7b: a LLaMA checkpoint plus model.mm_projector; the CLIP tower kept apart.
-ORIGINAL = Layout("original", None, "model.mm_projector.", "model.", "lm_head.")
+ORIGINAL = Layout("original", None, "model.mm_projector.", "model.", "lm_head.", "model.")
 CLIP = Layout("clip", vision="vision_model.")
 LLAMA = Layout("llama", text="model.", head="lm_head.")
 
