@@ -7,12 +7,19 @@ placement, not preprocessing (tests/test_data_image_anyres.py checks that agains
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from llava_jax import load_pretrained
+from llava_jax.convert import main as convert_main
+from llava_jax.weights.safetensors_io import TensorStore, save_file
 from tests._seeds import fresh_seed
+from tests.test_convert_formats import hf_tensors
 from tests.hf_reference import IMAGE_TOKEN, perturb_, random_ids, text_config_dict, vision_config_dict
 
 TILE = 28
@@ -20,14 +27,14 @@ PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # the v1.6 list 
 MAX_PATCHES = 5
 
 
-def make_next(seed: int, *, text_config=None, pinpoints=PINPOINTS):
+def make_next(seed: int, *, text_config=None, pinpoints=PINPOINTS, vision_hidden=32, vision_heads=4):
     """A perturbed tiny `LlavaNextForConditionalGeneration` (CLIP + the given text config, Llama by default)."""
-    from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
     tc = text_config if text_config is not None else LlamaConfig(**text_config_dict())
     cfg = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**vision_config_dict(image_size=TILE)),
+        vision_config=CLIPVisionConfig(**vision_config_dict(image_size=TILE, hidden=vision_hidden, heads=vision_heads)),
         text_config=tc,
         image_token_index=IMAGE_TOKEN,
         image_grid_pinpoints=pinpoints,
@@ -36,7 +43,6 @@ def make_next(seed: int, *, text_config=None, pinpoints=PINPOINTS):
         projector_hidden_act="gelu",
         tie_word_embeddings=getattr(tc, "tie_word_embeddings", False),
     )
-    del AutoConfig
     return perturb_(LlavaNextForConditionalGeneration(cfg), seed)
 
 
@@ -114,3 +120,86 @@ def test_token_count_mismatch_is_a_clear_error(llama_next):
         ours(ids, px, mask, image_sizes=np.array([[90, 30]]) * 3)
     with pytest.raises(ValueError, match="image_sizes"):
         ours(ids, px, mask)
+
+
+def _next_source(tmp_path, tokenizer_dir, seed):
+    """A llava-hf NeXT directory as transformers saves it, with a tokenizer and its image processor."""
+    from transformers import LlavaNextImageProcessor
+
+    hf = make_next(seed)
+    src = tmp_path / "src"
+    tensors = hf_tensors(hf, src)
+    shutil.copy(os.path.join(tokenizer_dir, "tokenizer.model"), src / "tokenizer.model")
+    LlavaNextImageProcessor(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                            image_grid_pinpoints=PINPOINTS).save_pretrained(src)
+    return hf, src, tensors
+
+
+def test_convert_and_export_next_round_trip(tmp_path, tiny_spm_dir):
+    """llava-hf NeXT -> ours -> HF: every tensor bit for bit, `llava_next` config, loads in transformers."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    seed = fresh_seed()
+    hf, src, tensors = _next_source(tmp_path, tiny_spm_dir, seed)
+    ours, out = str(tmp_path / "ours"), str(tmp_path / "hf")
+    assert convert_main(["--src", str(src), "--dst", ours]) == 0
+    assert convert_main(["--src", ours, "--dst", out, "--to", "hf"]) == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model_type"] == "llava_next" and config["image_grid_pinpoints"] == PINPOINTS
+    exported = TensorStore.from_dir(out)
+    published = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+                 for k, v in tensors.items()}
+    assert sorted(exported.keys()) == sorted(published)
+    for k, v in published.items():
+        np.testing.assert_array_equal(exported.get(k), v, err_msg=k)
+    back, info = LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    rng = np.random.default_rng(seed)
+    model = load_pretrained(ours)
+    ids, mask, px, sizes = batch(rng, model, [[(30, 90)], [(100, 100)]])
+    np.testing.assert_array_equal(hf_logits(back, ids, px, sizes, mask), hf_logits(hf, ids, px, sizes, mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(model(ids, px, mask, image_sizes=sizes).logits)[real],
+                               hf_logits(hf, ids, px, sizes, mask)[real], atol=1e-4, rtol=1e-4)
+
+
+# LLaVA-NeXT's own checkpoint names (llava/model/llava_arch.py): the LLM's, plus these.
+ORIGINAL_NAMES = [("vision_tower.", "model.vision_tower.vision_tower.vision_model."), ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                  ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline"),
+                  ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("language_model.", "model."), ("lm_head.", "lm_head.")]
+
+
+def test_original_next_checkpoint_matches_transformers(tmp_path):
+    """An original LLaVA-NeXT directory (mm_* config, pinpoints as (width, height), embedded tower) converts to
+    the transformers model's logits on non-square images; a square one tiles 2x1 as the original does."""
+    seed = fresh_seed()
+    hf = make_next(seed, vision_hidden=64, vision_heads=1)  # an embedded tower is read with CLIP's 64-wide heads
+    tensors = hf_tensors(hf, tmp_path / "hf")
+    src = tmp_path / "orig"
+    os.makedirs(src)
+    renamed = {}
+    for k, v in tensors.items():
+        for a, b in ORIGINAL_NAMES:
+            if k.startswith(a):
+                k = b + k[len(a):]
+                break
+        renamed[k] = v
+    save_file(renamed.items(), str(src / "model.safetensors"))
+    text = json.load(open(tmp_path / "hf" / "config.json"))["text_config"]
+    config = {**text, "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+              "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "mm_vision_select_layer": -2,
+              "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+              "image_grid_pinpoints": PINPOINTS}  # the same JSON list as llava-hf, read as (width, height)
+    json.dump(config, open(src / "config.json", "w"))
+    dst = str(tmp_path / "ours")
+    assert convert_main(["--src", str(src), "--dst", dst, "--image-token-index", str(IMAGE_TOKEN)]) == 0
+    ours = load_pretrained(dst)
+    assert ours.config.anyres.convention == "original"
+    rng = np.random.default_rng(seed)
+    ids, mask, px, sizes = batch(rng, ours, [[(30, 90), (61, 45)], [(90, 30)]])
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours(ids, px, mask, image_sizes=sizes).logits)[real],
+                               hf_logits(hf, ids, px, sizes, mask)[real], atol=1e-4, rtol=1e-4)
+    square = ours.config.image_layout((28, 28))
+    assert (square.rows, square.cols) == (2, 1)

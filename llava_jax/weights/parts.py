@@ -17,8 +17,11 @@ from typing import Iterator
 import flax.traverse_util as tu
 import numpy as np
 
+from llava_jax import anyres as anyres_lib
 from llava_jax import paths
+from llava_jax.anyres import AnyresConfig
 from llava_jax.config import (
+    LLAVA_MODEL_TYPES,
     PREPROCESSOR_CONFIG,
     ImageProcessorConfig,
     LlavaConfig,
@@ -88,7 +91,8 @@ def infer_clip_config(store: Store, prefix: str) -> VisionConfig:
     )
 
 
-_ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llama": "llama", "llava_mistral": "mistral"}
+_ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llama": "llama", "llava_mistral": "mistral",
+                        "llava_qwen": "qwen2"}
 _SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 
 
@@ -119,7 +123,28 @@ def original_llava_config(c: dict, vision: VisionConfig, path: str, image_token_
         image_token_index=text.vocab_size if image_token_index is None else image_token_index,
     )
     _wrap(lambda: cfg.num_vision_layers_used)
-    return cfg
+    return cfg.replace(anyres=original_anyres(c, cfg, path))
+
+
+def original_anyres(c: dict, cfg: LlavaConfig, path: str) -> AnyresConfig | None:
+    """LLaVA-NeXT's tiling from an original config.json (`image_aspect_ratio: anyres`, `mm_patch_merge_type`,
+    `image_grid_pinpoints` as (width, height) pairs); None for LLaVA-1.5's one tile ("pad" / "square")."""
+    aspect = c.get("image_aspect_ratio") or "square"
+    if not str(aspect).startswith("anyres"):
+        return None
+    merge = c.get("mm_patch_merge_type", "flat")
+    if aspect != "anyres" or merge != "spatial_unpad":
+        raise CheckpointError(f"{path}: image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r} is not "
+                              "supported (LLaVA-NeXT's anyres with spatial_unpad is)")
+    flat = cfg.geometry
+    if flat.extra_tokens:
+        raise CheckpointError(f"{path}: anyres needs mm_vision_select_feature 'patch' (the CLS token dropped)")
+    pins = c.get("image_grid_pinpoints") or anyres_lib.V16_PINPOINTS
+    try:
+        return AnyresConfig(flat.tile_size, flat.grid, anyres_lib.parse_pinpoints(pins, flat.tile_size),
+                            convention="original")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def projector_type_of(keys, prefix: str = "model.mm_projector.") -> str | None:
@@ -256,8 +281,9 @@ def detect_format(src: str) -> str:
                               "(expected a HF or original LLaVA directory)")
     c = read_json(path)
     if "text_config" in c or "vision_config" in c:
-        if c.get("model_type") != "llava":
-            raise CheckpointError(f"{path}: model_type {c.get('model_type')!r} is not LLaVA (expected llava)")
+        if c.get("model_type") not in LLAVA_MODEL_TYPES:
+            raise CheckpointError(f"{path}: model_type {c.get('model_type')!r} is not LLaVA "
+                                  f"(expected one of {list(LLAVA_MODEL_TYPES)})")
         return "hf"
     if any(k.startswith("mm_") for k in c):
         return "original"
