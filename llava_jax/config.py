@@ -400,16 +400,21 @@ BICUBIC = 3  # == int(PIL.Image.Resampling.BICUBIC); a literal so that config.py
 
 @dataclasses.dataclass(frozen=True)
 class ImageProcessorConfig:
-    """Settings of the CLIP/LLaVA image processor.
+    """Settings of the CLIP/LLaVA image processor, and of LLaVA-NeXT's anyres tiling.
 
     Attributes:
       size: target length of the shortest side after resizing (HF `size["shortest_edge"]`).
-      crop_size: side of the square centre crop (HF `crop_size["height"]`).
+      crop_size: side of the square centre crop (HF `crop_size["height"]`); with anyres, the tile side.
       mean, std: per-channel normalisation, RGB order.
       pad_to_square: LLaVA-1.5 `image_aspect_ratio = "pad"` (HF Llava `do_pad`): pad the image to
         a square with the mean colour before resizing, so nothing is cropped away.
       rescale_factor: multiplies the uint8 pixel values before normalisation.
       resample: PIL resampling filter for the resize (bicubic for CLIP).
+      grid_pinpoints: LLaVA-NeXT anyres (`image_grid_pinpoints`): the candidate resolutions in pixels, as the
+        checkpoint writes them; an image becomes a base view plus `crop_size` tiles of the best one
+        (data/image.py). Empty: LLaVA-1.5's one crop.
+      pinpoint_convention: how `grid_pinpoints` pairs read: "transformers" (height, width), llava-hf's
+        LlavaNextImageProcessor; "original" (width, height), LLaVA-NeXT's config.json (`llava_jax.anyres.AnyresConfig`).
     """
 
     size: int = 336
@@ -419,15 +424,40 @@ class ImageProcessorConfig:
     pad_to_square: bool = True
     rescale_factor: float = 1 / 255
     resample: int = BICUBIC
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    pinpoint_convention: str = "transformers"
 
     def __post_init__(self):
         # Lists (e.g. from JSON) would make the frozen dataclass unhashable.
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
         object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        object.__setattr__(self, "grid_pinpoints", tuple((int(a), int(b)) for a, b in self.grid_pinpoints))
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB); got mean={self.mean}, std={self.std}")
         if self.size <= 0 or self.crop_size <= 0:
             raise ValueError(f"size and crop_size must be positive; got {self.size}, {self.crop_size}")
+        if self.pinpoint_convention not in anyres_lib.CONVENTIONS:
+            raise ValueError(f"pinpoint_convention {self.pinpoint_convention!r} is not one of {anyres_lib.CONVENTIONS}")
+        if self.grid_pinpoints and self.pad_to_square:
+            raise ValueError("pad_to_square (LLaVA-1.5's 'pad') and grid_pinpoints (LLaVA-NeXT's anyres) "
+                             "exclude each other")
+        self.anyres_config(grid=1)  # the pinpoints must be multiples of the tile: AnyresConfig says so
+
+    @property
+    def is_anyres(self) -> bool:
+        """Whether images are cut into a base and tiles (LLaVA-NeXT) rather than one crop (LLaVA-1.5)."""
+        return bool(self.grid_pinpoints)
+
+    def anyres_config(self, grid: int, extra_tokens: int = 0) -> anyres_lib.AnyresConfig:
+        """The image geometry of these settings with the tower's feature `grid` a tile side (24 for CLIP-336).
+
+        LLaVA-1.5 settings give the flat one-tile geometry. Which patches an image becomes does not depend
+        on `grid`; its token count does.
+        """
+        if not self.grid_pinpoints:
+            return anyres_lib.AnyresConfig.flat(self.crop_size, grid, extra_tokens)
+        return anyres_lib.AnyresConfig(tile_size=self.crop_size, grid=grid, pinpoints=self.grid_pinpoints,
+                                   convention=self.pinpoint_convention, extra_tokens=extra_tokens)
 
     @property
     def background_color(self) -> tuple[int, int, int]:
@@ -436,7 +466,8 @@ class ImageProcessorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of this config (our own field names)."""
-        return dataclasses.asdict(self) | {"mean": list(self.mean), "std": list(self.std)}
+        return dataclasses.asdict(self) | {"mean": list(self.mean), "std": list(self.std),
+                                           "grid_pinpoints": [list(p) for p in self.grid_pinpoints]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ImageProcessorConfig":
@@ -448,10 +479,13 @@ class ImageProcessorConfig:
         return cls(**d)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config as an HF `preprocessor_config.json` dict (CLIP keys plus Llava's `do_pad`)."""
-        return {
+        """The config as an HF `preprocessor_config.json` dict (CLIP keys plus Llava's `do_pad`).
+
+        Anyres settings become a LlavaNextImageProcessor: its pinpoints are (height, width), so original
+        (width, height) pinpoints are written swapped, in their order: every image gets the same patches.
+        """
+        common = {
             # CLIPImageProcessor reads every key below; LlavaImageProcessor also reads do_pad.
-            "image_processor_type": "LlavaImageProcessor" if self.pad_to_square else "CLIPImageProcessor",
             "do_convert_rgb": True,
             "do_resize": True,
             "size": {"shortest_edge": self.size},
@@ -463,8 +497,14 @@ class ImageProcessorConfig:
             "do_normalize": True,
             "image_mean": list(self.mean),
             "image_std": list(self.std),
-            "do_pad": self.pad_to_square,
         }
+        if self.grid_pinpoints:
+            # LlavaNext's do_pad pads the patch axis of a batch with zero patches (its default), not the image.
+            resolutions = self.anyres_config(grid=1).resolutions()
+            return {"image_processor_type": "LlavaNextImageProcessor", **common, "do_pad": True,
+                    "image_grid_pinpoints": [list(r) for r in resolutions]}
+        return {"image_processor_type": "LlavaImageProcessor" if self.pad_to_square else "CLIPImageProcessor",
+                **common, "do_pad": self.pad_to_square}
 
     def save(self, directory: str) -> str:
         """Writes `directory/preprocessor_config.json` in HF format; returns the file path."""
@@ -478,27 +518,37 @@ class ImageProcessorConfig:
         """Reads the processor settings of a checkpoint directory.
 
         Sources, in order:
-        1. `preprocessor_config.json` (HF CLIP / Llava image processor JSON: size, crop_size,
-           image_mean, image_std, rescale_factor, resample, do_pad). If it has no `do_pad` and the
-           directory's `config.json` is an original-LLaVA one with `image_aspect_ratio`, that
-           decides the padding, as in the original (CLIP processor + the model's aspect-ratio flag).
-        2. Otherwise an original-LLaVA `config.json`: `image_aspect_ratio` ("pad" pads, anything
-           else does not) and the image size from `mm_vision_tower` (a name ending in -336: 336 px,
-           else 224 px), CLIP mean/std.
-        `image_aspect_ratio` ("pad" | "square"), when given, overrides the padding choice. Note that
-        llava-hf/llava-1.5-*-hf ships a CLIPImageProcessor without do_pad (centre crop) although the
-        original LLaVA-1.5 pads: pass image_aspect_ratio="pad" to evaluate as the original did.
+        1. `preprocessor_config.json` (HF CLIP / Llava / LlavaNext image processor JSON: size, crop_size,
+           image_mean, image_std, rescale_factor, resample, do_pad, image_grid_pinpoints). A LlavaNext one
+           (its type, or pinpoints) tiles, pinpoints read as (height, width). If it has neither and the
+           directory's `config.json` is an original-LLaVA one with `image_aspect_ratio`, that decides:
+           "anyres" tiles by its pinpoints (original convention), else, when the JSON has no `do_pad`,
+           the padding, as in the original (CLIP processor + the model's aspect-ratio flag).
+        2. Otherwise an original-LLaVA `config.json`: `image_aspect_ratio` ("pad" pads, "anyres" tiles by
+           `image_grid_pinpoints` read as (width, height) with `mm_patch_merge_type` "spatial_unpad",
+           anything else neither) and the image size from `mm_vision_tower` (a name ending in -336:
+           336 px, else 224 px), CLIP mean/std.
+        `image_aspect_ratio` ("pad" | "square"), when given, overrides the padding choice of LLaVA-1.5
+        settings. Note that llava-hf/llava-1.5-*-hf ships a CLIPImageProcessor without do_pad (centre
+        crop) although the original LLaVA-1.5 pads: pass image_aspect_ratio="pad" to evaluate as the
+        original did.
 
-        Raises FileNotFoundError naming the directory when neither file exists.
+        Raises FileNotFoundError naming the directory when neither file exists, and ValueError naming the
+        file and key of a value that cannot be used.
         """
         hf_path = os.path.join(directory, PREPROCESSOR_CONFIG)
         llava_path = os.path.join(directory, "config.json")
         llava = _read_json(llava_path) if paths.isfile(llava_path) else None
         if paths.isfile(hf_path):
             hf = _read_json(hf_path)
-            cfg = _from_hf_json(hf)
-            if "do_pad" not in hf and llava is not None and "image_aspect_ratio" in llava:
-                cfg = dataclasses.replace(cfg, pad_to_square=_aspect_ratio_pads(llava["image_aspect_ratio"]))
+            cfg = _from_hf_json(hf, hf_path)
+            if not cfg.grid_pinpoints and llava is not None and "image_aspect_ratio" in llava:
+                pinpoints = _llava_anyres(llava, llava_path, cfg.size)
+                if pinpoints:
+                    cfg = _validated(llava_path, "image_grid_pinpoints", dataclasses.replace, cfg,
+                                     pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original")
+                elif "do_pad" not in hf:
+                    cfg = dataclasses.replace(cfg, pad_to_square=_aspect_ratio_pads(llava["image_aspect_ratio"]))
         elif llava is not None:
             cfg = _from_llava_config(llava, llava_path)
         else:
@@ -509,11 +559,17 @@ class ImageProcessorConfig:
         return cfg.with_aspect_ratio(image_aspect_ratio)
 
     def with_aspect_ratio(self, image_aspect_ratio: str | None) -> "ImageProcessorConfig":
-        """These settings with the padding `image_aspect_ratio` ("pad" | "square") asks for; None keeps them."""
+        """These settings with the padding `image_aspect_ratio` ("pad" | "square") asks for; None keeps them.
+
+        Only LLaVA-1.5 settings have that choice: anyres settings refuse it (a NeXT model is fed tiles).
+        """
         if image_aspect_ratio is None:
             return self
         if image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'square'; got {image_aspect_ratio!r}")
+        if self.grid_pinpoints:
+            raise ValueError(f"image_aspect_ratio {image_aspect_ratio!r} is LLaVA-1.5's padding choice; these "
+                             f"settings tile images (anyres, grid pinpoints {list(self.grid_pinpoints)})")
         return dataclasses.replace(self, pad_to_square=_aspect_ratio_pads(image_aspect_ratio))
 
 
@@ -525,11 +581,39 @@ def _read_json(path: str) -> dict[str, Any]:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+def _validated(path: str, key: str | None, make, *args, **kwargs):
+    """`make(*args, **kwargs)`, its ValueError as one line naming the file (and the key the value came from)."""
+    try:
+        return make(*args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{path}: {key}: {e}" if key else f"{path}: {e}") from None
+
+
 def _aspect_ratio_pads(image_aspect_ratio: str | None) -> bool:
-    # Original LLaVA: only "pad" pads; "square", None or anything else goes straight to the processor.
-    if isinstance(image_aspect_ratio, str) and image_aspect_ratio.startswith("anyres"):
-        raise ValueError("image_aspect_ratio 'anyres' (LLaVA-NeXT multi-crop) is not supported; use 'pad' or 'square'")
+    # Original LLaVA: only "pad" pads; "square", None or anything else goes straight to the processor
+    # (anyres is read by _llava_anyres before this is asked).
     return image_aspect_ratio == "pad"
+
+
+def _llava_anyres(d: dict[str, Any], path: str, tile_size: int) -> tuple[tuple[int, int], ...]:
+    """The grid pinpoints an original LLaVA-NeXT config.json tiles by (as written: (width, height)); () if none.
+
+    The original's string form "(1x1),...,(3x3)" counts tiles of the processor's `size` (its train.py).
+    """
+    aspect = d.get("image_aspect_ratio")
+    if not (isinstance(aspect, str) and aspect.startswith("anyres")):
+        return ()
+    if aspect != "anyres":
+        raise ValueError(f"{path}: image_aspect_ratio {aspect!r} (LLaVA-OneVision's downscaled anyres) is not "
+                         f"supported; expected 'anyres', 'pad' or 'square'")
+    merge = d.get("mm_patch_merge_type", "flat")  # the original's default when the key is absent
+    if merge != "spatial_unpad":
+        raise ValueError(f"{path}: mm_patch_merge_type {merge!r} with image_aspect_ratio 'anyres' is not "
+                         f"supported; expected 'spatial_unpad' (LLaVA-NeXT's)")
+    if not d.get("image_grid_pinpoints"):
+        raise ValueError(f"{path}: image_aspect_ratio 'anyres' needs image_grid_pinpoints, found "
+                         f"{d.get('image_grid_pinpoints')!r}")
+    return _validated(path, "image_grid_pinpoints", anyres_lib.parse_pinpoints, d["image_grid_pinpoints"], tile_size)
 
 
 def _edge(value: Any, keys: Sequence[str], what: str, path_hint: str) -> int:
@@ -545,20 +629,33 @@ def _edge(value: Any, keys: Sequence[str], what: str, path_hint: str) -> int:
     raise ValueError(f"{path_hint}: cannot read {what} from {value!r}; expected an int or a dict with {keys}")
 
 
-def _from_hf_json(d: dict[str, Any]) -> ImageProcessorConfig:
-    hint = PREPROCESSOR_CONFIG
+def _from_hf_json(d: dict[str, Any], path: str = PREPROCESSOR_CONFIG) -> ImageProcessorConfig:
     defaults = ImageProcessorConfig()
-    size = _edge(d.get("size", defaults.size), ("shortest_edge", "height"), "size", hint)
-    crop = _edge(d.get("crop_size", size), ("height",), "crop_size", hint)
-    return ImageProcessorConfig(
+    size = _edge(d.get("size", defaults.size), ("shortest_edge", "height"), "size", path)
+    crop = _edge(d.get("crop_size", size), ("height",), "crop_size", path)
+    kind = str(d.get("image_processor_type", ""))
+    pinpoints = d.get("image_grid_pinpoints")
+    if pinpoints is not None and kind and not kind.startswith("LlavaNext"):
+        raise ValueError(f"{path}: image_processor_type {kind!r} with image_grid_pinpoints is not supported "
+                         f"(expected LlavaNextImageProcessor)")
+    if kind.startswith("LlavaNext"):
+        # LlavaNextImageProcessor's default pinpoints when the key is absent: the v1.6 list.
+        pinpoints = anyres_lib.V16_PINPOINTS if pinpoints is None else pinpoints
+        pinpoints = _validated(path, "image_grid_pinpoints", anyres_lib.parse_pinpoints, pinpoints, crop)
+        if not pinpoints:
+            raise ValueError(f"{path}: image_grid_pinpoints of a {kind} must name at least one resolution")
+    fields = dict(
         size=size,
         crop_size=crop,
         mean=tuple(d.get("image_mean", CLIP_MEAN)),
         std=tuple(d.get("image_std", CLIP_STD)),
-        pad_to_square=bool(d.get("do_pad", False)),
+        # LlavaNext's do_pad pads the patch axis of a batch, not the image: anyres never pads to a square.
+        pad_to_square=bool(d.get("do_pad", False)) and not pinpoints,
         rescale_factor=float(d.get("rescale_factor", 1 / 255)),
         resample=int(d.get("resample", BICUBIC)),
+        grid_pinpoints=pinpoints or (),
     )
+    return _validated(path, "image_grid_pinpoints" if pinpoints else None, ImageProcessorConfig, **fields)
 
 
 def _from_llava_config(d: dict[str, Any], path: str) -> ImageProcessorConfig:
@@ -567,6 +664,10 @@ def _from_llava_config(d: dict[str, Any], path: str) -> ImageProcessorConfig:
         raise ValueError(f"{path} has no mm_vision_tower: not an original LLaVA config, and no {PREPROCESSOR_CONFIG}")
     # openai/clip-vit-large-patch14-336 -> 336 px; the plain ViT-L/14 is 224 px.
     size = 336 if str(tower).rstrip("/").endswith("-336") else 224
+    pinpoints = _llava_anyres(d, path, size)
+    if pinpoints:
+        return _validated(path, "image_grid_pinpoints", ImageProcessorConfig, size=size, crop_size=size,
+                          pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original")
     return ImageProcessorConfig(
         size=size, crop_size=size, pad_to_square=_aspect_ratio_pads(d.get("image_aspect_ratio"))
     )

@@ -17,6 +17,18 @@ composited onto WHITE, as transformers' `convert_to_rgb` does. The original LLaV
 `Image.open(path).convert("RGB")` first, which drops the alpha channel instead (transparent
 pixels keep whatever colour they store, often black). The two agree on every opaque image,
 i.e. on all of LLaVA's training data (JPEG); we follow transformers, the executable reference.
+
+LLaVA-NeXT anyres (settings with `grid_pinpoints`) follows transformers' `LlavaNextImageProcessor`
+(PIL path), which is also the original LLaVA-NeXT's `process_anyres_image` given its pinpoints as
+(height, width):
+
+  RGB -> base: resize to size x size (aspect not kept)
+      -> tiles: pick the resolution (anyres.select_best_resolution), resize into it keeping the aspect
+         (the scaled side rounded up), paste centred on black, cut row-major crop x crop tiles
+  each of [base, tiles...] -> the CLIP steps above (an identity on a tile when size == crop_size)
+  -> [P, crop, crop, 3] float32, base first; P = anyres.layout(...).num_patches
+
+transformers' pixel_values then pad P to the batch's largest with zero patches: `preprocess_images`.
 """
 
 from __future__ import annotations
@@ -24,12 +36,12 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import PIL.Image
 
-from llava_jax import paths
+from llava_jax import anyres, paths
 # The processor's settings live beside the model config (config.py, the bottom layer); re-exported here.
 from llava_jax.config import (  # noqa: F401
     BICUBIC,
@@ -114,22 +126,70 @@ def center_crop(array: np.ndarray, crop: int) -> np.ndarray:
 
 
 def preprocess(image: PIL.Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
-    """One PIL image -> normalised pixels [crop, crop, 3] float32 (HWC), as HF's CLIP/Llava processors."""
+    """One PIL image -> normalised float32 pixels (HWC), as HF's CLIP/Llava/LlavaNext processors.
+
+    LLaVA-1.5 settings give [crop, crop, 3]; anyres settings (`cfg.grid_pinpoints`) the image's patches
+    [P, crop, crop, 3], base first, without padding patches (`num_patches` says P).
+    """
     return normalize(preprocess_uint8(image, cfg), cfg)
 
 
 def preprocess_uint8(image: PIL.Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
-    """The geometric half of `preprocess`: RGB, pad, resize, crop -> uint8 [crop, crop, 3].
+    """The geometric half of `preprocess`: RGB, pad or tile, resize, crop -> uint8 [crop, crop, 3] or [P, ...].
 
     The training pipeline stops here in its workers and normalises in the consuming process
     (`normalize`): uint8 is a quarter of the bytes to move between processes and to devices.
     """
     image = to_rgb(image)
+    if cfg.grid_pinpoints:
+        return np.stack([_patch_geometry(patch, cfg) for patch in anyres_patches(image, cfg)])
     if cfg.pad_to_square:
         image = expand_to_square(image, cfg.background_color)
+    return _resize_and_crop(image, cfg)
+
+
+def _resize_and_crop(image: PIL.Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+    """The CLIP processor's geometry: shortest side to `size` (PIL), centre crop -> uint8 [crop, crop, 3]."""
     new_h, new_w = resize_output_size(image.height, image.width, cfg.size)
     image = image.resize((new_w, new_h), resample=cfg.resample)  # PIL takes (width, height)
     return center_crop(np.asarray(image), cfg.crop_size)  # [crop, crop, 3] uint8
+
+
+def _patch_geometry(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
+    """`_resize_and_crop` of one anyres patch (uint8 [h, w, 3]), which transformers applies to each."""
+    if pixels.shape[0] == pixels.shape[1] == cfg.size == cfg.crop_size:
+        return pixels  # both steps are identities (PIL returns a copy when asked for the same size)
+    return _resize_and_crop(PIL.Image.fromarray(pixels), cfg)
+
+
+def _tiling(cfg: ImageProcessorConfig) -> anyres.AnyresConfig:
+    # Which pixels go to which patch does not depend on the tower's feature grid: any valid grid will do.
+    return cfg.anyres_config(grid=1)
+
+
+def num_patches(size: tuple[int, int], cfg: ImageProcessorConfig) -> int:
+    """Patches (base + tiles; 1 for LLaVA-1.5) of an image of `size` (height, width) under these settings.
+
+    transformers' `image_size_to_num_patches(size, image_grid_pinpoints, crop_size)`.
+    """
+    return anyres.layout(_tiling(cfg), size).num_patches
+
+
+def anyres_patches(image: PIL.Image.Image, cfg: ImageProcessorConfig) -> list[np.ndarray]:
+    """An image (made RGB) cut as LLaVA-NeXT cuts it: [base, tiles row-major...], uint8 [h, w, 3] arrays.
+
+    The base is `size x size` (before the CLIP resize/crop, as in transformers); the tiles are
+    `crop_size` a side, cut from the image resized into the best resolution and centred on black.
+    """
+    image = to_rgb(image)
+    lay = anyres.layout(_tiling(cfg), (image.height, image.width))
+    base = np.asarray(image.resize((cfg.size, cfg.size), resample=cfg.resample))
+    (res_h, res_w), (new_h, new_w), (top, left) = lay.resolution, lay.resized, lay.offset
+    canvas = np.zeros((res_h, res_w, 3), np.uint8)  # transformers pads with 0, the original pastes on black
+    canvas[top:top + new_h, left:left + new_w] = np.asarray(image.resize((new_w, new_h), resample=cfg.resample))
+    t = cfg.crop_size
+    tiles = canvas.reshape(lay.rows, t, lay.cols, t, 3).swapaxes(1, 2).reshape(-1, t, t, 3)
+    return [base, *tiles]
 
 
 def normalization_table(cfg: ImageProcessorConfig) -> np.ndarray:
@@ -163,7 +223,55 @@ def normalize(pixels: np.ndarray, cfg: ImageProcessorConfig | None, table: np.nd
 
 
 def preprocess_batch(images: Sequence[PIL.Image.Image], cfg: ImageProcessorConfig) -> np.ndarray:
-    """A list of PIL images -> [N, crop, crop, 3] float32."""
+    """A list of PIL images -> [N, crop, crop, 3] float32 (LLaVA-1.5 settings; anyres: `preprocess_images`)."""
+    if cfg.grid_pinpoints:
+        raise ValueError("preprocess_batch takes LLaVA-1.5 settings; anyres images have patches and sizes: "
+                         "use preprocess_images")
     if len(images) == 0:
         return np.zeros((0, cfg.crop_size, cfg.crop_size, 3), np.float32)
     return np.stack([preprocess(im, cfg) for im in images])
+
+
+class ImageBatch(NamedTuple):
+    """Images of mixed sizes as the model takes them: transformers' LlavaNext inputs, channels last."""
+
+    pixel_values: np.ndarray  # [N, max_patches, crop, crop, 3], each image's patches then zero patches
+    image_sizes: np.ndarray  # int32 [N, 2]: (height, width) of each original image
+    num_patches: np.ndarray  # int32 [N]: the real patches of each image (base + tiles)
+
+
+def pad_patches(patches: Sequence[np.ndarray], max_patches: int | None = None) -> np.ndarray:
+    """Per-image patches [P_i, H, W, 3] (any dtype) -> [N, max_patches, H, W, 3], zero patches after each.
+
+    `max_patches` defaults to the largest P_i (transformers' `_pad_for_batching`); pass
+    `cfg.anyres_config(grid).max_patches` for one static shape whatever the images. Zero is a zero patch
+    only in float: uint8 patches padded here must be normalised image by image, the padding left alone.
+    """
+    if not patches:
+        raise ValueError("pad_patches needs at least one image (the patch shape comes from them)")
+    largest = max(len(p) for p in patches)
+    max_patches = largest if max_patches is None else max_patches
+    if largest > max_patches:
+        raise ValueError(f"an image has {largest} patches, more than max_patches={max_patches}")
+    out = np.zeros((len(patches), max_patches) + patches[0].shape[1:], patches[0].dtype)
+    for i, p in enumerate(patches):
+        out[i, :len(p)] = p
+    return out
+
+
+def preprocess_images(images: Sequence[PIL.Image.Image], cfg: ImageProcessorConfig,
+                      max_patches: int | None = None) -> ImageBatch:
+    """Images of any sizes -> `ImageBatch` (pixel_values float32 zero-padded on the patch axis, sizes, counts).
+
+    Equal, transposed to channels last, to LlavaNextImageProcessor's `pixel_values` and `image_sizes`.
+    LLaVA-1.5 settings give one patch an image. `max_patches`: see `pad_patches`.
+    """
+    sizes = np.asarray([(im.height, im.width) for im in images], np.int32).reshape(-1, 2)
+    patches = [preprocess(im, cfg) for im in images]
+    if not cfg.grid_pinpoints:
+        patches = [p[None] for p in patches]
+    counts = np.asarray([len(p) for p in patches], np.int32)
+    if not patches:
+        limit = _tiling(cfg).max_patches if max_patches is None else max_patches
+        return ImageBatch(np.zeros((0, limit, cfg.crop_size, cfg.crop_size, 3), np.float32), sizes, counts)
+    return ImageBatch(pad_patches(patches, max_patches), sizes, counts)
