@@ -130,7 +130,7 @@ def test_chunked_loss_equals_the_full_logits_loss():
     module = Llava(cfg)
 
     def full(p):  # the loss as it was: float32 logits of every position at once
-        logits, _ = module.apply({"params": merge_params(p, frozen)}, *model_inputs(batch))
+        logits, _ = module.apply({"params": merge_params(p, frozen)}, **model_inputs(batch))
         return cross_entropy_sum(logits, batch["labels"])
 
     chunked = lambda p: loss_sum_fn(cfg, chunk=8)(p, frozen, batch)  # noqa: E731  (37 = 4 x 8 + 5)

@@ -38,9 +38,11 @@ def create_state(params: Params, frozen: Params, tx: optax.GradientTransformatio
     return TrainState(zero, params, frozen, tx.init(params), zero, zero)
 
 
-def model_inputs(batch: Batch) -> tuple:
-    """(input_ids, pixel_values or None, attention_mask) of a batch dict."""
-    return batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"]
+def model_inputs(batch: Batch) -> dict:
+    """The model's inputs in a batch dict: input_ids, pixel_values [B, S, H, W, C] or None, attention_mask,
+    and for anyres (LLaVA-NeXT) batches image_index [B, T] (`Llava.embed`)."""
+    return dict(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
+                attention_mask=batch["attention_mask"], image_index=batch.get("image_index"))
 
 
 def loss_sum_fn(cfg: LlavaConfig, chunk: int = LOSS_CHUNK) -> Callable[..., jax.Array]:
@@ -54,7 +56,7 @@ def loss_sum_fn(cfg: LlavaConfig, chunk: int = LOSS_CHUNK) -> Callable[..., jax.
     def loss_sum(params: Params, frozen: Params, batch: Batch, rng: jax.Array | None = None) -> jax.Array:
         rngs = None if rng is None else {"dropout": rng}
         variables = {"params": merge_params(params, frozen)}
-        hidden, _ = module.apply(variables, *model_inputs(batch), hidden_only=True, rngs=rngs)
+        hidden, _ = module.apply(variables, **model_inputs(batch), hidden_only=True, rngs=rngs)
         head = lambda h: module.apply(variables, h, method=Llava.lm_logits)  # noqa: E731
         return chunked_cross_entropy_sum(hidden, batch["labels"], head, chunk)
 
