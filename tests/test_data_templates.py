@@ -253,6 +253,9 @@ def test_supervised_spans_are_the_answers(tok, name, record):
         if name == "chatml_direct":
             assert tok.decode(run) == answer + "<|im_end|>"
             continue
+        if name == "llava_llama_3":  # the original supervises the whole assistant block, header included
+            assert tok.decode(run) == "<|start_header_id|>assistant<|end_header_id|>\n\n" + answer + "<|eot_id|>"
+            continue
         assert run[-1] == tok.eos_id and tok.eos_id not in run[:-1]
         # llama_2 styles supervise " {a} ": sentencepiece decoding drops the first space only.
         expected = answer + " " if name in ("llava_llama_2", "mistral_instruct") else answer
@@ -295,7 +298,9 @@ def test_render_prompt_is_prefix_of_render(tok, name, record):
         n = len(prompt)
         assert sub.input_ids[:n].tolist() == prompt.tolist()
         assert sub.labels[n] != IGNORE_INDEX  # the answer starts right after the prompt
-        if name != "plain":  # (plain has no prompt text: the previous caption ends right before)
+        if name == "llava_llama_3":  # (its supervised answer block starts with the prompt's last header)
+            assert sub.labels[n - 1] == sub.input_ids[n - 1]
+        elif name != "plain":  # (plain has no prompt text: the previous caption ends right before)
             assert sub.labels[n - 1] == IGNORE_INDEX
         assert full.input_ids[:n].tolist() == prompt.tolist()
 
