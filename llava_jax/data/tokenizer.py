@@ -38,10 +38,10 @@ Hugging Face `tokenizers` backend
 Reads `tokenizer.json` with the `tokenizers` package (transformers is not needed), and, beside it,
 `tokenizer_config.json` and `special_tokens_map.json` as transformers' `PreTrainedTokenizerFast`
 reads them: the bos/eos/pad/unk tokens (the map overrides the config), the config's
-`added_tokens_decoder` and any named special token the vocabulary lacks are added, and an explicit
-`add_bos_token` in the config decides whether a sequence starts with BOS (else the tokenizer.json
-post-processor does: Llama-3's adds `<|begin_of_text|>`, Qwen2's adds nothing and has no BOS at all,
-so `bos_id` is None). Its ids and text equal `PreTrainedTokenizerFast`'s (tests/test_tokenizers_hf.py):
+`added_tokens_decoder` and any named special token the vocabulary lacks are added, and the
+tokenizer.json post-processor decides whether a sequence starts with BOS (transformers 5 ignores the
+config's `add_bos_token` there): Llama-3's adds `<|begin_of_text|>`, Qwen2's adds nothing and Qwen2
+has no BOS at all (`bos_id` is None). Its ids and text equal `PreTrainedTokenizerFast`'s (tests/test_tokenizers_hf.py):
 
 * `encode` is `encode(text, add_special_tokens=False)`: added tokens in the text ("<|im_end|>",
   "<|eot_id|>") become their ids, as in transformers and in the original LLaVA-NeXT, whose
@@ -337,11 +337,9 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{self.model_file!r}: no eos_token in {HF_CONFIG_FILE} or {HF_SPECIAL_TOKENS_FILE}")
         self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._special |= {i for i in self._named.values() if i is not None}
-        if "add_bos_token" in config:  # transformers rebuilds the post-processor from the explicit flag
-            self._add_bos = bool(config["add_bos_token"]) and self.bos_id is not None
-        else:
-            probe = self._tok.encode("a", add_special_tokens=True).ids
-            self._add_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
+        # transformers 5 ignores the config's add_bos_token beside a tokenizer.json: the post-processor decides.
+        probe = self._tok.encode("a", add_special_tokens=True).ids
+        self._add_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
         continuation = _without_prepended_space(json.loads(self._tok.to_str()))
         self._tok_continuation = tokenizers.Tokenizer.from_str(continuation) if continuation else self._tok
 
@@ -398,7 +396,7 @@ class HFTokenizer(Tokenizer):
 
     @property
     def add_bos_token(self) -> bool:
-        """Whether a sequence starts with BOS: the config's add_bos_token, else the post-processor's."""
+        """Whether a sequence starts with BOS: whether the tokenizer.json post-processor adds it."""
         return self._add_bos
 
     def encode(self, text: str, add_bos: bool = False, add_dummy_prefix: bool = True) -> list[int]:
