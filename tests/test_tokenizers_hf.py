@@ -411,3 +411,19 @@ def test_next_templates_keep_several_markers_in_place():
         assert "Compare <image> and <image> please" in render_text(two, name)
         assert "<image> What is it?" in render_text(first, name)
     assert "<image>\n<image>\nCompare  and  please" in render_text(two, "vicuna_v1")  # LLaVA-1.5's rule
+
+
+def test_inspect_shows_byte_level_text(llama3_dir):
+    # data.inspect prints a sample from the tokenizer's pieces: byte-level pieces ("Ġ", "Ċ") come out as text.
+    from llava_jax.data.inspect import OPEN, CLOSE, format_sample
+
+    tok = Tokenizer.from_pretrained(llama3_dir)
+    image_id = tok.piece_to_id(IMAGE)
+    sample = render(MULTI, "llava_llama_3", tok, image_token_index=image_id, num_image_tokens=3)
+    shown = format_sample(sample.input_ids, sample.labels, tok, image_id)
+    assert shown.startswith(f"{OPEN}<|begin_of_text|><|start_header_id|>{CLOSE}system")
+    assert f"user{OPEN}<|end_header_id|>{CLOSE}" in shown and "<image x3>\nWhat is the man doing?" in shown
+    answer = "<|start_header_id|>assistant<|end_header_id|>\n\nHe is sitting on a red car.<|eot_id|>"
+    # (and the tags of the blocks around it, supervised too)
+    assert f"{OPEN}<|eot_id|>{answer}<|start_header_id|>{CLOSE}user" in shown
+    assert "Ġ" not in shown and "Ċ" not in shown

@@ -59,6 +59,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -149,6 +150,14 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text, dropping special ids and ids outside the vocabulary (image tokens, -100)."""
+
+    @abc.abstractmethod
+    def pieces_text(self, ids: Iterable[int]) -> str:
+        """Ids (all in the vocabulary) -> text as the pieces spell it, for showing a tokenization.
+
+        Every space is kept (no dummy-prefix removal) and special tokens are written out
+        (`python -m llava_jax.data.inspect`).
+        """
 
     @abc.abstractmethod
     def id_to_piece(self, token_id: int) -> str:
@@ -259,6 +268,22 @@ class SentencePieceTokenizer(Tokenizer):
         kept = [int(i) for i in ids if 0 <= int(i) < vocab and int(i) not in skip]
         return self._sp.decode(kept)
 
+    def pieces_text(self, ids: Iterable[int]) -> str:
+        """The pieces joined, "▁" shown as a space (a piece "▁USER" is " USER"), byte pieces UTF-8 decoded."""
+        out, pending = [], bytearray()
+        for piece in (self.id_to_piece(int(i)) for i in ids):
+            match = _BYTE_PIECE.match(piece)
+            if match:
+                pending.append(int(match.group(1), 16))
+                continue
+            if pending:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending = bytearray()
+            out.append(piece.replace("▁", " "))
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary piece of an id ("▁the", "<0x0A>", "</s>"); ids outside it raise IndexError."""
         if not 0 <= token_id < self.vocab_size:
@@ -272,6 +297,9 @@ class SentencePieceTokenizer(Tokenizer):
         if token_id == self.unk_id and piece != self._sp.id_to_piece(self.unk_id):
             return None
         return token_id
+
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def _without_dummy_prefix(proto: bytes) -> bytes:
@@ -417,6 +445,10 @@ class HFTokenizer(Tokenizer):
         vocab = self.vocab_size
         kept = [int(i) for i in ids if 0 <= int(i) < vocab and int(i) not in self._special]
         return self._tok.decode(kept, skip_special_tokens=True)
+
+    def pieces_text(self, ids: Iterable[int]) -> str:
+        """The text of the ids with special tokens written out (byte-level BPE keeps every space as it is)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary string of an id ("Ġthe", "<|eot_id|>"); ids outside it raise IndexError."""
