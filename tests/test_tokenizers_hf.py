@@ -19,7 +19,6 @@ import os
 import pickle
 import random
 
-import numpy as np
 import pytest
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RawTokenizer
@@ -223,7 +222,8 @@ def test_continuation_drops_the_metaspace_prefix(tiny_spm_dir, tmp_path):
     from transformers import LlamaTokenizer
 
     LlamaTokenizer.from_pretrained(tiny_spm_dir).save_pretrained(str(tmp_path / "fast"))
-    os.remove(tmp_path / "fast" / "tokenizer.model") if (tmp_path / "fast" / "tokenizer.model").exists() else None
+    if (tmp_path / "fast" / "tokenizer.model").exists():  # keep tokenizer.json alone: the HF backend is under test
+        os.remove(tmp_path / "fast" / "tokenizer.model")
     ours, sp = Tokenizer.from_pretrained(str(tmp_path / "fast")), Tokenizer.from_pretrained(tiny_spm_dir)
     assert isinstance(ours, HFTokenizer)
     for text in ["What is the man doing?", "a dog . sitting", "USER: hi ASSISTANT:", "two  spaces"]:
