@@ -99,7 +99,7 @@ class Template:
 
     Attributes:
       name: registry key.
-      style: "two" (vicuna), "llama_2", "chatml", "plain" or "raw".
+      style: "two" (vicuna), "llama_2", "llama_3", "chatml", "plain" or "raw".
       system: default system prompt (a "system" turn in the record replaces it).
       roles: (user, assistant) role tags as the style writes them.
       sep, sep2: separators, with the meaning of the original `Conversation` for that style.
