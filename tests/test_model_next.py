@@ -90,14 +90,15 @@ def llama_next(tmp_path_factory):
     return hf, load_pretrained(str(path)), seed
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_one_image_logits_match_transformers(llama_next, size):
+def test_each_image_shape_matches_transformers(llama_next):
+    """One row per shape class (square, wide, tall, smaller than a tile, odd sizes): one forward, one compile."""
     hf, ours, _ = llama_next
     rng = np.random.default_rng(fresh_seed())
-    ids, mask, px, sizes = batch(rng, ours, [[size]])
+    ids, mask, px, sizes = batch(rng, ours, [[size] for size in SIZES])
     want = hf_logits(hf, ids, px, sizes, mask)
     got = np.asarray(ours(ids, px, mask, image_sizes=sizes).logits)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("pad_side", ["right", "left"])
