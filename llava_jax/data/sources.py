@@ -9,7 +9,9 @@ Each may be local or on GCS (`gs://`, through etils.epath / fsspec). A source ho
 a fixed order; `source[i]` is an `Example`: the LLaVA record (as records.py validates it) and
 one opener per image returning the decoded PIL image. The pipeline plans, renders and
 preprocesses Examples the same way whatever their source, so the same records in the same order
-give the same batches, token ids, labels and pixels from every source.
+give the same batches, token ids, labels and pixels from every source. Sources hold images as they
+were (encoded bytes), not preprocessed: one packed or TFDS dataset trains LLaVA-1.5 and LLaVA-NeXT
+(anyres) models alike, the pipeline cutting each image by its size.
 
 Packed shards: the format `pack.py` writes, described in `packed_format.py` (ArrayRecord shards of
 one record per chunk, `manifest.json`, `index.npz`). array_record's open-source reader opens local
