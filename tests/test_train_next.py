@@ -130,3 +130,28 @@ def test_flops_count_real_tiles_not_a_constant_image():
     one, eight = flops.train_step_flops(tiled, tiles=1, **kw), flops.train_step_flops(tiled, tiles=8, **kw)
     none = flops.train_step_flops(tiled, tiles=0, **kw)
     assert none > 0 and eight - none == pytest.approx(8 * (one - none))
+
+
+@pytest.mark.parametrize("arg", ["tiny", "vicuna_7b", "llama3_8b_stage2"])
+def test_next_recipes_set_declared_fields_only(arg):
+    from tests.test_train_cli import test_recipes_set_declared_fields_only
+
+    test_recipes_set_declared_fields_only("configs/llava_next.py", arg)
+
+
+def test_base_resolution_stage_feeds_one_tile_an_image():
+    """LLaVA-NeXT's stage 1: the anyres model's data cut flat (one base tile, the features in order), its
+    own image settings (written with the model) keeping the pinpoints; a LLaVA-1.5 model is unaffected."""
+    from llava_jax.anyres import AnyresConfig
+    from llava_jax.config import LlavaConfig, VisionConfig
+
+    geometry = AnyresConfig(28, 2, ((28, 56), (56, 28)))
+    cfg = LlavaConfig(vision=VisionConfig(image_size=28, patch_size=14), anyres=geometry)
+    image_cfg = loop.model_image_config(cfg, pad_to_square=True)
+    assert image_cfg.grid_pinpoints == geometry.pinpoints and not image_cfg.pad_to_square
+    flat, data_cfg = loop.stage_geometry(cfg, _stage(base_resolution=True), image_cfg, pad_to_square=True)
+    assert flat == AnyresConfig.flat(28, 2) and not data_cfg.grid_pinpoints and data_cfg.pad_to_square
+    assert loop.stage_geometry(cfg, _stage(), image_cfg, pad_to_square=True) == (geometry, image_cfg)
+    one_tile = cfg.replace(anyres=None)
+    one_cfg = loop.model_image_config(one_tile, pad_to_square=True)
+    assert loop.stage_geometry(one_tile, _stage(base_resolution=True), one_cfg, True) == (one_tile.geometry, one_cfg)
