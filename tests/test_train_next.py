@@ -99,6 +99,10 @@ def test_next_config_fields_are_checked_before_any_work():
     with pytest.raises(ConfigError, match=r"config.model.image_grid_pinpoints: .*multiples of model.vision.image_size"):
         validate(bad)
     bad = _recipe("tiny")
+    bad.model.vision_feature_select_strategy = "full"
+    with pytest.raises(ConfigError, match=r"config.model.vision_feature_select_strategy: 'full' keeps the CLS"):
+        validate(bad)
+    bad = _recipe("tiny")
     bad.stages[1].lora = defaults.lora(rank=4)
     with pytest.raises(ConfigError, match=r"config.stages\[1\].vision_learning_rate: .* with lora"):
         validate(bad)

@@ -63,6 +63,10 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config.model.image_grid_pinpoints: {tuple(m.image_grid_pinpoints)!r}; expected "
                               f"(height, width) pairs, multiples of model.vision.image_size ({e})") from None
+        if m.vision_feature_select_strategy in ("full", "cls_patch"):
+            raise ConfigError(f"config.model.vision_feature_select_strategy: {m.vision_feature_select_strategy!r} "
+                              "keeps the CLS token, which an anyres model (model.image_grid_pinpoints) cannot tile; "
+                              "expected default")
     if not config.compile_only and not m.init and not has_architecture(m):
         raise ConfigError("config.model.init is empty and model.vision / model.text give no architecture "
                           "(hidden_size 0): name a converted checkpoint directory in model.init")
