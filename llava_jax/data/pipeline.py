@@ -18,7 +18,7 @@ A batch is a dict of numpy arrays, every shape static:
     attention_mask  int32   [B, T]   1 real token, 0 padding
     pixel_values    float32 [B, I, H, W, 3]  row b's images in the order of their placeholder runs;
                                              zeros where absent
-    image_mask      bool    [B, I]   which images are real
+    image_mask      bool    [B, I]   which images (anyres: tiles) are real
     image_index     int32   [B, T]   only when asked for (LLaVA-NeXT models): see below
 
 T is `max_length`, or the smallest of `length_buckets` that fits the batch's longest row. I is
@@ -46,6 +46,7 @@ batch): the loss must divide by max(1, supervised tokens).
 Usage (the data may also be a packed directory or "tfds:NAME@split", see sources.py):
     ds = make_dataset("llava_v1_5_mix665k.json", "data/", tokenizer, "vicuna_v1", image_cfg,
                       num_image_tokens=576, image_token_index=32000, max_length=2048, batch_size=16)
+    # LLaVA-NeXT: geometry=model_config.geometry in place of num_image_tokens, image_cfg with its pinpoints
     it = iter(ds)                      # a DataIterator; ds.batches_per_epoch steps per epoch
     batch = next(it)
     it.stats.metrics()                 # {"data/samples": ..., "data/skipped_image": ...}
@@ -528,7 +529,8 @@ def _geometry(num_image_tokens: int | None, geometry: anyres.AnyresConfig | None
         # Only the count matters to a one-tile layout: num_image_tokens vectors a tile.
         return anyres.AnyresConfig.flat(image_cfg.crop_size, 1, num_image_tokens - 1)
     want = image_cfg.anyres_config(geometry.grid, geometry.extra_tokens)
-    if geometry.merge != "flat" and (want.tile_size, want.resolutions()) != (geometry.tile_size, geometry.resolutions()):
+    same = (want.tile_size, want.resolutions()) == (geometry.tile_size, geometry.resolutions())
+    if geometry.merge != "flat" and not same:
         raise ValueError(f"the image settings cut tiles of {want.tile_size} px from pinpoints {want.resolutions()} "
                          f"(height, width), the model's geometry {geometry.tile_size} px from {geometry.resolutions()}")
     if geometry.merge == "flat" and image_cfg.is_anyres:
@@ -607,8 +609,9 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
     loader = _RowLoader(
         source, lengths, tokenizer=tokenizer, template_name=template, image_cfg=image_cfg,
         num_image_tokens=geometry.tile_tokens, geometry=geometry if tiled else None,
-        image_token_index=image_token_index, max_length=max_length, max_images=max_images_per_sample, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count,
-        seed=seed, shuffle=shuffle, group_by_modality_length=group_by_modality_length, strict=strict)
+        image_token_index=image_token_index, max_length=max_length, max_images=max_images_per_sample,
+        batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, seed=seed, shuffle=shuffle,
+        group_by_modality_length=group_by_modality_length, strict=strict)
     collate = _Collate(pad_id=_pad_id(tokenizer), max_length=max_length, buckets=buckets,
                        slots=max_images_per_sample * geometry.max_patches, crop_size=image_cfg.crop_size,
                        image_token_index=image_token_index,
