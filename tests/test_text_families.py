@@ -243,3 +243,76 @@ def test_qwen2_parameters_shard_by_the_rules():
         assert got[f"{p}/kernel"] == [[None, "fsdp", "tensor"], [2, 32, 16]], got
     assert "o_proj/bias" not in got
     assert got["q_proj/lora_a"][1] == [2, 32, 4] and got["q_proj/lora_b"][1] == [2, 2, 16], got
+
+
+def _windowed(seed: int, window: int):
+    """q, k, v [3, 100, 2|1, 16], tokens (right-padded, left-padded, unpadded rows) and the dense
+    reference mask of the XLA path: causal, padding and the window in positions (`llama.attention_mask`)."""
+    import jax.numpy as jnp
+
+    from llava_jax.models.llama import attention_mask
+    from llava_jax.models.llava import default_positions
+
+    b, t = 3, 100  # splash pads to 128: its window must ignore the padding slots too
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, 16)), jnp.float32) for n in (2, 1, 1))
+    tokens = np.ones((b, t), np.int32)
+    tokens[0, 70:] = 0
+    tokens[1, :25] = 0
+    tokens = jnp.asarray(tokens)
+    pos = default_positions(tokens)
+    return q, k, v, tokens, attention_mask(tokens, t, 0, window, pos, pos)
+
+
+@pytest.mark.slow(seconds=8)
+def test_windowed_kernels_equal_the_dense_window_mask():
+    """The fused kernels' windows (splash's LocalMask in interpret mode; the cuDNN call's
+    `local_window_size`, run here by XLA as cuDNN needs a GPU; the XLA fallback of a fused mask)
+    equal the dense mask's window in positions at every real query, right and left padding alike."""
+    import functools
+
+    import jax
+
+    from llava_jax.models import attention as attn
+
+    window = 7
+    q, k, v, tokens, dense = _windowed(fresh_seed(), window)
+    ref = attn.attention(q, k, v, dense)
+    cudnn_call = functools.partial(attn._cudnn, causal=True, window=window, implementation=None)
+    lengths = np.asarray(tokens).sum(1)
+    outs = {
+        "xla_fallback": attn.attention(q, k, v, attn.AttentionMask("xla", causal=True, tokens=tokens, window=window)),
+        "cudnn_call_rotated": attn.via_right_padding(cudnn_call, q, k, v, tokens),
+    }
+    with attn.target_platform("cpu"):
+        splash = attn.AttentionMask("splash", causal=True, tokens=tokens, window=window)
+        outs["splash"] = jax.jit(lambda q, k, v: attn.attention(q, k, v, splash))(q, k, v)
+    real = np.asarray(tokens).astype(bool)
+    for name, out in outs.items():
+        err = np.abs(np.asarray(out) - np.asarray(ref))[real].max()
+        assert err < 1e-5, f"{name}: max error {err:.2e}"
+    # Row 0 is right-padded: the cuDNN call takes it as it is, by its length.
+    right = cudnn_call(q[:1], k[:1], v[:1], jax.numpy.asarray(lengths[:1], jax.numpy.int32))
+    assert np.abs(np.asarray(right - ref[:1]))[0, : lengths[0]].max() < 1e-5
+    # The window matters at these lengths.
+    assert np.abs(np.asarray(attn.attention(q, k, v, _windowed(0, None)[-1]) - ref))[real].max() > 1e-2
+
+
+@pytest.mark.skipif(__import__("jax").default_backend() != "gpu",
+                    reason="cuDNN flash attention needs an NVIDIA GPU; the CPU tests run its call on XLA")
+def test_cudnn_window_equals_xla_in_bf16():
+    """The real cuDNN kernel with a window, right- and left-padded rows, against float32 XLA."""
+    import jax
+    import jax.numpy as jnp
+
+    from llava_jax.models import attention as attn
+
+    q, k, v, tokens, dense = _windowed(fresh_seed(), 33)
+    ref = attn.attention(q, k, v, dense)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    for right_padded, rows in ((True, slice(0, 1)), (False, slice(1, 3))):
+        mask = attn.AttentionMask("cudnn", causal=True, tokens=tokens[rows], right_padded=right_padded, window=33)
+        out = jax.jit(lambda q, k, v: attn.attention(q, k, v, mask))(q[rows], k[rows], v[rows])
+        real = np.asarray(tokens[rows]).astype(bool)
+        err = np.abs(np.asarray(out.astype(jnp.float32)) - np.asarray(ref[rows]))[real].max()
+        assert err < 2e-2, f"right_padded={right_padded}: max error {err:.3e}"
