@@ -316,3 +316,59 @@ def test_cudnn_window_equals_xla_in_bf16():
         real = np.asarray(tokens[rows]).astype(bool)
         err = np.abs(np.asarray(out.astype(jnp.float32)) - np.asarray(ref[rows]))[real].max()
         assert err < 2e-2, f"right_padded={right_padded}: max error {err:.3e}"
+
+
+@pytest.mark.slow(seconds=10)
+def test_qwen2_lora_and_int8_cover_the_qkv_biases(tmp_path):
+    """On a Qwen2 layout (biased q/k/v, unbiased o): a LoRA adapter on q, v and o saved by us gives
+    peft's logits (the biases stay in the base Linear beside the adapter), merged equals unmerged;
+    int8 kernels add the biases as the float path does (int8 forward == forward with the
+    dequantised kernels)."""
+    import jax
+    import jax.numpy as jnp
+    from peft import PeftModel
+
+    from llava_jax.inference.quant import SCALE, int8_matmuls, quantize_params
+    from llava_jax.models import lora as lora_lib
+    from llava_jax.models.llava import Llava
+    from llava_jax.weights import peft as peft_io
+    from tests.test_lora import random_adapter
+
+    seed = fresh_seed()
+    hf, n_img = make_family_llava(seed, "qwen2", tie=True, theta=1e6)
+    hf.save_pretrained(tmp_path / "base")
+    spec = lora_lib.LoraSpec(rank=4, alpha=8.0, targets=("self_attn/q_proj", "self_attn/v_proj", "self_attn/o_proj"))
+    ours = random_adapter(load_pretrained(str(tmp_path / "base")), spec, seed)
+    q_proj = ours.params["language_model"]["layers"]["self_attn"]["q_proj"]
+    assert {"kernel", "bias", "lora_a", "lora_b"} == set(q_proj)
+    assert "bias" not in ours.params["language_model"]["layers"]["self_attn"]["o_proj"]
+    peft_io.save_adapter(str(tmp_path / "adapter"), ours.config, ours.params)
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    rng = np.random.default_rng(seed)
+    ids, mask = _batch(rng, n_img, [1, 0])
+    pixels = rng.standard_normal((1, 28, 28, 3)).astype(np.float32)
+    _compare(peft_model, ours, ids, mask, pixels)
+    merged = LlavaModel(ours.config.replace(lora=None), lora_lib.merge(ours.params, spec))
+    unmerged = np.asarray(ours(ids, pixels, mask).logits)
+    merge_err = np.abs(np.asarray(merged(ids, pixels, mask).logits) - unmerged)[mask.astype(bool)].max()
+    assert merge_err < 5e-5, f"merged vs unmerged: {merge_err:.2e}"
+
+    cfg, params = merged.config, merged.params
+    quant = quantize_params(params)
+    q_proj = quant["language_model"]["layers"]["self_attn"]["q_proj"]
+    assert q_proj["kernel"].dtype == jnp.int8 and q_proj["bias"].dtype == jnp.float32
+
+    def dequantised(node):
+        if isinstance(node, dict) and SCALE in node:
+            rest = {k: v for k, v in node.items() if k != SCALE}
+            return {**rest, "kernel": node["kernel"].astype(jnp.float32) * node[SCALE][..., None, :]}
+        return {k: dequantised(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+    def forward(p, int8):
+        with int8_matmuls(int8):
+            return Llava(cfg).apply({"params": p}, ids, pixels[None], mask)[0]
+
+    got = jax.jit(lambda p: forward(p, True))(quant)
+    want = jax.jit(lambda p: forward(p, False))(dequantised(quant))
+    err = np.abs(np.asarray(got) - np.asarray(want))[mask.astype(bool)].max()
+    assert err < 1e-4, f"int8 vs dequantised float: {err:.2e}"
