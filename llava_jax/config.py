@@ -282,7 +282,7 @@ def text_config_from_hf(c: dict, source: str = "config") -> TextConfig:
     defaulted as that class defaults it; rope from `rope_theta`+`rope_scaling` or `rope_parameters`."""
     given_type = c.get("model_type", "llama")
     if given_type not in _TEXT_ALIASES:
-        raise ValueError(f"{source}: text model_type {given_type!r} is not a supported decoder "
+        raise ValueError(f"{source}: text model_type {given_type!r} is not a LLaMA-family decoder "
                          f"(expected one of {sorted(_TEXT_ALIASES)})")
     model_type = _TEXT_ALIASES[given_type]
     d = _TEXT_DEFAULTS[model_type]

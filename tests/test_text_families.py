@@ -152,7 +152,7 @@ def test_missing_fields_default_as_transformers_does(family):
 @pytest.mark.parametrize("bad,message", [
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, num_hidden_layers=4, max_window_layers=2),
      "some layers only"),
-    (dict(model_type="gemma"), "not a supported decoder"),
+    (dict(model_type="gemma"), "not a LLaMA-family decoder"),
     (dict(model_type="llama", hidden_act="relu"), "hidden_act 'relu'"),
 ])
 def test_unsupported_text_configs_are_refused(bad, message):
