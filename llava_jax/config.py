@@ -263,7 +263,9 @@ def _qwen2_sliding_window(c: dict, layers: int, source: str) -> int | None:
     """Qwen2's window as transformers applies it: only with `use_sliding_window`, and only in the
     layers `layer_types` marks "sliding_attention" (by default layers >= `max_window_layers`)."""
     d = _TEXT_DEFAULTS["qwen2"]
-    window = c.get("sliding_window", d["sliding_window"]) if c.get("use_sliding_window", d["use_sliding_window"]) else None
+    if not c.get("use_sliding_window", d["use_sliding_window"]):
+        return None
+    window = c.get("sliding_window", d["sliding_window"])
     if window is None:
         return None
     types = c.get("layer_types") or [

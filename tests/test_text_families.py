@@ -35,14 +35,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def make_family_llava(seed: int, family: str, *, window: int | None = None, tie: bool = False,
-                      rope_scaling: dict | None = None, theta: float = 1e4):
+                      rope_scaling: dict | None = None, theta: float = 1e4, act: str = "silu"):
     """A perturbed tiny float32 `LlavaForConditionalGeneration` with a `family` text config."""
     import torch
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               MistralConfig, Qwen2Config)
 
     torch.manual_seed(seed)
-    text = text_config_dict(kv_heads=2, theta=theta, rope_scaling=rope_scaling, tie=tie)
+    text = text_config_dict(kv_heads=2, theta=theta, rope_scaling=rope_scaling, tie=tie) | {"hidden_act": act}
     if family == "mistral":
         tc = MistralConfig(**text, sliding_window=window)
     elif family == "qwen2":  # the window in every layer: max_window_layers 0
@@ -57,16 +57,19 @@ def make_family_llava(seed: int, family: str, *, window: int | None = None, tie:
     return perturb_(LlavaForConditionalGeneration(cfg), seed), n_img
 
 
-# (family, window, tie, rope scaling, theta, the TextConfig fields the load must give)
+# (family, window, tie, rope scaling, theta, the TextConfig fields the load must give); the Llama-3
+# case also runs its MLP with GELU (the decoder reads `hidden_act`; SiLU everywhere else).
 CASES = {
     "mistral_window": ("mistral", WINDOW, False, None, 1e6,
                        dict(model_type="mistral", sliding_window=WINDOW, qkv_bias=False, attention_bias=False)),
     "qwen2_tied": ("qwen2", None, True, None, 1e6,
                    dict(model_type="qwen2", sliding_window=None, qkv_bias=True, attention_bias=False,
                         tie_word_embeddings=True)),
-    "qwen2_window": ("qwen2", WINDOW, False, None, 1e4, dict(model_type="qwen2", sliding_window=WINDOW, qkv_bias=True)),
+    "qwen2_window": ("qwen2", WINDOW, False, None, 1e4,
+                     dict(model_type="qwen2", sliding_window=WINDOW, qkv_bias=True)),
     "llama3_rope": ("llama", None, False, LLAMA3_ROPE, 5e5,
-                    dict(model_type="llama", sliding_window=None, rope_scaling=tuple(sorted(LLAMA3_ROPE.items())))),
+                    dict(model_type="llama", sliding_window=None, rope_scaling=tuple(sorted(LLAMA3_ROPE.items())),
+                         hidden_act="gelu")),
 }
 
 
@@ -76,7 +79,8 @@ def test_family_logits_match_transformers(tmp_path, case, pad_side):
     """Three rows (one image, text only, two images) in a padded batch; logits within 1e-4."""
     family, window, tie, rope, theta, fields = CASES[case]
     seed = fresh_seed()
-    hf, n_img = make_family_llava(seed, family, window=window, tie=tie, rope_scaling=rope, theta=theta)
+    hf, n_img = make_family_llava(seed, family, window=window, tie=tie, rope_scaling=rope, theta=theta,
+                                  act=fields.get("hidden_act", "silu"))
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(str(tmp_path))
     for k, v in fields.items():

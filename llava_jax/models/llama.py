@@ -233,7 +233,8 @@ class LlamaModel(nn.Module):
             dense_mask = attention_mask(kv_mask, t, cache_index, window, positions, cache_positions(kv_mask))
             mask = AttentionMask(impl, causal=True, dense=dense_mask)
         elif impl == "xla":  # queries and keys are the same T slots (a prefill's first T of the cache)
-            mask = AttentionMask(impl, causal=True, dense=attention_mask(kv_mask[:, :t], t, 0, window, positions, positions))
+            dense_mask = attention_mask(kv_mask[:, :t], t, 0, window, positions, positions)
+            mask = AttentionMask(impl, causal=True, dense=dense_mask)
         else:  # training and evaluation rows are right-padded (LlavaModel checks); prefill rows left-padded
             # The kernels' window counts slots: a row's tokens are one contiguous run (right- or
             # left-padded), so slot distances are position distances.
