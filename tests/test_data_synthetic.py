@@ -257,3 +257,12 @@ def test_next_variant_draws_the_given_sizes_and_answers_agree_with_the_pixels(tm
     square = synthetic.build(tmp_path / "square", num_train=40, num_val=40, image_size=56)
     for key in ("stage1", "stage2", "val"):
         assert records.load_records(square[key]) == records.load_records(paths[key]), key
+
+
+def test_sizes_flag_is_parsed_and_a_bad_one_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        synthetic.main(["--out-dir", str(tmp_path / "bad"), "--sizes", "28by56"])
+    assert e.value.code == 2 and "--sizes '28by56': expected HxW" in capsys.readouterr().err
+    synthetic.main(["--out-dir", str(tmp_path / "ok"), "--num-train", "4", "--num-val", "0", "--sizes", "20x40"])
+    with Image.open(tmp_path / "ok" / "images" / "train_00000.png") as im:
+        assert (im.height, im.width) == (20, 40)
