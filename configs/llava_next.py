@@ -25,7 +25,9 @@
 # `:tiny`: a random tiny NeXT model (28 px tiles of 2 x 2 features, pinpoints of up to 2 x 2 tiles)
 # trained from scratch on the synthetic shapes drawn at varied sizes and aspect ratios; as the tiny
 # LLaVA-1.5 default, stage 1 trains every parameter (there is no pretrained tower) and stage 2 the LLM,
-# projector and image_newline with the tower at its own lower rate.
+# projector and image_newline with the tower at its own lower rate. Measured: held-out accuracy 0.76
+# (colour 1.0, count 0.99, position 0.43, shape 0.38; blind 0.25) after about 7 minutes on a shared
+# 2-core CPU (1000 + 414 steps). `:tiny_smoke` stops each stage after 3 steps.
 from llava_jax.train.defaults import base_config, stage, tiny_config
 
 TEMPLATES = {"vicuna_7b": "vicuna_v1", "vicuna_13b": "vicuna_v1", "mistral_7b": "mistral_instruct",
@@ -39,21 +41,21 @@ TINY_SIZES = ((28, 56), (56, 28), (56, 56), (42, 84), (84, 42))
 
 
 def tiny() -> "ml_collections.ConfigDict":  # noqa: F821
-    """The tiny NeXT run: about a minute on an idle 2-core CPU (tests/test_train_next.py runs it)."""
+    """The tiny NeXT run (see the top; tests/test_train_next.py runs it on less data for fewer epochs)."""
     c = tiny_config()
     c.log_every = 10
     c.model.vision.update(dict(image_size=28, patch_size=14))
     c.model.image_grid_pinpoints = TINY_PINPOINTS
-    c.data.synthetic_args.update(dict(num_train=256, num_val=48, image_size=56, sizes=TINY_SIZES))
+    c.data.synthetic_args.update(dict(num_train=2000, num_val=100, image_size=56, sizes=TINY_SIZES))
     # Captions: <= 24 image tokens + ~20 text; Q/A up to ~100 tokens.
     c.data.length_buckets = (48, 64, 96)
     c.data.eval_max_length = 128
     c.data.eval_batch_size = 16
     c.stages = [
         stage("pretrain", data="stage1", template="plain", trainable=[".*"], learning_rate=2e-3,
-              global_batch=16, micro_batch=16, epochs=4, max_length=48, warmup_ratio=0.05),
+              global_batch=16, micro_batch=16, epochs=8, max_length=48, warmup_ratio=0.05),
         stage("finetune", data="stage2", template="vicuna_v1", trainable=STAGE2_TRAINABLE, learning_rate=2e-3,
-              vision_learning_rate=2e-4, global_batch=16, micro_batch=16, epochs=2, max_length=128,
+              vision_learning_rate=2e-4, global_batch=16, micro_batch=16, epochs=3, max_length=128,
               warmup_ratio=0.05),
     ]
     return c

@@ -40,10 +40,13 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.mark.slow(seconds=90)
 def test_tiny_next_learns_and_resumes_exactly(tmp_path):
-    """configs/llava_next.py:tiny end to end (anyres batches of varied-size images, both stages, the tower
-    at its own rate in stage 2): the loss falls far below its start in each stage; a run resumed from a
-    mid-stage-2 checkpoint logs the uninterrupted run's losses, step for step."""
+    """configs/llava_next.py:tiny end to end on an eighth of its data for half its epochs (anyres batches of
+    varied-size images, both stages, the tower at its own rate in stage 2): the loss falls far below its
+    start in each stage; a run resumed from a mid-stage-2 checkpoint logs the uninterrupted run's losses,
+    step for step. (The whole recipe's held-out accuracy, 0.76 against a blind 0.25, takes minutes.)"""
     config = _recipe("tiny")
+    config.data.synthetic_args.num_train, config.data.synthetic_args.num_val = 256, 48
+    config.stages[0].epochs, config.stages[1].epochs = 4, 2
     config.progress = False
     config.log_every = 1
     config.checkpoint_every = 30  # of each stage's steps: stage 2's step 30 of 36 is global step 94 (64 + 30)
