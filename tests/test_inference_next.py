@@ -98,23 +98,25 @@ def test_check_names_what_does_not_match(pipe):
 
 @pytest.mark.slow(seconds=12)
 def test_mixed_size_stream_compiles_one_prefill_per_token_bucket(pipe):
-    """50 images of random sizes, five prompts a batch with texts of random lengths: the engine compiles at most
-    one prefill program per prompt-length bucket, whatever the images' sizes and token counts."""
+    """50 images of random sizes, one request each with a text of random length: the engine compiles at most
+    one prefill program per prompt-length bucket, whatever the images' sizes, tiles and token counts."""
     engine, cfg = pipe.engine, pipe.model.config
     rng = np.random.default_rng(fresh_seed())
     sizes = [(int(h), int(w)) for h, w in rng.integers(10, 300, (50, 2))]
     params = SamplingParams(max_new_tokens=2, ignore_eos=True)
     before = prefill_step._cache_size()
     keys = set()
-    for i in range(0, len(sizes), 5):
-        batch = engine.prepare([_prompt(rng, pipe, [s], int(rng.integers(0, 30))) for s in sizes[i:i + 5]], params)
+    for size in sizes:
+        batch = engine.prepare([_prompt(rng, pipe, [size], int(rng.integers(0, 30)))], params)
         keys.add(batch.shape_key)
         jax.block_until_ready(engine.prefill(batch, params).tokens)
     compiled = prefill_step._cache_size() - before
     buckets = {t for _, t, _, _ in keys}
     assert len(keys) == len(buckets), keys  # one batch size, tile-slot count and budget: the length picks
     token_counts = {cfg.image_layout(s).num_tokens for s in sizes}
+    patch_counts = {cfg.image_layout(s).num_patches for s in sizes}
     assert compiled <= len(buckets) < len(token_counts), (compiled, keys, token_counts)
+    assert len(patch_counts) > 1, patch_counts  # the stream mixes tile grids
 
 
 def _processor(d: str):

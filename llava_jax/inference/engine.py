@@ -20,8 +20,8 @@ buckets (`bucket`), so a chat whose prompt grows by a few tokens per turn reuses
 LLaVA-NeXT (anyres) prompts carry each image's tiles and size: an image takes
 `cfg.image_layout(size).num_tokens` tokens and `num_patches` tile slots. A row's images fill S tile
 slots in order (`models.llava.place_images`), and the host builds `image_index` [B, T] (which
-feature row each image token takes). S is at least the most tiles one image can have, and bucketed
-above that, so a stream of single images of any sizes compiles one prefill per prompt-length bucket.
+feature row each image token takes). S is a bucketed number of images' most tiles (`tile_slots`), so
+a stream of single images of any sizes compiles one prefill per prompt-length bucket.
 
 The prefill attends over the prompt's own keys (the cache starts empty), so it runs the fused
 attention kernel of the backend (cuDNN on GPU, each left-padded row rotated to the front; Pallas
@@ -455,9 +455,10 @@ class Engine:
                                  f"P >= its {lay.num_patches} patches (base + tiles); got {tuple(shape)}")
 
     def tile_slots(self, tiles: int) -> int:
-        """Tile slots S of a batch whose fullest row needs `tiles` (anyres): never fewer than one image's
-        most (so single images of any size share S), bucketed above that."""
-        return max(self.config.geometry.max_patches, bucket(tiles))
+        """Tile slots S of a batch whose fullest row needs `tiles` (anyres): a bucketed number of images' most
+        tiles each, so that single images of any size share one S (as the images per row bucket for 1.5)."""
+        most = self.config.geometry.max_patches
+        return most * bucket(-(-tiles // most))
 
     def prepare(self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None) -> Batch:
         """Validate and pad prompts to bucketed shapes (left padding; padding rows are done at once)."""
