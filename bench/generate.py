@@ -80,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--image-size", default="150,250", help="anyres shapes: each prompt's image (height,width)")
-    p.add_argument("--new-tokens", type=int, default=None, help="default 32 (small) / 128 (7b)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 32 (small shapes) / 128 (7b)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="ours: the engine's token budget (default --new-tokens); decoding stops at --new-tokens")
     p.add_argument("--int8", action="store_true", help="also time ours with weight-only int8 (Engine(int8=True))")
@@ -225,7 +225,7 @@ def main() -> None:
     args = parse_args()
     xla_flags.apply(not args.no_xla_flags)
     cfg = SHAPES[args.shape].replace(scan_layers=not args.unrolled)
-    new_tokens = args.new_tokens or (32 if args.shape == "small" else 128)
+    new_tokens = args.new_tokens or (128 if "7b" in args.shape else 32)
     t0 = time.perf_counter()
     ours, hf, device = build(cfg, args.dtype, not args.no_hf, not args.no_ours)
     engine = Engine(ours) if ours is not None else None
