@@ -94,6 +94,15 @@ def test_check_names_what_does_not_match(pipe):
         pipe.engine.check(Prompt(p.ids, p.images))
     with pytest.raises(InputError, match=r"image 0 \(size \(30, 90\)\) must be \[P, 28, 28, 3\] with P >= its 4"):
         pipe.engine.check(Prompt(p.ids, p.images[:, :2], None, p.image_sizes))
+    # Two images whose tokens add up, split across their runs at the wrong place.
+    two = _prompt(rng, pipe, [(30, 90), (56, 56)])
+    cfg = pipe.model.config
+    ids = two.ids.tolist()
+    first = ids.index(cfg.image_token_index) + cfg.image_layout((30, 90)).num_tokens
+    moved = ids[:first - 1] + ids[first:first + 2] + [cfg.image_token_index] + ids[first + 2:]
+    with pytest.raises(InputError, match=r"image run 0 of the prompt .* holds \d+ image tokens, not whole images"):
+        pipe.engine.check(Prompt(np.asarray(moved, np.int32), two.images, None, two.image_sizes))
+    pipe.engine.check(two)
 
 
 @pytest.mark.slow(seconds=12)

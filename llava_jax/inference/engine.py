@@ -446,6 +446,18 @@ class Engine:
         if tokens != want:
             raise InputError(f"prompt holds {tokens} image tokens ({cfg.image_token_index}) but its {given} "
                              f"image{'s' * (given != 1)} of sizes {sizes} take {want}")
+        # Each run of image tokens holds whole images in order (adjacent `<image>`s make one run).
+        is_image = np.concatenate([[0], np.asarray(prompt.ids) == cfg.image_token_index, [0]]).astype(np.int8)
+        edges = np.flatnonzero(np.diff(is_image))
+        j = 0
+        for k, (start, end) in enumerate(zip(edges[::2], edges[1::2])):
+            first, taken = j, 0
+            while taken < end - start and j < given:
+                taken, j = taken + layouts[j].num_tokens, j + 1
+            if taken != end - start:
+                raise InputError(f"image run {k} of the prompt (tokens {start}..{end - 1}) holds {end - start} "
+                                 f"image tokens, not whole images: images {first}.. of sizes {sizes[first:j]} "
+                                 f"take {taken}")
         v = cfg.vision
         tile = (v.image_size, v.image_size, v.num_channels)
         for j, lay in enumerate(layouts):
