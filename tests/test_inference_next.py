@@ -8,7 +8,6 @@ over a stream of mixed-size images, and the pipeline under `generate`, `chat` an
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
