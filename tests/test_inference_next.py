@@ -104,6 +104,11 @@ def test_check_names_what_does_not_match(pipe):
     pipe.engine.check(two)
 
 
+def test_llava15_padding_is_refused_for_anyres_settings(next_dir):
+    with pytest.raises(InputError, match=r"next-tiny.*: image_aspect_ratio 'pad' is LLaVA-1.5's padding choice"):
+        Pipeline.from_pretrained(next_dir[0], image_aspect_ratio="pad")
+
+
 @pytest.mark.slow(seconds=12)
 def test_mixed_size_stream_compiles_one_prefill_per_token_bucket(pipe):
     """50 images of random sizes, one request each with a text of random length: the engine compiles at most

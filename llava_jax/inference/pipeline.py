@@ -126,7 +126,10 @@ class Pipeline:
 
         model = load_pretrained(path, dtype, lora=lora, scan_layers=scan_layers)
         tokenizer = Tokenizer.from_pretrained(model_dir.tokenizer_dir(path))
-        image_config = model_dir.image_processor(path, image_aspect_ratio)
+        try:
+            image_config = model_dir.image_processor(path, image_aspect_ratio)
+        except ValueError as e:  # e.g. LLaVA-1.5's "pad" asked of anyres settings: the user's to fix
+            raise InputError(f"{path}: {e}") from None
         return cls(model, tokenizer, image_config, conv_mode, max_context=max_context, mesh=mesh, int8=int8,
                    path=path)
 
