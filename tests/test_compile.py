@@ -118,3 +118,72 @@ def test_model_clis_turn_the_cache_on_before_loading(tmp_path, monkeypatch):
     for extra in ([], ["--unrolled-layers"]):
         flags.load_pipeline(p.parse_args(["--model-path", "m", "--compilation-cache-dir", str(tmp_path / "c"), *extra]))
     assert calls == [("cache", str(tmp_path / "c")), ("load", None), ("cache", str(tmp_path / "c")), ("load", False)]
+
+
+@pytest.mark.slow(seconds=8)
+def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_path):
+    """LLaVA-NeXT compile-only on one CPU device: a tiny anyres model (56-px tiles, pinpoints up to 2 x 2
+    tiles) from a converted directory, the vision tower trained with the projector (the LLM frozen, to keep
+    the compile short). The batch holds each row's worst case, base + 4 tiles, and the image_index the
+    model places the features by; the compiled step's arguments are the state's bytes plus exactly
+    those arrays' (before: one 56-px slot a row and no image_index, which an anyres model refuses)."""
+    from llava_jax.anyres import AnyresConfig
+    from llava_jax.parallel.mesh import make_mesh
+    from llava_jax.parallel.partition import abstract_sharded_params
+    from llava_jax.train import aot
+    from llava_jax.train.program import rules_from_config, stage_program
+    from tests._train_config import get_config
+
+    c = get_config("compile_projector")
+    tile = c.model.vision.image_size
+    cfg = aot.model_config(c)
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    pinpoints = ((tile, 2 * tile), (2 * tile, tile), (2 * tile, 2 * tile))
+    cfg.replace(anyres=AnyresConfig(tile_size=tile, grid=grid, pinpoints=pinpoints)).save(str(tmp_path))
+    c.model.init = str(tmp_path)
+    st = c.stages[0]
+    st.trainable = ["projector/.*", "vision_tower/.*"]
+    st.global_batch, st.micro_batch, st.max_length = 4, 2, 64
+    report = aot.compile_stage(c, 0)
+    assert report.error is None and report.temp_bytes > 0, report
+
+    loaded = aot.model_config(c)
+    assert loaded.is_anyres and loaded.geometry.max_patches == 5
+    mesh = make_mesh(**c.mesh.to_dict())
+    rules = rules_from_config(c)
+    program = stage_program(loaded, st, mesh, rules, 10, abstract_sharded_params(loaded, mesh, rules))
+    state = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(program.state_abstract))
+    a, b, t = 2, 2, 64  # micro-steps, rows, tokens
+    text = 3 * a * b * t * 4  # input_ids, labels, attention_mask: int32
+    pixels = a * b * 5 * tile * tile * 3 * 4  # base + 2 x 2 tiles a row, float32
+    image_index = a * b * t * 4
+    assert report.argument_bytes == state + text + pixels + image_index, (report, state)
+
+
+# Language-model parameters of the base checkpoints (their model cards / safetensors indexes, at the
+# base vocabulary), and that vocabulary: the presets add two rows (embedding, LM head) per token beyond it.
+BASE_LLM = {
+    "llava-next-7b": (7_241_732_096, 32000),  # Mistral-7B-Instruct-v0.2
+    "llava-v1.6-vicuna-7b": (6_738_415_616, 32000),  # Vicuna-7B v1.5 (Llama-2-7B)
+    "llava-v1.6-vicuna-13b": (13_015_864_320, 32000),  # Vicuna-13B v1.5 (Llama-2-13B)
+    "llava-v1.6-34b": (34_388_917_248, 64000),  # Yi-34B
+    "llama3-llava-next-8b": (8_030_261_248, 128256),  # Meta-Llama-3-8B-Instruct
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASE_LLM))
+def test_next_presets_have_the_checkpoints_shapes(name):
+    """The LLaVA-NeXT presets compile-only and the benchmarks use: the language model has the base
+    checkpoint's parameter count plus the added vocabulary rows, the image token lies in the vocabulary,
+    and a 672 x 672 image takes the 2928 tokens transformers counts (v1.6 pinpoints, 336-px tiles)."""
+    from llava_jax.config import PRESETS
+    from llava_jax.models.llava import abstract_params
+
+    cfg = PRESETS[name]
+    params = abstract_params(cfg)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["language_model"]))
+    base, base_vocab = BASE_LLM[name]
+    assert count == base + 2 * cfg.text.hidden_size * (cfg.text.vocab_size - base_vocab), (count, base)
+    assert base_vocab <= cfg.image_token_index < cfg.text.vocab_size
+    assert cfg.is_anyres and cfg.image_layout((672, 672)).num_tokens == 2928
+    assert params["image_newline"].shape == (cfg.text.hidden_size,)
