@@ -187,3 +187,42 @@ def test_next_presets_have_the_checkpoints_shapes(name):
     assert base_vocab <= cfg.image_token_index < cfg.text.vocab_size
     assert cfg.is_anyres and cfg.image_layout((672, 672)).num_tokens == 2928
     assert params["image_newline"].shape == (cfg.text.hidden_size,)
+
+
+def test_serve_memory_anyres_prefill_is_the_models_forward():
+    """bench/serve_memory.py's `anyres_prefill` (what the NeXT prefill figures compile): on a tiny anyres
+    model with one 56 x 42 image (base + 2 x 2 tiles, unpadded rows dropped) in a left-padded row beside
+    a text-only row, its last-position logits equal the model's uncached forward, and the cache holds the
+    prompt's keys in the first T slots and nothing in the window."""
+    import flax.linen as nn
+
+    from bench.serve_memory import anyres_prefill
+    from llava_jax.anyres import AnyresConfig
+    from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+    from llava_jax.models.llava import Llava, init_params, place_images
+    from tests._seeds import fresh_seed
+
+    seed = fresh_seed()
+    tile, image = 28, 63
+    cfg = LlavaConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=tile,
+                            patch_size=14),
+        text=TextConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16),
+        image_token_index=image, anyres=AnyresConfig(tile_size=tile, grid=2, pinpoints=((28, 56), (56, 28), (56, 56))))
+    size = (56, 42)
+    n = cfg.image_layout(size).num_tokens
+    rng = np.random.default_rng(seed)
+    t = n + 8
+    ids = rng.integers(3, image, (2, t)).astype(np.int32)
+    mask = np.ones((2, t), np.int32)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding
+    ids[0, 5:5 + n] = image
+    tiles = rng.normal(size=(cfg.image_layout(size).num_patches, tile, tile, 3)).astype(np.float32)
+    pixels, index = place_images(ids, [tiles], cfg, [size], slots=cfg.geometry.max_patches)
+    params = nn.unbox(init_params(cfg, jax.random.key(seed)))
+    cache, last = anyres_prefill(Llava(cfg), params, ids, pixels, index, mask, window=16, rules=(), int8=False)
+    full = jax.jit(lambda p: Llava(cfg).apply({"params": p}, ids, pixels, mask, image_index=index)[0])(params)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1]), rtol=1e-5, atol=1e-5)
+    k = np.asarray(cache["k"])  # [L, B, K, T + window, H]
+    assert k.shape[3] == t + 16 and np.abs(k[:, :, :, :t][:, 1]).min() > 0 and not k[:, :, :, t:].any()
