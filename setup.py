@@ -15,6 +15,7 @@ setup(
         "orbax-checkpoint>=0.12",
         "grain>=0.2.12",
         "sentencepiece>=0.2",
+        "tokenizers>=0.20",  # tokenizer.json (Llama-3, Qwen2); read without transformers
         "protobuf",  # sentencepiece's sentencepiece_model_pb2 (the tokenizer edits the model proto)
         "ml_collections>=1.0",
         "absl-py>=2.1",

@@ -109,8 +109,11 @@ def test_damaged_safetensors(tmp_path, capsys, sources, damage):
 def test_configs_that_are_not_llava_clip_or_llama(tmp_path, capsys, sources):
     src = _copy(sources, "hf", tmp_path)
     config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"model_type": "llava_onevision"}))
+    fails(tmp_path, capsys, ["--src", str(src)], "model_type 'llava_onevision' is not LLaVA")
+    # A LLaVA-NeXT config over LLaVA-1.5 tensors: the one tensor NeXT adds is named.
     (src / "config.json").write_text(json.dumps(config | {"model_type": "llava_next"}))
-    fails(tmp_path, capsys, ["--src", str(src)], "model_type 'llava_next' is not LLaVA")
+    fails(tmp_path, capsys, ["--src", str(src)], r"1 tensors missing, e.g. \['image_newline'\]")
     clip, llm = _copy(sources, "parts", tmp_path) / "clip-vit", tmp_path / "parts" / "vicuna"
     good_llm = (llm / "config.json").read_text()
     (llm / "config.json").write_text(json.dumps(json.loads(good_llm) | {"model_type": "gpt2"}))

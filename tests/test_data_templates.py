@@ -253,6 +253,9 @@ def test_supervised_spans_are_the_answers(tok, name, record):
         if name == "chatml_direct":
             assert tok.decode(run) == answer + "<|im_end|>"
             continue
+        if name == "llava_llama_3":  # the original supervises the whole assistant block, header included
+            assert tok.decode(run) == "<|start_header_id|>assistant<|end_header_id|>\n\n" + answer + "<|eot_id|>"
+            continue
         assert run[-1] == tok.eos_id and tok.eos_id not in run[:-1]
         # llama_2 styles supervise " {a} ": sentencepiece decoding drops the first space only.
         expected = answer + " " if name in ("llava_llama_2", "mistral_instruct") else answer
@@ -295,7 +298,9 @@ def test_render_prompt_is_prefix_of_render(tok, name, record):
         n = len(prompt)
         assert sub.input_ids[:n].tolist() == prompt.tolist()
         assert sub.labels[n] != IGNORE_INDEX  # the answer starts right after the prompt
-        if name != "plain":  # (plain has no prompt text: the previous caption ends right before)
+        if name == "llava_llama_3":  # (its supervised answer block starts with the prompt's last header)
+            assert sub.labels[n - 1] == sub.input_ids[n - 1]
+        elif name != "plain":  # (plain has no prompt text: the previous caption ends right before)
             assert sub.labels[n - 1] == IGNORE_INDEX
         assert full.input_ids[:n].tolist() == prompt.tolist()
 
@@ -373,3 +378,22 @@ def test_eos_in_answer_text_is_not_an_eos(tok):
     conv = [{"from": "human", "value": "Say it."}, {"from": "gpt", "value": "x </s> y"}]
     ids = _render(conv, "vicuna_v1", tok).input_ids.tolist()
     assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id
+
+
+# --- Image token counts per image (anyres) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(T.TEMPLATES))
+def test_a_count_per_image(tok, name):
+    counts = [3, 7]
+    sample = render(TWO_IMAGES, name, tok, image_token_index=IMG, num_image_tokens=counts)
+    ids = sample.input_ids.tolist()
+    runs = [len(r) for r in re.findall(r"(?:I)+", "".join("I" if i == IMG else "." for i in ids))]
+    assert runs == counts[: len(runs)] and sample.num_images == len(runs)
+    # The same counts as an int give the same text around the runs (LLaVA-1.5's case is a list of equal counts).
+    same = render(TWO_IMAGES, name, tok, image_token_index=IMG, num_image_tokens=[N_IMG] * len(runs))
+    assert same.input_ids.tolist() == _render(TWO_IMAGES, name, tok).input_ids.tolist()
+    prompt = render_prompt(TWO_IMAGES[:1], name, tok, image_token_index=IMG, num_image_tokens=counts[:1])
+    assert prompt.tolist() == ids[: len(prompt)]
+    with pytest.raises(ValueError, match=r"num_image_tokens has 3 counts .* 2 <image> markers"):
+        render(TWO_IMAGES, name, tok, image_token_index=IMG, num_image_tokens=[1, 2, 3])

@@ -4,17 +4,18 @@
         --model-path checkpoints/llava-v1.5-7b --conv-mode vicuna_v1 [--max-length 2048] [--json]
 
 Text mode prints, per record, the token pieces as text: supervised spans between [[ and ]]
-(green on a terminal), an image as <image x576>, BOS/EOS as <s>/</s>. Spaces are shown as the
-tokenizer has them (a piece "▁USER" prints " USER"), so odd tokenizations are visible.
+(green on a terminal), an image as <image x576>, BOS/EOS and other special tokens as their pieces
+(<s>/</s> for LLaMA). Spaces are shown as the tokenizer has them (a piece "▁USER" prints " USER"),
+so odd tokenizations are visible.
 `--json` prints one object per line: {"id", "input_ids", "labels"} (labels -100 where ignored).
 
 --model-path is a model directory of any kind the project reads or writes (weights/model_dir.py:
-ours, a training stage's output, a training checkpoint, HF, original LLaVA); its tokenizer.model
-is used, and the image token count and id come from its config (ours: llava_jax_config.json; HF
-LLaVA: vision_config image_size/patch_size, vision_feature_select_strategy, image_seq_length,
-image_token_index; original LLaVA: mm_vision_tower, mm_vision_select_feature), or from
---num-image-tokens / --image-token-index, which win (a directory with only tokenizer.model then
-does). Records that cannot be trained on
+ours, a training stage's output, a training checkpoint, HF, original LLaVA); its tokenizer
+(tokenizer.model, else tokenizer.json) is used, and the image token count and id come from its
+config (ours: llava_jax_config.json; HF LLaVA: vision_config image_size/patch_size,
+vision_feature_select_strategy, image_seq_length, image_token_index; original LLaVA:
+mm_vision_tower, mm_vision_select_feature), or from --num-image-tokens / --image-token-index,
+which win (a directory with only a tokenizer then does). Records that cannot be trained on
 (malformed, unsafe or missing image path, an image that does not decode, nothing supervised after
 truncation) are reported by id on stderr, as `data.pack` and training skip them; the others are
 still printed. Exit status 1 if there was any such record.
@@ -42,7 +43,6 @@ from llava_jax.weights.safetensors_io import CheckpointError
 
 OPEN, CLOSE = "[[", "]]"
 GREEN, RESET = "\033[32m", "\033[0m"
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def image_settings(model_path: str, vocab_size: int) -> tuple[int | None, int, list[str]]:
@@ -84,23 +84,6 @@ def image_settings(model_path: str, vocab_size: int) -> tuple[int | None, int, l
     return num, int(token) if token is not None else vocab_size, notes
 
 
-def _piece_text(pieces: Sequence[str]) -> str:
-    """Token pieces -> text, keeping each piece's spaces; byte pieces joined and UTF-8 decoded."""
-    out, pending = [], bytearray()
-    for piece in pieces:
-        match = _BYTE_PIECE.match(piece)
-        if match:
-            pending.append(int(match.group(1), 16))
-            continue
-        if pending:
-            out.append(pending.decode("utf-8", errors="replace"))
-            pending = bytearray()
-        out.append(piece.replace("▁", " "))
-    if pending:
-        out.append(pending.decode("utf-8", errors="replace"))
-    return "".join(out)
-
-
 def format_sample(input_ids: np.ndarray, labels: np.ndarray, tokenizer: Tokenizer, image_token_index: int,
                   color: bool = False) -> str:
     """The sample as text with supervised spans marked (see the module docstring)."""
@@ -113,7 +96,7 @@ def format_sample(input_ids: np.ndarray, labels: np.ndarray, tokenizer: Tokenize
         else:
             groups.append((*key, [token]))
     out = []
-    special = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+    special = {i: tokenizer.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None}
     for supervised, is_image, ids in groups:
         if is_image:
             text = f"<image x{len(ids)}>"
@@ -121,7 +104,7 @@ def format_sample(input_ids: np.ndarray, labels: np.ndarray, tokenizer: Tokenize
             text, run = "", []
             for token in ids + [None]:
                 if token is None or token in special or not 0 <= token < tokenizer.vocab_size:
-                    text += _piece_text([tokenizer.id_to_piece(i) for i in run])
+                    text += tokenizer.pieces_text(run)
                     run = []
                     if token is not None:
                         text += special.get(token, f"<id {token}>")

@@ -2,7 +2,8 @@
 
 A template (`TEMPLATES`, `get_template`) reproduces the prompt strings of the original LLaVA
 (haotian-liu/LLaVA v1.2 `llava/conversation.py`, `Conversation.get_prompt`) and the label masks of
-its training code (`llava/train/train.py`, `preprocess_*`):
+its training code (`llava/train/train.py`, `preprocess_*`); `mistral_instruct`, `chatml_direct` and
+`llava_llama_3` those of LLaVA-NeXT (LLaVA-VL/LLaVA-NeXT, the same two files), where they differ:
 
 | name             | rendered (two rounds; "<image>" shown where the placeholder run goes)            |
 |------------------|-----------------------------------------------------------------------------------|
@@ -12,12 +13,16 @@ its training code (`llava/train/train.py`, `preprocess_*`):
 | llava_llama_2    | [INST] <<SYS>>\\n{sys}\\n<</SYS>>\\n\\n<image>\\n{q1} [/INST] {a1} </s><s>[INST] {q2} [/INST] {a2} </s> |
 | mistral_instruct | [INST] <image>\\n{q1} [/INST] {a1} </s>[INST] {q2} [/INST] {a2} </s>              |
 | chatml_direct    | <|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n<image>\\n{q1}<|im_end|><|im_start|>assistant\\n{a1}<|im_end|>... |
+| llava_llama_3    | <|begin_of_text|> + one Llama-3 chat block per message, system first (see `_style_llama_3`) |
 | raw              | {q1}{a1}</s>{q2}{a2}</s>: the text used verbatim, nothing added                  |
 
-BOS starts every sequence. "</s>" and "<s>" in these strings are the EOS / BOS ids, never text.
-Supervised (label = id): each answer and what closes it: "{a}" + EOS (v1, raw), " {a} " + EOS
-(llama_2 styles), "{a}<|im_end|>" (chatml), "{a}\\n" (plain). Everything else is IGNORE_INDEX:
-BOS, system prompt, user turns, role tags, image placeholders.
+BOS starts every sequence whose tokenizer starts one with BOS (`Tokenizer.add_bos_token`: always
+for sentencepiece; not for Qwen2, which has none, as the original's `tokenizer_image_token` keeps
+BOS only when the tokenizer made one). "</s>" and "<s>" in these strings are the EOS / BOS ids,
+never text. Supervised (label = id): each answer and what closes it: "{a}" + EOS (v1, raw),
+" {a} " + EOS (llama_2 styles), "{a}<|im_end|>" (chatml), "{a}\\n" (plain); llava_llama_3 has its
+own rule (see `_style_llama_3`). Everything else is IGNORE_INDEX: BOS, system prompt, user turns,
+role tags, image placeholders.
 
 How ids are built, and how they compare with tokenizing the whole string
 --------------------------------------------------------------------------
@@ -41,6 +46,9 @@ text is encoded as a continuation (no dummy prefix). Where those cuts fall:
   ChatML tags are pieces of their own (as in the ChatML models' vocabularies; tested); with a
   vocabulary that spells them in characters (LLaMA's) a piece such as "><" may span the
   "<|im_end|>" | "<|im_start|>" cut, and our ids may then differ from the full string's.
+* llava_llama_3: between messages (as the original, which tokenizes each message apart) and after
+  each "<|end_header_id|>\\n\\n" header; byte-level BPE pre-tokenizes "\\n\\n" apart from the text after
+  it, and the tags are added tokens, so the ids equal the original's (tested).
 * raw: the user and answer texts touch directly, so a piece may span the cut.
 Where they may differ, the segment form is the right one: the supervised ids are then exactly the
 answer's own tokens, and `render_prompt` (inference) is by construction a prefix of the training
@@ -49,7 +57,13 @@ sequence, so the model is prompted exactly as it was trained.
 Other choices (all documented where the original is silent or crashes):
 * "<image>" markers are moved to the front of their (user) turn, "<image>\\n" each, and the rest
   of that turn stripped, as the original's `preprocess_multimodal` does; a turn may hold several.
-  `raw` leaves markers where they are. A marker in an assistant turn is an error.
+  The LLaVA-NeXT templates follow LLaVA-NeXT's `preprocess_multimodal` instead: only a turn with
+  exactly one marker, not already at its start, is rewritten ("<image>\\n" + the stripped rest);
+  a turn with several markers keeps them where they are. `raw` leaves markers where they are. A
+  marker in an assistant turn is an error.
+* Each "<image>" becomes `num_image_tokens` image ids: one int for every image (LLaVA-1.5), or one
+  count per marker of the rendered conversation, in order (LLaVA-NeXT anyres, where each image's
+  count depends on its size: `llava_jax.anyres.layout(...).num_tokens`).
 * A leading assistant turn is dropped (as the original does); roles must then alternate. A
   "system" turn first replaces the template's system prompt. `render` ignores a trailing user turn.
 * `render_prompt` with `plain` gives BOS + the image run(s), the prefix a stage-1 model was trained
@@ -85,11 +99,15 @@ class Template:
 
     Attributes:
       name: registry key.
-      style: "two" (vicuna), "llama_2", "chatml", "plain" or "raw".
+      style: "two" (vicuna), "llama_2", "llama_3", "chatml", "plain" or "raw".
       system: default system prompt (a "system" turn in the record replaces it).
       roles: (user, assistant) role tags as the style writes them.
       sep, sep2: separators, with the meaning of the original `Conversation` for that style.
       stop_strings: extra textual stops for generation; EOS always stops generation.
+      unmasked: vocabulary strings whose tokens are supervised wherever they occur (the original
+        llava_llama_3's `unmask_tokens`); a string the vocabulary lacks is ignored, as there.
+      images_to_front: "all" (LLaVA) or "one" (LLaVA-NeXT): which user turns get their "<image>"
+        markers moved to the front (module docstring).
     """
 
     name: str
@@ -99,6 +117,8 @@ class Template:
     sep: str = " "
     sep2: str = "</s>"
     stop_strings: tuple[str, ...] = ()
+    unmasked: tuple[str, ...] = ()
+    images_to_front: str = "all"
 
 
 VICUNA_SYSTEM = (
@@ -123,7 +143,9 @@ TEMPLATES: dict[str, Template] = {
         # The original stops plain generation at its sep "\n" (the caption's end in training).
         Template("plain", "plain", "", ("", ""), "\n", "", stop_strings=("\n",)),
         Template("llava_llama_2", "llama_2", LLAVA_LLAMA_2_SYSTEM, ("USER", "ASSISTANT"), "<s>", "</s>"),
-        Template("mistral_instruct", "llama_2", "", ("USER", "ASSISTANT"), "", "</s>"),
+        # LLaVA-NeXT's conv_mistral_instruct (llava-v1.6-mistral-7b): trained with preprocess_llama_2.
+        Template("mistral_instruct", "llama_2", "", ("USER", "ASSISTANT"), "", "</s>", images_to_front="one"),
+        # LLaVA-NeXT's conv_chatml_direct (llava-v1.6-34b, Yi): version "mpt", trained with preprocess_mpt.
         Template(
             "chatml_direct",
             "chatml",
@@ -132,6 +154,19 @@ TEMPLATES: dict[str, Template] = {
             "<|im_end|>",
             "",
             stop_strings=("<|im_end|>",),
+            images_to_front="one",
+        ),
+        # LLaVA-NeXT's conv_llava_llama_3 (llama3-llava-next-8b): trained with preprocess_llama3.
+        Template(
+            "llava_llama_3",
+            "llama_3",
+            LLAVA_LLAMA_2_SYSTEM,
+            ("user", "assistant"),
+            "<|eot_id|>",
+            "",
+            stop_strings=("<|eot_id|>",),
+            unmasked=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "\n\n"),
+            images_to_front="one",
         ),
         Template("raw", "raw", "", ("", ""), "", "</s>"),
     ]
@@ -223,7 +258,13 @@ def _style_llama_2(t: Template, system: str, pairs: Pairs) -> list[Segment]:
 
 
 def _style_chatml(t: Template, system: str, pairs: Pairs) -> list[Segment]:
-    # get_prompt (MPT): system + sep, then role + msg + sep per turn; open turn renders the role.
+    """get_prompt (MPT): system + sep, then role + msg + sep per turn; an open turn renders the role.
+
+    Labels as LLaVA-NeXT's preprocess_mpt (chatml_direct's version is "mpt"): "{a}<|im_end|>" per
+    answer. Its round arithmetic assumes a BOS; with a tokenizer that adds none, a conversation of
+    two or more rounds comes out one token short per round, is reported as a "tokenization
+    mismatch" and loses all its labels. We supervise the answers there too.
+    """
     user, assistant = t.roles
     segs, prefix = [_bos()], f"<|im_start|>system\n{system}{t.sep}"
     for q, a in pairs:
@@ -232,6 +273,36 @@ def _style_chatml(t: Template, system: str, pairs: Pairs) -> list[Segment]:
             break
         segs.append(_text(a + t.sep, supervised=True))
         prefix = ""
+    return segs
+
+
+def _style_llama_3(t: Template, system: str, pairs: Pairs) -> list[Segment]:
+    """LLaVA-NeXT's preprocess_llama3: one Llama-3 chat-template block per message, BOS first.
+
+    Each block is "<|start_header_id|>{role}<|end_header_id|>\\n\\n{content | trim}<|eot_id|>", the
+    Llama-3-Instruct chat template applied to that message alone; the system block always comes
+    first (the template's system prompt, or the record's "system" turn, on which the original
+    crashes). The original's quirks, kept:
+
+    * Labels: a whole assistant block is supervised, its "<|start_header_id|>assistant<|end_header_id|>
+      \\n\\n" header included; user and system blocks are not, except that every
+      <|begin_of_text|>, <|start_header_id|>, <|end_header_id|> and <|eot_id|> token is supervised
+      wherever it occurs (`Template.unmasked`, the original's `unmask_tokens`; its "\\n\\n" entry is
+      no vocabulary string of a byte-level BPE, so no token, and nothing, is unmasked by it).
+    * Inference: the original's `get_prompt()` feeds its role tags ("<|start_header_id|>user") to
+      the chat template, doubling <|start_header_id|>, and its tokenizer adds a second BOS to the
+      prompt's "<|begin_of_text|>". `render_prompt` gives the training prefix instead (one BOS,
+      plain role names): the model is prompted as it was trained.
+    """
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    user, assistant = t.roles
+    segs = [_bos(), _text(header.format("system") + system.strip() + t.sep)]
+    for q, a in pairs:
+        segs.append(_text(header.format(user) + q.strip() + t.sep))
+        if a is None:
+            segs.append(_text(header.format(assistant)))
+            break
+        segs += [_text(header.format(assistant), supervised=True), _text(a.strip() + t.sep, supervised=True)]
     return segs
 
 
@@ -260,6 +331,7 @@ _STYLES: dict[str, Callable[[Template, str, Pairs], list[Segment]]] = {
     "two": _style_two,
     "llama_2": _style_llama_2,
     "chatml": _style_chatml,
+    "llama_3": _style_llama_3,
     "plain": _style_plain,
     "raw": _style_raw,
 }
@@ -268,11 +340,18 @@ _STYLES: dict[str, Callable[[Template, str, Pairs], list[Segment]]] = {
 # --- Conversation normalisation ------------------------------------------------------------------
 
 
-def _move_images_to_front(text: str) -> str:
-    """As the original's preprocess_multimodal: markers out, strip, "<image>\\n" per marker in front."""
+def _move_images_to_front(text: str, rule: str = "all") -> str:
+    """As the original's preprocess_multimodal: markers out, strip, "<image>\\n" per marker in front.
+
+    rule "one" is LLaVA-NeXT's: only a lone marker not already first moves (and gets its "\\n").
+    """
     n = text.count(IMAGE_MARKER)
     if n == 0:
         return text
+    if rule == "one":
+        if n != 1 or text.startswith(IMAGE_MARKER):
+            return text
+        return (f"{IMAGE_MARKER}\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
     return (f"{IMAGE_MARKER}\n" * n + text.replace(IMAGE_MARKER, "").strip()).strip()
 
 
@@ -300,7 +379,8 @@ def _pairs(conversations: Sequence[dict], template: Template) -> tuple[str, list
         if role != expected:
             raise ValueError(f"Turns must alternate user/assistant after the first; turn {j} is {role!r}")
         if role == USER:
-            pairs.append((value if template.style == "raw" else _move_images_to_front(value), None))
+            moved = value if template.style == "raw" else _move_images_to_front(value, template.images_to_front)
+            pairs.append((moved, None))
         else:
             if IMAGE_MARKER in value:
                 raise ValueError(f"Assistant turn {j} contains {IMAGE_MARKER!r}; images belong to user turns")
@@ -346,10 +426,32 @@ def render_text(conversations: Sequence[dict], template: Template | str) -> str:
 # --- Encoding ---------------------------------------------------------------------------------
 
 
+def _image_counts(segs: Sequence[Segment], num_image_tokens: int | Sequence[int]) -> list[int]:
+    """One image-token count per "<image>" marker of the segments, in order (see the module docstring)."""
+    markers = sum(seg.text.count(IMAGE_MARKER) for seg in segs if seg.kind == "text")
+    if isinstance(num_image_tokens, (int, np.integer)):
+        return [int(num_image_tokens)] * markers
+    counts = [int(n) for n in num_image_tokens]
+    if len(counts) != markers:
+        raise ValueError(
+            f"num_image_tokens has {len(counts)} counts (one per image) but the rendered conversation has "
+            f"{markers} {IMAGE_MARKER} markers"
+        )
+    return counts
+
+
 def _encode(
-    segs: Sequence[Segment], tokenizer: Tokenizer, image_token_index: int, num_image_tokens: int
+    segs: Sequence[Segment],
+    tokenizer: Tokenizer,
+    image_token_index: int,
+    num_image_tokens: int | Sequence[int],
+    unmasked: Sequence[str] = (),
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Segments -> (ids, labels, image runs as [start, end) positions)."""
+    counts = iter(_image_counts(segs, num_image_tokens))
+    always = {tokenizer.piece_to_id(p) for p in unmasked} - {None}
+    if segs and segs[0].kind == "bos" and not tokenizer.add_bos_token:
+        segs = segs[1:]  # the original keeps BOS only when its tokenizer makes one (Qwen2 has none)
     ids: list[int] = []
     labels: list[int] = []
     runs: list[tuple[int, int]] = []
@@ -358,20 +460,21 @@ def _encode(
         if seg.kind in ("bos", "eos"):
             token = tokenizer.bos_id if seg.kind == "bos" else tokenizer.eos_id
             ids.append(token)
-            labels.append(token if seg.supervised else IGNORE_INDEX)
+            labels.append(token if seg.supervised or token in always else IGNORE_INDEX)
             after_text = False
             continue
         for k, piece in enumerate(seg.text.split(IMAGE_MARKER)):
             if k > 0:  # an image marker preceded this piece
-                runs.append((len(ids), len(ids) + num_image_tokens))
-                ids += [image_token_index] * num_image_tokens
-                labels += [IGNORE_INDEX] * num_image_tokens
+                n = next(counts)
+                runs.append((len(ids), len(ids) + n))
+                ids += [image_token_index] * n
+                labels += [IGNORE_INDEX] * n
                 after_text = False
             if not piece:
                 continue
             piece_ids = tokenizer.encode(piece, add_dummy_prefix=not after_text)
             ids += piece_ids
-            labels += piece_ids if seg.supervised else [IGNORE_INDEX] * len(piece_ids)
+            labels += [i if seg.supervised or i in always else IGNORE_INDEX for i in piece_ids]
             after_text = True
     return ids, labels, runs
 
@@ -382,7 +485,7 @@ def render(
     tokenizer: Tokenizer,
     *,
     image_token_index: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_length: int | None = None,
 ) -> RenderedSample:
     """A training sample: ids and labels of a conversation (LLaVA record "conversations" list).
@@ -390,17 +493,20 @@ def render(
     Args:
       conversations: [{"from": "human" | "gpt" | "user" | "assistant" | "system", "value": str}, ...].
       template: a Template or its registry name.
-      tokenizer: the LLaMA sentencepiece tokenizer.
+      tokenizer: any `Tokenizer` backend (sentencepiece or tokenizers).
       image_token_index: id written at image positions (e.g. 32000 for llava-hf checkpoints).
-      num_image_tokens: placeholders per image (576 for CLIP ViT-L/14-336).
+      num_image_tokens: placeholders per image (576 for CLIP ViT-L/14-336), or one count per
+        "<image>" marker in order (anyres: each image its own count).
       max_length: truncate to this many tokens after expansion, never inside an image run.
 
     Raises:
       EmptySampleError: nothing supervised (no answer, or truncation removed every answer token).
-      ValueError: malformed conversation (unknown role, roles not alternating, image in an answer).
+      ValueError: malformed conversation (unknown role, roles not alternating, image in an answer),
+        or a count list whose length is not the number of "<image>" markers.
     """
+    template = _as_template(template)
     segs = segments(conversations, template, open_prompt=False)
-    ids, labels, runs = _encode(segs, tokenizer, image_token_index, num_image_tokens)
+    ids, labels, runs = _encode(segs, tokenizer, image_token_index, num_image_tokens, template.unmasked)
     cut = len(ids)
     if max_length is not None and cut > max_length:
         cut = max_length
@@ -422,11 +528,12 @@ def render_prompt(
     tokenizer: Tokenizer,
     *,
     image_token_index: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
 ) -> np.ndarray:
     """Inference prompt ids [T] int32: the conversation (ending with a user turn) + the open assistant role.
 
     Exactly the ids `render` produces for the same conversation before the answer's first token.
+    `num_image_tokens` as in `render`.
     """
     segs = segments(conversations, template, open_prompt=True)
     ids, _, _ = _encode(segs, tokenizer, image_token_index, num_image_tokens)

@@ -95,8 +95,8 @@ class Pipeline:
     ) -> "Pipeline":
         """Load everything from a model directory (ours, converted, a training checkpoint, or HF LLaVA).
 
-        The tokenizer is `path/tokenizer.model` (a training checkpoint's: the run's, which its record
-        names); image settings come from `preprocessor_config.json` (or an original LLaVA `config.json`,
+        The tokenizer is `path/tokenizer.model`, else `path/tokenizer.json` (a training checkpoint's: the
+        run's, which its record names); image settings come from `preprocessor_config.json` (or an original LLaVA `config.json`,
         or a training checkpoint's record), `image_aspect_ratio` ("pad" | "square") overriding them.
         `scan_layers=False` runs the layers unrolled; `lora` names a PEFT LoRA adapter directory to
         apply (see `load_pretrained`); `mesh` places the engine on a device mesh; `int8` quantises

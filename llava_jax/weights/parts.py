@@ -258,15 +258,29 @@ def _cast(tree: dict, dtype: np.dtype) -> dict:
 
 
 def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> ImageProcessorConfig | str:
-    """The source's preprocessor_config.json (copied as is unless padding is overridden), else one from the config."""
+    """The source's preprocessor_config.json (copied as is unless padding is overridden), else one from the config.
+
+    An anyres model (LLaVA-NeXT) always gets anyres settings: its own tiling (pinpoints and their convention)
+    with a CLIP json's sizes and normalisation where the directory has one (the original keeps the tower's
+    CLIP processor beside an `image_aspect_ratio: anyres` config).
+    """
+    parsed = None
     if directory and paths.isfile(os.path.join(directory, PREPROCESSOR_CONFIG)):
         try:
             parsed = ImageProcessorConfig.from_pretrained(directory)
         except ValueError as e:
             raise CheckpointError(f"{directory}/{PREPROCESSOR_CONFIG}: {e}") from None
-        if pad is None:
+        if pad is None and parsed.is_anyres == cfg.is_anyres:
             return os.path.join(directory, PREPROCESSOR_CONFIG)
-        return dataclasses.replace(parsed, pad_to_square=pad)
+    if cfg.is_anyres:
+        if pad:
+            raise CheckpointError("image_aspect_ratio 'pad' does not apply to an anyres (LLaVA-NeXT) model")
+        g = cfg.geometry
+        base = parsed or ImageProcessorConfig(size=g.tile_size, crop_size=g.tile_size)
+        return dataclasses.replace(base, pad_to_square=False, grid_pinpoints=g.pinpoints,
+                                   pinpoint_convention=g.convention)
+    if parsed is not None:
+        return dataclasses.replace(parsed, pad_to_square=bool(pad))
     size = cfg.vision.image_size
     return ImageProcessorConfig(size=size, crop_size=size, pad_to_square=bool(pad))
 
@@ -353,7 +367,7 @@ def plan_original(
         entries = mapping.entries(cfg)
     pieces.append(Piece(store, layout, entries, skip))
     aspect = image_aspect_ratio or c.get("image_aspect_ratio") or "square"
-    pre = _preprocessor(vision_tower, cfg, aspect == "pad")
+    pre = _preprocessor(vision_tower, cfg, None if cfg.is_anyres and image_aspect_ratio is None else aspect == "pad")
     text_name = mapping.torch_name(mapping.text_entries(cfg)[0], layout)
     dtype = checkpoint_dtype(store, text_name) if text_name in store else "float32"
     return Plan(cfg, pieces, dtype, src, pre, notes=notes)

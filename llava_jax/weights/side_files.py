@@ -13,16 +13,16 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 
 
 def copy_tokenizer(src_dir: str | None, dst_dir: str, shown_as: str) -> list[str]:
-    """Copy the tokenizer files `src_dir` has; warn (stderr) when there is no tokenizer.model."""
+    """Copy the tokenizer files `src_dir` has; warn (stderr) without tokenizer.model and tokenizer.json."""
     copied = []
     for name in TOKENIZER_FILES:
         if src_dir and paths.isfile(os.path.join(src_dir, name)):
             paths.copy(os.path.join(src_dir, name), os.path.join(dst_dir, name))
             copied.append(name)
-    if "tokenizer.model" not in copied:
+    if "tokenizer.model" not in copied and "tokenizer.json" not in copied:
         print(
-            f"warning: {src_dir or 'the source'} has no tokenizer.model; copy the model's sentencepiece "
-            f"tokenizer.model into {shown_as} before training or inference",
+            f"warning: {src_dir or 'the source'} has no tokenizer.model or tokenizer.json; copy the model's "
+            f"tokenizer (sentencepiece tokenizer.model or tokenizer.json) into {shown_as} before training or inference",
             file=sys.stderr,
         )
     return copied
