@@ -18,7 +18,9 @@ CONFIG = os.path.join(ROOT, "tests", "_train_config.py")
 
 
 def _run(args: list[str], devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": ROOT,
+    # The repository first, then the caller's path (where libtpu may be installed with --target).
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": pythonpath,
            "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -120,18 +122,11 @@ def test_model_clis_turn_the_cache_on_before_loading(tmp_path, monkeypatch):
     assert calls == [("cache", str(tmp_path / "c")), ("load", None), ("cache", str(tmp_path / "c")), ("load", False)]
 
 
-@pytest.mark.slow(seconds=8)
-def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_path):
-    """LLaVA-NeXT compile-only on one CPU device: a tiny anyres model (56-px tiles, pinpoints up to 2 x 2
-    tiles) from a converted directory (the projector trained, to keep the compile short). The batch holds
-    each row's worst case, base + 4 tiles, and the image_index the model places the features by; the
-    compiled step's arguments are the state's bytes plus exactly those arrays' (before: one 56-px slot a
-    row and no image_index, which an anyres model refuses)."""
+def _anyres_config(directory: str):
+    """tests/_train_config.py:compile_projector with a tiny anyres model (its tiles, pinpoints up to 2 x 2
+    tiles) written to `directory` as model.init; 2 micro-steps of 2 rows of 64 tokens."""
     from llava_jax.anyres import AnyresConfig
-    from llava_jax.parallel.mesh import make_mesh
-    from llava_jax.parallel.partition import abstract_sharded_params
     from llava_jax.train import aot
-    from llava_jax.train.program import rules_from_config, stage_program
     from tests._train_config import get_config
 
     c = get_config("compile_projector")
@@ -139,11 +134,55 @@ def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_pat
     cfg = aot.model_config(c)
     grid = cfg.vision.image_size // cfg.vision.patch_size
     pinpoints = ((tile, 2 * tile), (2 * tile, tile), (2 * tile, 2 * tile))
-    cfg.replace(anyres=AnyresConfig(tile_size=tile, grid=grid, pinpoints=pinpoints)).save(str(tmp_path))
-    c.model.init = str(tmp_path)
+    cfg.replace(anyres=AnyresConfig(tile_size=tile, grid=grid, pinpoints=pinpoints)).save(directory)
+    c.model.init = directory
     st = c.stages[0]
     st.trainable = ["projector/.*"]
     st.global_batch, st.micro_batch, st.max_length = 4, 2, 64
+    return c
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler to compile with")
+def test_compile_only_of_an_anyres_stage_for_a_tpu_topology(tmp_path):
+    """The tiny anyres stage compiled for a v5e-4 through libtpu (fsdp over 4 chips, 4 rows a micro-batch):
+    it fits, and the arguments hold at least one chip's shard of the tiles and the image_index."""
+    code = (
+        "import sys\n"
+        "from tests.test_compile import _anyres_config\n"
+        "from llava_jax.train import aot\n"
+        "c = _anyres_config(sys.argv[1])\n"
+        "c.mesh.data, c.mesh.fsdp = 1, -1\n"
+        "c.stages[0].global_batch, c.stages[0].micro_batch = 8, 4\n"
+        "r = aot.compile_stage(c, 0, aot.topology_devices('v5e:2x2'))\n"
+        "print(r.line())\n"
+        "print('fits', r.fits, r.argument_bytes)\n"
+    )
+    r = _run(["-c", code, str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    assert "4 x TPU v5 lite, mesh data=1 fsdp=4 tensor=1" in r.stdout
+    fits, argument_bytes = r.stdout.split("fits ")[-1].split()
+    tile = 56  # tests/_train_config.py's tower
+    # A chip's rows: 2 micro-steps of 1 row, each 3 int32 arrays of 64 tokens, 5 float32 tiles, the image_index.
+    batch_shard = 2 * (3 * 64 * 4 + 5 * tile * tile * 3 * 4 + 64 * 4)
+    assert fits == "True" and int(argument_bytes) >= batch_shard, r.stdout
+
+
+@pytest.mark.slow(seconds=8)
+def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_path):
+    """LLaVA-NeXT compile-only on one CPU device: a tiny anyres model (56-px tiles, pinpoints up to 2 x 2
+    tiles) from a converted directory (the projector trained, to keep the compile short). The batch holds
+    each row's worst case, base + 4 tiles, and the image_index the model places the features by; the
+    compiled step's arguments are the state's bytes plus exactly those arrays' (before: one 56-px slot a
+    row and no image_index, which an anyres model refuses)."""
+    from llava_jax.parallel.mesh import make_mesh
+    from llava_jax.parallel.partition import abstract_sharded_params
+    from llava_jax.train import aot
+    from llava_jax.train.program import rules_from_config, stage_program
+
+    c = _anyres_config(str(tmp_path))
+    tile, st = c.model.vision.image_size, c.stages[0]
     report = aot.compile_stage(c, 0)
     assert report.error is None and report.temp_bytes > 0, report
 
