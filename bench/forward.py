@@ -102,7 +102,7 @@ def main() -> None:
                                                                attention=args.attention)
     ids, px = inputs(cfg, args.batch, args.text_len)
     seq = ids.shape[1]
-    flops = forward_flops(cfg, tokens=args.batch * seq, seq_len=seq, images=args.batch)
+    flops = forward_flops(cfg, tokens=args.batch * seq, seq_len=seq, tiles=args.batch)
     if args.last_only:  # the LM head runs on one position per row
         flops -= 2 * args.batch * (seq - 1) * cfg.text.hidden_size * cfg.text.vocab_size
     rows = []

@@ -22,6 +22,11 @@ also times the single whole-budget window (`first_window=None`, the layout befor
 same run:
     python -m bench.generate --no-hf --batch-sizes 1 --new-tokens 32 --max-new-tokens 512 --full-window
 `--int8` times the weight-only int8 engine (`Engine(int8=True)`) beside the float one.
+
+LLaVA-NeXT (anyres): `--shape next-small` is the small shape with the v1.6 pinpoints in its 112 px
+tiles (transformers' `LlavaNextForConditionalGeneration` on the same weights); each prompt holds one
+`--image-size` image (default 150x250: base + 1x2 tiles), its token count from `image_layout`:
+    python -m bench.generate --shape next-small --batch-sizes 1,4
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import jax
 import numpy as np
 
 from bench.common import write_json
+from llava_jax.anyres import V16_PINPOINTS, AnyresConfig
 from llava_jax.config import LLAVA_15_7B, LlavaConfig, TextConfig, VisionConfig, llava_config_to_hf
 from llava_jax.inference.engine import Engine, Prompt
 from llava_jax.inference.sampling import SamplingParams
@@ -50,7 +56,11 @@ SMALL = LlavaConfig(
     ),
     text=TextConfig(hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=64),
 )
-SHAPES = {"small": SMALL, "llava-1.5-7b": LLAVA_15_7B}
+# The v1.6 grid pinpoints (336 px tiles) in SMALL's 112 px tiles, 8 x 8 features a tile.
+NEXT_SMALL = SMALL.replace(
+    anyres=AnyresConfig(tile_size=112, grid=8, pinpoints=[(h // 3, w // 3) for h, w in V16_PINPOINTS])
+)
+SHAPES = {"small": SMALL, "next-small": NEXT_SMALL, "llava-1.5-7b": LLAVA_15_7B}
 
 
 @dataclasses.dataclass
@@ -69,7 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--text-tokens", type=int, default=40)
-    p.add_argument("--new-tokens", type=int, default=None, help="default 32 (small) / 128 (7b)")
+    p.add_argument("--image-size", default="150,250", help="anyres shapes: each prompt's image (height,width)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 32 (small shapes) / 128 (7b)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="ours: the engine's token budget (default --new-tokens); decoding stops at --new-tokens")
     p.add_argument("--int8", action="store_true", help="also time ours with weight-only int8 (Engine(int8=True))")
@@ -95,13 +106,21 @@ def lm_weight_bytes_of(cfg: LlavaConfig, dtype: str) -> int:
     return n * jax.numpy.dtype(dtype).itemsize
 
 
-def make_prompts(cfg: LlavaConfig, batch: int, text_tokens: int, rng: np.random.Generator) -> list[Prompt]:
-    """BOS, an image run, text: the shape of a one-image LLaVA question."""
+def make_prompts(cfg: LlavaConfig, batch: int, text_tokens: int, rng: np.random.Generator,
+                 size: tuple[int, int]) -> list[Prompt]:
+    """BOS, an image run, text: the shape of a one-image LLaVA question (anyres: an image of `size`, its
+    patches padded to the most an image can have, as transformers batches them)."""
     prompts = []
+    lay, t = cfg.image_layout(size), cfg.vision.image_size
     for _ in range(batch):
-        ids = [1] + [cfg.image_token_index] * cfg.num_image_tokens + list(rng.integers(3, 31000, text_tokens))
-        pixels = rng.standard_normal((1, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
-        prompts.append(Prompt(np.asarray(ids, np.int32), pixels))
+        ids = [1] + [cfg.image_token_index] * lay.num_tokens + list(rng.integers(3, 31000, text_tokens))
+        if not cfg.is_anyres:
+            pixels = rng.standard_normal((1, t, t, 3)).astype(np.float32)
+            prompts.append(Prompt(np.asarray(ids, np.int32), pixels))
+            continue
+        pixels = np.zeros((1, cfg.geometry.max_patches, t, t, 3), np.float32)
+        pixels[0, :lay.num_patches] = rng.standard_normal((lay.num_patches, t, t, 3))
+        prompts.append(Prompt(np.asarray(ids, np.int32), pixels, None, [size]))
     return prompts
 
 
@@ -131,9 +150,14 @@ def time_hf(model, prompts: list[Prompt], new_tokens: int, repeats: int, device:
 
     ids = torch.as_tensor(np.stack([p.ids for p in prompts]), dtype=torch.long, device=device)
     dtype = next(model.parameters()).dtype
-    nchw = np.concatenate([p.images for p in prompts]).transpose(0, 3, 1, 2).copy()
-    pixels = torch.as_tensor(nchw, device=device).to(dtype)
+    images = np.concatenate([p.images for p in prompts])
+    nchw = images.transpose(0, 1, 4, 2, 3) if images.ndim == 5 else images.transpose(0, 3, 1, 2)
+    pixels = torch.as_tensor(nchw.copy(), device=device).to(dtype)
     mask = torch.ones_like(ids)
+    extra = {}
+    if prompts[0].image_sizes is not None:  # LlavaNext: each image's (height, width)
+        sizes = np.concatenate([np.asarray(p.image_sizes) for p in prompts])
+        extra["image_sizes"] = torch.as_tensor(sizes, dtype=torch.long, device=device)
 
     def gen(n: int) -> float:
         if device == "cuda":
@@ -148,6 +172,7 @@ def time_hf(model, prompts: list[Prompt], new_tokens: int, repeats: int, device:
                 min_new_tokens=n,
                 do_sample=False,
                 pad_token_id=0,
+                **extra,
             )
         if device == "cuda":
             torch.cuda.synchronize()
@@ -169,6 +194,7 @@ def build(cfg: LlavaConfig, dtype: str, want_hf: bool, want_ours: bool = True):
     if want_hf:
         import torch
         from transformers import LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
         device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
         if on_gpu and device == "cpu":
@@ -177,8 +203,9 @@ def build(cfg: LlavaConfig, dtype: str, want_hf: bool, want_ours: bool = True):
             torch_dtype = getattr(torch, dtype)
             torch.set_num_threads(os.cpu_count() or 1)
             with torch.device(device):
-                hf_cfg = HFLlavaConfig(**llava_config_to_hf(cfg))
-                hf = LlavaForConditionalGeneration._from_config(hf_cfg, dtype=torch_dtype)
+                config_cls, model_cls = ((LlavaNextConfig, LlavaNextForConditionalGeneration) if cfg.is_anyres
+                                         else (HFLlavaConfig, LlavaForConditionalGeneration))
+                hf = model_cls._from_config(config_cls(**llava_config_to_hf(cfg)), dtype=torch_dtype)
             hf.eval()
     if not want_ours:
         ours = None
@@ -198,24 +225,27 @@ def main() -> None:
     args = parse_args()
     xla_flags.apply(not args.no_xla_flags)
     cfg = SHAPES[args.shape].replace(scan_layers=not args.unrolled)
-    new_tokens = args.new_tokens or (32 if args.shape == "small" else 128)
+    new_tokens = args.new_tokens or (128 if "7b" in args.shape else 32)
     t0 = time.perf_counter()
     ours, hf, device = build(cfg, args.dtype, not args.no_hf, not args.no_ours)
     engine = Engine(ours) if ours is not None else None
     full = Engine(ours, first_window=None) if ours is not None and args.full_window else None
     int8 = Engine(ours, int8=True) if ours is not None and args.int8 else None
     weight_bytes = lm_weight_bytes_of(cfg, args.dtype)
+    size = tuple(int(x) for x in args.image_size.split(","))
+    image_tokens = cfg.image_layout(size).num_tokens
     where = f"{jax.devices()[0].device_kind} ({jax.default_backend()})" if ours is not None else device
     print(
         f"device: {where}, shape {args.shape}, {args.dtype}, "
-        f"LM weights {weight_bytes / 1e9:.3f} GB, prompt {1 + cfg.num_image_tokens + args.text_tokens} tokens "
-        f"({cfg.num_image_tokens} image), {new_tokens} new tokens, built in {time.perf_counter() - t0:.0f} s"
+        f"LM weights {weight_bytes / 1e9:.3f} GB, prompt {1 + image_tokens + args.text_tokens} tokens "
+        f"({image_tokens} image{f' of {size[0]}x{size[1]} px' if cfg.is_anyres else ''}), {new_tokens} new tokens, "
+        f"built in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f}"
     )
     rows = []
     rng = np.random.default_rng(0)
     budget = args.max_new_tokens
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        prompts = make_prompts(cfg, batch, args.text_tokens, rng)
+        prompts = make_prompts(cfg, batch, args.text_tokens, rng, size)
         impls = []
         if engine is not None:
             impls.append(("llava_jax", lambda: time_ours(engine, prompts, new_tokens, args.repeats, budget)))
@@ -244,7 +274,7 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     write_json(args.json, dict(benchmark="decode", shape=args.shape, dtype=args.dtype, device=where,
                                new_tokens=new_tokens, max_new_tokens=args.max_new_tokens or new_tokens,
-                               prompt_tokens=1 + cfg.num_image_tokens + args.text_tokens,
+                               prompt_tokens=1 + image_tokens + args.text_tokens,
                                weight_bytes=weight_bytes, bandwidth_gbs=args.bandwidth_gbs,
                                rows=[dataclasses.asdict(r) for r in rows]))
 

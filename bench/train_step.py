@@ -158,7 +158,7 @@ def main() -> None:
     b = batch(cfg, args.batch, args.seq)
     tokens = args.batch * args.seq
     # Model FLOPs: a LoRA step computes no weight gradients for the frozen LLM (the adapters' own are ~r/d of it).
-    flops = {rank: train_step_flops(cfg, tokens=tokens, seq_len=args.seq, images=args.batch, train_vision=False,
+    flops = {rank: train_step_flops(cfg, tokens=tokens, seq_len=args.seq, tiles=args.batch, train_vision=False,
                                     train_text=args.stage == 2 and not rank) for rank in {0, args.lora}}
     rows = []
     for rank in ([0, args.lora] if args.lora else [0]):

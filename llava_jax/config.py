@@ -84,9 +84,19 @@ class VisionConfig:
         return self.hidden_size // self.num_heads
 
 
+# Decoder families one decoder covers; Yi and Vicuna are "llama" (the same layout and config).
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The MLP activations the decoder computes (names as transformers' ACT2FN; models/layers.py ACTIVATIONS).
+TEXT_ACTIVATIONS = ("silu", "gelu")
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """LLaMA-family decoder (defaults: Vicuna-7B v1.5 with LLaVA's padded vocabulary)."""
+    """A LLaMA-family decoder (defaults: Vicuna-7B v1.5 with LLaVA's padded vocabulary).
+
+    Families are configuration, not separate modules: Llama (Llama 1/2/3, Vicuna, Yi), Mistral and
+    Qwen2 differ only in the fields below (`model_type`, the biases, `sliding_window`, ties).
+    """
 
     vocab_size: int = 32064
     hidden_size: int = 4096
@@ -101,12 +111,38 @@ class TextConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    # Llama's `attention_bias`: a bias on all four of q, k, v and o_proj.
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    # The transformers config class the checkpoint names (what export writes back): one of TEXT_MODEL_TYPES.
+    model_type: str = "llama"
+    # A bias on q, k and v_proj only (Qwen2); o_proj has one only with `attention_bias`.
+    qkv_bias: bool = False
+    # Sliding-window attention in every layer: query position i sees key positions j with
+    # i - sliding_window < j <= i (transformers' `sliding_window_overlay`); None = full causal.
+    sliding_window: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in TEXT_MODEL_TYPES:
+            raise ValueError(f"text model_type {self.model_type!r}: expected one of {TEXT_MODEL_TYPES}")
+        if self.hidden_act not in TEXT_ACTIVATIONS:
+            raise ValueError(f"text hidden_act {self.hidden_act!r}: expected one of {TEXT_ACTIVATIONS}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"text sliding_window must be >= 1 or None, got {self.sliding_window}")
+
+    @property
+    def qkv_has_bias(self) -> bool:
+        """Whether q_proj, k_proj and v_proj carry a bias (Llama's attention_bias, or Qwen2's q/k/v bias)."""
+        return self.attention_bias or self.qkv_bias
+
+    @property
+    def o_has_bias(self) -> bool:
+        """Whether o_proj carries a bias (only Llama's attention_bias gives it one)."""
+        return self.attention_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,16 +274,55 @@ def vision_config_from_hf(c: dict, source: str = "config") -> VisionConfig:
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+# What each transformers config class (5.x) defaults where a config.json leaves a field out.
+_TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, intermediate_size=11008, num_key_value_heads=None,
+                  max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
+    "mistral": dict(vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
+                    max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+                  max_position_embeddings=32768, bos_token_id=None, eos_token_id=None, sliding_window=4096,
+                  use_sliding_window=False, max_window_layers=28),
+}
+# Names under which the families appear in configs; Vicuna is a Llama.
+_TEXT_ALIASES = {"llama": "llama", "vicuna": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def _qwen2_sliding_window(c: dict, layers: int, source: str) -> int | None:
+    """Qwen2's window as transformers applies it: only with `use_sliding_window`, and only in the
+    layers `layer_types` marks "sliding_attention" (by default layers >= `max_window_layers`)."""
+    d = _TEXT_DEFAULTS["qwen2"]
+    if not c.get("use_sliding_window", d["use_sliding_window"]):
+        return None
+    window = c.get("sliding_window", d["sliding_window"])
+    if window is None:
+        return None
+    types = c.get("layer_types") or [
+        "sliding_attention" if i >= c.get("max_window_layers", d["max_window_layers"]) else "full_attention"
+        for i in range(layers)
+    ]
+    sliding = {t == "sliding_attention" for t in types}
+    if sliding == {True, False}:
+        raise ValueError(f"{source}: qwen2 sliding window in some layers only ({types.count('sliding_attention')} of "
+                         f"{layers}: max_window_layers / layer_types) is not supported; every layer or none")
+    return window if sliding == {True} else None
+
+
 def text_config_from_hf(c: dict, source: str = "config") -> TextConfig:
-    """Parse a HF `LlamaConfig` dict; both `rope_theta`+`rope_scaling` and the newer `rope_parameters`."""
-    model_type = c.get("model_type", "llama")
-    if model_type not in ("llama", "mistral", "vicuna"):
-        raise ValueError(f"{source}: text model_type {model_type!r} is not a LLaMA-family decoder")
+    """Parse a HF `LlamaConfig`, `MistralConfig` or `Qwen2Config` dict, each field missing from it
+    defaulted as that class defaults it; rope from `rope_theta`+`rope_scaling` or `rope_parameters`."""
+    given_type = c.get("model_type", "llama")
+    if given_type not in _TEXT_ALIASES:
+        raise ValueError(f"{source}: text model_type {given_type!r} is not a LLaMA-family decoder "
+                         f"(expected one of {sorted(_TEXT_ALIASES)})")
+    model_type = _TEXT_ALIASES[given_type]
+    d = _TEXT_DEFAULTS[model_type]
     act = c.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"{source}: text hidden_act {act!r} is not supported (expected silu)")
+    if act not in TEXT_ACTIVATIONS:
+        raise ValueError(f"{source}: text hidden_act {act!r} is not supported (expected one of {TEXT_ACTIVATIONS})")
     hidden = c.get("hidden_size", 4096)
     heads = c.get("num_attention_heads", 32)
+    layers = c.get("num_hidden_layers", 32)
     rope = c.get("rope_parameters") or {}
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     scaling = c.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -257,27 +332,43 @@ def text_config_from_hf(c: dict, source: str = "config") -> TextConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"{source}: rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
         scaling = None if rope_type == "default" else _freeze({"rope_type": rope_type, **scaling})
-    eos = c.get("eos_token_id", 2)
+    if model_type == "mistral":  # every layer, whenever the config sets a window
+        window = c.get("sliding_window", d["sliding_window"])
+    elif model_type == "qwen2":
+        window = _qwen2_sliding_window(c, layers, source)
+    else:  # LlamaConfig has no window: transformers' Llama ignores one
+        window = None
+    # Llama's attention_bias covers q, k, v and o; Mistral has no biases; Qwen2 always has q/k/v ones.
+    attention_bias = model_type == "llama" and bool(c.get("attention_bias", False))
+    mlp_bias = model_type == "llama" and bool(c.get("mlp_bias", False))
+    bos = c.get("bos_token_id", d["bos_token_id"])
+    eos = c.get("eos_token_id", d["eos_token_id"])
     if isinstance(eos, list):
         eos = eos[0]
+    pad = c.get("pad_token_id")
     return TextConfig(
-        vocab_size=c.get("vocab_size", 32000),
+        vocab_size=c.get("vocab_size", d["vocab_size"]),
         hidden_size=hidden,
-        intermediate_size=c.get("intermediate_size", 11008),
-        num_layers=c.get("num_hidden_layers", 32),
+        intermediate_size=c.get("intermediate_size", d["intermediate_size"]),
+        num_layers=layers,
         num_heads=heads,
-        num_kv_heads=c.get("num_key_value_heads") or heads,
+        num_kv_heads=c.get("num_key_value_heads", d["num_key_value_heads"]) or heads,
         head_dim=c.get("head_dim") or hidden // heads,
         rms_norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_scaling=scaling or None,
-        max_position_embeddings=c.get("max_position_embeddings", 2048),
+        max_position_embeddings=c.get("max_position_embeddings", d["max_position_embeddings"]),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        attention_bias=bool(c.get("attention_bias", False)),
-        mlp_bias=bool(c.get("mlp_bias", False)),
-        bos_token_id=c.get("bos_token_id", 1) if c.get("bos_token_id") is not None else 1,
+        attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
+        hidden_act=act,
+        # Our ids are ints: a config without them (Qwen2's defaults) takes LLaMA's.
+        bos_token_id=bos if bos is not None else 1,
         eos_token_id=eos if eos is not None else 2,
-        pad_token_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else 0,
+        pad_token_id=pad if pad is not None else 0,
+        model_type=model_type,
+        qkv_bias=model_type == "qwen2",
+        sliding_window=None if window is None else int(window),
     )
 
 
@@ -313,13 +404,23 @@ def llava_config_from_hf(c: dict, source: str = "config.json") -> LlavaConfig:
     return cfg.replace(anyres=geometry)
 
 
-def llava_config_to_hf(cfg: LlavaConfig) -> dict:
-    """Our config as a HF `LlavaConfig` dict (for export); only `mlp2x_gelu` has a HF equivalent."""
-    if cfg.projector_type != "mlp2x_gelu":
-        raise ValueError(f"projector {cfg.projector_type!r} has no transformers equivalent (only mlp2x_gelu)")
-    v, t = cfg.vision, cfg.text
-    text = {
-        "model_type": "llama",
+def text_config_to_hf(t: TextConfig) -> dict:
+    """Our decoder config as its own family's transformers config dict (`text_config_from_hf`'s inverse).
+
+    Raises ValueError when the fields are not a layout that family's transformers class builds
+    (e.g. a Mistral with biases, a Llama with a sliding window, a Qwen2 without q/k/v bias).
+    """
+    bias = {"llama": (t.attention_bias, t.attention_bias), "mistral": (False, False), "qwen2": (True, False)}
+    qkv, o = bias[t.model_type]
+    problems = []
+    if (t.qkv_has_bias, t.o_has_bias) != (qkv, o) or (t.mlp_bias and t.model_type != "llama"):
+        problems.append(f"q/k/v bias {t.qkv_has_bias}, o bias {t.o_has_bias}, mlp bias {t.mlp_bias}")
+    if t.sliding_window is not None and t.model_type == "llama":
+        problems.append(f"sliding_window {t.sliding_window}")
+    if problems:
+        raise ValueError(f"text model_type {t.model_type!r} cannot express {'; '.join(problems)} in transformers")
+    d = {
+        "model_type": t.model_type,
         "vocab_size": t.vocab_size,
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
@@ -332,13 +433,27 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
         "rope_scaling": dict(t.rope_scaling) if t.rope_scaling else None,
         "max_position_embeddings": t.max_position_embeddings,
         "tie_word_embeddings": t.tie_word_embeddings,
-        "attention_bias": t.attention_bias,
-        "mlp_bias": t.mlp_bias,
-        "hidden_act": "silu",
+        "hidden_act": t.hidden_act,
         "bos_token_id": t.bos_token_id,
         "eos_token_id": t.eos_token_id,
         "pad_token_id": t.pad_token_id,
     }
+    if t.model_type == "llama":
+        d.update(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias)
+    elif t.model_type == "mistral":
+        d.update(sliding_window=t.sliding_window)  # null: full attention (absent would mean 4096)
+    else:  # qwen2: a window only with use_sliding_window, in the layers from max_window_layers on
+        d.update(use_sliding_window=t.sliding_window is not None, sliding_window=t.sliding_window,
+                 max_window_layers=0 if t.sliding_window is not None else t.num_layers)
+    return d
+
+
+def llava_config_to_hf(cfg: LlavaConfig) -> dict:
+    """Our config as a HF `LlavaConfig` dict (for export); only `mlp2x_gelu` has a HF equivalent."""
+    if cfg.projector_type != "mlp2x_gelu":
+        raise ValueError(f"projector {cfg.projector_type!r} has no transformers equivalent (only mlp2x_gelu)")
+    v, t = cfg.vision, cfg.text
+    text = text_config_to_hf(t)
     vision = {
         "model_type": "clip_vision_model",
         "hidden_size": v.hidden_size,

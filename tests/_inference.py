@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 
 from llava_jax.data.image import ImageProcessorConfig
+from llava_jax.data.tokenizer import Tokenizer
 from tests import _spm
 from tests.hf_reference import perturb_, text_config_dict, vision_config_dict
 
@@ -94,3 +95,75 @@ def hf_generate(
     logits = torch.stack(out.logits, dim=1).float()  # raw logits of each step [B, n, V]
     lp = torch.log_softmax(logits, dim=-1).gather(-1, new[..., None])[..., 0]
     return new.numpy(), lp.numpy()
+
+
+# --- LLaVA-NeXT (anyres): 28 px tiles of 2 x 2 features, the v1.6 pinpoints scaled to 28 px -----------------
+
+NEXT_TILE = 28
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def train_bpe_tokenizer(directory: str) -> tuple[str, int]:
+    """A tiny Llama-3 style byte-level BPE `tokenizer.json` (no tokenizer.model) with `<image>` added after the
+    vocabulary, as llama3-llava-next-8b ships it; returns (directory, the `<image>` id)."""
+    from tests.test_tokenizers_hf import LLAMA3_REGEX, LLAMA3_SPECIAL, _train_byte_level, _write
+    from tokenizers import processors
+
+    tok = _train_byte_level(LLAMA3_REGEX, LLAMA3_SPECIAL)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    _write(directory, tok, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+    return directory, tok.token_to_id("<image>")
+
+
+def make_hf_next(seed: int, *, vocab: int, image_token: int, bos: int, eos: int, max_positions: int = 256):
+    """A perturbed tiny `LlavaNextForConditionalGeneration` (float32, Llama text) with the given vocabulary."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = text_config_dict(vocab=vocab, layers=2, hidden=64, heads=4, kv_heads=2)
+    text.update(max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos, pad_token_id=0)
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**vision_config_dict(layers=2, image_size=NEXT_TILE)),
+        text_config=LlamaConfig(**text),
+        image_token_index=image_token,
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    return perturb_(LlavaNextForConditionalGeneration(cfg), seed)
+
+
+def make_next_model_dir(path: str, seed: int = 0) -> tuple[str, object]:
+    """A tiny llava-hf NeXT directory: HF weights, tokenizer.json only, LlavaNextImageProcessor's json."""
+    from transformers import LlavaNextImageProcessor
+
+    _, image_token = train_bpe_tokenizer(path)
+    tok = Tokenizer.from_pretrained(path)
+    model = make_hf_next(seed, vocab=image_token + 8, image_token=image_token, bos=tok.bos_id, eos=tok.eos_id)
+    model.save_pretrained(path)
+    LlavaNextImageProcessor(size={"shortest_edge": NEXT_TILE}, crop_size={"height": NEXT_TILE, "width": NEXT_TILE},
+                            image_grid_pinpoints=NEXT_PINPOINTS).save_pretrained(path)
+    return path, model
+
+
+def hf_next_generate(model, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *,
+                     max_new_tokens: int):
+    """transformers' greedy `LlavaNextForConditionalGeneration.generate` without EOS: new ids [B, n].
+
+    pixel_values [N, P, H, W, 3] channels last (zero patches as padding), image_sizes [N, 2] (height, width).
+    """
+    kw = {"input_ids": torch.as_tensor(np.asarray(input_ids), dtype=torch.long)}
+    if pixel_values is not None:
+        kw["pixel_values"] = torch.as_tensor(np.asarray(pixel_values).transpose(0, 1, 4, 2, 3).copy())
+        kw["image_sizes"] = torch.as_tensor(np.asarray(image_sizes), dtype=torch.long)
+    # Always a mask: generate would otherwise mask out every pad_token_id (0, the tiny BPE's BOS).
+    mask = np.ones(np.shape(input_ids)) if attention_mask is None else attention_mask
+    kw["attention_mask"] = torch.as_tensor(np.asarray(mask), dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             eos_token_id=None, pad_token_id=0)
+    return out[:, kw["input_ids"].shape[1]:].numpy()

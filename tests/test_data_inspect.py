@@ -176,3 +176,45 @@ def test_corrupt_image_is_reported_as_pack_and_training_skip_it(setup, tmp_path)
         with pytest.raises(image_lib.ImageError):  # what pack (and so training's loader) says of it
             packed_format.read_example(rows[index], str(folder))
     assert "2 problem record(s)" in result.stderr
+
+
+def test_next_model_counts_each_image_by_its_size(tmp_path):
+    """An HF LLaVA-NeXT directory: each image's tokens follow its size (anyres.layout), as training renders it;
+    an original LLaVA-NeXT config is refused with what to do."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    from llava_jax import anyres
+
+    sizes = ((28, 56), (56, 28), (42, 84))
+    paths = synthetic.build(tmp_path / "syn", num_train=6, num_val=2, image_size=56, sizes=sizes)
+    tok = Tokenizer(paths["tokenizer"])
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(paths["tokenizer"], model / "tokenizer.model")
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=28, patch_size=14).to_dict(),
+                    text_config=LlamaConfig(vocab_size=tok.vocab_size + 2).to_dict(), image_grid_pinpoints=pinpoints,
+                    image_token_index=tok.vocab_size + 1).save_pretrained(model)
+    geometry, token, notes = inspect_cli.image_settings(str(model), tok.vocab_size)
+    assert geometry == anyres.AnyresConfig(28, 2, tuple(map(tuple, pinpoints))) and token == tok.vocab_size + 1
+    result = _run("--data-path", paths["stage2"], "--image-folder", paths["image_folder"], "--model-path", str(model),
+                  "--conv-mode", "vicuna_v1", "--json")
+    assert result.returncode == 0, result.stderr
+    by_id = {r["id"]: r for r in records.load_records(paths["stage2"])}
+    counted = set()
+    for obj in map(json.loads, result.stdout.splitlines()):
+        record = by_id[obj["id"]]
+        want = 0
+        if "image" in record:
+            from PIL import Image
+
+            with Image.open(os.path.join(paths["image_folder"], record["image"])) as im:
+                want = anyres.layout(geometry, (im.height, im.width)).num_tokens
+                counted.add(want)
+        assert obj["input_ids"].count(token) == want
+    assert len(counted) > 1  # sizes that tile differently take different counts
+    (model / "config.json").write_text(json.dumps({"mm_vision_tower": "openai/clip-vit-large-patch14-336",
+                                                   "image_aspect_ratio": "anyres"}))
+    result = _run("--data-path", paths["stage2"], "--image-folder", paths["image_folder"], "--model-path", str(model),
+                  "--conv-mode", "vicuna_v1")
+    assert result.returncode == 2 and "convert it first" in result.stderr, result.stderr

@@ -385,3 +385,131 @@ def test_bad_records_fail_at_construction(data, tmp_path):
         _dataset(data, _write_records(tmp_path / "abs.json", good + [absolute]))
     with pytest.raises(ValueError, match="shard_index"):
         _dataset(data, shard_index=2, shard_count=2)
+
+
+# ----------------------------------------------------------------------- LLaVA-NeXT (anyres)
+
+NEXT_TILE, NEXT_GRID = 28, 2
+NEXT_PINPOINTS = ((28, 56), (56, 28), (56, 56))
+NEXT_SIZES = ((28, 56), (56, 28), (56, 56), (40, 90), (20, 20))
+
+
+@pytest.fixture(scope="module")
+def next_data(data):
+    """Varied-size images (wide, tall, square, odd, smaller than a tile) and LLaVA-NeXT settings for them."""
+    from llava_jax import anyres
+
+    paths = synthetic.build(data.root / "syn_next", num_train=16, num_val=4, image_size=56, sizes=NEXT_SIZES)
+    cfg = image_lib.ImageProcessorConfig(size=NEXT_TILE, crop_size=NEXT_TILE, pad_to_square=False,
+                                         grid_pinpoints=NEXT_PINPOINTS)
+    geometry = anyres.AnyresConfig(NEXT_TILE, NEXT_GRID, NEXT_PINPOINTS)
+    return types.SimpleNamespace(paths=paths, tok=Tokenizer(paths["tokenizer"]), cfg=cfg, geometry=geometry)
+
+
+def _next_dataset(nd, path=None, **kwargs):
+    args = dict(geometry=nd.geometry, image_token_index=nd.tok.vocab_size, max_length=256, batch_size=4, seed=0,
+                num_epochs=1, shard_index=0, shard_count=1, max_images_per_sample=2)
+    args.update(kwargs)
+    return pipeline.make_dataset(path or nd.paths["stage2"], nd.paths["image_folder"], nd.tok, "vicuna_v1", nd.cfg,
+                                 **args)
+
+
+def _model_config(nd):
+    from llava_jax.config import LlavaConfig, VisionConfig
+
+    return LlavaConfig(vision=VisionConfig(image_size=NEXT_TILE, patch_size=NEXT_TILE // NEXT_GRID),
+                       image_token_index=nd.tok.vocab_size, anyres=nd.geometry)
+
+
+def test_anyres_rows_hold_each_images_tiles_and_the_models_image_index(data, next_data):
+    """Every row as the model's own host-side placement (models.llava.place_images) lays it out, from the
+    images preprocessed on their own: token counts by size, tiles in order, exact-zero padding slots."""
+    from llava_jax.models.llava import place_images
+
+    nd, mcfg = next_data, _model_config(next_data)
+    by_id = {r["id"]: r for r in records.load_records(nd.paths["stage2"])}
+    slots = 2 * nd.geometry.max_patches
+    seen_sizes = set()
+    for batch, ids in _take(iter(_next_dataset(nd, shuffle=False))):
+        assert batch["pixel_values"].shape[1:] == (slots, NEXT_TILE, NEXT_TILE, 3)
+        assert batch["image_index"].shape == batch["input_ids"].shape
+        for row, rid in enumerate(ids):
+            if rid is None:  # the epoch's last batch, filled up with empty rows
+                assert not batch["attention_mask"][row].any() and not batch["image_mask"][row].any()
+                continue
+            rec = by_id[rid]
+            images = [image_lib.load_image(os.path.join(nd.paths["image_folder"], rel))
+                      for rel in records.record_images(rec)]
+            sizes = [(im.height, im.width) for im in images]
+            seen_sizes.update(sizes)
+            counts = [mcfg.image_layout(s).num_tokens for s in sizes]
+            r = templates.render(rec["conversations"], "vicuna_v1", nd.tok, image_token_index=nd.tok.vocab_size,
+                                 num_image_tokens=counts, max_length=256)
+            n = len(r.input_ids)
+            np.testing.assert_array_equal(batch["input_ids"][row, :n], r.input_ids)
+            np.testing.assert_array_equal(batch["labels"][row, :n], r.labels)
+            pixels, index = place_images(batch["input_ids"][row:row + 1], [image_lib.preprocess(im, nd.cfg)
+                                                                           for im in images], mcfg, sizes, slots)
+            if images:
+                np.testing.assert_array_equal(batch["pixel_values"][row], pixels[0])
+                np.testing.assert_array_equal(batch["image_index"][row], index[0])
+            else:
+                assert (batch["pixel_values"][row] == 0).all() and (batch["image_index"][row] == 0).all()
+            tiles = sum(mcfg.image_layout(s).num_patches for s in sizes)
+            np.testing.assert_array_equal(batch["image_mask"][row], np.arange(slots) < tiles)
+    assert seen_sizes == set(NEXT_SIZES)
+
+
+def test_anyres_truncation_drops_whole_images_counted_by_their_size(next_data, tmp_path):
+    nd = next_data
+    recs = [r for r in records.load_records(nd.paths["stage2"]) if "image" in r][:2]
+    two = {"id": "two", "image": [recs[0]["image"], recs[1]["image"]], "conversations": [
+        {"from": "human", "value": "<image>\nWhat color are the shapes?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "And here?\n<image>"}, {"from": "gpt", "value": "blue"}]}
+    path = _write_records(tmp_path / "two.json", [two])
+    full = _take(iter(_next_dataset(nd, path, batch_size=1)))[0][0]
+    is_image = full["input_ids"][0] == nd.tok.vocab_size
+    second = int(np.flatnonzero(is_image[1:] & ~is_image[:-1])[-1]) + 1  # where the second image's run starts
+    cut = _take(iter(_next_dataset(nd, path, batch_size=1, max_length=second + 3)))[0][0]
+    assert int(cut["attention_mask"][0].sum()) == second
+    first_tiles = [image_lib.num_patches(image_lib.load_image(os.path.join(nd.paths["image_folder"], rel)).size[::-1],
+                                         nd.cfg) for rel in two["image"]]
+    assert int(cut["image_mask"][0].sum()) == first_tiles[0] and int(full["image_mask"][0].sum()) == sum(first_tiles)
+    np.testing.assert_array_equal(cut["pixel_values"][0, :first_tiles[0]], full["pixel_values"][0, :first_tiles[0]])
+    assert (cut["pixel_values"][0, first_tiles[0]:] == 0).all()
+
+
+def test_flat_geometry_gives_the_num_image_tokens_batches(data):
+    from llava_jax import anyres
+
+    flat = anyres.AnyresConfig.flat(CROP, 2)  # 4 tokens an image: N_IMG
+    a = _take(iter(_dataset(data, num_image_tokens=N_IMG, max_images_per_sample=2)))
+    b = _take(iter(_dataset(data, num_image_tokens=None, geometry=flat, max_images_per_sample=2)))
+    _assert_same(a, b)
+    with_index = _take(iter(_dataset(data, num_image_tokens=None, geometry=flat, image_index=True)), 1)[0][0]
+    ids = with_index["input_ids"]
+    expected = np.where(ids == data.image_token, np.cumsum(ids == data.image_token, axis=1) - 1, 0)
+    np.testing.assert_array_equal(with_index["image_index"], expected)  # the features in order
+
+
+def test_anyres_resume_mid_epoch_is_exact(next_data):
+    ds = _next_dataset(next_data, num_epochs=2)
+    it = iter(ds)
+    _take(it, 3)
+    state = it.get_state()
+    rest = _take(it)
+    it2 = iter(ds)
+    it2.set_state(state)
+    _assert_same(rest, _take(it2))
+
+
+def test_geometry_and_image_settings_must_agree(data, next_data):
+    from llava_jax import anyres
+
+    other = anyres.AnyresConfig(NEXT_TILE, NEXT_GRID, ((28, 56), (56, 28)))
+    with pytest.raises(ValueError, match="pinpoints"):
+        _next_dataset(next_data, geometry=other)
+    with pytest.raises(ValueError, match="without grid_pinpoints"):
+        _next_dataset(next_data, geometry=anyres.AnyresConfig.flat(NEXT_TILE, NEXT_GRID))
+    with pytest.raises(ValueError, match="exactly one"):
+        _dataset(data, geometry=anyres.AnyresConfig.flat(CROP, 2))

@@ -49,10 +49,12 @@ def data(tmp_path_factory):
                                  tok=Tokenizer(paths["tokenizer"]), cfg=image_lib.ImageProcessorConfig(size=CROP, crop_size=CROP))
 
 
+_ARGS = dict(max_length=256, batch_size=3, num_epochs=2, shard_index=0, shard_count=1, group_by_modality_length=True,
+             length_buckets=[64, 128], max_images_per_sample=2)
+
+
 def _dataset(data, source, image_folder=None, **kwargs):
-    args = dict(num_image_tokens=4, image_token_index=data.tok.vocab_size, max_length=256, batch_size=3, seed=data.seed,
-                num_epochs=2, shard_index=0, shard_count=1, group_by_modality_length=True, length_buckets=[64, 128],
-                max_images_per_sample=2)
+    args = dict(_ARGS, num_image_tokens=4, image_token_index=data.tok.vocab_size, seed=data.seed)
     args.update(kwargs)
     return pipeline.make_dataset(source, image_folder or data.folder, data.tok, "vicuna_v1", data.cfg, **args)
 
@@ -101,13 +103,20 @@ def test_byte_range_reads_equal_the_array_record_reader(data):
     assert record == data.records[-1] and images == [open(os.path.join(data.folder, "noise1.png"), "rb").read()]
 
 
-def test_json_packed_and_tfds_sources_give_identical_batches_and_resume_alike(data):
-    pytest.importorskip("tensorflow_datasets")  # the tfds extra; installed by the test extra
+def _tfds(data) -> str:
+    """The records as a TFDS dataset (built once a module)."""
     from llava_jax.data import tfds_builder
 
     tfds_dir = str(data.root / "tfds")
-    assert tfds_builder.build(data.data_path, data.folder, tfds_dir, "mixed") == {"num_records": len(data.records),
-                                                                                  "num_skipped": 0}
+    if not os.path.exists(tfds_dir):
+        assert tfds_builder.build(data.data_path, data.folder, tfds_dir, "mixed") == {
+            "num_records": len(data.records), "num_skipped": 0}
+    return tfds_dir
+
+
+def test_json_packed_and_tfds_sources_give_identical_batches_and_resume_alike(data):
+    pytest.importorskip("tensorflow_datasets")  # the tfds extra; installed by the test extra
+    tfds_dir = _tfds(data)
     reference = _take(iter(_dataset(data, data.data_path)))
     assert len(reference) > 8 and any(b["image_mask"][:, 1].any() for b, _ in reference)
     for name, spec, kwargs in [("packed", data.packed, {}), ("packed, byte ranges", sources.PackedSource(data.packed, byte_ranges=True), {}),
@@ -256,3 +265,23 @@ def test_pack_to_and_train_from_gcs(data, gcs):
     _assert_same(_take(iter(from_json)), reference, "gs:// JSON + images")
     _assert_same(_take(iter(_dataset(data, "gs://bkt/packed", num_epochs=1))), reference, "gs:// packed")
 
+
+
+def test_anyres_batches_are_the_same_from_every_source(data):
+    """LLaVA-NeXT rows (tiles, image_index) from packed shards and TFDS equal the JSON source's: sources hand
+    the pipeline images, and the pipeline tiles them by their size (the noise images tile 2 x 2)."""
+    pytest.importorskip("tensorflow_datasets")
+    from llava_jax import anyres
+
+    pinpoints = ((28, 56), (56, 28), (56, 56))
+    cfg = image_lib.ImageProcessorConfig(size=CROP, crop_size=CROP, pad_to_square=False, grid_pinpoints=pinpoints)
+    kw = dict(geometry=anyres.AnyresConfig(CROP, 2, pinpoints), num_epochs=1, image_token_index=data.tok.vocab_size)
+    reference = _take(iter(pipeline.make_dataset(data.data_path, data.folder, data.tok, "vicuna_v1", cfg,
+                                                 **{**_ARGS, **kw, "seed": data.seed})))
+    assert any(b["image_mask"][:, 5:].any() for b, _ in reference)  # a row with two 5-tile images
+    tfds_dir = _tfds(data)
+    for name, spec, extra in [("packed", data.packed, {}), ("tfds", "tfds:llava_records/mixed",
+                                                             {"tfds_data_dir": tfds_dir})]:
+        got = _take(iter(pipeline.make_dataset(spec, data.folder, data.tok, "vicuna_v1", cfg,
+                                               **{**_ARGS, **kw, "seed": data.seed, **extra})))
+        _assert_same(got, reference, name)

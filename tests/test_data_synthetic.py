@@ -65,8 +65,8 @@ def _measure(path: str) -> dict[str, str]:
     shape = "square" if fill > 0.92 else "circle" if fill > 0.65 else "triangle"
     out = {"color": color, "count": str(count), "shape": shape}
     if count == 1:
-        size = pixels.shape[0]
-        cy, cx = ys.mean() / size, xs.mean() / size
+        height, width = pixels.shape[:2]
+        cy, cx = ys.mean() / height, xs.mean() / width
         out["position"] = min(synthetic.POSITIONS, key=lambda p: np.hypot(cx - synthetic.POSITIONS[p][0],
                                                                         cy - synthetic.POSITIONS[p][1]))
     return out
@@ -233,3 +233,36 @@ def test_captions_name_the_quadrants_the_pixels_show(default_build):
         assert named == seen, (r["id"], caption, seen)
         checked += 1
     assert checked > 50
+
+
+NEXT_SIZES = ((56, 112), (112, 56), (84, 84), (70, 140))
+
+
+def test_next_variant_draws_the_given_sizes_and_answers_agree_with_the_pixels(tmp_path):
+    paths = synthetic.build(tmp_path / "next", num_train=40, num_val=40, image_size=56, sizes=NEXT_SIZES)
+    val = records.load_records(paths["val"])
+    seen = collections.Counter()
+    for image in {r["image"] for r in val} | {r["image"] for r in records.load_records(paths["stage1"])}:
+        with Image.open(os.path.join(paths["image_folder"], image)) as im:
+            seen[(im.height, im.width)] += 1
+    assert set(seen) == set(NEXT_SIZES), seen
+    measured = {}
+    for r in val:  # positions are fractions of each side: "left" on a wide image is in its left part
+        if r["image"] not in measured:
+            measured[r["image"]] = _measure(os.path.join(paths["image_folder"], r["image"]))
+        assert measured[r["image"]][r["qtype"]] == r["answer"], (r["id"], measured[r["image"]])
+    assert any(r["qtype"] == "position" for r in val)
+    # Sizes have their own random stream: the same seed draws the same scenes and questions with or without
+    # them, so the square default is what it was before sizes existed.
+    square = synthetic.build(tmp_path / "square", num_train=40, num_val=40, image_size=56)
+    for key in ("stage1", "stage2", "val"):
+        assert records.load_records(square[key]) == records.load_records(paths[key]), key
+
+
+def test_sizes_flag_is_parsed_and_a_bad_one_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        synthetic.main(["--out-dir", str(tmp_path / "bad"), "--sizes", "28by56"])
+    assert e.value.code == 2 and "--sizes '28by56': expected HxW" in capsys.readouterr().err
+    synthetic.main(["--out-dir", str(tmp_path / "ok"), "--num-train", "4", "--num-val", "0", "--sizes", "20x40"])
+    with Image.open(tmp_path / "ok" / "images" / "train_00000.png") as im:
+        assert (im.height, im.width) == (20, 40)

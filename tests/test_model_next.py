@@ -210,3 +210,48 @@ def test_original_next_checkpoint_matches_transformers(tmp_path):
     # written as the (height, width) list transformers reads, in the same order (the same tie-breaks).
     pre = ImageProcessorConfig.from_pretrained(dst)
     assert pre.anyres_config(grid=2).resolutions() == ours.config.geometry.resolutions() and not pre.pad_to_square
+
+
+def _family_text_config(family: str):
+    """The issue's four LLaVA-NeXT backbones in tiny: Mistral (sliding window shorter than the rows),
+    Qwen2 (q/k/v bias, tied embeddings), Llama-3 (llama3 rope) and Vicuna (plain Llama, MHA)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from tests.test_text_families import LLAMA3_ROPE
+
+    if family == "mistral":
+        return MistralConfig(**text_config_dict(kv_heads=2, theta=1e6), sliding_window=7)
+    if family == "qwen2":
+        return Qwen2Config(**text_config_dict(kv_heads=2, theta=1e6, tie=True), use_sliding_window=False)
+    if family == "llama3":
+        return LlamaConfig(**text_config_dict(kv_heads=2, theta=5e5, rope_scaling=LLAMA3_ROPE))
+    return LlamaConfig(**text_config_dict())
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "llama3", "vicuna"])
+def test_each_family_with_anyres_images_matches_transformers(tmp_path, family):
+    """Two images of different shapes in one row beside a text-only row and a small image's row."""
+    seed = fresh_seed()
+    hf = make_next(seed, text_config=_family_text_config(family))
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(str(tmp_path))
+    assert ours.config.text.model_type == ("llama" if family in ("llama3", "vicuna") else family)
+    rng = np.random.default_rng(seed)
+    ids, mask, px, sizes = batch(rng, ours, [[(30, 90), (100, 100)], [], [(20, 17)]], "left")
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours(ids, px, mask, image_sizes=sizes).logits)[real],
+                               hf_logits(hf, ids, px, sizes, mask)[real], atol=1e-4, rtol=1e-4)
+
+
+def test_every_next_parameter_has_a_sharding_rule(llama_next):
+    """`image_newline` (the one parameter NeXT adds) is covered by the rules table, replicated like a norm."""
+    import jax
+    from jax.sharding import Mesh
+
+    from llava_jax.models.llava import abstract_params
+    from llava_jax.parallel.rules import param_shardings
+
+    cfg = llama_next[1].config
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    shardings = param_shardings(abstract_params(cfg, boxed=True), mesh)
+    assert shardings["image_newline"].spec == jax.sharding.PartitionSpec(None)

@@ -4,7 +4,8 @@
         --model-path checkpoints/llava-v1.5-7b --conv-mode vicuna_v1 [--max-length 2048] [--json]
 
 Text mode prints, per record, the token pieces as text: supervised spans between [[ and ]]
-(green on a terminal), an image as <image x576>, BOS/EOS and other special tokens as their pieces
+(green on a terminal), an image as <image x576> (a LLaVA-NeXT image as its own count, which its
+size decides: `llava_jax.anyres.layout`), BOS/EOS and other special tokens as their pieces
 (<s>/</s> for LLaMA). Spaces are shown as the tokenizer has them (a piece "▁USER" prints " USER"),
 so odd tokenizations are visible.
 `--json` prints one object per line: {"id", "input_ids", "labels"} (labels -100 where ignored).
@@ -13,7 +14,8 @@ so odd tokenizations are visible.
 ours, a training stage's output, a training checkpoint, HF, original LLaVA); its tokenizer
 (tokenizer.model, else tokenizer.json) is used, and the image token count and id come from its
 config (ours: llava_jax_config.json; HF LLaVA: vision_config image_size/patch_size,
-vision_feature_select_strategy, image_seq_length, image_token_index; original LLaVA:
+vision_feature_select_strategy, image_seq_length, image_token_index; HF LLaVA-NeXT: its anyres
+geometry, image_grid_pinpoints included; original LLaVA:
 mm_vision_tower, mm_vision_select_feature), or from --num-image-tokens / --image-token-index,
 which win (a directory with only a tokenizer then does). Records that cannot be trained on
 (malformed, unsafe or missing image path, an image that does not decode, nothing supervised after
@@ -24,6 +26,7 @@ still printed. Exit status 1 if there was any such record.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -32,8 +35,10 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import numpy as np
+import PIL.Image
 
-from llava_jax import cli, paths
+from llava_jax import anyres, cli, paths
+from llava_jax.config import llava_config_from_hf
 from llava_jax.data import packed_format
 from llava_jax.data import records as records_lib
 from llava_jax.data import templates
@@ -45,11 +50,16 @@ OPEN, CLOSE = "[[", "]]"
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
-def image_settings(model_path: str, vocab_size: int) -> tuple[int | None, int, list[str]]:
-    """(num_image_tokens or None if unknown, image_token_index, notes) of a model directory.
+ImageTokens = int | anyres.AnyresConfig  # tokens every image takes (LLaVA-1.5), or how sizes decide them (NeXT)
 
-    Ours (a converted directory, a stage output, a training checkpoint) says both in its config.
-    Otherwise they come from config.json:
+
+def image_settings(model_path: str, vocab_size: int) -> tuple[ImageTokens | None, int, list[str]]:
+    """(image tokens or None if unknown, image_token_index, notes) of a model directory.
+
+    Image tokens are a count (LLaVA-1.5) or, for an anyres (LLaVA-NeXT) model, its geometry: each image
+    then takes `anyres.layout(geometry, size).num_tokens`. Ours (a converted directory, a stage output,
+    a training checkpoint) says both in its config; an HF `llava_next` config.json is read as loading reads
+    it. Otherwise they come from config.json:
 
     num_image_tokens is what the vision tower really produces, (image_size / patch_size)^2, +1 when
     the class token is kept (strategy "full" / feature "cls_patch"); `image_seq_length` is used only
@@ -58,11 +68,19 @@ def image_settings(model_path: str, vocab_size: int) -> tuple[int | None, int, l
     """
     if model_dir.kind(model_path) in (model_dir.OURS, model_dir.CHECKPOINT):
         ours = model_dir.config_of(model_path)
-        return ours.num_image_tokens, ours.image_token_index, []
+        return ours.geometry if ours.is_anyres else ours.num_image_tokens, ours.image_token_index, []
     path = os.path.join(model_path, "config.json")
     if not paths.isfile(path):
         return None, vocab_size, [f"no config.json in {model_path}"]
     cfg = json.loads(paths.read_text(path))
+    if cfg.get("model_type") == "llava_next":
+        try:
+            return llava_config_from_hf(cfg, path).geometry, int(cfg.get("image_token_index", vocab_size)), []
+        except ValueError as e:
+            return None, vocab_size, [str(e)]
+    if str(cfg.get("image_aspect_ratio", "")).startswith("anyres"):
+        return None, vocab_size, [f"{path} is an original LLaVA-NeXT config (image_aspect_ratio "
+                                  f"{cfg['image_aspect_ratio']!r}): convert it first (python -m llava_jax.convert)"]
     notes = []
     num = None
     vision = cfg.get("vision_config") or {}
@@ -117,9 +135,12 @@ def format_sample(input_ids: np.ndarray, labels: np.ndarray, tokenizer: Tokenize
 
 
 def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, template: str, *,
-                    num_image_tokens: int, image_token_index: int, max_length: int | None, as_json: bool,
+                    num_image_tokens: ImageTokens, image_token_index: int, max_length: int | None, as_json: bool,
                     out: TextIO, err: TextIO, limit: int | None = None, color: bool = False) -> int:
-    """Writes every renderable record to `out` and every problem record to `err`; returns #problems."""
+    """Writes every renderable record to `out` and every problem record to `err`; returns #problems.
+
+    `num_image_tokens`: a count, or an anyres geometry (each image's count from its size, as training).
+    """
     problems = 0
 
     def report(where: str, message: str) -> None:
@@ -137,9 +158,12 @@ def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, tem
         try:
             # Pack's check, which training's loader agrees with: every image read and fully decoded, so
             # a corrupt or truncated file is reported here as it is skipped there.
-            packed_format.read_example(record, image_folder)
+            images = packed_format.read_example(record, image_folder)
+            counts = num_image_tokens
+            if isinstance(counts, anyres.AnyresConfig):  # the header gives the size: no second decode
+                counts = [anyres.layout(counts, _size(data)).num_tokens for data in images]
             sample = templates.render(record["conversations"], template, tokenizer,
-                                      image_token_index=image_token_index, num_image_tokens=num_image_tokens,
+                                      image_token_index=image_token_index, num_image_tokens=counts,
                                       max_length=max_length)
         except (ValueError, OSError) as e:  # ImagePathError, ImageError, EmptySampleError, FileNotFoundError, ...
             report(records_lib.record_location(data_path, index, line, record["id"]), f"{type(e).__name__}: {e}")
@@ -154,6 +178,11 @@ def inspect_records(data_path: str, image_folder: str, tokenizer: Tokenizer, tem
                       f"images {sample.num_images})\n")
             out.write(format_sample(sample.input_ids, sample.labels, tokenizer, image_token_index, color) + "\n\n")
     return problems
+
+
+def _size(data: bytes) -> tuple[int, int]:
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        return image.height, image.width
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,10 +18,20 @@ A batch is a dict of numpy arrays, every shape static:
     attention_mask  int32   [B, T]   1 real token, 0 padding
     pixel_values    float32 [B, I, H, W, 3]  row b's images in the order of their placeholder runs;
                                              zeros where absent
-    image_mask      bool    [B, I]   which images are real
+    image_mask      bool    [B, I]   which images (anyres: tiles) are real
+    image_index     int32   [B, T]   only when asked for (LLaVA-NeXT models): see below
 
 T is `max_length`, or the smallest of `length_buckets` that fits the batch's longest row. I is
 `max_images_per_sample`.
+
+LLaVA-NeXT (anyres `geometry`): each image becomes its base and tiles (`anyres.layout`), its
+`<image>` that image's own `num_tokens` image ids. `pixel_values` then holds tile slots, I =
+`max_images_per_sample * geometry.max_patches` (static, as transformers pads every image to
+max_patches), each row's images' tiles in placeholder order and zero (after normalisation too)
+in unused slots; `image_mask` says which slots hold a real tile, and `image_index[b, t]` names
+the row of row b's feature table (`anyres.table_index`: the tiles' features, then the newline)
+that image token t takes (0 elsewhere). The flat geometry (LLaVA-1.5) gives exactly the batches
+of `num_image_tokens=geometry.tile_tokens`.
 
 Why a plan of batches rather than a filter after loading: every process then yields the same
 number of batches per epoch (multi-host steps stay in lock-step), the epoch length is known in
@@ -36,6 +46,7 @@ batch): the loss must divide by max(1, supervised tokens).
 Usage (the data may also be a packed directory or "tfds:NAME@split", see sources.py):
     ds = make_dataset("llava_v1_5_mix665k.json", "data/", tokenizer, "vicuna_v1", image_cfg,
                       num_image_tokens=576, image_token_index=32000, max_length=2048, batch_size=16)
+    # LLaVA-NeXT: geometry=model_config.geometry in place of num_image_tokens, image_cfg with its pinpoints
     it = iter(ds)                      # a DataIterator; ds.batches_per_epoch steps per epoch
     batch = next(it)
     it.stats.metrics()                 # {"data/samples": ..., "data/skipped_image": ...}
@@ -56,6 +67,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from llava_jax import anyres
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
 from llava_jax.data import sources as sources_lib
@@ -210,7 +222,8 @@ class _Sample:
     record_id: str
     input_ids: np.ndarray  # int32 [T_i]
     labels: np.ndarray  # int32 [T_i]
-    pixel_values: np.ndarray  # uint8 [n, H, W, 3], normalised by the consuming process
+    pixel_values: np.ndarray  # uint8 [n, H, W, 3] images (anyres: tiles), normalised by the consuming process
+    sizes: list[tuple[int, int]]  # (height, width) of each kept image (anyres only: their layouts' key)
 
 
 @dataclasses.dataclass
@@ -230,11 +243,12 @@ class _RowLoader:
     """
 
     def __init__(self, source, lengths, *, tokenizer, template_name, image_cfg,
-                 num_image_tokens, image_token_index, max_length, max_images, batch_size, shard_index,
+                 num_image_tokens, geometry, image_token_index, max_length, max_images, batch_size, shard_index,
                  shard_count, seed, shuffle, group_by_modality_length, strict):
         self.source, self.lengths = source, lengths
         self.tokenizer, self.template_name, self.image_cfg = tokenizer, template_name, image_cfg
         self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
+        self.geometry = geometry  # an anyres AnyresConfig, or None: every image num_image_tokens
         self.max_length, self.max_images = max_length, max_images
         self.batch_size, self.shard_index, self.shard_count = batch_size, shard_index, shard_count
         self.seed, self.shuffle, self.group = seed, shuffle, group_by_modality_length
@@ -303,21 +317,48 @@ class _RowLoader:
         if len(images) > self.max_images:
             raise _Skip(TOO_MANY_IMAGES, f"{len(images)} images, more than max_images_per_sample="
                         f"{self.max_images}")
-        try:
-            rendered = templates.render(record["conversations"], self._template, self.tokenizer,
-                                        image_token_index=self.image_token_index,
-                                        num_image_tokens=self.num_image_tokens, max_length=self.max_length)
-        except templates.EmptySampleError as e:
-            raise _Skip(EMPTY, str(e)) from e
+        if self.geometry is not None:
+            return self._load_anyres(example)
+        rendered = self._render(record, self.num_image_tokens)
         # Truncation may drop whole images from the end, never part of one.
         pixels = np.zeros((rendered.num_images, self.image_cfg.crop_size, self.image_cfg.crop_size, 3), np.uint8)
         for k in range(rendered.num_images):
-            try:
-                pixels[k] = image_lib.preprocess_uint8(example.images[k](), self.image_cfg)
-            except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
-                raise _Skip(IMAGE, str(e)) from e
+            pixels[k] = self._pixels(_image_problem(example.images[k]))
         return _Sample(str(record["id"]), np.asarray(rendered.input_ids, np.int32),
-                       np.asarray(rendered.labels, np.int32), pixels)
+                       np.asarray(rendered.labels, np.int32), pixels, [])
+
+    def _load_anyres(self, example: sources_lib.Example) -> _Sample:
+        # An image's token count depends on its size: every image is opened before rendering, so that
+        # truncation (which drops whole images from the end) counts each one exactly.
+        opened = [_image_problem(open_image) for open_image in example.images]
+        sizes = [(im.height, im.width) for im in opened]
+        rendered = self._render(example.record, [anyres.layout(self.geometry, s).num_tokens for s in sizes])
+        kept = opened[:rendered.num_images]
+        c = self.image_cfg.crop_size
+        tiles = [self._pixels(im) for im in kept]
+        pixels = np.concatenate(tiles) if tiles else np.zeros((0, c, c, 3), np.uint8)
+        return _Sample(str(example.record["id"]), np.asarray(rendered.input_ids, np.int32),
+                       np.asarray(rendered.labels, np.int32), pixels, sizes[:rendered.num_images])
+
+    def _render(self, record, num_image_tokens) -> templates.RenderedSample:
+        try:
+            return templates.render(record["conversations"], self._template, self.tokenizer,
+                                    image_token_index=self.image_token_index,
+                                    num_image_tokens=num_image_tokens, max_length=self.max_length)
+        except templates.EmptySampleError as e:
+            raise _Skip(EMPTY, str(e)) from e
+
+    def _pixels(self, image) -> np.ndarray:
+        """uint8 [crop, crop, 3] of a PIL image (anyres: its [P, crop, crop, 3] base and tiles)."""
+        return _image_problem(lambda: image_lib.preprocess_uint8(image, self.image_cfg))
+
+
+def _image_problem(fn):
+    """fn(), an unreadable image (missing, corrupt, a path outside the folder) made a skipped sample."""
+    try:
+        return fn()
+    except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
+        raise _Skip(IMAGE, str(e)) from e
 
 
 class _Skip(Exception):
@@ -329,12 +370,17 @@ class _Skip(Exception):
 
 
 class _Collate:
-    """batch_fn: B rows -> one static-shape batch (plus private keys for the stats)."""
+    """batch_fn: B rows -> one static-shape batch (plus private keys for the stats).
 
-    def __init__(self, *, pad_id: int, max_length: int, buckets: Sequence[int], max_images: int,
-                 crop_size: int):
+    `slots` image slots a row (max_images, or max_images * max_patches tile slots for anyres); with a
+    `geometry` (given when the batch carries image_index) each row's image tokens get their table rows.
+    """
+
+    def __init__(self, *, pad_id: int, max_length: int, buckets: Sequence[int], slots: int, crop_size: int,
+                 image_token_index: int, geometry: anyres.AnyresConfig | None):
         self.pad_id, self.max_length, self.buckets = pad_id, max_length, list(buckets)
-        self.max_images, self.crop_size = max_images, crop_size
+        self.slots, self.crop_size = slots, crop_size
+        self.image_token_index, self.geometry = image_token_index, geometry
 
     def __call__(self, rows: Sequence[_Sample | _Problem | None]) -> dict[str, Any]:
         samples = [r if isinstance(r, _Sample) else None for r in rows]
@@ -345,9 +391,11 @@ class _Collate:
             "input_ids": np.full((b, t), self.pad_id, np.int32),
             "labels": np.full((b, t), templates.IGNORE_INDEX, np.int32),
             "attention_mask": np.zeros((b, t), np.int32),
-            "pixel_values": np.zeros((b, self.max_images, c, c, 3), np.uint8),  # normalised by DataIterator
-            "image_mask": np.zeros((b, self.max_images), bool),
+            "pixel_values": np.zeros((b, self.slots, c, c, 3), np.uint8),  # normalised by DataIterator
+            "image_mask": np.zeros((b, self.slots), bool),
         }
+        if self.geometry is not None:
+            batch["image_index"] = np.zeros((b, t), np.int32)
         for i, s in enumerate(samples):
             if s is None:
                 continue
@@ -357,6 +405,11 @@ class _Collate:
             batch["attention_mask"][i, :n] = 1
             batch["pixel_values"][i, : len(s.pixel_values)] = s.pixel_values
             batch["image_mask"][i, : len(s.pixel_values)] = True
+            if self.geometry is not None:
+                # Flat images have no size that matters: one tile each.
+                sizes = s.sizes or [(c, c)] * len(s.pixel_values)
+                batch["image_index"][i, :n][s.input_ids == self.image_token_index] = anyres.table_index(
+                    self.geometry, sizes, self.slots)
         batch["_num_samples"] = np.int32(sum(s is not None for s in samples))
         batch["_problems"] = [(r.record_id, r.kind, r.message) for r in rows if isinstance(r, _Problem)]
         batch["_ids"] = [s.record_id if s is not None else None for s in samples]
@@ -464,10 +517,32 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad) if pad is not None and pad >= 0 else 0
 
 
+def _geometry(num_image_tokens: int | None, geometry: anyres.AnyresConfig | None,
+              image_cfg: image_lib.ImageProcessorConfig) -> anyres.AnyresConfig:
+    """The pipeline's geometry from make_dataset's arguments (exactly one of the two), checked against image_cfg."""
+    if (num_image_tokens is None) == (geometry is None):
+        raise ValueError("make_dataset takes exactly one of num_image_tokens (LLaVA-1.5) and geometry; found "
+                         f"{num_image_tokens!r} and {geometry!r}")
+    if geometry is None:
+        if num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be >= 1; found {num_image_tokens}")
+        # Only the count matters to a one-tile layout: num_image_tokens vectors a tile.
+        return anyres.AnyresConfig.flat(image_cfg.crop_size, 1, num_image_tokens - 1)
+    want = image_cfg.anyres_config(geometry.grid, geometry.extra_tokens)
+    same = (want.tile_size, want.resolutions()) == (geometry.tile_size, geometry.resolutions())
+    if geometry.merge != "flat" and not same:
+        raise ValueError(f"the image settings cut tiles of {want.tile_size} px from pinpoints {want.resolutions()} "
+                         f"(height, width), the model's geometry {geometry.tile_size} px from {geometry.resolutions()}")
+    if geometry.merge == "flat" and image_cfg.is_anyres:
+        raise ValueError("a flat (LLaVA-1.5) geometry needs image settings without grid_pinpoints")
+    return geometry
+
+
 def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | sources_lib.Source,
                  image_folder: str | os.PathLike | None, tokenizer: Any, template: str,
                  image_cfg: image_lib.ImageProcessorConfig, *,
-                 num_image_tokens: int, image_token_index: int, max_length: int, batch_size: int,
+                 num_image_tokens: int | None = None, geometry: anyres.AnyresConfig | None = None,
+                 image_index: bool | None = None, image_token_index: int, max_length: int, batch_size: int,
                  seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  shard_index: int | None = None, shard_count: int | None = None,
                  length_buckets: Sequence[int] | None = None, group_by_modality_length: bool = False,
@@ -485,7 +560,11 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
       tokenizer: a llava_jax.data.tokenizer.Tokenizer (picklable: sent to worker processes).
       template: conversation template name (`plain` for stage 1, `vicuna_v1` for stage 2, ...).
       image_cfg: the image processor settings (the same as inference).
-      num_image_tokens: tokens each image expands to (576 for ViT-L/14-336).
+      num_image_tokens: tokens each image expands to (576 for ViT-L/14-336); or give `geometry`.
+      geometry: how images become tiles and tokens (`LlavaConfig.geometry`); the flat one (LLaVA-1.5) is
+        `num_image_tokens=geometry.tile_tokens`, an anyres one (LLaVA-NeXT) tiles each image (module
+        docstring) and needs `image_cfg` with the same tile size and pinpoints.
+      image_index: add `image_index` [B, T] (an anyres model needs it; default: for an anyres geometry).
       image_token_index: id of the image placeholder token (32000 in HF LLaVA).
       max_length: truncation length, after image expansion; also T unless `length_buckets`.
       batch_size: rows per batch on this process.
@@ -496,13 +575,14 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
       length_buckets: optional allowed values of T; a batch is padded to the smallest that fits
         (max_length is always allowed).
       group_by_modality_length: batches hold only image or only text samples, of similar lengths.
-      max_images_per_sample: I; records with more images are skipped and counted.
+      max_images_per_sample: images a row holds at most; records with more are skipped and counted.
       worker_count: processes preparing batches in parallel (0: in this process, with threads).
       read_threads: threads preparing batches in each process.
       strict: raise DataError on a missing/corrupt image (default: skip, count and report).
       tfds_data_dir: TFDS data directory for `tfds:` data (default: TFDS's own, $TFDS_DATA_DIR).
       normalize_pixels: False leaves `pixel_values` uint8 [B, I, H, W, 3] (resized and cropped,
-        not normalised) for a consumer that normalises on device with image.normalization_table.
+        not normalised, zero in unused slots) for a consumer that normalises on device with
+        image.normalization_table (and zeroes the slots `image_mask` leaves out).
 
     Returns:
       A LlavaIterDataset; `iter()` gives a DataIterator whose `.stats` are the DataStats.
@@ -519,18 +599,23 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
         raise ValueError(f"batch_size, max_length and max_images_per_sample must be >= 1; found "
                          f"{batch_size}, {max_length}, {max_images_per_sample}")
     buckets = sorted({int(b) for b in length_buckets or () if b < max_length} | {max_length})
-    lengths = source.lengths(num_image_tokens)
+    geometry = _geometry(num_image_tokens, geometry, image_cfg)
+    tiled = geometry.merge != "flat"
+    lengths = source.lengths(geometry)
     too_many = int(np.sum(source.record_stats()[1] > max_images_per_sample))
     if too_many:
         logger.warning("data: %d records have more than max_images_per_sample=%d images; they will be "
                        "skipped", too_many, max_images_per_sample)
     loader = _RowLoader(
         source, lengths, tokenizer=tokenizer, template_name=template, image_cfg=image_cfg,
-        num_image_tokens=num_image_tokens, image_token_index=image_token_index, max_length=max_length,
-        max_images=max_images_per_sample, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count,
-        seed=seed, shuffle=shuffle, group_by_modality_length=group_by_modality_length, strict=strict)
+        num_image_tokens=geometry.tile_tokens, geometry=geometry if tiled else None,
+        image_token_index=image_token_index, max_length=max_length, max_images=max_images_per_sample,
+        batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, seed=seed, shuffle=shuffle,
+        group_by_modality_length=group_by_modality_length, strict=strict)
     collate = _Collate(pad_id=_pad_id(tokenizer), max_length=max_length, buckets=buckets,
-                       max_images=max_images_per_sample, crop_size=image_cfg.crop_size)
+                       slots=max_images_per_sample * geometry.max_patches, crop_size=image_cfg.crop_size,
+                       image_token_index=image_token_index,
+                       geometry=geometry if (tiled if image_index is None else image_index) else None)
     ds = grain.MapDataset.range(loader.rows_per_epoch).repeat(num_epochs)
     ds = ds.map_with_index(loader).batch(batch_size, batch_fn=collate)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))

@@ -9,7 +9,9 @@ Each may be local or on GCS (`gs://`, through etils.epath / fsspec). A source ho
 a fixed order; `source[i]` is an `Example`: the LLaVA record (as records.py validates it) and
 one opener per image returning the decoded PIL image. The pipeline plans, renders and
 preprocesses Examples the same way whatever their source, so the same records in the same order
-give the same batches, token ids, labels and pixels from every source.
+give the same batches, token ids, labels and pixels from every source. Sources hold images as they
+were (encoded bytes), not preprocessed: one packed or TFDS dataset trains LLaVA-1.5 and LLaVA-NeXT
+(anyres) models alike, the pipeline cutting each image by its size.
 
 Packed shards: the format `pack.py` writes, described in `packed_format.py` (ArrayRecord shards of
 one record per chunk, `manifest.json`, `index.npz`). array_record's open-source reader opens local
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from llava_jax import anyres
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
 from llava_jax.data.packed_format import (INDEX, MANIFEST, DataSourceError, decode_example, physical_range,
@@ -71,13 +74,20 @@ class Source:
         """(words int64 [N], images int64 [N], has_image bool [N]): what the planner needs, per record."""
         raise NotImplementedError
 
-    def lengths(self, num_image_tokens: int) -> np.ndarray:
+    def lengths(self, image_tokens: int | anyres.AnyresConfig) -> np.ndarray:
         """Signed length estimates [N] (the planner's convention: negative for text-only records).
 
-        Like the original's `modality_lengths`: words of all turns plus the image tokens.
+        Like the original's `modality_lengths`: words of all turns plus the image tokens, `image_tokens`
+        an image (or a geometry's `max_tokens`: what its largest image takes).
         """
         words, images, has_image = self.record_stats()
-        return (words + num_image_tokens * images) * np.where(has_image, 1, -1)
+        if isinstance(image_tokens, anyres.AnyresConfig):
+            # An anyres image's exact count needs its size, i.e. opening every image of the data set
+            # (665K files, remote ones a request each) before the first step, for an estimate that only
+            # orders samples inside a window (words already stand in for tokens). Every image counts as
+            # the largest; truncation, which must be exact, counts each image as it is loaded.
+            image_tokens = image_tokens.max_tokens
+        return (words + image_tokens * images) * np.where(has_image, 1, -1)
 
 
 def _stats_arrays(rows: Sequence[tuple[int, int, bool]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,8 +17,13 @@ tiny model trained from scratch can learn the task (objects are big, clean and w
 Stage 2 asks every image where its objects are (position, or for two or three objects a training-only
 question answered with their quadrants), since that is what a frozen tower's features make hardest.
 
+With `SceneConfig.sizes` (the LLaVA-NeXT variant, `--sizes`), each image takes one of the given
+(height, width) sizes, wide, tall and square, and objects sit at fractions of its width and height:
+the images anyres tiles differently, where left/right/top/bottom are exactly what tiling helps read.
+
 Example:
     python -m llava_jax.data.synthetic --out-dir /tmp/shapes --num-train 2000 --num-val 200
+    python -m llava_jax.data.synthetic --out-dir /tmp/shapes_next --image-size 28 --sizes 28x56,56x28,56x56,42x84
 """
 
 from __future__ import annotations
@@ -106,8 +111,13 @@ class SceneConfig:
     max_count: int = 4
     positions: tuple[str, ...] = tuple(POSITIONS)
     object_scale: float = 0.36  # object diameter / image side
+    # (height, width) sizes drawn uniformly per image (LLaVA-NeXT's varied sizes); empty: image_size square.
+    sizes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple((int(h), int(w)) for h, w in self.sizes))
+        if any(min(s) < 8 for s in self.sizes):
+            raise ValueError(f"image sizes {self.sizes} must be at least 8 pixels a side")
         unknown = [s for s in self.shapes if s not in SHAPES] + [c for c in self.colors if c not in COLORS]
         unknown += [p for p in self.positions if p not in POSITIONS]
         if unknown:
@@ -161,9 +171,14 @@ class Scene:
         return f"{', '.join(self.quadrants[:-1])} and {self.quadrants[-1]}"
 
 
-def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
-    """Draws a scene with uniform count, shape, colour and (single object) position."""
-    size = cfg.image_size
+def sample_scene(rng: np.random.Generator, cfg: SceneConfig, size: tuple[int, int] | None = None) -> Scene:
+    """Draws a scene with uniform count, shape, colour and (single object) position.
+
+    `size` (height, width): the image it is drawn on (default: image_size square); objects scale with
+    its shorter side and sit at fractions of each side.
+    """
+    height, width = size or (cfg.image_size, cfg.image_size)
+    size = min(height, width)
     count = int(rng.integers(1, cfg.max_count + 1))
     shape = cfg.shapes[rng.integers(len(cfg.shapes))]
     color = cfg.colors[rng.integers(len(cfg.colors))]
@@ -178,13 +193,14 @@ def sample_scene(rng: np.random.Generator, cfg: SceneConfig) -> Scene:
         fractions = [QUADRANTS[q] for q in chosen]
         quadrants = tuple(QUADRANT_NAMES[q] for q in chosen)
         radius *= 0.95  # quadrants are a little tighter than the single-object positions
-    centers = tuple((fx * size + jx, fy * size + jy) for (fx, fy), (jx, jy) in zip(fractions, jitter))
+    centers = tuple((fx * width + jx, fy * height + jy) for (fx, fy), (jx, jy) in zip(fractions, jitter))
     return Scene(shape, color, count, position, centers, float(radius), quadrants)
 
 
-def draw_scene(scene: Scene, image_size: int) -> Image.Image:
-    """Renders a scene as an RGB image of side `image_size` (no anti-aliasing: clean edges)."""
-    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+def draw_scene(scene: Scene, image_size: int | tuple[int, int]) -> Image.Image:
+    """Renders a scene as an RGB image of side `image_size`, or (height, width) (no anti-aliasing: clean edges)."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
     fill, r = COLORS[scene.color], scene.radius
     for cx, cy in scene.centers:
@@ -285,7 +301,8 @@ def _is_complete(files: Mapping[str, str], args: Mapping[str, Any]) -> bool:
 
 
 def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 200, image_size: int = 56,
-          seed: int = 0, vocab_size: int = 1024, scene: SceneConfig | None = None) -> dict[str, str]:
+          seed: int = 0, vocab_size: int = 1024, scene: SceneConfig | None = None,
+          sizes: Sequence[Sequence[int]] = ()) -> dict[str, str]:
     """Writes the synthetic dataset into `out_dir` (see the module docstring) and returns its paths.
 
     Deterministic in its arguments, and cached: if `out_dir` already holds a complete build for the
@@ -300,12 +317,16 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
       seed: seeds everything.
       vocab_size: target sentencepiece vocabulary size (a soft limit for a small corpus).
       scene: what the images may show; `image_size` overrides scene.image_size.
+      sizes: (height, width) sizes to draw images at (the LLaVA-NeXT variant); when given, they override
+        scene.sizes. Objects then scale with the shorter side, `image_size` is unused by the images.
 
     Returns:
       {"out_dir", "image_folder", "stage1", "stage2", "val", "tokenizer", "manifest"} -> path.
     """
     out_dir = paths.absolute(out_dir)
     scene_cfg = dataclasses.replace(scene or SceneConfig(), image_size=image_size)
+    if sizes:
+        scene_cfg = dataclasses.replace(scene_cfg, sizes=tuple(tuple(s) for s in sizes))
     files = _paths(out_dir)
     args = _build_args(num_train, num_val, image_size, seed, vocab_size, scene_cfg)
     if _is_complete(files, args):
@@ -319,10 +340,15 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     sentences: list[str] = list(TEMPLATE_TEXT)
     stage1, stage2, val = [], [], []
     train_rng = np.random.default_rng([seed, 0])
+    # Sizes come from their own stream: without them every other draw is what it always was.
+    size_rng = np.random.default_rng([seed, 4])
+    draw_size = lambda: (scene_cfg.sizes[size_rng.integers(len(scene_cfg.sizes))]  # noqa: E731
+                         if scene_cfg.sizes else (image_size, image_size))
     for i in range(num_train):
-        scene_i = sample_scene(train_rng, scene_cfg)
+        size_i = draw_size()
+        scene_i = sample_scene(train_rng, scene_cfg, size_i)
         name = f"train_{i:05d}.png"
-        _save_png(draw_scene(scene_i, image_size), os.path.join(files["image_folder"], name))
+        _save_png(draw_scene(scene_i, size_i), os.path.join(files["image_folder"], name))
         prompt = CAPTION_PROMPTS[train_rng.integers(len(CAPTION_PROMPTS))]
         caption = _caption(train_rng, scene_i)
         stage1.append({"id": f"cap_{i:05d}", "image": name, "conversations": [
@@ -361,9 +387,10 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     stage2 = [stage2[k] for k in np.random.default_rng([seed, 2]).permutation(len(stage2))]
     val_rng = np.random.default_rng([seed, 3])
     for i in range(num_val):
-        scene_i = sample_scene(val_rng, scene_cfg)
+        size_i = draw_size()
+        scene_i = sample_scene(val_rng, scene_cfg, size_i)
         name = f"val_{i:05d}.png"
-        _save_png(draw_scene(scene_i, image_size), os.path.join(files["image_folder"], name))
+        _save_png(draw_scene(scene_i, size_i), os.path.join(files["image_folder"], name))
         for qtype, answer in scene_i.answers().items():
             q = QUESTIONS[qtype][val_rng.integers(len(QUESTIONS[qtype]))]
             val.append({"id": f"val_{i:05d}_{qtype}", "image": name, "qtype": qtype, "answer": answer,
@@ -427,9 +454,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--image-size", type=int, default=56)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--sizes", default="", help="HxW,HxW,...: draw each image at one of these (height, width) "
+                   "sizes (the LLaVA-NeXT variant); default: --image-size square")
     a = p.parse_args(argv)
+    try:
+        sizes = [tuple(int(v) for v in part.split("x")) for part in a.sizes.split(",") if part]
+        if any(len(size) != 2 for size in sizes):
+            raise ValueError
+    except ValueError:
+        p.error(f"--sizes {a.sizes!r}: expected HxW,HxW,... e.g. 28x56,56x28")
     files = build(a.out_dir, num_train=a.num_train, num_val=a.num_val, image_size=a.image_size,
-                  seed=a.seed, vocab_size=a.vocab_size)
+                  seed=a.seed, vocab_size=a.vocab_size, sizes=sizes)
     print(json.dumps(files, indent=1))
 
 

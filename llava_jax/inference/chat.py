@@ -17,10 +17,9 @@ import dataclasses
 import re
 from collections.abc import Generator
 
-import numpy as np
-
+from llava_jax.data.image import ImageBatch
 from llava_jax.data.templates import IMAGE_MARKER
-from llava_jax.inference.pipeline import Pipeline
+from llava_jax.inference.pipeline import Pipeline, join_images
 from llava_jax.inference.sampling import SamplingParams
 
 COMMANDS = (
@@ -65,12 +64,12 @@ class ChatSession:
     def reset(self) -> None:
         """Forget every turn and image."""
         self.turns: list[dict] = []
-        self.images: list[np.ndarray] = []  # [H, W, 3] each, in marker order
-        self.pending: list[np.ndarray] = []
+        self.images: list[ImageBatch] = []  # one image each (`Pipeline.preprocess`), in marker order
+        self.pending: list[ImageBatch] = []
 
     def add_image(self, path: str) -> None:
         """Load an image for the next message (ImageError names a bad file)."""
-        self.pending.extend(self.pipe.load_images([path]))
+        self.pending.append(self.pipe.load_images([path]))
 
     def handle(self, line: str) -> Action:
         """A typed line -> what to do; commands are carried out here (an empty line asks nothing)."""
@@ -110,7 +109,7 @@ class ChatSession:
         value = f"{IMAGE_MARKER}\n" * len(self.pending) + text.replace(IMAGE_MARKER, "")
         turns = self.turns + [{"from": "human", "value": value}]
         images = self.images + self.pending
-        prompt = self.pipe.prompt(turns, np.stack(images) if images else None, seed=self.params.seed + len(self.turns))
+        prompt = self.pipe.prompt(turns, join_images(images), seed=self.params.seed + len(self.turns))
         stream = self.pipe.engine.stream(prompt, self.params)
         while True:
             try:

@@ -17,6 +17,12 @@ Rows share slot indices, so one `dynamic_update_slice` writes a step for the who
 padded row computes exactly what it would alone. T, N, B and the images per row are rounded up to
 buckets (`bucket`), so a chat whose prompt grows by a few tokens per turn reuses compiled code.
 
+LLaVA-NeXT (anyres) prompts carry each image's tiles and size: an image takes
+`cfg.image_layout(size).num_tokens` tokens and `num_patches` tile slots. A row's images fill S tile
+slots in order (`models.llava.place_images`), and the host builds `image_index` [B, T] (which
+feature row each image token takes). S is a bucketed number of images' most tiles (`tile_slots`), so
+a stream of single images of any sizes compiles one prefill per prompt-length bucket.
+
 The prefill attends over the prompt's own keys (the cache starts empty), so it runs the fused
 attention kernel of the backend (cuDNN on GPU, each left-padded row rotated to the front; Pallas
 splash on TPU, padding as a segment); decode steps read the cache window through XLA.
@@ -47,7 +53,7 @@ from llava_jax.inference.quant import SCALE, int8_matmuls, quantize_params
 from llava_jax.inference.sampling import SamplingParams, select_tokens
 from llava_jax.models.llama import Cache, init_cache
 from llava_jax.config import LlavaConfig
-from llava_jax.models.llava import Llava, LlavaModel, default_positions
+from llava_jax.models.llava import Llava, LlavaModel, default_positions, place_images
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import model_param_shardings
@@ -69,14 +75,19 @@ class Prompt:
     """One request.
 
     Attributes:
-      ids: [T] prompt ids, each image already expanded to `num_image_tokens` image ids.
-      images: [n, H, W, 3] CLIP-normalised pixels (NHWC) of the prompt's n image runs, in order.
+      ids: [T] prompt ids, each image already expanded to its image ids (LLaVA-1.5: `num_image_tokens`;
+        anyres: `cfg.image_layout(size).num_tokens`).
+      images: the prompt's n images in placeholder order, CLIP-normalised and channels last. LLaVA-1.5:
+        [n, H, W, 3]. Anyres: each image's patches, base first: [n, P, H, W, 3] (zero patches after
+        an image's own, as `data.image.preprocess_images` pads them) or a list of [P_i, H, W, 3].
       seed: PRNG seed of this row; None: `SamplingParams.seed` + the row's index in the call.
+      image_sizes: [n, 2] (height, width) of each original image; anyres only (they decide its tokens).
     """
 
     ids: np.ndarray
-    images: np.ndarray | None = None
+    images: np.ndarray | Sequence[np.ndarray] | None = None
     seed: int | None = None
+    image_sizes: np.ndarray | Sequence[tuple[int, int]] | None = None
 
 
 @dataclasses.dataclass
@@ -120,10 +131,17 @@ class Batch:
     prompts: list[Prompt]  # the real rows, in order; rows beyond them are padding
     ids: np.ndarray  # [B, T] int32, left-padded
     mask: np.ndarray  # [B, T] int32
-    pixels: np.ndarray | None  # [B, I, H, W, 3] in the model dtype, or None without images
+    pixels: np.ndarray | None  # [B, S, H, W, 3] in the model dtype (S image or tile slots), or None without images
     seeds: np.ndarray  # [B] uint32
     limits: np.ndarray  # [B] int32
     num_new: int  # N, the bucketed token budget
+    image_index: np.ndarray | None = None  # [B, T] int32 (anyres): each image token's feature row
+
+    @property
+    def shape_key(self) -> tuple[int, int, int, int]:
+        """(B, T, S, N): the bucketed shapes that pick the compiled prefill (S = 0 without images)."""
+        slots = 0 if self.pixels is None else self.pixels.shape[1]
+        return self.ids.shape[0], self.ids.shape[1], slots, self.num_new
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -155,9 +173,9 @@ def _rules(rules: rules_lib.Rules | None):
 # --- model functions applied through the Llava module (Linen `method=`) ------------------------
 
 
-def _prefill_last_logits(m: Llava, ids, pixels, kv_mask, positions, cache):
+def _prefill_last_logits(m: Llava, ids, pixels, kv_mask, positions, cache, image_index):
     """Prompt forward into the cache; logits [B, V] of the last position only (left padding)."""
-    logits, new_cache = m(ids, pixels, kv_mask, positions, cache, None, last_only=True)
+    logits, new_cache = m(ids, pixels, kv_mask, positions, cache, None, last_only=True, image_index=image_index)
     return logits[:, 0], new_cache
 
 
@@ -179,12 +197,13 @@ def prefill_step(
     module: Llava,
     params: Any,
     ids: jax.Array,  # [B, T] int32, left-padded
-    pixels: jax.Array | None,  # [B, I, H, W, 3]
+    pixels: jax.Array | None,  # [B, S, H, W, 3]
     mask: jax.Array,  # [B, T] int32
     seeds: jax.Array,  # [B] uint32
     limits: jax.Array,  # [B] int32
     warp: dict[str, jax.Array],
     eos_id: jax.Array,  # [] int32 (-1: never stop)
+    image_index: jax.Array | None = None,  # [B, T] int32, anyres only
     *,
     num_new: int,
     window: int,
@@ -196,7 +215,7 @@ def prefill_step(
 
     Token buffers hold the whole budget (`num_new`); the cache only the first window. `rules`:
     the logical-axis rules of the mesh the call runs on (`Engine(mesh=...)`), None on one device.
-    `int8`: `params` hold int8 kernels (`inference/quant.py`).
+    `int8`: `params` hold int8 kernels (`inference/quant.py`). `image_index`: see `Llava.embed`.
     """
     with _rules(rules), int8_matmuls(int8):
         cfg = module.cfg
@@ -206,7 +225,7 @@ def prefill_step(
         cache, kv_mask = _constrain(cache, kv_mask)
         positions = default_positions(mask)  # [B, T]
         logits, cache = module.apply(
-            {"params": params}, ids, pixels, kv_mask, positions, cache, method=_prefill_last_logits
+            {"params": params}, ids, pixels, kv_mask, positions, cache, image_index, method=_prefill_last_logits
         )
         cache, _ = _constrain(cache, kv_mask)
     first, logprob = select_tokens(logits, seeds, jnp.int32(0), warp, greedy=greedy)
@@ -391,6 +410,9 @@ class Engine:
                 f"prompt is {ids.size} tokens (images expanded), the model's context is {self.max_context}: "
                 "no room to generate; shorten the prompt or use fewer images"
             )
+        if cfg.is_anyres:
+            self._check_anyres(prompt, int((ids == cfg.image_token_index).sum()))
+            return
         runs = int((ids == cfg.image_token_index).sum())
         if runs % cfg.num_image_tokens:
             raise InputError(
@@ -406,6 +428,49 @@ class Engine:
             if tuple(prompt.images.shape[1:]) != want:
                 got = tuple(prompt.images.shape)
                 raise InputError(f"images must be [n, {want[0]}, {want[1]}, {want[2]}]; got {got}")
+
+    def _check_anyres(self, prompt: Prompt, tokens: int) -> None:
+        """An anyres prompt: one size per image, the image tokens its sizes take, the tiles their layouts need."""
+        cfg = self.config
+        given = 0 if prompt.images is None else len(prompt.images)
+        sizes = [] if prompt.image_sizes is None else [tuple(int(x) for x in s) for s in prompt.image_sizes]
+        if given and prompt.image_sizes is None:
+            raise InputError("an anyres (LLaVA-NeXT) model needs each image's (height, width): Prompt.image_sizes")
+        if len(sizes) != given:
+            raise InputError(f"{given} images were given with {len(sizes)} image sizes")
+        try:
+            layouts = [cfg.image_layout(s) for s in sizes]
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        want = sum(lay.num_tokens for lay in layouts)
+        if tokens != want:
+            raise InputError(f"prompt holds {tokens} image tokens ({cfg.image_token_index}) but its {given} "
+                             f"image{'s' * (given != 1)} of sizes {sizes} take {want}")
+        # Each run of image tokens holds whole images in order (adjacent `<image>`s make one run).
+        is_image = np.concatenate([[0], np.asarray(prompt.ids) == cfg.image_token_index, [0]]).astype(np.int8)
+        edges = np.flatnonzero(np.diff(is_image))
+        j = 0
+        for k, (start, end) in enumerate(zip(edges[::2], edges[1::2])):
+            first, taken = j, 0
+            while taken < end - start and j < given:
+                taken, j = taken + layouts[j].num_tokens, j + 1
+            if taken != end - start:
+                raise InputError(f"image run {k} of the prompt (tokens {start}..{end - 1}) holds {end - start} "
+                                 f"image tokens, not whole images: images {first}.. of sizes {sizes[first:j]} "
+                                 f"take {taken}")
+        v = cfg.vision
+        tile = (v.image_size, v.image_size, v.num_channels)
+        for j, lay in enumerate(layouts):
+            shape = np.shape(prompt.images[j])
+            if len(shape) != 4 or tuple(shape[1:]) != tile or shape[0] < lay.num_patches:
+                raise InputError(f"image {j} (size {sizes[j]}) must be [P, {tile[0]}, {tile[1]}, {tile[2]}] with "
+                                 f"P >= its {lay.num_patches} patches (base + tiles); got {tuple(shape)}")
+
+    def tile_slots(self, tiles: int) -> int:
+        """Tile slots S of a batch whose fullest row needs `tiles` (anyres): a bucketed number of images' most
+        tiles each, so that single images of any size share one S (as the images per row bucket for 1.5)."""
+        most = self.config.geometry.max_patches
+        return most * bucket(-(-tiles // most))
 
     def prepare(self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None) -> Batch:
         """Validate and pad prompts to bucketed shapes (left padding; padding rows are done at once)."""
@@ -430,6 +495,9 @@ class Engine:
             mask[r, t - lengths[r] :] = 1
             limits[r] = min(params.max_new_tokens, self.max_context - lengths[r])
             seeds[r] = ((params.seed + r) if p.seed is None else p.seed) % 2**32
+        if cfg.is_anyres:
+            pixels, index = self._place_anyres(prompts, ids)
+            return Batch(list(prompts), ids, mask, pixels, seeds, limits, num_new, index)
         counts = [0 if p.images is None else len(p.images) for p in prompts]
         pixels = None
         if max(counts):
@@ -439,6 +507,24 @@ class Engine:
                 if counts[r]:
                     pixels[r, : counts[r]] = p.images
         return Batch(list(prompts), ids, mask, pixels, seeds, limits, num_new)
+
+    def _place_anyres(self, prompts: Sequence[Prompt], ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(pixels [B, S, H, W, 3], image_index [B, T]) of checked anyres prompts in padded rows `ids`."""
+        cfg = self.config
+        images, sizes, tiles = [], [], [0]
+        for p in prompts:
+            if p.images is None:
+                continue
+            row = 0
+            for image, size in zip(p.images, p.image_sizes):
+                images.append(np.asarray(image))
+                sizes.append((int(size[0]), int(size[1])))
+                row += cfg.image_layout(sizes[-1]).num_patches
+            tiles.append(row)
+        if not images:
+            return None, None
+        pixels, index = place_images(ids, images, cfg, sizes, self.tile_slots(max(tiles)))
+        return pixels.astype(self.dtype), index
 
     def _eos(self, params: SamplingParams) -> jax.Array:
         return jnp.int32(-1 if params.ignore_eos else self.eos_id)
@@ -460,6 +546,7 @@ class Engine:
                 batch.limits,
                 params.warp_args(),
                 self._eos(params),
+                batch.image_index,
                 num_new=batch.num_new,
                 window=self.window(batch.num_new),
                 greedy=params.greedy,

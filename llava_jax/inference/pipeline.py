@@ -2,6 +2,10 @@
 
 What `python -m llava_jax.generate`, `python -m llava_jax.chat` and evaluation share: from a model
 directory and a question (or a conversation) with image files to a `Prompt` the engine can run.
+
+Images are preprocessed by the directory's image processor (LLaVA-NeXT: anyres tiles, each image's
+patches padded to the model's most), and each `<image>` expands to the tokens that image takes:
+`LlavaConfig.image_layout(size).num_tokens` (a constant for LLaVA-1.5).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 import PIL.Image
 from jax.sharding import Mesh
 
-from llava_jax.data.image import ImageProcessorConfig, load_image, preprocess_batch
+from llava_jax.data.image import ImageBatch, ImageProcessorConfig, load_image, preprocess_images
 from llava_jax.data.templates import IMAGE_MARKER, Template, get_template, render_prompt
 from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.inference.engine import Engine, InputError, Prompt
@@ -41,13 +45,21 @@ def place_image_markers(text: str, num_images: int) -> str:
     return text
 
 
+def join_images(batches: Sequence[ImageBatch]) -> ImageBatch | None:
+    """Several `Pipeline.preprocess` results as one, in order (None for none): they share the patch axis."""
+    if not batches:
+        return None
+    return ImageBatch(*(np.concatenate(parts) for parts in zip(*batches)))
+
+
 class Pipeline:
     """Model + tokenizer + image processor + conversation template + engine.
 
     Args:
       model: a loaded `LlavaModel`.
-      tokenizer: its sentencepiece tokenizer.
-      image_config: preprocessing settings (crop size must equal the vision tower's image size).
+      tokenizer: its tokenizer (sentencepiece or tokenizer.json).
+      image_config: preprocessing settings (crop size must equal the vision tower's image size; anyres
+        settings, with the model's pinpoints, for a LLaVA-NeXT model).
       template: conversation template (object or registry name).
       max_context: longest prompt + answer (default: the model's max_position_embeddings).
       mesh: run the engine on this device mesh (`engine.tensor_parallel_mesh`); None: one device.
@@ -72,6 +84,13 @@ class Pipeline:
                 f"image preprocessing crops to {image_config.crop_size} px but the vision tower takes "
                 f"{model.config.vision.image_size} px; check preprocessor_config.json"
             )
+        geometry = model.config.geometry
+        if image_config.anyres_config(geometry.grid).resolutions() != geometry.resolutions():
+            raise InputError(
+                f"the image processor tiles by the pinpoints {list(image_config.grid_pinpoints)} but the model "
+                f"by {list(geometry.pinpoints)} ({'anyres' if model.config.is_anyres else 'LLaVA-1.5: none'}); "
+                "check image_grid_pinpoints in preprocessor_config.json"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.image_config = image_config
@@ -93,11 +112,12 @@ class Pipeline:
         mesh: Mesh | None = None,
         int8: bool = False,
     ) -> "Pipeline":
-        """Load everything from a model directory (ours, converted, a training checkpoint, or HF LLaVA).
+        """Load everything from a model directory (ours, converted, a training checkpoint, HF LLaVA or LLaVA-NeXT).
 
         The tokenizer is `path/tokenizer.model`, else `path/tokenizer.json` (a training checkpoint's: the
-        run's, which its record names); image settings come from `preprocessor_config.json` (or an original LLaVA `config.json`,
-        or a training checkpoint's record), `image_aspect_ratio` ("pad" | "square") overriding them.
+        run's, which its record names); image settings come from `preprocessor_config.json` (LLaVA-NeXT:
+        LlavaNextImageProcessor's, anyres; or an original LLaVA `config.json`, or a training checkpoint's
+        record), `image_aspect_ratio` ("pad" | "square") overriding them.
         `scan_layers=False` runs the layers unrolled; `lora` names a PEFT LoRA adapter directory to
         apply (see `load_pretrained`); `mesh` places the engine on a device mesh; `int8` quantises
         the language model's Linear weights for decoding.
@@ -106,7 +126,10 @@ class Pipeline:
 
         model = load_pretrained(path, dtype, lora=lora, scan_layers=scan_layers)
         tokenizer = Tokenizer.from_pretrained(model_dir.tokenizer_dir(path))
-        image_config = model_dir.image_processor(path, image_aspect_ratio)
+        try:
+            image_config = model_dir.image_processor(path, image_aspect_ratio)
+        except ValueError as e:  # e.g. LLaVA-1.5's "pad" asked of anyres settings: the user's to fix
+            raise InputError(f"{path}: {e}") from None
         return cls(model, tokenizer, image_config, conv_mode, max_context=max_context, mesh=mesh, int8=int8,
                    path=path)
 
@@ -115,39 +138,51 @@ class Pipeline:
         """A name for answer files: the model directory's base name when known."""
         return os.path.basename(os.path.normpath(self.path)) if self.path else "llava_jax"
 
-    def load_images(self, paths: Sequence[str | os.PathLike]) -> np.ndarray | None:
-        """Image files -> [n, H, W, 3] pixels (None for no files). ImageError names a bad file."""
+    def load_images(self, paths: Sequence[str | os.PathLike]) -> ImageBatch | None:
+        """Image files -> their pixels and sizes (`preprocess`; None for no files). ImageError names a bad file."""
         return self.preprocess([load_image(p) for p in paths]) if paths else None
 
-    def preprocess(self, images: Sequence[PIL.Image.Image]) -> np.ndarray | None:
-        """PIL images -> [n, H, W, 3] CLIP-normalised pixels (None for no images)."""
-        return preprocess_batch(images, self.image_config) if images else None
+    def preprocess(self, images: Sequence[PIL.Image.Image]) -> ImageBatch | None:
+        """PIL images -> `ImageBatch` (None for no images): CLIP-normalised pixel_values [n, P, H, W, 3], each
+        image's patches then zero patches up to P, the model's most an image can have (1 for LLaVA-1.5, so
+        that batches of any images stack), and the images' (height, width)."""
+        if not images:
+            return None
+        return preprocess_images(images, self.image_config, max_patches=self.model.config.geometry.max_patches)
 
     def prompt(
-        self, conversations: Sequence[dict], images: np.ndarray | None = None, seed: int | None = None
+        self, conversations: Sequence[dict], images: ImageBatch | None = None, seed: int | None = None
     ) -> Prompt:
         """A conversation ending with a user turn (LLaVA record format) -> a checked Prompt.
 
-        `images` [n, H, W, 3] belong to the conversation's `<image>` markers, in order.
+        `images` (`preprocess`) belong to the conversation's `<image>` markers, in order; each marker
+        expands to its image's token count.
         """
         markers = sum(turn["value"].count(IMAGE_MARKER) for turn in conversations)
-        given = 0 if images is None else len(images)
+        given = 0 if images is None else len(images.pixel_values)
         if markers != given:
             raise InputError(f"the conversation has {markers} {IMAGE_MARKER} markers but {given} images were given")
+        cfg = self.model.config
+        sizes = [] if images is None else [(int(h), int(w)) for h, w in images.image_sizes]
         ids = render_prompt(
             conversations,
             self.template,
             self.tokenizer,
-            image_token_index=self.model.config.image_token_index,
-            num_image_tokens=self.model.config.num_image_tokens,
+            image_token_index=cfg.image_token_index,
+            num_image_tokens=[cfg.image_layout(size).num_tokens for size in sizes],
         )
-        prompt = Prompt(ids, images, seed)
+        if images is None:
+            prompt = Prompt(ids, None, seed)
+        elif cfg.is_anyres:
+            prompt = Prompt(ids, images.pixel_values, seed, images.image_sizes)
+        else:
+            prompt = Prompt(ids, images.pixel_values[:, 0], seed)  # [n, H, W, 3]: one crop an image
         self.engine.check(prompt)
         return prompt
 
-    def question(self, text: str, images: np.ndarray | None = None, seed: int | None = None) -> Prompt:
+    def question(self, text: str, images: ImageBatch | None = None, seed: int | None = None) -> Prompt:
         """A single-turn question (markers placed by `place_image_markers`) -> a checked Prompt."""
-        n = 0 if images is None else len(images)
+        n = 0 if images is None else len(images.pixel_values)
         return self.prompt([{"from": "human", "value": place_image_markers(text, n)}], images, seed)
 
     def sampling(self, **kw) -> SamplingParams:

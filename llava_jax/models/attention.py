@@ -126,6 +126,9 @@ class AttentionMask:
     # cudnn: whether every row is its tokens then padding (training and evaluation batches). If not,
     # each row's tokens must be one contiguous run (left-padded prompts): it is rotated to the front.
     right_padded: bool = flax.struct.field(pytree_node=False, default=True)
+    # Sliding window of the fused kernels (with `causal`): query slot i sees key slots j > i - window,
+    # transformers' definition. The dense mask of the XLA path carries its window itself.
+    window: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def attention(
@@ -142,7 +145,7 @@ def attention(
     if not isinstance(mask, AttentionMask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     if mask.impl == "cudnn":
-        kernel = functools.partial(_cudnn, causal=mask.causal)
+        kernel = functools.partial(_cudnn, causal=mask.causal, window=mask.window)
         if mask.tokens is None:
             return kernel(q, k, v, None)
         if mask.right_padded:  # a row's tokens are its first `length` slots
@@ -158,15 +161,23 @@ def attention(
         dense = jnp.ones((1, 1, t, s), bool)
         if mask.causal:
             dense = jnp.tril(dense)
+        if mask.window is not None:
+            dense = jnp.triu(dense, 1 - mask.window)  # key j > query i - window
         if mask.tokens is not None:
             dense = dense & mask.tokens.astype(bool)[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=dense)
 
 
-def _cudnn(q, k, v, lengths, *, causal: bool) -> jax.Array:
-    """cuDNN flash attention; `lengths` [B]: each row's tokens are its first `length` slots."""
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", is_causal=causal,
-                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+def _cudnn(q, k, v, lengths, *, causal: bool, window: int | None = None, implementation: str | None = "cudnn"):
+    """cuDNN flash attention; `lengths` [B]: each row's tokens are its first `length` slots.
+
+    `window` is jax's `local_window_size` (window - 1, 0): keys [i - window + 1, i], cuDNN's
+    sliding window. `implementation=None` runs the same call on XLA (the CPU test of this mapping).
+    """
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation, is_causal=causal,
+                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                        local_window_size=local)
 
 
 def via_right_padding(kernel: Callable, q, k, v, tokens: jax.Array) -> jax.Array:
@@ -203,7 +214,7 @@ def _splash_sharded(q, k, v, mask: AttentionMask) -> jax.Array | None:
     tokens = mask.tokens
     if tokens is None:
         tokens = jnp.ones(q.shape[:2], jnp.int32)
-    fn = functools.partial(_splash, causal=mask.causal, interpret=interpret)
+    fn = functools.partial(_splash, causal=mask.causal, interpret=interpret, window=mask.window)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return fn(q, k, v, tokens)
@@ -228,7 +239,7 @@ def _splash_sharded(q, k, v, mask: AttentionMask) -> jax.Array | None:
                          check_vma=False)(q, k, v, tokens)
 
 
-def _splash_kernel(num_heads: int, length: int, causal: bool, interpret: bool):
+def _splash_kernel(num_heads: int, length: int, causal: bool, interpret: bool, window: int | None = None):
     """The kernel for one shard's shapes. Its block-mask tables are built by splash's own cached
     `process_mask` (numpy) and staged into the current trace, so a kernel is never reused across
     traces (its arrays would be tracers of the first)."""
@@ -237,13 +248,16 @@ def _splash_kernel(num_heads: int, length: int, causal: bool, interpret: bool):
     block = next(b for b in SPLASH_BLOCKS if length % b == 0)
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    head_mask = sa.CausalMask((length, length)) if causal else sa.FullMask((length, length))
+    if window is not None:  # causal and at most window - 1 slots back: keys j > i - window
+        head_mask = sa.LocalMask((length, length), window_size=(window - 1, 0 if causal else None), offset=0)
+    else:
+        head_mask = sa.CausalMask((length, length)) if causal else sa.FullMask((length, length))
     # "context" names the kernel's residuals (output, logsumexp) for the *_with_context remat policies.
     return sa.make_splash_mha(sa.MultiHeadMask([head_mask] * num_heads), head_shards=1, q_seq_shards=1,
                               block_sizes=sizes, residual_checkpoint_name="context", interpret=interpret)
 
 
-def _splash(q, k, v, tokens, *, causal: bool, interpret: bool) -> jax.Array:
+def _splash(q, k, v, tokens, *, causal: bool, interpret: bool, window: int | None = None) -> jax.Array:
     """Splash attention on one shard: q [B, T, N, H], k/v [B, T, K, H], tokens [B, T] (1 = real).
 
     Padding is a second segment (id 0): a real token attends only to real tokens, whatever side
@@ -260,7 +274,7 @@ def _splash(q, k, v, tokens, *, causal: bool, interpret: bool) -> jax.Array:
     # The kernel takes [N, T, H] per example and does not scale the logits.
     q = jnp.swapaxes(q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype), 1, 2)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    kernel = _splash_kernel(q.shape[1], length, causal, interpret)
+    kernel = _splash_kernel(q.shape[1], length, causal, interpret, window)
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(q, k, v, segments)
     return jnp.swapaxes(out, 1, 2)[:, :t]
 

@@ -1,4 +1,7 @@
-"""LLaMA-family decoder (LLaMA 1/2/3, Vicuna, Mistral-style GQA) with an explicit KV cache.
+"""LLaMA-family decoder (Llama 1/2/3, Vicuna, Yi, Mistral, Qwen2) with an explicit KV cache.
+
+One decoder for every family: the differences are `TextConfig` fields it reads (q/k/v and o
+biases, the MLP activation, a sliding attention window, tied embeddings), never a per-family copy.
 
 The cache is an argument and a result, never hidden state, so that the decode step stays a pure
 function at the jit boundary: `cache` is {"k", "v"}, each one stacked array [L, B, K, S, H] over
@@ -19,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import TextConfig
 from llava_jax.models.attention import AttentionMask, attention, merge_heads, resolve_attention, split_heads
-from llava_jax.models.layers import INIT_STD, RMSNorm, dense
+from llava_jax.models.layers import ACTIVATIONS, INIT_STD, RMSNorm, dense
 from llava_jax.models.lora import LoraSpec, for_module
 from llava_jax.models.stack import layer_stack, run_layers
 
@@ -73,11 +76,12 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache, cache_index, layer):
         c = self.cfg
-        kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = dict(use_bias=c.qkv_has_bias, **kw)
         lora = lambda name: for_module(self.lora, f"self_attn/{name}")  # noqa: E731
-        q = dense(c.num_heads * c.head_dim, ("embed", "heads"), name="q_proj", lora=lora("q_proj"), **kw)(x)
-        k = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="k_proj", lora=lora("k_proj"), **kw)(x)
-        v = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="v_proj", lora=lora("v_proj"), **kw)(x)
+        q = dense(c.num_heads * c.head_dim, ("embed", "heads"), name="q_proj", lora=lora("q_proj"), **qkv)(x)
+        k = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="k_proj", lora=lora("k_proj"), **qkv)(x)
+        v = dense(c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), name="v_proj", lora=lora("v_proj"), **qkv)(x)
         q = checkpoint_name(q, "query_proj")
         k = checkpoint_name(k, "key_proj")
         v = checkpoint_name(v, "value_proj")
@@ -95,7 +99,8 @@ class LlamaAttention(nn.Module):
             k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(new_cache[n], layer, keepdims=False), 1, 2)
                     .astype(self.dtype) for n in "kv")
         out = merge_heads(checkpoint_name(attention(q, k, v, mask), "context"))
-        out = dense(c.hidden_size, ("heads", "embed"), name="o_proj", lora=lora("o_proj"), **kw)(out)
+        out = dense(c.hidden_size, ("heads", "embed"), name="o_proj", lora=lora("o_proj"), use_bias=c.o_has_bias,
+                    **kw)(out)
         return checkpoint_name(out, "out_proj"), new_cache
 
 
@@ -113,7 +118,8 @@ class LlamaMLP(nn.Module):
         gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", lora=lora("gate_proj"), **kw)(x)
         up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", lora=lora("up_proj"), **kw)(x)
         gate, up = checkpoint_name(gate, "gate_proj"), checkpoint_name(up, "up_proj")
-        down = dense(c.hidden_size, ("mlp", "embed"), name="down_proj", lora=lora("down_proj"), **kw)(jax.nn.silu(gate) * up)
+        act = ACTIVATIONS[c.hidden_act]
+        down = dense(c.hidden_size, ("mlp", "embed"), name="down_proj", lora=lora("down_proj"), **kw)(act(gate) * up)
         return checkpoint_name(down, "down_proj")
 
 
@@ -138,12 +144,26 @@ class LlamaDecoderLayer(nn.Module):
         return (x, cache, layer + 1), None
 
 
-def attention_mask(kv_mask: jax.Array, num_queries: int, cache_index) -> jax.Array:
-    """Causal + padding mask [B, 1, T, S]: query t sits in slot cache_index + t and sees slots <= its own."""
+def attention_mask(kv_mask: jax.Array, num_queries: int, cache_index, window: int | None = None,
+                   q_positions: jax.Array | None = None, k_positions: jax.Array | None = None) -> jax.Array:
+    """Causal + padding mask [B, 1, T, S]: query t sits in slot cache_index + t and sees slots <= its own.
+
+    With a sliding `window`, query position i also sees only key positions j > i - window
+    (transformers' `sliding_window_overlay`), positions [B, T] and [B, S] as RoPE counts them.
+    """
     q_slot = cache_index + jnp.arange(num_queries)
     k_slot = jnp.arange(kv_mask.shape[1])
     causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
-    return causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
+    mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
+    if window is not None:
+        mask = mask & (k_positions[:, None, None, :] > q_positions[:, None, :, None] - window)
+    return mask
+
+
+def cache_positions(kv_mask: jax.Array) -> jax.Array:
+    """Positions [B, S] of the tokens in a cache's slots: real tokens are counted in slot order (the
+    engine's positions skip padding the same way); a padding slot's value is never read."""
+    return jnp.cumsum(kv_mask.astype(jnp.int32), axis=1) - 1
 
 
 class LlamaModel(nn.Module):
@@ -208,12 +228,17 @@ class LlamaModel(nn.Module):
         decoding = cache is not None and cache_index is not None
         impl = resolve_attention(self.attention, "language model", dtype=self.dtype, head_dim=self.cfg.head_dim,
                                  decoding=decoding)
-        if decoding:
-            mask = AttentionMask(impl, causal=True, dense=attention_mask(kv_mask, t, cache_index))
+        window = self.cfg.sliding_window
+        if decoding:  # the cached keys' positions are not at hand: count them from the slots that hold tokens
+            dense_mask = attention_mask(kv_mask, t, cache_index, window, positions, cache_positions(kv_mask))
+            mask = AttentionMask(impl, causal=True, dense=dense_mask)
         elif impl == "xla":  # queries and keys are the same T slots (a prefill's first T of the cache)
-            mask = AttentionMask(impl, causal=True, dense=attention_mask(kv_mask[:, :t], t, 0))
+            dense_mask = attention_mask(kv_mask[:, :t], t, 0, window, positions, positions)
+            mask = AttentionMask(impl, causal=True, dense=dense_mask)
         else:  # training and evaluation rows are right-padded (LlavaModel checks); prefill rows left-padded
-            mask = AttentionMask(impl, causal=True, tokens=kv_mask[:, :t], right_padded=cache is None)
+            # The kernels' window counts slots: a row's tokens are one contiguous run (right- or
+            # left-padded), so slot distances are position distances.
+            mask = AttentionMask(impl, causal=True, tokens=kv_mask[:, :t], right_padded=cache is None, window=window)
         x, new_cache, _ = run_layers(self.layers, (x, cache, jnp.int32(0)), cos, sin, mask, cache_index)
         x = self.norm(x[:, -1:] if last_only else x)
         return (x if hidden_only else self.logits(x)), new_cache

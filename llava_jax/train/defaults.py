@@ -55,13 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.vision = ml_collections.ConfigDict(dict(
         hidden_size=0, intermediate_size=0, num_hidden_layers=0, num_attention_heads=0, image_size=0, patch_size=0,
         hidden_act="quick_gelu"))
+    # (height, width) pixel pairs, multiples of vision.image_size: a random LLaVA-NeXT (anyres) model; empty: LLaVA-1.5.
+    c.model.image_grid_pinpoints = ()
     c.model.text = ml_collections.ConfigDict(dict(
         hidden_size=0, intermediate_size=0, num_hidden_layers=0, num_attention_heads=0, num_key_value_heads=0,
         max_position_embeddings=0, rms_norm_eps=1e-5, rope_theta=10000.0))
     c.data = ml_collections.ConfigDict()
     c.data.synthetic = False  # generate the coloured-shapes data into WORKDIR/data (data/synthetic.py)
+    # sizes: (height, width) pairs to draw images at (the LLaVA-NeXT variant); empty: image_size square.
     c.data.synthetic_args = ml_collections.ConfigDict(dict(num_train=2000, num_val=200, image_size=56, seed=0,
-                                                           vocab_size=1024))
+                                                           vocab_size=1024, sizes=()))
     c.data.image_folder = ""
     c.data.data_dir = ""  # where relative stage data files are looked up (default: image_folder)
     c.data.tfds_data_dir = ""  # TFDS data_dir for stages whose data is "tfds:NAME" (default: TFDS's own)
@@ -85,7 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
 def stage(name: str, *, data: str, template: str, trainable: list[str], learning_rate: float, global_batch: int,
           micro_batch: int, epochs: float = 1.0, max_length: int = 2048, warmup_ratio: float = 0.03,
           weight_decay: float = 0.0, eval_benchmarks: tuple[str, ...] = (), remat: str = "",
-          lora: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+          lora: ml_collections.ConfigDict | None = None, vision_learning_rate: float = 0.0,
+          base_resolution: bool = False) -> ml_collections.ConfigDict:
     """One training stage: which data, which template, which parameters train, and how.
 
     `eval_benchmarks` names benchmarks of `llava_jax.eval` to answer and score with the stage's
@@ -94,12 +98,16 @@ def stage(name: str, *, data: str, template: str, trainable: list[str], learning
     depends on the stage's micro-batch, so recipes set the two together.
     With `lora` (see `lora()`) the stage trains LoRA adapters at `learning_rate` plus the parameters
     `trainable` names (e.g. the projector) at `lora.non_lora_learning_rate`; everything else is frozen.
+    `vision_learning_rate` > 0 trains the vision tower's parameters (when `trainable` names them) at that
+    peak instead of `learning_rate` (LLaVA-NeXT stage 2: the tower at 2e-6); 0: one rate for all.
+    `base_resolution` feeds an anyres (LLaVA-NeXT) model each image as its base tile only (no grid, no
+    newline; LLaVA-NeXT's stage 1); a LLaVA-1.5 model always sees one tile.
     """
     return ml_collections.ConfigDict(dict(
         name=name, data=data, template=template, trainable=list(trainable), learning_rate=float(learning_rate),
         global_batch=global_batch, micro_batch=micro_batch, epochs=float(epochs), max_length=max_length,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, eval_benchmarks=tuple(eval_benchmarks), remat=remat,
-        lora=lora,
+        lora=lora, vision_learning_rate=float(vision_learning_rate), base_resolution=bool(base_resolution),
     ))
 
 

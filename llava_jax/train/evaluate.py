@@ -4,6 +4,10 @@ For a record with one question and a short answer, greedy decoding reproduces th
 EOS exactly when, teacher-forced, the argmax at every supervised position is the label: one
 forward pass per batch scores what generation would score, with no decode loop. The blind run
 replaces every image with a blank (mean-colour, i.e. all-zero after normalisation) image.
+
+LLaVA-NeXT (anyres) models: each image is rendered with its own token count and preprocessed to its
+base and tiles, a row's slots padded to the geometry's max_patches, and `image_index` built as the
+training pipeline builds it (`llava_jax.anyres.table_index`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax import anyres
 from llava_jax.config import LlavaConfig
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
@@ -28,7 +33,8 @@ def eval_forward(cfg: LlavaConfig) -> Callable:
     module = Llava(cfg)
 
     def fn(params, batch):
-        logits, _ = module.apply({"params": params}, batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        logits, _ = module.apply({"params": params}, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                 image_index=batch.get("image_index"))
         targets = batch["labels"][:, 1:]
         valid = targets != IGNORE_INDEX
         hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) | ~valid
@@ -42,49 +48,69 @@ def build_eval_set(
     val_path: str, image_folder: str, tokenizer, template: str, image_cfg: image_lib.ImageProcessorConfig,
     cfg: LlavaConfig, max_length: int,
 ) -> list[dict[str, Any]]:
-    """Rendered held-out samples (ids, labels, one image or none, qtype) with the training renderer."""
+    """Rendered held-out samples (ids, labels, one image or none, its size, qtype) with the training renderer.
+
+    pixel_values: [H, W, 3] (LLaVA-1.5) or the image's [P, H, W, 3] base and tiles (anyres).
+    """
     samples = []
     for rec in records_lib.load_records(val_path):
-        r = templates.render(rec["conversations"], template, tokenizer, image_token_index=cfg.image_token_index,
-                             num_image_tokens=cfg.num_image_tokens, max_length=max_length)
         imgs = records_lib.record_images(rec)
-        px = None
+        px = size = None
         if imgs:
-            path = records_lib.resolve_image_path(image_folder, imgs[0])
-            px = image_lib.preprocess(image_lib.load_image(path), image_cfg)
+            image = image_lib.load_image(records_lib.resolve_image_path(image_folder, imgs[0]))
+            px, size = image_lib.preprocess(image, image_cfg), (image.height, image.width)
+        counts = cfg.image_layout(size).num_tokens if cfg.is_anyres and size else cfg.geometry.tile_tokens
+        r = templates.render(rec["conversations"], template, tokenizer, image_token_index=cfg.image_token_index,
+                             num_image_tokens=counts, max_length=max_length)
+        if not r.num_images:  # truncation dropped the image whole (or there was none)
+            px = size = None
         samples.append({"id": rec["id"], "input_ids": r.input_ids, "labels": r.labels, "pixel_values": px,
-                        "qtype": rec.get("qtype", "all")})
+                        "size": size, "qtype": rec.get("qtype", "all")})
     return samples
 
 
-def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, blind: bool):
+def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, blind: bool,
+             geometry: anyres.AnyresConfig | None = None, image_token_index: int = 0):
+    slots = geometry.max_patches if geometry is not None else 1
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         b = {
             "input_ids": np.zeros((batch_size, length), np.int32),
             "labels": np.full((batch_size, length), IGNORE_INDEX, np.int32),
             "attention_mask": np.zeros((batch_size, length), np.int32),
-            "pixel_values": np.zeros((batch_size, 1, crop, crop, 3), np.float32),
+            "pixel_values": np.zeros((batch_size, slots, crop, crop, 3), np.float32),
         }
+        if geometry is not None:
+            b["image_index"] = np.zeros((batch_size, length), np.int32)
         for i, s in enumerate(chunk):
             n = len(s["input_ids"])
             b["input_ids"][i, :n], b["labels"][i, :n], b["attention_mask"][i, :n] = s["input_ids"], s["labels"], 1
-            if s["pixel_values"] is not None and not blind:
-                b["pixel_values"][i, 0] = s["pixel_values"]
+            if s["pixel_values"] is None:
+                continue
+            if not blind:
+                px = s["pixel_values"]
+                b["pixel_values"][i, : len(px) if geometry is not None else 1] = px
+            if geometry is not None:  # blind too: the blank tiles' features go where the image's would
+                tokens = b["input_ids"][i] == image_token_index
+                b["image_index"][i, tokens] = anyres.table_index(geometry, [s["size"]], slots)
         yield len(chunk), b
 
 
 def evaluate(
-    forward: Callable, params: Any, samples: Sequence[dict], *, batch_size: int, crop: int, place: Callable = lambda b: b
+    forward: Callable, params: Any, samples: Sequence[dict], *, batch_size: int, crop: int, place: Callable = lambda b: b,
+    geometry: anyres.AnyresConfig | None = None, image_token_index: int = 0,
 ) -> dict[str, float]:
-    """Accuracy overall and per qtype, loss, and the blind (image blanked) accuracy."""
+    """Accuracy overall and per qtype, loss, and the blind (image blanked) accuracy.
+
+    `geometry` (an anyres model's, with its `image_token_index`): batches of tile slots and image_index.
+    """
     length = max(len(s["input_ids"]) for s in samples)
     length = -(-length // 16) * 16  # one compiled shape for the whole set
     out: dict[str, float] = {}
     for blind in (False, True):
         hits: dict[str, list[bool]] = collections.defaultdict(list)
         nll = tokens = 0.0
-        for n, batch in _batches(samples, batch_size, length, crop, blind):
+        for n, batch in _batches(samples, batch_size, length, crop, blind, geometry, image_token_index):
             ok, row_nll, row_tok = jax.device_get(forward(params, place(batch)))
             done = len(hits["__all__"])
             for i, s in enumerate(samples[done : done + n]):

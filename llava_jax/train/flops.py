@@ -4,6 +4,10 @@ Matmul FLOPs are 2 x weights x tokens forward; causal attention is counted at ha
 T x T score and value products. Backward costs 2x forward for a trained layer (activation and
 weight gradients) and 1x for a frozen layer that still passes gradients down (LLaMA in stage 1);
 a frozen tower with nothing trainable below it (CLIP) is forward only.
+
+Images are counted in tiles, the vision tower's batch: one an image for LLaVA-1.5, the base and each
+tile for LLaVA-NeXT (padding slots, which cost compute under static shapes but train nothing, are
+left out). Image tokens are text tokens like any other: the text count is per token.
 """
 
 from __future__ import annotations
@@ -43,32 +47,33 @@ def _text_forward(cfg: LlavaConfig, tokens: int, seq_len: int) -> float:
     return matmul + attention
 
 
-def _vision_forward(cfg: LlavaConfig, images: int) -> float:
+def _vision_forward(cfg: LlavaConfig, tiles: int) -> float:
     v = cfg.vision
     p = v.num_patches + 1
     per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     layers = cfg.num_vision_layers_used
     patch = v.num_channels * v.patch_size**2 * v.hidden_size * v.num_patches
-    return 2 * images * (p * layers * per_layer + patch) + 2 * 2 * images * p * p * v.hidden_size * layers
+    return 2 * tiles * (p * layers * per_layer + patch) + 2 * 2 * tiles * p * p * v.hidden_size * layers
 
 
-def _projector_forward(cfg: LlavaConfig, images: int) -> float:
+def _projector_forward(cfg: LlavaConfig, tiles: int) -> float:
     from llava_jax.models.llava import abstract_params
 
     weights = sum(math.prod(layer["kernel"].shape) for layer in abstract_params(cfg)["projector"].values())
-    return 2 * images * cfg.num_image_tokens * weights
+    # Every feature vector of a tile is projected, the ones unpadding later drops included.
+    return 2 * tiles * cfg.geometry.tile_tokens * weights
 
 
 def train_step_flops(
-    cfg: LlavaConfig, *, tokens: int, seq_len: int, images: int, train_vision: bool, train_text: bool
+    cfg: LlavaConfig, *, tokens: int, seq_len: int, tiles: int, train_vision: bool, train_text: bool
 ) -> float:
-    """FLOPs of one optimizer step over `tokens` tokens (rows x seq_len) holding `images` images."""
+    """FLOPs of one optimizer step over `tokens` tokens (rows x seq_len) and `tiles` real image tiles."""
     text = _text_forward(cfg, tokens, seq_len) * (3 if train_text else 2)
-    proj = _projector_forward(cfg, images) * 3
-    vision = _vision_forward(cfg, images) * (3 if train_vision else 1)
+    proj = _projector_forward(cfg, tiles) * 3
+    vision = _vision_forward(cfg, tiles) * (3 if train_vision else 1)
     return text + proj + vision
 
 
-def forward_flops(cfg: LlavaConfig, *, tokens: int, seq_len: int, images: int) -> float:
-    """FLOPs of one forward pass (prefill) over `tokens` tokens holding `images` images."""
-    return _text_forward(cfg, tokens, seq_len) + _projector_forward(cfg, images) + _vision_forward(cfg, images)
+def forward_flops(cfg: LlavaConfig, *, tokens: int, seq_len: int, tiles: int) -> float:
+    """FLOPs of one forward pass (prefill) over `tokens` tokens and `tiles` image tiles (1.5: images)."""
+    return _text_forward(cfg, tokens, seq_len) + _projector_forward(cfg, tiles) + _vision_forward(cfg, tiles)

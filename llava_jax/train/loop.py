@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from llava_jax import paths
 from llava_jax import progress
+from llava_jax.anyres import AnyresConfig
 from llava_jax.config import CONFIG_FILE, LlavaConfig, text_config_from_hf, vision_config_from_hf
 from llava_jax.data import image as image_lib
 from llava_jax.data import pipeline
@@ -79,7 +80,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
     if d.synthetic:
         s = d.synthetic_args
         return synthetic.build(os.path.join(workdir, "data"), num_train=s.num_train, num_val=s.num_val,
-                               image_size=s.image_size, seed=s.seed, vocab_size=s.vocab_size)
+                               image_size=s.image_size, seed=s.seed, vocab_size=s.vocab_size, sizes=s.sizes)
     tokenizer = d.tokenizer or os.path.join(config.model.init, "tokenizer.model")  # validate: one of the two is set
     return {"image_folder": d.image_folder, "tokenizer": tokenizer, **({"val": d.val} if d.val else {})}
 
@@ -140,14 +141,43 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Lla
     vocab = -(-vocab // 8) * 8
     text = text_config_from_hf({**m.text.to_dict(), "vocab_size": vocab, "bos_token_id": tokenizer.bos_id,
                                 "eos_token_id": tokenizer.eos_id, "pad_token_id": 0})
+    vision = vision_config_from_hf(m.vision.to_dict())
+    geometry = None
+    if m.image_grid_pinpoints:  # LLaVA-NeXT: tiles of the tower's own size, its feature grid a side
+        geometry = AnyresConfig(vision.image_size, vision.image_size // vision.patch_size,
+                                tuple(tuple(p) for p in m.image_grid_pinpoints))
     return LlavaConfig(
-        vision=vision_config_from_hf(m.vision.to_dict()),
+        vision=vision,
+        anyres=geometry,
         text=text,
         projector_type=m.projector_type,
         vision_feature_layer=m.vision_feature_layer,
         vision_feature_select_strategy=m.vision_feature_select_strategy,
         image_token_index=tokenizer.vocab_size,
     )
+
+
+def model_image_config(cfg: LlavaConfig, pad_to_square: bool) -> image_lib.ImageProcessorConfig:
+    """The image settings of a model: its tower's size, and for an anyres (LLaVA-NeXT) model its pinpoints
+    (`pad_to_square`, LLaVA-1.5's, does not apply to tiles)."""
+    g = cfg.geometry
+    if cfg.is_anyres:
+        return image_lib.ImageProcessorConfig(size=g.tile_size, crop_size=g.tile_size, pad_to_square=False,
+                                              grid_pinpoints=g.pinpoints, pinpoint_convention=g.convention)
+    return image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
+                                          pad_to_square=pad_to_square)
+
+
+def stage_geometry(cfg: LlavaConfig, stage, image_cfg: image_lib.ImageProcessorConfig,
+                   pad_to_square: bool) -> tuple[AnyresConfig, image_lib.ImageProcessorConfig]:
+    """(geometry, image settings) a stage's data is cut with: the model's, or with `stage.base_resolution`
+    one base tile an image (the anyres model's flat layout: its features in order, no newline)."""
+    g = cfg.geometry
+    if stage.base_resolution and cfg.is_anyres:
+        flat = AnyresConfig.flat(g.tile_size, g.grid, g.extra_tokens)
+        return flat, image_lib.ImageProcessorConfig(size=g.tile_size, crop_size=g.tile_size,
+                                                    pad_to_square=pad_to_square)
+    return g, image_cfg
 
 
 def write_model_dir(directory: str, cfg: LlavaConfig, params: Any, tokenizer_file: str,
@@ -258,8 +288,7 @@ def _run_stage(run: _Run, index: int, resume: _Resume | None, offset: int) -> di
     """
     stage = run.config.stages[index]
     source, cfg = _initial_model(run, index)
-    image_cfg = image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
-                                               pad_to_square=run.config.data.pad_to_square)
+    image_cfg = model_image_config(cfg, run.config.data.pad_to_square)
     data = _stage_data(run, index, cfg, image_cfg)  # before the weights: a data error costs seconds, not a load
     params = _initial_params(run, source, cfg)
     # What every checkpoint of the stage records, so that it loads as a model on its own (convert --to hf).
@@ -371,9 +400,10 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
         raise ConfigError(f"stage {stage.name}: global_batch {stage.global_batch} must divide by the {nproc} "
                           "processes")
     data = run.sources.pop(index, None) or _stage_data_path(run, index)  # opened by check_stage_data, or its path
+    geometry, data_image_cfg = stage_geometry(cfg, stage, image_cfg, config.data.pad_to_square)
     ds = pipeline.make_dataset(
-        data, run.files["image_folder"], run.tokenizer, stage.template, image_cfg,
-        num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
+        data, run.files["image_folder"], run.tokenizer, stage.template, data_image_cfg,
+        geometry=geometry, image_index=cfg.is_anyres, image_token_index=cfg.image_token_index,
         max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
         group_by_modality_length=config.data.group_by_modality_length,
         length_buckets=config.data.length_buckets or None, worker_count=config.data.worker_count,
@@ -497,8 +527,8 @@ class _StepLogger:
             dt = (now - self.t_last) / (step - self.logged_at)
             nproc = jax.process_count()
             rows, seq = batch["input_ids"].shape
-            n_images = int(batch["image_mask"].sum()) if "image_mask" in batch else 0
-            fl = flops_lib.train_step_flops(self.cfg, tokens=rows * seq * nproc, seq_len=seq, images=n_images * nproc,
+            n_tiles = int(batch["image_mask"].sum()) if "image_mask" in batch else 0  # real tiles (1.5: images)
+            fl = flops_lib.train_step_flops(self.cfg, tokens=rows * seq * nproc, seq_len=seq, tiles=n_tiles * nproc,
                                             train_vision=self.train_vision, train_text=self.train_text)
             rec.update(step_time=dt, tokens_per_s=float(m["tokens"]) / dt,
                        tflops_per_device=fl / dt / 1e12 / jax.device_count())
@@ -582,9 +612,12 @@ class _Evaluator:
         self.forward = jax.jit(eval_forward(cfg))
         self.batch_size = data_cfg.eval_batch_size
         self.crop = image_cfg.crop_size
+        self.geometry = cfg.geometry if cfg.is_anyres else None
+        self.image_token_index = cfg.image_token_index
 
     def __call__(self, state: TrainState) -> dict[str, float]:
         if not self.samples:
             return {}
         params = merge_params(state.params, state.frozen)
-        return evaluate(self.forward, params, self.samples, batch_size=self.batch_size, crop=self.crop)
+        return evaluate(self.forward, params, self.samples, batch_size=self.batch_size, crop=self.crop,
+                        geometry=self.geometry, image_token_index=self.image_token_index)

@@ -87,3 +87,21 @@ def make_optimizer(
 
 
 
+# The vision tower's parameters: the group a stage's `vision_learning_rate` trains (LLaVA-NeXT's
+# `mm_vision_tower_lr`, 2e-6 in its stage 2 while the LLM and projector train at 1e-5).
+VISION_TOWER = ("vision_tower/.*",)
+
+
+def learning_rate_groups(stage: Any, lora_non_lora_learning_rate: float | None = None
+                         ) -> tuple[float | None, list[str]]:
+    """(other_learning_rate, other patterns) for `make_optimizer` from a stage's config.
+
+    A LoRA stage trains its non-adapter trainables (`stage.trainable`) at the LoRA config's rate; otherwise
+    a stage with `vision_learning_rate` > 0 trains the vision tower at that rate (validate.py refuses the
+    two together). Neither: one group.
+    """
+    if lora_non_lora_learning_rate is not None:
+        return lora_non_lora_learning_rate, list(stage.trainable)
+    if stage.vision_learning_rate > 0:
+        return float(stage.vision_learning_rate), list(VISION_TOWER)
+    return None, []

@@ -19,7 +19,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.partition import jit_sharded, state_shardings
 from llava_jax.train.lora import ADAPTER_PATTERNS
-from llava_jax.train.optimizer import Params, make_optimizer, split_params
+from llava_jax.train.optimizer import Params, learning_rate_groups, make_optimizer, split_params
 from llava_jax.train.step import TrainState, create_state, make_train_step
 
 
@@ -83,7 +83,7 @@ def stage_program(
 
     Args:
       cfg: the model config with compute settings (`compute_config`).
-      stage: the stage's config (`trainable` patterns, learning rate, warmup, weight decay).
+      stage: the stage's config (`trainable` patterns, learning rates, warmup, weight decay).
       total_steps: the stage's length, for the learning-rate schedule.
       params: with `cfg.lora`, the adapters too: they train with `stage.learning_rate`, and the
         stage's `trainable` patterns (e.g. the projector) with `stage.lora.non_lora_learning_rate`.
@@ -91,10 +91,10 @@ def stage_program(
     """
     lora = stage.lora if cfg.lora is not None else None
     trainable = list(stage.trainable) + (list(ADAPTER_PATTERNS) if cfg.lora is not None else [])
+    other_learning_rate, other = learning_rate_groups(stage, lora.non_lora_learning_rate if lora else None)
     tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=total_steps,
                                   warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay,
-                                  other_learning_rate=lora.non_lora_learning_rate if lora else None,
-                                  other=list(stage.trainable))
+                                  other_learning_rate=other_learning_rate, other=other)
     program = StageProgram(cfg, trainable, tx, schedule, None, None, None)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     state_abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), *program.split(shapes))

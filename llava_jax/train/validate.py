@@ -55,6 +55,18 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
         raise ConfigError(f"config.mesh: axes {sorted(config.mesh.keys())}; expected {list(MESH_AXES)}")
     _check_rules(config.sharding_rules)
     m = config.model
+    if m.image_grid_pinpoints and has_architecture(m):
+        from llava_jax.anyres import AnyresConfig
+
+        try:
+            AnyresConfig(m.vision.image_size, 1, tuple(m.image_grid_pinpoints))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config.model.image_grid_pinpoints: {tuple(m.image_grid_pinpoints)!r}; expected "
+                              f"(height, width) pairs, multiples of model.vision.image_size ({e})") from None
+        if m.vision_feature_select_strategy in ("full", "cls_patch"):
+            raise ConfigError(f"config.model.vision_feature_select_strategy: {m.vision_feature_select_strategy!r} "
+                              "keeps the CLS token, which an anyres model (model.image_grid_pinpoints) cannot tile; "
+                              "expected default")
     if not config.compile_only and not m.init and not has_architecture(m):
         raise ConfigError("config.model.init is empty and model.vision / model.text give no architecture "
                           "(hidden_size 0): name a converted checkpoint directory in model.init")
@@ -93,6 +105,12 @@ def _check_stage(key: str, stage: ml_collections.ConfigDict, templates, remat_po
     if not stage.epochs > 0:
         raise ConfigError(f"config.{key}.epochs: {stage.epochs!r}; expected a number > 0")
     _at_least(f"{key}.learning_rate", stage.learning_rate, 0)
+    _at_least(f"{key}.vision_learning_rate", stage.vision_learning_rate, 0)
+    if stage.vision_learning_rate and stage.lora is not None:
+        raise ConfigError(f"config.{key}.vision_learning_rate: {stage.vision_learning_rate!r} with lora; a LoRA stage "
+                          "has one rate for its adapters and one (lora.non_lora_learning_rate) for the rest")
+    if not isinstance(stage.base_resolution, bool):
+        raise ConfigError(f"config.{key}.base_resolution: {stage.base_resolution!r}; expected True or False")
     _at_least(f"{key}.weight_decay", stage.weight_decay, 0)
     if not 0 <= stage.warmup_ratio < 1:
         raise ConfigError(f"config.{key}.warmup_ratio: {stage.warmup_ratio!r}; expected a fraction in [0, 1)")

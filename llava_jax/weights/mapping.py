@@ -98,10 +98,12 @@ class Entry:
 def _text_layer_table(cfg: LlavaConfig) -> list[tuple[str, str, str]]:
     t = cfg.text
     rows = list(TEXT_LAYER_NORMS)
-    for mod, projs, bias in (("self_attn", TEXT_ATTN, t.attention_bias), ("mlp", TEXT_MLP, t.mlp_bias)):
+    # Which Linear layers carry a bias is the config's (Llama: all four or none; Qwen2: q, k, v).
+    bias = {"q_proj": t.qkv_has_bias, "k_proj": t.qkv_has_bias, "v_proj": t.qkv_has_bias, "o_proj": t.o_has_bias}
+    for mod, projs in (("self_attn", TEXT_ATTN), ("mlp", TEXT_MLP)):
         for p in projs:
             rows.append((f"layers_{{i}}/{mod}/{p}/kernel", f"model.layers.{{i}}.{mod}.{p}.weight", LINEAR))
-            if bias:
+            if bias.get(p, t.mlp_bias):
                 rows.append((f"layers_{{i}}/{mod}/{p}/bias", f"model.layers.{{i}}.{mod}.{p}.bias", SAME))
     return rows
 

@@ -64,7 +64,7 @@ def target_modules(cfg: LlavaConfig, spec: LoraSpec) -> str:
     """peft's `target_modules` for LlavaForConditionalGeneration as a regex: a list of names (q_proj, ...)
     would also catch the CLIP tower's q/k/v_proj. Matches both transformers layouts' module names."""
     first = {e.ours.split("/", 1)[1].rsplit("/", 1)[0]: e for e in mapping.text_entries(cfg)
-             if e.ours.startswith("layers_0/")}
+             if e.ours.startswith("layers_0/") and e.transform == mapping.LINEAR}  # the weight, not a bias
     modules = [first[t].theirs[len("model.layers.0.") : -len(".weight")] for t in DECODER_LINEARS if t in spec.targets]
     return r".*language_model\.(model\.)?layers\.\d+\.(" + "|".join(re.escape(m) for m in modules) + ")"
 
