@@ -14,9 +14,9 @@ memory). For each cell it starts from the recipe's rows per device and halves th
 fits (remat `full`, FSDP over every chip, 2048 tokens, one image per row); it prints a markdown table
 and appends every compile to `--out` as JSON. Every compile runs in its own process.
 
-`next-7b` is LLaVA-NeXT-7B (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) in its stage 2
-as LLaVA-NeXT trains it (`_next_config`): projector, LLM and vision tower trained, 4096 tokens a row, one
-image a row at its most patches (base + 2 x 2 tiles: 2928 image tokens), global batch 128.
+`next-7b` is LLaVA-NeXT-7B (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) trained by
+configs/llava_next.py:mistral_7b: stage 2 trains the projector, the LLM and the vision tower, 4096 tokens a
+row, one image a row at its most patches (base + 2 x 2 tiles: up to 2928 image tokens), global batch 128.
 
 `--depth` is the scan goal: compile (train step, one CPU device) and random-init time of a narrow
 LLaVA at 8 and 64 LLaMA layers, scanned (this code) and unrolled (`scan_layers=False`, the layout
@@ -43,8 +43,8 @@ TARGETS = {
 }
 RECIPE_ROWS = {1: 32, 2: 16}  # rows per device of configs/llava15.py (8 devices: micro-batches 256 and 128)
 GLOBAL_BATCH = {1: 256, 2: 128}  # LLaVA-1.5's and LLaVA-NeXT's (stage 2: 128 as well)
-NEXT_SIZES = {"next-7b": "llava-next-7b"}  # bench name -> PRESETS name
-NEXT_MAX_LENGTH = 4096  # LLaVA-NeXT's stage-2 model_max_length (2928 tokens of a 672 x 672 image + text)
+# bench name -> (PRESETS name, configs/llava_next.py argument)
+NEXT_SIZES = {"next-7b": ("llava-next-7b", "mistral_7b")}
 
 
 def _env(devices: int) -> dict:
@@ -58,7 +58,7 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     """Compile one recipe stage for one target in this process; returns the report as a dict.
 
     `lora`: stage 2 of the `:SIZE_lora` recipe (r 128 adapters, the base frozen), not full fine-tuning.
-    `size`: 7b / 13b (configs/llava15.py) or a NEXT_SIZES name (`_next_config`)."""
+    `size`: 7b / 13b (configs/llava15.py) or a NEXT_SIZES name (configs/llava_next.py)."""
     from llava_jax.train import aot
 
     topology, chip = TARGETS[target]
@@ -89,31 +89,21 @@ def _recipe(size: str, stage: int, lora: bool):
     if size in NEXT_SIZES:
         if lora:
             raise ValueError("--lora: LLaVA-NeXT's stage 2 trains everything")
-        return _next_config(NEXT_SIZES[size], stage)
+        return _next_config(size, stage)
     from configs.llava15 import get_config
 
     return get_config(f"{size}_lora_stage2" if lora else f"{size}_stage{stage}")
 
 
-def _next_config(preset: str, stage: int):
-    """LLaVA-NeXT's stage `stage` as its scripts train it, for compiling (the shapes are what matter).
+def _next_config(size: str, stage: int):
+    """configs/llava_next.py's stage `stage` for the bench size's LLM, with the preset's architecture (no
+    model.init on this host): stage 2 trains the projector, image_newline, the LLM and the vision tower
+    (its own learning rate) on anyres images, 4096 tokens a row, global batch 128."""
+    from configs.llava_next import get_config
 
-    Built on configs/llava15.py's settings (AdamW, bf16 compute with float32 master weights, FSDP over
-    every chip), with what LLaVA-NeXT changes (../shared/LLAVA_REFERENCE.md): stage 1 the projector at
-    the base resolution, as 1.5; stage 2 trains the projector, the LLM and the vision tower (at its own
-    lower learning rate, 2e-6: a learning rate changes no shape, so one optimizer here) on anyres images,
-    4096 tokens a row, global batch 128.
-    """
-    from configs.llava15 import PROJECTOR_AND_LLM, get_config
-
-    c = get_config(f"7b_stage{stage}")
+    preset, recipe = NEXT_SIZES[size]
+    c = get_config(f"{recipe}_stage{stage}")
     c.model.preset = preset
-    if stage == 2:
-        s = c.stages[0]
-        s.name = "finetune_next"
-        s.trainable = [*PROJECTOR_AND_LLM, "vision_tower/.*"]
-        s.max_length = NEXT_MAX_LENGTH
-        s.global_batch = GLOBAL_BATCH[2]
     return c
 
 

@@ -15,22 +15,16 @@ over a donated input: the prefill's fresh cache), temporaries and their total pe
 the chip's memory. The cache holds the prompt plus the decode window that `--new`
 tokens end in (`Engine`'s doubling from 16 slots).
 
-`--size next-7b` (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) compiles the prefill of
-one `--image-size` image a row (672: base + 2 x 2 tiles, 2928 image tokens) with the features placed by
-`image_index`, as the model takes anyres images. The engine's `prefill_step` has no `image_index` yet, so
-this prefill is `anyres_prefill` below: the same steps (a fresh cache of prompt + window slots pinned by
-the cache's logical axes, the forward into it under the rules table, the last position's logits) without
-the first token's sampling (a [B, V] vector). The decode program does not depend on images: the 1.5 rows
-show it at 7B widths.
+`--size next-7b` (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) serves one `--image-size`
+image a row (672 x 672: base + 2 x 2 tiles, 2928 image tokens): the prefill takes the row's tile slots
+(`Engine.tile_slots` of one image: its most patches) and the `image_index` that places the features.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,11 +32,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax.config import PRESETS
 from llava_jax.inference import engine as engine_lib
-from llava_jax.inference.quant import abstract_quantized, int8_matmuls
+from llava_jax.inference.quant import abstract_quantized
 from llava_jax.inference.sampling import SamplingParams
 from llava_jax.models.attention import target_platform
-from llava_jax.models.llama import init_cache
-from llava_jax.models.llava import Llava, abstract_params, default_positions
+from llava_jax.models.llava import Llava, abstract_params
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import mesh_platform, sharded_shapes
@@ -83,7 +76,8 @@ def _figures(compiled, chip) -> dict:
 def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: int, int8: bool,
                    attention: str = "auto") -> list[dict]:
     """Compile prefill and decode for `devices` (tensor-parallel over all of them); a dict per program.
-    `attention`: the model config's (`xla` shows the prefill without the fused kernel)."""
+    `attention`: the model config's (`xla` shows the prefill without the fused kernel). `prompt` tokens a
+    row, one image among them (anyres: its most tiles)."""
     cfg = PRESETS[SIZES[size]].replace(dtype="bfloat16", attention=attention)
     mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
     rules = tuple(rules_lib.DEFAULT_RULES)
@@ -93,8 +87,11 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
     t, num_new, window = _buckets(prompt, new)
     v = cfg.vision
     warp = {k: spec((), x.dtype) for k, x in SamplingParams().warp_args().items()}  # shapes: nothing runs on a chip
-    args = (params, spec((batch, t), np.int32), spec((batch, 1, v.image_size, v.image_size, 3), jnp.bfloat16),
-            spec((batch, t), np.int32), spec((batch,), np.uint32), spec((batch,), np.int32), warp, spec((), np.int32))
+    # One image a row: LLaVA-1.5's one slot, or an anyres image's tile slots (Engine.tile_slots of one image).
+    slots = cfg.geometry.max_patches
+    args = (params, spec((batch, t), np.int32), spec((batch, slots, v.image_size, v.image_size, 3), jnp.bfloat16),
+            spec((batch, t), np.int32), spec((batch,), np.uint32), spec((batch,), np.int32), warp, spec((), np.int32),
+            spec((batch, t), np.int32) if cfg.is_anyres else None)
     module = Llava(cfg)
     out = []
     with target_platform(mesh_platform(mesh)), jax.set_mesh(mesh):
@@ -112,50 +109,6 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("module", "window", "rules", "int8"))
-def anyres_prefill(module: Llava, params, ids, pixels, image_index, mask, *, window: int, rules, int8: bool):
-    """The engine's prefill for an anyres model: prompts [B, T] and their images' tiles [B, S, H, W, 3]
-    into a fresh cache of T + `window` slots, the features placed by `image_index` [B, T]; returns the
-    cache and the last position's logits [B, V] (see the module docstring)."""
-    with nn.logical_axis_rules(rules), int8_matmuls(int8):
-        cfg = module.cfg
-        b, t = ids.shape
-        cache = init_cache(cfg.text, b, t + window, jnp.dtype(cfg.dtype))
-        kv_mask = jnp.zeros((b, t + window), jnp.int32).at[:, :t].set(mask)
-        cache = {n: nn.with_logical_constraint(c, engine_lib.CACHE_AXES) for n, c in cache.items()}
-        logits, cache = module.apply({"params": params}, ids, pixels, kv_mask, default_positions(mask), cache, None,
-                                     last_only=True, image_index=image_index)
-        cache = {n: nn.with_logical_constraint(c, engine_lib.CACHE_AXES) for n, c in cache.items()}
-    return cache, logits[:, 0]
-
-
-def compile_anyres_prefill(size: str, devices: list, *, batch: int, prompt: int, new: int, int8: bool,
-                           attention: str = "auto", image_size: tuple[int, int] = (672, 672)) -> list[dict]:
-    """Compile `anyres_prefill` for `devices` (tensor-parallel over all of them), one `image_size`
-    image a row in a `prompt`-token prompt; one dict as `compile_engine`'s."""
-    cfg = PRESETS[SIZES[size]].replace(dtype="bfloat16", attention=attention)
-    layout = cfg.image_layout(image_size)
-    if prompt < layout.num_tokens:
-        raise ValueError(f"--prompt {prompt} is shorter than the image's {layout.num_tokens} tokens")
-    mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
-    rules = tuple(rules_lib.DEFAULT_RULES)
-    params = _params(cfg, mesh, rules, int8)
-    whole = NamedSharding(mesh, PartitionSpec())
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
-    t, _, window = _buckets(prompt, new)
-    v = cfg.vision
-    pixels = spec((batch, layout.num_patches, v.image_size, v.image_size, 3), jnp.bfloat16)
-    with target_platform(mesh_platform(mesh)), jax.set_mesh(mesh):
-        compiled = anyres_prefill.lower(Llava(cfg), params, spec((batch, t), np.int32), pixels,
-                                        spec((batch, t), np.int32), spec((batch, t), np.int32), window=window,
-                                        rules=rules, int8=int8).compile()
-    chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)
-    program = f"prefill, {image_size[0]}x{image_size[1]} image ({layout.num_tokens} tokens, {layout.num_patches} tiles)"
-    return [{"size": size, "program": program, "devices": f"{len(devices)} x {devices[0].device_kind}", "int8": int8,
-             "attention": attention, "batch": batch, "prompt": t, "cache_slots": t + window,
-             **_figures(compiled, chip)}]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="7b", choices=sorted(SIZES))
@@ -165,7 +118,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=None,
                     help=f"prompt tokens (default: the image's tokens + {TEXT_TOKENS}: 641 for LLaVA-1.5)")
     ap.add_argument("--image-size", type=int, nargs=2, default=(672, 672), metavar=("H", "W"),
-                    help="next-7b: the image's size in pixels (672 672: 2928 tokens)")
+                    help="next-7b: the image's size in pixels, which sets its token count (672 672: 2928 tokens)")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--attention", default="auto", help="auto | xla (the prefill without the fused kernel)")
@@ -173,15 +126,9 @@ def main() -> None:
     a = ap.parse_args()
     devices = (topology_devices(a.topology) if a.topology else jax.devices())[: a.chips]
     cfg = PRESETS[SIZES[a.size]]
-    size = tuple(a.image_size)
-    if cfg.is_anyres:
-        prompt = a.prompt or cfg.image_layout(size).num_tokens + TEXT_TOKENS
-        rows = compile_anyres_prefill(a.size, devices, batch=a.batch, prompt=prompt, new=a.new, int8=a.int8,
-                                      attention=a.attention, image_size=size)
-    else:
-        prompt = a.prompt or cfg.num_image_tokens + TEXT_TOKENS
-        rows = compile_engine(a.size, devices, batch=a.batch, prompt=prompt, new=a.new, int8=a.int8,
-                              attention=a.attention)
+    image_tokens = cfg.image_layout(tuple(a.image_size)).num_tokens if cfg.is_anyres else cfg.num_image_tokens
+    rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt or image_tokens + TEXT_TOKENS, new=a.new,
+                          int8=a.int8, attention=a.attention)
     print("| model | weights | devices | program | batch x cache slots | arguments | new outputs | temporaries | total / chip |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
