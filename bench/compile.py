@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {
     "v5e-8": ("v5e:2x4", None),
     "v5e-16": ("v5e:4x4", None),
+    "v5e-32": ("v5e:4x8", None),
     "v5p-8": ("v5p:2x2x1", None),
     "v6e-8": ("v6e:2x4", None),
     "8x80GB-GPU": (None, 80.0),
@@ -137,7 +138,7 @@ def table(out_path: str, sizes, stages, targets, lora: bool = False, start_rows:
     for size in sizes:
         for stage in stages:
             for target in targets:
-                n = 8 if TARGETS[target][0] is None else {"v5e-16": 16, "v5p-8": 4}.get(target, 8)
+                n = 8 if TARGETS[target][0] is None else {"v5e-16": 16, "v5e-32": 32, "v5p-8": 4}.get(target, 8)
                 global_batch = GLOBAL_BATCH[stage]
                 rows = min(start_rows or RECIPE_ROWS[stage], global_batch // n)
                 found = None
