@@ -18,7 +18,7 @@ from tests._seeds import fresh_seed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=100)
 def test_sharded_engine_equals_single_device():
     seed = fresh_seed()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": ROOT}

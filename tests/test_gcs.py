@@ -82,7 +82,7 @@ def _train(env, workdir, **kw):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **kw)
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=120)
 def test_workdir_on_gcs_trains_checkpoints_is_killed_and_resumes(gcs, monkeypatch):
     env, url = gcs
     workdir = f"gs://{BUCKET}/run"
@@ -130,7 +130,7 @@ def test_workdir_on_gcs_trains_checkpoints_is_killed_and_resumes(gcs, monkeypatc
     assert all(jax.tree.leaves(same)) and model.config.num_image_tokens == 16
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=120)
 def test_embedded_default_ends_with_its_shapes_benchmark_on_a_gcs_workdir(gcs):
     """Issue 22: the README's `--workdir=gs://...` run, its stage 2's `shapes` benchmark included, exits 0
     with the results table; the benchmark's answers and results land in the bucket; the emulator's

@@ -199,3 +199,41 @@ def test_chat_smoke_with_images_of_two_sizes(pipe, tmp_path):
             except StopIteration:
                 break
     assert len(session.turns) == 4 and len(session.images) == 2 and not session.pending
+
+
+def test_a_special_token_stop_string_ends_the_answer(pipe):
+    """A stop string that is one special token (`<|im_end|>`, `<|eot_id|>`: decoding drops it, so no text shows
+    it) ends the answer on its id, in `generate` and `stream` alike, with finish_reason "stop"."""
+    engine, rng = pipe.engine, np.random.default_rng(fresh_seed())
+    prompt = _prompt(rng, pipe, [(30, 90)])
+    free = engine.generate([prompt], GREEDY)[0].token_ids
+    special = int(free[2])  # make the third greedy token a special one: its text is dropped by decode
+    real = engine.tokenizer
+
+    class Special:  # the real tokenizer, with `special` a special token spelled "<|end|>"
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def piece_to_id(self, piece):
+            return special if piece == "<|end|>" else real.piece_to_id(piece)
+
+        def decode(self, ids):
+            return real.decode([i for i in ids if i != special])
+
+    engine.tokenizer = Special()
+    try:
+        params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, stop_strings=("<|end|>",))
+        done = engine.generate([prompt], params)[0]
+        stream = engine.stream(prompt, params)
+        deltas = []
+        while True:
+            try:
+                deltas.append(next(stream))
+            except StopIteration as end:
+                streamed = end.value
+                break
+    finally:
+        engine.tokenizer = real
+    cut = free.index(special) + 1
+    assert done.token_ids == free[:cut] and done.finish_reason == "stop"
+    assert streamed.token_ids == free[:cut] and [d.token_id for d in deltas] == free[:cut]

@@ -87,7 +87,7 @@ def test_unmatched_logical_axis_is_an_error():
         rules_lib.check_rules(boxed, rules)
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=30)
 def test_llava15_7b_stage2_step_compiles_for_8_devices():
     """The real 7B train step (remat, bf16, FSDP over 8 devices) lowers and compiles from abstract
     shapes alone; the per-device memory estimate is printed (CPU compiler: an upper bound, it does

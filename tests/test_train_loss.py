@@ -140,3 +140,60 @@ def test_chunked_loss_equals_the_full_logits_loss():
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
         rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-12)
         assert rel < 1e-5, f"seed {seed}: {jax.tree_util.keystr(path)} relative gradient error {rel:.2e}"
+
+
+def test_schedule_is_transformers_cosine_with_warmup():
+    """Warmup then cosine to 0, as transformers' get_cosine_schedule_with_warmup (1e-6 relative), from
+    the numbers as arrays; and the LoRA stage's second group follows its own peak on the same curve."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from llava_jax.train.optimizer import learning_rate_schedule, schedule_hyper, warmup_cosine
+
+    for peak, total, ratio in ((2e-3, 10, 0.03), (1e-4, 7, 0.5), (1.0, 5, 0.0), (3e-5, 1, 0.03)):
+        h = schedule_hyper(peak, total, ratio)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+        ref = get_cosine_schedule_with_warmup(opt, int(h["warmup_steps"]), int(h["decay_steps"]))
+        want = []
+        for _ in range(total + 1):  # past the end transformers' cosine rises again; ours stays at 0
+            want.append(opt.param_groups[0]["lr"])
+            opt.step()
+            ref.step()
+        steps = np.arange(total + 1)
+        got = np.asarray(jax.jit(lambda lr, w, d, t: warmup_cosine(lr, w, d)(t))(
+            h["learning_rate"], h["warmup_steps"], h["decay_steps"], steps))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * peak, err_msg=str((peak, total, ratio)))
+        np.testing.assert_allclose(np.asarray(learning_rate_schedule(peak, total, ratio)(steps)), got, rtol=1e-6)
+
+
+def test_schedule_numbers_are_inputs_of_the_compiled_step():
+    """Stages that differ only in length, learning rate, warmup or weight decay lower to one program
+    (so the persistent compilation cache compiles it once), and the step logs each stage's own rate."""
+    from jax.sharding import Mesh
+
+    from llava_jax.parallel.rules import DEFAULT_RULES
+    from llava_jax.train.defaults import stage as make_stage
+    from llava_jax.train.program import stage_program
+
+    cfg = LlavaConfig(
+        vision=VisionConfig(hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, image_size=14, patch_size=14),
+        text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                        head_dim=8),
+        image_token_index=63, vision_feature_layer=-1,
+    )
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))
+    batch = {"input_ids": np.ones((1, 2, 8), np.int32), "attention_mask": np.ones((1, 2, 8), np.int32),
+             "labels": np.ones((1, 2, 8), np.int32), "pixel_values": np.zeros((1, 2, 1, 14, 14, 3), np.float32)}
+    texts, rates = [], []
+    for lr, total, ratio, wd in ((1e-3, 10, 0.03, 0.0), (5e-2, 3, 0.5, 0.1)):
+        st = make_stage("s", data="d", template="plain", trainable=["projector/.*"], learning_rate=lr, global_batch=2,
+                        micro_batch=2, warmup_ratio=ratio, weight_decay=wd)
+        program = stage_program(cfg, st, mesh, DEFAULT_RULES, total, params)
+        texts.append(program.step.lower(program.state_abstract, batch).as_text())
+        state = program.init_state(params)
+        for _ in range(2):
+            state, m = program.step(state, batch)
+            rates.append(float(m["learning_rate"]))
+    assert texts[0] == texts[1]
+    # Warmup of 1 step (ceil(3% of 10)), then the peak; warmup of 2 steps (50% of 3): halfway up.
+    np.testing.assert_allclose(rates, [0.0, 1e-3, 0.0, 5e-2 / 2], rtol=1e-6)

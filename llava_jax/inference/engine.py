@@ -58,6 +58,7 @@ from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import model_param_shardings
 
+MAX_END_IDS = 4  # EOS plus stop strings that are single special tokens, padded with -1 (one decode program)
 STOP_CHECK_EVERY = 32  # decode steps between host checks for stop strings
 MIN_PROMPT_BUCKET = 32
 MIN_NEW_TOKENS_BUCKET = 16
@@ -192,6 +193,10 @@ def _decode_logits(m: Llava, ids, positions, kv_mask, cache, cache_index):
 # --- pure functions at the jit boundary ----------------------------------------------------------
 
 
+def _is_stop(token: jax.Array, end_ids: jax.Array) -> jax.Array:  # [B], [K] (or one id []) -> [B] bool
+    return jnp.any(token[:, None] == jnp.atleast_1d(end_ids)[None, :], axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("module", "num_new", "window", "greedy", "rules", "int8"))
 def prefill_step(
     module: Llava,
@@ -202,7 +207,7 @@ def prefill_step(
     seeds: jax.Array,  # [B] uint32
     limits: jax.Array,  # [B] int32
     warp: dict[str, jax.Array],
-    eos_id: jax.Array,  # [] int32 (-1: never stop)
+    eos_id: jax.Array,  # [K] int32: ids that end an answer (-1: none)
     image_index: jax.Array | None = None,  # [B, T] int32, anyres only
     *,
     num_new: int,
@@ -235,7 +240,7 @@ def prefill_step(
         tokens=jnp.full((b, num_new), cfg.text.pad_token_id, jnp.int32).at[:, 0].set(first),
         logprobs=jnp.zeros((b, num_new), jnp.float32).at[:, 0].set(logprob),
         positions=positions[:, -1] + 1,
-        done=(first == eos_id) | (limits <= 1),
+        done=_is_stop(first, eos_id) | (limits <= 1),
         step=jnp.int32(1),
         seeds=seeds,
         limits=limits,
@@ -250,7 +255,7 @@ def decode_loop(
     state: DecodeState,
     stop_at: jax.Array,  # [] int32: stop once this many tokens exist
     warp: dict[str, jax.Array],
-    eos_id: jax.Array,
+    eos_id: jax.Array,  # [K] int32
     *,
     greedy: bool,
     rules: rules_lib.Rules | None = None,
@@ -282,7 +287,7 @@ def decode_loop(
             tokens=jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step)),
             logprobs=jax.lax.dynamic_update_slice(st.logprobs, logprob[:, None], (0, st.step)),
             positions=st.positions + 1,
-            done=st.done | (token == eos_id) | (st.step + 1 >= st.limits),
+            done=st.done | _is_stop(token, eos_id) | (st.step + 1 >= st.limits),
             step=st.step + 1,
             seeds=st.seeds,
             limits=st.limits,
@@ -526,8 +531,19 @@ class Engine:
         pixels, index = place_images(ids, images, cfg, sizes, self.tile_slots(max(tiles)))
         return pixels.astype(self.dtype), index
 
+    def _end_ids(self, params: SamplingParams) -> list[int]:
+        """The ids that end an answer on the device: EOS (unless ignored) and each stop string that is one special
+        token (`<|im_end|>`, `<|eot_id|>`): decoding drops special tokens, so no text could ever show them."""
+        ids = [] if params.ignore_eos else [self.eos_id]
+        for stop in params.stop_strings:
+            i = self.tokenizer.piece_to_id(stop) if self.tokenizer is not None else None
+            if i is not None and not self.tokenizer.decode([i]) and i not in ids:
+                ids.append(i)
+        return ids[:MAX_END_IDS]
+
     def _eos(self, params: SamplingParams) -> jax.Array:
-        return jnp.int32(-1 if params.ignore_eos else self.eos_id)
+        ids = self._end_ids(params)
+        return jnp.asarray(ids + [-1] * (MAX_END_IDS - len(ids)), jnp.int32)  # a fixed [K]: one program
 
     def _on_mesh(self):
         """Calls that trace or run on the engine's mesh (the logical constraints resolve against it)."""
@@ -605,14 +621,15 @@ class Engine:
         """Cut each row at EOS, a stop string or its budget, and decode the text."""
         tokens, logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
         step = int(state.step)
-        eos = self.eos_id
+        ends = set(self._end_ids(params))
         out = []
         for r, p in enumerate(batch.prompts):
             n = min(step, int(batch.limits[r]))
             toks = tokens[r, :n].tolist()
             reason = "length"
-            if not params.ignore_eos and eos in toks:
-                n, reason = toks.index(eos) + 1, "eos"
+            hit = next((i for i, t in enumerate(toks) if t in ends), None)
+            if hit is not None:
+                n, reason = hit + 1, "eos" if toks[hit] == self.eos_id and not params.ignore_eos else "stop"
             text = self.tokenizer.decode(toks[:n]) if self.tokenizer else ""
             cut = _find_stop(text, params.stop_strings)
             if cut >= 0:
@@ -642,14 +659,14 @@ class Engine:
         batch = self.prepare([prompt], params)
         state = self.prefill(batch, params)
         detok = _IncrementalText(self.tokenizer, params.stop_strings)
-        eos = -1 if params.ignore_eos else self.eos_id
+        ends = set(self._end_ids(params))
         step = 0
         while True:
             tokens, logprobs = np.asarray(state.tokens[0]), np.asarray(state.logprobs[0])
             new_step, done = int(state.step), bool(state.done[0])
             for i in range(step, new_step):
                 token = int(tokens[i])
-                text, stopped = ("", False) if token == eos else detok.push(token)
+                text, stopped = ("", False) if token in ends else detok.push(token)
                 last = stopped or (done and i == new_step - 1)
                 if last and not stopped:
                     text += detok.flush()

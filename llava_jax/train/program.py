@@ -19,7 +19,8 @@ from llava_jax.config import LlavaConfig
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.partition import jit_sharded, state_shardings
 from llava_jax.train.lora import ADAPTER_PATTERNS
-from llava_jax.train.optimizer import Params, learning_rate_groups, make_optimizer, split_params
+from llava_jax.train.optimizer import (Params, learning_rate_groups, optimizer_from_hyper, schedule_hyper,
+                                      split_params)
 from llava_jax.train.step import TrainState, create_state, make_train_step
 
 
@@ -92,14 +93,35 @@ def stage_program(
     lora = stage.lora if cfg.lora is not None else None
     trainable = list(stage.trainable) + (list(ADAPTER_PATTERNS) if cfg.lora is not None else [])
     other_learning_rate, other = learning_rate_groups(stage, lora.non_lora_learning_rate if lora else None)
-    tx, schedule = make_optimizer(learning_rate=stage.learning_rate, total_steps=total_steps,
-                                  warmup_ratio=stage.warmup_ratio, weight_decay=stage.weight_decay,
-                                  other_learning_rate=other_learning_rate, other=other)
+    hyper = schedule_hyper(stage.learning_rate, total_steps, stage.warmup_ratio, weight_decay=stage.weight_decay,
+                           other_learning_rate=other_learning_rate)
+    tx, schedule = optimizer_from_hyper(hyper, other=other)
     program = StageProgram(cfg, trainable, tx, schedule, None, None, None)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     state_abstract = jax.eval_shape(lambda p, f: create_state(p, f, tx), *program.split(shapes))
     shardings = state_shardings(state_abstract, cfg, mesh, rules, tx)
     repl = NamedSharding(mesh, PartitionSpec())
-    step = jit_sharded(make_train_step(cfg, tx, schedule, seed=seed), mesh, rules, (shardings, None), (shardings, repl),
-                       donate_argnums=(0,))
+
+    def step_with(state, batch, hyper):
+        # The optimizer rebuilt around the traced numbers: same state structure as `tx`'s.
+        return make_train_step(cfg, *optimizer_from_hyper(hyper, other=other), seed=seed)(state, batch)
+
+    jitted = jit_sharded(step_with, mesh, rules, (shardings, None, repl), (shardings, repl), donate_argnums=(0,))
+    step = _WithHyper(jitted, hyper)
     return dataclasses.replace(program, state_abstract=state_abstract, state_shardings=shardings, step=step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithHyper:
+    """The jitted `step(state, batch, hyper)` as `step(state, batch)`, with `.lower` alike: the stage's
+    schedule numbers go in as arrays, not as constants of the program (optimizer.schedule_hyper)."""
+
+    jitted: Callable
+    hyper: dict
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.jitted(state, batch, self.hyper)
+
+    def lower(self, state: Any, batch: dict) -> Any:
+        """The step lowered for these (abstract) arguments, for ahead-of-time compilation."""
+        return self.jitted.lower(state, batch, self.hyper)
