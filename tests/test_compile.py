@@ -170,12 +170,14 @@ def test_compile_only_of_an_anyres_stage_for_a_tpu_topology(tmp_path):
 
 
 @pytest.mark.slow(seconds=5)
-def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_path):
+@pytest.mark.parametrize("base_resolution", [False, True])
+def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_path, base_resolution):
     """LLaVA-NeXT compile-only on one CPU device: a tiny anyres model (56-px tiles, pinpoints up to 2 x 2
     tiles) from a converted directory (the projector trained, to keep the compile short). The batch holds
-    each row's worst case, base + 4 tiles, and the image_index the model places the features by; the
-    compiled step's arguments are the state's bytes plus exactly those arrays' (before: one 56-px slot a
-    row and no image_index, which an anyres model refuses)."""
+    each row's worst case, base + 4 tiles (one base tile in a `base_resolution` stage, as the loop cuts
+    its data), and the image_index the model places the features by; the compiled step's arguments are
+    the state's bytes plus exactly those arrays' (before: one 56-px slot a row and no image_index, which
+    an anyres model refuses)."""
     from llava_jax.parallel.mesh import make_mesh
     from llava_jax.parallel.partition import abstract_sharded_params
     from llava_jax.train import aot
@@ -183,6 +185,7 @@ def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_pat
 
     c = _anyres_config(str(tmp_path))
     tile, st = c.model.vision.image_size, c.stages[0]
+    st.base_resolution = base_resolution
     report = aot.compile_stage(c, 0)
     assert report.error is None and report.temp_bytes > 0, report
 
@@ -197,7 +200,8 @@ def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_pat
     state = nbytes(program.state_abstract) + nbytes(program.step.hyper)
     a, b, t = 2, 2, 64  # micro-steps, rows, tokens
     text = 3 * a * b * t * 4  # input_ids, labels, attention_mask: int32
-    pixels = a * b * 5 * tile * tile * 3 * 4  # base + 2 x 2 tiles a row, float32
+    slots = 1 if base_resolution else 5  # base + 2 x 2 tiles a row
+    pixels = a * b * slots * tile * tile * 3 * 4  # float32
     image_index = a * b * t * 4
     assert report.argument_bytes == state + text + pixels + image_index, (report, state)
 
