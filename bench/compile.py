@@ -4,6 +4,7 @@
   python -m bench.compile --table        # LLaVA-1.5 7B / 13B, stage 1 / 2, on v5e-8, v5e-16, v5p-8, v6e-8 and 8 x 80 GB GPUs
   python -m bench.compile --cell 7b 2 v5e-8 --rows 4 --remat full    # one compile, one JSON line
   python -m bench.compile --table --sizes 13b --stages 2 --lora       # stage 2 as LoRA (`:13b_lora`)
+  python -m bench.compile --table --sizes next-7b --stages 2 --targets v5p-8,v6e-8,v5e-16 --rows 8   # LLaVA-NeXT-7B
 
 `--table` compiles each recipe (configs/llava15.py) through `llava_jax.train.aot`, the path of
 `--config.compile_only=True`, which builds the step as training does: TPU targets through libtpu's
@@ -12,6 +13,10 @@ simulated devices against 80 GiB (an upper bound: that compiler does not schedul
 memory). For each cell it starts from the recipe's rows per device and halves them until the step
 fits (remat `full`, FSDP over every chip, 2048 tokens, one image per row); it prints a markdown table
 and appends every compile to `--out` as JSON. Every compile runs in its own process.
+
+`next-7b` is LLaVA-NeXT-7B (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) trained by
+configs/llava_next.py:mistral_7b: stage 2 trains the projector, the LLM and the vision tower, 4096 tokens a
+row, one image a row at its most patches (base + 2 x 2 tiles: up to 2928 image tokens), global batch 128.
 
 `--depth` is the scan goal: compile (train step, one CPU device) and random-init time of a narrow
 LLaVA at 8 and 64 LLaMA layers, scanned (this code) and unrolled (`scan_layers=False`, the layout
@@ -32,23 +37,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {
     "v5e-8": ("v5e:2x4", None),
     "v5e-16": ("v5e:4x4", None),
+    "v5e-32": ("v5e:4x8", None),
     "v5p-8": ("v5p:2x2x1", None),
     "v6e-8": ("v6e:2x4", None),
     "8x80GB-GPU": (None, 80.0),
 }
 RECIPE_ROWS = {1: 32, 2: 16}  # rows per device of configs/llava15.py (8 devices: micro-batches 256 and 128)
+GLOBAL_BATCH = {1: 256, 2: 128}  # LLaVA-1.5's and LLaVA-NeXT's (stage 2: 128 as well)
+# bench name -> (PRESETS name, configs/llava_next.py argument)
+NEXT_SIZES = {"next-7b": ("llava-next-7b", "mistral_7b")}
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+    # The repository first, then whatever the caller had (e.g. a --target directory holding libtpu).
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": pythonpath, "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
 def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool = True, lora: bool = False) -> dict:
     """Compile one recipe stage for one target in this process; returns the report as a dict.
 
-    `lora`: stage 2 of the `:SIZE_lora` recipe (r 128 adapters, the base frozen), not full fine-tuning."""
-    from configs.llava15 import get_config
+    `lora`: stage 2 of the `:SIZE_lora` recipe (r 128 adapters, the base frozen), not full fine-tuning.
+    `size`: 7b / 13b (configs/llava15.py) or a NEXT_SIZES name (configs/llava_next.py)."""
     from llava_jax.train import aot
 
     topology, chip = TARGETS[target]
@@ -56,7 +67,7 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     n = len(devices) if devices else __import__("jax").device_count()
     if lora and stage != 2:
         raise ValueError("--lora is a stage-2 recipe")
-    c = get_config(f"{size}_lora_stage2" if lora else f"{size}_stage{stage}")
+    c = _recipe(size, stage, lora)
     c.model.init = ""
     c.model.remat = remat
     for st in c.stages:
@@ -72,6 +83,29 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     report = aot.compile_stage(c, 0, devices)
     return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
             "lora": lora, "cpu_s": _cpu_seconds() - cpu0}
+
+
+def _recipe(size: str, stage: int, lora: bool):
+    """The training config of one recipe stage, by bench size name."""
+    if size in NEXT_SIZES:
+        if lora:
+            raise ValueError("--lora: LLaVA-NeXT's stage 2 trains everything")
+        return _next_config(size, stage)
+    from configs.llava15 import get_config
+
+    return get_config(f"{size}_lora_stage2" if lora else f"{size}_stage{stage}")
+
+
+def _next_config(size: str, stage: int):
+    """configs/llava_next.py's stage `stage` for the bench size's LLM, with the preset's architecture (no
+    model.init on this host): stage 2 trains the projector, image_newline, the LLM and the vision tower
+    (its own learning rate) on anyres images, 4096 tokens a row, global batch 128."""
+    from configs.llava_next import get_config
+
+    preset, recipe = NEXT_SIZES[size]
+    c = get_config(f"{recipe}_stage{stage}")
+    c.model.preset = preset
+    return c
 
 
 def _cpu_seconds() -> float:
@@ -96,15 +130,17 @@ def _cell_subprocess(size, stage, target, rows, remat, scan=True, lora=False, ti
     return out
 
 
-def table(out_path: str, sizes, stages, targets, lora: bool = False) -> None:
-    """Compile every cell, halving rows until it fits; print the markdown table."""
+def table(out_path: str, sizes, stages, targets, lora: bool = False, start_rows: int | None = None) -> None:
+    """Compile every cell, halving rows until it fits; print the markdown table.
+
+    `start_rows`: rows a chip to try first (default: the recipe's, at most the global batch)."""
     rows_md = []
     for size in sizes:
         for stage in stages:
             for target in targets:
-                n = 8 if TARGETS[target][0] is None else {"v5e-16": 16, "v5p-8": 4}.get(target, 8)
-                global_batch = 256 if stage == 1 else 128
-                rows = min(RECIPE_ROWS[stage], global_batch // n)
+                n = 8 if TARGETS[target][0] is None else {"v5e-16": 16, "v5e-32": 32, "v5p-8": 4}.get(target, 8)
+                global_batch = GLOBAL_BATCH[stage]
+                rows = min(start_rows or RECIPE_ROWS[stage], global_batch // n)
                 found = None
                 while rows >= 1:
                     rec = _cell_subprocess(size, stage, target, rows, "full", lora=lora)
@@ -126,7 +162,8 @@ def table(out_path: str, sizes, stages, targets, lora: bool = False) -> None:
                     rows = min(rows // 2, 1 << (int(guess).bit_length() - 1) if guess >= 1 else 1)
                 last = found or rec
                 rows_md.append(_md_row(size, stage, target, last, found is not None))
-    print("\n| model | stage | target | fits with (rows/device, remat, mesh) | per-chip arguments | temporaries | total / chip | compile |")
+    print("\n| model | stage | target | fits with (rows/device, remat, mesh) | per-chip arguments | temporaries | "
+          "total / chip | compile |")
     print("|---|---|---|---|---|---|---|---|")
     for line in rows_md:
         print(line)
@@ -141,8 +178,8 @@ def _md_row(size, stage, target, rec, fits) -> str:
     what = (f"{rec['rows_per_device']} rows, {remat}, {mesh}" if fits
             else f"no: {rec['rows_per_device']} row(s)/chip need {rec['total_bytes'] / g:.1f} GiB")
     chip = f"{rec['chip_bytes'] / g:.0f}" if rec["chip_bytes"] else "?"
-    return (f"| {size} | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | {rec['temp_bytes'] / g:.1f} GiB | "
-            f"{rec['total_bytes'] / g:.1f} / {chip} GiB | {rec['compile_s']:.0f} s |")
+    return (f"| {size}, {rec['seq_len']} tokens | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | "
+            f"{rec['temp_bytes'] / g:.1f} GiB | {rec['total_bytes'] / g:.1f} / {chip} GiB | {rec['compile_s']:.0f} s |")
 
 
 # --- depth scaling -------------------------------------------------------------------------------------
@@ -226,7 +263,8 @@ def main() -> None:
     ap.add_argument("--depth", action="store_true")
     ap.add_argument("--cell", nargs=3, metavar=("SIZE", "STAGE", "TARGET"))
     ap.add_argument("--depth-point", nargs=3, metavar=("LAYERS", "LAYOUT", "WHAT"))
-    ap.add_argument("--rows", type=int, default=None, help="--cell: rows per device (default: the recipe's)")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="--cell: rows per device; --table: the rows to try first (default: the recipe's)")
     ap.add_argument("--remat", default="full")
     ap.add_argument("--unrolled", action="store_true", help="--cell: scan_layers=False")
     ap.add_argument("--lora", action="store_true", help="--cell / --table: stage 2 as LoRA (the `:SIZE_lora` recipe)")
@@ -246,7 +284,7 @@ def main() -> None:
         depth(args.out)
     elif args.table:
         table(args.out, args.sizes.split(","), [int(s) for s in args.stages.split(",")], args.targets.split(","),
-              lora=args.lora)
+              lora=args.lora, start_rows=args.rows)
     else:
         ap.error("choose --table, --depth or --cell")
 

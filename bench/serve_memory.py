@@ -1,8 +1,9 @@
-"""Per-chip memory of the engine serving LLaVA-1.5, from the compiler alone (no weights, no chip).
+"""Per-chip memory of the engine serving LLaVA-1.5 and LLaVA-NeXT, from the compiler alone (no weights, no chip).
 
     JAX_PLATFORMS=cpu python -m bench.serve_memory --size 7b --topology v5e:2x2            # 4 v5e chips, tensor=4
     JAX_PLATFORMS=cpu python -m bench.serve_memory --size 7b --topology v5e:2x2 --chips 1 --int8   # one chip, int8
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m bench.serve_memory --size 13b   # 2 CPU devices
+    JAX_PLATFORMS=cpu python -m bench.serve_memory --size next-7b --topology v5e:2x2 --batch 1 --attention xla
 
 Compiles the engine's two programs, `prefill_step` (vision tower, prompts into a fresh cache, first
 token) and `decode_loop` (the `while_loop` of decode steps), exactly as `Engine(model, mesh=
@@ -13,6 +14,10 @@ host's devices. Prints one markdown row per program: arguments, new outputs (tho
 over a donated input: the prefill's fresh cache), temporaries and their total per chip against
 the chip's memory. The cache holds the prompt plus the decode window that `--new`
 tokens end in (`Engine`'s doubling from 16 slots).
+
+`--size next-7b` (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) serves one `--image-size`
+image a row (672 x 672: base + 2 x 2 tiles, 2928 image tokens): the prefill takes the row's tile slots
+(`Engine.tile_slots` of one image: its most patches) and the `image_index` that places the features.
 """
 
 from __future__ import annotations
@@ -37,30 +42,56 @@ from llava_jax.parallel.partition import mesh_platform, sharded_shapes
 from llava_jax.train.aot import CHIP_MEMORY_GIB, topology_devices
 
 GIB = 1 << 30
+SIZES = {"7b": "llava-1.5-7b", "13b": "llava-1.5-13b", "next-7b": "llava-next-7b"}
+TEXT_TOKENS = 65  # a prompt's text around its image (641 - 576 for LLaVA-1.5's default)
+
+
+def _params(cfg, mesh, rules, int8: bool):
+    """The weights' shapes in the compute dtype (int8 kernels with `int8`), sharded as the engine shards them."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype), abstract_params(cfg))
+    if int8:
+        shapes = abstract_quantized(shapes)
+    return sharded_shapes(shapes, engine_lib.param_shardings(shapes, cfg, mesh, rules))
+
+
+def _buckets(prompt: int, new: int) -> tuple[int, int, int]:
+    """The engine's prompt bucket, new-token budget and the cache window the answer's last token is decoded in
+    (`Engine`'s doubling from 16 slots)."""
+    num_new = engine_lib.bucket(new, engine_lib.MIN_NEW_TOKENS_BUCKET)
+    window = engine_lib.FIRST_WINDOW
+    while window < new:
+        window = engine_lib.next_window(window, num_new)
+    return engine_lib.bucket(prompt, engine_lib.MIN_PROMPT_BUCKET), num_new, window
+
+
+def _figures(compiled, chip) -> dict:
+    """Per-chip bytes of one compiled program, in GiB."""
+    mem = compiled.memory_analysis()
+    args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+    new_out = mem.output_size_in_bytes - mem.alias_size_in_bytes  # outputs not written over a donated input
+    return {"argument_gib": args_b / GIB, "output_gib": new_out / GIB, "temp_gib": temp_b / GIB,
+            "total_gib": (args_b + new_out + temp_b) / GIB, "chip_gib": chip}
 
 
 def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: int, int8: bool,
                    attention: str = "auto") -> list[dict]:
     """Compile prefill and decode for `devices` (tensor-parallel over all of them); a dict per program.
-    `attention`: the model config's (`xla` shows the prefill without the fused kernel)."""
-    cfg = PRESETS[f"llava-1.5-{size}"].replace(dtype="bfloat16", attention=attention)
+    `attention`: the model config's (`xla` shows the prefill without the fused kernel). `prompt` tokens a
+    row, one image among them (anyres: its most tiles)."""
+    cfg = PRESETS[SIZES[size]].replace(dtype="bfloat16", attention=attention)
     mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
     rules = tuple(rules_lib.DEFAULT_RULES)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.dtype), abstract_params(cfg))
-    if int8:
-        shapes = abstract_quantized(shapes)
-    params = sharded_shapes(shapes, engine_lib.param_shardings(shapes, cfg, mesh, rules))
+    params = _params(cfg, mesh, rules, int8)
     whole = NamedSharding(mesh, PartitionSpec())
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
-    t = engine_lib.bucket(prompt, engine_lib.MIN_PROMPT_BUCKET)
-    num_new = engine_lib.bucket(new, engine_lib.MIN_NEW_TOKENS_BUCKET)
-    window = engine_lib.FIRST_WINDOW
-    while window < new:  # the window the answer's last token is decoded in
-        window = engine_lib.next_window(window, num_new)
+    t, num_new, window = _buckets(prompt, new)
     v = cfg.vision
     warp = {k: spec((), x.dtype) for k, x in SamplingParams().warp_args().items()}  # shapes: nothing runs on a chip
-    args = (params, spec((batch, t), np.int32), spec((batch, 1, v.image_size, v.image_size, 3), jnp.bfloat16),
-            spec((batch, t), np.int32), spec((batch,), np.uint32), spec((batch,), np.int32), warp, spec((), np.int32))
+    # One image a row: LLaVA-1.5's one slot, or an anyres image's tile slots (Engine.tile_slots of one image).
+    slots = cfg.geometry.max_patches
+    args = (params, spec((batch, t), np.int32), spec((batch, slots, v.image_size, v.image_size, 3), jnp.bfloat16),
+            spec((batch, t), np.int32), spec((batch,), np.uint32), spec((batch,), np.int32), warp, spec((), np.int32),
+            spec((batch, t), np.int32) if cfg.is_anyres else None)
     module = Llava(cfg)
     out = []
     with target_platform(mesh_platform(mesh)), jax.set_mesh(mesh):
@@ -72,31 +103,32 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
                                               greedy=True, rules=rules, int8=int8).compile()
     chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)
     for name, compiled in (("prefill", prefill), ("decode", decode)):
-        mem = compiled.memory_analysis()
-        args_b, temp_b = mem.argument_size_in_bytes, mem.temp_size_in_bytes
-        new_out = mem.output_size_in_bytes - mem.alias_size_in_bytes  # outputs not written over a donated input
         out.append({"size": size, "program": name, "devices": f"{len(devices)} x {devices[0].device_kind}",
                     "int8": int8, "attention": attention, "batch": batch, "prompt": t, "cache_slots": t + window,
-                    "argument_gib": args_b / GIB, "output_gib": new_out / GIB, "temp_gib": temp_b / GIB,
-                    "total_gib": (args_b + new_out + temp_b) / GIB, "chip_gib": chip})
+                    **_figures(compiled, chip)})
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="7b", choices=["7b", "13b"])
+    ap.add_argument("--size", default="7b", choices=sorted(SIZES))
     ap.add_argument("--topology", default=None, help="a TPU topology, e.g. v5e:2x2 (default: this host's devices)")
     ap.add_argument("--chips", type=int, default=None, help="tensor-parallel over the first N devices (default: all)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt", type=int, default=641, help="prompt tokens (576 image + text)")
+    ap.add_argument("--prompt", type=int, default=None,
+                    help=f"prompt tokens (default: the image's tokens + {TEXT_TOKENS}: 641 for LLaVA-1.5)")
+    ap.add_argument("--image-size", type=int, nargs=2, default=(672, 672), metavar=("H", "W"),
+                    help="next-7b: the image's size in pixels, which sets its token count (672 672: 2928 tokens)")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--attention", default="auto", help="auto | xla (the prefill without the fused kernel)")
     ap.add_argument("--json", default=None, help="append the figures to this file")
     a = ap.parse_args()
     devices = (topology_devices(a.topology) if a.topology else jax.devices())[: a.chips]
-    rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt, new=a.new, int8=a.int8,
-                          attention=a.attention)
+    cfg = PRESETS[SIZES[a.size]]
+    image_tokens = cfg.image_layout(tuple(a.image_size)).num_tokens if cfg.is_anyres else cfg.num_image_tokens
+    rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt or image_tokens + TEXT_TOKENS, new=a.new,
+                          int8=a.int8, attention=a.attention)
     print("| model | weights | devices | program | batch x cache slots | arguments | new outputs | temporaries | total / chip |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -497,8 +497,39 @@ VICUNA_13B = TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40
 LLAVA_15_7B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_7B)
 LLAVA_15_13B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_13B)
 LLAVA_V1_7B = LlavaConfig(vision=CLIP_VIT_L14_224, text=VICUNA_7B, projector_type="linear", vision_feature_layer=-2)
+# LLaVA-NeXT (v1.6): the 1.5 tower and projector, anyres tiling with the v1.6 pinpoints
+# (`AnyresConfig()`'s defaults: 336-px tiles, a 24 x 24 grid, spatial_unpad, image_newline). Numbers from
+# the llava-hf `*-hf` checkpoints' config.json (text_config) and ../shared/LLAVA_REFERENCE.md (LLaVA-NeXT).
+# Yi and Llama-3 are the Llama layout (`model_type` "llama"); the v1.6 Mistral config has `sliding_window`
+# null (full causal attention), so its preset sets none.
+NEXT_ANYRES = anyres_lib.AnyresConfig()
+# llava-hf/llava-v1.6-mistral-7b-hf: Mistral-7B-Instruct-v0.2 (rope_theta 1e6, 8 KV heads, intermediate
+# 14336, max_position_embeddings 32768), vocab 32064 with <image> = 32000.
+MISTRAL_7B_V02 = TextConfig(intermediate_size=14336, num_kv_heads=8, rope_theta=1e6, max_position_embeddings=32768,
+                            model_type="mistral")
+# llava-hf/llava-v1.6-34b-hf: Nous-Hermes-2-Yi-34B (Llama layout): hidden 7168, 60 layers, 56 / 8 heads,
+# intermediate 20480, rope_theta 5e6, vocab 64064 with <image> = 64000, bos 1, eos 7 (<|im_end|>).
+YI_34B = TextConfig(vocab_size=64064, hidden_size=7168, intermediate_size=20480, num_layers=60, num_heads=56,
+                    num_kv_heads=8, rope_theta=5e6, eos_token_id=7)
+# llava-hf/llama3-llava-next-8b-hf: Meta-Llama-3-8B-Instruct, rope_theta 5e5, 8 KV heads, intermediate 14336,
+# max_position_embeddings 8192, vocab 128320 (128256 + <image> + padding to a multiple of 64), <image> = 128256,
+# bos 128000, eos 128009 (<|eot_id|>).
+LLAMA3_8B = TextConfig(vocab_size=128320, intermediate_size=14336, num_kv_heads=8, rope_theta=5e5,
+                       max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128009)
+LLAVA_NEXT_MISTRAL_7B = LlavaConfig(vision=CLIP_VIT_L14_336, text=MISTRAL_7B_V02, anyres=NEXT_ANYRES)
+LLAVA_NEXT_VICUNA_7B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_7B, anyres=NEXT_ANYRES)
+LLAVA_NEXT_VICUNA_13B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_13B, anyres=NEXT_ANYRES)
+LLAVA_NEXT_34B = LlavaConfig(vision=CLIP_VIT_L14_336, text=YI_34B, image_token_index=64000, anyres=NEXT_ANYRES)
+LLAVA_NEXT_LLAMA3_8B = LlavaConfig(vision=CLIP_VIT_L14_336, text=LLAMA3_8B, image_token_index=128256,
+                                   anyres=NEXT_ANYRES)
 # By name, for configs that need an architecture without a checkpoint (compile-only, benchmarks).
-PRESETS = {"llava-1.5-7b": LLAVA_15_7B, "llava-1.5-13b": LLAVA_15_13B, "llava-v1-7b": LLAVA_V1_7B}
+# "llava-next-7b" is LLaVA-NeXT-7B as issue 20 names it: the Mistral checkpoint.
+PRESETS = {
+    "llava-1.5-7b": LLAVA_15_7B, "llava-1.5-13b": LLAVA_15_13B, "llava-v1-7b": LLAVA_V1_7B,
+    "llava-next-7b": LLAVA_NEXT_MISTRAL_7B, "llava-v1.6-mistral-7b": LLAVA_NEXT_MISTRAL_7B,
+    "llava-v1.6-vicuna-7b": LLAVA_NEXT_VICUNA_7B, "llava-v1.6-vicuna-13b": LLAVA_NEXT_VICUNA_13B,
+    "llava-v1.6-34b": LLAVA_NEXT_34B, "llama3-llava-next-8b": LLAVA_NEXT_LLAMA3_8B,
+}
 
 
 # ---------------------------------------------------------------------------------------------

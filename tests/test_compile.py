@@ -18,7 +18,9 @@ CONFIG = os.path.join(ROOT, "tests", "_train_config.py")
 
 
 def _run(args: list[str], devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": ROOT,
+    # The repository first, then the caller's path (where libtpu may be installed with --target).
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": pythonpath,
            "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -118,3 +120,117 @@ def test_model_clis_turn_the_cache_on_before_loading(tmp_path, monkeypatch):
     for extra in ([], ["--unrolled-layers"]):
         flags.load_pipeline(p.parse_args(["--model-path", "m", "--compilation-cache-dir", str(tmp_path / "c"), *extra]))
     assert calls == [("cache", str(tmp_path / "c")), ("load", None), ("cache", str(tmp_path / "c")), ("load", False)]
+
+
+def _anyres_config(directory: str):
+    """tests/_train_config.py:compile_projector with a tiny anyres model (its tiles, pinpoints up to 2 x 2
+    tiles) written to `directory` as model.init; 2 micro-steps of 2 rows of 64 tokens."""
+    from llava_jax.anyres import AnyresConfig
+    from llava_jax.train import aot
+    from tests._train_config import get_config
+
+    c = get_config("compile_projector")
+    tile = c.model.vision.image_size
+    cfg = aot.model_config(c)
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    pinpoints = ((tile, 2 * tile), (2 * tile, tile), (2 * tile, 2 * tile))
+    cfg.replace(anyres=AnyresConfig(tile_size=tile, grid=grid, pinpoints=pinpoints)).save(directory)
+    c.model.init = directory
+    st = c.stages[0]
+    st.trainable = ["projector/.*"]
+    st.global_batch, st.micro_batch, st.max_length = 4, 2, 64
+    return c
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler to compile with")
+def test_compile_only_of_an_anyres_stage_for_a_tpu_topology(tmp_path):
+    """The tiny anyres stage compiled for a v5e-4 through libtpu (fsdp over 4 chips, 4 rows a micro-batch):
+    it fits, and the arguments hold at least one chip's shard of the tiles and the image_index."""
+    code = (
+        "import sys\n"
+        "from tests.test_compile import _anyres_config\n"
+        "from llava_jax.train import aot\n"
+        "c = _anyres_config(sys.argv[1])\n"
+        "c.mesh.data, c.mesh.fsdp = 1, -1\n"
+        "c.stages[0].global_batch, c.stages[0].micro_batch = 8, 4\n"
+        "r = aot.compile_stage(c, 0, aot.topology_devices('v5e:2x2'))\n"
+        "print(r.line())\n"
+        "print('fits', r.fits, r.argument_bytes)\n"
+    )
+    r = _run(["-c", code, str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    assert "4 x TPU v5 lite, mesh data=1 fsdp=4 tensor=1" in r.stdout
+    fits, argument_bytes = r.stdout.split("fits ")[-1].split()
+    tile = 56  # tests/_train_config.py's tower
+    # A chip's rows: 2 micro-steps of 1 row, each 3 int32 arrays of 64 tokens, 5 float32 tiles, the image_index.
+    batch_shard = 2 * (3 * 64 * 4 + 5 * tile * tile * 3 * 4 + 64 * 4)
+    assert fits == "True" and int(argument_bytes) >= batch_shard, r.stdout
+
+
+@pytest.mark.slow(seconds=5)
+@pytest.mark.parametrize("base_resolution", [False, True])
+def test_compile_only_of_an_anyres_stage_feeds_tiles_and_the_image_index(tmp_path, base_resolution):
+    """LLaVA-NeXT compile-only on one CPU device: a tiny anyres model (56-px tiles, pinpoints up to 2 x 2
+    tiles) from a converted directory (the projector trained, to keep the compile short). The batch holds
+    each row's worst case, base + 4 tiles (one base tile in a `base_resolution` stage, as the loop cuts
+    its data), and the image_index the model places the features by; the compiled step's arguments are
+    the state's bytes plus exactly those arrays' (before: one 56-px slot a row and no image_index, which
+    an anyres model refuses)."""
+    from llava_jax.parallel.mesh import make_mesh
+    from llava_jax.parallel.partition import abstract_sharded_params
+    from llava_jax.train import aot
+    from llava_jax.train.program import rules_from_config, stage_program
+
+    c = _anyres_config(str(tmp_path))
+    tile, st = c.model.vision.image_size, c.stages[0]
+    st.base_resolution = base_resolution
+    report = aot.compile_stage(c, 0)
+    assert report.error is None and report.temp_bytes > 0, report
+
+    loaded = aot.model_config(c)
+    assert loaded.is_anyres and loaded.geometry.max_patches == 5
+    mesh = make_mesh(**c.mesh.to_dict())
+    rules = rules_from_config(c)
+    program = stage_program(loaded, st, mesh, rules, 10, abstract_sharded_params(loaded, mesh, rules))
+    nbytes = lambda tree: sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize  # noqa: E731
+                              for x in jax.tree.leaves(tree))
+    # The state, and the schedule's numbers the step takes as inputs (program.stage_program).
+    state = nbytes(program.state_abstract) + nbytes(program.step.hyper)
+    a, b, t = 2, 2, 64  # micro-steps, rows, tokens
+    text = 3 * a * b * t * 4  # input_ids, labels, attention_mask: int32
+    slots = 1 if base_resolution else 5  # base + 2 x 2 tiles a row
+    pixels = a * b * slots * tile * tile * 3 * 4  # float32
+    image_index = a * b * t * 4
+    assert report.argument_bytes == state + text + pixels + image_index, (report, state)
+
+
+# Language-model parameters of the base checkpoints (their model cards / safetensors indexes, at the
+# base vocabulary), and that vocabulary: the presets add two rows (embedding, LM head) per token beyond it.
+BASE_LLM = {
+    "llava-next-7b": (7_241_732_096, 32000),  # Mistral-7B-Instruct-v0.2
+    "llava-v1.6-vicuna-7b": (6_738_415_616, 32000),  # Vicuna-7B v1.5 (Llama-2-7B)
+    "llava-v1.6-vicuna-13b": (13_015_864_320, 32000),  # Vicuna-13B v1.5 (Llama-2-13B)
+    "llava-v1.6-34b": (34_388_917_248, 64000),  # Yi-34B
+    "llama3-llava-next-8b": (8_030_261_248, 128256),  # Meta-Llama-3-8B-Instruct
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASE_LLM))
+def test_next_presets_have_the_checkpoints_shapes(name):
+    """The LLaVA-NeXT presets compile-only and the benchmarks use: the language model has the base
+    checkpoint's parameter count plus the added vocabulary rows, the image token lies in the vocabulary,
+    and a 672 x 672 image takes the 2928 tokens transformers counts (v1.6 pinpoints, 336-px tiles)."""
+    from llava_jax.config import PRESETS
+    from llava_jax.models.llava import abstract_params
+
+    cfg = PRESETS[name]
+    params = abstract_params(cfg)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["language_model"]))
+    base, base_vocab = BASE_LLM[name]
+    assert count == base + 2 * cfg.text.hidden_size * (cfg.text.vocab_size - base_vocab), (count, base)
+    assert base_vocab <= cfg.image_token_index < cfg.text.vocab_size
+    assert cfg.is_anyres and cfg.image_layout((672, 672)).num_tokens == 2928
+    assert params["image_newline"].shape == (cfg.text.hidden_size,)
+

@@ -9,7 +9,10 @@ No weights and no data are read: the architecture comes from `model.init`'s conf
 directory exists, else from `model.preset` (configs/llava15.py names one), else from the `model`
 fields of a random-init config. The mesh, remat, dtype, micro-batch and global batch are the
 config's, and the step is built by `program.stage_program`, as training builds it. Sequences are
-`max_length` long (the longest bucket, so the memory is the worst case) with one image per row.
+`max_length` long (the longest bucket, so the memory is the worst case) with one image per row; for an
+anyres (LLaVA-NeXT) model that image has the most patches any pinpoint gives (v1.6: base + 2 x 2 tiles;
+one base tile in a `base_resolution` stage) and the batch carries the `image_index` the model places the
+features by.
 
 `compile_topology` needs libtpu (`pip install -e ".[tpu]"`); any host can compile for any
 topology (`v5e:2x4`, `v5e:4x4`, `v5p:2x2x1`, `v6e:2x4`, ...). Without it the step compiles for
@@ -34,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from llava_jax import paths
+from llava_jax.anyres import AnyresConfig
 from llava_jax.config import CONFIG_FILE, PRESETS, LlavaConfig
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.mesh import make_mesh
@@ -144,15 +148,27 @@ def model_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
     return compute_config(cfg, config, stage)
 
 
-def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: int, mesh) -> dict:
-    """The micro-batched global batch the loop feeds the step ([A, b, ...], sharded as `device_batch` does)."""
+def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: int, mesh,
+                   max_images: int = 1, geometry: AnyresConfig | None = None) -> dict:
+    """The micro-batched global batch the loop feeds the step ([A, b, ...], sharded as `device_batch` does).
+
+    `pixel_values` [A, b, S, H, W, 3] holds S = `max_images` x `geometry.max_patches` tile slots a row (the
+    data pipeline's static worst case; `geometry`: the stage's, default the model's): one slot an image for
+    LLaVA-1.5 or a base-resolution stage, base + tiles of the largest pinpoint for anyres. An anyres model's
+    batches add `image_index` [A, b, T] int32 (the feature-table row of each image token), which the step
+    passes to the model.
+    """
     v = cfg.vision
+    rows = (num_micro, micro_batch)
+    slots = max_images * (geometry or cfg.geometry).max_patches
     shapes = {
-        "input_ids": ((num_micro, micro_batch, seq_len), np.int32),
-        "labels": ((num_micro, micro_batch, seq_len), np.int32),
-        "attention_mask": ((num_micro, micro_batch, seq_len), np.int32),
-        "pixel_values": ((num_micro, micro_batch, 1, v.image_size, v.image_size, v.num_channels), np.float32),
+        "input_ids": ((*rows, seq_len), np.int32),
+        "labels": ((*rows, seq_len), np.int32),
+        "attention_mask": ((*rows, seq_len), np.int32),
+        "pixel_values": ((*rows, slots, v.image_size, v.image_size, v.num_channels), np.float32),
     }
+    if cfg.is_anyres:
+        shapes["image_index"] = ((*rows, seq_len), np.int32)
     batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
     return sharded_shapes(batch, batch_shardings(batch, mesh))
 
@@ -178,7 +194,12 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     params = abstract_sharded_params(cfg, mesh, rules)
     total = config.max_steps if config.max_steps > 0 else SCHEDULE_STEPS
     program = stage_program(cfg, stage, mesh, rules, total, params)
-    batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh)
+    # One image a row, cut as the loop cuts the stage's images (data/pipeline.py make_dataset's default
+    # max_images_per_sample=1; a `base_resolution` stage of an anyres model: one base tile an image).
+    from llava_jax.train.loop import stage_geometry
+
+    geometry, _ = stage_geometry(cfg, stage, None, False)
+    batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh, max_images=1, geometry=geometry)
     start = time.time()
     lowered = program.step.lower(program.state_abstract, batch)
     device = mesh.devices.flat[0]
