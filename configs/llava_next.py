@@ -22,6 +22,13 @@
 # An anyres image takes up to 2928 tokens (5 tiles of 576 plus newlines), so rows are long and
 # micro-batches small; check a slice first with --config.compile_only=True --config.compile_topology=...
 #
+# Where 7B stage 2 fits (TPU compiler, full remat, FSDP over every chip, 4096 tokens, the tower trained;
+# BENCHMARKS.md, `python -m bench.compile --table --sizes next-7b --stages 2`). Rows are per chip:
+#   v5p-8 (4 chips):  8 rows, the recipe as it is (77.8 of 95 GiB)
+#   v6e-8:            2 rows, --config.stages[1].micro_batch=16 (30.9 of 31.25 GiB)
+#   v5e-16:           does not fit (1 row a chip needs 16.7 GiB); v5e-32 at 2 rows,
+#                     --config.stages[1].micro_batch=64 (13.9 GiB)
+#
 # `:tiny`: a random tiny NeXT model (28 px tiles of 2 x 2 features, pinpoints of up to 2 x 2 tiles)
 # trained from scratch on the synthetic shapes drawn at varied sizes and aspect ratios; as the tiny
 # LLaVA-1.5 default, stage 1 trains every parameter (there is no pretrained tower) and stage 2 the LLM,
