@@ -20,7 +20,7 @@ from llava_jax.config import ImageProcessorConfig
 from llava_jax.convert import main as convert_main
 from llava_jax.weights.safetensors_io import TensorStore, save_file
 from tests._seeds import fresh_seed
-from tests.test_convert_formats import hf_tensors
+from tests.test_convert_formats import hf_tensors, rename
 from tests.hf_reference import IMAGE_TOKEN, perturb_, random_ids, text_config_dict, vision_config_dict
 
 TILE = 28
@@ -181,14 +181,7 @@ def test_original_next_checkpoint_matches_transformers(tmp_path):
     tensors = hf_tensors(hf, tmp_path / "hf")
     src = tmp_path / "orig"
     os.makedirs(src)
-    renamed = {}
-    for k, v in tensors.items():
-        for a, b in ORIGINAL_NAMES:
-            if k.startswith(a):
-                k = b + k[len(a):]
-                break
-        renamed[k] = v
-    save_file(renamed.items(), str(src / "model.safetensors"))
+    save_file(rename(tensors, ORIGINAL_NAMES).items(), str(src / "model.safetensors"))
     text = json.load(open(tmp_path / "hf" / "config.json"))["text_config"]
     config = {**text, "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
               "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "mm_vision_select_layer": -2,
