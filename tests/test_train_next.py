@@ -164,3 +164,16 @@ def test_base_resolution_stage_feeds_one_tile_an_image():
     one_tile = cfg.replace(anyres=None)
     one_cfg = loop.model_image_config(one_tile, pad_to_square=True)
     assert loop.stage_geometry(one_tile, _stage(base_resolution=True), one_cfg, True) == (one_tile.geometry, one_cfg)
+
+
+def test_a_tokenizer_json_only_model_trains_with_its_tokenizer(tmp_path):
+    """Llama-3 / Qwen2 NeXT directories ship tokenizer.json alone: the run reads it (tokenizer.model wins
+    where both exist, as `Tokenizer.from_pretrained` picks)."""
+    config = _recipe("tiny")
+    config.data.synthetic = False
+    config.data.image_folder = str(tmp_path)
+    config.model.init = str(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert loop.resolve_data(config, str(tmp_path))["tokenizer"] == str(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    assert loop.resolve_data(config, str(tmp_path))["tokenizer"] == str(tmp_path / "tokenizer.model")

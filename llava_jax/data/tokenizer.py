@@ -90,6 +90,14 @@ class Tokenizer(abc.ABC):
         return super().__new__(cls)
 
     @staticmethod
+    def file_in(directory: str) -> str:
+        """The tokenizer file of a model directory: `tokenizer.model` if present, else `tokenizer.json`
+        (`tokenizer.model`'s path when neither is, for the error that opening it gives)."""
+        json_file = os.path.join(directory, HF_TOKENIZER_FILE)
+        model_file = os.path.join(directory, TOKENIZER_FILE)
+        return json_file if not paths.isfile(model_file) and paths.isfile(json_file) else model_file
+
+    @staticmethod
     def from_pretrained(directory: str) -> "Tokenizer":
         """Loads the tokenizer of a model directory: `tokenizer.model` if present, else `tokenizer.json`."""
         for name, backend in ((TOKENIZER_FILE, SentencePieceTokenizer), (HF_TOKENIZER_FILE, HFTokenizer)):

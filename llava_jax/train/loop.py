@@ -81,7 +81,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
         s = d.synthetic_args
         return synthetic.build(os.path.join(workdir, "data"), num_train=s.num_train, num_val=s.num_val,
                                image_size=s.image_size, seed=s.seed, vocab_size=s.vocab_size, sizes=s.sizes)
-    tokenizer = d.tokenizer or os.path.join(config.model.init, "tokenizer.model")  # validate: one of the two is set
+    tokenizer = d.tokenizer or Tokenizer.file_in(config.model.init)  # validate: one of the two is set
     return {"image_folder": d.image_folder, "tokenizer": tokenizer, **({"val": d.val} if d.val else {})}
 
 

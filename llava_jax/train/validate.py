@@ -72,7 +72,7 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
                           "(hidden_size 0): name a converted checkpoint directory in model.init")
     if not config.compile_only and not config.data.synthetic and not config.data.tokenizer and not m.init:
         raise ConfigError("config.data.tokenizer is empty and config.model.init names no directory holding "
-                          "tokenizer.model")
+                          "tokenizer.model or tokenizer.json")
     if not config.stages:
         raise ConfigError("config.stages is empty: a run needs at least one stage")
     names = [s.name for s in config.stages]
