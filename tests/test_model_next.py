@@ -223,14 +223,14 @@ def _family_text_config(family: str):
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "llama3", "vicuna"])
 def test_each_family_with_anyres_images_matches_transformers(tmp_path, family):
-    """Two images of different shapes in one row beside a text-only row and a small image's row."""
+    """A wide and a square image in one row, a text-only row, a smaller-than-a-tile and a tall image in a third."""
     seed = fresh_seed()
     hf = make_next(seed, text_config=_family_text_config(family))
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(str(tmp_path))
     assert ours.config.text.model_type == ("llama" if family in ("llama3", "vicuna") else family)
     rng = np.random.default_rng(seed)
-    ids, mask, px, sizes = batch(rng, ours, [[(30, 90), (100, 100)], [], [(20, 17)]], "left")
+    ids, mask, px, sizes = batch(rng, ours, [[(30, 90), (100, 100)], [], [(20, 17), (90, 30)]], "left")
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(ours(ids, px, mask, image_sizes=sizes).logits)[real],
                                hf_logits(hf, ids, px, sizes, mask)[real], atol=1e-4, rtol=1e-4)
