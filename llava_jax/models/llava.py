@@ -155,8 +155,8 @@ def place_images(
         n = cfg.geometry.tile_tokens
         bad = np.nonzero(counts % n)[0]
         if bad.size:
-            raise ValueError(f"row {bad[0]} of input_ids holds {counts[bad[0]]} image tokens ({cfg.image_token_index}), "
-                             f"not a multiple of the {n} tokens one image takes")
+            raise ValueError(f"row {bad[0]} of input_ids holds {counts[bad[0]]} image tokens "
+                             f"({cfg.image_token_index}), not a multiple of the {n} tokens one image takes")
     rows: list[list[int]] = [[] for _ in counts]
     i = 0
     for b, count in enumerate(counts):
@@ -172,16 +172,19 @@ def place_images(
             i = len(layouts) + 1  # images ran out: reported below with the batch's totals
             break
     if i != len(images):
-        runs = f"{int(counts.sum()) // cfg.geometry.tile_tokens} image placeholder runs of {cfg.geometry.tile_tokens} " \
-            "tokens" if not cfg.is_anyres else f"{int(counts.sum())} image tokens"
-        raise ValueError(f"input_ids hold {runs} but {len(images)} images were given"
-                         + ("" if not cfg.is_anyres else f" (of sizes {[tuple(s) for s in sizes]})"))
+        total, n = int(counts.sum()), cfg.geometry.tile_tokens
+        if cfg.is_anyres:
+            raise ValueError(f"input_ids hold {total} image tokens but {len(images)} images were given "
+                             f"(of sizes {[tuple(s) for s in sizes]})")
+        raise ValueError(f"input_ids hold {total // n} image placeholder runs of {n} tokens "
+                         f"but {len(images)} images were given")
     if not images:
         return None, None
     tiles = [np.asarray(im)[None] if np.ndim(im) == 3 else np.asarray(im) for im in images]
     for j, (t, lay) in enumerate(zip(tiles, layouts)):
         if len(t) < lay.num_patches:
-            raise ValueError(f"image {j} (size {tuple(sizes[j])}) has {len(t)} patches, its layout needs {lay.num_patches}")
+            raise ValueError(f"image {j} (size {tuple(sizes[j])}) has {len(t)} patches; its layout needs "
+                             f"{lay.num_patches}")
     need = max(sum(layouts[j].num_patches for j in r) for r in rows)
     slots = need if slots is None else slots
     if slots < need:
