@@ -689,7 +689,7 @@ class ImageProcessorConfig:
             hf = _read_json(hf_path)
             cfg = _from_hf_json(hf, hf_path)
             if not cfg.grid_pinpoints and llava is not None and "image_aspect_ratio" in llava:
-                pinpoints = _llava_anyres(llava, llava_path, cfg.size)
+                pinpoints = original_grid_pinpoints(llava, llava_path, cfg.size)
                 if pinpoints:
                     cfg = _validated(llava_path, "image_grid_pinpoints", dataclasses.replace, cfg,
                                      pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original")
@@ -737,11 +737,11 @@ def _validated(path: str, key: str | None, make, *args, **kwargs):
 
 def _aspect_ratio_pads(image_aspect_ratio: str | None) -> bool:
     # Original LLaVA: only "pad" pads; "square", None or anything else goes straight to the processor
-    # (anyres is read by _llava_anyres before this is asked).
+    # (anyres is read by original_grid_pinpoints before this is asked).
     return image_aspect_ratio == "pad"
 
 
-def _llava_anyres(d: dict[str, Any], path: str, tile_size: int) -> tuple[tuple[int, int], ...]:
+def original_grid_pinpoints(d: dict[str, Any], path: str, tile_size: int) -> tuple[tuple[int, int], ...]:
     """The grid pinpoints an original LLaVA-NeXT config.json tiles by (as written: (width, height)); () if none.
 
     The original's string form "(1x1),...,(3x3)" counts tiles of the processor's `size` (its train.py).
@@ -810,7 +810,7 @@ def _from_llava_config(d: dict[str, Any], path: str) -> ImageProcessorConfig:
         raise ValueError(f"{path} has no mm_vision_tower: not an original LLaVA config, and no {PREPROCESSOR_CONFIG}")
     # openai/clip-vit-large-patch14-336 -> 336 px; the plain ViT-L/14 is 224 px.
     size = 336 if str(tower).rstrip("/").endswith("-336") else 224
-    pinpoints = _llava_anyres(d, path, size)
+    pinpoints = original_grid_pinpoints(d, path, size)
     if pinpoints:
         return _validated(path, "image_grid_pinpoints", ImageProcessorConfig, size=size, crop_size=size,
                           pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original")

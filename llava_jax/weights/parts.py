@@ -17,7 +17,6 @@ from typing import Iterator
 import flax.traverse_util as tu
 import numpy as np
 
-from llava_jax import anyres as anyres_lib
 from llava_jax import paths
 from llava_jax.anyres import AnyresConfig
 from llava_jax.config import (
@@ -28,6 +27,7 @@ from llava_jax.config import (
     TextConfig,
     VisionConfig,
     llava_config_from_hf,
+    original_grid_pinpoints,
     text_config_from_hf,
     vision_config_from_hf,
 )
@@ -128,23 +128,15 @@ def original_llava_config(c: dict, vision: VisionConfig, path: str, image_token_
 
 def original_anyres(c: dict, cfg: LlavaConfig, path: str) -> AnyresConfig | None:
     """LLaVA-NeXT's tiling from an original config.json (`image_aspect_ratio: anyres`, `mm_patch_merge_type`,
-    `image_grid_pinpoints` as (width, height) pairs); None for LLaVA-1.5's one tile ("pad" / "square")."""
-    aspect = c.get("image_aspect_ratio") or "square"
-    if not str(aspect).startswith("anyres"):
-        return None
-    merge = c.get("mm_patch_merge_type", "flat")
-    if aspect != "anyres" or merge != "spatial_unpad":
-        raise CheckpointError(f"{path}: image_aspect_ratio {aspect!r} with mm_patch_merge_type {merge!r} is not "
-                              "supported (LLaVA-NeXT's anyres with spatial_unpad is)")
+    `image_grid_pinpoints` as (width, height) pairs, read as the image settings read them); None for
+    LLaVA-1.5's one tile ("pad" / "square")."""
     flat = cfg.geometry
+    pins = _wrap(original_grid_pinpoints, c, path, flat.tile_size)
+    if not pins:
+        return None
     if flat.extra_tokens:
         raise CheckpointError(f"{path}: anyres needs mm_vision_select_feature 'patch' (the CLS token dropped)")
-    pins = c.get("image_grid_pinpoints") or anyres_lib.V16_PINPOINTS
-    try:
-        return AnyresConfig(flat.tile_size, flat.grid, anyres_lib.parse_pinpoints(pins, flat.tile_size),
-                            convention="original")
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    return _wrap(AnyresConfig, flat.tile_size, flat.grid, pins, "spatial_unpad", "original")
 
 
 def projector_type_of(keys, prefix: str = "model.mm_projector.") -> str | None:
