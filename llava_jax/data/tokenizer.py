@@ -100,15 +100,14 @@ class Tokenizer(abc.ABC):
     @staticmethod
     def from_pretrained(directory: str) -> "Tokenizer":
         """Loads the tokenizer of a model directory: `tokenizer.model` if present, else `tokenizer.json`."""
-        for name, backend in ((TOKENIZER_FILE, SentencePieceTokenizer), (HF_TOKENIZER_FILE, HFTokenizer)):
-            path = os.path.join(directory, name)
-            if paths.isfile(path):
-                return backend(path)
-        present = paths.listdir(directory) if paths.isdir(directory) else "directory does not exist"
-        raise FileNotFoundError(
-            f"No {TOKENIZER_FILE} (sentencepiece) or {HF_TOKENIZER_FILE} (Hugging Face tokenizers) in "
-            f"{directory!r} (found: {present})"
-        )
+        path = Tokenizer.file_in(directory)
+        if not paths.isfile(path):
+            present = paths.listdir(directory) if paths.isdir(directory) else "directory does not exist"
+            raise FileNotFoundError(
+                f"No {TOKENIZER_FILE} (sentencepiece) or {HF_TOKENIZER_FILE} (Hugging Face tokenizers) in "
+                f"{directory!r} (found: {present})"
+            )
+        return Tokenizer(path)
 
     @abc.abstractmethod
     def save(self, directory: str) -> str:

@@ -43,13 +43,17 @@ def save_param_batches(batches: Iterable[dict], directory: str) -> int:
             for batch in batches:
                 flat.update(tu.flatten_dict(mapping.unstack_layers(batch)))
             ocp.save(directory, tu.unflatten_dict(flat))
-            return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in flat.values())
+            return _nbytes(flat.values())
         for batch in batches:
             batch = mapping.unstack_layers(batch)
             ocp.partial.save(directory, batch)
-            total += sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))
+            total += _nbytes(jax.tree.leaves(batch))
         ocp.partial.finalize(directory)
     return total
+
+
+def _nbytes(arrays: Iterable) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in arrays)
 
 
 def _saving_context():
