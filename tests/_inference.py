@@ -17,7 +17,7 @@ import torch
 from llava_jax.data.image import ImageProcessorConfig
 from llava_jax.data.tokenizer import Tokenizer
 from tests import _spm
-from tests.hf_reference import perturb_, text_config_dict, vision_config_dict
+from tests.hf_reference import NEXT_PINPOINTS, NEXT_TILE, make_next, perturb_, text_config_dict, vision_config_dict
 
 SPM_VOCAB = 400
 IMAGE_TOKEN = SPM_VOCAB  # right after the sentencepiece pieces, as 32000 in llava-hf
@@ -99,8 +99,6 @@ def hf_generate(
 
 # --- LLaVA-NeXT (anyres): 28 px tiles of 2 x 2 features, the v1.6 pinpoints scaled to 28 px -----------------
 
-NEXT_TILE = 28
-NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 
 
 def train_bpe_tokenizer(directory: str) -> tuple[str, int]:
@@ -120,21 +118,11 @@ def train_bpe_tokenizer(directory: str) -> tuple[str, int]:
 
 def make_hf_next(seed: int, *, vocab: int, image_token: int, bos: int, eos: int, max_positions: int = 256):
     """A perturbed tiny `LlavaNextForConditionalGeneration` (float32, Llama text) with the given vocabulary."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
     text = text_config_dict(vocab=vocab, layers=2, hidden=64, heads=4, kv_heads=2)
     text.update(max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos, pad_token_id=0)
-    cfg = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**vision_config_dict(layers=2, image_size=NEXT_TILE)),
-        text_config=LlamaConfig(**text),
-        image_token_index=image_token,
-        image_grid_pinpoints=NEXT_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    return perturb_(LlavaNextForConditionalGeneration(cfg), seed)
+    return make_next(seed, text_config=LlamaConfig(**text), vision_layers=2, image_token=image_token)
 
 
 def make_next_model_dir(path: str, seed: int = 0) -> tuple[str, object]:

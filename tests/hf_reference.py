@@ -98,6 +98,32 @@ def make_llava(
     return perturb_(model, seed), n_img
 
 
+# LLaVA-NeXT in tiny: CLIP 28 px tiles of 2 x 2 features, the v1.6 pinpoints scaled to 28 px tiles.
+NEXT_TILE = 28
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def make_next(seed: int, *, text_config=None, pinpoints=NEXT_PINPOINTS, vision_hidden=32, vision_heads=4,
+              vision_layers=3, image_token=IMAGE_TOKEN):
+    """A perturbed tiny `LlavaNextForConditionalGeneration` (float32; CLIP + `text_config`, a Llama by default)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tc = text_config if text_config is not None else LlamaConfig(**text_config_dict())
+    vision = vision_config_dict(layers=vision_layers, image_size=NEXT_TILE, hidden=vision_hidden, heads=vision_heads)
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=tc,
+        image_token_index=image_token,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=getattr(tc, "tie_word_embeddings", False),
+    )
+    return perturb_(LlavaNextForConditionalGeneration(cfg), seed)
+
+
 def random_ids(rng: np.random.Generator, length: int) -> np.ndarray:
     """Text token ids that avoid the image token and the pad id."""
     return rng.integers(3, IMAGE_TOKEN, size=length)

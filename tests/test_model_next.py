@@ -21,30 +21,10 @@ from llava_jax.convert import main as convert_main
 from llava_jax.weights.safetensors_io import TensorStore, save_file
 from tests._seeds import fresh_seed
 from tests.test_convert_formats import hf_tensors, rename
-from tests.hf_reference import IMAGE_TOKEN, perturb_, random_ids, text_config_dict, vision_config_dict
+from tests.hf_reference import IMAGE_TOKEN, NEXT_PINPOINTS, NEXT_TILE, make_next, random_ids, text_config_dict
 
-TILE = 28
-PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # the v1.6 list in 28 px tiles
+TILE, PINPOINTS = NEXT_TILE, NEXT_PINPOINTS  # the v1.6 list in 28 px tiles
 MAX_PATCHES = 5
-
-
-def make_next(seed: int, *, text_config=None, pinpoints=PINPOINTS, vision_hidden=32, vision_heads=4):
-    """A perturbed tiny `LlavaNextForConditionalGeneration` (CLIP + the given text config, Llama by default)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    torch.manual_seed(seed)
-    tc = text_config if text_config is not None else LlamaConfig(**text_config_dict())
-    cfg = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**vision_config_dict(image_size=TILE, hidden=vision_hidden, heads=vision_heads)),
-        text_config=tc,
-        image_token_index=IMAGE_TOKEN,
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=getattr(tc, "tie_word_embeddings", False),
-    )
-    return perturb_(LlavaNextForConditionalGeneration(cfg), seed)
 
 
 def hf_logits(model, ids, pixel_values, image_sizes, mask) -> np.ndarray:
@@ -167,7 +147,8 @@ def test_convert_and_export_next_round_trip(tmp_path, tiny_spm_dir):
 
 
 # LLaVA-NeXT's own checkpoint names (llava/model/llava_arch.py): the LLM's, plus these.
-ORIGINAL_NAMES = [("vision_tower.", "model.vision_tower.vision_tower.vision_model."), ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+ORIGINAL_NAMES = [("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                  ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
                   ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline"),
                   ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                   ("language_model.", "model."), ("lm_head.", "lm_head.")]
@@ -185,7 +166,8 @@ def test_original_next_checkpoint_matches_transformers(tmp_path):
     text = json.load(open(tmp_path / "hf" / "config.json"))["text_config"]
     config = {**text, "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
               "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "mm_vision_select_layer": -2,
-              "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+              "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres",
+              "mm_patch_merge_type": "spatial_unpad",
               "image_grid_pinpoints": PINPOINTS}  # the same JSON list as llava-hf, read as (width, height)
     json.dump(config, open(src / "config.json", "w"))
     dst = str(tmp_path / "ours")
