@@ -17,6 +17,7 @@ import pytest
 from llava_jax.train import defaults, flops, loop
 from llava_jax.train.optimizer import learning_rate_groups, make_optimizer
 from llava_jax.train.validate import ConfigError, validate
+from tests.test_train_loop import _losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,16 +27,6 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     return recipe.get_config(arg)
-
-
-def _losses(workdir) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if "loss" in r:
-                out[r["step"]] = r["loss"]
-    return out
 
 
 @pytest.mark.slow(seconds=45)
