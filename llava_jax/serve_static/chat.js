@@ -63,9 +63,10 @@ async function loadModels() {
       })
     );
     if (models.some((m) => m.id === previous)) select.value = previous;
+    if (chat.controller) return; // an answer is streaming: the status line is its
     setStatus(models.length ? "Ready" : "The server lists no model", models.length ? "ready" : "error");
   } catch (e) {
-    setStatus("Could not list the models: " + e.message, "error");
+    if (!chat.controller) setStatus("Could not list the models: " + e.message, "error");
   }
 }
 
