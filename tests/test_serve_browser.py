@@ -305,7 +305,8 @@ def test_page_shows_a_refused_request_and_keeps_the_question(server, page, tmp_p
         wait_for(driver, lambda d: status(d)[0] == "ready", "the model list with the key")
         driver.find_element(By.ID, "send").click()
         wait_answers(driver, 1)
-        messages = [{"role": "user", "content": [image_part(images["b.png"]), {"type": "text", "text": "Describe it."}]}]
+        question = [image_part(images["b.png"]), {"type": "text", "text": "Describe it."}]
+        messages = [{"role": "user", "content": question}]
         assert last_request(driver)["messages"] == messages
         assert driver.find_elements(By.CSS_SELECTOR, "#messages .message.error") == []
         assert answers(driver) == [greedy(url, messages)["choices"][0]["message"]["content"]]

@@ -48,6 +48,14 @@ async function responseError(response) {
   return new ChatError(`${message || response.statusText} [HTTP ${response.status}]${hint}`);
 }
 
+/** What to tell the user about a failure. */
+function readable(e) {
+  if (e instanceof ChatError) return e.message;
+  // fetch fails with a TypeError when the server cannot be reached at all.
+  if (e instanceof TypeError) return `could not reach the server (${e.message})`;
+  return `${e.name}: ${e.message}`;
+}
+
 async function loadModels() {
   const select = $("model");
   const previous = select.value;
@@ -66,7 +74,7 @@ async function loadModels() {
     if (chat.controller) return; // an answer is streaming: the status line is its
     setStatus(models.length ? "Ready" : "The server lists no model", models.length ? "ready" : "error");
   } catch (e) {
-    if (!chat.controller) setStatus("Could not list the models: " + e.message, "error");
+    if (!chat.controller) setStatus("Could not list the models: " + readable(e), "error");
   }
 }
 
@@ -284,7 +292,7 @@ async function ask(params) {
     if (stopped) {
       setStatus("Stopped", "stopped");
     } else {
-      const message = e instanceof ChatError ? e.message : `${e.name}: ${e.message}`;
+      const message = readable(e);
       showError(message);
       setStatus("Error: " + message, "error");
     }
