@@ -1,7 +1,8 @@
 """The package's layering: lower layers never import upper ones, no import cycles, and light imports stay light.
 
 Layers, bottom to top (issue 19): `paths`/`config` (with the pure helpers `anyres`, `cli` and `progress`), `models`, `weights`, `data`, `parallel`, `train`,
-`inference`, `eval`, `serve` (the HTTP server, issue 21), then the entry points (`llava_jax/*.py`, every `__main__`). A module may import its
+`inference`, `eval`, `serve` (the HTTP server, issue 21), then the entry points (`llava_jax/*.py`, every
+`__main__`). A module may import its
 own layer or any below it. Every import counts: module level or inside a function, `import x`,
 `from x import y`, relative ones, `importlib.import_module("literal")`, and those under `TYPE_CHECKING`
 (a type that names an upper layer is still a dependency on it).
