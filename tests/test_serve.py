@@ -25,6 +25,8 @@ import pytest
 
 from llava_jax.data.templates import render_prompt
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.serve.app import STATIC_DIR, _static_file
+from llava_jax.serve.openai_schema import ApiError
 from tests._inference import IMAGE_TOKEN, NUM_IMAGE_TOKENS, make_model_dir, write_image
 from tests._seeds import fresh_seed
 
@@ -205,6 +207,14 @@ def _big_image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _huge_image_url() -> str:
+    """A PNG of a few kilobytes that would decode to over PIL.Image.MAX_IMAGE_PIXELS pixels."""
+    side = int(PIL.Image.MAX_IMAGE_PIXELS ** 0.5) + 10
+    buf = io.BytesIO()
+    PIL.Image.new("1", (side, side)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def test_bad_requests_get_openai_errors(model_dir, server):
     """Each bad request gets its status, OpenAI's error object and the offending param; the server stays healthy."""
     d, images = model_dir
@@ -226,6 +236,7 @@ def test_bad_requests_get_openai_errors(model_dir, server):
         (body(messages=image("data:image/png;base64,@@@not base64@@@")), 400, "messages[0].content[0].image_url",
          None),
         (body(messages=image(_not_an_image())), 400, "messages[0].content[0].image_url", None),
+        (body(messages=image(_huge_image_url())), 400, "messages[0].content[0].image_url", None),
         (body(messages=image("https://example.com/cat.png")), 400, "messages[0].content[0].image_url",
          "image_url_not_supported"),
         (body(messages=[image_message(images[0], "a"), {"role": "assistant", "content": "b"},
@@ -282,6 +293,38 @@ def test_api_key_and_models(model_dir, server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_seeded_sampling_repeats(server, client):
+    """temperature > 0 with a seed gives the same answer again; another seed another answer."""
+    def ask(seed):
+        answer = client.chat.completions.create(model="llava-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                temperature=1.0, top_p=0.95, max_tokens=8, seed=seed)
+        return answer.choices[0].message.content
+
+    first = ask(7)
+    assert ask(7) == first
+    assert ask(8) != first
+
+
+def test_web_page_route(server, tmp_path):
+    """`/` serves llava_jax/serve_static/index.html when installed, else a 404 saying so; `/static/...` never
+    leaves that folder."""
+    r = httpx.get(f"{server.url}/", timeout=30)
+    if os.path.isfile(os.path.join(STATIC_DIR, "index.html")):
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    else:
+        assert r.status_code == 404 and "serve_static" in r.json()["error"]["message"]
+    r = httpx.get(f"{server.url}/static/..%2F..%2Fsetup.py", timeout=30)
+    assert r.status_code == 404
+    (tmp_path / "index.html").write_text("<html>hello</html>")
+    (tmp_path / "app.js").write_text("// js")
+    assert _static_file(str(tmp_path), "index.html").path == str(tmp_path / "index.html")
+    assert _static_file(str(tmp_path), "app.js").path == str(tmp_path / "app.js")
+    for bad in ("../index.html", "missing.css", "/etc/passwd", ""):
+        with pytest.raises(ApiError) as e:
+            _static_file(str(tmp_path), bad)
+        assert e.value.status == 404
 
 
 def test_metrics_count_requests_and_tokens(model_dir, server):

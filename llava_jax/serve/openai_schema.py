@@ -228,7 +228,15 @@ def decode_image(url: str, param: str) -> PIL.Image.Image:
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, f"{param}: invalid base64 ({e})", param) from None
     try:
-        # load_image catches PIL's DecompressionBombError (an image over twice MAX_IMAGE_PIXELS) too.
+        # The header first: PIL only warns between MAX_IMAGE_PIXELS and twice that, and would decode it.
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            pixels = img.width * img.height
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
+        raise ApiError(400, f"{param}: not a readable image ({type(e).__name__}: {e})", param) from None
+    if PIL.Image.MAX_IMAGE_PIXELS and pixels > PIL.Image.MAX_IMAGE_PIXELS:
+        raise ApiError(400, f"{param}: the image has {pixels} pixels; the limit is {PIL.Image.MAX_IMAGE_PIXELS}",
+                       param)
+    try:
         return load_image(io.BytesIO(data), name=param)
     except ValueError as e:  # ImageError
         raise ApiError(400, f"{param}: not a readable image ({str(e).split(': ', 1)[-1]})", param) from None
