@@ -183,8 +183,15 @@ def create_app(
         loop = asyncio.get_running_loop()
         prompt, params = await loop.run_in_executor(None, build, req)
         reply = _Reply(req, request, model_name, metrics, arrived)
+
+        def listener(event: Delta | Finished) -> None:  # on the engine's thread: hand over, never block
+            try:
+                loop.call_soon_threadsafe(reply.on_event, event)
+            except RuntimeError:  # the event loop has closed (a forced exit): nobody is waiting
+                pass
+
         try:
-            handle = slots.submit(prompt, params, listener=lambda ev: loop.call_soon_threadsafe(reply.on_event, ev))
+            handle = slots.submit(prompt, params, listener=listener)
         except InputError as e:
             raise schema.ApiError(400, str(e), "messages") from None
         except ValueError as e:
