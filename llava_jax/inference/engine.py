@@ -626,11 +626,12 @@ class Engine:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def prefill(self, batch: Batch, params: SamplingParams, *, num_new: int | None = None,
-                window: int | None = None) -> DecodeState:
+                window: int | None = None, greedy: bool | None = None) -> DecodeState:
         """Run the prompts (and images) through the model into a fresh cache; picks the first token.
 
         `num_new` (default the batch's budget) sizes the token buffers; `window` (default `self.window`) the
-        cache slots after the prompt (0: the prompt alone, for `insert`).
+        cache slots after the prompt (0: the prompt alone, for `insert`); `greedy` (default `params.greedy`):
+        False compiles the program that samples, where a row of temperature 0 still takes its argmax.
         """
         b = batch.ids.shape[0]
         num_new = batch.num_new if num_new is None else num_new
@@ -648,7 +649,7 @@ class Engine:
                 batch.image_index,
                 num_new=num_new,
                 window=self.window(num_new) if window is None else window,
-                greedy=params.greedy,
+                greedy=params.greedy if greedy is None else greedy,
                 rules=self.rules,
                 int8=self.int8,
             )
