@@ -86,11 +86,12 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
     t, num_new, window = _buckets(prompt, new)
     v = cfg.vision
-    warp = {k: spec((), x.dtype) for k, x in SamplingParams().warp_args().items()}  # shapes: nothing runs on a chip
+    warp = {k: spec((batch,), x.dtype) for k, x in SamplingParams().warp_args(batch).items()}  # shapes: nothing runs
     # One image a row: LLaVA-1.5's one slot, or an anyres image's tile slots (Engine.tile_slots of one image).
     slots = cfg.geometry.max_patches
     args = (params, spec((batch, t), np.int32), spec((batch, slots, v.image_size, v.image_size, 3), jnp.bfloat16),
-            spec((batch, t), np.int32), spec((batch,), np.uint32), spec((batch,), np.int32), warp, spec((), np.int32),
+            spec((batch, t), np.int32), spec((batch,), np.uint32), spec((batch,), np.int32), warp,
+            spec((batch, engine_lib.MAX_END_IDS), np.int32),
             spec((batch, t), np.int32) if cfg.is_anyres else None)
     module = Llava(cfg)
     out = []
@@ -99,7 +100,7 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
                                                 rules=rules, int8=int8)
         prefill = lowered.compile()
         state = sharded_shapes(lowered.out_info, prefill.output_shardings)
-        decode = engine_lib.decode_loop.lower(module, params, state, spec((), np.int32), warp, spec((), np.int32),
+        decode = engine_lib.decode_loop.lower(module, params, state, spec((), np.int32), spec((), np.int32),
                                               greedy=True, rules=rules, int8=int8).compile()
     chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)
     for name, compiled in (("prefill", prefill), ("decode", decode)):

@@ -249,7 +249,7 @@ def test_engine_prefill_lowers_for_tpu_with_splash():
     params = abstract_sharded_params(cfg, mesh, rules)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)  # noqa: E731
     args = (params, spec((2, 256), np.int32), spec((2, 1, 56, 56, 3), jnp.bfloat16), spec((2, 256), np.int32),
-            spec((2,), np.uint32), spec((2,), np.int32), SamplingParams().warp_args(), jnp.int32(2))
+            spec((2,), np.uint32), spec((2,), np.int32), SamplingParams().warp_args(2), spec((2, 4), np.int32))
     with target_platform("tpu"), jax.set_mesh(mesh):
         lowered = prefill_step.lower(Llava(cfg), *args, num_new=16, window=16, greedy=True, rules=tuple(rules))
         text = lowered.compile().as_text()

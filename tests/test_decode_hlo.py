@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.inference.engine import DecodeState, decode_loop
+from llava_jax.inference.engine import MAX_END_IDS, DecodeState, decode_loop
 from llava_jax.inference.sampling import SamplingParams
 from llava_jax.models.llava import Llava, abstract_params
 
@@ -81,15 +81,15 @@ def _decode_hlo(cfg: LlavaConfig) -> str:
     t = cfg.text
     slots = T + W
     cache = {n: sds((t.num_layers, B, t.num_kv_heads, slots, t.head_dim), jnp.float32) for n in "kv"}
+    warp = {k: sds((B,), x.dtype) for k, x in SamplingParams(max_new_tokens=N).warp_args(B).items()}
     state = DecodeState(
         cache=cache, kv_mask=sds((B, slots), jnp.int32), tokens=sds((B, N), jnp.int32),
         logprobs=sds((B, N), jnp.float32), positions=sds((B,), jnp.int32), done=sds((B,), jnp.bool_),
-        step=sds((), jnp.int32), seeds=sds((B,), jnp.uint32), limits=sds((B,), jnp.int32),
-        prompt_len=sds((), jnp.int32),
+        step=sds((B,), jnp.int32), seeds=sds((B,), jnp.uint32), limits=sds((B,), jnp.int32),
+        base=sds((B,), jnp.int32), warp=warp, end_ids=sds((B, MAX_END_IDS), jnp.int32),
     )
-    warp = SamplingParams(max_new_tokens=N).warp_args()
-    lowered = decode_loop.lower(Llava(cfg), abstract_params(cfg), state, sds((), jnp.int32), warp,
-                                sds((), jnp.int32), greedy=True)
+    lowered = decode_loop.lower(Llava(cfg), abstract_params(cfg), state, sds((), jnp.int32), sds((), jnp.int32),
+                                greedy=True)
     return lowered.compile().as_text()
 
 

@@ -237,3 +237,22 @@ def test_a_special_token_stop_string_ends_the_answer(pipe):
     cut = free.index(special) + 1
     assert done.token_ids == free[:cut] and done.finish_reason == "stop"
     assert streamed.token_ids == free[:cut] and [d.token_id for d in deltas] == free[:cut]
+
+
+@pytest.mark.slow(seconds=12)
+def test_slot_engine_serves_anyres_images_as_generate_alone(pipe):
+    """Anyres requests of different image sizes and counts joining the slot engine: each answer is the engine's
+    for that prompt alone (the prefill places its tiles; decoding shares the rows)."""
+    from llava_jax.inference.slots import SlotEngine
+
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    prompts = [_prompt(rng, pipe, [(30, 90)]), _prompt(rng, pipe, [(61, 45)], 4), _prompt(rng, pipe, [(90, 30)], 2)]
+    slots = SlotEngine(pipe.engine, max_batch=2, steps_per_call=2).start()
+    try:
+        handles = [slots.submit(p, GREEDY) for p in prompts]
+        for k, (p, h) in enumerate(zip(prompts, handles)):
+            assert h.result(timeout=120).token_ids == pipe.engine.generate([p], GREEDY)[0].token_ids, \
+                f"request {k} (seed {seed})"
+    finally:
+        slots.stop(drain=False, timeout=60)

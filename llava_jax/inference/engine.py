@@ -111,18 +111,22 @@ class Completion:
 
 
 class DecodeState(NamedTuple):
-    """Everything the decode loop carries; a pytree that crosses the jit boundary (donated)."""
+    """Everything the decode loop carries, one row per prompt (a slot of the slot engine); a pytree that crosses
+    the jit boundary (donated). Rows are independent: each has its own length, position, step, sampling knobs and
+    end ids, so a row can be inserted into a running batch (`insert`) or freed while the others decode."""
 
-    cache: Cache  # {"k", "v"}: [L, B, K, S, H] each (all layers stacked), S = T + W (the window)
+    cache: Cache  # {"k", "v"}: [L, B, K, S, H] each (all layers stacked)
     kv_mask: jax.Array  # [B, S] int32, 1 = slot holds a real token
     tokens: jax.Array  # [B, N] int32 generated tokens (pad after a row is done)
     logprobs: jax.Array  # [B, N] float32
     positions: jax.Array  # [B] int32 position of the last generated token (the next one to feed)
     done: jax.Array  # [B] bool
-    step: jax.Array  # [] int32 tokens generated so far (same for every row)
+    step: jax.Array  # [B] int32 tokens this row has generated
     seeds: jax.Array  # [B] uint32
     limits: jax.Array  # [B] int32 tokens this row may generate
-    prompt_len: jax.Array  # [] int32 T, the prompt slots (the window is S - T)
+    base: jax.Array  # [B] int32 the slot of the row's first generated token (its prompt's slots end there)
+    warp: dict[str, jax.Array]  # temperature, top_k, top_p: [B] each (temperature 0: greedy)
+    end_ids: jax.Array  # [B, MAX_END_IDS] int32 ids that end the row's answer (-1: none)
 
 
 @dataclasses.dataclass
@@ -193,8 +197,8 @@ def _decode_logits(m: Llava, ids, positions, kv_mask, cache, cache_index):
 # --- pure functions at the jit boundary ----------------------------------------------------------
 
 
-def _is_stop(token: jax.Array, end_ids: jax.Array) -> jax.Array:  # [B], [K] (or one id []) -> [B] bool
-    return jnp.any(token[:, None] == jnp.atleast_1d(end_ids)[None, :], axis=-1)
+def _is_stop(token: jax.Array, end_ids: jax.Array) -> jax.Array:  # [B], [B, K] -> [B] bool
+    return jnp.any(token[:, None] == end_ids, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "num_new", "window", "greedy", "rules", "int8"))
@@ -206,8 +210,8 @@ def prefill_step(
     mask: jax.Array,  # [B, T] int32
     seeds: jax.Array,  # [B] uint32
     limits: jax.Array,  # [B] int32
-    warp: dict[str, jax.Array],
-    eos_id: jax.Array,  # [K] int32: ids that end an answer (-1: none)
+    warp: dict[str, jax.Array],  # [B] each
+    end_ids: jax.Array,  # [B, K] int32: ids that end each row's answer (-1: none)
     image_index: jax.Array | None = None,  # [B, T] int32, anyres only
     *,
     num_new: int,
@@ -218,9 +222,10 @@ def prefill_step(
 ) -> DecodeState:
     """Prompts (and images) into a fresh cache of T + window slots; the first token of each row.
 
-    Token buffers hold the whole budget (`num_new`); the cache only the first window. `rules`:
-    the logical-axis rules of the mesh the call runs on (`Engine(mesh=...)`), None on one device.
-    `int8`: `params` hold int8 kernels (`inference/quant.py`). `image_index`: see `Llava.embed`.
+    Token buffers hold the whole budget (`num_new`); the cache only the first window (0: the prompt alone, as
+    the slot engine takes it to `insert`). `rules`: the logical-axis rules of the mesh the call runs on
+    (`Engine(mesh=...)`), None on one device. `int8`: `params` hold int8 kernels (`inference/quant.py`).
+    `image_index`: see `Llava.embed`.
     """
     with _rules(rules), int8_matmuls(int8):
         cfg = module.cfg
@@ -240,11 +245,13 @@ def prefill_step(
         tokens=jnp.full((b, num_new), cfg.text.pad_token_id, jnp.int32).at[:, 0].set(first),
         logprobs=jnp.zeros((b, num_new), jnp.float32).at[:, 0].set(logprob),
         positions=positions[:, -1] + 1,
-        done=_is_stop(first, eos_id) | (limits <= 1),
-        step=jnp.int32(1),
+        done=_is_stop(first, end_ids) | (limits <= 1),
+        step=jnp.ones((b,), jnp.int32),
         seeds=seeds,
         limits=limits,
-        prompt_len=jnp.int32(t),
+        base=jnp.full((b,), t, jnp.int32),
+        warp=warp,
+        end_ids=end_ids,
     )
 
 
@@ -253,49 +260,61 @@ def decode_loop(
     module: Llava,
     params: Any,
     state: DecodeState,
-    stop_at: jax.Array,  # [] int32: stop once this many tokens exist
-    warp: dict[str, jax.Array],
-    eos_id: jax.Array,  # [K] int32
+    stop_at: jax.Array,  # [] int32: a row pauses once it has this many tokens
+    max_steps: jax.Array,  # [] int32: decode steps this call takes at most
     *,
     greedy: bool,
     rules: rules_lib.Rules | None = None,
     int8: bool = False,
 ) -> DecodeState:
-    """Decode steps in a `lax.while_loop` until every row is done, `stop_at` tokens exist, or the
-    cache window is full (the next token's k/v would not fit: `grow_cache`, then call again)."""
+    """Decode steps in a `lax.while_loop`. A row decodes while it is not done and has fewer than `stop_at`
+    tokens; the loop ends when no row decodes, after `max_steps` steps, or when a decoding row's next token
+    would not fit the cache (`grow_cache`, then call again).
+
+    Each row writes its previous token's k/v at its own slot (`base + step - 1`) and samples with its own knobs,
+    so rows of different lengths share the step: what `Engine.generate` runs for a batch of prompts and the
+    slot engine for requests that came at different times.
+    """
     b, n = state.tokens.shape
-    slots = state.kv_mask.shape[1]  # S = T + W
-    pad = module.cfg.text.pad_token_id
+    slots = state.kv_mask.shape[1]
+    rows = jnp.arange(b)
 
-    def cond(st: DecodeState):
-        return (st.step < stop_at) & ~jnp.all(st.done) & (st.prompt_len + st.step - 1 < slots)
+    def decoding(st: DecodeState) -> jax.Array:  # [B] bool
+        return ~st.done & (st.step < stop_at)
 
-    def body(st: DecodeState) -> DecodeState:
-        slot = st.prompt_len + st.step - 1  # where the previous token's k/v go
-        prev = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)  # [B, 1]
-        kv_mask = jax.lax.dynamic_update_slice(st.kv_mask, jnp.ones((b, 1), jnp.int32), (0, slot))
+    def cond(carry):
+        st, taken = carry
+        live = decoding(st)
+        fits = ~live | (st.base + st.step - 1 < slots)
+        return (taken < max_steps) & jnp.any(live) & jnp.all(fits)
+
+    def body(carry):
+        st, taken = carry
+        live = decoding(st)
+        # The previous token's k/v go to the row's next slot; a row not decoding writes nothing (index past the end).
+        slot = jnp.where(live, st.base + st.step - 1, slots)
+        prev = jnp.take_along_axis(st.tokens, (st.step - 1)[:, None], axis=1)  # [B, 1]
+        kv_mask = st.kv_mask.at[rows, slot].set(1, mode="drop")
         logits, cache = module.apply(
             {"params": params}, prev, st.positions[:, None], kv_mask, st.cache, slot, method=_decode_logits
         )
         cache, kv_mask = _constrain(cache, kv_mask)
-        token, logprob = select_tokens(logits[:, 0], st.seeds, st.step, warp, greedy=greedy)
-        token = jnp.where(st.done, pad, token)
-        logprob = jnp.where(st.done, 0.0, logprob)
-        return DecodeState(
+        token, logprob = select_tokens(logits[:, 0], st.seeds, st.step, st.warp, greedy=greedy)
+        at = jnp.where(live, st.step, n)  # past the end: dropped
+        state = st._replace(
             cache=cache,
             kv_mask=kv_mask,
-            tokens=jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.step)),
-            logprobs=jax.lax.dynamic_update_slice(st.logprobs, logprob[:, None], (0, st.step)),
-            positions=st.positions + 1,
-            done=st.done | _is_stop(token, eos_id) | (st.step + 1 >= st.limits),
-            step=st.step + 1,
-            seeds=st.seeds,
-            limits=st.limits,
-            prompt_len=st.prompt_len,
+            tokens=st.tokens.at[rows, at].set(token, mode="drop"),
+            logprobs=st.logprobs.at[rows, at].set(logprob, mode="drop"),
+            positions=st.positions + live,
+            done=st.done | (live & (_is_stop(token, st.end_ids) | (st.step + 1 >= st.limits))),
+            step=st.step + live,
         )
+        return state, taken + 1
 
     with _rules(rules), int8_matmuls(int8):
-        return jax.lax.while_loop(cond, body, state)
+        state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+        return state
 
 
 @functools.partial(jax.jit, static_argnames=("slots", "rules"))
@@ -309,6 +328,62 @@ def grow_cache(state: DecodeState, *, slots: int, rules: rules_lib.Rules | None 
     with _rules(rules):
         cache, kv_mask = _constrain(cache, jnp.pad(state.kv_mask, ((0, 0), (0, extra))))
     return state._replace(cache=cache, kv_mask=kv_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("rules",), donate_argnames=("state",))
+def insert(
+    state: DecodeState,
+    prefix: DecodeState,
+    row: jax.Array,  # [] int32: the prefix row to take
+    slot: jax.Array,  # [] int32: the state row it goes into
+    pad: jax.Array,  # [] int32: left padding of the prefix row (its prompt bucket minus its length)
+    *,
+    rules: rules_lib.Rules | None = None,
+) -> DecodeState:
+    """A prefilled row (`prefill_step` with window 0) put into row `slot` of a running state (JetStream's
+    `insert`), in place; the other rows are untouched.
+
+    The prompt's k/v are moved to the front of the slot (its padding dropped), so the row's answer starts at
+    slot `length` and a prompt of any bucket fits a cache as long as the context. Token buffers of the two
+    states have the same length (prefill with the state's `num_new`).
+    """
+    t, s = prefix.kv_mask.shape[1], state.kv_mask.shape[1]
+    keep = min(t, s)  # the real tokens of a prompt shorter than the context always fit
+
+    def front(x: jax.Array, axis: int) -> jax.Array:  # the prefix row with its left padding rolled off
+        x = jnp.roll(jax.lax.dynamic_index_in_dim(x, row, axis=axis, keepdims=True), -pad, axis=axis + 2)
+        return jax.lax.slice_in_dim(x, 0, keep, axis=axis + 2)
+
+    cache = {n: jax.lax.dynamic_update_slice(c, front(prefix.cache[n], 1).astype(c.dtype), (0, slot, 0, 0, 0))
+             for n, c in state.cache.items()}
+    mask_row = jnp.roll(prefix.kv_mask[row], -pad)[:keep]
+    kv_mask = state.kv_mask.at[slot].set(jnp.zeros((s,), jnp.int32).at[:keep].set(mask_row))
+    with _rules(rules):
+        cache, kv_mask = _constrain(cache, kv_mask)
+
+    def put(x: jax.Array, y: jax.Array) -> jax.Array:
+        return x.at[slot].set(y[row])
+
+    return DecodeState(
+        cache=cache,
+        kv_mask=kv_mask,
+        tokens=put(state.tokens, prefix.tokens),
+        logprobs=put(state.logprobs, prefix.logprobs),
+        positions=put(state.positions, prefix.positions),
+        done=put(state.done, prefix.done),
+        step=put(state.step, prefix.step),
+        seeds=put(state.seeds, prefix.seeds),
+        limits=put(state.limits, prefix.limits),
+        base=state.base.at[slot].set(t - pad),
+        warp={k: put(v, prefix.warp[k]) for k, v in state.warp.items()},
+        end_ids=put(state.end_ids, prefix.end_ids),
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def set_done(state: DecodeState, done: jax.Array) -> DecodeState:
+    """The state with rows marked done (a stop string the host found, a cancelled request): in place."""
+    return state._replace(done=state.done | done)
 
 
 def next_window(window: int, num_new: int) -> int:
@@ -541,16 +616,25 @@ class Engine:
                 ids.append(i)
         return ids[:MAX_END_IDS]
 
-    def _eos(self, params: SamplingParams) -> jax.Array:
+    def end_id_row(self, params: SamplingParams) -> np.ndarray:
+        """`_end_ids` as a fixed [MAX_END_IDS] row padded with -1 (one compiled program for any of them)."""
         ids = self._end_ids(params)
-        return jnp.asarray(ids + [-1] * (MAX_END_IDS - len(ids)), jnp.int32)  # a fixed [K]: one program
+        return np.asarray(ids + [-1] * (MAX_END_IDS - len(ids)), np.int32)
 
     def _on_mesh(self):
         """Calls that trace or run on the engine's mesh (the logical constraints resolve against it)."""
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def prefill(self, batch: Batch, params: SamplingParams) -> DecodeState:
-        """Run the prompts (and images) through the model into a fresh cache; picks the first token."""
+    def prefill(self, batch: Batch, params: SamplingParams, *, num_new: int | None = None,
+                window: int | None = None, greedy: bool | None = None) -> DecodeState:
+        """Run the prompts (and images) through the model into a fresh cache; picks the first token.
+
+        `num_new` (default the batch's budget) sizes the token buffers; `window` (default `self.window`) the
+        cache slots after the prompt (0: the prompt alone, for `insert`); `greedy` (default `params.greedy`):
+        False compiles the program that samples, where a row of temperature 0 still takes its argmax.
+        """
+        b = batch.ids.shape[0]
+        num_new = batch.num_new if num_new is None else num_new
         with self._on_mesh():
             return prefill_step(
                 self.model.module,
@@ -560,12 +644,12 @@ class Engine:
                 batch.mask,
                 batch.seeds,
                 batch.limits,
-                params.warp_args(),
-                self._eos(params),
+                params.warp_args(b),
+                jnp.asarray(np.tile(self.end_id_row(params), (b, 1))),
                 batch.image_index,
-                num_new=batch.num_new,
-                window=self.window(batch.num_new),
-                greedy=params.greedy,
+                num_new=num_new,
+                window=self.window(num_new) if window is None else window,
+                greedy=params.greedy if greedy is None else greedy,
                 rules=self.rules,
                 int8=self.int8,
             )
@@ -574,25 +658,27 @@ class Engine:
         """The first cache window for a budget of `num_new` tokens."""
         return num_new if self.first_window is None else max(1, min(self.first_window, num_new))
 
+    def decode_steps(self, state: DecodeState, *, greedy: bool, stop_at: int, max_steps: int) -> DecodeState:
+        """One `decode_loop` call on the engine's mesh (donates `state`)."""
+        with self._on_mesh():
+            return decode_loop(self.model.module, self.params, state, jnp.int32(stop_at), jnp.int32(max_steps),
+                               greedy=greedy, rules=self.rules, int8=self.int8)
+
     def decode(self, state: DecodeState, params: SamplingParams, stop_at: int | None = None) -> DecodeState:
-        """Decode steps until every row is done or `stop_at` tokens exist (default: the budget),
-        growing the cache window as it fills. Donates `state`."""
+        """Decode steps until every row is done or has `stop_at` tokens (default: the budget), growing the
+        cache window as it fills. Donates `state`."""
         n = state.tokens.shape[1]
         stop_at = n if stop_at is None else min(stop_at, n)
-        warp, eos = params.warp_args(), self._eos(params)
         while True:
-            with self._on_mesh():
-                state = decode_loop(self.model.module, self.params, state, jnp.int32(stop_at), warp, eos,
-                                    greedy=params.greedy, rules=self.rules, int8=self.int8)
-            window = state.kv_mask.shape[1] - int(state.prompt_len)
-            if window >= n:
+            state = self.decode_steps(state, greedy=params.greedy, stop_at=stop_at, max_steps=n)
+            step, done, base = jax.device_get((state.step, state.done, state.base))
+            live = ~done & (step < stop_at)
+            slots = state.kv_mask.shape[1]
+            if not live.any() or np.all(base[live] + step[live] - 1 < slots):
                 return state
-            step, done = jax.device_get((state.step, state.done))
-            if step >= stop_at or np.all(done) or step <= window:
-                return state
+            window = slots - int(base.max())  # rows of a generate batch share their prompt bucket
             with self._on_mesh():
-                state = grow_cache(state, slots=state.kv_mask.shape[1] - window + next_window(window, n),
-                                   rules=self.rules)
+                state = grow_cache(state, slots=slots - window + next_window(window, n), rules=self.rules)
 
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, *, batch_size: int | None = None
@@ -605,38 +691,41 @@ class Engine:
         else:
             self._require_tokenizer("stop strings")
             while True:
-                step = int(state.step)
-                if step >= batch.num_new or bool(np.all(np.asarray(state.done))):
+                steps, done = (np.asarray(x) for x in jax.device_get((state.step, state.done)))
+                if np.all(done | (steps >= batch.num_new)):
                     break
-                done = np.asarray(state.done).copy()
                 tokens = np.asarray(state.tokens)
+                stopped = np.zeros_like(done)
                 for r in range(len(prompts)):
-                    if not done[r] and _find_stop(self.tokenizer.decode(tokens[r, :step]), params.stop_strings) >= 0:
-                        done[r] = True
-                state = state._replace(done=jnp.asarray(done))
-                state = self.decode(state, params, stop_at=step + STOP_CHECK_EVERY)
+                    text = self.tokenizer.decode(tokens[r, : steps[r]])
+                    stopped[r] = not done[r] and _find_stop(text, params.stop_strings) >= 0
+                if stopped.any():
+                    state = set_done(state, jnp.asarray(stopped))
+                state = self.decode(state, params, stop_at=int(steps.max()) + STOP_CHECK_EVERY)
         return self.finish(batch, state, params)
 
     def finish(self, batch: Batch, state: DecodeState, params: SamplingParams) -> list[Completion]:
         """Cut each row at EOS, a stop string or its budget, and decode the text."""
-        tokens, logprobs = np.asarray(state.tokens), np.asarray(state.logprobs)
-        step = int(state.step)
+        tokens, logprobs, steps = (np.asarray(x) for x in jax.device_get((state.tokens, state.logprobs, state.step)))
+        return [self.complete(p.ids, tokens[r, : min(int(steps[r]), int(batch.limits[r]))], logprobs[r], params)
+                for r, p in enumerate(batch.prompts)]
+
+    def complete(self, prompt_ids: Sequence[int], tokens: Sequence[int], logprobs: Sequence[float],
+                 params: SamplingParams, reason: str = "length") -> Completion:
+        """A row's Completion from its generated tokens: cut at an end id or a stop string, text decoded.
+        `reason` is the finish reason when neither cut it ("length", or "cancelled" by the slot engine)."""
+        toks = [int(t) for t in tokens]
+        n = len(toks)
         ends = set(self._end_ids(params))
-        out = []
-        for r, p in enumerate(batch.prompts):
-            n = min(step, int(batch.limits[r]))
-            toks = tokens[r, :n].tolist()
-            reason = "length"
-            hit = next((i for i, t in enumerate(toks) if t in ends), None)
-            if hit is not None:
-                n, reason = hit + 1, "eos" if toks[hit] == self.eos_id and not params.ignore_eos else "stop"
-            text = self.tokenizer.decode(toks[:n]) if self.tokenizer else ""
-            cut = _find_stop(text, params.stop_strings)
-            if cut >= 0:
-                n, reason = self._tokens_to_stop(toks[:n], params.stop_strings), "stop"
-                text = text[:cut]
-            out.append(Completion([int(i) for i in p.ids], toks[:n], logprobs[r, :n].tolist(), text, reason))
-        return out
+        hit = next((i for i, t in enumerate(toks) if t in ends), None)
+        if hit is not None:
+            n, reason = hit + 1, "eos" if toks[hit] == self.eos_id and not params.ignore_eos else "stop"
+        text = self.tokenizer.decode(toks[:n]) if self.tokenizer else ""
+        cut = _find_stop(text, params.stop_strings)
+        if cut >= 0:
+            n, reason = self._tokens_to_stop(toks[:n], params.stop_strings), "stop"
+            text = text[:cut]
+        return Completion([int(i) for i in prompt_ids], toks[:n], [float(x) for x in logprobs[:n]], text, reason)
 
     def _tokens_to_stop(self, toks: list[int], stops: Sequence[str]) -> int:
         """Fewest leading tokens whose text contains a stop string (binary search: containment only grows)."""
@@ -658,32 +747,46 @@ class Engine:
         self._require_tokenizer("streaming")
         batch = self.prepare([prompt], params)
         state = self.prefill(batch, params)
-        detok = _IncrementalText(self.tokenizer, params.stop_strings)
-        ends = set(self._end_ids(params))
+        deltas = DeltaMaker(self, params)
         step = 0
         while True:
-            tokens, logprobs = np.asarray(state.tokens[0]), np.asarray(state.logprobs[0])
-            new_step, done = int(state.step), bool(state.done[0])
-            for i in range(step, new_step):
-                token = int(tokens[i])
-                text, stopped = ("", False) if token in ends else detok.push(token)
-                last = stopped or (done and i == new_step - 1)
-                if last and not stopped:
-                    text += detok.flush()
-                yield Delta(token, float(logprobs[i]), text)
-                if stopped:
-                    done = True
+            tokens, logprobs, new_step, done = (np.asarray(x)[0] for x in jax.device_get(
+                (state.tokens, state.logprobs, state.step, state.done)))
+            stopped = False
+            for i in range(step, int(new_step)):
+                delta = deltas.push(int(tokens[i]), float(logprobs[i]), last=bool(done) and i == new_step - 1)
+                yield delta
+                if deltas.stopped:
+                    stopped = True
                     break
-            step = new_step
-            if done or step >= batch.num_new:
+            step = int(new_step)
+            if stopped or done or step >= batch.num_new:
                 break
             state = self.decode(state, params, stop_at=step + 1)
-        # `finish` cuts at EOS, the stop string or the budget exactly as `generate` does.
-        return self.finish(batch, state, params)[0]
+        # `complete` cuts at EOS, the stop string or the budget exactly as `generate` does.
+        return self.complete(prompt.ids, tokens[:step], logprobs, params)
 
     def _require_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer: Engine(model, tokenizer)")
+
+
+class DeltaMaker:
+    """A row's generated tokens as `Delta`s: an end id adds no text, the text is held back while it may be an
+    incomplete character or the start of a stop string, and the last delta flushes the rest (`Engine.stream` and
+    the slot engine's streams)."""
+
+    def __init__(self, engine: "Engine", params: SamplingParams):
+        self.detok = _IncrementalText(engine.tokenizer, params.stop_strings)
+        self.ends = set(engine._end_ids(params))
+        self.stopped = False  # a stop string appeared: nothing more is to be emitted
+
+    def push(self, token: int, logprob: float, *, last: bool) -> "Delta":
+        """The delta of the next token; `last`: the row ends with it (its held-back text is flushed)."""
+        text, self.stopped = ("", False) if token in self.ends else self.detok.push(token)
+        if last and not self.stopped:
+            text += self.detok.flush()
+        return Delta(token, logprob, text)
 
 
 @dataclasses.dataclass

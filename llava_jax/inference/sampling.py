@@ -55,22 +55,29 @@ class SamplingParams:
         """Argmax decoding (a static choice: it compiles without the sort that sampling needs)."""
         return self.temperature == 0
 
-    def warp_args(self) -> dict[str, jax.Array]:
-        """The traced knobs: changing them does not recompile."""
+    def warp_args(self, rows: int | None = None) -> dict[str, jax.Array]:
+        """The traced knobs: changing them does not recompile. `rows`: one value per row ([rows]), as the
+        decode state carries them (each slot of the slot engine has its own); None: scalars."""
+        shape = () if rows is None else (rows,)
         return {
-            "temperature": jnp.asarray(max(self.temperature, 1e-6), jnp.float32),
-            "top_k": jnp.asarray(self.top_k, jnp.int32),
-            "top_p": jnp.asarray(self.top_p, jnp.float32),
+            "temperature": jnp.full(shape, self.temperature, jnp.float32),
+            "top_k": jnp.full(shape, self.top_k, jnp.int32),
+            "top_p": jnp.full(shape, self.top_p, jnp.float32),
         }
 
 
 def warp_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Temperature, then top-k, then top-p, as transformers' warpers; removed tokens get -inf.  [B, V]"""
-    logits = logits / temperature
+    """Temperature, then top-k, then top-p, as transformers' warpers; removed tokens get -inf.  [B, V]
+
+    The knobs are scalars or one per row [B]; a temperature of 0 (a greedy row) divides by 1 here and is
+    decided by `select_tokens`.
+    """
+    temperature, top_k, top_p = (jnp.reshape(x, (-1, 1)) for x in (temperature, top_k, top_p))  # [1 or B, 1]
+    logits = logits / jnp.where(temperature > 0, temperature, 1.0)
     vocab = logits.shape[-1]
     sorted_desc = -jnp.sort(-logits, axis=-1)  # one sort serves both filters
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+    kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1] + (1,)), axis=-1)
     # After top-k, the sorted list is the same with everything below the k-th value removed.
     sorted_desc = jnp.where(sorted_desc < kth, -jnp.inf, sorted_desc)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
@@ -84,24 +91,31 @@ def warp_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top
 
 
 def row_keys(seeds: jax.Array, step: jax.Array) -> jax.Array:
-    """One PRNG key per row [B] for generation step `step`: a function of (row seed, step) only."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+    """One PRNG key per row [B] for generation step `step` ([] or [B]): a function of (row seed, row step) only."""
+    step = jnp.broadcast_to(step, seeds.shape)
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, step)
 
 
 def select_tokens(
     logits: jax.Array,  # [B, V] float32
     seeds: jax.Array,  # [B] uint32
-    step: jax.Array,  # [] int32
-    warp: dict[str, jax.Array],
+    step: jax.Array,  # [] or [B] int32
+    warp: dict[str, jax.Array],  # scalars or [B] each (`SamplingParams.warp_args`)
     *,
     greedy: bool,
 ) -> tuple[jax.Array, jax.Array]:
-    """Next tokens [B] int32 and their log-probabilities [B] under the unwarped distribution."""
+    """Next tokens [B] int32 and their log-probabilities [B] under the unwarped distribution.
+
+    `greedy` (static) takes the argmax of every row and compiles without the sort; otherwise each row samples
+    with its own knobs, and a row whose temperature is 0 takes its argmax.
+    """
+    argmax = jnp.argmax(logits, axis=-1)
     if greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = argmax
     else:
         warped = warp_logits(logits, warp["temperature"], warp["top_k"], warp["top_p"])
-        tokens = jax.vmap(jax.random.categorical)(row_keys(seeds, step), warped)
+        sampled = jax.vmap(jax.random.categorical)(row_keys(seeds, step), warped)
+        tokens = jnp.where(jnp.broadcast_to(warp["temperature"], argmax.shape) > 0, sampled, argmax)
     tokens = tokens.astype(jnp.int32)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs

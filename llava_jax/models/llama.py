@@ -89,7 +89,14 @@ class LlamaAttention(nn.Module):
         k = apply_rope(split_heads(k, c.num_kv_heads), cos, sin)  # [B, T, K, H]
         v = split_heads(v, c.num_kv_heads)
         new_cache = None
-        if cache is not None:  # this layer's slice of the stacked cache [L, B, K, S, H], written in place
+        if cache is not None and cache_index is not None and jnp.ndim(cache_index) == 1:
+            # A decode step with a slot per row [B] (rows at different lengths): one scatter writes each row's
+            # token at its own slot, in place; a slot index past the cache (a row not decoding) writes nothing.
+            rows = jnp.arange(x.shape[0])
+            new_cache = {n: cache[n].at[layer, rows, :, cache_index, :].set(t[:, 0].astype(cache[n].dtype),
+                                                                             mode="drop")
+                         for n, t in (("k", k), ("v", v))}  # [B, 1, K, H] written at [layer, b, :, slot_b, :]
+        elif cache is not None:  # this layer's slice of the stacked cache [L, B, K, S, H], written in place
             at = (layer, 0, 0, 0 if cache_index is None else cache_index, 0)
             new_cache = {n: jax.lax.dynamic_update_slice(cache[n], jnp.swapaxes(t, 1, 2)[None].astype(cache[n].dtype), at)
                          for n, t in (("k", k), ("v", v))}  # [B, T, K, H] written as [1, B, K, T, H]
@@ -146,15 +153,16 @@ class LlamaDecoderLayer(nn.Module):
 
 def attention_mask(kv_mask: jax.Array, num_queries: int, cache_index, window: int | None = None,
                    q_positions: jax.Array | None = None, k_positions: jax.Array | None = None) -> jax.Array:
-    """Causal + padding mask [B, 1, T, S]: query t sits in slot cache_index + t and sees slots <= its own.
+    """Causal + padding mask [B, 1, T, S]: query t sits in slot cache_index + t and sees slots <= its own
+    (`cache_index` a scalar, or [B]: a slot per row).
 
     With a sliding `window`, query position i also sees only key positions j > i - window
     (transformers' `sliding_window_overlay`), positions [B, T] and [B, S] as RoPE counts them.
     """
-    q_slot = cache_index + jnp.arange(num_queries)
+    q_slot = jnp.reshape(cache_index, (-1, 1)) + jnp.arange(num_queries)  # [1 or B, T]
     k_slot = jnp.arange(kv_mask.shape[1])
-    causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
-    mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]
+    causal = k_slot[None, None, :] <= q_slot[:, :, None]  # [1 or B, T, S]
+    mask = causal[:, None] & kv_mask.astype(bool)[:, None, None, :]
     if window is not None:
         mask = mask & (k_positions[:, None, None, :] > q_positions[:, None, :, None] - window)
     return mask
@@ -215,7 +223,8 @@ class LlamaModel(nn.Module):
         slots are written at slot 0 and the prompt attends over its own keys, so the fused kernels
         apply (prompts are left-padded there: cuDNN rotates each row, splash takes any padding).
         With `cache_index` (a traced scalar), the T queries are decode steps written at that slot,
-        attending over every slot of the cache window (the XLA path, `kv_mask` [B, S]).
+        attending over every slot of the cache window (the XLA path, `kv_mask` [B, S]); a [B] `cache_index`
+        (T = 1) writes each row at its own slot (rows of a batch at different lengths: the slot engine).
 
         `last_only` runs the head on the last position alone: a
         prefill needs no more, and the full float32 [B, T, V] logits of a long prompt would cost more
