@@ -15,22 +15,20 @@ import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
 from tests._inference import make_model_dir, write_image
+from tests.test_serve import Server, data_url
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 KEY = "browser-test-key"
 MAX_TOKENS = 8  # a short answer keeps the test quick; several tokens still show it streaming
+LONG = 64  # an answer to stop: at the throttled 2 kB/s the browser would take about 6 s to receive it
+ASSISTANT = "#messages .message.assistant"
 WAIT = 60  # seconds for one answer in the page, far above the tiny model's
 
 pytestmark = [
@@ -45,13 +43,6 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pi
 from selenium.webdriver.common.by import By  # noqa: E402  (after the skip above)
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the server binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(url: str, body: dict | None = None, key: str | None = KEY) -> tuple[int, dict]:
@@ -69,39 +60,15 @@ def http(url: str, body: dict | None = None, key: str | None = KEY) -> tuple[int
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The real server on a tiny model directory, with an API key; yields (base URL, {image name: path})."""
+    """The real server (tests/test_serve.py's) on a tiny model directory, with an API key; yields
+    (base URL, {image name: path})."""
     d = str(tmp_path_factory.mktemp("llava-tiny"))
     make_model_dir(d, seed=5)
     images = {name: write_image(os.path.join(d, name), seed=i, size=(40 + 9 * i, 30)) for i, name in
               enumerate(["a.png", "b.png"])}
-    port = free_port()
-    log = open(os.path.join(d, "server.log"), "w+")
-    cmd = [sys.executable, "-m", "llava_jax.serve", "--model-path", d, "--host", "127.0.0.1", "--port", str(port),
-           "--conv-mode", "vicuna_v1", "--api-key", KEY, "--max-batch", "2"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"the server exited with status {proc.returncode}:\n{log.read()[-4000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            assert time.monotonic() < deadline, "the server was not healthy within 300 s"
-            time.sleep(0.3)
-        yield url, images
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    s = Server(d, os.path.join(d, "server.log"), "--api-key", KEY, "--max-batch", "2")
+    yield s.url, images
+    s.stop()
 
 
 @pytest.fixture
@@ -142,20 +109,20 @@ def status(driver) -> tuple[str, str]:
 def wait_for(driver, condition, what: str):
     """Wait until `condition(driver)` is true; the failure names what was awaited and the page's status."""
     try:
-        WebDriverWait(driver, WAIT).until(condition)
+        WebDriverWait(driver, WAIT, poll_frequency=0.05).until(condition)
     except Exception as e:
         raise AssertionError(f"waited {WAIT} s for {what}; status: {status(driver)}") from e
 
 
 def answers(driver) -> list[str]:
     """The assistant messages' texts, exactly as shown (textContent: spaces and newlines kept)."""
-    script = "return [...document.querySelectorAll('#messages .message.assistant .text')].map(e => e.textContent)"
+    script = f"return [...document.querySelectorAll('{ASSISTANT} .text')].map(e => e.textContent)"
     return driver.execute_script(script)
 
 
 def wait_answers(driver, count: int):
     """Wait until the page shows `count` finished answers."""
-    done = "#messages .message.assistant[data-state=done]"
+    done = ASSISTANT + "[data-state=done]"
     wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == count, f"{count} finished answers")
     assert status(driver)[0] == "done", status(driver)
 
@@ -166,16 +133,22 @@ def set_field(driver, element_id: str, value: str):
     element.send_keys(value)
 
 
+def throttle(driver, bytes_per_second: int):
+    """Limit how fast the browser receives (-1: no limit), through the DevTools protocol."""
+    conditions = {"offline": False, "latency": 0, "downloadThroughput": bytes_per_second, "uploadThroughput": -1}
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", conditions)
+
+
 def last_request(driver) -> dict:
     """The body of the page's last /v1/chat/completions request (the page keeps it for tests)."""
     return json.loads(driver.execute_script("return JSON.stringify(window.__llava.lastRequest)"))
 
 
-def greedy(url: str, messages: list) -> dict:
+def greedy(url: str, messages: list, max_tokens: int = MAX_TOKENS) -> dict:
     """The server's non-streamed greedy answer to `messages`, fetched as an API client would."""
     code, models = http(url + "/v1/models")
     assert code == 200, models
-    request = {"model": models["data"][0]["id"], "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS,
+    request = {"model": models["data"][0]["id"], "messages": messages, "temperature": 0, "max_tokens": max_tokens,
                "stream": False}
     code, body = http(url + "/v1/chat/completions", request)
     assert code == 200, body
@@ -183,9 +156,7 @@ def greedy(url: str, messages: list) -> dict:
 
 
 def image_part(path: str) -> dict:
-    with open(path, "rb") as f:
-        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
-    return {"type": "image_url", "image_url": {"url": url}}
+    return {"type": "image_url", "image_url": {"url": data_url(path)}}
 
 
 def drop_file(driver, path: str) -> list[bool]:
@@ -266,6 +237,29 @@ def test_page_streams_regenerates_keeps_history_and_clears(server, page, tmp_pat
         assert driver.find_elements(By.CSS_SELECTOR, "#messages .message") == []
         assert status(driver)[0] == "ready"
         assert driver.find_element(By.ID, "regenerate").get_attribute("disabled") is not None
+
+        # Stop. The tiny model answers in a fraction of a second, so the browser's network is throttled to
+        # 2 kB/s (a chunk is about 250 bytes; the first arrives after about 1.5 s, the last after 6): the answer
+        # is cut after its first pieces, what came stays (a prefix of the whole answer), the server stays healthy.
+        set_field(driver, "max-tokens", str(LONG))
+        driver.execute_cdp_cmd("Network.enable", {})
+        throttle(driver, 2000)
+        driver.find_element(By.ID, "prompt").send_keys("Hello", Keys.ENTER)
+        wait_for(driver, lambda d: answers(d) != [""], "the answer's first piece")
+        # Shown while it streams, and growing.
+        [early] = answers(driver)
+        wait_for(driver, lambda d: len(answers(d)[0]) > len(early), "the answer to grow")
+        assert driver.find_element(By.CSS_SELECTOR, ASSISTANT).get_attribute("data-state") == "streaming"
+        driver.find_element(By.ID, "abort").click()
+        wait_for(driver, lambda d: status(d)[0] == "stopped", "the stop")
+        throttle(driver, -1)
+        alone = [{"role": "user", "content": "Hello"}]
+        assert last_request(driver)["messages"] == alone
+        whole = greedy(url, alone, max_tokens=LONG)["choices"][0]["message"]["content"]
+        [shown] = answers(driver)
+        assert len(early) < len(shown) < len(whole) and whole.startswith(shown), (early, shown, whole)
+        assert driver.find_element(By.CSS_SELECTOR, ASSISTANT).get_attribute("data-state") == "stopped"
+        assert http(url + "/health", key=None)[0] == 200
 
 
 def test_page_shows_a_refused_request_and_keeps_the_question(server, page, tmp_path):
