@@ -159,21 +159,25 @@ def image_part(path: str) -> dict:
     return {"type": "image_url", "image_url": {"url": data_url(path)}}
 
 
-def drop_file(driver, path: str) -> list[bool]:
-    """Drag the file at `path` over the conversation and drop it, as from a file manager; returns, per event
-    (dragover, drop), whether the page took it (cancelled the browser's default of opening the file)."""
+def hand_file(driver, path: str, target: str, events: list[str]) -> list[bool]:
+    """Fire `events` ("dragover", "drop" or "paste") carrying the PNG file at `path` at the element with id
+    `target`, as a file manager's drag or the clipboard would; returns, per event, whether the page took it
+    (cancelled the browser's default, which for a drop is to open the file in place of the page)."""
     with open(path, "rb") as f:
         data = base64.b64encode(f.read()).decode()
     script = """
-        const [data, name] = arguments;
+        const [data, name, target, events] = arguments;
         const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], name, {type: "image/png"}));
-        const target = document.getElementById("messages");
-        return ["dragover", "drop"].map((type) =>
-            !target.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: transfer})));
+        return events.map((type) => {
+            const init = {bubbles: true, cancelable: true};
+            const event = type === "paste" ? new ClipboardEvent(type, {...init, clipboardData: transfer})
+                                           : new DragEvent(type, {...init, dataTransfer: transfer});
+            return !document.getElementById(target).dispatchEvent(event);
+        });
     """
-    return driver.execute_script(script, data, os.path.basename(path))
+    return driver.execute_script(script, data, os.path.basename(path), target, events)
 
 
 def test_page_streams_regenerates_keeps_history_and_clears(server, page, tmp_path):
@@ -268,7 +272,7 @@ def test_page_shows_a_refused_request_and_keeps_the_question(server, page, tmp_p
     with evidence_on_failure(driver, tmp_path):
         # An image dropped on the conversation is attached. Then a wrong key: the server's 401 error object is
         # shown as a message, and the question goes back to the composer (with its image) to be sent again.
-        assert drop_file(driver, images["b.png"]) == [True, True]
+        assert hand_file(driver, images["b.png"], "messages", ["dragover", "drop"]) == [True, True]
         driver.find_element(By.ID, "api-key").send_keys("not-the-key", Keys.TAB)
         set_field(driver, "max-tokens", str(MAX_TOKENS))
         wait_for(driver, lambda d: d.find_element(By.ID, "image-preview").is_displayed(), "the image preview")
@@ -304,3 +308,8 @@ def test_page_shows_a_refused_request_and_keeps_the_question(server, page, tmp_p
         assert last_request(driver)["messages"] == messages
         assert driver.find_elements(By.CSS_SELECTOR, "#messages .message.error") == []
         assert answers(driver) == [greedy(url, messages)["choices"][0]["message"]["content"]]
+
+        # An image pasted into the message box is attached too.
+        assert hand_file(driver, images["a.png"], "prompt", ["paste"]) == [True]
+        wait_for(driver, lambda d: d.find_element(By.ID, "image-preview").is_displayed(), "the pasted image")
+        assert driver.find_element(By.ID, "image-thumb").get_attribute("src") == data_url(images["a.png"])
