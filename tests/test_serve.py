@@ -33,8 +33,9 @@ from tests._seeds import fresh_seed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-key"
 QUESTION = "What is in the picture?"
-# Every test talks to server subprocesses (model load and compilation: seconds).
-pytestmark = pytest.mark.slow(seconds=20)
+# Every test talks to a server subprocess (its start, model load and compilation: about 15 s on 2 cores, once
+# for the module); the longer tests say their own time.
+pytestmark = pytest.mark.slow(seconds=5)
 
 
 def _env() -> dict[str, str]:
@@ -143,6 +144,7 @@ def metrics(server: Server) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow(seconds=30)  # the module's server starts here, and generate runs beside it
 def test_greedy_answer_equals_generate(model_dir, server, client):
     """The issue's interface check: the openai client's greedy answer is `generate --temperature 0`'s."""
     d, images = model_dir
@@ -390,6 +392,7 @@ async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None =
     return text, finish
 
 
+@pytest.mark.slow(seconds=15)
 def test_concurrent_and_abandoned_requests_match_sequential(model_dir, server):
     """24 concurrent requests (half streamed) answer exactly as one at a time; then 200 with random client
     disconnects: every finished one is still exact, none is stuck, and the slots and queue empty."""
@@ -453,9 +456,10 @@ def test_disconnect_cancels_the_request(model_dir, server):
         assert metrics(server)["llava_jax_generated_tokens_total"] - before < full, stream
 
 
+@pytest.mark.slow(seconds=20)  # a server of its own
 def test_sigterm_drains_then_exits_zero(model_dir, tmp_path):
-    """SIGTERM while one request decodes and two wait: all three finish in full (one streamed), new requests
-    get 503, /health 503, and the process exits 0."""
+    """SIGTERM while one request decodes and four wait: all five finish in full (one streamed), /health and new
+    requests get 503 meanwhile, and the process exits 0."""
     d, images = model_dir
     s = Server(d, str(tmp_path / "server.log"), "--max-batch", "1")
     try:
@@ -467,21 +471,22 @@ def test_sigterm_drains_then_exits_zero(model_dir, tmp_path):
         async def run():
             async with httpx.AsyncClient(base_url=s.url, timeout=120) as client:
                 stream = asyncio.ensure_future(_ask(client, {**body, "stream": True}))
-                queued = [asyncio.ensure_future(_ask(client, {**body, "stream": False})) for _ in range(2)]
-                while True:  # one request decoding in the only slot, two queued behind it
+                queued = [asyncio.ensure_future(_ask(client, {**body, "stream": False})) for _ in range(4)]
+                while True:  # one request decoding in the only slot, four queued behind it
                     m = (await client.get("/metrics")).text
-                    if "llava_jax_busy_slots 1" in m and "llava_jax_queue_length 2" in m:
+                    if "llava_jax_busy_slots 1" in m and "llava_jax_queue_length 4" in m:
                         break
                     await asyncio.sleep(0.01)
                 s.proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
+                # The drain (about a second of decoding here) has begun once /health says so.
+                while (health := await client.get("/health")).status_code == 200:
+                    await asyncio.sleep(0.005)
                 refused = await client.post("/v1/chat/completions", json=body)
-                health = await client.get("/health")
                 return await stream, [await q for q in queued], refused, health
 
         streamed, queued, refused, health = asyncio.run(run())
         expected = (whole["choices"][0]["message"]["content"], whole["choices"][0]["finish_reason"])
-        assert streamed == expected and queued == [expected, expected]
+        assert streamed == expected and queued == [expected] * 4
         assert refused.status_code == 503 and refused.json()["error"]["message"]
         assert health.status_code == 503
         assert s.proc.wait(60) == 0, s.tail()

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
+import PIL.Image
 import uvicorn
 
 from llava_jax import cli
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     slots = SlotEngine(pipe.engine, max_batch=args.max_batch, steps_per_call=args.steps_per_call)
     slots.start()
     log.info("compiling (max batch %d)", args.max_batch)
-    slots.warmup()
+    slots.warmup()  # a text-only prompt
+    size = pipe.image_config.crop_size
+    slots.warmup(pipe.question("Warm up.", pipe.preprocess([PIL.Image.new("RGB", (size, size))])))  # one image
     app = create_app(
         pipe, slots,
         model_name=args.served_model_name or pipe.model_id,
