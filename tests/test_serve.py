@@ -395,7 +395,8 @@ async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None =
 @pytest.mark.slow(seconds=15)
 def test_concurrent_and_abandoned_requests_match_sequential(model_dir, server):
     """24 concurrent requests (half streamed) answer exactly as one at a time; then 200 with random client
-    disconnects: every finished one is still exact, none is stuck, and the slots and queue empty."""
+    disconnects: every finished one is still exact, none is stuck, nothing recompiles, and the slots and
+    queue empty."""
     _, images = model_dir
     seed = fresh_seed()
     requests = _requests(images, 24, seed)
@@ -407,14 +408,19 @@ def test_concurrent_and_abandoned_requests_match_sequential(model_dir, server):
             concurrent = await asyncio.gather(*(_ask(client, b) for b in requests))
             assert concurrent == sequential
             rng = random.Random(seed)
-            picks = [rng.randrange(len(requests)) for _ in range(200)]
-            cancels = [rng.choice([None, 0, 1, 2, 3]) if requests[k]["stream"] else None for k in picks]
-            results = await asyncio.wait_for(
-                asyncio.gather(*(_ask(client, requests[k], c) for k, c in zip(picks, cancels))), timeout=600)
-            for k, c, result in zip(picks, cancels, results):
-                if result is not None:
-                    assert result == sequential[k], (k, c)
-            assert sum(r is None for r in results) > 0  # some really were abandoned
+            compiles = []
+            for _ in range(2):  # two rounds of 100
+                picks = [rng.randrange(len(requests)) for _ in range(100)]
+                cancels = [rng.choice([None, 0, 1, 2, 3]) if requests[k]["stream"] else None for k in picks]
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(_ask(client, requests[k], c) for k, c in zip(picks, cancels))), timeout=600)
+                for k, c, result in zip(picks, cancels, results):
+                    if result is not None:
+                        assert result == sequential[k], (k, c)
+                assert sum(r is None for r in results) > 0  # some really were abandoned
+                compiles.append(metrics(server)["llava_jax_compiles_total"])
+            # Once the first round has shown the server every shape (and a cancellation), nothing compiles.
+            assert compiles[1] == compiles[0]
             return sequential
 
     asyncio.run(run())
@@ -454,6 +460,24 @@ def test_disconnect_cancels_the_request(model_dir, server):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert metrics(server)["llava_jax_generated_tokens_total"] - before < full, stream
+
+
+@pytest.mark.slow(seconds=8)
+def test_bad_start_exits_2_with_one_line(model_dir):
+    """A model directory that is not one, or a port in use, is one line and exit status 2 (before any loading)."""
+    d, _ = model_dir
+
+    def start(path: str, port: int) -> str:
+        cmd = [sys.executable, "-m", "llava_jax.serve", "--model-path", path, "--port", str(port)]
+        r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        return r.stderr
+
+    assert "missing" in start(os.path.join(d, "missing"), _free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert "cannot listen on" in start(d, taken.getsockname()[1])
 
 
 @pytest.mark.slow(seconds=20)  # a server of its own
