@@ -33,6 +33,7 @@ from tests._seeds import fresh_seed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-key"
 QUESTION = "What is in the picture?"
+SERVER_FLAGS = ("--api-key", KEY, "--max-batch", "4", "--max-images", "2", "--max-body-mb", "1")
 # Every test talks to a server subprocess (its start, model load and compilation: about 15 s on 2 cores, once
 # for the module); the longer tests say their own time.
 pytestmark = pytest.mark.slow(seconds=5)
@@ -104,8 +105,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     d, _ = model_dir
-    s = Server(d, str(tmp_path_factory.mktemp("serve") / "server.log"), "--api-key", KEY, "--max-batch", "4",
-               "--max-images", "2", "--max-body-mb", "1")
+    s = Server(d, str(tmp_path_factory.mktemp("serve") / "server.log"), *SERVER_FLAGS)
     yield s
     s.stop()
 
@@ -366,9 +366,10 @@ def _requests(images: list[str], count: int, seed: int) -> list[dict]:
     return out
 
 
-async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None = None) -> tuple[str, str] | None:
+async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None = None,
+               started: asyncio.Event | None = None) -> tuple[str, str] | None:
     """(text, finish_reason) of one request; with `cancel_after`, a streamed request is dropped after that many
-    events (None returned)."""
+    events (None returned); `started` is set at a stream's first event."""
     if not body["stream"]:
         r = await client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
@@ -381,6 +382,8 @@ async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None =
             if not line.startswith("data: "):
                 continue
             seen += 1
+            if started is not None:
+                started.set()
             if cancel_after is not None and seen > cancel_after:
                 return None  # leaving the block closes the connection mid-stream
             payload = line[len("data: "):]
@@ -480,37 +483,41 @@ def test_bad_start_exits_2_with_one_line(model_dir):
         assert "cannot listen on" in start(d, taken.getsockname()[1])
 
 
-@pytest.mark.slow(seconds=20)  # a server of its own
-def test_sigterm_drains_then_exits_zero(model_dir, tmp_path):
-    """SIGTERM while one request decodes and four wait: all five finish in full (one streamed), /health and new
-    requests get 503 meanwhile, and the process exits 0."""
+@pytest.mark.slow(seconds=12)  # a server of its own (the module's programs, from the compilation cache)
+def test_sigterm_drains_then_exits_zero(model_dir, server, tmp_path):
+    """SIGTERM with four requests decoding and eight waiting, one of them streaming: all twelve finish in full,
+    /health and new requests get 503 meanwhile, and the process exits 0."""
     d, images = model_dir
-    s = Server(d, str(tmp_path / "server.log"), "--max-batch", "1")
-    try:
-        body = {"messages": [image_message(images[3], "Tell me a long story about it.")], "temperature": 0,
-                "max_tokens": 120}
-        whole = post(s, body, key=None).json()
-        assert whole["usage"]["completion_tokens"] > 60, whole  # long enough to be mid-stream at the signal
+    body = {"messages": [image_message(images[3], "Tell me a long story about it.")], "temperature": 0}
+    whole = post(server, body).json()  # the reference, from the module's server
+    assert whole["usage"]["completion_tokens"] > 100, whole  # to the context's end: the drain takes a while
+    # The module server's flags (its programs, from the compilation cache), but a host round trip per token:
+    # a drain of seconds, not a fraction of one.
+    s = Server(d, str(tmp_path / "server.log"), *SERVER_FLAGS, "--steps-per-call", "1")
 
-        async def run():
-            async with httpx.AsyncClient(base_url=s.url, timeout=120) as client:
-                stream = asyncio.ensure_future(_ask(client, {**body, "stream": True}))
-                queued = [asyncio.ensure_future(_ask(client, {**body, "stream": False})) for _ in range(4)]
-                while True:  # one request decoding in the only slot, four queued behind it
-                    m = (await client.get("/metrics")).text
-                    if "llava_jax_busy_slots 1" in m and "llava_jax_queue_length 4" in m:
-                        break
+    async def run():
+        async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+            async def until(predicate) -> None:
+                while not predicate((await c.get("/metrics")).text):
                     await asyncio.sleep(0.01)
-                s.proc.send_signal(signal.SIGTERM)
-                # The drain (about a second of decoding here) has begun once /health says so.
-                while (health := await client.get("/health")).status_code == 200:
-                    await asyncio.sleep(0.005)
-                refused = await client.post("/v1/chat/completions", json=body)
-                return await stream, [await q for q in queued], refused, health
 
-        streamed, queued, refused, health = asyncio.run(run())
+            waiting = [asyncio.ensure_future(_ask(c, {**body, "stream": False})) for _ in range(11)]
+            await until(lambda m: "llava_jax_busy_slots 4" in m and "llava_jax_queue_length 7" in m)
+            started = asyncio.Event()
+            stream = asyncio.ensure_future(_ask(c, {**body, "stream": True}, started=started))
+            await started.wait()  # its response has begun (the role chunk); it waits for a slot
+            await until(lambda m: "llava_jax_queue_length 8" in m)
+            s.proc.send_signal(signal.SIGTERM)
+            # The drain (three rounds of decoding) has begun once /health says so.
+            while (health := await c.get("/health")).status_code == 200:
+                await asyncio.sleep(0.005)
+            refused = await c.post("/v1/chat/completions", json=body)
+            return await stream, [await w for w in waiting], refused, health
+
+    try:
+        streamed, answered, refused, health = asyncio.run(run())
         expected = (whole["choices"][0]["message"]["content"], whole["choices"][0]["finish_reason"])
-        assert streamed == expected and queued == [expected] * 4
+        assert streamed == expected and answered == [expected] * 11
         assert refused.status_code == 503 and refused.json()["error"]["message"]
         assert health.status_code == 503
         assert s.proc.wait(60) == 0, s.tail()
