@@ -448,9 +448,14 @@ def test_disconnect_cancels_the_request(model_dir, server):
     async def abandon(stream: bool) -> None:
         headers = {"Authorization": f"Bearer {KEY}"}
         async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as client:
-            task = asyncio.ensure_future(_ask(client, {**body, "stream": stream}))
-            while metrics(server)["llava_jax_busy_slots"] == 0:
-                await asyncio.sleep(0.01)
+            started = asyncio.Event()
+            task = asyncio.ensure_future(_ask(client, {**body, "stream": stream}, started=started))
+            if stream:
+                await started.wait()
+            else:  # decoding: a long answer takes a fraction of a second more
+                while (await client.get("/metrics")).text.count("llava_jax_busy_slots 0"):
+                    assert not task.done(), "answered before it was seen decoding"
+                    await asyncio.sleep(0.005)
             task.cancel()  # closes the connection
             with pytest.raises(asyncio.CancelledError):
                 await task
