@@ -783,14 +783,15 @@ class DeltaMaker:
     the slot engine's streams)."""
 
     def __init__(self, engine: "Engine", params: SamplingParams):
-        self.detok = _IncrementalText(engine.tokenizer, params.stop_strings)
+        # Without a tokenizer (ids only), deltas carry no text.
+        self.detok = None if engine.tokenizer is None else _IncrementalText(engine.tokenizer, params.stop_strings)
         self.ends = set(engine._end_ids(params))
         self.stopped = False  # a stop string appeared: nothing more is to be emitted
 
     def push(self, token: int, logprob: float, *, last: bool) -> "Delta":
         """The delta of the next token; `last`: the row ends with it (its held-back text is flushed)."""
-        text, self.stopped = ("", False) if token in self.ends else self.detok.push(token)
-        if last and not self.stopped:
+        text, self.stopped = ("", False) if token in self.ends or self.detok is None else self.detok.push(token)
+        if last and not self.stopped and self.detok is not None:
             text += self.detok.flush()
         return Delta(token, logprob, text)
 
