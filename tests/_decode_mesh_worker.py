@@ -16,6 +16,7 @@ import numpy as np
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.inference.engine import Engine, Prompt
 from llava_jax.inference.sampling import SamplingParams
+from llava_jax.inference.slots import SlotEngine
 from llava_jax.models.llava import LlavaModel
 from llava_jax.parallel.mesh import make_mesh
 from tests._params import host_random_params
@@ -75,6 +76,14 @@ def main(seed: int) -> None:
         out[name]["q_kernel_spec"] = [str(a) for a in q.sharding.spec]
         out[name]["cache_shard_shape"] = list(state.cache["k"].addressable_shards[0].data.shape)
         out[name]["cache_shape"] = list(state.cache["k"].shape)
+    # The slot engine on tensor=2: requests joining a running batch (2 slots for 3 prompts) get the single
+    # device's ids.
+    slots = SlotEngine(Engine(model, mesh=make_mesh(1, 1, 2, devices=jax.devices()[:2])), max_batch=2).start()
+    handles = [slots.submit(p, SamplingParams(max_new_tokens=NEW, ignore_eos=True)) for p in ps]
+    out["slots_tensor2"] = {"tokens": [h.result(timeout=300).token_ids for h in handles]}
+    out["slots_tensor2"]["cache_shard_shape"] = list(slots._state.cache["k"].addressable_shards[0].data.shape)
+    out["slots_tensor2"]["cache_shape"] = list(slots._state.cache["k"].shape)
+    slots.stop()
     print("RESULT " + json.dumps(out))
 
 

@@ -1,5 +1,6 @@
 """The engine on a mesh (tensor parallel over heads / MLP / vocab, the batch over `data`) generates
-what it generates on one device: greedy ids equal, log-probs within 1e-5, across a cache growth; the
+what it generates on one device: greedy ids equal, log-probs within 1e-5, across a cache growth (the slot
+engine too, its cache split on kv heads); the
 parameters and the KV cache are really split; int8 weights too. Runs in a subprocess with 4
 simulated CPU devices."""
 
@@ -29,6 +30,10 @@ def test_sharded_engine_equals_single_device():
     out = json.loads(line[len("RESULT "):])
     single = out.pop("single")
     int8_single, int8 = out.pop("int8_single"), out.pop("int8_tensor2")
+    slots = out.pop("slots_tensor2")
+    assert slots["tokens"] == single["tokens"], "slot engine on tensor=2"
+    l, b, k, s, h = slots["cache_shape"]
+    assert slots["cache_shard_shape"] == [l, b, k // 2, s, h], slots
     # int8 weights on the mesh: each kernel [layers, in, out] split as its float kernel (gate_proj's
     # output over `tensor`, down_proj's input), its scale [layers, out] as the kernel's output axis.
     specs = {k: v + ["None"] * (3 - len(v)) if k.endswith("/kernel") else v for k, v in int8["specs"].items()}

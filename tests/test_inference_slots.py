@@ -43,18 +43,19 @@ def _prompt(rng: np.random.Generator, images: int, text_len: int, seed: int | No
 
 
 def _requests(seed: int) -> list[tuple[Prompt, SamplingParams]]:
-    """Prompts of 0-2 images and different lengths, budgets and samplers: more than the slots hold."""
+    """Prompts with and without an image, of different lengths, budgets and samplers: more than the slots hold
+    (one prompt bucket, so that the test compiles little)."""
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(7):
+    for i in range(6):
         sampled = i in (2, 5)
         params = SamplingParams(temperature=1.2 if sampled else 0.0, top_p=0.9, max_new_tokens=int(rng.integers(3, 14)),
                                 ignore_eos=i % 2 == 0)
-        out.append((_prompt(rng, i % 3, int(rng.integers(2, 30)), seed=int(rng.integers(1000))), params))
+        out.append((_prompt(rng, i % 2, int(rng.integers(2, 16)), seed=int(rng.integers(1000))), params))
     return out
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow(seconds=15)
 def test_requests_joining_a_running_batch_equal_generate_alone(engine, slots):
     seed = fresh_seed()
     requests = _requests(seed)
@@ -91,15 +92,17 @@ def test_requests_joining_a_running_batch_equal_generate_alone(engine, slots):
     assert stats["busy"] == 0 and stats["queued"] == 0
 
 
-@pytest.mark.slow(seconds=10)
 def test_stop_strings_and_cancel_free_their_slot(engine, slots):
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     p = _prompt(rng, 1, 5)
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
     full = engine.generate([p], greedy)[0]
-    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
-    assert stop.strip(), f"pick another stop string than {stop!r} (seed {seed})"
+    text = full.text
+    # A stop string from the middle of the answer: two characters, not blank, first occurring there.
+    at = next(i for i in range(len(text) // 2, len(text) - 1)
+              if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
+    stop = text[at:at + 2]
     params = dataclasses.replace(greedy, stop_strings=(stop,))
     want = engine.generate([p], params)[0]
     handle = slots.submit(p, params)
@@ -119,7 +122,7 @@ def test_stop_strings_and_cancel_free_their_slot(engine, slots):
     assert slots.submit(p, greedy).result(timeout=60).token_ids == full.token_ids
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=6)
 def test_steady_serving_compiles_nothing_and_stop_drains(engine):
     slots = SlotEngine(engine, max_batch=2, steps_per_call=2).start()
     rng = np.random.default_rng(fresh_seed())

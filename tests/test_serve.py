@@ -33,8 +33,10 @@ from tests._seeds import fresh_seed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-key"
 QUESTION = "What is in the picture?"
-# Every test talks to server subprocesses (model load and compilation: seconds).
-pytestmark = pytest.mark.slow(seconds=20)
+SERVER_FLAGS = ("--api-key", KEY, "--max-batch", "4", "--max-images", "2", "--max-body-mb", "1")
+# Every test talks to a server subprocess (its start, model load and compilation: about 15 s on 2 cores, once
+# for the module); the longer tests say their own time.
+pytestmark = pytest.mark.slow(seconds=5)
 
 
 def _env() -> dict[str, str]:
@@ -103,8 +105,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     d, _ = model_dir
-    s = Server(d, str(tmp_path_factory.mktemp("serve") / "server.log"), "--api-key", KEY, "--max-batch", "4",
-               "--max-images", "2", "--max-body-mb", "1")
+    s = Server(d, str(tmp_path_factory.mktemp("serve") / "server.log"), *SERVER_FLAGS)
     yield s
     s.stop()
 
@@ -143,6 +144,7 @@ def metrics(server: Server) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow(seconds=30)  # the module's server starts here, and generate runs beside it
 def test_greedy_answer_equals_generate(model_dir, server, client):
     """The issue's interface check: the openai client's greedy answer is `generate --temperature 0`'s."""
     d, images = model_dir
@@ -364,9 +366,10 @@ def _requests(images: list[str], count: int, seed: int) -> list[dict]:
     return out
 
 
-async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None = None) -> tuple[str, str] | None:
+async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None = None,
+               started: asyncio.Event | None = None) -> tuple[str, str] | None:
     """(text, finish_reason) of one request; with `cancel_after`, a streamed request is dropped after that many
-    events (None returned)."""
+    events (None returned); `started` is set at a stream's first event."""
     if not body["stream"]:
         r = await client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
@@ -379,6 +382,8 @@ async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None =
             if not line.startswith("data: "):
                 continue
             seen += 1
+            if started is not None:
+                started.set()
             if cancel_after is not None and seen > cancel_after:
                 return None  # leaving the block closes the connection mid-stream
             payload = line[len("data: "):]
@@ -390,9 +395,11 @@ async def _ask(client: httpx.AsyncClient, body: dict, cancel_after: int | None =
     return text, finish
 
 
+@pytest.mark.slow(seconds=15)
 def test_concurrent_and_abandoned_requests_match_sequential(model_dir, server):
     """24 concurrent requests (half streamed) answer exactly as one at a time; then 200 with random client
-    disconnects: every finished one is still exact, none is stuck, and the slots and queue empty."""
+    disconnects: every finished one is still exact, none is stuck, nothing recompiles, and the slots and
+    queue empty."""
     _, images = model_dir
     seed = fresh_seed()
     requests = _requests(images, 24, seed)
@@ -404,14 +411,19 @@ def test_concurrent_and_abandoned_requests_match_sequential(model_dir, server):
             concurrent = await asyncio.gather(*(_ask(client, b) for b in requests))
             assert concurrent == sequential
             rng = random.Random(seed)
-            picks = [rng.randrange(len(requests)) for _ in range(200)]
-            cancels = [rng.choice([None, 0, 1, 2, 3]) if requests[k]["stream"] else None for k in picks]
-            results = await asyncio.wait_for(
-                asyncio.gather(*(_ask(client, requests[k], c) for k, c in zip(picks, cancels))), timeout=600)
-            for k, c, result in zip(picks, cancels, results):
-                if result is not None:
-                    assert result == sequential[k], (k, c)
-            assert sum(r is None for r in results) > 0  # some really were abandoned
+            compiles = []
+            for _ in range(2):  # two rounds of 100
+                picks = [rng.randrange(len(requests)) for _ in range(100)]
+                cancels = [rng.choice([None, 0, 1, 2, 3]) if requests[k]["stream"] else None for k in picks]
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(_ask(client, requests[k], c) for k, c in zip(picks, cancels))), timeout=600)
+                for k, c, result in zip(picks, cancels, results):
+                    if result is not None:
+                        assert result == sequential[k], (k, c)
+                assert sum(r is None for r in results) > 0  # some really were abandoned
+                compiles.append(metrics(server)["llava_jax_compiles_total"])
+            # Once the first round has shown the server every shape (and a cancellation), nothing compiles.
+            assert compiles[1] == compiles[0]
             return sequential
 
     asyncio.run(run())
@@ -436,9 +448,14 @@ def test_disconnect_cancels_the_request(model_dir, server):
     async def abandon(stream: bool) -> None:
         headers = {"Authorization": f"Bearer {KEY}"}
         async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as client:
-            task = asyncio.ensure_future(_ask(client, {**body, "stream": stream}))
-            while metrics(server)["llava_jax_busy_slots"] == 0:
-                await asyncio.sleep(0.01)
+            started = asyncio.Event()
+            task = asyncio.ensure_future(_ask(client, {**body, "stream": stream}, started=started))
+            if stream:
+                await started.wait()
+            else:  # decoding: a long answer takes a fraction of a second more
+                while (await client.get("/metrics")).text.count("llava_jax_busy_slots 0"):
+                    assert not task.done(), "answered before it was seen decoding"
+                    await asyncio.sleep(0.005)
             task.cancel()  # closes the connection
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -453,35 +470,59 @@ def test_disconnect_cancels_the_request(model_dir, server):
         assert metrics(server)["llava_jax_generated_tokens_total"] - before < full, stream
 
 
-def test_sigterm_drains_then_exits_zero(model_dir, tmp_path):
-    """SIGTERM while one request decodes and two wait: all three finish in full (one streamed), new requests
-    get 503, /health 503, and the process exits 0."""
+@pytest.mark.slow(seconds=8)
+def test_bad_start_exits_2_with_one_line(model_dir):
+    """A model directory that is not one, or a port in use, is one line and exit status 2 (before any loading)."""
+    d, _ = model_dir
+
+    def start(path: str, port: int) -> str:
+        cmd = [sys.executable, "-m", "llava_jax.serve", "--model-path", path, "--port", str(port)]
+        r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        return r.stderr
+
+    assert "missing" in start(os.path.join(d, "missing"), _free_port())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert "cannot listen on" in start(d, taken.getsockname()[1])
+
+
+@pytest.mark.slow(seconds=12)  # a server of its own (the module's programs, from the compilation cache)
+def test_sigterm_drains_then_exits_zero(model_dir, server, tmp_path):
+    """SIGTERM with four requests decoding and eight waiting, one of them streaming: all twelve finish in full,
+    /health and new requests get 503 meanwhile, and the process exits 0."""
     d, images = model_dir
-    s = Server(d, str(tmp_path / "server.log"), "--max-batch", "1")
-    try:
-        body = {"messages": [image_message(images[3], "Tell me a long story about it.")], "temperature": 0,
-                "max_tokens": 120}
-        whole = post(s, body, key=None).json()
-        assert whole["usage"]["completion_tokens"] > 60, whole  # long enough to be mid-stream at the signal
+    body = {"messages": [image_message(images[3], "Tell me a long story about it.")], "temperature": 0}
+    whole = post(server, body).json()  # the reference, from the module's server
+    assert whole["usage"]["completion_tokens"] > 100, whole  # to the context's end: the drain takes a while
+    # The module server's flags (its programs, from the compilation cache), but a host round trip per token:
+    # a drain of seconds, not a fraction of one.
+    s = Server(d, str(tmp_path / "server.log"), *SERVER_FLAGS, "--steps-per-call", "1")
 
-        async def run():
-            async with httpx.AsyncClient(base_url=s.url, timeout=120) as client:
-                stream = asyncio.ensure_future(_ask(client, {**body, "stream": True}))
-                queued = [asyncio.ensure_future(_ask(client, {**body, "stream": False})) for _ in range(2)]
-                while True:  # one request decoding in the only slot, two queued behind it
-                    m = (await client.get("/metrics")).text
-                    if "llava_jax_busy_slots 1" in m and "llava_jax_queue_length 2" in m:
-                        break
+    async def run():
+        async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+            async def until(predicate) -> None:
+                while not predicate((await c.get("/metrics")).text):
                     await asyncio.sleep(0.01)
-                s.proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
-                refused = await client.post("/v1/chat/completions", json=body)
-                health = await client.get("/health")
-                return await stream, [await q for q in queued], refused, health
 
-        streamed, queued, refused, health = asyncio.run(run())
+            waiting = [asyncio.ensure_future(_ask(c, {**body, "stream": False})) for _ in range(11)]
+            await until(lambda m: "llava_jax_busy_slots 4" in m and "llava_jax_queue_length 7" in m)
+            started = asyncio.Event()
+            stream = asyncio.ensure_future(_ask(c, {**body, "stream": True}, started=started))
+            await started.wait()  # its response has begun (the role chunk); it waits for a slot
+            await until(lambda m: "llava_jax_queue_length 8" in m)
+            s.proc.send_signal(signal.SIGTERM)
+            # The drain (three rounds of decoding) has begun once /health says so.
+            while (health := await c.get("/health")).status_code == 200:
+                await asyncio.sleep(0.005)
+            refused = await c.post("/v1/chat/completions", json=body)
+            return await stream, [await w for w in waiting], refused, health
+
+    try:
+        streamed, answered, refused, health = asyncio.run(run())
         expected = (whole["choices"][0]["message"]["content"], whole["choices"][0]["finish_reason"])
-        assert streamed == expected and queued == [expected, expected]
+        assert streamed == expected and answered == [expected] * 11
         assert refused.status_code == 503 and refused.json()["error"]["message"]
         assert health.status_code == 503
         assert s.proc.wait(60) == 0, s.tail()

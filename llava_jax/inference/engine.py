@@ -1,10 +1,10 @@
 """KV-cache generation: a jit-compiled prefill and a jit-compiled decode loop, pure functions of
 arrays, with the cache carried in a `DecodeState` that each call takes and returns (donated).
 
-Layout of one call (B rows, prompts left-padded to a shared length T, N new tokens at most):
+Layout of one `generate` call (B rows, prompts left-padded to a shared length T, N new tokens at most):
 
     cache slots   [0 ............ T) [T ........... T+W)
-                   prompts, left-pad   generated tokens, same slot for every row at a step
+                   prompts, left-pad   generated tokens
 
 The cache holds a window of W <= N slots for generated tokens, not the whole budget: decode attends
 over T + W slots, so a short answer never pays for a long `max_new_tokens`. W starts at
@@ -12,10 +12,15 @@ over T + W slots, so a short answer never pays for a long `max_new_tokens`. W st
 cache once (`grow_cache`), so the copies cost no more than one full-size cache, and each W is one
 compiled decode program.
 
-Rows share slot indices, so one `dynamic_update_slice` writes a step for the whole batch; the
-`kv_mask` [B, S] marks which slots hold real tokens and positions count real tokens only, so a
-padded row computes exactly what it would alone. T, N, B and the images per row are rounded up to
-buckets (`bucket`), so a chat whose prompt grows by a few tokens per turn reuses compiled code.
+The decode state is per row: each row has its own step, the slot its answer starts at (`base`),
+its sampling knobs and end ids, and a decode step writes each row's k/v at its own slot (one
+scatter) and samples each row with its own knobs. A `generate` batch starts its rows together; the
+slot engine (`slots.py`) inserts a prefilled row into a running batch (`insert`, its prompt moved
+to the front of the row) and frees a row when it finishes. Both run this module's `prefill_step`
+and `decode_loop`: there is one decode loop. The `kv_mask` [B, S] marks which slots hold real
+tokens and positions count real tokens only, so a padded row computes exactly what it would alone.
+T, N, B and the images per row are rounded up to buckets (`bucket`), so a chat whose prompt grows
+by a few tokens per turn reuses compiled code.
 
 LLaVA-NeXT (anyres) prompts carry each image's tiles and size: an image takes
 `cfg.image_layout(size).num_tokens` tokens and `num_patches` tile slots. A row's images fill S tile
@@ -28,10 +33,11 @@ attention kernel of the backend (cuDNN on GPU, each left-padded row rotated to t
 splash on TPU, padding as a segment); decode steps read the cache window through XLA.
 
 Host round trips: `prefill` (vision tower, prompt, first token) and `decode` (a
-`lax.while_loop` over steps that ends when every row is done, `stop_at` is reached or the window
-is full) are one dispatch each, plus one per window growth. Stop strings need the text, which
+`lax.while_loop` over steps that ends when every row is done, paused at `stop_at`, or a row's
+window is full) are one dispatch each, plus one per window growth. Stop strings need the text, which
 only the host has: with stop strings the loop runs in chunks of `STOP_CHECK_EVERY` steps and the
-host checks between them. `stream` runs one step per dispatch and yields each token as it comes.
+host checks between them (`set_done` marks the rows it stops). `stream` runs one step per dispatch
+and yields each token as it comes.
 """
 
 from __future__ import annotations
@@ -777,14 +783,15 @@ class DeltaMaker:
     the slot engine's streams)."""
 
     def __init__(self, engine: "Engine", params: SamplingParams):
-        self.detok = _IncrementalText(engine.tokenizer, params.stop_strings)
+        # Without a tokenizer (ids only), deltas carry no text.
+        self.detok = None if engine.tokenizer is None else _IncrementalText(engine.tokenizer, params.stop_strings)
         self.ends = set(engine._end_ids(params))
         self.stopped = False  # a stop string appeared: nothing more is to be emitted
 
     def push(self, token: int, logprob: float, *, last: bool) -> "Delta":
         """The delta of the next token; `last`: the row ends with it (its held-back text is flushed)."""
-        text, self.stopped = ("", False) if token in self.ends else self.detok.push(token)
-        if last and not self.stopped:
+        text, self.stopped = ("", False) if token in self.ends or self.detok is None else self.detok.push(token)
+        if last and not self.stopped and self.detok is not None:
             text += self.detok.flush()
         return Delta(token, logprob, text)
 

@@ -138,7 +138,8 @@ class SlotEngine:
     """Serve requests by continuous batching on an `Engine` (module docstring).
 
     Args:
-      engine: the model, tokenizer and devices (`Pipeline.engine`); its tokenizer is needed (text, stop strings).
+      engine: the model, tokenizer and devices (`Pipeline.engine`); without a tokenizer, answers are ids only
+        (no text, no stop strings).
       max_batch: decode slots: requests decoding at once; more wait in a queue.
       max_len: cache slots of a row, prompt and answer (default the engine's `max_context`).
       steps_per_call: decode steps per dispatch between the scheduler's checks.
@@ -146,7 +147,6 @@ class SlotEngine:
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None,
                  steps_per_call: int = STEPS_PER_CALL):
-        engine._require_tokenizer("serving")
         if max_batch < 1 or steps_per_call < 1:
             raise ValueError(f"max_batch and steps_per_call must be >= 1; got {max_batch}, {steps_per_call}")
         self.engine = engine
@@ -221,6 +221,8 @@ class SlotEngine:
         thread: it must not block.
         """
         self.engine.check(prompt)
+        if params.stop_strings:
+            self.engine._require_tokenizer("stop strings")
         if len(prompt.ids) >= self.max_len:
             from llava_jax.inference.engine import InputError
 

@@ -6,8 +6,8 @@
 The model is loaded and its programs compiled (`SlotEngine.warmup`) before the port opens, so
 `/health` answers 200 as soon as anything answers. Routes and the request semantics: `app.py`.
 SIGTERM (or Ctrl-C) drains: `/health` and new requests get 503, every running and queued request
-is answered in full, then the process exits 0; a second signal exits at once. Bad flags or a model
-directory that cannot be loaded print one line and exit with status 2.
+is answered in full, then the process exits 0; a second signal exits at once. Bad flags, an address
+it cannot listen on or a model directory that cannot be loaded print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
 
+import PIL.Image
 import uvicorn
 
 from llava_jax import cli
@@ -60,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: load, warm up, serve until SIGTERM; returns the exit status (2 for bad input)."""
     args = parse_args(argv)
+    try:
+        check_address(args.host, args.port)  # before minutes of loading, not after
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         pipe = load_pipeline(args)
@@ -69,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     slots = SlotEngine(pipe.engine, max_batch=args.max_batch, steps_per_call=args.steps_per_call)
     slots.start()
     log.info("compiling (max batch %d)", args.max_batch)
-    slots.warmup()
+    slots.warmup()  # a text-only prompt
+    size = pipe.image_config.crop_size
+    slots.warmup(pipe.question("Warm up.", pipe.preprocess([PIL.Image.new("RGB", (size, size))])))  # one image
     app = create_app(
         pipe, slots,
         model_name=args.served_model_name or pipe.model_id,
@@ -91,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     slots.stop(drain=False)
     return 1  # uvicorn could not start (the port taken, say): it logged why
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise OSError if uvicorn could not listen on host:port (a port in use, an address not of this host)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(address)
 
 
 class DrainingServer(uvicorn.Server):
