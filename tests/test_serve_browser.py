@@ -1,6 +1,6 @@
 """The web chat page (llava_jax/serve_static) in headless Chromium, used as a person would use it, against
 the real `python -m llava_jax.serve` on a tiny model: attach an image, ask, watch the answer stream in, regenerate,
-ask again (the history goes with the question), clear; and a refused request shown to the user.
+ask again (the history goes with the question), clear, stop; drop and paste an image; a refused request shown.
 
 The page's answers are checked against the server's own greedy answer to the same messages, fetched over plain
 HTTP: what the page shows is what an API client gets. Needs Debian's `chromium` and `chromium-driver` (skipped
@@ -15,17 +15,15 @@ import contextlib
 import json
 import os
 import shutil
-import urllib.error
-import urllib.request
 
+import httpx2 as httpx
 import pytest
 
 from tests._inference import make_model_dir, write_image
-from tests.test_serve import Server, data_url
+from tests.test_serve import KEY, Server, data_url, post
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-KEY = "browser-test-key"
 MAX_TOKENS = 8  # a short answer keeps the test quick; several tokens still show it streaming
 LONG = 64  # an answer to stop: at the throttled 2 kB/s the browser would take about 6 s to receive it
 ASSISTANT = "#messages .message.assistant"
@@ -45,36 +43,23 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
-def http(url: str, body: dict | None = None, key: str | None = KEY) -> tuple[int, dict]:
-    """GET (or POST `body` as JSON) and return the status and the decoded JSON answer."""
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
-    request.add_header("Content-Type", "application/json")
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The real server (tests/test_serve.py's) on a tiny model directory, with an API key; yields
-    (base URL, {image name: path})."""
+    (the server, {image name: path})."""
     d = str(tmp_path_factory.mktemp("llava-tiny"))
     make_model_dir(d, seed=5)
     images = {name: write_image(os.path.join(d, name), seed=i, size=(40 + 9 * i, 30)) for i, name in
               enumerate(["a.png", "b.png"])}
     s = Server(d, os.path.join(d, "server.log"), "--api-key", KEY, "--max-batch", "2")
-    yield s.url, images
+    yield s, images
     s.stop()
 
 
 @pytest.fixture
 def page(server, tmp_path):
-    """Headless Chromium at the server's `/`; on a test's failure, a screenshot and the console in tmp_path."""
-    url, _ = server
+    """Headless Chromium at the server's `/`."""
+    url = server[0].url
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"]:
@@ -128,6 +113,7 @@ def wait_answers(driver, count: int):
 
 
 def set_field(driver, element_id: str, value: str):
+    """Replace what the input with id `element_id` holds by `value`, typed."""
     element = driver.find_element(By.ID, element_id)
     element.clear()
     element.send_keys(value)
@@ -144,15 +130,20 @@ def last_request(driver) -> dict:
     return json.loads(driver.execute_script("return JSON.stringify(window.__llava.lastRequest)"))
 
 
-def greedy(url: str, messages: list, max_tokens: int = MAX_TOKENS) -> dict:
+def model_name(server: Server) -> str:
+    """The one model the server lists."""
+    r = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    [model] = r.json()["data"]
+    return model["id"]
+
+
+def greedy(server: Server, messages: list, max_tokens: int = MAX_TOKENS) -> dict:
     """The server's non-streamed greedy answer to `messages`, fetched as an API client would."""
-    code, models = http(url + "/v1/models")
-    assert code == 200, models
-    request = {"model": models["data"][0]["id"], "messages": messages, "temperature": 0, "max_tokens": max_tokens,
-               "stream": False}
-    code, body = http(url + "/v1/chat/completions", request)
-    assert code == 200, body
-    return body
+    r = post(server, {"model": model_name(server), "messages": messages, "temperature": 0,
+                      "max_tokens": max_tokens, "stream": False})
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def image_part(path: str) -> dict:
@@ -181,7 +172,7 @@ def hand_file(driver, path: str, target: str, events: list[str]) -> list[bool]:
 
 
 def test_page_streams_regenerates_keeps_history_and_clears(server, page, tmp_path):
-    url, images = server
+    server, images = server
     driver = page
     with evidence_on_failure(driver, tmp_path):
         # Without the key the model list is refused, and the page says so; with it, the server's model is offered.
@@ -189,9 +180,7 @@ def test_page_streams_regenerates_keeps_history_and_clears(server, page, tmp_pat
         assert status(driver)[0] == "error" and "401" in status(driver)[1], status(driver)
         driver.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
         wait_for(driver, lambda d: status(d)[0] == "ready", "the model list with the key")
-        code, models = http(url + "/v1/models")
-        assert code == 200, models
-        assert driver.find_element(By.ID, "model").get_attribute("value") == models["data"][0]["id"]
+        assert driver.find_element(By.ID, "model").get_attribute("value") == model_name(server)
 
         # Greedy and short; the defaults are the original demo's.
         assert driver.find_element(By.ID, "temperature").get_attribute("value") == "0.2"
@@ -212,7 +201,7 @@ def test_page_streams_regenerates_keeps_history_and_clears(server, page, tmp_pat
         sent = last_request(driver)
         assert sent["messages"] == first
         assert sent["stream"] is True and sent["temperature"] == 0 and sent["max_tokens"] == MAX_TOKENS
-        expected = greedy(url, first)
+        expected = greedy(server, first)
         answer = expected["choices"][0]["message"]["content"]
         # A few tokens, so that the page must have shown it growing: several deltas, each shown as it came.
         assert expected["usage"]["completion_tokens"] >= 3, expected
@@ -234,7 +223,7 @@ def test_page_streams_regenerates_keeps_history_and_clears(server, page, tmp_pat
         wait_answers(driver, 2)
         second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}]
         assert last_request(driver)["messages"] == second
-        assert answers(driver) == [answer, greedy(url, second)["choices"][0]["message"]["content"]]
+        assert answers(driver) == [answer, greedy(server, second)["choices"][0]["message"]["content"]]
 
         # Clear: the conversation is gone from the page and from the next request.
         driver.find_element(By.ID, "clear").click()
@@ -259,15 +248,15 @@ def test_page_streams_regenerates_keeps_history_and_clears(server, page, tmp_pat
         throttle(driver, -1)
         alone = [{"role": "user", "content": "Hello"}]
         assert last_request(driver)["messages"] == alone
-        whole = greedy(url, alone, max_tokens=LONG)["choices"][0]["message"]["content"]
+        whole = greedy(server, alone, max_tokens=LONG)["choices"][0]["message"]["content"]
         [shown] = answers(driver)
         assert len(early) < len(shown) < len(whole) and whole.startswith(shown), (early, shown, whole)
         assert driver.find_element(By.CSS_SELECTOR, ASSISTANT).get_attribute("data-state") == "stopped"
-        assert http(url + "/health", key=None)[0] == 200
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
 
 
 def test_page_shows_a_refused_request_and_keeps_the_question(server, page, tmp_path):
-    url, images = server
+    server, images = server
     driver = page
     with evidence_on_failure(driver, tmp_path):
         # An image dropped on the conversation is attached. Then a wrong key: the server's 401 error object is
@@ -278,11 +267,10 @@ def test_page_shows_a_refused_request_and_keeps_the_question(server, page, tmp_p
         wait_for(driver, lambda d: d.find_element(By.ID, "image-preview").is_displayed(), "the image preview")
         driver.find_element(By.ID, "prompt").send_keys("Describe it.", Keys.ENTER)
         wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#messages .message.error"), "the refusal")
-        code, refusal = http(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]},
-                             key="not-the-key")
-        assert code == 401, refusal
+        refusal = post(server, {"messages": [{"role": "user", "content": "x"}]}, key="not-the-key")
+        assert refusal.status_code == 401, refusal.text
         errors = driver.find_elements(By.CSS_SELECTOR, "#messages .message.error")
-        assert len(errors) == 1 and refusal["error"]["message"] in errors[0].text and "401" in errors[0].text
+        assert len(errors) == 1 and refusal.json()["error"]["message"] in errors[0].text and "401" in errors[0].text
         assert errors[0].get_attribute("role") == "alert"
         assert driver.find_elements(By.CSS_SELECTOR, "#messages .message.user, #messages .message.assistant") == []
         assert driver.find_element(By.ID, "prompt").get_attribute("value") == "Describe it."
@@ -293,6 +281,7 @@ def test_page_shows_a_refused_request_and_keeps_the_question(server, page, tmp_p
         driver.find_element(By.ID, "send").click()
         state, text = status(driver)
         assert state == "error" and "Top-p" in text, (state, text)
+        assert last_request(driver)["top_p"] == 0.7  # the refused request's, not one with 1.5
 
         # With the right key the same question goes through, its image with it.
         set_field(driver, "top-p", "0.7")
@@ -307,7 +296,7 @@ def test_page_shows_a_refused_request_and_keeps_the_question(server, page, tmp_p
         messages = [{"role": "user", "content": question}]
         assert last_request(driver)["messages"] == messages
         assert driver.find_elements(By.CSS_SELECTOR, "#messages .message.error") == []
-        assert answers(driver) == [greedy(url, messages)["choices"][0]["message"]["content"]]
+        assert answers(driver) == [greedy(server, messages)["choices"][0]["message"]["content"]]
 
         # An image pasted into the message box is attached too.
         assert hand_file(driver, images["a.png"], "prompt", ["paste"]) == [True]
