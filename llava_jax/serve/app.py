@@ -15,7 +15,8 @@ become a LLaVA conversation whose image parts (`data:` URLs only) are decoded an
 the prompt rendered and checked, on a worker thread (the event loop keeps streaming other answers
 meanwhile); `slots.submit` queues it; the engine thread hands each token to a listener that puts it on
 the request's asyncio queue (`loop.call_soon_threadsafe`). A client that disconnects, streamed or
-not, cancels its request, which frees its slot at the engine's next step.
+not, cancels its request, which frees its slot at the engine's next step (a non-streamed one is counted
+as status 499, nginx's "client closed request").
 
 Choices where OpenAI's API and LLaVA meet:
   * Sampling defaults are OpenAI's (temperature 1, top_p 1), not the LLaVA demo's (0.2, 0.7): the
