@@ -468,6 +468,11 @@ def test_disconnect_cancels_the_request(model_dir, server):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert metrics(server)["llava_jax_generated_tokens_total"] - before < full, stream
+    # The non-streamed one is counted as nginx's 499, "client closed request".
+    closed = 'llava_jax_requests_total{route="/v1/chat/completions",status="499"}'
+    while metrics(server).get(closed, 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 @pytest.mark.slow(seconds=8)

@@ -15,7 +15,8 @@ become a LLaVA conversation whose image parts (`data:` URLs only) are decoded an
 the prompt rendered and checked, on a worker thread (the event loop keeps streaming other answers
 meanwhile); `slots.submit` queues it; the engine thread hands each token to a listener that puts it on
 the request's asyncio queue (`loop.call_soon_threadsafe`). A client that disconnects, streamed or
-not, cancels its request, which frees its slot at the engine's next step.
+not, cancels its request, which frees its slot at the engine's next step (a non-streamed one is counted
+as status 499, nginx's "client closed request").
 
 Choices where OpenAI's API and LLaVA meet:
   * Sampling defaults are OpenAI's (temperature 1, top_p 1), not the LLaVA demo's (0.2, 0.7): the
@@ -38,6 +39,7 @@ settings) and `SlotEngine` (submit, cancel, stats).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -64,6 +66,7 @@ MAX_IMAGES = 4
 OWNER = "llava_jax"
 # OpenAI reports "stop" for both a natural end and a stop sequence.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+CLIENT_CLOSED = 499
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
 
 
@@ -202,7 +205,10 @@ def create_app(
         if req.stream:
             return StreamingResponse(reply.chunks(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completion = await reply.complete()
+        try:
+            completion = await reply.complete()
+        except _Disconnected:  # nobody reads this; nginx's "client closed request" in the logs and metrics
+            return Response(status_code=CLIENT_CLOSED)
         if completion.finish_reason == "cancelled":
             raise schema.ApiError(503, "the request was cancelled: the server is shutting down", kind="server_error")
         return JSONResponse(reply.response(completion))
@@ -319,10 +325,11 @@ class _Reply:
                 self.handle.cancel()
 
     async def complete(self) -> Completion:
-        """Wait for the whole answer (non-streamed)."""
-        async for event in self._events():
-            if isinstance(event, Finished):
-                return event.completion
+        """Wait for the whole answer (non-streamed); raises _Disconnected if the client leaves first."""
+        async with contextlib.aclosing(self._events()) as events:  # closed now, not when collected
+            async for event in events:
+                if isinstance(event, Finished):
+                    return event.completion
         raise AssertionError("the engine's events ended without Finished")
 
     def usage(self, completion: Completion) -> dict[str, int]:
@@ -356,22 +363,23 @@ class _Reply:
         """Server-sent events: the role, content deltas, the finish reason, usage if asked, `[DONE]`."""
         try:
             yield self._chunk({"role": "assistant", "content": ""})
-            async for event in self._events():
-                if isinstance(event, Delta):
-                    if event.text:
-                        yield self._chunk({"content": event.text})
-                    continue
-                completion = event.completion
-                if completion.finish_reason == "cancelled":
-                    error = schema.ApiError(503, "the request was cancelled: the server is shutting down",
-                                            kind="server_error")
-                    yield f"data: {json.dumps(error.body())}\n\n"
-                else:
-                    yield self._chunk({}, FINISH_REASONS[completion.finish_reason])
-                    if self._include_usage:
-                        usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                 "model": self.model_name, "choices": [], "usage": self.usage(completion)}
-                        yield f"data: {json.dumps(usage)}\n\n"
-                yield "data: [DONE]\n\n"
+            async with contextlib.aclosing(self._events()) as events:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        if event.text:
+                            yield self._chunk({"content": event.text})
+                        continue
+                    completion = event.completion
+                    if completion.finish_reason == "cancelled":
+                        error = schema.ApiError(503, "the request was cancelled: the server is shutting down",
+                                                kind="server_error")
+                        yield f"data: {json.dumps(error.body())}\n\n"
+                    else:
+                        yield self._chunk({}, FINISH_REASONS[completion.finish_reason])
+                        if self._include_usage:
+                            usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                     "model": self.model_name, "choices": [], "usage": self.usage(completion)}
+                            yield f"data: {json.dumps(usage)}\n\n"
+                    yield "data: [DONE]\n\n"
         except _Disconnected:
             return
