@@ -101,7 +101,7 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
         prefill = lowered.compile()
         state = sharded_shapes(lowered.out_info, prefill.output_shardings)
         decode = engine_lib.decode_loop.lower(module, params, state, spec((), np.int32), spec((), np.int32),
-                                              greedy=True, rules=rules, int8=int8).compile()
+                                              spec((batch,), np.bool_), greedy=True, rules=rules, int8=int8).compile()
     chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)
     for name, compiled in (("prefill", prefill), ("decode", decode)):
         out.append({"size": size, "program": name, "devices": f"{len(devices)} x {devices[0].device_kind}",

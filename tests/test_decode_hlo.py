@@ -89,7 +89,7 @@ def _decode_hlo(cfg: LlavaConfig) -> str:
         base=sds((B,), jnp.int32), warp=warp, end_ids=sds((B, MAX_END_IDS), jnp.int32),
     )
     lowered = decode_loop.lower(Llava(cfg), abstract_params(cfg), state, sds((), jnp.int32), sds((), jnp.int32),
-                                greedy=True)
+                                sds((B,), jnp.bool_), greedy=True)
     return lowered.compile().as_text()
 
 

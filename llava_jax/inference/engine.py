@@ -36,7 +36,7 @@ Host round trips: `prefill` (vision tower, prompt, first token) and `decode` (a
 `lax.while_loop` over steps that ends when every row is done, paused at `stop_at`, or a row's
 window is full) are one dispatch each, plus one per window growth. Stop strings need the text, which
 only the host has: with stop strings the loop runs in chunks of `STOP_CHECK_EVERY` steps and the
-host checks between them (`set_done` marks the rows it stops). `stream` runs one step per dispatch
+host checks between them (the next call's `finish` ends the rows it stopped). `stream` runs one step per dispatch
 and yields each token as it comes.
 """
 
@@ -268,6 +268,7 @@ def decode_loop(
     state: DecodeState,
     stop_at: jax.Array,  # [] int32: a row pauses once it has this many tokens
     max_steps: jax.Array,  # [] int32: decode steps this call takes at most
+    finish: jax.Array,  # [B] bool: rows to end before stepping (a stop string the host found, a cancelled request)
     *,
     greedy: bool,
     rules: rules_lib.Rules | None = None,
@@ -318,6 +319,7 @@ def decode_loop(
         )
         return state, taken + 1
 
+    state = state._replace(done=state.done | finish)
     with _rules(rules), int8_matmuls(int8):
         state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
         return state
@@ -384,12 +386,6 @@ def insert(
         warp={k: put(v, prefix.warp[k]) for k, v in state.warp.items()},
         end_ids=put(state.end_ids, prefix.end_ids),
     )
-
-
-@functools.partial(jax.jit, donate_argnames=("state",))
-def set_done(state: DecodeState, done: jax.Array) -> DecodeState:
-    """The state with rows marked done (a stop string the host found, a cancelled request): in place."""
-    return state._replace(done=state.done | done)
 
 
 def next_window(window: int, num_new: int) -> int:
@@ -664,19 +660,24 @@ class Engine:
         """The first cache window for a budget of `num_new` tokens."""
         return num_new if self.first_window is None else max(1, min(self.first_window, num_new))
 
-    def decode_steps(self, state: DecodeState, *, greedy: bool, stop_at: int, max_steps: int) -> DecodeState:
-        """One `decode_loop` call on the engine's mesh (donates `state`)."""
+    def decode_steps(self, state: DecodeState, *, greedy: bool, stop_at: int, max_steps: int,
+                     finish: np.ndarray | None = None) -> DecodeState:
+        """One `decode_loop` call on the engine's mesh (donates `state`); `finish` [B]: rows to end first."""
+        finish = np.zeros(state.done.shape, bool) if finish is None else finish
         with self._on_mesh():
             return decode_loop(self.model.module, self.params, state, jnp.int32(stop_at), jnp.int32(max_steps),
-                               greedy=greedy, rules=self.rules, int8=self.int8)
+                               jnp.asarray(finish), greedy=greedy, rules=self.rules, int8=self.int8)
 
-    def decode(self, state: DecodeState, params: SamplingParams, stop_at: int | None = None) -> DecodeState:
+    def decode(self, state: DecodeState, params: SamplingParams, stop_at: int | None = None,
+               finish: np.ndarray | None = None) -> DecodeState:
         """Decode steps until every row is done or has `stop_at` tokens (default: the budget), growing the
-        cache window as it fills. Donates `state`."""
+        cache window as it fills; `finish` [B] marks rows done first (stop strings found by the host).
+        Donates `state`."""
         n = state.tokens.shape[1]
         stop_at = n if stop_at is None else min(stop_at, n)
         while True:
-            state = self.decode_steps(state, greedy=params.greedy, stop_at=stop_at, max_steps=n)
+            state = self.decode_steps(state, greedy=params.greedy, stop_at=stop_at, max_steps=n, finish=finish)
+            finish = None
             step, done, base = jax.device_get((state.step, state.done, state.base))
             live = ~done & (step < stop_at)
             slots = state.kv_mask.shape[1]
@@ -705,9 +706,7 @@ class Engine:
                 for r in range(len(prompts)):
                     text = self.tokenizer.decode(tokens[r, : steps[r]])
                     stopped[r] = not done[r] and _find_stop(text, params.stop_strings) >= 0
-                if stopped.any():
-                    state = set_done(state, jnp.asarray(stopped))
-                state = self.decode(state, params, stop_at=int(steps.max()) + STOP_CHECK_EVERY)
+                state = self.decode(state, params, stop_at=int(steps.max()) + STOP_CHECK_EVERY, finish=stopped)
         return self.finish(batch, state, params)
 
     def finish(self, batch: Batch, state: DecodeState, params: SamplingParams) -> list[Completion]:

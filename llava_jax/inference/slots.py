@@ -49,7 +49,6 @@ from llava_jax.inference.engine import (
     decode_loop,
     insert,
     prefill_step,
-    set_done,
 )
 from llava_jax.inference.sampling import SamplingParams
 from llava_jax.models.llama import init_cache
@@ -156,6 +155,7 @@ class SlotEngine:
             raise ValueError(f"max_len {self.max_len} is longer than the engine's context {engine.max_context}")
         self.steps_per_call = steps_per_call
         self._state = self._empty_state()
+        self._finish = np.zeros((max_batch,), bool)  # rows freed on the host, to be ended on the device
         self._slots: list[_Slot | None] = [None] * max_batch
         self._queue: collections.deque[Handle] = collections.deque()
         self._lock = threading.Condition()
@@ -204,7 +204,7 @@ class SlotEngine:
 
     @staticmethod
     def _compiled() -> int:
-        return prefill_step._cache_size() + decode_loop._cache_size() + insert._cache_size() + set_done._cache_size()
+        return prefill_step._cache_size() + decode_loop._cache_size() + insert._cache_size()
 
     # -- the client side -------------------------------------------------------------------------
 
@@ -289,9 +289,9 @@ class SlotEngine:
         if busy:
             greedy = all(self._slots[i].handle.params.greedy for i in busy)
             e = self.engine
-            with e._on_mesh():
-                self._state = decode_loop(e.model.module, e.params, self._state, jnp.int32(self.max_len),
-                                          jnp.int32(self.steps_per_call), greedy=greedy, rules=e.rules, int8=e.int8)
+            self._state = e.decode_steps(self._state, greedy=greedy, stop_at=self.max_len,
+                                         max_steps=self.steps_per_call, finish=self._finish)
+            self._finish = np.zeros((self.max_batch,), bool)
             self._collect()
         with self._lock:
             return bool(self._queue) or any(s is not None for s in self._slots)
@@ -350,6 +350,7 @@ class SlotEngine:
         pad = batch.ids.shape[1] - len(handle.prompt.ids)
         with e._on_mesh():
             self._state = insert(self._state, prefix, jnp.int32(0), jnp.int32(slot), jnp.int32(pad), rules=e.rules)
+        self._finish[slot] = False  # a row freed since the last decode call is this request's now
         self._slots[slot] = _Slot(handle, DeltaMaker(e, params))
         # The first token came with the prefill: stream it now (its time is the request's time to first token).
         self._collect(rows=[slot])
@@ -377,8 +378,7 @@ class SlotEngine:
             if slot.stopped or done[i]:
                 newly_done[i] = not done[i]
                 self._retire(i, None, tokens[i, : slot.emitted], logprobs[i])
-        if newly_done.any():
-            self._state = set_done(self._state, jnp.asarray(newly_done))
+        self._finish |= newly_done  # the device ends these rows at the start of the next decode call
 
     def _retire(self, i: int, reason: str | None, tokens: Any = (), logprobs: Any = ()) -> None:
         slot = self._slots[i]
