@@ -103,7 +103,8 @@ def choose_attention(
             # jax.nn.dot_product_attention (jax 0.10-0.12) takes per-row lengths only. jax's private
             # cuDNN wrapper (jax._src.cudnn.fused_attention_stablehlo) takes per-segment lengths and
             # offsets [B, M+1], but it is not public API: not relied on here.
-            return "xla", "packed rows: jax.nn.dot_product_attention's cuDNN kernel takes per-row lengths, not segment ids"
+            return "xla", ("packed rows: jax.nn.dot_product_attention's cuDNN kernel takes per-row lengths, "
+                           "not segment ids")
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             return "xla", f"cuDNN flash attention takes bfloat16/float16, the compute dtype is {jnp.dtype(dtype).name}"
         if head_dim % 8 or head_dim > 128:
@@ -163,7 +164,8 @@ def attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     if mask.impl == "cudnn":
         if mask.segments is not None:
-            raise ValueError("the cuDNN attention path takes no segment ids (choose_attention picks xla for packed rows)")
+            raise ValueError("the cuDNN attention path takes no segment ids "
+                             "(choose_attention picks xla for packed rows)")
         kernel = functools.partial(_cudnn, causal=mask.causal, window=mask.window)
         if mask.tokens is None:
             return kernel(q, k, v, None)
