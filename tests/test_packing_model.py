@@ -115,7 +115,7 @@ def _check_packed_equals_alone(cfg, specs, layout, t, impls):
                 at += n
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=10)
 def test_packed_llava15_logits_equal_each_sample_alone():
     """Three samples of different lengths (image, text only, image) in one row with padding and a fourth
     alone in the next row: XLA and splash (Pallas interpret mode) equal each sample's own logits."""
@@ -125,7 +125,7 @@ def test_packed_llava15_logits_equal_each_sample_alone():
                                ("xla", "splash"))
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=8)
 def test_packed_sliding_window_logits_equal_each_sample_alone():
     """Mistral's window (shorter than the samples): the window counts within a segment, never across."""
     cfg = _cfg(window=4)
@@ -133,7 +133,7 @@ def test_packed_sliding_window_logits_equal_each_sample_alone():
     _check_packed_equals_alone(cfg, [(9, None), (4, size), (13, None)], [[0, 1, 2]], 40, ("xla", "splash"))
 
 
-@pytest.mark.slow(seconds=8)
+@pytest.mark.slow(seconds=5)
 def test_packed_next_logits_equal_each_sample_alone():
     """LLaVA-NeXT: images of different sizes (their own token counts) in samples packed in one row; each
     image token takes its feature row through `image_index` as in an unpacked row."""
@@ -194,7 +194,7 @@ def _train_batches(rng, cfg):
     return unpacked, packed
 
 
-@pytest.mark.slow(seconds=10)
+@pytest.mark.slow(seconds=15)
 def test_packed_loss_and_gradients_equal_unpacked():
     """The train step's loss (summed NLL over the supervised-token count of the batch) and its gradients
     for every trained tensor, packed against unpacked: 1e-5."""
