@@ -18,7 +18,7 @@ from llava_jax.models.attention import choose_attention
 from llava_jax.models.llava import LlavaModel, check_segments, segment_positions
 from llava_jax.train.loss import IGNORE_INDEX, supervised_count
 from llava_jax.train.optimizer import split_params
-from llava_jax.train.step import loss_sum_fn
+from llava_jax.train.step import create_state, make_train_step, to_microbatches
 from tests._params import host_random_params
 from tests._seeds import fresh_seed
 from tests.hf_reference import IMAGE_TOKEN, NEXT_PINPOINTS, NEXT_TILE, random_ids
@@ -194,29 +194,34 @@ def _train_batches(rng, cfg):
     return unpacked, packed
 
 
-@pytest.mark.slow(seconds=15)
+@pytest.mark.slow(seconds=18)
 def test_packed_loss_and_gradients_equal_unpacked():
-    """The train step's loss (summed NLL over the supervised-token count of the batch) and its gradients
-    for every trained tensor, packed against unpacked: 1e-5."""
+    """The real train step: the same five samples unpacked (5 rows, one micro-batch) and packed (2 rows,
+    one a micro-batch) give the same loss (the summed NLL over the global batch's supervised tokens)
+    and the same gradient of every trained tensor (read off an SGD update), 1e-5."""
+    import optax
+
     seed = fresh_seed()
     cfg = _cfg()
     unpacked, packed = _train_batches(np.random.default_rng(seed), cfg)
-    params, frozen = split_params(host_random_params(cfg, seed), ["(projector|language_model)/.*"])
-    loss_sum = loss_sum_fn(cfg)
-    n_unpacked, n_packed = int(supervised_count(unpacked["labels"])), int(supervised_count(packed["labels"],
-                                                                                           packed["segment_ids"]))
-    assert n_packed == n_unpacked, (n_packed, n_unpacked)
+    n = int(supervised_count(unpacked["labels"]))
+    assert int(supervised_count(packed["labels"], packed["segment_ids"])) == n
     # Without the segments the count would take the two supervised first tokens as targets too.
-    assert int(supervised_count(packed["labels"])) == n_unpacked + 2
-
-    def mean_loss(batch):
-        return jax.jit(jax.value_and_grad(lambda p: loss_sum(p, frozen, batch) / n_unpacked))(params)
-
-    loss_ref, g_ref = mean_loss(unpacked)
-    loss, g = mean_loss(packed)
-    assert abs(float(loss) - float(loss_ref)) < 1e-5, (seed, float(loss), float(loss_ref))
+    assert int(supervised_count(packed["labels"])) == n + 2
+    params, frozen = split_params(host_random_params(cfg, seed), ["(projector|language_model)/.*"])
+    lr = 1e4  # the update -lr * g dwarfs the parameters: g read back from it to float32 rounding of g
+    tx = optax.sgd(lr)
+    step = jax.jit(make_train_step(cfg, tx, optax.constant_schedule(lr)))
+    results = {}
+    for name, batch, micro in (("unpacked", unpacked, 1), ("packed", packed, 2)):
+        new, metrics = step(create_state(params, frozen, tx), to_microbatches(batch, micro))
+        assert int(metrics["supervised_tokens"]) == n and int(metrics["nonfinite"]) == 0
+        grads = jax.tree.map(lambda a, b: (np.asarray(a) - np.asarray(b)) / lr, params, new.params)
+        results[name] = float(metrics["loss"]), grads
+    (loss_ref, g_ref), (loss, g) = results["unpacked"], results["packed"]
+    assert abs(loss - loss_ref) < 1e-5, (seed, loss, loss_ref)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
-        rel = np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-12)
+        rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
         assert rel < 1e-5, f"seed {seed}: {jax.tree_util.keystr(path)} relative gradient error {rel:.2e}"
 
 
