@@ -7,6 +7,8 @@ setup(
     version="0.1.0",
     description="LLaVA visual instruction tuning in JAX/Flax: HF-exact models, conversion, data, training, inference.",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    # The web chat page `python -m llava_jax.serve` serves at / (plain files, no build step).
+    package_data={"llava_jax": ["serve_static/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7,<0.13",
@@ -30,7 +32,10 @@ setup(
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57", "tensorflow-datasets==4.9.10",
                  "importlib_resources==7.1.0", "gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19",
                  "nbclient==0.10.2", "nbformat==5.11.1", "ipykernel==7.4.0", "peft==0.21.2",
-                 "pytest-xdist==3.8.0"],
+                 "pytest-xdist==3.8.0", "fastapi==0.165.0", "uvicorn==0.55.0", "openai==3.63.0",
+                 "httpx2==2.17.0", "selenium==4.51.0"],
+        # `python -m llava_jax.serve` (nothing else imports them).
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # Building and reading TFDS datasets; no TensorFlow needed (see README). importlib_resources:
         # TFDS locates builder code through etils.epath.resource.
         "tfds": ["tensorflow-datasets>=4.9", "importlib_resources>=6"],

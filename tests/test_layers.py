@@ -1,7 +1,8 @@
 """The package's layering: lower layers never import upper ones, no import cycles, and light imports stay light.
 
 Layers, bottom to top (issue 19): `paths`/`config` (with the pure helpers `anyres`, `cli` and `progress`), `models`, `weights`, `data`, `parallel`, `train`,
-`inference`, `eval`, then the entry points (`llava_jax/*.py`, every `__main__`). A module may import its
+`inference`, `eval`, `serve` (the HTTP server, issue 21), then the entry points (`llava_jax/*.py`, every
+`__main__`). A module may import its
 own layer or any below it. Every import counts: module level or inside a function, `import x`,
 `from x import y`, relative ones, `importlib.import_module("literal")`, and those under `TYPE_CHECKING`
 (a type that names an upper layer is still a dependency on it).
@@ -27,6 +28,7 @@ LAYERS = {
     "train": 5,
     "inference": 6,
     "eval": 7,
+    "serve": 8,
 }
 ENTRY = max(LAYERS.values()) + 1
 # Edges the order above allows but the package keeps out anyway (the old test's rules):
@@ -191,6 +193,23 @@ def test_no_import_cycles():
         report.append("cycle among " + ", ".join(component) + ":\n  "
                       + "\n  ".join(str(e) for e in edges if e.source in members and e.target in members))
     assert not report, "\n".join(report)
+
+
+# The server's web stack is the `serve` extra: only llava_jax/serve may import it (training never needs it).
+WEB_STACK = ("fastapi", "starlette", "uvicorn")
+
+
+def test_only_serve_imports_the_web_stack():
+    """No module outside llava_jax/serve imports FastAPI, Starlette or uvicorn (any import form, as above)."""
+    bad = []
+    for module, path in sorted(_modules().items()):
+        if module == "llava_jax.serve" or module.startswith("llava_jax.serve."):
+            continue
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{path}:{node.lineno}: {n}" for n in names if n.split(".")[0] in WEB_STACK]
+    assert not bad, "the web stack imported outside llava_jax/serve:\n" + "\n".join(bad)
 
 
 def test_package_and_data_modules_import_without_jax_or_flax():
