@@ -24,9 +24,15 @@ import jax.numpy as jnp
 #   cudnn   cuDNN flash attention (GPU), `jax.nn.dot_product_attention(implementation="cudnn")`;
 #           causal through `is_causal`, padding through per-row lengths: right padding as it is,
 #           any other contiguous run (the engine's left-padded prompts) rotated to the front first.
-#   splash  Pallas splash attention (TPU); causal or full block-sparse mask, padding through
-#           segment ids (any padding); run in Pallas interpret mode when asked for on a CPU (tests).
+#           It takes no segment ids: packed rows take the XLA path on a GPU (see `choose_attention`).
+#   splash  Pallas splash attention (TPU); causal or full block-sparse mask, padding and packed
+#           rows through segment ids (`SegmentIds(q, kv)`: padding is segment 0); run in Pallas
+#           interpret mode when asked for on a CPU (tests).
 #   xla     the dense reference: any mask, any dtype, a KV cache. Parity tests run it on CPU.
+#
+# Packed rows (several samples a row, `segment_ids` [B, T]: 0 = padding, 1, 2, ... the samples in
+# order, each one contiguous run) attend within their own segment: a query sees the keys of its
+# segment up to itself and nothing of the segments before it.
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 _KERNEL_BY_PLATFORM = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
@@ -63,6 +69,7 @@ def choose_attention(
     dtype,
     head_dim: int,
     decoding: bool,
+    packed: bool = False,
 ) -> tuple[str, str]:
     """(implementation, why) for one attention call site; pure, so that the table is unit-tested.
 
@@ -75,6 +82,7 @@ def choose_attention(
       head_dim: H.
       decoding: whether the queries are decode steps that attend over a KV cache window (a
         prefill into an empty cache attends over its own keys, so the kernels apply to it).
+      packed: whether rows hold several samples told apart by segment ids (training on packed rows).
     """
     if requested not in ATTENTION_IMPLS:
         raise ValueError(f"attention={requested!r}; expected one of {ATTENTION_IMPLS}")
@@ -91,6 +99,12 @@ def choose_attention(
     if decoding:
         return "xla", f"{kernel} takes no KV-cache offset (decode steps attend over the cache window)"
     if kernel == "cudnn":
+        if packed:
+            # jax.nn.dot_product_attention (jax 0.10-0.12) takes per-row lengths only. jax's private
+            # cuDNN wrapper (jax._src.cudnn.fused_attention_stablehlo) takes per-segment lengths and
+            # offsets [B, M+1], but it is not public API: not relied on here.
+            return "xla", ("packed rows: jax.nn.dot_product_attention's cuDNN kernel takes per-row lengths, "
+                           "not segment ids")
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             return "xla", f"cuDNN flash attention takes bfloat16/float16, the compute dtype is {jnp.dtype(dtype).name}"
         if head_dim % 8 or head_dim > 128:
@@ -129,6 +143,10 @@ class AttentionMask:
     # Sliding window of the fused kernels (with `causal`): query slot i sees key slots j > i - window,
     # transformers' definition. The dense mask of the XLA path carries its window itself.
     window: int | None = flax.struct.field(pytree_node=False, default=None)
+    # Packed rows (splash and the XLA fallback of a fused mask): [B, S] int, 0 = padding, 1, 2, ... a
+    # row's samples, each a contiguous run; a query sees keys of its own segment only. The fused
+    # kernels' causal mask and window count slots, which within a contiguous segment are positions.
+    segments: jax.Array | None = None
 
 
 def attention(
@@ -145,6 +163,9 @@ def attention(
     if not isinstance(mask, AttentionMask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     if mask.impl == "cudnn":
+        if mask.segments is not None:
+            raise ValueError("the cuDNN attention path takes no segment ids "
+                             "(choose_attention picks xla for packed rows)")
         kernel = functools.partial(_cudnn, causal=mask.causal, window=mask.window)
         if mask.tokens is None:
             return kernel(q, k, v, None)
@@ -165,7 +186,15 @@ def attention(
             dense = jnp.triu(dense, 1 - mask.window)  # key j > query i - window
         if mask.tokens is not None:
             dense = dense & mask.tokens.astype(bool)[:, None, None, :]
+        if mask.segments is not None:
+            dense = dense & same_segment(mask.segments)
     return jax.nn.dot_product_attention(q, k, v, mask=dense)
+
+
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T] bool: query slot i and key slot j hold the same segment (packed rows; padding,
+    segment 0, sees only padding). AND it with the causal and padding mask."""
+    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
 
 
 def _cudnn(q, k, v, lengths, *, causal: bool, window: int | None = None, implementation: str | None = "cudnn"):
@@ -211,13 +240,19 @@ def _splash_sharded(q, k, v, mask: AttentionMask) -> jax.Array | None:
     caller takes the XLA path, logged) where the batch or heads do not split over the mesh.
     """
     interpret = current_platform() != "tpu"
-    tokens = mask.tokens
-    if tokens is None:
-        tokens = jnp.ones(q.shape[:2], jnp.int32)
+    # Padding is a segment of its own (0): a real token attends only to its own segment's tokens.
+    if mask.segments is not None:
+        segments = mask.segments.astype(jnp.int32)
+        if mask.tokens is not None:
+            segments = jnp.where(mask.tokens != 0, segments, 0)
+    elif mask.tokens is not None:
+        segments = (mask.tokens != 0).astype(jnp.int32)
+    else:
+        segments = jnp.ones(q.shape[:2], jnp.int32)
     fn = functools.partial(_splash, causal=mask.causal, interpret=interpret, window=mask.window)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return fn(q, k, v, tokens)
+        return fn(q, k, v, segments)
     from jax.sharding import PartitionSpec as P
 
     batch_axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
@@ -236,7 +271,7 @@ def _splash_sharded(q, k, v, mask: AttentionMask) -> jax.Array | None:
         return None
     qkv = P(batch_axes, None, head_axes, None)
     return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch_axes, None)), out_specs=qkv,
-                         check_vma=False)(q, k, v, tokens)
+                         check_vma=False)(q, k, v, segments)
 
 
 def _splash_kernel(num_heads: int, length: int, causal: bool, interpret: bool, window: int | None = None):
@@ -257,11 +292,12 @@ def _splash_kernel(num_heads: int, length: int, causal: bool, interpret: bool, w
                               block_sizes=sizes, residual_checkpoint_name="context", interpret=interpret)
 
 
-def _splash(q, k, v, tokens, *, causal: bool, interpret: bool, window: int | None = None) -> jax.Array:
-    """Splash attention on one shard: q [B, T, N, H], k/v [B, T, K, H], tokens [B, T] (1 = real).
+def _splash(q, k, v, segments, *, causal: bool, interpret: bool, window: int | None = None) -> jax.Array:
+    """Splash attention on one shard: q [B, T, N, H], k/v [B, T, K, H], segments [B, T] int
+    (0 = padding; one segment of real tokens, or a packed row's samples 1, 2, ...).
 
-    Padding is a second segment (id 0): a real token attends only to real tokens, whatever side
-    the padding is on. The sequence is padded to a multiple of 128 the same way (CLIP's 577).
+    A query attends only to keys of its own segment, so padding (segment 0) is invisible to real
+    tokens whatever side it is on. The sequence is padded to a multiple of 128 the same way (CLIP's 577).
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -269,8 +305,7 @@ def _splash(q, k, v, tokens, *, causal: bool, interpret: bool, window: int | Non
     length = -(-t // 128) * 128
     if length != t:
         pad = lambda x: jnp.pad(x, [(0, 0), (0, length - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-        q, k, v, tokens = pad(q), pad(k), pad(v), pad(tokens)
-    segments = (tokens != 0).astype(jnp.int32)
+        q, k, v, segments = pad(q), pad(k), pad(v), pad(segments)
     # The kernel takes [N, T, H] per example and does not scale the logits.
     q = jnp.swapaxes(q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype), 1, 2)
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)

@@ -21,7 +21,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import TextConfig
-from llava_jax.models.attention import AttentionMask, attention, merge_heads, resolve_attention, split_heads
+from llava_jax.models.attention import (AttentionMask, attention, merge_heads, resolve_attention, same_segment,
+                                        split_heads)
 from llava_jax.models.layers import ACTIVATIONS, INIT_STD, RMSNorm, dense
 from llava_jax.models.lora import LoraSpec, for_module
 from llava_jax.models.stack import layer_stack, run_layers
@@ -216,6 +217,7 @@ class LlamaModel(nn.Module):
         cache_index: jax.Array | int | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
+        segment_ids: jax.Array | None = None,  # [B, T] int: packed rows (0 = padding, 1, 2, ... each sample)
     ) -> tuple[jax.Array, Cache | None]:  # logits [B, T, V] float32 ([B, 1, V] with last_only)
         """Logits and the updated cache.
 
@@ -230,24 +232,35 @@ class LlamaModel(nn.Module):
         prefill needs no more, and the full float32 [B, T, V] logits of a long prompt would cost more
         memory than the rest of it (left-padded prompts all end in the last column). `hidden_only`
         returns the final-norm hidden states [B, T, D] instead, for a loss that runs the head on a
-        few positions at a time (`logits`)."""
+        few positions at a time (`logits`).
+
+        `segment_ids` (no cache): rows packed with several samples, each a contiguous run of slots whose
+        `positions` restart at 0; a token attends only to its own sample's tokens, so each sample gets
+        the logits it gets alone. `kv_mask` must be `segment_ids != 0`. XLA ANDs the dense mask with
+        "same segment", splash takes the ids as `SegmentIds`, and on a GPU packed rows take XLA (the
+        cuDNN kernel of `jax.nn.dot_product_attention` takes no segments; logged once)."""
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for training and scoring without a KV cache")
         x = inputs_embeds.astype(self.dtype)
         cos, sin = rope_cos_sin(self.cfg, positions, self.dtype)
         t = x.shape[1]
         decoding = cache is not None and cache_index is not None
         impl = resolve_attention(self.attention, "language model", dtype=self.dtype, head_dim=self.cfg.head_dim,
-                                 decoding=decoding)
+                                 decoding=decoding, packed=segment_ids is not None)
         window = self.cfg.sliding_window
         if decoding:  # the cached keys' positions are not at hand: count them from the slots that hold tokens
             dense_mask = attention_mask(kv_mask, t, cache_index, window, positions, cache_positions(kv_mask))
             mask = AttentionMask(impl, causal=True, dense=dense_mask)
         elif impl == "xla":  # queries and keys are the same T slots (a prefill's first T of the cache)
             dense_mask = attention_mask(kv_mask[:, :t], t, 0, window, positions, positions)
+            if segment_ids is not None:  # the window in positions holds within a segment, whose positions restart
+                dense_mask = dense_mask & same_segment(segment_ids)
             mask = AttentionMask(impl, causal=True, dense=dense_mask)
         else:  # training and evaluation rows are right-padded (LlavaModel checks); prefill rows left-padded
             # The kernels' window counts slots: a row's tokens are one contiguous run (right- or
             # left-padded), so slot distances are position distances.
-            mask = AttentionMask(impl, causal=True, tokens=kv_mask[:, :t], right_padded=cache is None, window=window)
+            mask = AttentionMask(impl, causal=True, tokens=kv_mask[:, :t], right_padded=cache is None, window=window,
+                                 segments=segment_ids)
         x, new_cache, _ = run_layers(self.layers, (x, cache, jnp.int32(0)), cos, sin, mask, cache_index)
         x = self.norm(x[:, -1:] if last_only else x)
         return (x if hidden_only else self.logits(x)), new_cache

@@ -100,6 +100,7 @@ class Llava(nn.Module):
         last_only: bool = False,
         hidden_only: bool = False,
         image_index: jax.Array | None = None,  # [B, T]
+        segment_ids: jax.Array | None = None,  # [B, T] int: packed rows, 0 = padding, 1, 2, ... each sample
     ) -> tuple[jax.Array, Cache | None]:
         """Logits [B, T, V] in float32 ([B, 1, V] with `last_only`) and the updated cache (None without one).
 
@@ -108,13 +109,28 @@ class Llava(nn.Module):
         must be right-padded (tokens first), as the training pipeline and evaluation write them;
         `LlavaModel` checks its inputs on the host and takes the XLA path for other layouts. A
         prefill into a cache (`cache_index` None) takes left-padded prompts (`LlamaModel`).
+
+        Packed rows (`segment_ids`, no cache): several samples a row, each a contiguous run of slots
+        numbered 1, 2, ... in the row, 0 on padding. Each sample's tokens attend only to its own, with
+        `positions` restarting at 0 at its first slot (derived from the segments when None), so each
+        gets the logits it gets alone. A token is real where `segment_ids != 0` and `attention_mask`
+        (when given) is nonzero: the two must agree (`LlavaModel` checks on the host). Images need
+        nothing more: a row's images fill its placeholders in order across its samples (LLaVA-1.5),
+        and `image_index` (anyres) names each image token's feature row whatever sample holds it.
         """
         embeds = self.embed(input_ids, pixel_values, image_index)
+        if segment_ids is not None:
+            if attention_mask is not None:
+                segment_ids = jnp.where(attention_mask != 0, segment_ids, 0)
+            attention_mask = (segment_ids != 0).astype(jnp.int32)
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
             positions = default_positions(attention_mask)
-        return self.language_model(embeds, positions, attention_mask, cache, cache_index, last_only, hidden_only)
+        return self.language_model(embeds, positions, attention_mask, cache, cache_index, last_only, hidden_only,
+                                   segment_ids=segment_ids)
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:  # [..., D] -> [..., V] float32
         """The LM head on final-norm hidden states (from `hidden_only`)."""
@@ -124,6 +140,31 @@ class Llava(nn.Module):
 def default_positions(attention_mask: jax.Array) -> jax.Array:
     """Position ids that skip padding (left or right): cumsum(mask) - 1, clipped at 0."""
     return jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions [B, T] of packed rows: 0 at each segment's first slot, counting up within it (a
+    segment is a contiguous run of one id; padding's values are never read)."""
+    slots = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return slots - jax.lax.cummax(jnp.where(starts, slots, 0), axis=1)
+
+
+def check_segments(segment_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> None:
+    """Raise ValueError naming the row unless each row's nonzero segment ids are contiguous runs, each id
+    once, and `attention_mask` (when given) is nonzero exactly where they are."""
+    segment_ids = np.asarray(segment_ids)
+    if attention_mask is not None and np.asarray(attention_mask).shape != segment_ids.shape:
+        raise ValueError(f"segment_ids {segment_ids.shape} and attention_mask {np.asarray(attention_mask).shape} "
+                         "differ in shape")
+    for b, row in enumerate(segment_ids):
+        runs = row[np.r_[True, row[1:] != row[:-1]]]
+        runs = runs[runs != 0]
+        if len(set(runs.tolist())) != len(runs):
+            raise ValueError(f"row {b} of segment_ids: a segment is not one contiguous run of slots "
+                             f"(runs in order: {runs.tolist()})")
+        if attention_mask is not None and not np.array_equal(row != 0, np.asarray(attention_mask)[b] != 0):
+            raise ValueError(f"row {b}: attention_mask and segment_ids != 0 disagree on which slots hold tokens")
 
 
 def place_images(
@@ -222,7 +263,12 @@ class LlavaModel:
         self.module = Llava(config)
         self._forward = _jitted_forward(config)
 
-    def __call__(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None) -> LlavaOutput:
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, segment_ids=None,
+                 positions=None) -> LlavaOutput:
+        """Logits [B, T, V] float32 of right- or left-padded rows, or of packed rows: `segment_ids` [B, T]
+        (0 = padding, 1, 2, ... each sample, a contiguous run) and optionally `positions` [B, T] (0 at each
+        sample's start; derived when None) give each sample the logits it gets alone (`Llava.__call__`).
+        With packed rows `attention_mask` may be left out; given, it must be nonzero where the segments are."""
         input_ids = np.asarray(input_ids, np.int32)
         index = None
         if pixel_values is not None and not self.config.is_anyres and np.ndim(pixel_values) == 5:
@@ -233,11 +279,22 @@ class LlavaModel:
                                          None if image_sizes is None else [tuple(s) for s in np.asarray(image_sizes)])
         if packed is not None:
             packed = packed.astype(self.config.dtype)
+        if segment_ids is not None:
+            segment_ids = np.asarray(segment_ids, np.int32)
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(f"segment_ids {segment_ids.shape} and input_ids {input_ids.shape} differ in shape")
+            check_segments(segment_ids, attention_mask)
+            attention_mask = (segment_ids != 0).astype(np.int32)
+        if positions is not None:
+            positions = np.asarray(positions, np.int32)
+            if positions.shape != input_ids.shape:
+                raise ValueError(f"positions {positions.shape} and input_ids {input_ids.shape} differ in shape")
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, np.int32)
         attention = self.config.attention if is_right_padded(attention_mask) else "xla"
-        return LlavaOutput(self._forward(self.params, input_ids, packed, attention_mask, index, attention))
+        return LlavaOutput(self._forward(self.params, input_ids, packed, attention_mask, index, segment_ids, positions,
+                                         attention))
 
 
 def is_right_padded(attention_mask: np.ndarray) -> bool:
@@ -252,10 +309,11 @@ def _jitted_forward(cfg: LlavaConfig):
 
     The attention implementation is a static argument: a left-padded batch falls back to "xla".
     """
-    def forward(p, ids, px, mask, index, attention):
-        return Llava(cfg.replace(attention=attention)).apply({"params": p}, ids, px, mask, image_index=index)[0]
+    def forward(p, ids, px, mask, index, segments, positions, attention):
+        return Llava(cfg.replace(attention=attention)).apply({"params": p}, ids, px, mask, positions, image_index=index,
+                                                             segment_ids=segments)[0]
 
-    return jax.jit(forward, static_argnums=5)
+    return jax.jit(forward, static_argnums=7)
 
 
 @functools.lru_cache(maxsize=32)

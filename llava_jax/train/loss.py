@@ -12,9 +12,22 @@ IGNORE_INDEX = -100
 LOSS_CHUNK = 512
 
 
-def supervised_count(labels: jax.Array) -> jax.Array:
-    """Tokens the loss sees: positions 1.. of `labels` [..., T] that are not IGNORE_INDEX."""
-    return jnp.sum(labels[..., 1:] != IGNORE_INDEX)
+def next_token_targets(labels: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[..., T]: the label position t is trained on, labels[t + 1]; IGNORE_INDEX at the last position.
+
+    With packed rows (`segment_ids` [..., T], 0 = padding), position t is also IGNORE_INDEX where
+    t + 1 starts another segment: a sample's last token is never trained on the next sample's first,
+    which it does not predict when alone. So a packed row's targets are exactly its samples' own.
+    """
+    nxt = labels[..., 1:]
+    if segment_ids is not None:
+        nxt = jnp.where(segment_ids[..., 1:] == segment_ids[..., :-1], nxt, IGNORE_INDEX)
+    return jnp.concatenate([nxt, jnp.full((*labels.shape[:-1], 1), IGNORE_INDEX, labels.dtype)], axis=-1)
+
+
+def supervised_count(labels: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Tokens the loss sees: the targets (`next_token_targets`) of `labels` [..., T] that are not IGNORE_INDEX."""
+    return jnp.sum(next_token_targets(labels, segment_ids) != IGNORE_INDEX)
 
 
 def _nll_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -26,14 +39,17 @@ def _nll_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(valid, log_z - picked, 0.0))
 
 
-def cross_entropy_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def cross_entropy_sum(logits: jax.Array, labels: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """Summed NLL of labels[:, t+1] under logits[:, t] over supervised positions.
 
     Args:
       logits: [B, T, V] (cast to float32 here).
       labels: [B, T] int, IGNORE_INDEX where not supervised.
+      segment_ids: [B, T] of packed rows, or None (`next_token_targets`).
     """
-    return _nll_sum(logits[:, :-1], labels[:, 1:])
+    if segment_ids is None:
+        return _nll_sum(logits[:, :-1], labels[:, 1:])
+    return _nll_sum(logits, next_token_targets(labels, segment_ids))
 
 
 def chunked_cross_entropy_sum(
@@ -41,6 +57,7 @@ def chunked_cross_entropy_sum(
     labels: jax.Array,  # [B, T]
     head: Callable[[jax.Array], jax.Array],  # [B, C, D] -> [B, C, V] float32 logits
     chunk: int = LOSS_CHUNK,
+    segment_ids: jax.Array | None = None,  # [B, T] packed rows (`next_token_targets`)
 ) -> jax.Array:
     """`cross_entropy_sum(head(hidden), labels)` without ever holding the logits of all positions.
 
@@ -50,8 +67,7 @@ def chunked_cross_entropy_sum(
     of float32 logits (per copy) replaced by 0.5 GB.
     """
     b, t, _ = hidden.shape
-    # Position t predicts labels[t + 1]; the last position predicts nothing.
-    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
+    targets = next_token_targets(labels, segment_ids)
     if t <= chunk:
         return _nll_sum(head(hidden), targets)
     n = -(-t // chunk)

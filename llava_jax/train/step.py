@@ -40,9 +40,11 @@ def create_state(params: Params, frozen: Params, tx: optax.GradientTransformatio
 
 def model_inputs(batch: Batch) -> dict:
     """The model's inputs in a batch dict: input_ids, pixel_values [B, S, H, W, C] or None, attention_mask,
-    and for anyres (LLaVA-NeXT) batches image_index [B, T] (`Llava.embed`)."""
+    for anyres (LLaVA-NeXT) batches image_index [B, T] (`Llava.embed`), and for packed batches segment_ids
+    and positions [B, T] (`Llava.__call__`)."""
     return dict(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
-                attention_mask=batch["attention_mask"], image_index=batch.get("image_index"))
+                attention_mask=batch["attention_mask"], image_index=batch.get("image_index"),
+                segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
 
 
 def loss_sum_fn(cfg: LlavaConfig, chunk: int = LOSS_CHUNK) -> Callable[..., jax.Array]:
@@ -58,7 +60,7 @@ def loss_sum_fn(cfg: LlavaConfig, chunk: int = LOSS_CHUNK) -> Callable[..., jax.
         variables = {"params": merge_params(params, frozen)}
         hidden, _ = module.apply(variables, **model_inputs(batch), hidden_only=True, rngs=rngs)
         head = lambda h: module.apply(variables, h, method=Llava.lm_logits)  # noqa: E731
-        return chunked_cross_entropy_sum(hidden, batch["labels"], head, chunk)
+        return chunked_cross_entropy_sum(hidden, batch["labels"], head, chunk, batch.get("segment_ids"))
 
     return loss_sum
 
@@ -69,7 +71,9 @@ def make_train_step(
     """A step over a global batch whose leaves are [A, b, ...]: A micro-batches accumulated.
 
     The loss is the mean over every supervised token of the global batch (not a mean of
-    micro-batch means), as transformers computes it for the same batch. A non-finite loss or
+    micro-batch means), as transformers computes it for the same batch; packed batches
+    (`segment_ids`, `positions`) count and weigh each sample's tokens as unpacked rows do, so
+    packing the same samples changes neither the loss nor the gradients. A non-finite loss or
     gradient norm leaves parameters and optimizer state untouched and is counted: the update runs
     under `lax.cond`, so a finite step pays no per-leaf select between new and old state. LoRA
     dropout (the only dropout) draws from `seed`, the step and the micro-batch: a resumed run
@@ -80,7 +84,7 @@ def make_train_step(
     dropout = cfg.lora is not None and cfg.lora.dropout > 0
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        tokens = supervised_count(batch["labels"])
+        tokens = supervised_count(batch["labels"], batch.get("segment_ids"))
         denom = jnp.maximum(tokens, 1).astype(jnp.float32)
 
         def micro(carry, xs):
