@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import dataclasses
 import io
 import os
 import socket
@@ -68,8 +69,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TOKENIZER_PIECES = 300  # bench/eval.py's tokenizer
+
+
 def random_model_dir(root: str, shape: str) -> str:
-    """Random weights of `shape` saved with a tokenizer and image settings (bench/eval.py's directory)."""
+    """Random weights of `shape` saved with a tokenizer and image settings (bench/eval.py's directory).
+
+    The vocabulary is cut to the tokenizer's pieces plus the image token (a random model's answers are
+    then text, which streams: 32000 rows would mostly decode to nothing); at 7B that is 2% fewer weights.
+    """
     import torch
     from transformers import LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
 
@@ -77,7 +85,8 @@ def random_model_dir(root: str, shape: str) -> str:
     from generate import SHAPES
     from llava_jax.config import llava_config_to_hf
 
-    cfg = SHAPES[shape].replace(dtype="float32", param_dtype="float32")
+    cfg = SHAPES[shape].replace(dtype="float32", param_dtype="float32", image_token_index=TOKENIZER_PIECES)
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=TOKENIZER_PIECES + 1))
     torch.manual_seed(0)
     hf = LlavaForConditionalGeneration._from_config(HFLlavaConfig(**llava_config_to_hf(cfg)), dtype=torch.float32)
     return model_dir(root, hf, cfg.vision.image_size)
