@@ -1,7 +1,8 @@
 """Serving under load: N concurrent streaming clients against the same requests one at a time.
 
-CPU, the `small` LLaVA of bench/generate.py (random weights; a couple of minutes with compiling):
+CPU, the `small` LLaVA of bench/generate.py, and the tests' tiny one (random weights; a few minutes each):
     python -m bench.serve
+    python -m bench.serve --shape tiny
 One GPU or TPU chip, the LLaVA-1.5-7B shape with random bf16 weights (or a real model directory):
     python -m bench.serve --shape llava-1.5-7b --dtype bfloat16 --requests 64 --max-batch 16 --max-tokens 128
     python -m bench.serve --model-path DIR --dtype bfloat16 --requests 64 --max-batch 16
@@ -10,8 +11,12 @@ Starts `python -m llava_jax.serve` on a free local port (or uses `--base-url` of
 and sends `--requests` chat requests (one random image of a varied size and a question of varied
 length each, greedy, `--max-tokens` at most) through the official `openai` client twice:
 - one at a time (each request waits for the one before: what the original LLaVA's model worker
-  does, one `generate` per request), streamed;
-- all at once from as many client threads, half streamed and half not.
+  does, one `generate` per request), streamed, on a server of one slot (nothing computed for idle
+  slots: the best case for one at a time);
+- one at a time again, and then all at once from as many client threads (half streamed and half
+  not), on a server of `--max-batch` slots.
+Random weights (`--shape`) come with bench/eval.py's 300-piece tokenizer and a vocabulary cut to it,
+so that answers are text; the server's `--max-context` is 1024 unless given (the cache a slot holds).
 Throughput counts completion tokens (from `usage`) over the wall time of the run; TTFT is the time
 from sending a streamed request to its first content chunk; latency is the time to its last byte.
 Both runs answer greedily, so the answers must agree: the table says how many did. Every request is
@@ -50,7 +55,8 @@ def parse_args() -> argparse.Namespace:
     from generate import SHAPES  # bench/generate.py's model shapes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="small", help="random weights of this shape")
+    p.add_argument("--shape", choices=sorted(SHAPES) + ["tiny"], default="small",
+                   help="random weights of this shape (tiny: the tests' model)")
     p.add_argument("--model-path", default=None, help="serve this model directory instead of random weights")
     p.add_argument("--base-url", default=None, help="a running server's /v1 address (nothing is started)")
     p.add_argument("--api-key", default="bench")
@@ -58,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=24)
     p.add_argument("--max-batch", type=int, default=8, help="the server's decode slots")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-context", type=int, default=1024,
+                   help="the server's --max-context: cache slots a request has (prompt + answer); 0: the model's")
     p.add_argument("--server-args", default="", help="more flags for the server, e.g. '--int8 --tensor-parallel 2'")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server to be healthy")
     return p.parse_args()
@@ -70,6 +78,18 @@ def free_port() -> int:
 
 
 TOKENIZER_PIECES = 300  # bench/eval.py's tokenizer
+
+
+def tiny_shape():
+    """The tests' tiny LLaVA (tests/_inference.py's sizes: 2 + 2 layers, 64 wide, 28 px images): a step costs
+    little beside its dispatch, as a large model's does on an accelerator."""
+    from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=68, num_layers=2, num_heads=4, image_size=28),
+        text=TextConfig(hidden_size=64, intermediate_size=136, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=16, max_position_embeddings=1024),
+        vision_feature_layer=-2)
 
 
 def random_model_dir(root: str, shape: str) -> str:
@@ -85,19 +105,23 @@ def random_model_dir(root: str, shape: str) -> str:
     from generate import SHAPES
     from llava_jax.config import llava_config_to_hf
 
-    cfg = SHAPES[shape].replace(dtype="float32", param_dtype="float32", image_token_index=TOKENIZER_PIECES)
+    cfg = tiny_shape() if shape == "tiny" else SHAPES[shape]
+    cfg = cfg.replace(dtype="float32", param_dtype="float32", image_token_index=TOKENIZER_PIECES)
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=TOKENIZER_PIECES + 1))
     torch.manual_seed(0)
     hf = LlavaForConditionalGeneration._from_config(HFLlavaConfig(**llava_config_to_hf(cfg)), dtype=torch.float32)
     return model_dir(root, hf, cfg.vision.image_size)
 
 
-def start_server(args: argparse.Namespace, model_path: str, log_path: str) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, model_path: str, log_path: str, max_batch: int
+                 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "llava_jax.serve", "--model-path", model_path, "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch", str(args.max_batch), "--api-key", args.api_key]
+           "--port", str(port), "--max-batch", str(max_batch), "--api-key", args.api_key]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    if args.max_context:
+        cmd += ["--max-context", str(args.max_context)]
     cmd += args.server_args.split()
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -151,6 +175,27 @@ def one(client, model: str, messages: list[dict], max_tokens: int, stream: bool)
     return {"text": "".join(parts), "tokens": tokens, "ttft": ttft, "latency": time.perf_counter() - t0}
 
 
+def run(args: argparse.Namespace, model_path: str | None, root: str, max_batch: int, send) -> tuple[list[dict], float]:
+    """Start a server of `max_batch` slots (unless --base-url), send every request once to warm it up (each prompt
+    bucket compiles), then time `send(client, model)`; (its results, wall seconds)."""
+    from openai import OpenAI
+
+    proc, base_url = None, args.base_url
+    if base_url is None:
+        proc, base_url = start_server(args, model_path, os.path.join(root, f"server{max_batch}.log"), max_batch)
+    try:
+        client = OpenAI(base_url=base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout)
+        model = client.models.list().data[0].id
+        send(client, model)  # warm-up
+        t0 = time.perf_counter()
+        results = send(client, model)
+        return results, time.perf_counter() - t0
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
@@ -167,39 +212,34 @@ def summary(name: str, results: list[dict], wall: float) -> list[str]:
 
 def main() -> None:
     args = parse_args()
-    from openai import OpenAI
-
+    requests = make_requests(args.requests)
     with tempfile.TemporaryDirectory() as root:
-        proc = None
-        base_url = args.base_url
-        if base_url is None:
+        model_path = None
+        if args.base_url is None:
             model_path = args.model_path or random_model_dir(root, args.shape)
             if args.model_path is None and args.dtype is None:
                 args.dtype = "float32"
-            proc, base_url = start_server(args, model_path, os.path.join(root, "server.log"))
-        try:
-            client = OpenAI(base_url=base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout)
-            model = client.models.list().data[0].id
-            requests = make_requests(args.requests)
-            warm = [one(client, model, m, args.max_tokens, stream=True) for m in requests]  # compiles each bucket
+        # One at a time on a server of one slot (the best case for one request at a time: no idle slots to
+        # compute), then all at once on a server of --max-batch slots; the same server for both with --base-url.
+        sequential, seq_wall = run(args, model_path, root, 1, lambda c, m: [
+            one(c, m, r, args.max_tokens, stream=True) for r in requests])
 
-            t0 = time.perf_counter()
-            sequential = [one(client, model, m, args.max_tokens, stream=True) for m in requests]
-            seq_wall = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
+        def all_at_once(client, model):
             with concurrent.futures.ThreadPoolExecutor(max_workers=len(requests)) as pool:
-                futures = [pool.submit(one, client, model, m, args.max_tokens, i % 2 == 0)
-                           for i, m in enumerate(requests)]
-                concurrent_results = [f.result() for f in futures]
-            con_wall = time.perf_counter() - t0
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(60)
-    same = sum(a["text"] == b["text"] for a, b in zip(sequential, concurrent_results))
-    same_warm = sum(a["text"] == b["text"] for a, b in zip(sequential, warm))
-    rows = [summary("one at a time (streamed)", sequential, seq_wall),
+                futures = [pool.submit(one, client, model, r, args.max_tokens, i % 2 == 0)
+                           for i, r in enumerate(requests)]
+                return [f.result() for f in futures]
+
+        def both(client, model):
+            t0 = time.perf_counter()
+            alone = [one(client, model, r, args.max_tokens, stream=True) for r in requests]
+            t1 = time.perf_counter()
+            return alone, t1 - t0, all_at_once(client, model), time.perf_counter() - t1
+
+        (slotted, slot_wall, concurrent_results, con_wall), _ = run(args, model_path, root, args.max_batch, both)
+    same = sum(a["text"] == b["text"] == c["text"] for a, b, c in zip(sequential, slotted, concurrent_results))
+    rows = [summary("one at a time (streamed), 1 slot", sequential, seq_wall),
+            summary(f"one at a time (streamed), {args.max_batch} slots", slotted, slot_wall),
             summary(f"{len(requests)} concurrent (half streamed), {args.max_batch} slots", concurrent_results,
                     con_wall)]
     print(f"{args.model_path or args.shape}, {len(requests)} requests, {args.max_tokens} tokens at most, greedy; "
@@ -208,9 +248,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    speedup = (sum(r["tokens"] for r in concurrent_results) / con_wall) / (sum(r["tokens"] for r in sequential) / seq_wall)
-    print(f"throughput, concurrent / one at a time: {speedup:.2f}x; answers equal to the one-at-a-time answers: "
-          f"{same}/{len(requests)} (warm-up pass: {same_warm}/{len(requests)}); mean completion tokens "
+    rate = lambda results, wall: sum(r["tokens"] for r in results) / wall  # noqa: E731
+    print(f"throughput, concurrent / one at a time: {rate(concurrent_results, con_wall) / rate(sequential, seq_wall):.2f}x"
+          f" (1 slot), {rate(concurrent_results, con_wall) / rate(slotted, slot_wall):.2f}x ({args.max_batch} slots); "
+          f"answers equal in all three runs: {same}/{len(requests)}; mean completion tokens "
           f"{statistics.mean(r['tokens'] for r in sequential):.1f}")
 
 

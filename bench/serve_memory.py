@@ -4,6 +4,7 @@
     JAX_PLATFORMS=cpu python -m bench.serve_memory --size 7b --topology v5e:2x2 --chips 1 --int8   # one chip, int8
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m bench.serve_memory --size 13b   # 2 CPU devices
     JAX_PLATFORMS=cpu python -m bench.serve_memory --size next-7b --topology v5e:2x2 --batch 1 --attention xla
+    JAX_PLATFORMS=cpu python -m bench.serve_memory --topology v5e:2x2 --chips 1 --int8 --batch 16 --decode-only
 
 Compiles the engine's two programs, `prefill_step` (vision tower, prompts into a fresh cache, first
 token) and `decode_loop` (the `while_loop` of decode steps), exactly as `Engine(model, mesh=
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,11 +75,22 @@ def _figures(compiled, chip) -> dict:
             "total_gib": (args_b + new_out + temp_b) / GIB, "chip_gib": chip}
 
 
+def _state_shapes(shapes, mesh, rules):
+    """The decode state's shapes sharded as the engine pins them: the cache by `CACHE_AXES`, the rest
+    whole (their batch axis maps to `data`, one device here)."""
+    cache = NamedSharding(mesh, nn.logical_to_mesh_axes(engine_lib.CACHE_AXES, rules))
+    whole = NamedSharding(mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda _: whole, shapes)._replace(cache=jax.tree.map(lambda _: cache, shapes.cache))
+    return sharded_shapes(shapes, shardings)
+
+
 def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: int, int8: bool,
-                   attention: str = "auto") -> list[dict]:
+                   attention: str = "auto", decode_only: bool = False) -> list[dict]:
     """Compile prefill and decode for `devices` (tensor-parallel over all of them); a dict per program.
     `attention`: the model config's (`xla` shows the prefill without the fused kernel). `prompt` tokens a
-    row, one image among them (anyres: its most tiles)."""
+    row, one image among them (anyres: its most tiles). `decode_only`: the decode program alone, its state
+    shaped by the prefill without compiling it (a batch whose prefill does not fit the chip, as a slot
+    engine that prefills fewer rows than it decodes would run)."""
     cfg = PRESETS[SIZES[size]].replace(dtype="bfloat16", attention=attention)
     mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
     rules = tuple(rules_lib.DEFAULT_RULES)
@@ -95,15 +108,21 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
             spec((batch, t), np.int32) if cfg.is_anyres else None)
     module = Llava(cfg)
     out = []
+    programs = []
     with target_platform(mesh_platform(mesh)), jax.set_mesh(mesh):
         lowered = engine_lib.prefill_step.lower(module, *args, num_new=num_new, window=window, greedy=True,
                                                 rules=rules, int8=int8)
-        prefill = lowered.compile()
-        state = sharded_shapes(lowered.out_info, prefill.output_shardings)
+        if decode_only:
+            state = _state_shapes(lowered.out_info, mesh, rules)
+        else:
+            prefill = lowered.compile()
+            programs.append(("prefill", prefill))
+            state = sharded_shapes(lowered.out_info, prefill.output_shardings)
         decode = engine_lib.decode_loop.lower(module, params, state, spec((), np.int32), spec((), np.int32),
                                               spec((batch,), np.bool_), greedy=True, rules=rules, int8=int8).compile()
+        programs.append(("decode", decode))
     chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)
-    for name, compiled in (("prefill", prefill), ("decode", decode)):
+    for name, compiled in programs:
         out.append({"size": size, "program": name, "devices": f"{len(devices)} x {devices[0].device_kind}",
                     "int8": int8, "attention": attention, "batch": batch, "prompt": t, "cache_slots": t + window,
                     **_figures(compiled, chip)})
@@ -123,13 +142,15 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--attention", default="auto", help="auto | xla (the prefill without the fused kernel)")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="compile the decode program alone (its state shaped by the prefill, which is not compiled)")
     ap.add_argument("--json", default=None, help="append the figures to this file")
     a = ap.parse_args()
     devices = (topology_devices(a.topology) if a.topology else jax.devices())[: a.chips]
     cfg = PRESETS[SIZES[a.size]]
     image_tokens = cfg.image_layout(tuple(a.image_size)).num_tokens if cfg.is_anyres else cfg.num_image_tokens
     rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt or image_tokens + TEXT_TOKENS, new=a.new,
-                          int8=a.int8, attention=a.attention)
+                          int8=a.int8, attention=a.attention, decode_only=a.decode_only)
     print("| model | weights | devices | program | batch x cache slots | arguments | new outputs | temporaries | total / chip |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

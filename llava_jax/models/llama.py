@@ -68,6 +68,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def write_cache(cache: jax.Array, kv: jax.Array, layer, cache_index) -> jax.Array:
+    """`kv` [B, T, K, H] written into layer `layer` of a stacked cache [L, B, K, S, H]: a prefill
+    (`cache_index` None) at slots 0 .. T-1, a decode step at slots `cache_index` .. + T-1, where
+    `cache_index` is one slot for every row ([]) or a slot per row ([B]).
+
+    A decode step writes one H-wide row per (row, kv head, slot): a scatter whose indices name L, B, K
+    and S and whose window is H alone. On TPU a dynamic_update_slice of a [1, B, K, T, H] block (or a
+    scatter with a [K, H] window) makes the compiler give the loop-carried cache a layout with B (or K)
+    second-minor, to suit the small update, so the decode loop copies the whole donated cache into that
+    layout on entry and back on exit: a second cache in temporaries (`tests/test_decode_tpu.py`). An
+    H window fits the cache's row-major tiling (S, H), and the cache stays where it was donated. A slot
+    past the cache's end is dropped (a dynamic_update_slice would clamp it onto the last slots).
+    """
+    kv = jnp.swapaxes(kv, 1, 2).astype(cache.dtype)  # [B, K, T, H]
+    if cache_index is None:  # a prefill into a fresh cache: one block at slot 0
+        return jax.lax.dynamic_update_slice(cache, kv[None], (layer, 0, 0, 0, 0))
+    b, k, t, _ = kv.shape
+    slots = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (b,))[:, None, None] + jnp.arange(t)  # [B, 1, T]
+    return cache.at[layer, jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], slots, :].set(kv, mode="drop")
+
+
 class LlamaAttention(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype
@@ -90,17 +111,8 @@ class LlamaAttention(nn.Module):
         k = apply_rope(split_heads(k, c.num_kv_heads), cos, sin)  # [B, T, K, H]
         v = split_heads(v, c.num_kv_heads)
         new_cache = None
-        if cache is not None and cache_index is not None and jnp.ndim(cache_index) == 1:
-            # A decode step with a slot per row [B] (rows at different lengths): one scatter writes each row's
-            # token at its own slot, in place; a slot index past the cache (a row not decoding) writes nothing.
-            rows = jnp.arange(x.shape[0])
-            new_cache = {n: cache[n].at[layer, rows, :, cache_index, :].set(t[:, 0].astype(cache[n].dtype),
-                                                                             mode="drop")
-                         for n, t in (("k", k), ("v", v))}  # [B, 1, K, H] written at [layer, b, :, slot_b, :]
-        elif cache is not None:  # this layer's slice of the stacked cache [L, B, K, S, H], written in place
-            at = (layer, 0, 0, 0 if cache_index is None else cache_index, 0)
-            new_cache = {n: jax.lax.dynamic_update_slice(cache[n], jnp.swapaxes(t, 1, 2)[None].astype(cache[n].dtype), at)
-                         for n, t in (("k", k), ("v", v))}  # [B, T, K, H] written as [1, B, K, T, H]
+        if cache is not None:  # this layer's slice of the stacked cache [L, B, K, S, H], written in place
+            new_cache = {n: write_cache(cache[n], t, layer, cache_index) for n, t in (("k", k), ("v", v))}
         if cache is not None and cache_index is not None:  # a decode step: attend over the cache window
             # Read back as [B, S, K, H]: the transpose folds into the attention matmuls, whose batch
             # axes (B, K) lead in the cache layout, so no step copies the cache into another layout.
