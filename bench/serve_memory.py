@@ -129,6 +129,56 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
     return out
 
 
+def compile_slots(size: str, devices: list, *, slots: int, max_len: int, prompt: int, int8: bool,
+                  attention: str = "auto") -> list[dict]:
+    """Compile the slot engine's programs for `devices` (`SlotEngine(Engine(model, mesh=...), max_batch=slots,
+    max_len=max_len)`): a request's prefill (one row, its prompt bucket, no window), `insert` into the running
+    state, and the decode loop over `slots` rows of `max_len` cache slots (the sampling program: the larger one).
+    A dict per program."""
+    import flax.linen as nn
+
+    from llava_jax.models.llama import init_cache
+
+    cfg = PRESETS[SIZES[size]].replace(dtype="bfloat16", attention=attention)
+    mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
+    rules = tuple(rules_lib.DEFAULT_RULES)
+    params = _params(cfg, mesh, rules, int8)
+    whole = NamedSharding(mesh, PartitionSpec())
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
+    t = engine_lib.bucket(prompt, engine_lib.MIN_PROMPT_BUCKET)
+    v = cfg.vision
+    warp1 = {k: spec((1,), x.dtype) for k, x in SamplingParams().warp_args(1).items()}
+    args = (params, spec((1, t), np.int32), spec((1, cfg.geometry.max_patches, v.image_size, v.image_size, 3),
+                                                  jnp.bfloat16),
+            spec((1, t), np.int32), spec((1,), np.uint32), spec((1,), np.int32), warp1,
+            spec((1, engine_lib.MAX_END_IDS), np.int32), spec((1, t), np.int32) if cfg.is_anyres else None)
+    split = NamedSharding(mesh, nn.logical_to_mesh_axes(engine_lib.CACHE_AXES, rules))
+    cache = jax.eval_shape(lambda: init_cache(cfg.text, slots, max_len, jnp.bfloat16))
+    b = slots
+    state = engine_lib.DecodeState(
+        cache={n: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=split) for n, c in cache.items()},
+        kv_mask=spec((b, max_len), np.int32), tokens=spec((b, max_len), np.int32),
+        logprobs=spec((b, max_len), np.float32), positions=spec((b,), np.int32), done=spec((b,), np.bool_),
+        step=spec((b,), np.int32), seeds=spec((b,), np.uint32), limits=spec((b,), np.int32),
+        base=spec((b,), np.int32), warp={k: spec((b,), x.dtype) for k, x in SamplingParams().warp_args(b).items()},
+        end_ids=spec((b, engine_lib.MAX_END_IDS), np.int32))
+    module = Llava(cfg)
+    scalar = spec((), np.int32)
+    with target_platform(mesh_platform(mesh)), jax.set_mesh(mesh):
+        lowered = engine_lib.prefill_step.lower(module, *args, num_new=max_len, window=0, greedy=False, rules=rules,
+                                                int8=int8)
+        prefill = lowered.compile()
+        prefix = sharded_shapes(lowered.out_info, prefill.output_shardings)
+        put = engine_lib.insert.lower(state, prefix, scalar, scalar, scalar, rules=rules).compile()
+        decode = engine_lib.decode_loop.lower(module, params, state, scalar, scalar, spec((b,), np.bool_),
+                                              greedy=False, rules=rules, int8=int8).compile()
+    chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)
+    return [{"size": size, "program": f"slots {name}", "devices": f"{len(devices)} x {devices[0].device_kind}",
+             "int8": int8, "attention": attention, "batch": 1 if name == "prefill" else b, "prompt": t,
+             "cache_slots": t if name == "prefill" else max_len, **_figures(compiled, chip)}
+            for name, compiled in (("prefill", prefill), ("insert", put), ("decode", decode))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="7b", choices=sorted(SIZES))
@@ -144,13 +194,21 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", help="auto | xla (the prefill without the fused kernel)")
     ap.add_argument("--decode-only", action="store_true",
                     help="compile the decode program alone (its state shaped by the prefill, which is not compiled)")
+    ap.add_argument("--slots", action="store_true",
+                    help="the slot engine's programs (`SlotEngine(max_batch=--batch, max_len=--max-len)`): a request's "
+                         "prefill, insert, and the decode loop over every slot")
+    ap.add_argument("--max-len", type=int, default=1024, help="--slots: cache slots of each row (prompt + answer)")
     ap.add_argument("--json", default=None, help="append the figures to this file")
     a = ap.parse_args()
     devices = (topology_devices(a.topology) if a.topology else jax.devices())[: a.chips]
     cfg = PRESETS[SIZES[a.size]]
     image_tokens = cfg.image_layout(tuple(a.image_size)).num_tokens if cfg.is_anyres else cfg.num_image_tokens
-    rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt or image_tokens + TEXT_TOKENS, new=a.new,
-                          int8=a.int8, attention=a.attention, decode_only=a.decode_only)
+    if a.slots:
+        rows = compile_slots(a.size, devices, slots=a.batch, max_len=a.max_len, prompt=a.prompt or image_tokens +
+                             TEXT_TOKENS, int8=a.int8, attention=a.attention)
+    else:
+        rows = compile_engine(a.size, devices, batch=a.batch, prompt=a.prompt or image_tokens + TEXT_TOKENS,
+                              new=a.new, int8=a.int8, attention=a.attention, decode_only=a.decode_only)
     print("| model | weights | devices | program | batch x cache slots | arguments | new outputs | temporaries | total / chip |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
