@@ -210,3 +210,31 @@ def test_packed_batch_gives_the_unpacked_loss_through_the_train_step(data):
     (_, m_ref), (_, m) = (step(create_state(params, frozen, tx), to_microbatches(b, 1)) for b in (unpacked, packed))
     assert int(m["supervised_tokens"]) == int(m_ref["supervised_tokens"]) > 0
     assert abs(float(m["loss"]) - float(m_ref["loss"])) < 1e-5, (seed, float(m["loss"]), float(m_ref["loss"]))
+
+
+def test_packing_config_is_checked_and_compile_only_gets_a_packed_batch():
+    """Bad data.max_images_per_row, or packing with length grouping: errors name the field. The compile-only batch of a packed run
+    carries segment_ids and positions and the pipeline's image slots a row."""
+    from llava_jax.parallel.mesh import make_mesh
+    from llava_jax.train import aot
+    from llava_jax.train.validate import ConfigError, validate
+    from tests._train_config import get_config
+
+    c = get_config()
+    c.data.packing = True
+    validate(c)
+    for field, value, message in (
+            ("group_by_modality_length", True, r"config.data.packing: True with data.group_by_modality_length=True"),
+            ("max_images_per_row", -1, r"config.data.max_images_per_row: -1; expected an integer >= 0")):
+        bad = get_config()
+        bad.data.packing = True
+        bad.data[field] = value
+        with pytest.raises(ConfigError, match=message):
+            validate(bad)
+    cfg = aot.model_config(c)
+    images = pipeline.images_per_row(cfg.geometry, 128, 1, 0)
+    assert images == 128 // cfg.geometry.tile_tokens
+    batch = aot.abstract_batch(cfg, 2, 4, 128, make_mesh(**c.mesh.to_dict()), max_images=images, packed=True)
+    assert batch["segment_ids"].shape == batch["positions"].shape == batch["input_ids"].shape == (2, 4, 128)
+    assert batch["pixel_values"].shape[2] == images
+    assert "segment_ids" not in aot.abstract_batch(cfg, 2, 4, 128, make_mesh(**c.mesh.to_dict()))
