@@ -218,9 +218,9 @@ def pack_rows(tokens: np.ndarray, images: np.ndarray, order: np.ndarray, *, max_
 def _first_fit(tokens, images, order, max_length: int, max_images: int,
                open_rows: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(closed rows, rows still open) of first-fit packing with `open_rows` open rows (pack_rows)."""
-    free_t = np.zeros(open_rows, np.int64)  # the open rows' room, oldest first
+    free_t = np.zeros(open_rows, np.int64)  # the open rows' room, in the order they opened
     free_i = np.zeros(open_rows, np.int64)
-    members: list[list[int]] = []  # records of the open rows, oldest first
+    members: list[list[int]] = []  # records of the open rows, in the order they opened
     closed: list[np.ndarray] = []
     for r in order:
         t, i = tokens[r], images[r]
