@@ -43,10 +43,12 @@ T is `max_length` (or a bucket), I is `images_per_row` (x max_patches for anyres
 its samples' images in placeholder order, one feature table a row for `image_index`. The packing is
 planned before the first batch from each record's rendered length (`planned_sizes`: one render of every
 record's text; anyres images counted at their largest), so rows never overflow when the images are
-loaded, and the plan below then shuffles and batches packed rows instead of records. We do not use
-Grain's FirstFitPackIterDataset: it packs the stream as it comes, so each process would yield a
-data-dependent number of batches (no lock-step, no epoch length for the LR schedule), it packs across
-epoch boundaries, and its state replays the parent from the last emitted batch.
+loaded, and the plan below then shuffles and batches packed rows instead of records. Grain's
+FirstFitPackIterDataset (grain 0.2.x) would carry the pixels (any N-D feature with its own length) and
+resume (its state replays the parent from the last packed batch), but it packs the stream as it comes:
+each process would yield a data-dependent number of batches (multi-host steps out of lock-step, no
+epoch length for the LR schedule before the epoch is read), rows would mix epochs, and the anyres
+image_index, relative to a row's images, would need rebuilding after it anyway.
 
 Why a plan of batches rather than a filter after loading: every process then yields the same
 number of batches per epoch (multi-host steps stay in lock-step), the epoch length is known in
