@@ -33,6 +33,23 @@ the row of row b's feature table (`anyres.table_index`: the tiles' features, the
 that image token t takes (0 elsewhere). The flat geometry (LLaVA-1.5) gives exactly the batches
 of `num_image_tokens=geometry.tile_tokens`.
 
+Packing (`packing=True`): each row holds several samples end to end, first-fit by tokens and images
+(`pack_rows`), and the batch gains
+
+    segment_ids     int32   [B, T]   1, 2, ... the row's samples in order; 0 on padding
+    positions       int32   [B, T]   each token's position in its own sample (0 at its start)
+
+T is `max_length` (or a bucket), I is `images_per_row` (x max_patches for anyres) and a row's images are
+its samples' images in placeholder order, one feature table a row for `image_index`. The packing is
+planned before the first batch from each record's rendered length (`planned_sizes`: one render of every
+record's text; anyres images counted at their largest), so rows never overflow when the images are
+loaded, and the plan below then shuffles and batches packed rows instead of records. Grain's
+FirstFitPackIterDataset (grain 0.2.x) would carry the pixels (any N-D feature with its own length) and
+resume (its state replays the parent from the last packed batch), but it packs the stream as it comes:
+each process would yield a data-dependent number of batches (multi-host steps out of lock-step, no
+epoch length for the LR schedule before the epoch is read), rows would mix epochs, and the anyres
+image_index, relative to a row's images, would need rebuilding after it anyway.
+
 Why a plan of batches rather than a filter after loading: every process then yields the same
 number of batches per epoch (multi-host steps stay in lock-step), the epoch length is known in
 advance (for the LR schedule), and the iterator state is one index, so resuming is exact. The
@@ -147,6 +164,123 @@ def num_global_batches(lengths: np.ndarray, *, batch_size: int, shard_count: int
     return max(1, math.ceil(n_image / per_global) + math.ceil((len(lengths) - n_image) / per_global))
 
 
+# ----------------------------------------------------------------------------- packing
+
+# Rows a first-fit packer keeps open: a sample goes to the first open row it fits, and the fullest row
+# closes when a new one would exceed this. The cost is linear in it; 64 fills about 96% of a long-tailed
+# mix's tokens (tests/test_data_packing.py), 665K records in about 3 s.
+PACK_OPEN_ROWS = 64
+
+
+def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geometry: anyres.AnyresConfig, *,
+                  image_token_index: int, max_length: int, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int64 [N], images int64 [N]): upper bounds of each record's rendered row, for packing.
+
+    Tokens are the rendered length before truncation, capped at `max_length`: exact for LLaVA-1.5 images,
+    an upper bound for anyres ones (each image counted at the geometry's largest, `max_tokens`: its real
+    count needs the image's size). Images are all the record's images (truncation may keep fewer). A record
+    that will be skipped (more than `max_images` images, nothing to render, unreadable) plans as (0, 0).
+    Costs one render of every record's text (packed and TFDS sources read each record's payload).
+    """
+    per_image = geometry.tile_tokens if geometry.merge == "flat" else geometry.max_tokens
+    chosen = templates.get_template(template)
+    tokens, images = np.zeros(len(source), np.int64), np.zeros(len(source), np.int64)
+    for index in range(len(source)):
+        try:
+            record = source[index].record
+            n = len(records_lib.record_images(record))
+            if n > max_images:
+                continue
+            rendered = templates.render(record["conversations"], chosen, tokenizer, image_token_index=image_token_index,
+                                        num_image_tokens=per_image)
+        except Exception:  # pylint: disable=broad-except  # the loader meets it again and reports it
+            continue
+        tokens[index], images[index] = min(len(rendered.input_ids), max_length), n
+    return tokens, images
+
+
+def pack_rows(tokens: np.ndarray, images: np.ndarray, order: np.ndarray, *, max_length: int, max_images: int,
+              open_rows: int = PACK_OPEN_ROWS) -> list[np.ndarray]:
+    """First-fit packing of records `order` (sizes `tokens`, `images`) into rows of `max_length` tokens and
+    `max_images` images; rows in the order they close, each its record indices in placement order.
+
+    A record goes to the first of the `open_rows` open rows with room for both its tokens and its images;
+    none has room: a new row opens, and the fullest closes if there are more than `open_rows`. The rows
+    still open at the end are the emptiest: their records are packed again, largest first, into fewer.
+    """
+    if np.any(tokens[order] > max_length) or np.any(images[order] > max_images):
+        raise ValueError(f"a record is larger than a row of {max_length} tokens and {max_images} images")
+    closed, still_open = _first_fit(tokens, images, order, max_length, max_images, open_rows)
+    rest = np.asarray([r for row in still_open for r in row], np.int64)
+    rest = rest[np.argsort(-tokens[rest], kind="stable")]
+    tail, last = _first_fit(tokens, images, rest, max_length, max_images, max(1, len(still_open)))
+    return closed + tail + last
+
+
+def _first_fit(tokens, images, order, max_length: int, max_images: int,
+               open_rows: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(closed rows, rows still open) of first-fit packing with `open_rows` open rows (pack_rows)."""
+    free_t = np.zeros(open_rows, np.int64)  # the open rows' room, in the order they opened
+    free_i = np.zeros(open_rows, np.int64)
+    members: list[list[int]] = []  # records of the open rows, in the order they opened
+    closed: list[np.ndarray] = []
+    for r in order:
+        t, i = tokens[r], images[r]
+        n = len(members)
+        fits = np.flatnonzero((free_t[:n] >= t) & (free_i[:n] >= i))
+        if len(fits):
+            k = int(fits[0])
+        else:
+            if n == open_rows:  # the fullest row closes: the others may still take a record
+                j = int(np.argmin(free_t))
+                closed.append(np.asarray(members.pop(j), np.int64))
+                free_t[j:-1], free_i[j:-1] = free_t[j + 1:].copy(), free_i[j + 1:].copy()
+            k = len(members)
+            members.append([])
+            free_t[k], free_i[k] = max_length, max_images
+        members[k].append(int(r))
+        free_t[k] -= t
+        free_i[k] -= i
+    return closed, [np.asarray(m, np.int64) for m in members]
+
+
+def images_per_row(geometry: anyres.AnyresConfig, max_length: int, max_images_per_sample: int,
+                   max_images_per_row: int | None) -> int:
+    """Images a packed row holds at most (its image slots: that many, x `max_patches` tiles for anyres).
+
+    Default (None or 0): as many as `max_length` tokens can hold as packing counts them (`planned_sizes`: an
+    image at `tile_tokens`, anyres at `max_tokens`), so that images never limit a row before tokens do.
+    """
+    per_image = geometry.tile_tokens if geometry.merge == "flat" else geometry.max_tokens
+    if not max_images_per_row:
+        return max(max_images_per_sample, max_length // per_image)
+    if max_images_per_row < max_images_per_sample:
+        raise ValueError(f"max_images_per_row={max_images_per_row} is less than max_images_per_sample="
+                         f"{max_images_per_sample}: a row must hold the largest sample")
+    return max_images_per_row
+
+
+@dataclasses.dataclass
+class PackedRows:
+    """Records packed into rows: row r holds records `flat[offsets[r]:offsets[r + 1]]` (CSR: cheap to pickle)."""
+
+    flat: np.ndarray  # int64 [N]
+    offsets: np.ndarray  # int64 [R + 1]
+
+    @classmethod
+    def of(cls, rows: Sequence[np.ndarray]) -> "PackedRows":
+        """From a list of rows of record indices."""
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.flat[self.offsets[row]:self.offsets[row + 1]]
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -170,11 +304,12 @@ class DataStats:
         """Records skipped so far, all kinds."""
         return sum(self.skipped.values())
 
-    def add_batch(self, num_samples: int, num_rows: int) -> None:
-        """Accounts one batch of `num_rows` rows of which `num_samples` hold a sample."""
+    def add_batch(self, num_samples: int, num_rows: int, empty_rows: int | None = None) -> None:
+        """Accounts one batch of `num_rows` rows holding `num_samples` samples (packed rows: several a row, and
+        `empty_rows` rows without any; unpacked: one a row, the rest empty)."""
         self.batches += 1
         self.samples += num_samples
-        self.empty_rows += num_rows - num_samples
+        self.empty_rows += num_rows - num_samples if empty_rows is None else empty_rows
 
     def add_problem(self, record_id: str, kind: str, message: str) -> None:
         """Accounts one skipped record."""
@@ -237,15 +372,18 @@ _EMPTY_ROW = None  # a row of the plan that holds no record
 
 
 class _RowLoader:
-    """map_with_index transform: global row index -> _Sample | _Problem | None (empty row).
+    """map_with_index transform: global row index -> _Sample | _Problem | None (empty row); with `packed`
+    rows, a list of the row's _Sample | _Problem (None for an empty row).
 
     Plain picklable object: Grain sends it to its worker processes.
     """
 
     def __init__(self, source, lengths, *, tokenizer, template_name, image_cfg,
                  num_image_tokens, geometry, image_token_index, max_length, max_images, batch_size, shard_index,
-                 shard_count, seed, shuffle, group_by_modality_length, strict):
-        self.source, self.lengths = source, lengths
+                 shard_count, seed, shuffle, group_by_modality_length, strict, packed: PackedRows | None = None):
+        self.source, self.packed = source, packed
+        # Packed: the plan shuffles and batches the rows (all the same "length"), not the records.
+        self.lengths = lengths if packed is None else np.ones(len(packed), np.int64)
         self.tokenizer, self.template_name, self.image_cfg = tokenizer, template_name, image_cfg
         self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
         self.geometry = geometry  # an anyres AnyresConfig, or None: every image num_image_tokens
@@ -254,7 +392,7 @@ class _RowLoader:
         self.seed, self.shuffle, self.group = seed, shuffle, group_by_modality_length
         self.strict = strict
         self.rows_per_epoch = batch_size * num_global_batches(
-            lengths, batch_size=batch_size, shard_count=shard_count, group_by_modality_length=self.group)
+            self.lengths, batch_size=batch_size, shard_count=shard_count, group_by_modality_length=self.group)
         self._init_cache()
 
     def _init_cache(self):
@@ -284,14 +422,19 @@ class _RowLoader:
             return plan
 
     def record_index(self, row: int) -> int:
-        """Record index of a global row index (-1 for an empty row)."""
+        """Record index of a global row index (packed: index of a packed row; -1 for an empty row)."""
         epoch, r = divmod(row, self.rows_per_epoch)
         return int(self._plan(epoch)[r // self.batch_size, r % self.batch_size])
 
-    def __call__(self, row: int, _: Any) -> _Sample | _Problem | None:
+    def __call__(self, row: int, _: Any) -> _Sample | _Problem | list[_Sample | _Problem] | None:
         index = self.record_index(row)
         if index < 0:
             return _EMPTY_ROW
+        if self.packed is not None:
+            return [self._sample(int(i)) for i in self.packed[index]]
+        return self._sample(index)
+
+    def _sample(self, index: int) -> _Sample | _Problem:
         record = None
         try:
             example = self.source[index]
@@ -374,17 +517,23 @@ class _Collate:
 
     `slots` image slots a row (max_images, or max_images * max_patches tile slots for anyres); with a
     `geometry` (given when the batch carries image_index) each row's image tokens get their table rows.
+    `packed`: rows are lists of samples, laid end to end, and the batch gains segment_ids and positions.
     """
 
     def __init__(self, *, pad_id: int, max_length: int, buckets: Sequence[int], slots: int, crop_size: int,
-                 image_token_index: int, geometry: anyres.AnyresConfig | None):
+                 image_token_index: int, geometry: anyres.AnyresConfig | None, packed: bool = False):
         self.pad_id, self.max_length, self.buckets = pad_id, max_length, list(buckets)
         self.slots, self.crop_size = slots, crop_size
         self.image_token_index, self.geometry = image_token_index, geometry
+        self.packed = packed
 
-    def __call__(self, rows: Sequence[_Sample | _Problem | None]) -> dict[str, Any]:
-        samples = [r if isinstance(r, _Sample) else None for r in rows]
-        longest = max([len(s.input_ids) for s in samples if s is not None], default=1)
+    def __call__(self, rows: Sequence[Any]) -> dict[str, Any]:
+        items = [row if self.packed else [row] for row in rows]  # each row: its items, in order
+        items = [[x for x in row or () if x is not None] for row in items]
+        samples = [[x for x in row if isinstance(x, _Sample)] for row in items]
+        longest = max([sum(len(s.input_ids) for s in row) for row in samples], default=1)
+        if longest > self.max_length:  # the packer's sizes are upper bounds: a bug, never the data
+            raise RuntimeError(f"a packed row of {longest} tokens, more than max_length={self.max_length}")
         t = self.buckets[bisect.bisect_left(self.buckets, longest)] if self.buckets else self.max_length
         b, c = len(rows), self.crop_size
         batch = {
@@ -396,23 +545,37 @@ class _Collate:
         }
         if self.geometry is not None:
             batch["image_index"] = np.zeros((b, t), np.int32)
-        for i, s in enumerate(samples):
-            if s is None:
-                continue
-            n = len(s.input_ids)
-            batch["input_ids"][i, :n] = s.input_ids
-            batch["labels"][i, :n] = s.labels
-            batch["attention_mask"][i, :n] = 1
-            batch["pixel_values"][i, : len(s.pixel_values)] = s.pixel_values
-            batch["image_mask"][i, : len(s.pixel_values)] = True
-            if self.geometry is not None:
+        if self.packed:
+            batch["segment_ids"] = np.zeros((b, t), np.int32)
+            batch["positions"] = np.zeros((b, t), np.int32)
+        for i, row in enumerate(samples):
+            at = used = 0
+            for k, s in enumerate(row):
+                n, m = len(s.input_ids), len(s.pixel_values)
+                if used + m > self.slots:
+                    raise RuntimeError(f"a packed row of more than {self.slots} image slots")
+                batch["input_ids"][i, at:at + n] = s.input_ids
+                batch["labels"][i, at:at + n] = s.labels
+                batch["attention_mask"][i, at:at + n] = 1
+                if self.packed:
+                    batch["segment_ids"][i, at:at + n] = k + 1
+                    batch["positions"][i, at:at + n] = np.arange(n)
+                batch["pixel_values"][i, used:used + m] = s.pixel_values
+                batch["image_mask"][i, used:used + m] = True
+                at, used = at + n, used + m
+            if self.geometry is not None and row:
+                # One feature table a row: the row's images in placeholder order, whichever sample holds them.
                 # Flat images have no size that matters: one tile each.
-                sizes = s.sizes or [(c, c)] * len(s.pixel_values)
-                batch["image_index"][i, :n][s.input_ids == self.image_token_index] = anyres.table_index(
+                sizes = [size for s in row for size in (s.sizes or [(c, c)] * len(s.pixel_values))]
+                ids = batch["input_ids"][i, :at]
+                batch["image_index"][i, :at][ids == self.image_token_index] = anyres.table_index(
                     self.geometry, sizes, self.slots)
-        batch["_num_samples"] = np.int32(sum(s is not None for s in samples))
-        batch["_problems"] = [(r.record_id, r.kind, r.message) for r in rows if isinstance(r, _Problem)]
-        batch["_ids"] = [s.record_id if s is not None else None for s in samples]
+        batch["_num_samples"] = np.int32(sum(len(row) for row in samples))
+        batch["_empty_rows"] = np.int32(sum(not row for row in samples))
+        batch["_problems"] = [(x.record_id, x.kind, x.message) for row in items for x in row
+                              if isinstance(x, _Problem)]
+        ids = [[s.record_id for s in row] for row in samples]
+        batch["_ids"] = ids if self.packed else [row[0] if row else None for row in ids]
         return batch
 
 
@@ -437,7 +600,8 @@ class DataIterator(grain.DatasetIterator):
         self.batches_per_epoch = batches_per_epoch
         # None: leave pixel_values uint8 (for a consumer that normalises on device).
         self._table = None if image_cfg is None else image_lib.normalization_table(image_cfg)
-        # Record id of each row of the last batch (None for an empty row): which samples a step saw.
+        # Record id of each row of the last batch (None for an empty row; packed: a list a row, of its
+        # segments' ids in order): which samples a step saw.
         self.last_record_ids: list[str | None] = []
         self._summarised = False
 
@@ -450,6 +614,7 @@ class DataIterator(grain.DatasetIterator):
                 self._summarised = True
             raise
         num_samples, problems = int(batch.pop("_num_samples")), batch.pop("_problems")
+        empty_rows = int(batch.pop("_empty_rows"))
         self.last_record_ids = batch.pop("_ids")
         for record_id, kind, message in problems:
             self.stats.add_problem(record_id, kind, message)
@@ -458,7 +623,7 @@ class DataIterator(grain.DatasetIterator):
                 logger.warning("data: skipped record %s (%s): %s", record_id, kind, message)
             elif self.stats.num_skipped % 1000 == 0:
                 logger.warning("data: %d records skipped so far: %s", self.stats.num_skipped, self.stats.skipped)
-        self.stats.add_batch(num_samples, len(batch["input_ids"]))
+        self.stats.add_batch(num_samples, len(batch["input_ids"]), empty_rows)
         if self._table is not None:  # real images normalised, absent ones stay zeros
             pixels, out = batch["pixel_values"], np.zeros(batch["pixel_values"].shape, np.float32)
             for b, i in zip(*np.nonzero(batch["image_mask"])):  # image by image: stays in cache, 2x faster
@@ -548,7 +713,8 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
                  length_buckets: Sequence[int] | None = None, group_by_modality_length: bool = False,
                  max_images_per_sample: int = 1, worker_count: int = 0, read_threads: int = 4,
                  strict: bool = False, tfds_data_dir: str | os.PathLike | None = None,
-                 normalize_pixels: bool = True) -> LlavaIterDataset:
+                 normalize_pixels: bool = True, packing: bool = False,
+                 max_images_per_row: int | None = None) -> LlavaIterDataset:
     """Builds the training input pipeline (see the module docstring).
 
     Args:
@@ -583,6 +749,9 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
       normalize_pixels: False leaves `pixel_values` uint8 [B, I, H, W, 3] (resized and cropped,
         not normalised, zero in unused slots) for a consumer that normalises on device with
         image.normalization_table (and zeroes the slots `image_mask` leaves out).
+      packing: several samples a row (module docstring, "Packing"): rows of `max_length` tokens, and
+        `segment_ids`, `positions` [B, T]; not with group_by_modality_length.
+      max_images_per_row: packed rows' images at most (I = that x max_patches); default: `images_per_row`.
 
     Returns:
       A LlavaIterDataset; `iter()` gives a DataIterator whose `.stats` are the DataStats.
@@ -598,8 +767,24 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
     if batch_size < 1 or max_length < 1 or max_images_per_sample < 1:
         raise ValueError(f"batch_size, max_length and max_images_per_sample must be >= 1; found "
                          f"{batch_size}, {max_length}, {max_images_per_sample}")
+    if packing and group_by_modality_length:
+        raise ValueError("packing and group_by_modality_length exclude each other: packed rows are full whatever "
+                         "their samples' lengths; turn one off")
     buckets = sorted({int(b) for b in length_buckets or () if b < max_length} | {max_length})
     geometry = _geometry(num_image_tokens, geometry, image_cfg)
+    images = max_images_per_sample
+    packed = None
+    if packing:
+        images = images_per_row(geometry, max_length, max_images_per_sample, max_images_per_row)
+        tokens, counts = planned_sizes(source, tokenizer, template, geometry, image_token_index=image_token_index,
+                                       max_length=max_length, max_images=max_images_per_sample)
+        # One packing for every epoch (each epoch shuffles the rows): the epoch length is then known before
+        # the first step (the LR schedule) and the same on every process (all plan the same rows), and the
+        # iterator state stays one index. Samples in a row never see each other, so a fixed packing only
+        # decides which samples share a batch.
+        # A stream of its own: the epoch plans draw from [seed, epoch].
+        order = np.random.default_rng([seed, 1 << 20]).permutation(len(source)) if shuffle else np.arange(len(source))
+        packed = PackedRows.of(pack_rows(tokens, counts, order, max_length=max_length, max_images=images))
     tiled = geometry.merge != "flat"
     lengths = source.lengths(geometry)
     too_many = int(np.sum(source.record_stats()[1] > max_images_per_sample))
@@ -611,11 +796,11 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
         num_image_tokens=geometry.tile_tokens, geometry=geometry if tiled else None,
         image_token_index=image_token_index, max_length=max_length, max_images=max_images_per_sample,
         batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, seed=seed, shuffle=shuffle,
-        group_by_modality_length=group_by_modality_length, strict=strict)
+        group_by_modality_length=group_by_modality_length, strict=strict, packed=packed)
     collate = _Collate(pad_id=_pad_id(tokenizer), max_length=max_length, buckets=buckets,
-                       slots=max_images_per_sample * geometry.max_patches, crop_size=image_cfg.crop_size,
+                       slots=images * geometry.max_patches, crop_size=image_cfg.crop_size,
                        image_token_index=image_token_index,
-                       geometry=geometry if (tiled if image_index is None else image_index) else None)
+                       geometry=geometry if (tiled if image_index is None else image_index) else None, packed=packing)
     ds = grain.MapDataset.range(loader.rows_per_epoch).repeat(num_epochs)
     ds = ds.map_with_index(loader).batch(batch_size, batch_fn=collate)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))

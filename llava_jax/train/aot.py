@@ -149,14 +149,15 @@ def model_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
 
 
 def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: int, mesh,
-                   max_images: int = 1, geometry: AnyresConfig | None = None) -> dict:
+                   max_images: int = 1, geometry: AnyresConfig | None = None, packed: bool = False) -> dict:
     """The micro-batched global batch the loop feeds the step ([A, b, ...], sharded as `device_batch` does).
 
     `pixel_values` [A, b, S, H, W, 3] holds S = `max_images` x `geometry.max_patches` tile slots a row (the
     data pipeline's static worst case; `geometry`: the stage's, default the model's): one slot an image for
     LLaVA-1.5 or a base-resolution stage, base + tiles of the largest pinpoint for anyres. An anyres model's
     batches add `image_index` [A, b, T] int32 (the feature-table row of each image token), which the step
-    passes to the model.
+    passes to the model; `packed` ones (data.packing) `segment_ids` and `positions` [A, b, T] int32, and
+    `max_images` is then the pipeline's images a row (`pipeline.images_per_row`).
     """
     v = cfg.vision
     rows = (num_micro, micro_batch)
@@ -169,6 +170,8 @@ def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: 
     }
     if cfg.is_anyres:
         shapes["image_index"] = ((*rows, seq_len), np.int32)
+    if packed:
+        shapes["segment_ids"] = shapes["positions"] = ((*rows, seq_len), np.int32)
     batch = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
     return sharded_shapes(batch, batch_shardings(batch, mesh))
 
@@ -195,11 +198,17 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     total = config.max_steps if config.max_steps > 0 else SCHEDULE_STEPS
     program = stage_program(cfg, stage, mesh, rules, total, params)
     # One image a row, cut as the loop cuts the stage's images (data/pipeline.py make_dataset's default
-    # max_images_per_sample=1; a `base_resolution` stage of an anyres model: one base tile an image).
+    # max_images_per_sample=1; a `base_resolution` stage of an anyres model: one base tile an image); packed
+    # rows hold as many as the pipeline gives them.
+    from llava_jax.data.pipeline import images_per_row
     from llava_jax.train.loop import stage_geometry
 
     geometry, _ = stage_geometry(cfg, stage, None, False)
-    batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh, max_images=1, geometry=geometry)
+    images = 1
+    if config.data.packing:
+        images = images_per_row(geometry, stage.max_length, 1, config.data.max_images_per_row)
+    batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh, max_images=images,
+                           geometry=geometry, packed=config.data.packing)
     start = time.time()
     lowered = program.step.lower(program.state_abstract, batch)
     device = mesh.devices.flat[0]

@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pad_to_square = True
     c.data.group_by_modality_length = False
     c.data.length_buckets = ()
+    # Several samples a row (data/pipeline.py, "Packing"): rows of the stage's max_length with segment_ids and
+    # positions; the loss is that of the same samples unpacked. Not with group_by_modality_length.
+    c.data.packing = False
+    c.data.max_images_per_row = 0  # packed rows' image slots; 0: as many images as max_length tokens hold
     c.data.worker_count = 0
     c.data.eval_template = "vicuna_v1"
     c.data.eval_batch_size = 32

@@ -407,7 +407,8 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
         max_length=stage.max_length, batch_size=stage.global_batch // nproc, seed=config.seed + index,
         group_by_modality_length=config.data.group_by_modality_length,
         length_buckets=config.data.length_buckets or None, worker_count=config.data.worker_count,
-        tfds_data_dir=config.data.tfds_data_dir or None,
+        tfds_data_dir=config.data.tfds_data_dir or None, packing=config.data.packing,
+        max_images_per_row=config.data.max_images_per_row,
     )
     return _StageData(iter(ds), ds.batches_per_epoch, _stage_steps(stage, ds.batches_per_epoch, config.max_steps),
                       stage.global_batch // stage.micro_batch)

@@ -47,6 +47,12 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
         _positive(key, _lookup(config, key))
     _at_least("eval_every", config.eval_every, 0)
     _at_least("data.worker_count", config.data.worker_count, 0)
+    if not isinstance(config.data.max_images_per_row, int) or config.data.max_images_per_row < 0:
+        raise ConfigError(f"config.data.max_images_per_row: {config.data.max_images_per_row!r}; expected an integer "
+                          ">= 0 (0: as many images as a row's tokens hold)")
+    if config.data.packing and config.data.group_by_modality_length:
+        raise ConfigError("config.data.packing: True with data.group_by_modality_length=True; packed rows are full "
+                          "whatever their samples' lengths: set --config.data.group_by_modality_length=False")
     for axis in MESH_AXES:
         size = config.mesh[axis]
         if not isinstance(size, int) or (size != -1 and size < 1):
