@@ -84,6 +84,17 @@ def _state_shapes(shapes, mesh, rules):
     return sharded_shapes(shapes, shardings)
 
 
+def _setup(size: str, devices: list, int8: bool, attention: str):
+    """(config in bf16, tensor-parallel mesh over `devices`, rules, sharded weight shapes, a spec maker of
+    whole-array shapes on the mesh): what every compiled program here starts from."""
+    cfg = PRESETS[SIZES[size]].replace(dtype="bfloat16", attention=attention)
+    mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
+    rules = tuple(rules_lib.DEFAULT_RULES)
+    whole = NamedSharding(mesh, PartitionSpec())
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
+    return cfg, mesh, rules, _params(cfg, mesh, rules, int8), spec
+
+
 def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: int, int8: bool,
                    attention: str = "auto", decode_only: bool = False) -> list[dict]:
     """Compile prefill and decode for `devices` (tensor-parallel over all of them); a dict per program.
@@ -91,12 +102,7 @@ def compile_engine(size: str, devices: list, *, batch: int, prompt: int, new: in
     row, one image among them (anyres: its most tiles). `decode_only`: the decode program alone, its state
     shaped by the prefill without compiling it (a batch whose prefill does not fit the chip, as a slot
     engine that prefills fewer rows than it decodes would run)."""
-    cfg = PRESETS[SIZES[size]].replace(dtype="bfloat16", attention=attention)
-    mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
-    rules = tuple(rules_lib.DEFAULT_RULES)
-    params = _params(cfg, mesh, rules, int8)
-    whole = NamedSharding(mesh, PartitionSpec())
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
+    cfg, mesh, rules, params, spec = _setup(size, devices, int8, attention)
     t, num_new, window = _buckets(prompt, new)
     v = cfg.vision
     warp = {k: spec((batch,), x.dtype) for k, x in SamplingParams().warp_args(batch).items()}  # shapes: nothing runs
@@ -139,12 +145,7 @@ def compile_slots(size: str, devices: list, *, slots: int, max_len: int, prompt:
 
     from llava_jax.models.llama import init_cache
 
-    cfg = PRESETS[SIZES[size]].replace(dtype="bfloat16", attention=attention)
-    mesh = make_mesh(data=1, fsdp=1, tensor=len(devices), devices=devices)
-    rules = tuple(rules_lib.DEFAULT_RULES)
-    params = _params(cfg, mesh, rules, int8)
-    whole = NamedSharding(mesh, PartitionSpec())
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
+    cfg, mesh, rules, params, spec = _setup(size, devices, int8, attention)
     t = engine_lib.bucket(prompt, engine_lib.MIN_PROMPT_BUCKET)
     v = cfg.vision
     warp1 = {k: spec((1,), x.dtype) for k, x in SamplingParams().warp_args(1).items()}

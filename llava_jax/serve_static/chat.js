@@ -306,17 +306,22 @@ async function ask(params) {
 
 // --- Actions ----------------------------------------------------------------------------------------
 
+// The settings as request fields, or null after showing what is wrong with them (nothing is sent then).
+function paramsOrShow() {
+  try {
+    return readParams();
+  } catch (e) {
+    setStatus(e.message, "error");
+    return null;
+  }
+}
+
 function send() {
   if (chat.controller) return;
   const text = $("prompt").value;
   if (!text.trim() && !chat.pendingImage) return;
-  let params;
-  try {
-    params = readParams();
-  } catch (e) {
-    setStatus(e.message, "error");
-    return;
-  }
+  const params = paramsOrShow();
+  if (!params) return;
   dropErrors();
   const image = chat.pendingImage ? chat.pendingImage.url : null;
   chat.turns.push({ role: "user", text, image, element: addMessage("user", text, image) });
@@ -327,13 +332,8 @@ function send() {
 
 function regenerate() {
   if (chat.controller || chat.turns.length === 0) return;
-  let params;
-  try {
-    params = readParams();
-  } catch (e) {
-    setStatus(e.message, "error");
-    return;
-  }
+  const params = paramsOrShow();
+  if (!params) return;
   dropErrors();
   const last = chat.turns[chat.turns.length - 1];
   if (last.role === "assistant") {
