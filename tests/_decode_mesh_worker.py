@@ -76,10 +76,12 @@ def main(seed: int) -> None:
         out[name]["q_kernel_spec"] = [str(a) for a in q.sharding.spec]
         out[name]["cache_shard_shape"] = list(state.cache["k"].addressable_shards[0].data.shape)
         out[name]["cache_shape"] = list(state.cache["k"].shape)
-    # The slot engine on tensor=2: requests joining a running batch (2 slots for 3 prompts) get the single
-    # device's ids.
-    slots = SlotEngine(Engine(model, mesh=make_mesh(1, 1, 2, devices=jax.devices()[:2])), max_batch=2).start()
-    handles = [slots.submit(p, SamplingParams(max_new_tokens=NEW, ignore_eos=True)) for p in ps]
+    # The slot engine on tensor=2 (its prefill, insert and decode programs sharded, the cache split): two
+    # requests decoding side by side get the single device's ids. One prompt, so that one prefill compiles;
+    # requests joining a running batch are tests/test_inference_slots.py's.
+    slots = SlotEngine(Engine(model, mesh=make_mesh(1, 1, 2, devices=jax.devices()[:2])), max_batch=2,
+                       max_len=64).start()
+    handles = [slots.submit(ps[1], SamplingParams(max_new_tokens=NEW, ignore_eos=True, seed=s)) for s in (1, 2)]
     out["slots_tensor2"] = {"tokens": [h.result(timeout=300).token_ids for h in handles]}
     out["slots_tensor2"]["cache_shard_shape"] = list(slots._state.cache["k"].addressable_shards[0].data.shape)
     out["slots_tensor2"]["cache_shape"] = list(slots._state.cache["k"].shape)
