@@ -170,7 +170,7 @@ def compile_slots(size: str, devices: list, *, slots: int, max_len: int, prompt:
                                                 int8=int8)
         prefill = lowered.compile()
         prefix = sharded_shapes(lowered.out_info, prefill.output_shardings)
-        put = engine_lib.insert.lower(state, prefix, scalar, scalar, scalar, rules=rules).compile()
+        put = engine_lib.insert.lower(state, prefix, scalar, scalar, rules=rules).compile()
         decode = engine_lib.decode_loop.lower(module, params, state, scalar, scalar, spec((b,), np.bool_),
                                               greedy=False, rules=rules, int8=int8).compile()
     chip = CHIP_MEMORY_GIB.get(devices[0].device_kind)

@@ -342,14 +342,13 @@ def grow_cache(state: DecodeState, *, slots: int, rules: rules_lib.Rules | None 
 def insert(
     state: DecodeState,
     prefix: DecodeState,
-    row: jax.Array,  # [] int32: the prefix row to take
     slot: jax.Array,  # [] int32: the state row it goes into
-    pad: jax.Array,  # [] int32: left padding of the prefix row (its prompt bucket minus its length)
+    pad: jax.Array,  # [] int32: left padding of the prefix's prompt (its bucket minus its length)
     *,
     rules: rules_lib.Rules | None = None,
 ) -> DecodeState:
-    """A prefilled row (`prefill_step` with window 0) put into row `slot` of a running state (JetStream's
-    `insert`), in place; the other rows are untouched.
+    """A one-row prefill (`prefill_step` of one prompt, window 0) put into row `slot` of a running state
+    (JetStream's `insert`), in place; the other rows are untouched.
 
     The prompt's k/v are moved to the front of the slot (its padding dropped), so the row's answer starts at
     slot `length` and a prompt of any bucket fits a cache as long as the context. Token buffers of the two
@@ -357,21 +356,15 @@ def insert(
     """
     t, s = prefix.kv_mask.shape[1], state.kv_mask.shape[1]
     keep = min(t, s)  # the real tokens of a prompt shorter than the context always fit
-
-    def front(x: jax.Array, axis: int) -> jax.Array:  # the prefix row with its left padding rolled off
-        x = jnp.roll(jax.lax.dynamic_index_in_dim(x, row, axis=axis, keepdims=True), -pad, axis=axis + 2)
-        return jax.lax.slice_in_dim(x, 0, keep, axis=axis + 2)
-
-    cache = {n: jax.lax.dynamic_update_slice(c, front(prefix.cache[n], 1).astype(c.dtype), (0, slot, 0, 0, 0))
+    # [L, 1, K, T, H] -> its first `keep` slots after rolling the left padding off
+    cache = {n: jax.lax.dynamic_update_slice(
+                 c, jnp.roll(prefix.cache[n], -pad, axis=3)[:, :, :, :keep].astype(c.dtype), (0, slot, 0, 0, 0))
              for n, c in state.cache.items()}
-    mask_row = jnp.roll(prefix.kv_mask[row], -pad)[:keep]
+    mask_row = jnp.roll(prefix.kv_mask[0], -pad)[:keep]
     kv_mask = state.kv_mask.at[slot].set(jnp.zeros((s,), jnp.int32).at[:keep].set(mask_row))
     with _rules(rules):
         cache, kv_mask = _constrain(cache, kv_mask)
-
-    def put(x: jax.Array, y: jax.Array) -> jax.Array:
-        return x.at[slot].set(y[row])
-
+    put = lambda x, y: x.at[slot].set(y[0])  # noqa: E731
     return DecodeState(
         cache=cache,
         kv_mask=kv_mask,
@@ -481,15 +474,17 @@ class Engine:
 
     # -- host side --
 
-    def check(self, prompt: Prompt) -> None:
-        """Raise InputError if the prompt cannot be run: empty, too long, or images not matching its runs."""
+    def check(self, prompt: Prompt, max_context: int | None = None) -> None:
+        """Raise InputError if the prompt cannot be run: empty, too long (for `max_context`, default the
+        engine's), or images not matching its runs."""
         cfg = self.config
         ids = np.asarray(prompt.ids)
+        context = self.max_context if max_context is None else max_context
         if ids.ndim != 1 or ids.size == 0:
             raise InputError(f"prompt ids must be a non-empty 1-D sequence; got shape {ids.shape}")
-        if ids.size >= self.max_context:
+        if ids.size >= context:
             raise InputError(
-                f"prompt is {ids.size} tokens (images expanded), the model's context is {self.max_context}: "
+                f"prompt is {ids.size} tokens (images expanded), the model's context is {context}: "
                 "no room to generate; shorten the prompt or use fewer images"
             )
         if cfg.is_anyres:
@@ -698,10 +693,9 @@ class Engine:
         else:
             self._require_tokenizer("stop strings")
             while True:
-                steps, done = (np.asarray(x) for x in jax.device_get((state.step, state.done)))
+                steps, done, tokens = jax.device_get((state.step, state.done, state.tokens))  # one round trip
                 if np.all(done | (steps >= batch.num_new)):
                     break
-                tokens = np.asarray(state.tokens)
                 stopped = np.zeros_like(done)
                 for r in range(len(prompts)):
                     text = self.tokenizer.decode(tokens[r, : steps[r]])

@@ -174,9 +174,19 @@ class SlotEngine:
     def _empty_state(self) -> DecodeState:
         """Every row free (done), the cache zeros: `max_batch` rows of `max_len` slots."""
         e, b, s = self.engine, self.max_batch, self.max_len
+        if e.mesh is None:
+            cache = init_cache(e.config.text, b, s, e.dtype)
+        else:  # the cache made in place, split as the engine's programs split it
+            import flax.linen as nn
+            from jax.sharding import NamedSharding
+
+            from llava_jax.inference.engine import CACHE_AXES
+
+            split = NamedSharding(e.mesh, nn.logical_to_mesh_axes(CACHE_AXES, e.rules))
+            cache = jax.jit(lambda: init_cache(e.config.text, b, s, e.dtype), out_shardings={"k": split, "v": split})()
         zeros = lambda dtype: jnp.zeros((b,), dtype)  # noqa: E731
-        state = DecodeState(
-            cache={},
+        return DecodeState(
+            cache=cache,
             kv_mask=jnp.zeros((b, s), jnp.int32),
             tokens=jnp.full((b, s), e.config.text.pad_token_id, jnp.int32),
             logprobs=jnp.zeros((b, s), jnp.float32),
@@ -189,18 +199,6 @@ class SlotEngine:
             warp=SamplingParams().warp_args(b),
             end_ids=jnp.full((b, MAX_END_IDS), -1, jnp.int32),
         )
-        if e.mesh is not None:  # the cache made in place, split as the engine's programs split it
-            import flax.linen as nn
-            from jax.sharding import NamedSharding
-
-            from llava_jax.inference.engine import CACHE_AXES
-
-            split = NamedSharding(e.mesh, nn.logical_to_mesh_axes(CACHE_AXES, e.rules))
-            make = jax.jit(lambda: init_cache(e.config.text, b, s, e.dtype), out_shardings={"k": split, "v": split})
-            state = state._replace(cache=make())
-        else:
-            state = state._replace(cache=init_cache(e.config.text, b, s, e.dtype))
-        return state
 
     @staticmethod
     def _compiled() -> int:
@@ -220,14 +218,9 @@ class SlotEngine:
         before anything is queued. `listener`, if given, gets each Delta and then a Finished on the engine
         thread: it must not block.
         """
-        self.engine.check(prompt)
+        self.engine.check(prompt, max_context=self.max_len)
         if params.stop_strings:
             self.engine._require_tokenizer("stop strings")
-        if len(prompt.ids) >= self.max_len:
-            from llava_jax.inference.engine import InputError
-
-            raise InputError(f"prompt is {len(prompt.ids)} tokens (images expanded), the server's context is "
-                             f"{self.max_len}: no room to generate; shorten the prompt or use fewer images")
         with self._lock:
             if not self._accepting:
                 raise RuntimeError("the server is shutting down and takes no new requests")
@@ -349,7 +342,7 @@ class SlotEngine:
         prefix = e.prefill(batch, params, num_new=self.max_len, window=0, greedy=False)
         pad = batch.ids.shape[1] - len(handle.prompt.ids)
         with e._on_mesh():
-            self._state = insert(self._state, prefix, jnp.int32(0), jnp.int32(slot), jnp.int32(pad), rules=e.rules)
+            self._state = insert(self._state, prefix, jnp.int32(slot), jnp.int32(pad), rules=e.rules)
         self._finish[slot] = False  # a row freed since the last decode call is this request's now
         self._slots[slot] = _Slot(handle, DeltaMaker(e, params))
         # The first token came with the prefill: stream it now (its time is the request's time to first token).
