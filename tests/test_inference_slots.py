@@ -99,9 +99,11 @@ def test_stop_strings_and_cancel_free_their_slot(engine, slots):
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
     full = engine.generate([p], greedy)[0]
     text = full.text
-    # A stop string from the middle of the answer: two characters, not blank, first occurring there.
-    at = next(i for i in range(len(text) // 2, len(text) - 1)
-              if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i)
+    # A stop string from inside the answer (the one nearest its middle): two characters, not blank, first
+    # occurring there, after at least one character of answer.
+    middle = len(text) // 2
+    at = min((i for i in range(1, len(text) - 1) if text[i:i + 2].strip() and text.find(text[i:i + 2]) == i),
+             key=lambda i: abs(i - middle))
     stop = text[at:at + 2]
     params = dataclasses.replace(greedy, stop_strings=(stop,))
     want = engine.generate([p], params)[0]
