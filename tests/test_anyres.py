@@ -241,7 +241,8 @@ def test_imports_no_jax():
 
 
 def test_from_hf_config():
-    """transformers' configs: llava is flat, llava_next tiles by its pinpoints; the rest fail naming the file."""
+    """transformers' configs: llava is flat, llava_next tiles by its pinpoints, llava_onevision adds anyres_max_9;
+    the rest fail naming the file."""
     from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
 
     assert anyres.from_hf_config(LlavaNextConfig().to_dict(), 336, 24) == V16
@@ -252,7 +253,9 @@ def test_from_hf_config():
         anyres.from_hf_config(LlavaNextConfig().to_dict(), 336, 24, 1, source="x/config.json")
     with pytest.raises(ValueError, match="^config.json: image_grid_pinpoints '1x2'"):
         anyres.from_hf_config(dict(LlavaNextConfig().to_dict(), image_grid_pinpoints="1x2"), 336, 24)
-    with pytest.raises(ValueError, match="^config.json: vision_aspect_ratio 'anyres_max_9' of llava_onevision"):
-        anyres.from_hf_config(LlavaOnevisionConfig().to_dict(), 384, 27)
+    ov = anyres.from_hf_config(LlavaOnevisionConfig().to_dict(), 384, 27)
+    assert (ov.pinpoints, ov.max_tiles, ov.untiled_multi, ov.video) == (OV.pinpoints, 9, True, "bilinear")
+    with pytest.raises(ValueError, match="^config.json: vision_aspect_ratio 'pad' is not supported"):
+        anyres.from_hf_config(dict(LlavaOnevisionConfig().to_dict(), vision_aspect_ratio="pad"), 384, 27)
     with pytest.raises(ValueError, match="^config.json: model_type 'clip' has no image geometry"):
         anyres.from_hf_config({"model_type": "clip"}, 336, 24)
