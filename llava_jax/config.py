@@ -169,7 +169,10 @@ class LlavaConfig:
     # A LoRA adapter applied at run time (`LoraSpec` below, used by models/lora.py); never saved with the base config.
     lora: LoraSpec | None = None
     # LLaVA-NeXT's anyres tiling (pinpoints, `spatial_unpad` merge, `image_newline`); None: LLaVA-1.5, one tile.
+    # OneVision's anyres_max_9 and untiled multi-image, and video pooling, are fields of it.
     anyres: anyres_lib.AnyresConfig | None = None
+    # The `<video>` placeholder's id (OneVision, NeXT-Video: a geometry with `video` pooling); None: no video.
+    video_token_index: int | None = None
 
     @property
     def geometry(self) -> anyres_lib.AnyresConfig:
@@ -215,6 +218,8 @@ class LlavaConfig:
         """Plain-JSON form (`llava_jax_config.json`); the run-time LoRA spec is left out."""
         d = dataclasses.asdict(self.replace(lora=None))
         d.pop("lora")
+        if d["video_token_index"] is None:
+            d.pop("video_token_index")  # configs without video read and write exactly as before
         if d["anyres"] is None:
             d.pop("anyres")  # LLaVA-1.5 configs read and write exactly as before
         else:
@@ -372,14 +377,22 @@ def text_config_from_hf(c: dict, source: str = "config") -> TextConfig:
     )
 
 
-LLAVA_MODEL_TYPES = ("llava", "llava_next")
+LLAVA_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "llava_next_video")
+# What each family's transformers config class defaults the placeholder ids to.
+_TOKEN_DEFAULTS = {"llava": (32000, None), "llava_next": (32000, None), "llava_onevision": (151646, 151647),
+                   "llava_next_video": (32001, 32000)}
+_LAYER_DEFAULTS = {"llava_onevision": (-1, "full")}
 
 
 def llava_config_from_hf(c: dict, source: str = "config.json") -> LlavaConfig:
-    """Parse a HF `LlavaConfig` (`model_type: llava`) or `LlavaNextConfig` (`llava_next`: anyres) dict."""
+    """Parse a HF `LlavaConfig` (`model_type: llava`), `LlavaNextConfig` (`llava_next`: anyres),
+    `LlavaOnevisionConfig` (`llava_onevision`: anyres_max_9, many images, video) or `LlavaNextVideoConfig`
+    (`llava_next_video`: anyres and average-pooled video) dict."""
     if c.get("model_type") not in LLAVA_MODEL_TYPES:
         raise ValueError(f"{source}: model_type is {c.get('model_type')!r}, expected one of {list(LLAVA_MODEL_TYPES)}")
-    layer = c.get("vision_feature_layer", -2)
+    image_token, video_token = _TOKEN_DEFAULTS[c["model_type"]]
+    default_layer, default_strategy = _LAYER_DEFAULTS.get(c["model_type"], (-2, "default"))
+    layer = c.get("vision_feature_layer", default_layer)
     if isinstance(layer, list):
         raise ValueError(f"{source}: a list of vision_feature_layer values ({layer}) is not supported")
     act = c.get("projector_hidden_act", "gelu")
@@ -394,8 +407,9 @@ def llava_config_from_hf(c: dict, source: str = "config.json") -> LlavaConfig:
         projector_type="mlp2x_gelu",
         projector_bias=bool(c.get("multimodal_projector_bias", True)),
         vision_feature_layer=layer,
-        vision_feature_select_strategy=c.get("vision_feature_select_strategy", "default"),
-        image_token_index=c.get("image_token_index", c.get("image_token_id", 32000)),
+        vision_feature_select_strategy=c.get("vision_feature_select_strategy", default_strategy),
+        image_token_index=c.get("image_token_index", c.get("image_token_id", image_token)),
+        video_token_index=c.get("video_token_index", c.get("video_token_id", video_token)),
     )
     if c["model_type"] == "llava":
         return cfg
@@ -481,11 +495,14 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
     }
     if cfg.is_anyres:
         g = cfg.geometry
-        if g.convention != "transformers":
-            # transformers reads pinpoints as (height, width); the original writes (width, height).
-            g = dataclasses.replace(g, pinpoints=g.resolutions(), convention="transformers")
-        out.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
-                   image_grid_pinpoints=[list(p) for p in g.pinpoints])
+        family = ("LlavaOnevision", "llava_onevision") if g.max_tiles or g.untiled_multi else \
+            ("LlavaNextVideo", "llava_next_video") if g.video == "average" else ("LlavaNext", "llava_next")
+        if g.video == "bilinear" and family[1] != "llava_onevision":
+            raise ValueError("bilinear video pooling without anyres_max has no transformers class")
+        out.update(architectures=[f"{family[0]}ForConditionalGeneration"], model_type=family[1],
+                   **anyres_lib.to_hf_fields(g))
+        if g.video:
+            out["video_token_index"] = cfg.video_token_index
     return out
 
 

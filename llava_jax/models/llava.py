@@ -49,26 +49,45 @@ class Llava(nn.Module):
             init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("norm",))
             self.image_newline = self.param("image_newline", init, (c.text.hidden_size,), kw["param_dtype"])
 
-    def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, S, H, W, C] -> [B, S*N, D]
-        """Vision features of the chosen layer and strategy for each tile, projected to the language width."""
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:  # [B, S, H, W, C] -> [B, table_rows - 1, D]
+        """The feature table of each row but its newline: every tile's vision features of the chosen layer and
+        strategy, projected to the language width (`S * tile_tokens` rows), then for NeXT-Video every slot's
+        features average-pooled before the projector (`S * video_grid^2` rows; only video tokens read them)."""
         b, i = pixel_values.shape[:2]
         feats = self.vision_tower(pixel_values.reshape(b * i, *pixel_values.shape[2:]))
         if self.cfg.vision_feature_select_strategy in ("default", "patch"):
             feats = feats[:, 1:]
         elif self.cfg.vision_feature_select_strategy not in ("full", "cls_patch"):
             raise ValueError(f"unknown vision_feature_select_strategy {self.cfg.vision_feature_select_strategy!r}")
-        feats = self.projector(feats)
-        return feats.reshape(b, -1, feats.shape[-1])
+        table = self.projector(feats).reshape(b, -1, self.cfg.text.hidden_size)
+        g = self.cfg.geometry
+        if g.video == "average":  # transformers' LlavaNextVideoPooler (AvgPool2d, floor mode), then the projector
+            n, side, s, v = feats.shape[0], g.grid, g.video_stride, g.video_grid
+            grid = feats.reshape(n, side, side, -1)[:, :v * s, :v * s]
+            pooled = grid.reshape(n, v, s, v, s, grid.shape[-1]).mean(axis=(2, 4))
+            pooled = self.projector(pooled.reshape(n, v * v, -1)).reshape(b, -1, table.shape[-1])
+            table = jnp.concatenate([table, pooled], axis=1)
+        return table
+
+    def is_media(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] bool: the image (and video) placeholder tokens, which take vision features."""
+        is_media = input_ids == self.cfg.image_token_index
+        if self.cfg.video_token_index is not None:
+            is_media |= input_ids == self.cfg.video_token_index
+        return is_media
 
     def embed(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None, image_index: jax.Array | None = None
+        self, input_ids: jax.Array, pixel_values: jax.Array | None, image_index: Any = None
     ) -> jax.Array:  # [B, T, D]
-        """Token embeddings with image placeholders replaced by their row's image features.
+        """Token embeddings with image (and video) placeholders replaced by their row's vision features.
 
-        `image_index` [B, T]: the row of the feature table (tile features, then the newline) each image
-        token takes; None fills the placeholders with the tile features in order (LLaVA-1.5).
+        `image_index`: the row of the feature table (`anyres.AnyresConfig.table_rows`: tile features, NeXT-Video's
+        pooled frames, the newline last) each image or video token takes: [B, T] int, or for a geometry whose tokens
+        mix rows (OneVision's anyres_max and video pooling) a pair (rows [B, T, K], weights [B, T, K]), each token
+        the weighted sum of its K rows (`anyres.table_sources`). None fills the placeholders with the tile features
+        in order (LLaVA-1.5).
         """
-        is_image = input_ids == self.cfg.image_token_index
+        is_image = self.is_media(input_ids)
         text_ids = jnp.where(is_image, 0, input_ids)
         embeds = self.language_model.embed(text_ids)
         if pixel_values is None:
@@ -85,8 +104,14 @@ class Llava(nn.Module):
             if self.cfg.is_anyres:
                 raise ValueError("an anyres (LLaVA-NeXT) model needs image_index: which feature each image token takes")
             image_index = jnp.cumsum(is_image, axis=1) - 1
-        idx = jnp.clip(image_index, 0, feats.shape[1] - 1)  # [B, T]
-        gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
+        take = lambda idx: jnp.take_along_axis(feats, jnp.clip(idx, 0, feats.shape[1] - 1)[..., None], axis=1)  # noqa: E731
+        if isinstance(image_index, (tuple, list)):
+            rows, weights = image_index
+            # K gathers of [B, T, D] summed in float32 (no [B, T, K, D] intermediate).
+            gathered = sum(take(rows[..., k]).astype(jnp.float32) * weights[..., k, None].astype(jnp.float32)
+                           for k in range(rows.shape[-1])).astype(embeds.dtype)
+        else:
+            gathered = take(image_index)
         return nn.with_logical_constraint(jnp.where(is_image[..., None], gathered, embeds), axes)
 
     def __call__(
@@ -99,7 +124,7 @@ class Llava(nn.Module):
         cache_index: jax.Array | int | None = None,
         last_only: bool = False,
         hidden_only: bool = False,
-        image_index: jax.Array | None = None,  # [B, T]
+        image_index: Any = None,  # [B, T], or (rows, weights) [B, T, K] each: see `embed`
         segment_ids: jax.Array | None = None,  # [B, T] int: packed rows, 0 = padding, 1, 2, ... each sample
     ) -> tuple[jax.Array, Cache | None]:
         """Logits [B, T, V] in float32 ([B, 1, V] with `last_only`) and the updated cache (None without one).
@@ -173,74 +198,128 @@ def place_images(
     cfg: LlavaConfig,
     sizes: Sequence[tuple[int, int]] | None = None,  # per image (height, width); needed for anyres only
     slots: int | None = None,
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(pixel_values [B, S, H, W, C], image_index [B, T] or None): the images of a batch as the model takes them.
+    *,
+    videos: Sequence[np.ndarray] = (),  # per video in order across the batch: frames [F, H, W, C]
+    images_per_row: Sequence[int] | None = None,
+) -> tuple[np.ndarray | None, Any]:
+    """(pixel_values [B, S, H, W, C], image_index): the images (and videos) of a batch as the model takes them.
 
-    Images are matched to placeholder runs in order, row by row: each takes `cfg.image_layout(size).num_tokens`
-    of its row's image tokens and `num_patches` tile slots (an image's padding patches beyond those are
-    dropped). S is `slots`, or the most tiles a row needs. `image_index` is None for LLaVA-1.5, whose
-    features fill the placeholders in order. A row whose image tokens do not add up to whole images is an
-    error naming the row.
+    Images are matched to image placeholder runs in order, row by row: each takes `cfg.image_layout(size)
+    .num_tokens` of its row's image tokens and `num_patches` tile slots (an image's padding patches beyond those
+    are dropped); videos likewise to video placeholders, `video_tokens(frames)` tokens and a slot a frame, after
+    the row's images. `images_per_row` (transformers' `batch_num_images`) says how many images each row holds,
+    which decides OneVision's tiling (a row of several images takes each untiled); None tiles every image, as
+    transformers does without it. S is `slots`, or the most a row needs. `image_index` is None for LLaVA-1.5,
+    whose features fill the placeholders in order; [B, T] int32 for LLaVA-NeXT; (rows, weights) [B, T, 4] for a
+    geometry whose tokens mix rows (`Llava.embed`). A row whose placeholders do not add up to whole images or
+    videos is an error naming the row.
     """
     input_ids = np.asarray(input_ids)
+    g = cfg.geometry
     is_image = input_ids == cfg.image_token_index
-    counts = is_image.sum(axis=1)
+    is_video = input_ids == cfg.video_token_index if cfg.video_token_index is not None else np.zeros_like(is_image)
+    if len(videos) and not g.video:
+        raise ValueError("this model takes no video (its config has no video pooling)")
     if sizes is None:
-        if cfg.is_anyres:
+        if cfg.is_anyres and len(images):
             raise ValueError("an anyres (LLaVA-NeXT) model needs image_sizes: each image's (height, width)")
         sizes = [(cfg.vision.image_size, cfg.vision.image_size)] * len(images)
     if len(sizes) != len(images):
         raise ValueError(f"{len(images)} images but {len(sizes)} image sizes")
-    layouts = [cfg.image_layout(s) for s in sizes]
+    if images_per_row is not None:
+        if len(images_per_row) != len(input_ids) or sum(images_per_row) != len(images):
+            raise ValueError(f"images_per_row {list(images_per_row)} does not give each of the {len(input_ids)} "
+                             f"rows its count of the {len(images)} images")
+        tiled = [anyres.tiled_images(g, n) for n in images_per_row for _ in range(n)]
+    else:
+        tiled = [True] * len(images)
+    layouts = [anyres.layout(g, s, t) for s, t in zip(sizes, tiled)]
     if not cfg.is_anyres:
-        n = cfg.geometry.tile_tokens
-        bad = np.nonzero(counts % n)[0]
+        n = g.tile_tokens
+        bad = np.nonzero(is_image.sum(axis=1) % n)[0]
         if bad.size:
-            raise ValueError(f"row {bad[0]} of input_ids holds {counts[bad[0]]} image tokens "
+            raise ValueError(f"row {bad[0]} of input_ids holds {is_image.sum(axis=1)[bad[0]]} image tokens "
                              f"({cfg.image_token_index}), not a multiple of the {n} tokens one image takes")
-    rows: list[list[int]] = [[] for _ in counts]
-    i = 0
-    for b, count in enumerate(counts):
-        taken = 0
-        while taken < count and i < len(layouts):
-            taken += layouts[i].num_tokens
-            rows[b].append(i)
-            i += 1
-        if taken > count:
-            raise ValueError(f"row {b} of input_ids holds {count} image tokens ({cfg.image_token_index}), not the "
-                             f"{taken} its images of sizes {[tuple(sizes[j]) for j in rows[b]]} take")
-        if taken < count:
-            i = len(layouts) + 1  # images ran out: reported below with the batch's totals
-            break
-    if i != len(images):
-        total, n = int(counts.sum()), cfg.geometry.tile_tokens
+    frames = [len(v) for v in videos]
+    image_rows = _match_rows(is_image.sum(axis=1), [lay.num_tokens for lay in layouts], "image", cfg.image_token_index,
+                             lambda j: f"images of sizes {[tuple(sizes[k]) for k in j]}")
+    video_rows = _match_rows(is_video.sum(axis=1), [g.video_tokens(f) for f in frames] if g.video else [],
+                             "video", cfg.video_token_index, lambda j: f"videos of {[frames[k] for k in j]} frames")
+    if image_rows is not None and images_per_row is not None and [len(r) for r in image_rows] != list(images_per_row):
+        raise ValueError(f"the image placeholders give the rows {[len(r) for r in image_rows]} images, but "
+                         f"images_per_row says {list(images_per_row)}")
+    if image_rows is None or video_rows is None:
+        total = int(is_image.sum())
+        if video_rows is None:
+            raise ValueError(f"input_ids hold {int(is_video.sum())} video tokens but {len(videos)} videos were given "
+                             f"(of {frames} frames)")
         if cfg.is_anyres:
             raise ValueError(f"input_ids hold {total} image tokens but {len(images)} images were given "
                              f"(of sizes {[tuple(s) for s in sizes]})")
+        n = g.tile_tokens
         raise ValueError(f"input_ids hold {total // n} image placeholder runs of {n} tokens "
                          f"but {len(images)} images were given")
-    if not images:
+    if not len(images) and not len(videos):
         return None, None
     tiles = [np.asarray(im)[None] if np.ndim(im) == 3 else np.asarray(im) for im in images]
     for j, (t, lay) in enumerate(zip(tiles, layouts)):
         if len(t) < lay.num_patches:
             raise ValueError(f"image {j} (size {tuple(sizes[j])}) has {len(t)} patches; its layout needs "
                              f"{lay.num_patches}")
-    need = max(sum(layouts[j].num_patches for j in r) for r in rows)
+    clips = [np.asarray(v) for v in videos]
+    first = (tiles + clips)[0]
+    for j, v in enumerate(clips):
+        if v.ndim != 4 or v.shape[1:] != first.shape[1:]:
+            raise ValueError(f"video {j} has frames of shape {v.shape[1:]}, not the {first.shape[1:]} of a tile")
+    need = max(sum(layouts[j].num_patches for j in ir) + sum(frames[j] for j in vr)
+               for ir, vr in zip(image_rows, video_rows))
     slots = need if slots is None else slots
     if slots < need:
         raise ValueError(f"a row needs {need} tile slots, more than the {slots} given")
-    pixels = np.zeros((len(rows), slots, *tiles[0].shape[1:]), tiles[0].dtype)
-    index = np.zeros(input_ids.shape, np.int32) if cfg.is_anyres else None
-    for b, r in enumerate(rows):
+    pixels = np.zeros((len(input_ids), slots, *first.shape[1:]), first.dtype)
+    weighted = g.weighted
+    index = None
+    if cfg.is_anyres:
+        index = np.zeros((*input_ids.shape, anyres.CORNERS) if weighted else input_ids.shape, np.int32)
+        weights = np.zeros((*input_ids.shape, anyres.CORNERS), np.float32) if weighted else None
+    for b, (ir, vr) in enumerate(zip(image_rows, video_rows)):
         start = 0
-        for j in r:
+        for j in ir:
             n = layouts[j].num_patches
             pixels[b, start:start + n] = tiles[j][:n]
             start += n
-        if index is not None:
-            index[b, is_image[b]] = anyres.table_index(cfg.geometry, [sizes[j] for j in r], slots)
-    return pixels, index
+        for j in vr:
+            pixels[b, start:start + frames[j]] = clips[j]
+            start += frames[j]
+        if index is None:
+            continue
+        rows, w = anyres.table_sources(g, [sizes[j] for j in ir], slots, tiled=all(tiled[j] for j in ir),
+                                       videos=[frames[j] for j in vr])
+        media = np.concatenate([np.nonzero(is_image[b])[0], np.nonzero(is_video[b])[0]])
+        if weighted:
+            index[b, media], weights[b, media] = rows, w
+        else:
+            index[b, media] = rows[:, 0]
+    return pixels, ((index, weights) if weighted else index)
+
+
+def _match_rows(counts: np.ndarray, tokens: list[int], kind: str, token_id: int | None, describe):
+    """Items (images or videos, in order across the batch) to rows by their token counts: [items of each row],
+    or None when the items ran out before the placeholders or outnumber them."""
+    rows: list[list[int]] = [[] for _ in counts]
+    i = 0
+    for b, count in enumerate(counts):
+        taken = 0
+        while taken < count and i < len(tokens):
+            taken += tokens[i]
+            rows[b].append(i)
+            i += 1
+        if taken > count:
+            raise ValueError(f"row {b} of input_ids holds {count} {kind} tokens ({token_id}), not the "
+                             f"{taken} its {describe(rows[b])} take")
+        if taken < count:
+            return None
+    return rows if i == len(tokens) else None
 
 
 @dataclasses.dataclass
@@ -264,19 +343,23 @@ class LlavaModel:
         self._forward = _jitted_forward(config)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, segment_ids=None,
-                 positions=None) -> LlavaOutput:
+                 positions=None, pixel_values_videos=None, batch_num_images=None) -> LlavaOutput:
         """Logits [B, T, V] float32 of right- or left-padded rows, or of packed rows: `segment_ids` [B, T]
         (0 = padding, 1, 2, ... each sample, a contiguous run) and optionally `positions` [B, T] (0 at each
         sample's start; derived when None) give each sample the logits it gets alone (`Llava.__call__`).
-        With packed rows `attention_mask` may be left out; given, it must be nonzero where the segments are."""
+        With packed rows `attention_mask` may be left out; given, it must be nonzero where the segments are.
+        OneVision and NeXT-Video: `pixel_values_videos` [num_videos, frames, H, W, 3] in order across the batch,
+        and `batch_num_images` (images per row: a row of several takes them untiled, as transformers does)."""
         input_ids = np.asarray(input_ids, np.int32)
         index = None
         if pixel_values is not None and not self.config.is_anyres and np.ndim(pixel_values) == 5:
             packed = np.asarray(pixel_values)  # already per row [B, I, H, W, C]
         else:
             images = [] if pixel_values is None else list(np.asarray(pixel_values))
-            packed, index = place_images(input_ids, images, self.config,
-                                         None if image_sizes is None else [tuple(s) for s in np.asarray(image_sizes)])
+            videos = [] if pixel_values_videos is None else list(np.asarray(pixel_values_videos))
+            packed, index = place_images(
+                input_ids, images, self.config, None if image_sizes is None else [tuple(s) for s in np.asarray(image_sizes)],
+                videos=videos, images_per_row=None if batch_num_images is None else [int(n) for n in batch_num_images])
         if packed is not None:
             packed = packed.astype(self.config.dtype)
         if segment_ids is not None:
