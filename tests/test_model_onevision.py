@@ -207,3 +207,29 @@ def test_convert_and_export_round_trip(tmp_path, tiny_spm_dir, family):
     ids, mask, px, sizes, videos, per_row = batch(rng, load_pretrained(ours).config, rows, tile, patches)
     np.testing.assert_array_equal(hf_logits(back, ids, mask, px, sizes, videos, per_row),
                                   hf_logits(hf, ids, mask, px, sizes, videos, per_row))
+
+
+def test_engine_greedy_ids_equal_transformers_generate(onevision):
+    """The engine's greedy answers to a lone (downscaled) image and to two images with a video, batched, equal
+    transformers' `generate` on each prompt alone."""
+    from llava_jax.inference.engine import Engine, Prompt
+    from llava_jax.inference.sampling import SamplingParams
+
+    hf, ours = onevision
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    engine = Engine(ours, None)
+    prompts, want = [], []
+    for rows in ([[(126, 126)]], [[(50, 60), 3, (120, 40)]]):
+        ids, mask, px, sizes, videos, per_row = batch(rng, ours.config, rows, TILE, MAX_PATCHES)
+        kw = dict(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                  pixel_values=torch.as_tensor(px.transpose(0, 1, 4, 2, 3).copy()),
+                  image_sizes=torch.as_tensor(sizes), batch_num_images=torch.as_tensor(per_row))
+        if videos is not None:
+            kw["pixel_values_videos"] = torch.as_tensor(videos.transpose(0, 1, 4, 2, 3).copy())
+        with torch.no_grad():
+            out = hf.generate(**kw, max_new_tokens=5, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
+        want.append(out[0, ids.shape[1]:].tolist())
+        prompts.append(Prompt(ids[0].astype(np.int32), px, None, sizes, videos=None if videos is None else list(videos)))
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert [c.token_ids for c in got] == want, f"seed {seed}"

@@ -76,6 +76,7 @@ Other choices (all documented where the original is silent or crashes):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -84,6 +85,9 @@ from llava_jax.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
+# Where a video goes (OneVision, NeXT-Video): `video_token_index` ids, as many as its frames take.
+VIDEO_MARKER = "<video>"
+_MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 _ROLE_NAMES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
@@ -189,11 +193,13 @@ class RenderedSample:
       input_ids: [T] int32, image runs already expanded to `num_image_tokens` image ids each.
       labels: [T] int32, aligned with input_ids (not shifted), IGNORE_INDEX where not supervised.
       num_images: image runs kept (after truncation): the first `num_images` images of the record.
+      num_videos: video runs kept, likewise.
     """
 
     input_ids: np.ndarray
     labels: np.ndarray
     num_images: int
+    num_videos: int = 0
 
 
 # --- Segments ---------------------------------------------------------------------------------
@@ -446,15 +452,25 @@ def _encode(
     image_token_index: int,
     num_image_tokens: int | Sequence[int],
     unmasked: Sequence[str] = (),
-) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """Segments -> (ids, labels, image runs as [start, end) positions)."""
+    video_token_index: int | None = None,
+    num_video_tokens: Sequence[int] = (),
+) -> tuple[list[int], list[int], list[tuple[int, int, bool]]]:
+    """Segments -> (ids, labels, image and video runs as [start, end) positions and whether a video's)."""
     counts = iter(_image_counts(segs, num_image_tokens))
+    videos = [int(n) for n in num_video_tokens]
+    markers = sum(seg.text.count(VIDEO_MARKER) for seg in segs if seg.kind == "text")
+    if markers != len(videos):
+        raise ValueError(f"num_video_tokens has {len(videos)} counts (one per video) but the rendered conversation "
+                         f"has {markers} {VIDEO_MARKER} markers")
+    if videos and video_token_index is None:
+        raise ValueError(f"{VIDEO_MARKER} markers need a model that takes video (no video_token_index)")
+    video_counts = iter(videos)
     always = {tokenizer.piece_to_id(p) for p in unmasked} - {None}
     if segs and segs[0].kind == "bos" and not tokenizer.add_bos_token:
         segs = segs[1:]  # the original keeps BOS only when its tokenizer makes one (Qwen2 has none)
     ids: list[int] = []
     labels: list[int] = []
-    runs: list[tuple[int, int]] = []
+    runs: list[tuple[int, int, bool]] = []
     after_text = False  # text right after text continues it (no dummy prefix); see module docstring
     for seg in segs:
         if seg.kind in ("bos", "eos"):
@@ -463,13 +479,15 @@ def _encode(
             labels.append(token if seg.supervised or token in always else IGNORE_INDEX)
             after_text = False
             continue
-        for k, piece in enumerate(seg.text.split(IMAGE_MARKER)):
-            if k > 0:  # an image marker preceded this piece
-                n = next(counts)
-                runs.append((len(ids), len(ids) + n))
-                ids += [image_token_index] * n
+        for piece in _MARKERS.split(seg.text):
+            if piece in (IMAGE_MARKER, VIDEO_MARKER):
+                video = piece == VIDEO_MARKER
+                n = next(video_counts) if video else next(counts)
+                runs.append((len(ids), len(ids) + n, video))
+                ids += [video_token_index if video else image_token_index] * n
                 labels += [IGNORE_INDEX] * n
                 after_text = False
+                continue
             if not piece:
                 continue
             piece_ids = tokenizer.encode(piece, add_dummy_prefix=not after_text)
@@ -487,6 +505,8 @@ def render(
     image_token_index: int,
     num_image_tokens: int | Sequence[int],
     max_length: int | None = None,
+    video_token_index: int | None = None,
+    num_video_tokens: Sequence[int] = (),
 ) -> RenderedSample:
     """A training sample: ids and labels of a conversation (LLaVA record "conversations" list).
 
@@ -506,20 +526,22 @@ def render(
     """
     template = _as_template(template)
     segs = segments(conversations, template, open_prompt=False)
-    ids, labels, runs = _encode(segs, tokenizer, image_token_index, num_image_tokens, template.unmasked)
+    ids, labels, runs = _encode(segs, tokenizer, image_token_index, num_image_tokens, template.unmasked,
+                                video_token_index, num_video_tokens)
     cut = len(ids)
     if max_length is not None and cut > max_length:
         cut = max_length
-        for start, end in runs:
+        for start, end, _ in runs:
             if start < cut < end:
                 cut = start
                 break
-    num_images = sum(1 for _, end in runs if end <= cut)
+    num_images = sum(1 for _, end, video in runs if end <= cut and not video)
+    num_videos = sum(1 for _, end, video in runs if end <= cut and video)
     labels_arr = np.asarray(labels[:cut], dtype=np.int32)
     if not (labels_arr != IGNORE_INDEX).any():
         where = "after truncation to %d tokens" % cut if cut < len(ids) else "(no assistant answer)"
         raise EmptySampleError(f"No supervised token {where}; conversation has {len(ids)} tokens")
-    return RenderedSample(np.asarray(ids[:cut], dtype=np.int32), labels_arr, num_images)
+    return RenderedSample(np.asarray(ids[:cut], dtype=np.int32), labels_arr, num_images, num_videos)
 
 
 def render_prompt(
@@ -529,6 +551,8 @@ def render_prompt(
     *,
     image_token_index: int,
     num_image_tokens: int | Sequence[int],
+    video_token_index: int | None = None,
+    num_video_tokens: Sequence[int] = (),
 ) -> np.ndarray:
     """Inference prompt ids [T] int32: the conversation (ending with a user turn) + the open assistant role.
 
@@ -536,5 +560,5 @@ def render_prompt(
     `num_image_tokens` as in `render`.
     """
     segs = segments(conversations, template, open_prompt=True)
-    ids, _, _ = _encode(segs, tokenizer, image_token_index, num_image_tokens)
+    ids, _, _ = _encode(segs, tokenizer, image_token_index, num_image_tokens, (), video_token_index, num_video_tokens)
     return np.asarray(ids, dtype=np.int32)

@@ -54,11 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llava_jax import anyres
 from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.inference.quant import SCALE, int8_matmuls, quantize_params
 from llava_jax.inference.sampling import SamplingParams, select_tokens
 from llava_jax.models.llama import Cache, init_cache
 from llava_jax.config import LlavaConfig
+from llava_jax import anyres
 from llava_jax.models.llava import Llava, LlavaModel, default_positions, place_images
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
@@ -89,12 +91,16 @@ class Prompt:
         an image's own, as `data.image.preprocess_images` pads them) or a list of [P_i, H, W, 3].
       seed: PRNG seed of this row; None: `SamplingParams.seed` + the row's index in the call.
       image_sizes: [n, 2] (height, width) of each original image; anyres only (they decide its tokens).
+        OneVision takes the images of a prompt holding several untiled (`anyres.tiled_images`).
+      videos: the prompt's videos in video-placeholder order, each its preprocessed frames [F, H, W, 3]
+        (OneVision, NeXT-Video: a geometry with video pooling).
     """
 
     ids: np.ndarray
     images: np.ndarray | Sequence[np.ndarray] | None = None
     seed: int | None = None
     image_sizes: np.ndarray | Sequence[tuple[int, int]] | None = None
+    videos: Sequence[np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -146,7 +152,8 @@ class Batch:
     seeds: np.ndarray  # [B] uint32
     limits: np.ndarray  # [B] int32
     num_new: int  # N, the bucketed token budget
-    image_index: np.ndarray | None = None  # [B, T] int32 (anyres): each image token's feature row
+    # [B, T] int32 (anyres): each image token's feature row; (rows, weights) [B, T, 4] where tokens mix rows
+    image_index: Any = None
 
     @property
     def shape_key(self) -> tuple[int, int, int, int]:
@@ -489,7 +496,10 @@ class Engine:
             )
         if cfg.is_anyres:
             self._check_anyres(prompt, int((ids == cfg.image_token_index).sum()))
+            self._check_videos(prompt)
             return
+        if prompt.videos:
+            raise InputError("this model takes no video (LLaVA-1.5)")
         runs = int((ids == cfg.image_token_index).sum())
         if runs % cfg.num_image_tokens:
             raise InputError(
@@ -516,7 +526,8 @@ class Engine:
         if len(sizes) != given:
             raise InputError(f"{given} images were given with {len(sizes)} image sizes")
         try:
-            layouts = [cfg.image_layout(s) for s in sizes]
+            tiled = anyres.tiled_images(cfg.geometry, given)
+            layouts = [anyres.layout(cfg.geometry, s, tiled) for s in sizes]
         except ValueError as e:
             raise InputError(str(e)) from None
         want = sum(lay.num_tokens for lay in layouts)
@@ -542,6 +553,26 @@ class Engine:
             if len(shape) != 4 or tuple(shape[1:]) != tile or shape[0] < lay.num_patches:
                 raise InputError(f"image {j} (size {sizes[j]}) must be [P, {tile[0]}, {tile[1]}, {tile[2]}] with "
                                  f"P >= its {lay.num_patches} patches (base + tiles); got {tuple(shape)}")
+
+    def _check_videos(self, prompt: Prompt) -> None:
+        """The video tokens are the videos' (in order, each its frames at the tile size), and the model takes video."""
+        cfg, g = self.config, self.config.geometry
+        videos = list(prompt.videos or [])
+        tokens = 0 if cfg.video_token_index is None else int((np.asarray(prompt.ids) == cfg.video_token_index).sum())
+        if not videos and not tokens:
+            return
+        if not g.video:
+            raise InputError("this model takes no video (its config has no video pooling)")
+        v = cfg.vision
+        tile = (v.image_size, v.image_size, v.num_channels)
+        for j, video in enumerate(videos):
+            shape = np.shape(video)
+            if len(shape) != 4 or tuple(shape[1:]) != tile or shape[0] < 1:
+                raise InputError(f"video {j} must be [frames, {tile[0]}, {tile[1]}, {tile[2]}]; got {tuple(shape)}")
+        want = sum(g.video_tokens(len(video)) for video in videos)
+        if tokens != want:
+            raise InputError(f"prompt holds {tokens} video tokens ({cfg.video_token_index}) but its {len(videos)} "
+                             f"video{'s' * (len(videos) != 1)} of {[len(x) for x in videos]} frames take {want}")
 
     def tile_slots(self, tiles: int) -> int:
         """Tile slots S of a batch whose fullest row needs `tiles` (anyres): a bucketed number of images' most
@@ -588,19 +619,24 @@ class Engine:
     def _place_anyres(self, prompts: Sequence[Prompt], ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(pixels [B, S, H, W, 3], image_index [B, T]) of checked anyres prompts in padded rows `ids`."""
         cfg = self.config
-        images, sizes, tiles = [], [], [0]
+        images, sizes, videos, per_row, tiles = [], [], [], [], [0]
         for p in prompts:
-            if p.images is None:
-                continue
+            n = 0 if p.images is None else len(p.images)
+            per_row.append(n)
             row = 0
-            for image, size in zip(p.images, p.image_sizes):
+            for image, size in zip(p.images if n else [], p.image_sizes if n else []):
                 images.append(np.asarray(image))
                 sizes.append((int(size[0]), int(size[1])))
-                row += cfg.image_layout(sizes[-1]).num_patches
+                row += anyres.layout(cfg.geometry, sizes[-1], anyres.tiled_images(cfg.geometry, n)).num_patches
+            for video in p.videos or []:
+                videos.append(np.asarray(video))
+                row += len(video)
             tiles.append(row)
-        if not images:
+        if not images and not videos:
             return None, None
-        pixels, index = place_images(ids, images, cfg, sizes, self.tile_slots(max(tiles)))
+        per_row += [0] * (len(ids) - len(per_row))  # the padding rows of the batch bucket
+        pixels, index = place_images(ids, images, cfg, sizes, self.tile_slots(max(tiles)), videos=videos,
+                                     images_per_row=per_row)
         return pixels.astype(self.dtype), index
 
     def _end_ids(self, params: SamplingParams) -> list[int]:

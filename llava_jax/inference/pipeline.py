@@ -18,7 +18,8 @@ import PIL.Image
 from jax.sharding import Mesh
 
 from llava_jax.data.image import ImageBatch, ImageProcessorConfig, load_image, preprocess_images
-from llava_jax.data.templates import IMAGE_MARKER, Template, get_template, render_prompt
+from llava_jax import anyres
+from llava_jax.data.templates import IMAGE_MARKER, VIDEO_MARKER, Template, get_template, render_prompt
 from llava_jax.data.tokenizer import Tokenizer
 from llava_jax.inference.engine import Engine, InputError, Prompt
 from llava_jax.inference.sampling import SamplingParams
@@ -28,19 +29,19 @@ from llava_jax.weights import model_dir
 DEFAULT_CONV_MODE = "vicuna_v1"  # what LLaVA-1.5 was trained and evaluated with
 
 
-def place_image_markers(text: str, num_images: int) -> str:
-    """The question with one `<image>` marker per image.
+def place_image_markers(text: str, num_images: int, marker: str = IMAGE_MARKER, what: str = "image") -> str:
+    """The question with one `<image>` marker per image (or `marker` per `what`: `<video>` per video).
 
     Without markers, `<image>\\n` per image goes in front (as the original's `model_vqa` and `cli`
     do); with markers, their number must equal the number of images.
     """
-    found = text.count(IMAGE_MARKER)
+    found = text.count(marker)
     if found == 0:
-        return f"{IMAGE_MARKER}\n" * num_images + text
+        return f"{marker}\n" * num_images + text
     if found != num_images:
         raise InputError(
-            f"the prompt has {found} {IMAGE_MARKER} marker{'s' * (found != 1)} but {num_images} "
-            f"image{'s' * (num_images != 1)} were given; give one image per marker"
+            f"the prompt has {found} {marker} marker{'s' * (found != 1)} but {num_images} "
+            f"{what}{'s' * (num_images != 1)} were given; give one {what} per marker"
         )
     return text
 
@@ -151,39 +152,53 @@ class Pipeline:
         return preprocess_images(images, self.image_config, max_patches=self.model.config.geometry.max_patches)
 
     def prompt(
-        self, conversations: Sequence[dict], images: ImageBatch | None = None, seed: int | None = None
+        self, conversations: Sequence[dict], images: ImageBatch | None = None, seed: int | None = None,
+        videos: Sequence[np.ndarray] | None = None,
     ) -> Prompt:
         """A conversation ending with a user turn (LLaVA record format) -> a checked Prompt.
 
         `images` (`preprocess`) belong to the conversation's `<image>` markers, in order; each marker
-        expands to its image's token count.
+        expands to its image's token count (OneVision: untiled when the conversation has several).
+        `videos` (`load_videos`: each [F, H, W, 3]) belong to its `<video>` markers likewise.
         """
-        markers = sum(turn["value"].count(IMAGE_MARKER) for turn in conversations)
-        given = 0 if images is None else len(images.pixel_values)
-        if markers != given:
-            raise InputError(f"the conversation has {markers} {IMAGE_MARKER} markers but {given} images were given")
+        videos = list(videos or [])
+        for marker, given, what in ((IMAGE_MARKER, 0 if images is None else len(images.pixel_values), "images"),
+                                    (VIDEO_MARKER, len(videos), "videos")):
+            markers = sum(turn["value"].count(marker) for turn in conversations)
+            if markers != given:
+                raise InputError(f"the conversation has {markers} {marker} markers but {given} {what} were given")
         cfg = self.model.config
         sizes = [] if images is None else [(int(h), int(w)) for h, w in images.image_sizes]
-        ids = render_prompt(
-            conversations,
-            self.template,
-            self.tokenizer,
-            image_token_index=cfg.image_token_index,
-            num_image_tokens=[cfg.image_layout(size).num_tokens for size in sizes],
-        )
+        tiled = anyres.tiled_images(cfg.geometry, len(sizes))
+        try:
+            ids = render_prompt(
+                conversations,
+                self.template,
+                self.tokenizer,
+                image_token_index=cfg.image_token_index,
+                num_image_tokens=[anyres.layout(cfg.geometry, size, tiled).num_tokens for size in sizes],
+                video_token_index=cfg.video_token_index,
+                num_video_tokens=[cfg.geometry.video_tokens(len(v)) for v in videos] if videos else [],
+            )
+        except ValueError as e:  # e.g. a video for a model that takes none
+            raise InputError(str(e)) from None
         if images is None:
-            prompt = Prompt(ids, None, seed)
+            prompt = Prompt(ids, None, seed, videos=videos or None)
         elif cfg.is_anyres:
-            prompt = Prompt(ids, images.pixel_values, seed, images.image_sizes)
+            prompt = Prompt(ids, images.pixel_values, seed, images.image_sizes, videos=videos or None)
         else:
-            prompt = Prompt(ids, images.pixel_values[:, 0], seed)  # [n, H, W, 3]: one crop an image
+            prompt = Prompt(ids, images.pixel_values[:, 0], seed, videos=videos or None)  # [n, H, W, 3]
         self.engine.check(prompt)
         return prompt
 
-    def question(self, text: str, images: ImageBatch | None = None, seed: int | None = None) -> Prompt:
-        """A single-turn question (markers placed by `place_image_markers`) -> a checked Prompt."""
+    def question(self, text: str, images: ImageBatch | None = None, seed: int | None = None,
+                 videos: Sequence[np.ndarray] | None = None) -> Prompt:
+        """A single-turn question (markers placed by `place_image_markers`: videos first, then images, when the
+        text has none) -> a checked Prompt."""
         n = 0 if images is None else len(images.pixel_values)
-        return self.prompt([{"from": "human", "value": place_image_markers(text, n)}], images, seed)
+        text = place_image_markers(text, n)
+        text = place_image_markers(text, len(videos or []), VIDEO_MARKER, "video")
+        return self.prompt([{"from": "human", "value": text}], images, seed, videos)
 
     def sampling(self, **kw) -> SamplingParams:
         """SamplingParams with the template's stop strings added to any given."""
