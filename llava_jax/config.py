@@ -539,6 +539,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# LlavaOnevisionImageProcessor's default `image_grid_pinpoints` (every (1..6)x(1..6) multiple of 384).
+ONEVISION_PINPOINTS = "(1x1),...,(6x6)"
+ONEVISION_TILE = 384
 # PIL's enum value for bicubic (also what HF stores as "resample": 3).
 BICUBIC = 3  # == int(PIL.Image.Resampling.BICUBIC); a literal so that config.py needs no PIL
 
@@ -561,6 +564,10 @@ class ImageProcessorConfig:
         (data/image.py). Empty: LLaVA-1.5's one crop.
       pinpoint_convention: how `grid_pinpoints` pairs read: "transformers" (height, width), llava-hf's
         LlavaNextImageProcessor; "original" (width, height), LLaVA-NeXT's config.json (`llava_jax.anyres.AnyresConfig`).
+      onevision: LlavaOnevisionImageProcessor's rules (`processor_type`): tiles as LLaVA-NeXT's when a prompt row
+        has one image; each image of a row with several is padded to a square (background `background_color`)
+        and resized to one tile, untiled (data/image.py). Needs grid pinpoints and size == crop_size (its
+        tile is `size`, resized to exactly size x size: no separate crop).
     """
 
     size: int = 336
@@ -572,6 +579,7 @@ class ImageProcessorConfig:
     resample: int = BICUBIC
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     pinpoint_convention: str = "transformers"
+    onevision: bool = False
 
     def __post_init__(self):
         # Lists (e.g. from JSON) would make the frozen dataclass unhashable.
@@ -587,7 +595,20 @@ class ImageProcessorConfig:
         if self.grid_pinpoints and self.pad_to_square:
             raise ValueError("pad_to_square (LLaVA-1.5's 'pad') and grid_pinpoints (LLaVA-NeXT's anyres) "
                              "exclude each other")
+        if self.onevision and (not self.grid_pinpoints or self.size != self.crop_size):
+            raise ValueError(f"LlavaOnevisionImageProcessor settings need grid pinpoints and size == crop_size "
+                             f"(its tile); got {len(self.grid_pinpoints)} pinpoints, size {self.size}, "
+                             f"crop_size {self.crop_size}")
         self.anyres_config(grid=1)  # the pinpoints must be multiples of the tile: AnyresConfig says so
+
+    @property
+    def processor_type(self) -> str:
+        """The transformers image processor these settings reproduce (its `image_processor_type`, PIL path)."""
+        if self.onevision:
+            return "LlavaOnevisionImageProcessor"
+        if self.grid_pinpoints:
+            return "LlavaNextImageProcessor"
+        return "LlavaImageProcessor" if self.pad_to_square else "CLIPImageProcessor"
 
     @property
     def is_anyres(self) -> bool:
@@ -625,7 +646,7 @@ class ImageProcessorConfig:
         return cls(**d)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config as an HF `preprocessor_config.json` dict (CLIP keys plus Llava's `do_pad`).
+        """The config as an HF `preprocessor_config.json` dict (CLIP keys plus Llava's `do_pad`; `processor_type`).
 
         Anyres settings become a LlavaNextImageProcessor: its pinpoints are (height, width), so original
         (width, height) pinpoints are written swapped, in their order: every image gets the same patches.
@@ -647,10 +668,13 @@ class ImageProcessorConfig:
         if self.grid_pinpoints:
             # LlavaNext's do_pad pads the patch axis of a batch with zero patches (its default), not the image.
             resolutions = self.anyres_config(grid=1).resolutions()
-            return {"image_processor_type": "LlavaNextImageProcessor", **common, "do_pad": True,
+            if self.onevision:
+                # OneVision resizes every patch to exactly size x size and crops nothing.
+                common = {k: v for k, v in common.items() if k not in ("crop_size", "do_center_crop")}
+                common["size"] = {"height": self.size, "width": self.size}
+            return {"image_processor_type": self.processor_type, **common, "do_pad": True,
                     "image_grid_pinpoints": [list(r) for r in resolutions]}
-        return {"image_processor_type": "LlavaImageProcessor" if self.pad_to_square else "CLIPImageProcessor",
-                **common, "do_pad": self.pad_to_square}
+        return {"image_processor_type": self.processor_type, **common, "do_pad": self.pad_to_square}
 
     def save(self, directory: str) -> str:
         """Writes `directory/preprocessor_config.json` in HF format; returns the file path."""
@@ -780,13 +804,22 @@ def _from_hf_json(d: dict[str, Any], path: str = PREPROCESSOR_CONFIG) -> ImagePr
     size = _edge(d.get("size", defaults.size), ("shortest_edge", "height"), "size", path)
     crop = _edge(d.get("crop_size", size), ("height",), "crop_size", path)
     kind = str(d.get("image_processor_type", ""))
+    onevision = kind.startswith("LlavaOnevision")
     pinpoints = d.get("image_grid_pinpoints")
-    if pinpoints is not None and kind and not kind.startswith("LlavaNext"):
+    if pinpoints is not None and kind and not (kind.startswith("LlavaNext") or onevision):
         raise ValueError(f"{path}: image_processor_type {kind!r} with image_grid_pinpoints is not supported "
-                         f"(expected LlavaNextImageProcessor)")
-    if kind.startswith("LlavaNext"):
-        # LlavaNextImageProcessor's default pinpoints when the key is absent: the v1.6 list.
-        pinpoints = anyres_lib.V16_PINPOINTS if pinpoints is None else pinpoints
+                         f"(expected LlavaNextImageProcessor or LlavaOnevisionImageProcessor)")
+    if onevision and "crop_size" in d and crop != size:
+        # Its patches would be cut at crop_size and resized to size: no checkpoint does that.
+        raise ValueError(f"{path}: crop_size: a {kind} with crop_size {crop} other than its size {size} "
+                         f"is not supported")
+    if onevision:
+        crop = size  # OneVision's tile is its size: every patch is resized to size x size, nothing cropped
+    if kind.startswith("LlavaNext") or onevision:
+        # The processors' default pinpoints when the key is absent: the v1.6 list; OneVision's 6x6 multiples.
+        default = anyres_lib.parse_pinpoints(ONEVISION_PINPOINTS, ONEVISION_TILE) if onevision else \
+            anyres_lib.V16_PINPOINTS
+        pinpoints = default if pinpoints is None else pinpoints
         pinpoints = _validated(path, "image_grid_pinpoints", anyres_lib.parse_pinpoints, pinpoints, crop)
         if not pinpoints:
             raise ValueError(f"{path}: image_grid_pinpoints of a {kind} must name at least one resolution")
@@ -800,6 +833,7 @@ def _from_hf_json(d: dict[str, Any], path: str = PREPROCESSOR_CONFIG) -> ImagePr
         rescale_factor=float(d.get("rescale_factor", 1 / 255)),
         resample=int(d.get("resample", BICUBIC)),
         grid_pinpoints=pinpoints or (),
+        onevision=onevision,
     )
     return _validated(path, "image_grid_pinpoints" if pinpoints else None, ImageProcessorConfig, **fields)
 
