@@ -539,6 +539,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 may nest each processor's settings here
 # LlavaOnevisionImageProcessor's default `image_grid_pinpoints` (every (1..6)x(1..6) multiple of 384).
 ONEVISION_PINPOINTS = "(1x1),...,(6x6)"
 ONEVISION_TILE = 384
@@ -741,6 +743,144 @@ class ImageProcessorConfig:
             raise ValueError(f"image_aspect_ratio {image_aspect_ratio!r} is LLaVA-1.5's padding choice; these "
                              f"settings tile images (anyres, grid pinpoints {list(self.grid_pinpoints)})")
         return dataclasses.replace(self, pad_to_square=_aspect_ratio_pads(image_aspect_ratio))
+
+
+VIDEO_PROCESSOR_TYPES = ("LlavaNextVideoVideoProcessor", "LlavaOnevisionVideoProcessor")
+# Which video processor a transformers model type uses when its directory names none (AutoVideoProcessor).
+_VIDEO_PROCESSOR_OF_MODEL = {"llava_next_video": "LlavaNextVideoVideoProcessor",
+                             "llava_onevision": "LlavaOnevisionVideoProcessor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoProcessorConfig:
+    """Settings of transformers' LLaVA video processors: the steps each sampled frame goes through (data/video.py).
+
+    Defaults are `LlavaNextVideoVideoProcessor`'s; `onevision()` gives `LlavaOnevisionVideoProcessor`'s.
+
+    Attributes:
+      processor_type: the transformers class these settings come from (VIDEO_PROCESSOR_TYPES).
+      size: pixels the frame is resized to: the shortest side (HF `size["shortest_edge"]`, NeXT-Video), or
+        both sides when `resize_to_square` (HF `size` {"height": s, "width": s}, OneVision: aspect not kept).
+      resize_to_square: see `size`.
+      crop_size: side of the centre crop after the resize (NeXT-Video 224); 0: no crop (OneVision).
+      mean, std, rescale_factor, resample: as in ImageProcessorConfig.
+      num_frames: frames sampled from a video when the caller does not say (NeXT-Video's demo: 32).
+    """
+
+    processor_type: str = "LlavaNextVideoVideoProcessor"
+    size: int = 224
+    resize_to_square: bool = False
+    crop_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = BICUBIC
+    num_frames: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        if self.processor_type not in VIDEO_PROCESSOR_TYPES:
+            raise ValueError(f"video processor {self.processor_type!r} is not one of {VIDEO_PROCESSOR_TYPES}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB); got mean={self.mean}, std={self.std}")
+        if self.size <= 0 or self.crop_size < 0 or self.num_frames <= 0:
+            raise ValueError(f"size and num_frames must be positive and crop_size not negative; got size {self.size}, "
+                             f"crop_size {self.crop_size}, num_frames {self.num_frames}")
+
+    @classmethod
+    def onevision(cls, **overrides: Any) -> "VideoProcessorConfig":
+        """`LlavaOnevisionVideoProcessor()`'s defaults (384 x 384, no crop, CLIP mean/std), with `overrides`."""
+        fields = dict(processor_type="LlavaOnevisionVideoProcessor", size=ONEVISION_TILE, resize_to_square=True,
+                      crop_size=0)
+        return cls(**(fields | overrides))
+
+    @property
+    def frame_size(self) -> int:
+        """Side of a processed frame: the crop, or the square resize."""
+        return self.crop_size or self.size
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The settings as an HF `video_preprocessor_config.json` dict, which the processor class reads back."""
+        size = {"height": self.size, "width": self.size} if self.resize_to_square else {"shortest_edge": self.size}
+        crop = {"do_center_crop": True, "crop_size": {"height": self.crop_size, "width": self.crop_size}} \
+            if self.crop_size else {"do_center_crop": False}
+        return {"video_processor_type": self.processor_type, "do_convert_rgb": True, "do_resize": True, "size": size,
+                "resample": self.resample, **crop, "do_rescale": True, "rescale_factor": self.rescale_factor,
+                "do_normalize": True, "image_mean": list(self.mean), "image_std": list(self.std),
+                "num_frames": self.num_frames}
+
+    def save(self, directory: str) -> str:
+        """Writes `directory/video_preprocessor_config.json` in HF format; returns the file path."""
+        paths.makedirs(directory)
+        path = os.path.join(directory, VIDEO_PREPROCESSOR_CONFIG)
+        paths.write_text(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], processor_type: str | None = None,
+                     path: str = VIDEO_PREPROCESSOR_CONFIG) -> "VideoProcessorConfig":
+        """Settings from an HF video (or image) processor dict; keys absent take the processor class's defaults.
+
+        `processor_type` (else the dict's `video_processor_type`) names the class. Raises ValueError naming `path`
+        and the key of a value these settings cannot reproduce.
+        """
+        kind = str(processor_type or d.get("video_processor_type") or "")
+        kind = kind.removesuffix("Fast")
+        if kind not in VIDEO_PROCESSOR_TYPES:
+            raise ValueError(f"{path}: video_processor_type {kind or None!r} is not supported; expected one of "
+                             f"{VIDEO_PROCESSOR_TYPES}")
+        base = cls.onevision() if kind == "LlavaOnevisionVideoProcessor" else cls()
+        for key in ("do_resize", "do_rescale", "do_normalize"):
+            if d.get(key) is False:
+                raise ValueError(f"{path}: {key}: false is not supported (the {kind} steps are all taken)")
+        fields: dict[str, Any] = {}
+        size = d.get("size")
+        if size is not None:
+            if isinstance(size, dict) and "shortest_edge" in size:
+                fields.update(size=int(size["shortest_edge"]), resize_to_square=False)
+            else:
+                fields.update(size=_edge(size, ("height",), "size", path), resize_to_square=True)
+        do_crop = d.get("do_center_crop")
+        if do_crop is None:  # the class default: NeXT-Video crops, OneVision does not
+            do_crop = bool(base.crop_size)
+        crop = d.get("crop_size")
+        crop = (_edge(crop, ("height",), "crop_size", path) if crop is not None else base.crop_size or base.size)
+        fields["crop_size"] = crop if do_crop else 0
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std"), ("rescale_factor", "rescale_factor"),
+                             ("resample", "resample"), ("num_frames", "num_frames")):
+            if d.get(theirs) is not None:
+                fields[ours] = d[theirs]
+        return _validated(path, None, dataclasses.replace, base, **fields)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "VideoProcessorConfig":
+        """The video processor settings of a checkpoint directory, found where transformers' AutoVideoProcessor looks.
+
+        In order: `processor_config.json`'s nested "video_processor", `video_preprocessor_config.json`, then the
+        image processor's `preprocessor_config.json` (llava-hf directories saved before video processors had their
+        own file). The class is the file's `video_processor_type`, else the one `config.json`'s model_type uses
+        (llava_next_video, llava_onevision). Raises FileNotFoundError naming the directory when none exists.
+        """
+        nested = os.path.join(directory, PROCESSOR_CONFIG)
+        found = None
+        if paths.isfile(nested):
+            d = _read_json(nested)
+            if isinstance(d.get("video_processor"), dict):
+                found = (d["video_processor"], nested)
+        for name in (VIDEO_PREPROCESSOR_CONFIG, PREPROCESSOR_CONFIG):
+            path = os.path.join(directory, name)
+            if found is None and paths.isfile(path):
+                found = (_read_json(path), path)
+        if found is None:
+            raise FileNotFoundError(f"No video processor settings in {directory!r}: expected "
+                                    f"{VIDEO_PREPROCESSOR_CONFIG} or {PREPROCESSOR_CONFIG}")
+        d, path = found
+        kind = d.get("video_processor_type")
+        model_path = os.path.join(directory, "config.json")
+        if not kind and paths.isfile(model_path):
+            kind = _VIDEO_PROCESSOR_OF_MODEL.get(_read_json(model_path).get("model_type"))
+        return cls.from_hf_dict(d, kind, path)
 
 
 def _read_json(path: str) -> dict[str, Any]:
