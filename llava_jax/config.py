@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -537,6 +538,7 @@ PRESETS = {
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SigLIP's processors, and LLaVA-OneVision's
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
@@ -698,8 +700,10 @@ class ImageProcessorConfig:
            the padding, as in the original (CLIP processor + the model's aspect-ratio flag).
         2. Otherwise an original-LLaVA `config.json`: `image_aspect_ratio` ("pad" pads, "anyres" tiles by
            `image_grid_pinpoints` read as (width, height) with `mm_patch_merge_type` "spatial_unpad",
-           anything else neither) and the image size from `mm_vision_tower` (a name ending in -336:
-           336 px, else 224 px), CLIP mean/std.
+           "anyres_max_N" (LLaVA-OneVision) tiles likewise and pads each image of a multi-image sample to a
+           square untiled (`onevision`, as the original's train.py overrides to "pad" there), anything else
+           neither) and the image size from `mm_vision_tower` (a name ending in -336 or -384: that many px,
+           else 224 px), CLIP mean/std, SigLIP's (0.5) for a SigLIP tower.
         `image_aspect_ratio` ("pad" | "square"), when given, overrides the padding choice of LLaVA-1.5
         settings. Note that llava-hf/llava-1.5-*-hf ships a CLIPImageProcessor without do_pad (centre
         crop) although the original LLaVA-1.5 pads: pass image_aspect_ratio="pad" to evaluate as the
@@ -714,7 +718,9 @@ class ImageProcessorConfig:
         if paths.isfile(hf_path):
             hf = _read_json(hf_path)
             cfg = _from_hf_json(hf, hf_path)
-            if not cfg.grid_pinpoints and llava is not None and "image_aspect_ratio" in llava:
+            if not cfg.grid_pinpoints and llava is not None and _is_anyres_max(llava):
+                cfg = _original_onevision(llava, llava_path, cfg)
+            elif not cfg.grid_pinpoints and llava is not None and "image_aspect_ratio" in llava:
                 pinpoints = original_grid_pinpoints(llava, llava_path, cfg.size)
                 if pinpoints:
                     cfg = _validated(llava_path, "image_grid_pinpoints", dataclasses.replace, cfg,
@@ -982,12 +988,43 @@ def _from_llava_config(d: dict[str, Any], path: str) -> ImageProcessorConfig:
     tower = d.get("mm_vision_tower") or d.get("vision_tower") or ""
     if not tower:
         raise ValueError(f"{path} has no mm_vision_tower: not an original LLaVA config, and no {PREPROCESSOR_CONFIG}")
-    # openai/clip-vit-large-patch14-336 -> 336 px; the plain ViT-L/14 is 224 px.
-    size = 336 if str(tower).rstrip("/").endswith("-336") else 224
+    # openai/clip-vit-large-patch14-336 -> 336 px, google/siglip-so400m-patch14-384 -> 384; plain ViT-L/14: 224.
+    name = str(tower).rstrip("/")
+    size = int(name[-3:]) if re.search(r"-(336|384)$", name) else 224
+    norm = dict(mean=SIGLIP_MEAN, std=SIGLIP_STD) if "siglip" in name.lower() else {}
+    if _is_anyres_max(d):
+        return _original_onevision(d, path, ImageProcessorConfig(size=size, crop_size=size, pad_to_square=False, **norm))
     pinpoints = original_grid_pinpoints(d, path, size)
     if pinpoints:
         return _validated(path, "image_grid_pinpoints", ImageProcessorConfig, size=size, crop_size=size,
-                          pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original")
+                          pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original", **norm)
     return ImageProcessorConfig(
-        size=size, crop_size=size, pad_to_square=_aspect_ratio_pads(d.get("image_aspect_ratio"))
+        size=size, crop_size=size, pad_to_square=_aspect_ratio_pads(d.get("image_aspect_ratio")), **norm
     )
+
+
+def _is_anyres_max(d: dict[str, Any]) -> bool:
+    """Whether an original config.json asks for LLaVA-OneVision's anyres ("anyres_max_9": tiles, then the model
+    downscales the feature grid past 9 tiles' worth)."""
+    return bool(re.fullmatch(r"anyres_max_\d+", str(d.get("image_aspect_ratio", ""))))
+
+
+def _original_onevision(d: dict[str, Any], path: str, base: ImageProcessorConfig) -> ImageProcessorConfig:
+    """`base` (the tower's size, mean, std) with an original OneVision config.json's tiling.
+
+    The original (LLaVA-NeXT's mm_utils.process_anyres_image) tiles as LLaVA-NeXT does, its pinpoints read as
+    (width, height) and "(1x1),...,(6x6)" counting tiles of the processor's size; its train.py processes each
+    image of a multi-image sample with "pad" instead (expand2square, then the tower's processor), which is what
+    `onevision` settings do with an image that is not alone in its row.
+    """
+    merge = d.get("mm_patch_merge_type", "flat")
+    if not str(merge).startswith("spatial_unpad"):
+        raise ValueError(f"{path}: mm_patch_merge_type {merge!r} with image_aspect_ratio "
+                         f"{d['image_aspect_ratio']!r} is not supported; expected 'spatial_unpad'")
+    if not d.get("image_grid_pinpoints"):
+        raise ValueError(f"{path}: image_aspect_ratio {d['image_aspect_ratio']!r} needs image_grid_pinpoints, "
+                         f"found {d.get('image_grid_pinpoints')!r}")
+    pinpoints = _validated(path, "image_grid_pinpoints", anyres_lib.parse_pinpoints, d["image_grid_pinpoints"],
+                           base.size)
+    return _validated(path, "image_grid_pinpoints", dataclasses.replace, base, crop_size=base.size,
+                      pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original", onevision=True)

@@ -4,6 +4,7 @@ LlavaOnevisionImageProcessorPil (one image, many images in a row), and the anyre
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -11,7 +12,12 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
-from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil
+from transformers import (
+    CLIPImageProcessorPil,
+    LlavaNextImageProcessorPil,
+    LlavaOnevisionImageProcessorPil,
+    SiglipImageProcessorPil,
+)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from llava_jax import anyres
@@ -250,7 +256,10 @@ def test_from_pretrained_original_next_config(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio 'anyres_max_9'"),
+    ({"image_aspect_ratio": "anyres_max_9", "mm_patch_merge_type": "flat"}, "mm_patch_merge_type 'flat' with "
+     "image_aspect_ratio 'anyres_max_9'"),
+    ({"image_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": None}, "'anyres_max_9' needs image_grid_pinpoints"),
+    ({"image_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": "(1x1),(2 by 2)"}, "image_grid_pinpoints"),
     ({"mm_patch_merge_type": "flat"}, "mm_patch_merge_type 'flat'"),
     ({"mm_patch_merge_type": DROP}, "mm_patch_merge_type 'flat'"),  # absent: the original's default, "flat"
     ({"image_grid_pinpoints": None}, "needs image_grid_pinpoints"),
@@ -386,3 +395,41 @@ def test_onevision_settings_read_save_and_read_back(tmp_path):
     assert ImageProcessorConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="need grid pinpoints and size == crop_size"):
         ImageProcessorConfig(size=28, crop_size=28, pad_to_square=False, onevision=True)
+
+
+class _OriginalSiglip:
+    """LLaVA-NeXT's own SigLipImageProcessor (its siglip_encoder.py) as its mm_utils reads it: size a tuple, crop
+    a dict, mean/std 0.5, and a preprocess that resizes to size x size (PIL bicubic), rescales and normalises."""
+
+    def __init__(self, side: int):
+        self.size, self.crop_size, self.image_mean = (side, side), {"height": side, "width": side}, (0.5, 0.5, 0.5)
+        self._processor = SiglipImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3,
+                                                  image_std=[0.5] * 3)
+
+    def preprocess(self, image, **kwargs):
+        """The SigLIP processor's `preprocess`."""
+        return self._processor.preprocess(image, **kwargs)
+
+
+def test_original_onevision_config_matches_original_code(tmp_path):
+    """An original LLaVA-OneVision config.json (SigLIP tower, anyres_max_9): one image tiled as its mm_utils tiles
+    it, each image of several padded to a square as its train.py's "pad" override does."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "mm_vision_tower": "google/siglip-so400m-patch14-384", "image_aspect_ratio": "anyres_max_9",
+        "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": "(1x1),...,(6x6)"}))
+    cfg = ImageProcessorConfig.from_pretrained(str(tmp_path))
+    assert cfg == dataclasses.replace(_ov_cfg(384), pinpoint_convention="original")
+    # With the tower's preprocessor_config.json beside it (no pinpoints): its sizes and mean, config.json's tiling.
+    SiglipImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3,
+                            image_std=[0.5] * 3).save_pretrained(str(tmp_path))
+    assert ImageProcessorConfig.from_pretrained(str(tmp_path)) == cfg
+    original, siglip, seed = _original_module(), _OriginalSiglip(384), fresh_seed()
+    for k, (h, w) in enumerate([(300, 500), (500, 300), (384, 384)]):
+        img = _image("RGB", h, w, seed + k)
+        ref = original.process_anyres_image(img, siglip, "(1x1),...,(6x6)").numpy().transpose(0, 2, 3, 1)
+        ours = image_lib.preprocess(img, cfg)
+        assert ours.shape == ref.shape, f"{h}x{w} seed={seed + k}"
+        np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0, err_msg=f"{h}x{w} seed={seed + k}")
+        padded = image_lib.expand_to_square(img, tuple(int(x * 255) for x in siglip.image_mean))
+        ref = np.asarray(siglip.preprocess(padded, return_tensors="np")["pixel_values"]).transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(image_lib.preprocess(img, cfg, tiled=False), ref, atol=TOL, rtol=0)
