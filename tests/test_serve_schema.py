@@ -1,17 +1,22 @@
-"""The server's request layer without a server: OpenAI messages to LLaVA conversations, image URLs, parameters,
-and the Prometheus text (llava_jax/serve/openai_schema.py, metrics.py)."""
+"""The server's request layer without a server: OpenAI messages to LLaVA conversations, image and video URLs,
+parameters, and the Prometheus text (llava_jax/serve/openai_schema.py, metrics.py)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 
+import av
 import numpy as np
 import PIL.Image
 import pytest
 
+from llava_jax.config import VideoProcessorConfig
+from llava_jax.data.video import decode_frames, preprocess_frames
 from llava_jax.serve import openai_schema as schema
 from llava_jax.serve.metrics import Histogram, Metrics
+from tests._seeds import fresh_seed
 
 
 def _png(size=(5, 4)) -> str:
@@ -24,13 +29,51 @@ def _image(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _convert(messages: list[dict], *, system_prompt: bool = True, max_images: int = 4):
+def _video(url: str) -> dict:
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def video_bytes(frames: np.ndarray, rate: int = 4) -> bytes:
+    """uint8 [F, H, W, 3] frames as an MPEG-4 video in an MP4 container (lossy, H and W even)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def empty_video_bytes() -> bytes:
+    """An AVI with a video stream and no frame in it."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="avi") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        out.start_encoding()
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "video/mp4") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def random_frames(seed: int, count: int, size: tuple[int, int] = (24, 32)) -> np.ndarray:
+    """uint8 [count, H, W, 3]: smooth random colour fields (that a lossy codec keeps recognisable)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (count, 3, 4, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(coarse, size[0] // 3, axis=1), size[1] // 4, axis=2)
+
+
+def _convert(messages: list[dict], *, system_prompt: bool = True, max_images: int = 4, max_videos: int = 1):
     request = schema.parse_request({"messages": messages})
-    return schema.conversation(request.messages, system_prompt=system_prompt, max_images=max_images)
+    return schema.conversation(request.messages, system_prompt=system_prompt, max_images=max_images,
+                               max_videos=max_videos)
 
 
 def test_messages_become_llava_records_with_images_in_place_and_order():
-    records, urls = _convert([
+    records, urls, videos = _convert([
         {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
         {"role": "user", "content": [_image("data:image/png;base64,QQ=="), {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": "A cat."},
@@ -46,6 +89,21 @@ def test_messages_become_llava_records_with_images_in_place_and_order():
     assert urls == [("messages[1].content[0].image_url", "data:image/png;base64,QQ=="),
                     ("messages[3].content[2].image_url", "data:image/png;base64,Qg=="),
                     ("messages[3].content[3].image_url", "data:image/png;base64,Qw==")]
+    assert videos == []
+
+
+def test_video_parts_become_video_markers_in_place():
+    records, images, videos = _convert([
+        {"role": "user", "content": [_video("data:video/mp4;base64,QQ=="), {"type": "text", "text": "What happens?"}]},
+        {"role": "assistant", "content": "A ball rolls."},
+        {"role": "user", "content": [{"type": "text", "text": "And here"}, _image("data:image/png;base64,Qg=="),
+                                     _video("data:video/webm;base64,Qw=="), _image("data:image/png;base64,RA==")]},
+    ], max_videos=2)
+    assert records == [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A ball rolls."},
+                       {"from": "human", "value": "And here<image>\n<video>\n<image>\n"}]
+    assert videos == [("messages[0].content[0].video_url", "data:video/mp4;base64,QQ=="),
+                      ("messages[2].content[2].video_url", "data:video/webm;base64,Qw==")]
+    assert [param for param, _ in images] == ["messages[2].content[1].image_url", "messages[2].content[3].image_url"]
 
 
 @pytest.mark.parametrize("messages, kw, param", [
@@ -61,6 +119,15 @@ def test_messages_become_llava_records_with_images_in_place_and_order():
       {"role": "user", "content": "q"}], {}, "messages[1].content"),
     ([{"role": "user", "content": [{"type": "text", "text": "<image> here"}]}], {}, "messages[0].content[0]"),
     ([{"role": "user", "content": [_image(_png()), _image(_png())]}], {"max_images": 1}, "messages"),
+    ([{"role": "user", "content": [_video("data:video/mp4;base64,QQ=="), _video("data:video/mp4;base64,QQ==")]}],
+     {"max_videos": 1}, "messages"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": [_video("data:video/mp4;base64,QQ==")]},
+      {"role": "user", "content": "q"}], {}, "messages[1].content[0]"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "see <video>"},
+      {"role": "user", "content": "q"}], {}, "messages[1].content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a <video> here"}]}], {}, "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "video_url", "video_url": "data:video/mp4;base64,QQ=="}]}], {},
+     "messages[0].content[0].video_url"),  # a bare string where vLLM's schema has {"url": ...}
 ])
 def test_conversations_that_cannot_be_rendered_are_400s_naming_the_field(messages, kw, param):
     with pytest.raises(schema.ApiError) as e:
@@ -82,6 +149,53 @@ def test_data_urls_decode_and_everything_else_is_refused():
         with pytest.raises(schema.ApiError) as e:
             schema.decode_image(url, "messages[0].content[0].image_url")
         assert (e.value.status, e.value.param, e.value.code) == (400, "messages[0].content[0].image_url", code), url
+
+
+ONEVISION_FRAMES = VideoProcessorConfig.onevision(size=28)
+
+
+def test_video_data_urls_decode_as_decode_frames_then_preprocess(tmp_path, monkeypatch):
+    """The served frames equal `decode_frames` + `preprocess_frames` on the same file: `num_frames` sampled, or
+    all of a shorter video; the temporary file is gone afterwards."""
+    monkeypatch.setattr(schema.tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    data = video_bytes(random_frames(fresh_seed(), 7))
+    path = tmp_path / "v.mp4"
+    path.write_bytes(data)
+    for asked, kept in ((3, 3), (7, 7), (20, 7)):
+        got = schema.decode_video(data_url(data), "p", ONEVISION_FRAMES, asked)
+        frames, info = decode_frames(path, kept)
+        assert got.shape == (kept, 28, 28, 3) and info.total_frames == 7
+        np.testing.assert_array_equal(got, preprocess_frames(frames, ONEVISION_FRAMES))
+    assert os.listdir(tmp_path / "tmp") == []
+    # A container's own MIME types, and none, are fine; the bytes decide.
+    assert schema.decode_video(data_url(data, "video/x-matroska"), "p", ONEVISION_FRAMES, 2).shape[0] == 2
+    assert schema.decode_video("data:;base64," + data_url(data).split(",")[1], "p", ONEVISION_FRAMES, 2).shape[0] == 2
+
+
+def test_bad_videos_are_400s_naming_the_part(tmp_path, monkeypatch):
+    monkeypatch.setattr(schema.tempfile, "tempdir", str(tmp_path))
+    good = data_url(video_bytes(random_frames(fresh_seed(), 3)))
+    param = "messages[0].content[1].video_url"
+    cases = [
+        ("https://example.com/v.mp4", ONEVISION_FRAMES, "video_url_not_supported", "does not fetch"),
+        ("data:video/mp4;base64,@@", ONEVISION_FRAMES, None, "invalid base64"),
+        ("data:video/mp4,abc", ONEVISION_FRAMES, None, "expected a base64 data URL"),
+        (data_url(b"certainly not a video" * 40), ONEVISION_FRAMES, None, "not a readable video"),
+        (data_url(empty_video_bytes(), "video/avi"), ONEVISION_FRAMES, None, "has no frames"),
+        (_png(), ONEVISION_FRAMES, None, "expected a video data URL"),
+        (good, None, None, "this model takes no video"),
+    ]
+    for url, cfg, code, message in cases:
+        with pytest.raises(schema.ApiError) as e:
+            schema.decode_video(url, param, cfg, 4)
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, code), (url[:40], e.value.message)
+        assert message in e.value.message and e.value.message.startswith(param), e.value.message
+        assert str(tmp_path) not in e.value.message  # the temporary file's name is not the client's business
+    monkeypatch.setattr(schema, "MAX_FRAME_PIXELS", 32 * 24 - 1)
+    with pytest.raises(schema.ApiError, match="the video's frames have 768 pixels"):
+        schema.decode_video(good, param, ONEVISION_FRAMES, 2)
+    assert os.listdir(tmp_path) == []
 
 
 def test_parameters_defaults_and_ranges():

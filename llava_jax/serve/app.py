@@ -1,6 +1,6 @@
 """The HTTP layer: an OpenAI-compatible chat-completions API over a `SlotEngine`, as a FastAPI app.
 
-    app = create_app(pipe, slots, model_name="llava-v1.5-7b", api_key=None)
+    app = create_app(pipe, slots, model_name="llava-v1.5-7b", api_key=None, video_config=None)
 
 Routes:
   GET  /                      the web chat page (`llava_jax/serve_static/index.html`), /static/... its files
@@ -11,8 +11,9 @@ Routes:
   POST /v1/chat/completions   OpenAI's schema (`openai_schema.py`), streamed as server-sent events or not
 
 A request's life: the body is read (at most `max_body_bytes`, else 413) and validated; its messages
-become a LLaVA conversation whose image parts (`data:` URLs only) are decoded and preprocessed, and
-the prompt rendered and checked, on a worker thread (the event loop keeps streaming other answers
+become a LLaVA conversation whose image and video parts (`data:` URLs only) are decoded and preprocessed
+(a video: `num_frames` frames sampled uniformly, with the model's `video_config`), and the prompt rendered
+and checked, on a worker thread (the event loop keeps streaming other answers
 meanwhile); `slots.submit` queues it; the engine thread hands each token to a listener that puts it on
 the request's asyncio queue (`loop.call_soon_threadsafe`). A client that disconnects, streamed or
 not, cancels its request, which frees its slot at the engine's next step (a non-streamed one is counted
@@ -53,6 +54,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llava_jax.config import VideoProcessorConfig
 from llava_jax.inference.engine import Completion, Delta, InputError, Prompt
 from llava_jax.inference.pipeline import Pipeline
 from llava_jax.inference.sampling import SamplingParams
@@ -63,6 +65,7 @@ from llava_jax.serve.metrics import Metrics
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serve_static")
 MAX_BODY_BYTES = 20 * 2**20
 MAX_IMAGES = 4
+MAX_VIDEOS = 1
 OWNER = "llava_jax"
 # OpenAI reports "stop" for both a natural end and a stop sequence.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -81,10 +84,16 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_images: int = MAX_IMAGES,
+    max_videos: int = MAX_VIDEOS,
+    video_config: VideoProcessorConfig | None = None,
+    num_frames: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     static_dir: str = STATIC_DIR,
 ) -> FastAPI:
     """The FastAPI app serving `pipe`'s model through the started, warmed-up `slots` (module docstring).
+
+    `video_config`: how a video's frames are preprocessed (None: the model takes no video, and a video part
+    is a 400); `num_frames` frames are sampled from each (default `video_config.num_frames`).
 
     `app.state.draining = True` (set by the server on SIGTERM) makes `/health` and new completions 503.
     """
@@ -93,6 +102,7 @@ def create_app(
     app.state.metrics = metrics = Metrics()
     created = int(time.time())
     system_prompt = pipe.template.style != "plain"  # the plain (stage-1) template renders no system text
+    frames = num_frames or (video_config.num_frames if video_config is not None else 0)
 
     app.add_middleware(_CountRequests, metrics=metrics)
 
@@ -159,12 +169,14 @@ def create_app(
         return _static_file(static_dir, path)
 
     def build(req: schema.ChatRequest) -> tuple[Prompt, SamplingParams]:
-        """Messages -> checked Prompt and its SamplingParams (on a worker thread: image decoding is slow)."""
-        records, urls = schema.conversation(req.messages, system_prompt=system_prompt, max_images=max_images)
-        images = pipe.preprocess([schema.decode_image(url, param) for param, url in urls])
+        """Messages -> checked Prompt and its SamplingParams (on a worker thread: image and video decoding is slow)."""
+        records, image_urls, video_urls = schema.conversation(req.messages, system_prompt=system_prompt,
+                                                              max_images=max_images, max_videos=max_videos)
+        videos = [schema.decode_video(url, param, video_config, frames) for param, url in video_urls]
+        images = pipe.preprocess([schema.decode_image(url, param) for param, url in image_urls])
         seed = (req.seed if req.seed is not None else secrets.randbits(32)) % 2**32
         try:
-            prompt = pipe.prompt(records, images, seed=seed)
+            prompt = pipe.prompt(records, images, seed=seed, videos=videos)
         except InputError as e:
             code = "context_length_exceeded" if "context" in str(e) else None
             raise schema.ApiError(400, str(e), "messages", code) from None

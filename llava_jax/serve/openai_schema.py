@@ -4,6 +4,10 @@ Only what the server honours is modelled; other fields a client may send (`user`
 `frequency_penalty`, ...) are ignored, as a lenient OpenAI-compatible server does. Every refusal is an
 `ApiError`: an HTTP status and OpenAI's error object, whose `param` names the offending field
 (`temperature`, `messages[2].content[0].image_url`).
+
+Media come as content parts with inline `data:` URLs: `{"type": "image_url", "image_url": {"url":
+"data:image/png;base64,..."}}` (OpenAI's) and `{"type": "video_url", "video_url": {"url":
+"data:video/mp4;base64,..."}}` (vLLM's spelling of a video part; any container and codec PyAV decodes).
 """
 
 from __future__ import annotations
@@ -11,14 +15,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
+import tempfile
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import PIL.Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llava_jax.config import VideoProcessorConfig
 from llava_jax.data.image import load_image
-from llava_jax.data.templates import IMAGE_MARKER
+from llava_jax.data.templates import IMAGE_MARKER, VIDEO_MARKER
+from llava_jax.data.video import VideoError, decode_frames, preprocess_frames
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
@@ -55,7 +64,17 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    url: str
+
+
+class VideoPart(_Strict):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+MEDIA = {"image_url": IMAGE_MARKER, "video_url": VIDEO_MARKER}  # each media part becomes its marker
 
 
 class Message(_Strict):
@@ -150,23 +169,30 @@ def _text(content: str | list[Part], where: str, what: str) -> str:
     if isinstance(content, str):
         return content
     for j, part in enumerate(content):
-        if isinstance(part, ImagePart):
-            raise ApiError(400, f"{where}.content[{j}]: {what} messages take text only; images go in user messages",
-                           f"{where}.content[{j}]")
+        if not isinstance(part, TextPart):
+            raise ApiError(400, f"{where}.content[{j}]: {what} messages take text only; images and videos go in "
+                           "user messages", f"{where}.content[{j}]")
     return "\n".join(part.text for part in content)
 
 
-def conversation(messages: list[Message], *, system_prompt: bool, max_images: int
-                 ) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
-    """OpenAI messages -> (LLaVA records `[{"from": "system" | "human" | "gpt", "value"}]`, image URLs).
+def _marker_in(text: str) -> str | None:
+    """The first media marker (`<image>`, `<video>`) a text holds, if any."""
+    return next((m for m in MEDIA.values() if m in text), None)
+
+
+def conversation(messages: list[Message], *, system_prompt: bool, max_images: int, max_videos: int
+                 ) -> tuple[list[dict[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """OpenAI messages -> (LLaVA records `[{"from": "system" | "human" | "gpt", "value"}]`, image URLs, video URLs).
 
     An optional first system (or developer) message replaces the template's system prompt (refused
     when the template has none: `system_prompt` False); then user and assistant turns alternate,
     starting and ending with a user turn. Each image part of a user turn becomes `<image>\\n` at its
-    place; text parts are joined by newlines. The URLs come back as (param, url) in conversation
-    order, the order `Pipeline.prompt` takes the images in.
+    place, each video part `<video>\\n`; text parts are joined by newlines. The URLs come back as
+    (param, url) in conversation order, the order `Pipeline.prompt` takes the images (videos) in.
+    More than `max_images` images or `max_videos` videos is a 400.
     """
-    records, urls = [], []
+    records: list[dict[str, str]] = []
+    urls: dict[str, list[tuple[str, str]]] = {"image_url": [], "video_url": []}
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if msg.role in ("system", "developer"):
@@ -183,8 +209,8 @@ def conversation(messages: list[Message], *, system_prompt: bool, max_images: in
                            f"user and assistant messages alternate); got {msg.role}", f"{where}.role")
         if msg.role == "assistant":
             text = _text(msg.content, where, "assistant")
-            if IMAGE_MARKER in text:
-                raise ApiError(400, f"{where}.content: {IMAGE_MARKER!r} may not appear in an assistant message",
+            if marker := _marker_in(text):
+                raise ApiError(400, f"{where}.content: {marker!r} may not appear in an assistant message",
                                f"{where}.content")
             records.append({"from": "gpt", "value": text})
             continue
@@ -192,41 +218,53 @@ def conversation(messages: list[Message], *, system_prompt: bool, max_images: in
         pieces: list[str] = []
         for j, part in enumerate(parts):
             param = f"{where}.content" if isinstance(msg.content, str) else f"{where}.content[{j}]"
-            if isinstance(part, ImagePart):
-                urls.append((f"{param}.image_url", part.image_url.url))
-                pieces.append(f"{IMAGE_MARKER}\n")
-            else:
-                if IMAGE_MARKER in part.text:
-                    raise ApiError(400, f"{param}: the text contains {IMAGE_MARKER!r}; send each image as an "
-                                   "image_url part where it belongs", param)
+            if isinstance(part, TextPart):
+                if marker := _marker_in(part.text):
+                    kind = "image_url" if marker == IMAGE_MARKER else "video_url"
+                    raise ApiError(400, f"{param}: the text contains {marker!r}; send each {kind.split('_')[0]} as a "
+                                   f"{kind} part where it belongs", param)
                 # Text after text is a new line; text after an image follows its "<image>\n".
                 pieces.append(("\n" if pieces and not pieces[-1].endswith("\n") else "") + part.text)
+            else:
+                urls[part.type].append((f"{param}.{part.type}", getattr(part, part.type).url))
+                pieces.append(f"{MEDIA[part.type]}\n")
         records.append({"from": "human", "value": "".join(pieces)})
     if not records or records[-1]["from"] != "human":
         raise ApiError(400, "the last message must be a user message (the one to answer)", "messages")
-    if len(urls) > max_images:
-        raise ApiError(400, f"the conversation has {len(urls)} images; this server takes at most {max_images} "
-                       "a request (--max-images)", "messages")
-    return records, urls
+    for kind, limit, flag in (("image_url", max_images, "--max-images"), ("video_url", max_videos, "--max-videos")):
+        found = len(urls[kind])
+        if found > limit:
+            what = kind.split("_")[0]
+            raise ApiError(400, f"the conversation has {found} {what}{'s' * (found != 1)}; this server takes at most "
+                           f"{limit} a request ({flag})", "messages")
+    return records, urls["image_url"], urls["video_url"]
 
 
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
 
 
+MAX_FRAME_PIXELS = 3840 * 2160  # a video frame larger than 4K is refused before decoding: the kept frames stay bounded
+
+
+def _inline_bytes(url: str, param: str, kind: str, example: str) -> tuple[str | None, bytes]:
+    """A `data:MIME;base64,...` URL -> (its MIME type or None, its bytes); anything else is a 400 naming `param`.
+    The server never fetches an http(s) URL for a client (`{kind}_url_not_supported`)."""
+    if re.match(r"https?://", url, re.I):
+        raise ApiError(400, f"{param}: this server does not fetch {kind} URLs; send the {kind} inline as a "
+                       f"data URL ({example})", param, f"{kind}_url_not_supported")
+    match = _DATA_URL.match(url)
+    if not match:
+        raise ApiError(400, f"{param}: expected a base64 data URL ({example}); got {url[:40]!r}", param)
+    try:
+        return match["mime"], base64.b64decode(url[match.end():], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, f"{param}: invalid base64 ({e})", param) from None
+
+
 def decode_image(url: str, param: str) -> PIL.Image.Image:
     """A `data:image/...;base64,...` URL -> an RGB image (`data.image.load_image`). The server never fetches
     http(s) URLs for a client; bytes that are not a (safe-sized) image are a 400 naming `param`."""
-    if re.match(r"https?://", url, re.I):
-        raise ApiError(400, f"{param}: this server does not fetch image URLs; send the image inline as a "
-                       "data URL (data:image/png;base64,...)", param, "image_url_not_supported")
-    match = _DATA_URL.match(url)
-    if not match:
-        raise ApiError(400, f"{param}: expected a base64 data URL (data:image/png;base64,...); got "
-                       f"{url[:40]!r}", param)
-    try:
-        data = base64.b64decode(url[match.end():], validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(400, f"{param}: invalid base64 ({e})", param) from None
+    _, data = _inline_bytes(url, param, "image", "data:image/png;base64,...")
     try:
         # The header first: PIL only warns between MAX_IMAGE_PIXELS and twice that, and would decode it.
         with PIL.Image.open(io.BytesIO(data)) as img:
@@ -240,3 +278,60 @@ def decode_image(url: str, param: str) -> PIL.Image.Image:
         return load_image(io.BytesIO(data), name=param)
     except ValueError as e:  # ImageError
         raise ApiError(400, f"{param}: not a readable image ({str(e).split(': ', 1)[-1]})", param) from None
+
+
+def decode_video(url: str, param: str, cfg: VideoProcessorConfig | None, num_frames: int) -> np.ndarray:
+    """A `data:video/...;base64,...` URL -> its frames preprocessed for the model: float32 [F, s, s, 3].
+
+    `num_frames` frames sampled uniformly (`data.video.decode_frames`, transformers' sampling), or every frame
+    of a video that has fewer (as vLLM); then `preprocess_frames` with the model's video settings `cfg` (None:
+    the model takes no video, a 400). The bytes go to a private temporary file for PyAV, removed at once.
+    Bytes that are not a decodable video, a video without frames and frames over 4K are 400s naming `param`.
+    """
+    if cfg is None:
+        raise ApiError(400, f"{param}: this model takes no video (its config has no video token or pooling); "
+                       "send images, or serve a LLaVA-OneVision or LLaVA-NeXT-Video model", param)
+    mime, data = _inline_bytes(url, param, "video", "data:video/mp4;base64,...")
+    if mime and not mime.lower().startswith("video/"):
+        raise ApiError(400, f"{param}: expected a video data URL (data:video/mp4;base64,...); got {mime}", param)
+    fd, path = tempfile.mkstemp(prefix="llava_jax_video_")  # mode 0600: other users cannot read it
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        pixels = _frame_pixels(path)
+        if pixels > MAX_FRAME_PIXELS:
+            raise ApiError(400, f"{param}: the video's frames have {pixels} pixels; the limit is {MAX_FRAME_PIXELS} "
+                           "(3840 x 2160)", param)
+        frames = _sample_frames(path, num_frames)
+    except VideoError as e:
+        reason = str(e).replace(f" {path!r}", "")  # the temporary file's name means nothing to the client
+        raise ApiError(400, f"{param}: not a readable video ({reason})", param) from None
+    finally:
+        os.remove(path)
+    return preprocess_frames(frames, cfg)
+
+
+def _frame_pixels(path: str) -> int:
+    """Width x height of the video stream as its header says (0 when unreadable: decoding will say why)."""
+    import av  # a heavy import, only when a video comes
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            return int(stream.codec_context.width or 0) * int(stream.codec_context.height or 0)
+    except (av.error.FFmpegError, IndexError, OSError, ValueError):
+        return 0
+
+
+def _sample_frames(path: str, num_frames: int) -> np.ndarray:
+    """uint8 [F, H, W, 3]: `num_frames` frames sampled uniformly, or all frames of a shorter video."""
+    try:
+        return decode_frames(path, num_frames)[0]
+    except VideoError as first:
+        try:
+            _, info = decode_frames(path, 1)  # readable at all? and how many frames it has
+        except VideoError:
+            raise first from None
+        if info.total_frames >= num_frames:
+            raise first from None
+        return decode_frames(path, info.total_frames)[0]
