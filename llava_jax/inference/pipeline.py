@@ -144,12 +144,14 @@ class Pipeline:
         return self.preprocess([load_image(p) for p in paths]) if paths else None
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> ImageBatch | None:
-        """PIL images -> `ImageBatch` (None for no images): CLIP-normalised pixel_values [n, P, H, W, 3], each
-        image's patches then zero patches up to P, the model's most an image can have (1 for LLaVA-1.5, so
-        that batches of any images stack), and the images' (height, width)."""
+        """The images of one prompt -> `ImageBatch` (None for no images): CLIP-normalised pixel_values
+        [n, P, H, W, 3], each image's patches then zero patches up to P, the model's most an image can have
+        (1 for LLaVA-1.5, so that batches of any images stack), and the images' (height, width). OneVision
+        leaves the images of a prompt with several untiled (padded to a square, not its tiles' base)."""
         if not images:
             return None
-        return preprocess_images(images, self.image_config, max_patches=self.model.config.geometry.max_patches)
+        return preprocess_images(images, self.image_config, max_patches=self.model.config.geometry.max_patches,
+                                 batch_num_images=[len(images)])
 
     def prompt(
         self, conversations: Sequence[dict], images: ImageBatch | None = None, seed: int | None = None,
