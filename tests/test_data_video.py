@@ -171,7 +171,7 @@ def _empty_video(tmp_path):
     (_audio_only, 8, "has no video stream"),
     (_empty_video, 8, "has no frames"),
     (None, 41, "41 frames asked of a video of 40 frames"),
-    (None, 0, "num_frames must be positive"),
+    (None, 0, "num_frames must be positive and sampling one of"),
 ])
 def test_bad_input_is_one_line_naming_the_file(videos, tmp_path, make, num_frames: int, message: str):
     path = make(tmp_path) if make else videos["mkv"]

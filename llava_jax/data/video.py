@@ -137,12 +137,13 @@ def _open(path: str | os.PathLike) -> Iterator[Any]:
 
 def _decode(path: str | os.PathLike, num_frames: int, sampling: str) -> tuple[np.ndarray, VideoInfo]:
     where = os.fspath(path)
+    if num_frames <= 0 or sampling not in SAMPLINGS:  # before any decoding
+        raise ValueError(f"num_frames must be positive and sampling one of {SAMPLINGS}; got {num_frames}, "
+                         f"{sampling!r}")
     with _open(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else None
         header = int(stream.frames or 0)
-    if num_frames <= 0:
-        raise ValueError(f"num_frames must be positive, got {num_frames}")
     indices = None
     if header > 0:
         # Trust the header for the first pass; the pass counts the frames and tells whether it was right.
