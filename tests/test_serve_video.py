@@ -185,3 +185,56 @@ def test_bad_videos_get_openai_errors(server):
         assert error["message"], error
     assert ask(server, [part("video_url", good), {"type": "text", "text": "?"}])["choices"][0]["message"]["role"] \
         == "assistant"
+
+
+def test_web_page_sends_a_video(server, tmp_path):
+    """The chat page's file picker takes a video: it is previewed, sent as a video_url data URL part, shown in the
+    user's message, and the page shows the API's greedy answer to the same request."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(video_bytes(random_frames(fresh_seed(), 5)))
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
+
+    def wait(condition, what: str):
+        try:
+            WebDriverWait(driver, 60, poll_frequency=0.05).until(condition)
+        except Exception as e:
+            shot = str(tmp_path / "page.png")
+            driver.save_screenshot(shot)
+            raise AssertionError(f"waited for {what}; screenshot {shot}") from e
+
+    try:
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+        wait(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "ready", "the model list")
+        for field, value in (("temperature", "0"), ("max-tokens", str(ANSWER_TOKENS))):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(value)
+        driver.find_element(By.ID, "image-input").send_keys(str(path))
+        wait(lambda d: d.find_element(By.ID, "video-thumb").is_displayed(), "the video preview")
+        assert not driver.find_element(By.ID, "image-thumb").is_displayed()
+        driver.find_element(By.ID, "prompt").send_keys("What happens?")
+        driver.find_element(By.ID, "send").click()
+        done = "#messages .message.assistant[data-state=done]"
+        wait(lambda d: d.find_elements(By.CSS_SELECTOR, done), "the answer")
+        sent = json.loads(driver.execute_script("return JSON.stringify(window.__llava.lastRequest)"))
+        content = [part("video_url", data_url(path.read_bytes())), {"type": "text", "text": "What happens?"}]
+        assert sent["messages"] == [{"role": "user", "content": content}]
+        shown = driver.execute_script(f"return document.querySelector('{done} .text').textContent")
+        assert shown == ask(server, content)["choices"][0]["message"]["content"]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#messages .message.user video")) == 1
+    finally:
+        driver.quit()

@@ -1,5 +1,5 @@
 // The chat page's logic: the conversation is kept here and sent whole each turn to the server's
-// OpenAI-compatible /v1/chat/completions (images as data: URL parts in the user turn they came with);
+// OpenAI-compatible /v1/chat/completions (images and videos as data: URL parts in the user turn they came with);
 // the answer is streamed (server-sent events read from fetch's body, since EventSource cannot POST) and
 // shown token by token. Model output only ever reaches the page through textContent, never as HTML.
 "use strict";
@@ -80,10 +80,15 @@ async function loadModels() {
 
 // --- Images -----------------------------------------------------------------------------------------
 
+/** Whether an attachment (a data: URL) is a video: it goes as a video_url part, and shows as a video. */
+function isVideo(url) {
+  return url.startsWith("data:video/");
+}
+
 function attachImage(file) {
   if (!file) return;
-  if (!file.type.startsWith("image/")) {
-    setStatus(`${file.name} is not an image (${file.type || "unknown type"})`, "error");
+  if (!file.type.startsWith("image/") && !file.type.startsWith("video/")) {
+    setStatus(`${file.name} is not an image or a video (${file.type || "unknown type"})`, "error");
     return;
   }
   const reader = new FileReader();
@@ -94,7 +99,11 @@ function attachImage(file) {
 
 function setPendingImage(url, name) {
   chat.pendingImage = { url, name };
-  $("image-thumb").src = url;
+  const [shown, other] = isVideo(url) ? ["video-thumb", "image-thumb"] : ["image-thumb", "video-thumb"];
+  $(shown).src = url;
+  $(shown).hidden = false;
+  $(other).hidden = true;
+  $(other).removeAttribute("src");
   $("image-name").textContent = name;
   $("image-preview").hidden = false;
 }
@@ -103,12 +112,14 @@ function removeImage() {
   chat.pendingImage = null;
   $("image-preview").hidden = true;
   $("image-thumb").removeAttribute("src");
+  $("video-thumb").removeAttribute("src");
   $("image-name").textContent = "";
   $("image-input").value = "";
 }
 
 function firstImage(files) {
-  return Array.from(files || []).find((f) => f.type.startsWith("image/")) || (files && files[0]);
+  const media = (f) => f.type.startsWith("image/") || f.type.startsWith("video/");
+  return Array.from(files || []).find(media) || (files && files[0]);
 }
 
 // --- Messages ---------------------------------------------------------------------------------------
@@ -118,7 +129,7 @@ function scrollToEnd() {
   box.scrollTop = box.scrollHeight;
 }
 
-/** A message element: its optional image, then its text (as text, never as HTML). */
+/** A message element: its optional image (or video), then its text (as text, never as HTML). */
 function addMessage(role, text, image) {
   const element = document.createElement("div");
   element.className = "message " + role;
@@ -126,7 +137,13 @@ function addMessage(role, text, image) {
   who.className = "role";
   who.textContent = { user: "You", assistant: "LLaVA", error: "Error" }[role];
   element.append(who);
-  if (image) {
+  if (image && isVideo(image)) {
+    const video = document.createElement("video");
+    video.src = image;
+    video.controls = video.muted = true;
+    video.setAttribute("aria-label", "Video sent with this message");
+    element.append(video);
+  } else if (image) {
     const img = document.createElement("img");
     img.src = image;
     img.alt = "Image sent with this message";
@@ -182,11 +199,13 @@ function readParams() {
   return params;
 }
 
-/** The conversation in OpenAI's schema: a user turn with an image is [image part, text part]. */
+/** The conversation in OpenAI's schema: a user turn with an image is [image part, text part]; with a video,
+ * [video part (vLLM's video_url), text part]. */
 function apiMessages() {
   return chat.turns.map((turn) => {
     if (turn.role === "assistant" || !turn.image) return { role: turn.role, content: turn.text };
-    const content = [{ type: "image_url", image_url: { url: turn.image } }];
+    const content = [isVideo(turn.image) ? { type: "video_url", video_url: { url: turn.image } }
+      : { type: "image_url", image_url: { url: turn.image } }];
     if (turn.text) content.push({ type: "text", text: turn.text });
     return { role: "user", content };
   });
