@@ -169,7 +169,8 @@ def test_video_data_urls_decode_as_decode_frames_then_preprocess(tmp_path, monke
         np.testing.assert_array_equal(got, preprocess_frames(frames, ONEVISION_FRAMES))
     assert os.listdir(tmp_path / "tmp") == []
     # A container's own MIME types, and none, are fine; the bytes decide.
-    assert schema.decode_video(data_url(data, "video/x-matroska"), "p", ONEVISION_FRAMES, 2).shape[0] == 2
+    for mime in ("video/x-matroska", "application/octet-stream"):
+        assert schema.decode_video(data_url(data, mime), "p", ONEVISION_FRAMES, 2).shape[0] == 2
     assert schema.decode_video("data:;base64," + data_url(data).split(",")[1], "p", ONEVISION_FRAMES, 2).shape[0] == 2
 
 

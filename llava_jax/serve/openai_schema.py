@@ -292,7 +292,7 @@ def decode_video(url: str, param: str, cfg: VideoProcessorConfig | None, num_fra
         raise ApiError(400, f"{param}: this model takes no video (its config has no video token or pooling); "
                        "send images, or serve a LLaVA-OneVision or LLaVA-NeXT-Video model", param)
     mime, data = _inline_bytes(url, param, "video", "data:video/mp4;base64,...")
-    if mime and not mime.lower().startswith("video/"):
+    if mime and not (mime.lower().startswith("video/") or mime.lower() == "application/octet-stream"):
         raise ApiError(400, f"{param}: expected a video data URL (data:video/mp4;base64,...); got {mime}", param)
     fd, path = tempfile.mkstemp(prefix="llava_jax_video_")  # mode 0600: other users cannot read it
     try:
