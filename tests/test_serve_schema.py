@@ -235,3 +235,13 @@ def test_prometheus_text():
     for line in text.splitlines():  # every sample is `name{labels} value`, every family typed
         assert line.startswith("# ") or len(line.rsplit(" ", 1)) == 2 and float(line.rsplit(" ", 1)[1]) >= 0
     assert text.count("# TYPE") == text.count("# HELP") == 9
+
+
+@pytest.mark.parametrize("flag", ["--max-videos", "--num-frames"])
+def test_video_flags_must_be_positive(flag, capsys):
+    from llava_jax.serve.__main__ import parse_args
+
+    assert parse_args(["--model-path", "m", flag, "3"]).__dict__[flag[2:].replace("-", "_")] == 3
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model-path", "m", flag, "0"])
+    assert e.value.code == 2 and f"{flag} must be >= 1" in capsys.readouterr().err
