@@ -552,6 +552,11 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
 # Presets for the shapes users ask for by name.
 CLIP_VIT_L14_224 = VisionConfig(image_size=224)
 CLIP_VIT_L14_336 = VisionConfig(image_size=336)
+# google/siglip-so400m-patch14-384 as LLaVA-OneVision runs it: 26 of its 27 layers (the original deletes the
+# last, transformers' LlavaOnevisionConfig keeps 26 and reads layer -1), no pooling head.
+SIGLIP_SO400M_384 = VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, image_size=384,
+                                 patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                                 model_type="siglip_vision_model")
 VICUNA_7B = TextConfig()
 VICUNA_13B = TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
 LLAVA_15_7B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_7B)

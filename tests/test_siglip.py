@@ -260,3 +260,58 @@ def test_vision_flops_count_the_tokens_the_tower_runs(model_type):
     cost = jax.jit(tower.apply).lower(jax.eval_shape(tower.init, jax.random.key(0), px), px).compile().cost_analysis()
     counted = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert flops._vision_forward(cfg, 2) == pytest.approx(counted, rel=0.03)
+
+
+def test_so400m_preset_is_onevisions_tower_and_every_parameter_is_mapped_and_sharded():
+    """The preset is what transformers' LlavaOnevisionConfig builds by default (729 tokens a tile); a SigLIP
+    LLaVA's parameters carry logical axes the rules map, and the mapping table names exactly them."""
+    import flax.linen as nn
+    from transformers import LlavaOnevisionConfig
+
+    from llava_jax.config import SIGLIP_SO400M_384
+    from llava_jax.models.llava import init_params
+    from llava_jax.parallel.rules import check_rules
+
+    assert vision_config_from_hf(LlavaOnevisionConfig().vision_config.to_dict()) == SIGLIP_SO400M_384
+    ov = LlavaConfig(vision=SIGLIP_SO400M_384, text=TINY_TEXT, vision_feature_layer=-1,
+                     vision_feature_select_strategy="full")
+    assert ov.num_image_tokens == 729 and ov.num_vision_layers_used == 26
+    vision = vision_config_from_hf(siglip_config_dict() | {"model_type": "siglip_vision_model"})
+    for scan in (True, False):
+        cfg = LlavaConfig(vision=vision, text=TINY_TEXT, vision_feature_layer=-2, vision_feature_select_strategy="full",
+                          scan_layers=scan)
+        boxed = jax.eval_shape(lambda cfg=cfg: init_params(cfg, jax.random.key(0)))
+        check_rules(boxed)
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path)
+                for path, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]}
+        assert flat == {"/".join(e.location(scan)[0]) for e in mapping.entries(cfg)}
+        assert "vision_tower/embeddings/patch_embedding/bias" in flat
+
+
+class _Shapes:
+    """Tensor names and shapes only: what reading a config off a checkpoint's headers looks at."""
+
+    def __init__(self, shapes: dict, source: str = "ckpt/model.safetensors"):
+        self.shapes, self.source = shapes, source
+
+    def keys(self):
+        return self.shapes.keys()
+
+    def shape(self, name):
+        return self.shapes[name]
+
+
+def test_original_checkpoint_embedding_so400m_reads_as_the_preset_with_its_layer_count():
+    from llava_jax.config import SIGLIP_SO400M_384
+    from llava_jax.weights.parts import infer_clip_config
+    from llava_jax.weights.safetensors_io import CheckpointError
+
+    p = "model.vision_tower.vision_tower.vision_model."
+    shapes = {p + "embeddings.patch_embedding.weight": (1152, 3, 14, 14), p + "post_layernorm.weight": (1152,),
+              p + "embeddings.patch_embedding.bias": (1152,), p + "embeddings.position_embedding.weight": (729, 1152)}
+    shapes |= {p + f"encoder.layers.{i}.mlp.fc1.weight": (4304, 1152) for i in range(26)}
+    assert infer_clip_config(_Shapes(shapes), p) == SIGLIP_SO400M_384
+    shapes[p + "embeddings.position_embedding.weight"] = (576, 1152)
+    with pytest.raises(CheckpointError, match=r"^ckpt/model.safetensors: .*position_embedding.weight has shape "
+                                              r"\(576, 1152\), expected \(729, 1152\)"):
+        infer_clip_config(_Shapes(shapes), p)
