@@ -22,6 +22,7 @@ from llava_jax.anyres import AnyresConfig
 from llava_jax.config import (
     LLAVA_MODEL_TYPES,
     PREPROCESSOR_CONFIG,
+    SIGLIP_SO400M_384,
     ImageProcessorConfig,
     LlavaConfig,
     TextConfig,
@@ -75,7 +76,9 @@ def llama_text_config(directory: str) -> TextConfig:
 
 
 def infer_clip_config(store: Store, prefix: str) -> VisionConfig:
-    """A CLIP vision config read off tensor shapes (for original checkpoints that embed the tower)."""
+    """A CLIP (or SigLIP) vision config read off tensor shapes (for original checkpoints that embed the tower)."""
+    if _wrap(mapping.vision_model_type_of, store.keys(), prefix) == "siglip_vision_model":
+        return infer_siglip_config(store, prefix)
     hidden, channels, patch, _ = store.shape(prefix + "embeddings.patch_embedding.weight")
     positions = store.shape(prefix + "embeddings.position_embedding.weight")[0]
     layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
@@ -89,6 +92,26 @@ def infer_clip_config(store: Store, prefix: str) -> VisionConfig:
         patch_size=patch,
         num_channels=channels,
     )
+
+
+def infer_siglip_config(store: Store, prefix: str) -> VisionConfig:
+    """The SigLIP tower an original LLaVA-NeXT / OneVision checkpoint embeds: LLaVA-NeXT's SigLipVisionTower
+    takes its sizes from SigLipVisionConfig's defaults (SigLIP-SO400M/14-384, asserting 729 tokens) and
+    deletes the last layer, so only the layer count is read; other shapes are an error (the head count
+    cannot be read off shapes)."""
+    layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    vision = dataclasses.replace(SIGLIP_SO400M_384,
+                                 num_layers=len({int(m.group(1)) for k in store.keys() if (m := layer.match(k))}))
+    want = {"embeddings.patch_embedding.weight": (vision.hidden_size, vision.num_channels, vision.patch_size,
+                                                  vision.patch_size),
+            "embeddings.position_embedding.weight": (vision.num_patches, vision.hidden_size),
+            "encoder.layers.0.mlp.fc1.weight": (vision.intermediate_size, vision.hidden_size)}
+    for name, shape in want.items():
+        if tuple(store.shape(prefix + name)) != shape:
+            raise CheckpointError(f"{store.source}: {prefix + name} has shape {tuple(store.shape(prefix + name))}, "
+                                  f"expected {shape}: an embedded SigLIP is read as SigLIP-SO400M/14-384, "
+                                  "as LLaVA-NeXT builds it")
+    return vision
 
 
 _ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llama": "llama", "llava_mistral": "mistral",
@@ -341,8 +364,9 @@ def plan_original(
         layout = dataclasses.replace(layout, vision=None)
     elif embedded:
         vision, skip = infer_clip_config(store, embedded), frozenset()
-        notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's "
-                     f"{CLIP_HEAD_DIM}-wide heads")
+        if vision.has_class_token:
+            notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's "
+                         f"{CLIP_HEAD_DIM}-wide heads")
     else:
         raise CheckpointError(
             f"{src}: the vision tower is not in the checkpoint; config.json names "
