@@ -605,6 +605,22 @@ LLAVA_NEXT_VICUNA_13B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_13B, an
 LLAVA_NEXT_34B = LlavaConfig(vision=CLIP_VIT_L14_336, text=YI_34B, image_token_index=64000, anyres=NEXT_ANYRES)
 LLAVA_NEXT_LLAMA3_8B = LlavaConfig(vision=CLIP_VIT_L14_336, text=LLAMA3_8B, image_token_index=128256,
                                    anyres=NEXT_ANYRES)
+# LLaVA-OneVision (llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf): SigLIP-SO400M (26 layers, layer -1, all 729
+# tokens), Qwen2 (q/k/v bias, rope_theta 1e6, no BOS, eos 151645 <|im_end|>), pinpoints (1x1)..(6x6) x 384 with
+# anyres_max_9, untiled multi-image, bilinear video pooling; <image> = 151646, <video> = 151647.
+ONEVISION_ANYRES = anyres_lib.AnyresConfig(
+    tile_size=384, grid=27, pinpoints=anyres_lib.parse_pinpoints("(1x1),...,(6x6)", 384), max_tiles=9,
+    untiled_multi=True, video="bilinear")
+QWEN2_7B = TextConfig(vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                      num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+                      bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, model_type="qwen2",
+                      qkv_bias=True)
+QWEN2_05B = dataclasses.replace(QWEN2_7B, vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
+_ONEVISION = dict(vision=SIGLIP_SO400M_384, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                  image_token_index=151646, video_token_index=151647, anyres=ONEVISION_ANYRES)
+LLAVA_ONEVISION_7B = LlavaConfig(text=QWEN2_7B, **_ONEVISION)
+LLAVA_ONEVISION_05B = LlavaConfig(text=QWEN2_05B, **_ONEVISION)
 # By name, for configs that need an architecture without a checkpoint (compile-only, benchmarks).
 # "llava-next-7b" is LLaVA-NeXT-7B as issue 20 names it: the Mistral checkpoint.
 PRESETS = {
@@ -612,6 +628,7 @@ PRESETS = {
     "llava-next-7b": LLAVA_NEXT_MISTRAL_7B, "llava-v1.6-mistral-7b": LLAVA_NEXT_MISTRAL_7B,
     "llava-v1.6-vicuna-7b": LLAVA_NEXT_VICUNA_7B, "llava-v1.6-vicuna-13b": LLAVA_NEXT_VICUNA_13B,
     "llava-v1.6-34b": LLAVA_NEXT_34B, "llama3-llava-next-8b": LLAVA_NEXT_LLAMA3_8B,
+    "llava-onevision-qwen2-7b": LLAVA_ONEVISION_7B, "llava-onevision-qwen2-0.5b": LLAVA_ONEVISION_05B,
 }
 
 
@@ -993,6 +1010,12 @@ def _aspect_ratio_pads(image_aspect_ratio: str | None) -> bool:
     return image_aspect_ratio == "pad"
 
 
+def original_max_tiles(d: dict[str, Any]) -> int | None:
+    """N of an original config's `image_aspect_ratio: anyres_max_N` (LLaVA-OneVision), else None."""
+    match = re.fullmatch(r"anyres_max_(\d+)", str(d.get("image_aspect_ratio")))
+    return int(match.group(1)) if match else None
+
+
 def original_grid_pinpoints(d: dict[str, Any], path: str, tile_size: int) -> tuple[tuple[int, int], ...]:
     """The grid pinpoints an original LLaVA-NeXT config.json tiles by (as written: (width, height)); () if none.
 
@@ -1001,9 +1024,9 @@ def original_grid_pinpoints(d: dict[str, Any], path: str, tile_size: int) -> tup
     aspect = d.get("image_aspect_ratio")
     if not (isinstance(aspect, str) and aspect.startswith("anyres")):
         return ()
-    if aspect != "anyres":
-        raise ValueError(f"{path}: image_aspect_ratio {aspect!r} (LLaVA-OneVision's downscaled anyres) is not "
-                         f"supported; expected 'anyres', 'pad' or 'square'")
+    if aspect != "anyres" and original_max_tiles(d) is None:
+        raise ValueError(f"{path}: image_aspect_ratio {aspect!r} is not supported; expected 'anyres', "
+                         f"'anyres_max_N' (LLaVA-OneVision's), 'pad' or 'square'")
     merge = d.get("mm_patch_merge_type", "flat")  # the original's default when the key is absent
     if merge != "spatial_unpad":
         raise ValueError(f"{path}: mm_patch_merge_type {merge!r} with image_aspect_ratio 'anyres' is not "

@@ -311,7 +311,9 @@ def test_original_checkpoint_embedding_so400m_reads_as_the_preset_with_its_layer
               p + "embeddings.patch_embedding.bias": (1152,), p + "embeddings.position_embedding.weight": (729, 1152)}
     shapes |= {p + f"encoder.layers.{i}.mlp.fc1.weight": (4304, 1152) for i in range(26)}
     assert infer_clip_config(_Shapes(shapes), p) == SIGLIP_SO400M_384
-    shapes[p + "embeddings.position_embedding.weight"] = (576, 1152)
-    with pytest.raises(CheckpointError, match=r"^ckpt/model.safetensors: .*position_embedding.weight has shape "
-                                              r"\(576, 1152\), expected \(729, 1152\)"):
+    shapes[p + "embeddings.position_embedding.weight"] = (576, 1152)  # another SigLIP: 336 px, its shapes read
+    assert infer_clip_config(_Shapes(shapes), p).image_size == 336
+    shapes[p + "embeddings.position_embedding.weight"] = (577, 1152)
+    with pytest.raises(CheckpointError, match=r"^ckpt/model.safetensors: .*position_embedding.weight holds 577 "
+                                              r"positions, not a square grid"):
         infer_clip_config(_Shapes(shapes), p)
