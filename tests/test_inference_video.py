@@ -110,3 +110,27 @@ def test_bad_video_exits_2_naming_the_file(onevision_dir, tmp_path):
     bad.write_bytes(b"no video here")
     r = run("llava_jax.generate", "--model-path", d, "--video-file", str(bad), "--prompt", "hi", "--json")
     assert r.returncode == 2 and str(bad) in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_chat_video_and_two_images_answer_as_generate(onevision_dir, tmp_path):
+    """`/video` and `/image` attach to the next message: the chat's answer is the one `generate` gives the same
+    question, and a second image later in the conversation leaves both untiled (the prompt is rebuilt)."""
+    from llava_jax.inference.chat import ChatSession
+    from llava_jax.inference.pipeline import Pipeline
+    from llava_jax.inference.sampling import SamplingParams
+
+    d, _ = onevision_dir
+    pipe = Pipeline.from_pretrained(d, conv_mode="raw")
+    params = SamplingParams(temperature=0.0, max_new_tokens=3)
+    video = _write(tmp_path / "clip.mp4", _frames(fresh_seed(), 8), "mpeg4", "mp4", "yuv420p")
+    image = write_image(str(tmp_path / "a.png"), seed=fresh_seed(), size=(95, 41))
+    session = ChatSession(pipe, params, num_frames=2)
+    assert session.handle(f"/video {video}").kind == "say" and session.handle(f"/image {image}").kind == "say"
+    answer = "".join(session.ask("What is shown?"))
+    alone = pipe.question("<video>\n<image>\nWhat is shown?", pipe.load_images([image]), seed=params.seed,
+                          videos=pipe.load_videos([video], 2))
+    assert answer == pipe.engine.generate([alone], params)[0].text
+    assert session.handle(f"/image {image}").kind == "say"
+    list(session.ask("And now?"))
+    assert len(session.images) == 2 and len(session.videos) == 1
+    assert session.handle(f"/video {tmp_path}/missing.mp4").kind == "error"

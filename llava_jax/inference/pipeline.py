@@ -48,13 +48,6 @@ def place_image_markers(text: str, num_images: int, marker: str = IMAGE_MARKER, 
     return text
 
 
-def join_images(batches: Sequence[ImageBatch]) -> ImageBatch | None:
-    """Several `Pipeline.preprocess` results as one, in order (None for none): they share the patch axis."""
-    if not batches:
-        return None
-    return ImageBatch(*(np.concatenate(parts) for parts in zip(*batches)))
-
-
 class Pipeline:
     """Model + tokenizer + image processor + conversation template + engine.
 
