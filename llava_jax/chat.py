@@ -1,6 +1,6 @@
 """Interactive multi-turn chat with a LLaVA.
 
-    python -m llava_jax.chat --model-path DIR [--image-file PATH]
+    python -m llava_jax.chat --model-path DIR [--image-file PATH] [--video-file PATH]
 
 Type a message and press Enter; the answer streams as it is generated. Commands (any case, never
 sent to the model; an unknown /word is refused, a path such as /usr/... is a message):
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_flags(p)
     add_sampling_flags(p)
     p.add_argument("--image-file", "--image_file", action="append", default=[], help="image(s) for the first message")
+    p.add_argument("--video-file", "--video_file", action="append", default=[],
+                   help="video(s) for the first message (OneVision, NeXT-Video)")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=512)
     return p.parse_args(argv)
 
@@ -48,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         pipe = load_pipeline(args)
-        chat = ChatSession(pipe, sampling_from_args(pipe, args))
+        chat = ChatSession(pipe, sampling_from_args(pipe, args), num_frames=args.num_frames)
         for path in args.image_file:
             chat.add_image(path)
+        for path in args.video_file:
+            chat.add_video(path)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

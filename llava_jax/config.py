@@ -60,9 +60,20 @@ class LoraSpec:
         return cls(**{**d, "targets": tuple(d["targets"])})
 
 
+# Vision towers, by the transformers config class they mirror (models/vision.py builds each).
+VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
+# The MLP activations the towers compute (names as transformers' ACT2FN; models/layers.py ACTIVATIONS).
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP vision transformer (defaults: ViT-L/14-336, the LLaVA-1.5 tower)."""
+    """A ViT vision tower (defaults: CLIP ViT-L/14-336, the LLaVA-1.5 tower).
+
+    CLIP and SigLIP share the encoder layer; they differ in the embeddings (CLIP: a class token and
+    `pre_layrnorm`, no patch bias; SigLIP: a patch bias, no class token) and in what follows the
+    layers, which LLaVA never runs. `model_type` names which, as transformers' config classes do.
+    """
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -73,11 +84,31 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+    model_type: str = "clip_vision_model"  # one of VISION_MODEL_TYPES
+    # SigLIP's attention-pooling `head` (transformers' `vision_use_head`): never built, as LLaVA reads the
+    # hidden states; recorded so that export writes back the checkpoint's tensors and config as they were.
+    vision_use_head: bool = False
+
+    def __post_init__(self):
+        if self.model_type not in VISION_MODEL_TYPES:
+            raise ValueError(f"vision model_type {self.model_type!r}: expected one of {VISION_MODEL_TYPES}")
+        if self.vision_use_head and self.model_type != "siglip_vision_model":
+            raise ValueError(f"vision_use_head: only a SigLIP tower has a pooling head, not {self.model_type!r}")
+
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the tower puts a class token before the patches (CLIP does, SigLIP does not)."""
+        return self.model_type == "clip_vision_model"
 
     @property
     def num_patches(self) -> int:
         """Patches per image (the CLS token not counted)."""
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens the encoder runs on: the patches, and the class token where the tower has one."""
+        return self.num_patches + int(self.has_class_token)
 
     @property
     def head_dim(self) -> int:
@@ -180,7 +211,7 @@ class LlavaConfig:
         """How an image becomes tokens (`llava_jax.anyres`): `anyres`, or the one-tile layout of LLaVA-1.5."""
         if self.anyres is not None:
             return self.anyres
-        extra = 1 if self.vision_feature_select_strategy in ("full", "cls_patch") else 0
+        extra = int(self.vision_feature_select_strategy in ("full", "cls_patch") and self.vision.has_class_token)
         v = self.vision
         return anyres_lib.AnyresConfig.flat(v.image_size, v.image_size // v.patch_size, extra)
 
@@ -257,24 +288,64 @@ def _freeze(d: dict | None) -> tuple | None:
     return None if d is None else tuple(sorted(d.items()))
 
 
+# What each transformers vision config class (5.x) defaults where a config.json leaves a field out.
+_VISION_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                                vision_use_head=True),
+}
+# A full CLIPModel / SiglipModel config holds its vision tower's config under `vision_config`.
+_VISION_PARENTS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+
+
 def vision_config_from_hf(c: dict, source: str = "config") -> VisionConfig:
-    """Parse a HF `CLIPVisionConfig` dict (or the `vision_config` of a CLIPConfig)."""
+    """Parse a HF `CLIPVisionConfig` or `SiglipVisionConfig` dict (or the `vision_config` of a CLIPConfig /
+    SiglipConfig), each field missing from it defaulted as that class defaults it; no `model_type`: CLIP."""
     if "vision_config" in c and "hidden_size" not in c:
-        c = c["vision_config"]
-    act = c.get("hidden_act", "quick_gelu")
-    if act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"{source}: vision hidden_act {act!r} is not supported (expected quick_gelu or gelu)")
+        parent = _VISION_PARENTS.get(c.get("model_type"), "clip_vision_model")
+        c = {"model_type": parent, **c["vision_config"]}
+    model_type = c.get("model_type", "clip_vision_model")
+    if model_type not in VISION_MODEL_TYPES:
+        raise ValueError(f"{source}: vision model_type {model_type!r} is not supported "
+                         f"(expected one of {list(VISION_MODEL_TYPES)})")
+    d = _VISION_DEFAULTS[model_type]
+    act = c.get("hidden_act", d["hidden_act"])
+    if act not in VISION_ACTIVATIONS:
+        raise ValueError(f"{source}: vision hidden_act {act!r} is not supported (expected one of {VISION_ACTIVATIONS})")
     return VisionConfig(
-        hidden_size=c.get("hidden_size", 768),
-        intermediate_size=c.get("intermediate_size", 3072),
-        num_layers=c.get("num_hidden_layers", 12),
-        num_heads=c.get("num_attention_heads", 12),
-        image_size=c.get("image_size", 224),
-        patch_size=c.get("patch_size", 32),
+        hidden_size=c.get("hidden_size", d["hidden_size"]),
+        intermediate_size=c.get("intermediate_size", d["intermediate_size"]),
+        num_layers=c.get("num_hidden_layers", d["num_hidden_layers"]),
+        num_heads=c.get("num_attention_heads", d["num_attention_heads"]),
+        image_size=c.get("image_size", d["image_size"]),
+        patch_size=c.get("patch_size", d["patch_size"]),
         num_channels=c.get("num_channels", 3),
-        layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+        layer_norm_eps=c.get("layer_norm_eps", d["layer_norm_eps"]),
         hidden_act=act,
+        model_type=model_type,
+        vision_use_head=bool(c.get("vision_use_head", d.get("vision_use_head", False))),
     )
+
+
+def vision_config_to_hf(v: VisionConfig) -> dict:
+    """Our vision config as its transformers config dict (`vision_config_from_hf`'s inverse)."""
+    d = {
+        "model_type": v.model_type,
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": v.num_channels,
+        "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": v.hidden_act,
+    }
+    if v.model_type == "siglip_vision_model":
+        d["vision_use_head"] = v.vision_use_head
+    return d
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -469,18 +540,7 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
         raise ValueError(f"projector {cfg.projector_type!r} has no transformers equivalent (only mlp2x_gelu)")
     v, t = cfg.vision, cfg.text
     text = text_config_to_hf(t)
-    vision = {
-        "model_type": "clip_vision_model",
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.intermediate_size,
-        "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "num_channels": v.num_channels,
-        "layer_norm_eps": v.layer_norm_eps,
-        "hidden_act": v.hidden_act,
-    }
+    vision = vision_config_to_hf(v)
     out = {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -510,6 +570,11 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
 # Presets for the shapes users ask for by name.
 CLIP_VIT_L14_224 = VisionConfig(image_size=224)
 CLIP_VIT_L14_336 = VisionConfig(image_size=336)
+# google/siglip-so400m-patch14-384 as LLaVA-OneVision runs it: 26 of its 27 layers (the original deletes the
+# last, transformers' LlavaOnevisionConfig keeps 26 and reads layer -1), no pooling head.
+SIGLIP_SO400M_384 = VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16, image_size=384,
+                                 patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                                 model_type="siglip_vision_model")
 VICUNA_7B = TextConfig()
 VICUNA_13B = TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
 LLAVA_15_7B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_7B)
@@ -540,6 +605,22 @@ LLAVA_NEXT_VICUNA_13B = LlavaConfig(vision=CLIP_VIT_L14_336, text=VICUNA_13B, an
 LLAVA_NEXT_34B = LlavaConfig(vision=CLIP_VIT_L14_336, text=YI_34B, image_token_index=64000, anyres=NEXT_ANYRES)
 LLAVA_NEXT_LLAMA3_8B = LlavaConfig(vision=CLIP_VIT_L14_336, text=LLAMA3_8B, image_token_index=128256,
                                    anyres=NEXT_ANYRES)
+# LLaVA-OneVision (llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf): SigLIP-SO400M (26 layers, layer -1, all 729
+# tokens), Qwen2 (q/k/v bias, rope_theta 1e6, no BOS, eos 151645 <|im_end|>), pinpoints (1x1)..(6x6) x 384 with
+# anyres_max_9, untiled multi-image, bilinear video pooling; <image> = 151646, <video> = 151647.
+ONEVISION_ANYRES = anyres_lib.AnyresConfig(
+    tile_size=384, grid=27, pinpoints=anyres_lib.parse_pinpoints("(1x1),...,(6x6)", 384), max_tiles=9,
+    untiled_multi=True, video="bilinear")
+QWEN2_7B = TextConfig(vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                      num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+                      bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, model_type="qwen2",
+                      qkv_bias=True)
+QWEN2_05B = dataclasses.replace(QWEN2_7B, vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, tie_word_embeddings=True)
+_ONEVISION = dict(vision=SIGLIP_SO400M_384, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                  image_token_index=151646, video_token_index=151647, anyres=ONEVISION_ANYRES)
+LLAVA_ONEVISION_7B = LlavaConfig(text=QWEN2_7B, **_ONEVISION)
+LLAVA_ONEVISION_05B = LlavaConfig(text=QWEN2_05B, **_ONEVISION)
 # By name, for configs that need an architecture without a checkpoint (compile-only, benchmarks).
 # "llava-next-7b" is LLaVA-NeXT-7B as issue 20 names it: the Mistral checkpoint.
 PRESETS = {
@@ -547,6 +628,7 @@ PRESETS = {
     "llava-next-7b": LLAVA_NEXT_MISTRAL_7B, "llava-v1.6-mistral-7b": LLAVA_NEXT_MISTRAL_7B,
     "llava-v1.6-vicuna-7b": LLAVA_NEXT_VICUNA_7B, "llava-v1.6-vicuna-13b": LLAVA_NEXT_VICUNA_13B,
     "llava-v1.6-34b": LLAVA_NEXT_34B, "llama3-llava-next-8b": LLAVA_NEXT_LLAMA3_8B,
+    "llava-onevision-qwen2-7b": LLAVA_ONEVISION_7B, "llava-onevision-qwen2-0.5b": LLAVA_ONEVISION_05B,
 }
 
 
@@ -928,6 +1010,12 @@ def _aspect_ratio_pads(image_aspect_ratio: str | None) -> bool:
     return image_aspect_ratio == "pad"
 
 
+def original_max_tiles(d: dict[str, Any]) -> int | None:
+    """N of an original config's `image_aspect_ratio: anyres_max_N` (LLaVA-OneVision), else None."""
+    match = re.fullmatch(r"anyres_max_(\d+)", str(d.get("image_aspect_ratio")))
+    return int(match.group(1)) if match else None
+
+
 def original_grid_pinpoints(d: dict[str, Any], path: str, tile_size: int) -> tuple[tuple[int, int], ...]:
     """The grid pinpoints an original LLaVA-NeXT config.json tiles by (as written: (width, height)); () if none.
 
@@ -936,9 +1024,9 @@ def original_grid_pinpoints(d: dict[str, Any], path: str, tile_size: int) -> tup
     aspect = d.get("image_aspect_ratio")
     if not (isinstance(aspect, str) and aspect.startswith("anyres")):
         return ()
-    if aspect != "anyres":
-        raise ValueError(f"{path}: image_aspect_ratio {aspect!r} (LLaVA-OneVision's downscaled anyres) is not "
-                         f"supported; expected 'anyres', 'pad' or 'square'")
+    if aspect != "anyres" and original_max_tiles(d) is None:
+        raise ValueError(f"{path}: image_aspect_ratio {aspect!r} is not supported; expected 'anyres', "
+                         f"'anyres_max_N' (LLaVA-OneVision's), 'pad' or 'square'")
     merge = d.get("mm_patch_merge_type", "flat")  # the original's default when the key is absent
     if merge != "spatial_unpad":
         raise ValueError(f"{path}: mm_patch_merge_type {merge!r} with image_aspect_ratio 'anyres' is not "

@@ -3,6 +3,8 @@
     python -m llava_jax.generate --model-path DIR --image-file cat.jpg --prompt "What is this?"
     python -m llava_jax.generate --model-path DIR --image-file a.jpg --image-file b.jpg \\
         --prompt "<image> or <image>: which is brighter?" --temperature 0 --json
+    python -m llava_jax.generate --model-path DIR --video-file clip.mp4 --prompt "<video>\\nWhat happens?" \\
+        --num-frames 16
     python -m llava_jax.generate --model-path DIR --questions-file q.jsonl --image-folder imgs/ \\
         --answers-file a.jsonl --batch-size 16
 
@@ -44,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_flags(p)
     add_sampling_flags(p)
     p.add_argument("--image-file", "--image_file", action="append", default=[], help="repeat for several images")
-    p.add_argument("--prompt", "--query", default=None, help="the question; <image> marks where each image goes")
+    p.add_argument("--video-file", "--video_file", action="append", default=[],
+                   help="a video (OneVision, NeXT-Video; repeat for several); <video> marks where each goes")
+    p.add_argument("--prompt", "--query", default=None,
+                   help="the question; <image> marks where each image goes, <video> each video")
     p.add_argument(
         "--max-new-tokens", "--max_new_tokens", type=int, default=None, help="default 512 (128 in batch mode)"
     )
@@ -69,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_single(pipe: Pipeline, args: argparse.Namespace) -> int:
     """One prompt: stream the answer to stdout, or print it as one JSON object with --json."""
     params = sampling_from_args(pipe, args)
-    prompt = pipe.question(args.prompt, pipe.load_images(args.image_file), seed=args.seed)
+    prompt = pipe.question(args.prompt, pipe.load_images(args.image_file), seed=args.seed,
+                           videos=pipe.load_videos(args.video_file, args.num_frames))
     if args.json:
         completion = pipe.engine.generate([prompt], params)[0]
         print(json.dumps(completion_dict(completion)))

@@ -109,8 +109,11 @@ def test_damaged_safetensors(tmp_path, capsys, sources, damage):
 def test_configs_that_are_not_llava_clip_or_llama(tmp_path, capsys, sources):
     src = _copy(sources, "hf", tmp_path)
     config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"model_type": "llava_onevision_video"}))
+    fails(tmp_path, capsys, ["--src", str(src)], "model_type 'llava_onevision_video' is not LLaVA")
+    # A OneVision config whose default pinpoints (384 px multiples) do not fit the 28 px tower: named.
     (src / "config.json").write_text(json.dumps(config | {"model_type": "llava_onevision"}))
-    fails(tmp_path, capsys, ["--src", str(src)], "model_type 'llava_onevision' is not LLaVA")
+    fails(tmp_path, capsys, ["--src", str(src)], "are not positive multiples of tile_size 28")
     # A LLaVA-NeXT config over LLaVA-1.5 tensors: the one tensor NeXT adds is named.
     (src / "config.json").write_text(json.dumps(config | {"model_type": "llava_next"}))
     fails(tmp_path, capsys, ["--src", str(src)], r"1 tensors missing, e.g. \['image_newline'\]")

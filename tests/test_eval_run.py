@@ -205,7 +205,7 @@ def test_chat_lists_commands_and_help_never_reaches_the_model(model, monkeypatch
     # The command line: the list at start, /help printed, nothing sent to the model.
     lines = iter(["/help", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    monkeypatch.setattr(chat_cli, "ChatSession", lambda *a: session)
+    monkeypatch.setattr(chat_cli, "ChatSession", lambda *a, **kw: session)
     assert chat_cli.main(["--model-path", d]) == 0
     out = capsys.readouterr().out
     assert out.count("/reset") == 2 and "ASSISTANT:" not in out and asked == []

@@ -241,7 +241,7 @@ def test_chat_lets_a_broken_pipe_through_to_exit_with(monkeypatch, capsys):
     from llava_jax.inference.chat import Action
 
     class Session:
-        def __init__(self, pipe, params):
+        def __init__(self, pipe, params, num_frames=None):
             del pipe, params
 
         def handle(self, line):

@@ -32,16 +32,24 @@ def qwen2_config():
     return Qwen2Config(**text_config_dict(vocab=IMAGE_TOKEN + 1))
 
 
-def make_onevision(seed: int):
-    """A perturbed tiny `LlavaOnevisionForConditionalGeneration`: CLIP (strategy "default"), Qwen2, anyres_max_2 so
-    that images over two tiles' worth are downscaled."""
-    from transformers import CLIPVisionConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+def make_onevision(seed: int, siglip: bool = False, siglip_hidden: int = 32, siglip_heads: int = 4):
+    """A perturbed tiny `LlavaOnevisionForConditionalGeneration`: CLIP (strategy "default") or, as the real ones,
+    SigLIP (layer -1, strategy "full"), Qwen2, anyres_max_2 so that images over two tiles' worth are downscaled."""
+    from transformers import (CLIPVisionConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              SiglipVisionConfig)
 
     torch.manual_seed(seed)
+    if siglip:
+        vision = SiglipVisionConfig(hidden_size=siglip_hidden, intermediate_size=68, num_hidden_layers=3,
+                                    num_attention_heads=siglip_heads,
+                                    image_size=TILE, patch_size=14, vision_use_head=False)
+        layer, strategy = -1, "full"
+    else:
+        vision, layer, strategy = CLIPVisionConfig(**vision_config_dict(image_size=TILE)), -2, "default"
     cfg = LlavaOnevisionConfig(
-        vision_config=CLIPVisionConfig(**vision_config_dict(image_size=TILE)), text_config=qwen2_config(),
+        vision_config=vision, text_config=qwen2_config(),
         image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN, image_grid_pinpoints=OV_PINPOINTS,
-        vision_aspect_ratio="anyres_max_2", vision_feature_layer=-2, vision_feature_select_strategy="default")
+        vision_aspect_ratio="anyres_max_2", vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     return perturb_(LlavaOnevisionForConditionalGeneration(cfg), seed)
 
 
@@ -233,3 +241,65 @@ def test_engine_greedy_ids_equal_transformers_generate(onevision):
         prompts.append(Prompt(ids[0].astype(np.int32), px, None, sizes, videos=None if videos is None else list(videos)))
     got = engine.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert [c.token_ids for c in got] == want, f"seed {seed}"
+
+
+@pytest.fixture(scope="module")
+def siglip_onevision(tmp_path_factory):
+    seed = fresh_seed()
+    hf = make_onevision(seed, siglip=True)
+    path = tmp_path_factory.mktemp("onevision-siglip")
+    hf.save_pretrained(path)
+    return hf, load_pretrained(str(path)), path
+
+
+def test_siglip_onevision_matches_transformers(siglip_onevision):
+    """The real OneVision layout (a SigLIP tower, every patch token): lone images of each shape class, three images
+    in one prompt, a 4-frame video."""
+    hf, ours, _ = siglip_onevision
+    assert (ours.config.vision.model_type, ours.config.geometry.extra_tokens) == ("siglip_vision_model", 0)
+    compare(hf, ours, [[s] for s in SIZES[:5]], TILE, MAX_PATCHES, fresh_seed())
+    compare(hf, ours, [[(50, 60), (120, 40), (42, 42)], [4]], TILE, MAX_PATCHES, fresh_seed())
+
+
+# LLaVA-NeXT's own checkpoint names (llava_arch.py, its SigLipVisionTower) for a OneVision model.
+ORIGINAL_NAMES = [("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+                  ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                  ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline"),
+                  ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("language_model.", "model."), ("lm_head.", "lm_head.")]
+
+
+def test_original_onevision_checkpoint_matches_transformers(tmp_path):
+    """An original LLaVA-OneVision directory (llava_qwen, mm_* config, anyres_max_N, SigLIP inside) converts to the
+    transformers model's logits: lone non-square images, several images, a video (its placeholder the id after
+    <image>'s)."""
+    import json
+    import os
+
+    from llava_jax.convert import main as convert_main
+    from llava_jax.weights.safetensors_io import save_file
+    from tests.test_convert_formats import hf_tensors, rename
+
+    hf = make_onevision(fresh_seed(), siglip=True, siglip_hidden=72, siglip_heads=1)  # SO400M's 72-wide heads
+    tensors = hf_tensors(hf, tmp_path / "hf")
+    src = tmp_path / "orig"
+    os.makedirs(src)
+    save_file(rename(tensors, ORIGINAL_NAMES).items(), str(src / "model.safetensors"))
+    text = json.load(open(tmp_path / "hf" / "config.json"))["text_config"]
+    config = {**text, "model_type": "llava_qwen", "mm_vision_tower": "google/siglip-so400m-patch14-384",
+              "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 72, "mm_vision_select_layer": -2,
+              "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres_max_2",
+              "mm_patch_merge_type": "spatial_unpad", "mm_spatial_pool_mode": "bilinear",
+              "mm_newline_position": "one_token", "image_grid_pinpoints": OV_PINPOINTS}
+    json.dump(config, open(src / "config.json", "w"))
+    dst = str(tmp_path / "ours")
+    assert convert_main(["--src", str(src), "--dst", dst, "--image-token-index", str(IMAGE_TOKEN)]) == 0
+    ours = load_pretrained(dst)
+    g = ours.config.geometry
+    assert (g.convention, g.max_tiles, g.untiled_multi, g.video) == ("original", 2, True, "bilinear")
+    assert (ours.config.video_token_index, ours.config.vision_feature_select_strategy) == (VIDEO_TOKEN + 2, "full")
+    from llava_jax.models.llava import LlavaModel
+
+    ours = LlavaModel(ours.config.replace(video_token_index=VIDEO_TOKEN), ours.params)  # transformers' video id
+    compare(hf, ours, [[(40, 130)], [(130, 40)], [(100, 120)], [(50, 60), (120, 40)], [3]], TILE, MAX_PATCHES,
+            fresh_seed())

@@ -3,7 +3,7 @@
 `ChatSession` keeps the turns and images; each message renders the whole conversation as the
 prompt (images where their markers are), and the engine's length buckets keep a growing chat from
 recompiling at every turn. `ChatSession.handle` turns one typed line into what to do: a command
-(`/image`, `/reset`, `/help`, `/exit`, in any case) is done here and never reaches the model.
+(`/image`, `/video`, `/reset`, `/help`, `/exit`, in any case) is done here and never reaches the model.
 
 A line is a command when its first word is "/" and letters (`/exit`, `/EXIT`, `/bogus`): an
 unknown one is refused, so that a mistyped command is not sent as a message. A message may still
@@ -17,13 +17,17 @@ import dataclasses
 import re
 from collections.abc import Generator
 
-from llava_jax.data.image import ImageBatch
-from llava_jax.data.templates import IMAGE_MARKER
-from llava_jax.inference.pipeline import Pipeline, join_images
+import numpy as np
+import PIL.Image
+
+from llava_jax.data.image import load_image
+from llava_jax.data.templates import IMAGE_MARKER, VIDEO_MARKER
+from llava_jax.inference.pipeline import Pipeline
 from llava_jax.inference.sampling import SamplingParams
 
 COMMANDS = (
     ("/image PATH", "attach an image to your next message (several may be attached)"),
+    ("/video PATH", "attach a video to your next message (OneVision, NeXT-Video)"),
     ("/reset", "forget the conversation and its images"),
     ("/help", "list these commands"),
     ("/exit", "quit (so does end of input, Ctrl-D)"),
@@ -57,19 +61,27 @@ class Action:
 class ChatSession:
     """A conversation with a model: its turns, its images, and images waiting for the next message."""
 
-    def __init__(self, pipe: Pipeline, params: SamplingParams):
-        self.pipe, self.params = pipe, params
+    def __init__(self, pipe: Pipeline, params: SamplingParams, num_frames: int | None = None):
+        self.pipe, self.params, self.num_frames = pipe, params, num_frames
         self.reset()
 
     def reset(self) -> None:
-        """Forget every turn and image."""
+        """Forget every turn, image and video."""
         self.turns: list[dict] = []
-        self.images: list[ImageBatch] = []  # one image each (`Pipeline.preprocess`), in marker order
-        self.pending: list[ImageBatch] = []
+        # The conversation's images as loaded, in marker order: preprocessed together for each prompt, since
+        # OneVision tiles a lone image but not one of several.
+        self.images: list[PIL.Image.Image] = []
+        self.pending: list[PIL.Image.Image] = []
+        self.videos: list[np.ndarray] = []  # preprocessed frames, in marker order
+        self.pending_videos: list[np.ndarray] = []
 
     def add_image(self, path: str) -> None:
         """Load an image for the next message (ImageError names a bad file)."""
-        self.pending.append(self.pipe.load_images([path]))
+        self.pending.append(load_image(path))
+
+    def add_video(self, path: str) -> None:
+        """Load a video for the next message (VideoError names a bad file; InputError: the model takes none)."""
+        self.pending_videos += self.pipe.load_videos([path], self.num_frames)
 
     def handle(self, line: str) -> Action:
         """A typed line -> what to do; commands are carried out here (an empty line asks nothing)."""
@@ -89,15 +101,15 @@ class ChatSession:
         if command == "/reset":
             self.reset()
             return Action("say", "(conversation reset)")
-        if command == "/image":
-            path = rest.strip()
+        if command in ("/image", "/video"):
+            path, what = rest.strip(), command[1:]
             if not path:
-                return Action("error", "/image needs a file: /image PATH")
+                return Action("error", f"{command} needs a file: {command} PATH")
             try:
-                self.add_image(path)
+                self.add_image(path) if what == "image" else self.add_video(path)
             except (OSError, ValueError) as e:
                 return Action("error", str(e))
-            return Action("say", f"(image {path} attached to your next message)")
+            return Action("say", f"({what} {path} attached to your next message)")
         return Action("error", f"unknown command {word}, /help lists them (// sends a message starting with /)")
 
     def ask(self, text: str) -> Generator[str, None, str]:
@@ -106,10 +118,12 @@ class ChatSession:
         On an error (e.g. the conversation outgrew the context) the turn is undone, pending images
         stay pending, and the error propagates.
         """
-        value = f"{IMAGE_MARKER}\n" * len(self.pending) + text.replace(IMAGE_MARKER, "")
+        value = (f"{VIDEO_MARKER}\n" * len(self.pending_videos) + f"{IMAGE_MARKER}\n" * len(self.pending)
+                 + text.replace(IMAGE_MARKER, "").replace(VIDEO_MARKER, ""))
         turns = self.turns + [{"from": "human", "value": value}]
-        images = self.images + self.pending
-        prompt = self.pipe.prompt(turns, join_images(images), seed=self.params.seed + len(self.turns))
+        images, videos = self.images + self.pending, self.videos + self.pending_videos
+        prompt = self.pipe.prompt(turns, self.pipe.preprocess(images), seed=self.params.seed + len(self.turns),
+                                  videos=videos)
         stream = self.pipe.engine.stream(prompt, self.params)
         while True:
             try:
@@ -121,4 +135,5 @@ class ChatSession:
         answer = completion.text.strip()
         self.turns = turns + [{"from": "gpt", "value": answer}]
         self.images, self.pending = images, []
+        self.videos, self.pending_videos = videos, []
         return answer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from llava_jax.data.image import ImageError
+from llava_jax.data.video import VideoError
 from llava_jax.data.templates import TEMPLATES
 from llava_jax.inference.engine import InputError, tensor_parallel_mesh
 from llava_jax.inference.pipeline import DEFAULT_CONV_MODE, Pipeline
@@ -17,7 +18,7 @@ from llava_jax.parallel import compile_cache, xla_flags
 from llava_jax.weights.safetensors_io import CheckpointError
 
 # Errors whose message is the whole story for the user: printed as one line, exit status 2.
-USER_ERRORS = (InputError, ImageError, CheckpointError, OSError)
+USER_ERRORS = (InputError, ImageError, VideoError, CheckpointError, OSError)
 EXIT_BAD_INPUT = 2
 
 
@@ -38,6 +39,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="weight-only int8 language model (per output channel): half the weight bytes of "
                         "bf16 per token; greedy answers close to, not equal to, float's")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames sampled from each video (default: the checkpoint's video settings, 32)")
     p.add_argument("--compilation-cache-dir", default=None,
                    help="keep compiled programs here and reuse them in later runs (JAX's persistent cache)")
     p.add_argument("--no-xla-flags", action="store_true",

@@ -17,10 +17,12 @@ import numpy as np
 import PIL.Image
 from jax.sharding import Mesh
 
+from llava_jax.config import VideoProcessorConfig
 from llava_jax.data.image import ImageBatch, ImageProcessorConfig, load_image, preprocess_images
 from llava_jax import anyres
 from llava_jax.data.templates import IMAGE_MARKER, VIDEO_MARKER, Template, get_template, render_prompt
 from llava_jax.data.tokenizer import Tokenizer
+from llava_jax.data.video import load_video
 from llava_jax.inference.engine import Engine, InputError, Prompt
 from llava_jax.inference.sampling import SamplingParams
 from llava_jax.models.llava import LlavaModel
@@ -46,13 +48,6 @@ def place_image_markers(text: str, num_images: int, marker: str = IMAGE_MARKER, 
     return text
 
 
-def join_images(batches: Sequence[ImageBatch]) -> ImageBatch | None:
-    """Several `Pipeline.preprocess` results as one, in order (None for none): they share the patch axis."""
-    if not batches:
-        return None
-    return ImageBatch(*(np.concatenate(parts) for parts in zip(*batches)))
-
-
 class Pipeline:
     """Model + tokenizer + image processor + conversation template + engine.
 
@@ -66,6 +61,7 @@ class Pipeline:
       mesh: run the engine on this device mesh (`engine.tensor_parallel_mesh`); None: one device.
       int8: weight-only int8 language model for decoding (`inference/quant.py`).
       path: the model directory, when loaded from one (names the model in answer files).
+      video_config: how video frames are preprocessed (OneVision, NeXT-Video); None: the model takes no video.
     """
 
     def __init__(
@@ -79,6 +75,7 @@ class Pipeline:
         mesh: Mesh | None = None,
         int8: bool = False,
         path: str | None = None,
+        video_config: VideoProcessorConfig | None = None,
     ):
         if image_config.crop_size != model.config.vision.image_size:
             raise InputError(
@@ -98,6 +95,10 @@ class Pipeline:
         self.template = get_template(template) if isinstance(template, str) else template
         self.engine = Engine(model, tokenizer, max_context=max_context, mesh=mesh, int8=int8)
         self.path = path
+        self.video_config = video_config
+        if video_config is not None and video_config.frame_size != model.config.vision.image_size:
+            raise InputError(f"video frames are preprocessed to {video_config.frame_size} px but the vision tower "
+                             f"takes {model.config.vision.image_size} px; check the video processor settings")
 
     @classmethod
     def from_pretrained(
@@ -131,8 +132,14 @@ class Pipeline:
             image_config = model_dir.image_processor(path, image_aspect_ratio)
         except ValueError as e:  # e.g. LLaVA-1.5's "pad" asked of anyres settings: the user's to fix
             raise InputError(f"{path}: {e}") from None
+        video_config = None
+        if model.config.geometry.video:
+            try:
+                video_config = VideoProcessorConfig.from_pretrained(path)
+            except ValueError as e:
+                raise InputError(f"{path}: {e}") from None
         return cls(model, tokenizer, image_config, conv_mode, max_context=max_context, mesh=mesh, int8=int8,
-                   path=path)
+                   path=path, video_config=video_config)
 
     @property
     def model_id(self) -> str:
@@ -144,14 +151,23 @@ class Pipeline:
         return self.preprocess([load_image(p) for p in paths]) if paths else None
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> ImageBatch | None:
-        """The images of one prompt -> `ImageBatch` (None for no images): CLIP-normalised pixel_values
-        [n, P, H, W, 3], each image's patches then zero patches up to P, the model's most an image can have
-        (1 for LLaVA-1.5, so that batches of any images stack), and the images' (height, width). OneVision
-        leaves the images of a prompt with several untiled (padded to a square, not its tiles' base)."""
+        """One prompt's PIL images -> `ImageBatch` (None for no images): CLIP-normalised pixel_values [n, P, H, W, 3],
+        each image's patches then zero patches up to P, the model's most an image can have (1 for LLaVA-1.5, so
+        that batches of any images stack), and the images' (height, width). OneVision leaves the images of a
+        prompt holding several untiled (one patch each)."""
         if not images:
             return None
         return preprocess_images(images, self.image_config, max_patches=self.model.config.geometry.max_patches,
                                  batch_num_images=[len(images)])
+
+    def load_videos(self, paths: Sequence[str | os.PathLike], num_frames: int | None = None) -> list[np.ndarray]:
+        """Video files -> each its sampled, preprocessed frames [F, H, W, 3] (`data.video.load_video`; F =
+        `num_frames`, default the video settings'). VideoError names a bad file; InputError a model without video."""
+        if not paths:
+            return []
+        if self.video_config is None:
+            raise InputError("this model takes no video (its config has no video pooling)")
+        return [load_video(p, self.video_config, num_frames) for p in paths]
 
     def prompt(
         self, conversations: Sequence[dict], images: ImageBatch | None = None, seed: int | None = None,

@@ -1,4 +1,4 @@
-"""CLIP vision transformer (ViT-L/14 and any other size), as LLaVA uses it.
+"""CLIP vision transformer (ViT-L/14 and any other size), as LLaVA uses it; its layers also serve SigLIP.
 
 Only the layers up to `vision_feature_layer` are built and run: LLaVA never uses the last layer
 or `post_layernorm`, so they cost neither memory nor time here.
@@ -48,6 +48,8 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
+    """A pre-norm ViT layer; SigLIP's is the same (models/siglip.py uses this one)."""
+
     cfg: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
@@ -61,6 +63,22 @@ class CLIPEncoderLayer(nn.Module):
         return x + CLIPMLP(c, name="mlp", **kw)(h), None
 
 
+def patch_embedding(c: VisionConfig, *, use_bias: bool, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nn.Conv:
+    """The patch projection (torch's Conv2d with stride = kernel = patch), kernel HWIO and bias with logical names."""
+    return nn.Conv(
+        c.hidden_size,
+        kernel_size=(c.patch_size, c.patch_size),
+        strides=(c.patch_size, c.patch_size),
+        padding="VALID",
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), (None, None, None, "vision_embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vision_embed",)),
+        name="patch_embedding",
+    )
+
+
 class CLIPEmbeddings(nn.Module):
     cfg: VisionConfig
     dtype: jnp.dtype
@@ -69,19 +87,9 @@ class CLIPEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, 1+P, D]
         c = self.cfg
-        patches = nn.Conv(
-            c.hidden_size,
-            kernel_size=(c.patch_size, c.patch_size),
-            strides=(c.patch_size, c.patch_size),
-            padding="VALID",
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(INIT_STD), (None, None, None, "vision_embed")
-            ),
-            name="patch_embedding",
-        )(pixel_values.astype(self.dtype))
+        patches = patch_embedding(c, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(
+            pixel_values.astype(self.dtype)
+        )
         n = patches.shape[0]
         patches = patches.reshape(n, -1, c.hidden_size)  # row-major over (h, w), as torch's flatten(2)
         cls = self.param(

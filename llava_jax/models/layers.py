@@ -81,8 +81,14 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """SigLIP's activation (transformers' gelu_pytorch_tanh): GELU with torch's tanh approximation."""
+    return jax.nn.gelu(x, approximate=True)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": quick_gelu,
     "gelu": gelu_exact,
+    "gelu_pytorch_tanh": gelu_tanh,
     "silu": jax.nn.silu,
 }

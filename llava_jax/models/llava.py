@@ -25,11 +25,11 @@ import numpy as np
 
 from llava_jax import anyres
 from llava_jax.config import LlavaConfig
-from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.layers import INIT_STD
 from llava_jax.models.llama import Cache, LlamaModel
 from llava_jax.models.lora import LORA_A, LORA_B, lora_a_init
 from llava_jax.models.projector import build_projector
+from llava_jax.models.vision import build_vision_tower
 
 
 class Llava(nn.Module):
@@ -39,7 +39,7 @@ class Llava(nn.Module):
         c = self.cfg
         kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
         stack = dict(remat=c.remat, scan_layers=c.scan_layers)
-        self.vision_tower = CLIPVisionTower(c.vision, c.num_vision_layers_used, attention=c.attention, **stack, **kw)
+        self.vision_tower = build_vision_tower(c, **stack, **kw)
         self.projector = build_projector(
             c.projector_type, c.text.hidden_size, use_bias=c.projector_bias, name="projector", **kw
         )

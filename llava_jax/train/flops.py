@@ -49,7 +49,7 @@ def _text_forward(cfg: LlavaConfig, tokens: int, seq_len: int) -> float:
 
 def _vision_forward(cfg: LlavaConfig, tiles: int) -> float:
     v = cfg.vision
-    p = v.num_patches + 1
+    p = v.num_positions  # the class token, where the tower has one
     per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     layers = cfg.num_vision_layers_used
     patch = v.num_channels * v.patch_size**2 * v.hidden_size * v.num_patches

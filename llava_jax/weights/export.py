@@ -155,8 +155,7 @@ def plan_tensors(
     full = cfg.replace(vision_feature_layer=cfg.vision.num_layers)
     full_shapes = tu.flatten_dict(mapping.unstack_layers(abstract_params(full)))
     unused = [e for e in mapping.vision_entries(full) if e.layer is not None and e.layer >= cfg.num_vision_layers_used]
-    post_norm = mapping.HF_LEGACY.vision + mapping.VISION_UNUSED_PREFIXES[0]
-    rest = [(post_norm + leaf, (cfg.vision.hidden_size,)) for leaf in ("weight", "bias")]
+    rest = [(mapping.HF_LEGACY.vision + name, shape) for name, shape in mapping.vision_unused_tensors(cfg)]
     rest += [(mapping.torch_name(e, mapping.HF_LEGACY), _torch_shape(tuple(full_shapes[e.path].shape), e.transform))
              for e in sorted(unused, key=mapping.layer_order)]
     filled = []

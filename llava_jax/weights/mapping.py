@@ -33,13 +33,21 @@ LINEAR = "linear"  # torch Linear weight [out, in] <-> Flax kernel [in, out]
 CONV = "conv"  # torch Conv2d weight OIHW <-> Flax kernel HWIO
 
 # (our path under the component, torch name under the component, transform); {i} = layer index.
-VISION_TABLE = [
-    ("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight", CONV),
-    ("embeddings/class_embedding", "embeddings.class_embedding", SAME),
-    ("embeddings/position_embedding", "embeddings.position_embedding.weight", SAME),
-    ("pre_layrnorm/scale", "pre_layrnorm.weight", SAME),
-    ("pre_layrnorm/bias", "pre_layrnorm.bias", SAME),
-]
+# The vision tower's own tensors by `VisionConfig.model_type`; CLIP and SigLIP share the layer table.
+VISION_TABLES = {
+    "clip_vision_model": [
+        ("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight", CONV),
+        ("embeddings/class_embedding", "embeddings.class_embedding", SAME),
+        ("embeddings/position_embedding", "embeddings.position_embedding.weight", SAME),
+        ("pre_layrnorm/scale", "pre_layrnorm.weight", SAME),
+        ("pre_layrnorm/bias", "pre_layrnorm.bias", SAME),
+    ],
+    "siglip_vision_model": [
+        ("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight", CONV),
+        ("embeddings/patch_embedding/bias", "embeddings.patch_embedding.bias", SAME),
+        ("embeddings/position_embedding", "embeddings.position_embedding.weight", SAME),
+    ],
+}
 VISION_LAYER_TABLE = [
     ("layers_{i}/layer_norm1/scale", "encoder.layers.{i}.layer_norm1.weight", SAME),
     ("layers_{i}/layer_norm1/bias", "encoder.layers.{i}.layer_norm1.bias", SAME),
@@ -51,9 +59,9 @@ VISION_LAYER_TABLE = [
     for p in projs
     for ours, theirs, t in (("kernel", "weight", LINEAR), ("bias", "bias", SAME))
 ]
-# Tensors a CLIP tower holds that LLaVA never computes with: the layers after the feature layer
-# and post_layernorm (a full CLIPModel's text tower is the loader's business).
-VISION_UNUSED_PREFIXES = ("post_layernorm.",)
+# Tensors a vision tower holds that LLaVA never computes with: the layers after the feature layer,
+# post_layernorm and SigLIP's attention-pooling head (a full CLIPModel's text tower is the loader's business).
+VISION_UNUSED_PREFIXES = ("post_layernorm.", "head.")
 VISION_UNUSED_NAMES = ("embeddings.position_ids",)
 # A full CLIPModel directory (openai/clip-vit-large-patch14-336) also holds the text tower and both projections.
 CLIP_TEXT_TOWER_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
@@ -119,7 +127,32 @@ def _expand(component, table, n_layers) -> Iterator[Entry]:
 
 def vision_entries(cfg: LlavaConfig) -> list[Entry]:
     """The vision tower's entries, up to the layer LLaVA takes its features from."""
-    return list(_expand("vision_tower", VISION_TABLE + VISION_LAYER_TABLE, cfg.num_vision_layers_used))
+    table = VISION_TABLES[cfg.vision.model_type] + VISION_LAYER_TABLE
+    return list(_expand("vision_tower", table, cfg.num_vision_layers_used))
+
+
+def vision_unused_tensors(cfg: LlavaConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(torch name under the component, torch shape) of the tensors after the encoder layers that a
+    transformers tower of this config holds and LLaVA never computes with: `post_layernorm`, and SigLIP's
+    attention-pooling `head` (a torch MultiheadAttention and an MLP) when `vision_use_head`."""
+    v = cfg.vision
+    d, i = v.hidden_size, v.intermediate_size
+    out = [("post_layernorm.weight", (d,)), ("post_layernorm.bias", (d,))]
+    if v.vision_use_head:
+        out += [
+            ("head.probe", (1, 1, d)),
+            ("head.attention.in_proj_weight", (3 * d, d)),
+            ("head.attention.in_proj_bias", (3 * d,)),
+            ("head.attention.out_proj.weight", (d, d)),
+            ("head.attention.out_proj.bias", (d,)),
+            ("head.layernorm.weight", (d,)),
+            ("head.layernorm.bias", (d,)),
+            ("head.mlp.fc1.weight", (i, d)),
+            ("head.mlp.fc1.bias", (i,)),
+            ("head.mlp.fc2.weight", (d, i)),
+            ("head.mlp.fc2.bias", (d,)),
+        ]
+    return out
 
 
 def projector_entries(cfg: LlavaConfig) -> list[Entry]:
@@ -311,10 +344,10 @@ def to_layout(tree: Any, stacked: bool) -> Any:
 class Layout:
     """Where each component's torch names sit in one checkpoint format.
 
-    `vision` prefixes CLIP's names (`embeddings...`, `encoder.layers...`), `text` replaces LLaMA's
-    `model.` and `head` its `lm_head.`; `projector` prefixes `linear_N...`, except in the original
-    format where the projector is an nn.Sequential (`mm_projector.0`, `.2`, ...); `newline` prefixes
-    LLaVA-NeXT's `image_newline`.
+    `vision` prefixes the tower's names (CLIP's or SigLIP's `embeddings...`, `encoder.layers...`), `text`
+    replaces LLaMA's `model.` and `head` its `lm_head.`; `projector` prefixes `linear_N...`, except in the
+    original format where the projector is an nn.Sequential (`mm_projector.0`, `.2`, ...); `newline`
+    prefixes LLaVA-NeXT's `image_newline`.
     """
 
     name: str
@@ -340,9 +373,10 @@ ORIGINAL = Layout("original", None, "model.mm_projector.", "model.", "lm_head.",
 CLIP = Layout("clip", vision="vision_model.")
 LLAMA = Layout("llama", text="model.", head="lm_head.")
 
-# CLIP prefixes seen in the wild: with and without the `vision_model.` level (transformers 5 drops it).
+# Vision tower prefixes seen in the wild (CLIP and SigLIP alike): with and without the `vision_model.` level
+# (transformers 5 drops it).
 _VISION_PREFIXES = (
-    "model.vision_tower.vision_tower.vision_model.",  # original LLaVA checkpoints that embed the tower
+    "model.vision_tower.vision_tower.vision_model.",  # original LLaVA(-NeXT, -OneVision) checkpoints that embed it
     "vision_tower.vision_model.",
     "model.vision_tower.vision_model.",
     "model.vision_tower.",
@@ -388,12 +422,24 @@ def is_unused(name: str, cfg: LlavaConfig, layout: Layout) -> bool:
 
 
 def find_vision_prefix(keys) -> str | None:
-    """The prefix under which a checkpoint keeps CLIP's vision names (None if it has no vision tower)."""
+    """The prefix under which a checkpoint keeps the vision tower's names (None if it has no vision tower)."""
     keys = set(keys)
     for p in _VISION_PREFIXES:
         if p + "embeddings.patch_embedding.weight" in keys:
             return p
     return None
+
+
+def vision_model_type_of(keys, prefix: str) -> str:
+    """Which tower (a `VisionConfig.model_type`) a checkpoint keeps under `prefix`, from its tensor names:
+    CLIP has a class embedding, SigLIP a patch-embedding bias and no class embedding."""
+    keys = set(keys)
+    if prefix + "embeddings.class_embedding" in keys:
+        return "clip_vision_model"
+    if prefix + "embeddings.patch_embedding.bias" in keys:
+        return "siglip_vision_model"
+    raise ValueError(f"cannot tell the vision tower under {prefix!r}: neither a class embedding (CLIP) "
+                     f"nor a patch-embedding bias (SigLIP)")
 
 
 def to_ours(x: np.ndarray, transform: str) -> np.ndarray:

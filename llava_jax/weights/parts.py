@@ -9,6 +9,7 @@ as tensor stores (stores.py), which read each tensor by copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -22,12 +23,14 @@ from llava_jax.anyres import AnyresConfig
 from llava_jax.config import (
     LLAVA_MODEL_TYPES,
     PREPROCESSOR_CONFIG,
+    SIGLIP_SO400M_384,
     ImageProcessorConfig,
     LlavaConfig,
     TextConfig,
     VisionConfig,
     llava_config_from_hf,
     original_grid_pinpoints,
+    original_max_tiles,
     text_config_from_hf,
     vision_config_from_hf,
 )
@@ -75,7 +78,9 @@ def llama_text_config(directory: str) -> TextConfig:
 
 
 def infer_clip_config(store: Store, prefix: str) -> VisionConfig:
-    """A CLIP vision config read off tensor shapes (for original checkpoints that embed the tower)."""
+    """A CLIP (or SigLIP) vision config read off tensor shapes (for original checkpoints that embed the tower)."""
+    if _wrap(mapping.vision_model_type_of, store.keys(), prefix) == "siglip_vision_model":
+        return infer_siglip_config(store, prefix)
     hidden, channels, patch, _ = store.shape(prefix + "embeddings.patch_embedding.weight")
     positions = store.shape(prefix + "embeddings.position_embedding.weight")[0]
     layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
@@ -89,6 +94,27 @@ def infer_clip_config(store: Store, prefix: str) -> VisionConfig:
         patch_size=patch,
         num_channels=channels,
     )
+
+
+def infer_siglip_config(store: Store, prefix: str) -> VisionConfig:
+    """The SigLIP tower an original LLaVA-NeXT / OneVision checkpoint embeds, read off tensor shapes as CLIP's is:
+    LLaVA-NeXT's SigLipVisionTower builds SigLIP-SO400M/14-384 (SigLipVisionConfig's defaults, 72-wide heads) and
+    deletes the last layer; the head count is the width over SO400M's head width (it cannot be read off shapes)."""
+    hidden, channels, patch, _ = store.shape(prefix + "embeddings.patch_embedding.weight")
+    positions = store.shape(prefix + "embeddings.position_embedding.weight")[0]
+    layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+    side = math.isqrt(positions)
+    if side * side != positions:
+        raise CheckpointError(f"{store.source}: {prefix}embeddings.position_embedding.weight holds {positions} "
+                              "positions, not a square grid of patches (a SigLIP tower has no class token)")
+    return dataclasses.replace(
+        SIGLIP_SO400M_384, hidden_size=hidden, intermediate_size=store.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+        num_layers=len({int(m.group(1)) for k in store.keys() if (m := layer.match(k))}),
+        num_heads=max(1, hidden // SIGLIP_SO400M_384.head_dim),
+        # 384 px of 14 px patches is 27 a side (the last 6 px never reach a patch): keep the preset's size then.
+        image_size=SIGLIP_SO400M_384.image_size if SIGLIP_SO400M_384.image_size // patch == side else side * patch,
+        patch_size=patch,
+        num_channels=channels)
 
 
 _ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llama": "llama", "llava_mistral": "mistral",
@@ -113,17 +139,25 @@ def original_llava_config(c: dict, vision: VisionConfig, path: str, image_token_
     if mm_hidden != vision.hidden_size:
         raise CheckpointError(f"{path}: mm_hidden_size is {mm_hidden} but the vision tower's width is "
                               f"{vision.hidden_size}")
+    layer, strategy = int(c.get("mm_vision_select_layer", -1)), _SELECT_FEATURE[feature]
+    if vision.model_type == "siglip_vision_model":
+        # LLaVA-NeXT's SigLipVisionTower ignores mm_vision_select_*: the last layer of its (last-layer-deleted)
+        # tower, every one of the 729 patch tokens (there is no CLS to drop).
+        layer, strategy = -1, "full"
+    image = text.vocab_size if image_token_index is None else image_token_index
     cfg = LlavaConfig(
         vision=vision,
         text=text,
         projector_type=projector,
-        vision_feature_layer=int(c.get("mm_vision_select_layer", -1)),
-        vision_feature_select_strategy=_SELECT_FEATURE[feature],
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy,
         # The original splices images at run time (id -200); ours takes the first id past the vocabulary.
-        image_token_index=text.vocab_size if image_token_index is None else image_token_index,
+        image_token_index=image,
     )
     _wrap(lambda: cfg.num_vision_layers_used)
-    return cfg.replace(anyres=original_anyres(c, cfg, path))
+    geometry = original_anyres(c, cfg, path)
+    # The original feeds a video through its image placeholder; ours marks it with the id after <image>'s.
+    return cfg.replace(anyres=geometry, video_token_index=image + 1 if geometry and geometry.video else None)
 
 
 def original_anyres(c: dict, cfg: LlavaConfig, path: str) -> AnyresConfig | None:
@@ -136,7 +170,19 @@ def original_anyres(c: dict, cfg: LlavaConfig, path: str) -> AnyresConfig | None
         return None
     if flat.extra_tokens:
         raise CheckpointError(f"{path}: anyres needs mm_vision_select_feature 'patch' (the CLS token dropped)")
-    return _wrap(AnyresConfig, flat.tile_size, flat.grid, pins, "spatial_unpad", "original")
+    max_tiles = original_max_tiles(c)
+    if max_tiles is None:
+        return _wrap(AnyresConfig, flat.tile_size, flat.grid, pins, "spatial_unpad", "original")
+    # LLaVA-OneVision (llava_arch.py): frames pooled by `get_2dPool` (bilinear, stride 2: ceil(grid / 2) a side)
+    # and one newline after a video (`mm_newline_position` "one_token"); the other settings are not supported.
+    pool = c.get("mm_spatial_pool_mode", "bilinear")
+    newline = c.get("mm_newline_position", "one_token")
+    if pool != "bilinear" or newline != "one_token" or int(c.get("mm_spatial_pool_stride", 2)) != 2:
+        raise CheckpointError(f"{path}: video pooling mm_spatial_pool_mode {pool!r}, stride "
+                              f"{c.get('mm_spatial_pool_stride', 2)}, mm_newline_position {newline!r} is not "
+                              "supported (LLaVA-OneVision's: 'bilinear', 2, 'one_token')")
+    return _wrap(functools.partial(AnyresConfig, max_tiles=max_tiles, untiled_multi=True, video="bilinear"),
+                 flat.tile_size, flat.grid, pins, "spatial_unpad", "original")
 
 
 def projector_type_of(keys, prefix: str = "model.mm_projector.") -> str | None:
@@ -341,8 +387,9 @@ def plan_original(
         layout = dataclasses.replace(layout, vision=None)
     elif embedded:
         vision, skip = infer_clip_config(store, embedded), frozenset()
-        notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's "
-                     f"{CLIP_HEAD_DIM}-wide heads")
+        if vision.has_class_token:
+            notes.append(f"vision tower read from {src} itself; its heads ({vision.num_heads}) assume CLIP's "
+                         f"{CLIP_HEAD_DIM}-wide heads")
     else:
         raise CheckpointError(
             f"{src}: the vision tower is not in the checkpoint; config.json names "
