@@ -237,7 +237,7 @@ def test_prometheus_text():
     assert text.count("# TYPE") == text.count("# HELP") == 9
 
 
-@pytest.mark.parametrize("flag", ["--max-videos", "--num-frames"])
+@pytest.mark.parametrize("flag", ["--max-videos", "--num-frames"])  # the second: generate's, checked here too
 def test_video_flags_must_be_positive(flag, capsys):
     from llava_jax.serve.__main__ import parse_args
 

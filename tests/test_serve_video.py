@@ -166,26 +166,6 @@ def test_video_and_images_at_once_answer_as_alone(server):
         assert (a["choices"][0]["message"], a["usage"]) == (b["choices"][0]["message"], b["usage"])
 
 
-def test_video_settings_come_from_the_directory(onevision_dir, engine, tmp_path):
-    """The server's video settings: the directory's; a directory without any gets the family's processor at the
-    tower's size with the images' mean and std; frames that do not fit the tower, or a model without video, say so."""
-    from types import SimpleNamespace
-
-    from llava_jax.inference.engine import InputError
-    from llava_jax.serve.__main__ import video_settings
-
-    images = ImageProcessorConfig.from_pretrained(onevision_dir)
-    pipe = SimpleNamespace(model=SimpleNamespace(config=engine.config), image_config=images)
-    assert video_settings(pipe, onevision_dir) == VideoProcessorConfig.from_pretrained(onevision_dir)
-    assert video_settings(pipe, str(tmp_path)) == VideoProcessorConfig.onevision(size=42, mean=images.mean,
-                                                                                  std=images.std)
-    VideoProcessorConfig.onevision(size=56).save(str(tmp_path))
-    with pytest.raises(InputError, match="makes 56 px frames but the vision tower takes 42 px"):
-        video_settings(pipe, str(tmp_path))
-    no_video = SimpleNamespace(geometry=SimpleNamespace(video=""), video_token_index=None)
-    assert video_settings(SimpleNamespace(model=SimpleNamespace(config=no_video)), onevision_dir) is None
-
-
 def test_short_video_gives_all_its_frames(server, engine):
     """A 2-frame video with --num-frames 4 is served with its 2 frames (as vLLM), not refused."""
     lone = ask(server, [{"type": "text", "text": "Hi"}])["usage"]["prompt_tokens"]

@@ -7,8 +7,8 @@
 The model is loaded and its programs compiled (`SlotEngine.warmup`) before the port opens, so
 `/health` answers 200 as soon as anything answers. Routes and the request semantics: `app.py`.
 A model that takes video (LLaVA-OneVision, LLaVA-NeXT-Video) takes `video_url` parts: each video's frames
-are sampled (`--num-frames`, default the directory's video processor's `num_frames`, else 32) and
-preprocessed with the directory's video processor settings (`VideoProcessorConfig.from_pretrained`).
+are sampled (`--num-frames`, default the directory's video processor's `num_frames`, else 32; a shorter
+video gives all its frames) and preprocessed with the directory's video settings (`Pipeline.video_config`).
 SIGTERM (or Ctrl-C) drains: `/health` and new requests get 503, every running and queued request
 is answered in full, then the process exits 0; a second signal exits at once. Bad flags, an address
 it cannot listen on or a model directory that cannot be loaded print one line and exit with status 2.
@@ -31,10 +31,8 @@ import PIL.Image
 import uvicorn
 
 from llava_jax import cli
-from llava_jax.config import VideoProcessorConfig
 from llava_jax.inference.engine import InputError
 from llava_jax.inference.flags import EXIT_BAD_INPUT, USER_ERRORS, add_model_flags, load_pipeline
-from llava_jax.inference.pipeline import Pipeline
 from llava_jax.inference.slots import SlotEngine
 from llava_jax.serve.app import create_app
 
@@ -56,9 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=4, help="images a request may carry at most")
     p.add_argument("--max-videos", type=int, default=1,
                    help="videos a request may carry at most (models that take video: OneVision, NeXT-Video)")
-    p.add_argument("--num-frames", type=int, default=None,
-                   help="frames sampled uniformly from each video (default: the model directory's video processor "
-                        "num_frames, else 32); a shorter video gives all its frames")
     p.add_argument("--max-body-mb", type=float, default=20, help="largest request body (413 beyond)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
@@ -83,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         pipe = load_pipeline(args)
-        video_config = video_settings(pipe, args.model_path)
-    except (*USER_ERRORS, ValueError) as e:  # ValueError: the directory's video settings
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    video_config = pipe.video_config
     num_frames = args.num_frames or (video_config.num_frames if video_config is not None else None)
     slots = SlotEngine(pipe.engine, max_batch=args.max_batch, steps_per_call=args.steps_per_call)
     slots.start()
@@ -108,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key or None,
         max_images=args.max_images,
         max_videos=args.max_videos,
-        video_config=video_config,
         num_frames=num_frames,
         max_body_bytes=int(args.max_body_mb * 2**20),
     )
@@ -126,31 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     slots.stop(drain=False)
     return 1  # uvicorn could not start (the port taken, say): it logged why
-
-
-def video_settings(pipe: Pipeline, path: str) -> VideoProcessorConfig | None:
-    """How the served model's video frames are preprocessed; None for a model that takes no video.
-
-    The directory's video processor settings (`VideoProcessorConfig.from_pretrained`); a directory without any
-    (a training checkpoint) gets its family's processor with the image settings' mean and std at the tower's
-    size. Raises InputError when the frames would not fit the vision tower.
-    """
-    cfg = pipe.model.config
-    if not cfg.geometry.video or cfg.video_token_index is None:
-        return None
-    side = cfg.vision.image_size
-    try:
-        video = VideoProcessorConfig.from_pretrained(path)
-    except FileNotFoundError:
-        image = pipe.image_config
-        family = VideoProcessorConfig.onevision if cfg.geometry.video == "bilinear" else VideoProcessorConfig
-        video = family(size=side, crop_size=0 if cfg.geometry.video == "bilinear" else side, mean=image.mean,
-                       std=image.std)
-        log.warning("%s has no video processor settings; using %s", path, video)
-    if video.frame_size != side:
-        raise InputError(f"{path}: the video processor makes {video.frame_size} px frames but the vision tower "
-                         f"takes {side} px; check video_preprocessor_config.json")
-    return video
 
 
 def check_address(host: str, port: int) -> None:

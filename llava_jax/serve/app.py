@@ -1,6 +1,6 @@
 """The HTTP layer: an OpenAI-compatible chat-completions API over a `SlotEngine`, as a FastAPI app.
 
-    app = create_app(pipe, slots, model_name="llava-v1.5-7b", api_key=None, video_config=None)
+    app = create_app(pipe, slots, model_name="llava-v1.5-7b", api_key=None)
 
 Routes:
   GET  /                      the web chat page (`llava_jax/serve_static/index.html`), /static/... its files
@@ -12,7 +12,7 @@ Routes:
 
 A request's life: the body is read (at most `max_body_bytes`, else 413) and validated; its messages
 become a LLaVA conversation whose image and video parts (`data:` URLs only) are decoded and preprocessed
-(a video: `num_frames` frames sampled uniformly, with the model's `video_config`), and the prompt rendered
+(a video: `num_frames` frames sampled uniformly, `pipe.video_config`'s steps), and the prompt rendered
 and checked, on a worker thread (the event loop keeps streaming other answers
 meanwhile); `slots.submit` queues it; the engine thread hands each token to a listener that puts it on
 the request's asyncio queue (`loop.call_soon_threadsafe`). A client that disconnects, streamed or
@@ -54,7 +54,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llava_jax.config import VideoProcessorConfig
 from llava_jax.inference.engine import Completion, Delta, InputError, Prompt
 from llava_jax.inference.pipeline import Pipeline
 from llava_jax.inference.sampling import SamplingParams
@@ -85,15 +84,14 @@ def create_app(
     api_key: str | None = None,
     max_images: int = MAX_IMAGES,
     max_videos: int = MAX_VIDEOS,
-    video_config: VideoProcessorConfig | None = None,
     num_frames: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     static_dir: str = STATIC_DIR,
 ) -> FastAPI:
     """The FastAPI app serving `pipe`'s model through the started, warmed-up `slots` (module docstring).
 
-    `video_config`: how a video's frames are preprocessed (None: the model takes no video, and a video part
-    is a 400); `num_frames` frames are sampled from each (default `video_config.num_frames`).
+    A video's frames are preprocessed as `pipe.video_config` says (None: the model takes no video, and a video
+    part is a 400); `num_frames` frames are sampled from each (default `pipe.video_config.num_frames`).
 
     `app.state.draining = True` (set by the server on SIGTERM) makes `/health` and new completions 503.
     """
@@ -102,6 +100,7 @@ def create_app(
     app.state.metrics = metrics = Metrics()
     created = int(time.time())
     system_prompt = pipe.template.style != "plain"  # the plain (stage-1) template renders no system text
+    video_config = pipe.video_config
     frames = num_frames or (video_config.num_frames if video_config is not None else 0)
 
     app.add_middleware(_CountRequests, metrics=metrics)
