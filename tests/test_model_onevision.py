@@ -261,14 +261,6 @@ def test_siglip_onevision_matches_transformers(siglip_onevision):
     compare(hf, ours, [[(50, 60), (120, 40), (42, 42)], [4]], TILE, MAX_PATCHES, fresh_seed())
 
 
-# LLaVA-NeXT's own checkpoint names (llava_arch.py, its SigLipVisionTower) for a OneVision model.
-ORIGINAL_NAMES = [("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
-                  ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-                  ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline"),
-                  ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                  ("language_model.", "model."), ("lm_head.", "lm_head.")]
-
-
 def test_original_onevision_checkpoint_matches_transformers(tmp_path):
     """An original LLaVA-OneVision directory (llava_qwen, mm_* config, anyres_max_N, SigLIP inside) converts to the
     transformers model's logits: lone non-square images, several images, a video (its placeholder the id after
@@ -279,6 +271,7 @@ def test_original_onevision_checkpoint_matches_transformers(tmp_path):
     from llava_jax.convert import main as convert_main
     from llava_jax.weights.safetensors_io import save_file
     from tests.test_convert_formats import hf_tensors, rename
+    from tests.test_model_next import ORIGINAL_NAMES  # LLaVA-NeXT's names, its SigLipVisionTower's too
 
     hf = make_onevision(fresh_seed(), siglip=True, siglip_hidden=72, siglip_heads=1)  # SO400M's 72-wide heads
     tensors = hf_tensors(hf, tmp_path / "hf")
