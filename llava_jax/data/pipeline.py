@@ -42,8 +42,9 @@ Packing (`packing=True`): each row holds several samples end to end, first-fit b
 T is `max_length` (or a bucket), I is `images_per_row` (x max_patches for anyres) and a row's images are
 its samples' images in placeholder order, one feature table a row for `image_index`. The packing is
 planned before the first batch from each record's rendered length (`planned_sizes`: one render of every
-record's text; anyres images counted at their largest), so rows never overflow when the images are
-loaded, and the plan below then shuffles and batches packed rows instead of records. Grain's
+record's text; each anyres image counted exactly from its size in the file's header, or at the largest
+count where the size cannot be read cheaply), so rows never overflow when the images are loaded, and the
+plan below then shuffles and batches packed rows instead of records. Grain's
 FirstFitPackIterDataset (grain 0.2.x) would carry the pixels (any N-D feature with its own length) and
 resume (its state replays the parent from the last packed batch), but it packs the stream as it comes:
 each process would yield a data-dependent number of batches (multi-host steps out of lock-step, no
@@ -176,27 +177,42 @@ def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geo
                   image_token_index: int, max_length: int, max_images: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int64 [N], images int64 [N]): upper bounds of each record's rendered row, for packing.
 
-    Tokens are the rendered length before truncation, capped at `max_length`: exact for LLaVA-1.5 images,
-    an upper bound for anyres ones (each image counted at the geometry's largest, `max_tokens`: its real
-    count needs the image's size). Images are all the record's images (truncation may keep fewer). A record
-    that will be skipped (more than `max_images` images, nothing to render, unreadable) plans as (0, 0).
-    Costs one render of every record's text (packed and TFDS sources read each record's payload).
+    Tokens are the rendered length before truncation, capped at `max_length`: exact for LLaVA-1.5 images and
+    for anyres ones whose size the source reads from the file's header (`Example.sizes`: local files, packed
+    and TFDS records; `anyres.layout(geometry, size).num_tokens`, as the loader counts the decoded image); an
+    upper bound for an anyres image whose size it cannot read cheaply (loose files on gs://: a request an
+    image) or whose header is unreadable: the geometry's largest, `max_tokens`. Images are all the record's
+    images (truncation may keep fewer). A record that will be skipped (more than `max_images` images, nothing
+    to render, unreadable) plans as (0, 0). Costs one render of every record's text (packed and TFDS sources
+    read each record's payload) and, for anyres, one header read an image (about 50-100 us a local file).
     """
-    per_image = geometry.tile_tokens if geometry.merge == "flat" else geometry.max_tokens
     chosen = templates.get_template(template)
     tokens, images = np.zeros(len(source), np.int64), np.zeros(len(source), np.int64)
     for index in range(len(source)):
         try:
-            record = source[index].record
+            example = source[index]
+            record = example.record
             n = len(records_lib.record_images(record))
             if n > max_images:
                 continue
+            per_image = geometry.tile_tokens if geometry.merge == "flat" else [
+                _planned_image_tokens(geometry, example, k) for k in range(n)]
             rendered = templates.render(record["conversations"], chosen, tokenizer, image_token_index=image_token_index,
                                         num_image_tokens=per_image)
         except Exception:  # pylint: disable=broad-except  # the loader meets it again and reports it
             continue
         tokens[index], images[index] = min(len(rendered.input_ids), max_length), n
     return tokens, images
+
+
+def _planned_image_tokens(geometry: anyres.AnyresConfig, example: sources_lib.Example, k: int) -> int:
+    """Image k's token count from its header's size, or the geometry's largest where that is not to be had."""
+    if example.sizes is None:
+        return geometry.max_tokens
+    try:
+        return anyres.layout(geometry, example.sizes[k]()).num_tokens
+    except Exception:  # pylint: disable=broad-except  # unreadable: the loader skips it; the bound is safe anyway
+        return geometry.max_tokens
 
 
 def pack_rows(tokens: np.ndarray, images: np.ndarray, order: np.ndarray, *, max_length: int, max_images: int,
@@ -248,8 +264,11 @@ def images_per_row(geometry: anyres.AnyresConfig, max_length: int, max_images_pe
                    max_images_per_row: int | None) -> int:
     """Images a packed row holds at most (its image slots: that many, x `max_patches` tiles for anyres).
 
-    Default (None or 0): as many as `max_length` tokens can hold as packing counts them (`planned_sizes`: an
-    image at `tile_tokens`, anyres at `max_tokens`), so that images never limit a row before tokens do.
+    Default (None or 0): as many images of the largest count as `max_length` tokens hold (`tile_tokens` an
+    image, anyres `max_tokens`), so that LLaVA-1.5 images never limit a row before tokens do. Anyres images
+    are planned at their exact counts, most below `max_tokens`: there the default can fill a row's image slots
+    before its tokens, and a larger value packs tighter at the price of more (mostly empty) slots through the
+    vision tower, whose batch is static.
     """
     per_image = geometry.tile_tokens if geometry.merge == "flat" else geometry.max_tokens
     if not max_images_per_row:
