@@ -279,6 +279,33 @@ def images_per_row(geometry: anyres.AnyresConfig, max_length: int, max_images_pe
     return max_images_per_row
 
 
+def plan_packing(source: sources_lib.Source, tokenizer: Any, template: str, geometry: anyres.AnyresConfig, *,
+                 image_token_index: int, max_length: int, max_images_per_sample: int, images_per_row: int, seed: int,
+                 shuffle: bool) -> tuple["PackedRows", np.ndarray]:
+    """(the rows, the planned tokens [N]): `make_dataset(..., packing=True)`'s packing of `source` (and what
+    bench/packing.py measures): `planned_sizes`, then `pack_rows` over a seeded order of the records."""
+    tokens, counts = planned_sizes(source, tokenizer, template, geometry, image_token_index=image_token_index,
+                                   max_length=max_length, max_images=max_images_per_sample)
+    # One packing for every epoch (each epoch shuffles the rows): the epoch length is then known before
+    # the first step (the LR schedule) and the same on every process (all plan the same rows), and the
+    # iterator state stays one index. Samples in a row never see each other, so a fixed packing only
+    # decides which samples share a batch.
+    # A stream of its own: the epoch plans draw from [seed, epoch].
+    order = np.random.default_rng([seed, 1 << 20]).permutation(len(source)) if shuffle else np.arange(len(source))
+    rows = pack_rows(tokens, counts, order, max_length=max_length, max_images=images_per_row)
+    return PackedRows.of(rows), tokens
+
+
+def bucket_list(length_buckets: Sequence[int] | None, max_length: int) -> list[int]:
+    """The allowed values of T: `length_buckets` below `max_length`, sorted, and `max_length`."""
+    return sorted({int(b) for b in length_buckets or () if b < max_length} | {max_length})
+
+
+def bucket_length(buckets: Sequence[int], longest: int) -> int:
+    """A batch's T: the smallest of `bucket_list`'s buckets that holds its longest row."""
+    return buckets[bisect.bisect_left(buckets, longest)]
+
+
 @dataclasses.dataclass
 class PackedRows:
     """Records packed into rows: row r holds records `flat[offsets[r]:offsets[r + 1]]` (CSR: cheap to pickle)."""
@@ -553,7 +580,7 @@ class _Collate:
         longest = max([sum(len(s.input_ids) for s in row) for row in samples], default=1)
         if longest > self.max_length:  # the packer's sizes are upper bounds: a bug, never the data
             raise RuntimeError(f"a packed row of {longest} tokens, more than max_length={self.max_length}")
-        t = self.buckets[bisect.bisect_left(self.buckets, longest)] if self.buckets else self.max_length
+        t = bucket_length(self.buckets, longest) if self.buckets else self.max_length
         b, c = len(rows), self.crop_size
         batch = {
             "input_ids": np.full((b, t), self.pad_id, np.int32),
@@ -789,21 +816,15 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
     if packing and group_by_modality_length:
         raise ValueError("packing and group_by_modality_length exclude each other: packed rows are full whatever "
                          "their samples' lengths; turn one off")
-    buckets = sorted({int(b) for b in length_buckets or () if b < max_length} | {max_length})
+    buckets = bucket_list(length_buckets, max_length)
     geometry = _geometry(num_image_tokens, geometry, image_cfg)
     images = max_images_per_sample
     packed = None
     if packing:
         images = images_per_row(geometry, max_length, max_images_per_sample, max_images_per_row)
-        tokens, counts = planned_sizes(source, tokenizer, template, geometry, image_token_index=image_token_index,
-                                       max_length=max_length, max_images=max_images_per_sample)
-        # One packing for every epoch (each epoch shuffles the rows): the epoch length is then known before
-        # the first step (the LR schedule) and the same on every process (all plan the same rows), and the
-        # iterator state stays one index. Samples in a row never see each other, so a fixed packing only
-        # decides which samples share a batch.
-        # A stream of its own: the epoch plans draw from [seed, epoch].
-        order = np.random.default_rng([seed, 1 << 20]).permutation(len(source)) if shuffle else np.arange(len(source))
-        packed = PackedRows.of(pack_rows(tokens, counts, order, max_length=max_length, max_images=images))
+        packed, _ = plan_packing(source, tokenizer, template, geometry, image_token_index=image_token_index,
+                                 max_length=max_length, max_images_per_sample=max_images_per_sample,
+                                 images_per_row=images, seed=seed, shuffle=shuffle)
     tiled = geometry.merge != "flat"
     lengths = source.lengths(geometry)
     too_many = int(np.sum(source.record_stats()[1] > max_images_per_sample))
