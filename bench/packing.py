@@ -336,6 +336,33 @@ def mix_lines(args, tokenizer: Tokenizer, steps: bool) -> tuple[list[Line], dict
     return lines, info
 
 
+# ----------------------------------------------------------------------------- anyres planning's header reads
+
+
+def header_cost(folder: str, count: int = 40) -> dict[str, float]:
+    """Microseconds an image to read its size from the header (`sources.header_size`, what packing plans an
+    anyres image with) and to decode it (`image.load_image`, what loading does), over `count` 640 x 480 JPEGs
+    and PNGs (COCO's usual size) written to `folder` (a warm page cache: a cold disk adds its seek to both)."""
+    import PIL.Image  # pylint: disable=g-import-not-at-top
+
+    os.makedirs(folder, exist_ok=True)
+    y, x = np.mgrid[:480, :640]
+    out = {}
+    for ext in ("jpg", "png"):
+        files = []
+        for k in range(count):
+            file = os.path.join(folder, f"{k}.{ext}")
+            pixels = np.stack([(x * (k + 1)) % 256, (y * 3 + k) % 256, (x + y) % 256], -1).astype(np.uint8)
+            PIL.Image.fromarray(pixels).save(file)
+            files.append(file)
+        for what, fn in (("header", sources.header_size), ("decode", image_lib.load_image)):
+            t0 = time.perf_counter()
+            for file in files:
+                fn(file)
+            out[f"{ext} {what} us"] = (time.perf_counter() - t0) / count * 1e6
+    return out
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -384,6 +411,10 @@ def main(argv: list[str] | None = None) -> list[Line]:
     print(table(lines))
     print("\nmodelled mix, mean rendered tokens a record (synthetic tokenizer, image 576): " +
           ", ".join(f"{k} {v:.0f}" for k, v in info["mean_tokens"].items()))
+    if steps:
+        info["headers"] = header_cost(os.path.join(args.data_dir, "header_cost"))
+        print("anyres planning reads each image's size from its header: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in info["headers"].items()))
     write_json(args.json, {"benchmark": "packing", "lines": [dataclasses.asdict(x) for x in lines], **info})
     return lines
 

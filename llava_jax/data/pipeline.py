@@ -74,6 +74,7 @@ Usage (the data may also be a packed directory or "tfds:NAME@split", see sources
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -171,6 +172,8 @@ def num_global_batches(lengths: np.ndarray, *, batch_size: int, shard_count: int
 # closes when a new one would exceed this. The cost is linear in it; 64 fills about 96% of a long-tailed
 # mix's tokens (tests/test_data_packing.py), 665K records in about 3 s.
 PACK_OPEN_ROWS = 64
+# Threads reading records (and anyres image headers) for the packing plan, and records a thread pool's chunk.
+PLAN_READ_THREADS, PLAN_CHUNK = 16, 1024
 
 
 def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geometry: anyres.AnyresConfig, *,
@@ -184,24 +187,43 @@ def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geo
     image) or whose header is unreadable: the geometry's largest, `max_tokens`. Images are all the record's
     images (truncation may keep fewer). A record that will be skipped (more than `max_images` images, nothing
     to render, unreadable) plans as (0, 0). Costs one render of every record's text (packed and TFDS sources
-    read each record's payload) and, for anyres, one header read an image (about 50-100 us a local file).
+    read each record's payload) and, for anyres, one header read an image (40-110 us a local PNG or JPEG, 1%
+    of decoding it: BENCHMARKS.md, "Packing"), the reads in PLAN_READ_THREADS threads ahead of the renders.
     """
     chosen = templates.get_template(template)
-    tokens, images = np.zeros(len(source), np.int64), np.zeros(len(source), np.int64)
-    for index in range(len(source)):
+    n = len(source)
+    tokens, images = np.zeros(n, np.int64), np.zeros(n, np.int64)
+
+    def read(index: int) -> tuple[records_lib.Record, int | list[int]] | None:
         try:
             example = source[index]
-            record = example.record
-            n = len(records_lib.record_images(record))
-            if n > max_images:
-                continue
+            count = len(records_lib.record_images(example.record))
+            if count > max_images:
+                return None
             per_image = geometry.tile_tokens if geometry.merge == "flat" else [
-                _planned_image_tokens(geometry, example, k) for k in range(n)]
-            rendered = templates.render(record["conversations"], chosen, tokenizer, image_token_index=image_token_index,
-                                        num_image_tokens=per_image)
+                _planned_image_tokens(geometry, example, k) for k in range(count)]
+            return example.record, per_image
         except Exception:  # pylint: disable=broad-except  # the loader meets it again and reports it
-            continue
-        tokens[index], images[index] = min(len(rendered.input_ids), max_length), n
+            return None
+
+    # Threads read the records and image headers (waiting on a disk, or a request a record from a packed
+    # source on gs://) a chunk ahead of the renders, which hold the GIL.
+    with concurrent.futures.ThreadPoolExecutor(PLAN_READ_THREADS) as pool:
+        pending = pool.map(read, range(0, min(n, PLAN_CHUNK)))
+        for start in range(0, n, PLAN_CHUNK):
+            current, after = pending, range(start + PLAN_CHUNK, min(n, start + 2 * PLAN_CHUNK))
+            pending = pool.map(read, after)
+            for index, item in zip(range(start, min(n, start + PLAN_CHUNK)), current):
+                if item is None:
+                    continue
+                record, per_image = item
+                try:
+                    rendered = templates.render(record["conversations"], chosen, tokenizer,
+                                                image_token_index=image_token_index, num_image_tokens=per_image)
+                except Exception:  # pylint: disable=broad-except  # the loader meets it again and reports it
+                    continue
+                tokens[index] = min(len(rendered.input_ids), max_length)
+                images[index] = len(records_lib.record_images(record))
     return tokens, images
 
 
