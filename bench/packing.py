@@ -154,7 +154,7 @@ class StepTimer:
 
         from llava_jax.models.llava import init_params  # pylint: disable=g-import-not-at-top
         from llava_jax.parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
-        from llava_jax.parallel.partition import device_batch, model_param_shardings  # pylint: disable=g-import-not-at-top
+        from llava_jax.parallel import partition  # pylint: disable=g-import-not-at-top
         from llava_jax.train import defaults, loop, program  # pylint: disable=g-import-not-at-top
         from llava_jax.train.step import to_microbatches  # pylint: disable=g-import-not-at-top
 
@@ -165,11 +165,11 @@ class StepTimer:
         self.cfg = program.compute_config(loop.model_config(config, tokenizer), config, stage)
         mesh = make_mesh(**config.mesh.to_dict())
         rules = program.rules_from_config(config)
-        params = nn.unbox(init_params(self.cfg, jax.random.key(0), shardings=model_param_shardings(self.cfg, mesh,
-                                                                                                   rules)))
+        shardings = partition.model_param_shardings(self.cfg, mesh, rules)
+        params = nn.unbox(init_params(self.cfg, jax.random.key(0), shardings=shardings))
         self.program = program.stage_program(self.cfg, stage, mesh, rules, total_steps, params)
         self.state = self.program.init_state(params)
-        self._put = lambda batch: device_batch(to_microbatches(batch, 1), mesh)
+        self._put = lambda batch: partition.device_batch(to_microbatches(batch, 1), mesh)
         self._seen: set[tuple] = set()
         self._jax = jax
 
