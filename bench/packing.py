@@ -229,6 +229,7 @@ class Line:
     computed: int  # rows x T, summed over the epoch's batches
     step_s: float | None = None  # seconds of train step for the epoch (None: not timed)
     note: str = ""
+    flops_7b: float | None = None  # LLaVA-1.5-7B stage-2 model FLOPs of the epoch's batches (None: not counted)
 
     @property
     def fraction(self) -> float:
@@ -282,6 +283,17 @@ def synthetic_lines(args, steps: bool) -> list[Line]:
 # ----------------------------------------------------------------------------- (b) the modelled 665K mix
 
 
+def flops_7b(rows: int, seq: int, slots: int) -> float:
+    """LLaVA-1.5-7B stage-2 FLOPs (train/flops.py: LLM trained, tower frozen) of `rows` rows of `seq` tokens and
+    `slots` image slots, as the compiled step computes them: every slot through the tower, every row's whole
+    causal attention (a packed row's segments see each other's keys masked, not skipped, on the XLA path)."""
+    from llava_jax.config import LLAVA_15_7B  # pylint: disable=g-import-not-at-top
+    from llava_jax.train.flops import train_step_flops  # pylint: disable=g-import-not-at-top
+
+    return train_step_flops(LLAVA_15_7B, tokens=rows * seq, seq_len=seq, tiles=rows * slots, train_vision=False,
+                            train_text=True)
+
+
 def mix_lines(args, tokenizer: Tokenizer, steps: bool) -> tuple[list[Line], dict[str, Any]]:
     """(b): the modelled mix planned packed (the pipeline's planner) and bucketed (the recipe's plan)."""
     source = ModelledMix(tokenizer, args.mix_fraction, seed=args.seed)
@@ -295,7 +307,8 @@ def mix_lines(args, tokenizer: Tokenizer, steps: bool) -> tuple[list[Line], dict
             return None
         key = (seq, slots, is_packed)
         if key not in per_row:
-            per_row[key] = timer(shape_batch(timer.cfg, args.step_rows, seq, slots, is_packed)) / args.step_rows
+            batch = shape_batch(timer.cfg, args.step_rows, seq, slots, is_packed)
+            per_row[key] = float(np.median([timer(batch) for _ in range(args.repeats)])) / args.step_rows
         return rows * per_row[key]
 
     lines, info = [], {"plan_s": {}}
@@ -317,7 +330,7 @@ def mix_lines(args, tokenizer: Tokenizer, steps: bool) -> tuple[list[Line], dict
                                                group_by_modality_length=False)
         lines.append(Line("modelled LLaVA-1.5 665K mix", "packed" if scale == 1 else f"packed, rows of {seq}", rows,
                           len(source), int(planned.sum()), rows * seq, seconds(rows, seq, images, True),
-                          f"{b} rows a batch of {seq}, {images} image slots a row"))
+                          f"{b} rows a batch of {seq}, {images} image slots a row", flops_7b(rows, seq, images)))
     info["mean_tokens"] = {c.name: float(tokens[source.component == k].mean()) for k, c in enumerate(MIX_665K)}
     b = MIX_BATCH
     buckets = pipeline.bucket_list(MIX_BUCKETS, MIX_MAX_LENGTH)
@@ -329,9 +342,10 @@ def mix_lines(args, tokenizer: Tokenizer, steps: bool) -> tuple[list[Line], dict
         t = np.asarray([pipeline.bucket_length(buckets, int(x)) for x in longest])
         step_s = sum(seconds(b, int(x), 1, False) for x in t) if timer else None
         what = "grouped by modality and length (the recipe's)" if group else "shuffled, not grouped"
+        shapes = ", ".join(f"{(t == x).sum()} x {x}" for x in buckets)
         lines.append(Line("modelled LLaVA-1.5 665K mix", f"bucketed, {what}", plan.size, len(source), int(tokens.sum()),
-                          int(b * t.sum()), step_s, f"{b} rows a batch, T in {buckets}: " +
-                          ", ".join(f"{(t == x).sum()} x {x}" for x in buckets)))
+                          int(b * t.sum()), step_s, f"{b} rows a batch, T in {buckets}: {shapes}",
+                          sum(flops_7b(b, int(x), 1) for x in t)))
     info["row_step_s"] = {f"T={k[0]}, {k[1]} slots{', packed' if k[2] else ''}": v for k, v in per_row.items()}
     return lines, info
 
@@ -369,11 +383,12 @@ def header_cost(folder: str, count: int = 40) -> dict[str, float]:
 def table(lines: list[Line]) -> str:
     """The markdown table of the lines, then each bucketed line against each packed one of its data."""
     out = ["| data | batching | rows per epoch | real / computed tokens | computed per real token | "
-           "train step: real tokens/s | batches |", "|---|---|---|---|---|---|---|"]
+           "train step: real tokens/s | 7B FLOPs an epoch | batches |", "|---|---|---|---|---|---|---|---|"]
     for line in lines:
         speed = f"{line.real / line.step_s:,.0f}" if line.step_s else "not timed"
+        flops = f"{line.flops_7b:.3g}" if line.flops_7b else "-"
         out.append(f"| {line.data} | {line.batching} | {line.rows:,} | {line.fraction:.1%} | "
-                   f"{line.computed / line.real:.2f} | {speed} | {line.note} |")
+                   f"{line.computed / line.real:.2f} | {speed} | {flops} | {line.note} |")
     out.append("")
     for ref in (x for x in lines if x.batching.startswith("packed")):
         for line in (x for x in lines if x.data == ref.data and not x.batching.startswith("packed")):
@@ -381,6 +396,8 @@ def table(lines: list[Line]) -> str:
             ratio = (line.computed / line.real) / (ref.computed / ref.real)
             speed = (f", {(ref.real / ref.step_s) / (line.real / line.step_s):.2f}x the real tokens a second"
                      if line.step_s and ref.step_s else "")
+            if line.flops_7b and ref.flops_7b:
+                speed += f", {(line.flops_7b / line.real) / (ref.flops_7b / ref.real):.2f}x fewer 7B FLOPs a real token"
             out.append(f"- {ref.data}: {ref.batching} against {line.batching}: {ratio:.2f}x fewer computed tokens "
                        f"a real token{speed}")
     return "\n".join(out)
@@ -395,6 +412,7 @@ def main(argv: list[str] | None = None) -> list[Line]:
     p.add_argument("--mix-fraction", type=float, default=0.1,
                    help="share of each 665K component to model (1: all 665,298 records, ~1 ms each to plan)")
     p.add_argument("--step-rows", type=int, default=2, help="rows a timed step at the 665K mix's shapes")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps a shape of the 665K mix (the median kept)")
     p.add_argument("--no-steps", action="store_true", help="count tokens and rows only; time no train step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures to this file")
