@@ -7,7 +7,8 @@
 
 Each may be local or on GCS (`gs://`, through etils.epath / fsspec). A source holds records in
 a fixed order; `source[i]` is an `Example`: the LLaVA record (as records.py validates it) and
-one opener per image returning the decoded PIL image. The pipeline plans, renders and
+one opener per image returning the decoded PIL image (and, where that is cheap, one returning its size
+from the file's header alone, which packing plans with). The pipeline plans, renders and
 preprocesses Examples the same way whatever their source, so the same records in the same order
 give the same batches, token ids, labels and pixels from every source. Sources hold images as they
 were (encoded bytes), not preprocessed: one packed or TFDS dataset trains LLaVA-1.5 and LLaVA-NeXT
@@ -34,7 +35,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -53,10 +54,17 @@ TFDS_PREFIX = "tfds:"
 
 @dataclasses.dataclass
 class Example:
-    """One record and a way to open each of its images (in `image` field order)."""
+    """One record and a way to open each of its images (in `image` field order).
+
+    `sizes`: one callable an image giving its (height, width) from the header alone, without decoding (PIL
+    opens lazily: tens of microseconds against milliseconds for the pixels), or None where even that costs
+    a request an image (loose files on gs://). The decoded image has that size: packing plans each anyres
+    image's exact token count with it (pipeline.planned_sizes).
+    """
 
     record: Record
     images: list[Callable[[], PIL.Image.Image]]
+    sizes: list[Callable[[], tuple[int, int]]] | None = None
 
 
 class Source:
@@ -99,6 +107,13 @@ def _image_from_bytes(data: bytes, name: str) -> Callable[[], PIL.Image.Image]:
     return lambda: image_lib.load_image(io.BytesIO(data), name=name)
 
 
+def header_size(file: str | os.PathLike | BinaryIO) -> tuple[int, int]:
+    """(height, width) of an image file (a path or an open binary file) from its header; pixels not decoded."""
+    with PIL.Image.open(file) as img:
+        width, height = img.size
+    return height, width
+
+
 # ----------------------------------------------------------------------------- JSON + image folder
 
 
@@ -135,7 +150,10 @@ class JsonSource(Source):
 
     def __getitem__(self, index: int) -> Example:
         record = self.records[index]
-        return Example(record, [self._opener(rel) for rel in records_lib.record_images(record)])
+        rels = records_lib.record_images(record)
+        sizes = None if is_remote(self.image_folder) else [
+            lambda rel=rel: header_size(records_lib.resolve_image_path(self.image_folder, rel)) for rel in rels]
+        return Example(record, [self._opener(rel) for rel in rels], sizes)
 
     def _opener(self, rel: str) -> Callable[[], PIL.Image.Image]:
         if is_remote(self.image_folder):
@@ -263,7 +281,8 @@ class PackedSource(Source):
         paths = records_lib.record_images(record)
         if len(paths) != len(images):
             raise DataSourceError(f"{self.directory}: record {index} names {len(paths)} images, holds {len(images)}")
-        return Example(record, [_image_from_bytes(b, f"{self.directory}[{index}]:{p}") for b, p in zip(images, paths)])
+        return Example(record, [_image_from_bytes(b, f"{self.directory}[{index}]:{p}") for b, p in zip(images, paths)],
+                       [lambda b=b: header_size(io.BytesIO(b)) for b in images])
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -336,15 +355,17 @@ class TfdsSource(Source):
         problem = records_lib.validate_record(record)
         if problem is not None:
             raise DataSourceError(f"{self.name}: record {index}: {problem}")
-        openers = []
+        openers, sizes = [], []
         for data, path in zip(images, records_lib.record_images(record)):
             where = f"{self.name}[{index}]:{path}"
             if isinstance(data, bytes):
                 openers.append(_image_from_bytes(data, where))
+                sizes.append(lambda b=data: header_size(io.BytesIO(b)))
             else:  # decoded by tfds.features.Image: uint8 [H, W, C]
                 array = np.asarray(data)
                 openers.append(lambda a=array: image_lib.to_rgb(PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)))
-        return Example(record, openers)
+                sizes.append(lambda a=array: (int(a.shape[0]), int(a.shape[1])))
+        return Example(record, openers, sizes)
 
     def record_stats(self):
         if self._stats is None:
