@@ -183,8 +183,8 @@ def test_llava_hf_prompt_with_raw_template():
 
 
 def test_registry_and_errors():
-    assert set(T.TEMPLATES) >= {"vicuna_v1", "llava_v1", "plain", "llava_llama_2", "mistral_instruct", "chatml_direct", "raw",
-                                "qwen_1_5"}
+    assert set(T.TEMPLATES) >= {"vicuna_v1", "llava_v1", "plain", "llava_llama_2", "mistral_instruct", "chatml_direct",
+                                "raw", "qwen_1_5"}
     assert T.get_template("vicuna_v1").roles == ("USER", "ASSISTANT")
     with pytest.raises(KeyError, match="vicuna_v1"):
         T.get_template("vicuna")
