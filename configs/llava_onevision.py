@@ -14,7 +14,7 @@
 #   stage `si` (finetune_si.sh) and stage `ov` (finetune_ov.sh) train everything (mm_tunable_parts=
 #     "mm_vision_tower,mm_mlp_adapter,mm_language_model": the LLM, the projector and image_newline at lr 1e-5,
 #     the vision tower at 2e-6, its mm_vision_tower_lr: `vision_learning_rate`), template `qwen_1_5`,
-#     image_aspect_ratio anyres_max_9 over the (1x1)..(6x6) pinpoints (the model's geometry, from model.init),
+#     image_aspect_ratio anyres_max_9 over the (1x1)..(6x6) pinpoints (the geometry of model.init, see below),
 #     32768 tokens, global batch 256 (the scripts' recommendation for 7B: 1 row a GPU, 2 accumulation steps, 128
 #     GPUs: micro_batch 128 here). `si` reads the 3.2M single-image mix (single_image.yaml), `ov` the 1.6M
 #     single-image, multi-image and video mix (onevision.yaml) with videos under data.image_folder.
@@ -24,8 +24,10 @@
 # Between stage 1 and `si` the original trains a mid stage (stage 1.5: 4M re-captioned, OCR and knowledge records,
 # the whole model) for which it released no script; its output (lmms-lab/llava-onevision-qwen2-7b-mid-stage-a4)
 # is where `si` starts, and `si`'s output (lmms-lab/llava-onevision-qwen2-7b-si) where `ov` starts. model.init is
-# a OneVision directory: llava-hf's or the original's converted (`python -m llava_jax.convert`). `convert` builds
-# a stage-1 start from CLIP + LLaMA parts only, not from SigLIP + Qwen2 ones yet, so stage 1 runs from a OneVision
+# a OneVision directory: llava-hf's or the original's converted (`python -m llava_jax.convert`). The run keeps its
+# image geometry (there is no field to override it as the scripts' --image_aspect_ratio / --image_grid_pinpoints
+# do): start `si` and `ov` from one whose config says anyres_max_9 over (1x1)..(6x6). `convert` builds a stage-1
+# start from CLIP + LLaMA parts only, not from SigLIP + Qwen2 ones yet, so stage 1 runs from a OneVision
 # directory (its projector trained further, not fresh).
 #
 # Videos: frames per video are `data.num_frames` (the data pipeline's default, 32 = the scripts' --frames_upbound
