@@ -55,6 +55,7 @@ Q2, A2 = "What color is the sky?", "Blue, with two white clouds."
 # TWO: system + " " + "USER: q" + " " + "ASSISTANT: a" + "</s>" ...; open turn "ASSISTANT:".
 # LLAMA_2: sep + "[INST] " + (<<SYS>> block on turn 0) + q + " [/INST]", " " + a + " " + sep2, lstrip(sep).
 # MPT: system + sep + role + msg + sep ...; open turn = role. PLAIN: preprocess_plain "<image>" + a + "\n".
+# CHATML (LLaVA-NeXT conv_qwen): system + sep + "\n", then role + "\n" + msg + sep + "\n"; open turn role + "\n".
 EXPECTED = {
     "vicuna_v1": (
         f"{VICUNA} USER: {Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
@@ -77,6 +78,13 @@ EXPECTED = {
         f"<|im_start|>user\n{Q1}<|im_end|><|im_start|>assistant\n{A1}<|im_end|>"
         f"<|im_start|>user\n{Q2}<|im_end|><|im_start|>assistant\n{A2}<|im_end|>",
         f"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n{Q1}<|im_end|><|im_start|>assistant\n",
+    ),
+    "qwen_1_5": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{Q1}<|im_end|>\n<|im_start|>assistant\n{A1}<|im_end|>\n"
+        f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n{A2}<|im_end|>\n",
+        f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{Q1}<|im_end|>\n"
+        "<|im_start|>assistant\n",
     ),
 }
 
@@ -175,11 +183,13 @@ def test_llava_hf_prompt_with_raw_template():
 
 
 def test_registry_and_errors():
-    assert set(T.TEMPLATES) >= {"vicuna_v1", "llava_v1", "plain", "llava_llama_2", "mistral_instruct", "chatml_direct", "raw"}
+    assert set(T.TEMPLATES) >= {"vicuna_v1", "llava_v1", "plain", "llava_llama_2", "mistral_instruct", "chatml_direct",
+                                "raw", "qwen_1_5"}
     assert T.get_template("vicuna_v1").roles == ("USER", "ASSISTANT")
     with pytest.raises(KeyError, match="vicuna_v1"):
         T.get_template("vicuna")
     assert T.get_template("chatml_direct").stop_strings == ("<|im_end|>",)
+    assert T.get_template("qwen_1_5").stop_strings == ("<|im_end|>",)
 
 
 # --- Ids and labels against the original ------------------------------------------------------
@@ -256,6 +266,9 @@ def test_supervised_spans_are_the_answers(tok, name, record):
         if name == "llava_llama_3":  # the original supervises the whole assistant block, header included
             assert tok.decode(run) == "<|start_header_id|>assistant<|end_header_id|>\n\n" + answer + "<|eot_id|>"
             continue
+        if name == "qwen_1_5":  # likewise (this vocabulary has no ChatML tag or "Ċ" to unmask elsewhere)
+            assert tok.decode(run) == "<|im_start|>assistant\n" + answer + "<|im_end|>\n"
+            continue
         assert run[-1] == tok.eos_id and tok.eos_id not in run[:-1]
         # llama_2 styles supervise " {a} ": sentencepiece decoding drops the first space only.
         expected = answer + " " if name in ("llava_llama_2", "mistral_instruct") else answer
@@ -298,7 +311,7 @@ def test_render_prompt_is_prefix_of_render(tok, name, record):
         n = len(prompt)
         assert sub.input_ids[:n].tolist() == prompt.tolist()
         assert sub.labels[n] != IGNORE_INDEX  # the answer starts right after the prompt
-        if name == "llava_llama_3":  # (its supervised answer block starts with the prompt's last header)
+        if name in ("llava_llama_3", "qwen_1_5"):  # (its supervised answer block starts with the prompt's last header)
             assert sub.labels[n - 1] == sub.input_ids[n - 1]
         elif name != "plain":  # (plain has no prompt text: the previous caption ends right before)
             assert sub.labels[n - 1] == IGNORE_INDEX
@@ -397,3 +410,168 @@ def test_a_count_per_image(tok, name):
     assert prompt.tolist() == ids[: len(prompt)]
     with pytest.raises(ValueError, match=r"num_image_tokens has 3 counts .* 2 <image> markers"):
         render(TWO_IMAGES, name, tok, image_token_index=IMG, num_image_tokens=[1, 2, 3])
+
+
+# --- qwen_1_5 (LLaVA-OneVision) against LLaVA-NeXT's preprocess_qwen, on a Qwen2-style byte-level BPE ------------
+
+# preprocess_qwen's reset chat template: one ChatML block a message, no system prompt of its own, no BOS.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Records with what the original's label rule reacts to: line breaks inside user text (a lone "\n" token is
+# supervised wherever it is), "\n\n" and surrounding spaces in answers (neither stripped), a marker not first (it
+# moves), two markers (they stay), a leading answer (dropped).
+QWEN_QUIRKS = [
+    {"from": "gpt", "value": "Dropped."},
+    {"from": "human", "value": "First line\nsecond line. <image>"},
+    {"from": "gpt", "value": " Two lines\nand\n\nmore. "},
+    {"from": "human", "value": "Compare <image> with <image>\nplease."},
+    {"from": "gpt", "value": "Same.\n"},
+]
+QWEN_RECORDS = {**RECORDS, "quirks": QWEN_QUIRKS}
+VID = IMG + 1  # stand-ins, as image_id: positions the model fills
+
+
+@pytest.fixture(scope="module", params=["qwen2", "bos"])
+def qwen_tok_dir(request, tmp_path_factory):
+    """Qwen2's tokenizer in small (no BOS, ChatML tags as additional specials, `<image>` added); "bos": the same
+    with a BOS its post-processor adds, which preprocess_qwen never uses (apply_chat_template adds none)."""
+    from tokenizers import processors
+
+    from tests.test_tokenizers_hf import QWEN2_REGEX, QWEN2_SPECIAL, _train_byte_level, _write
+
+    bos = request.param == "bos"
+    raw = _train_byte_level(QWEN2_REGEX, ["<|startoftext|>"] * bos + QWEN2_SPECIAL)
+    config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    if bos:
+        raw.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A", special_tokens=[("<|startoftext|>", raw.token_to_id("<|startoftext|>"))])
+        config["bos_token"] = "<|startoftext|>"
+    return _write(tmp_path_factory.mktemp(request.param), raw, config)
+
+
+def next_multimodal(conv: list[dict]) -> list[dict]:
+    """LLaVA-NeXT's preprocess_multimodal: a turn's lone "<image>" not first moves to the front, with "\\n"."""
+    out = []
+    for turn in conv:
+        value = turn["value"]
+        if len(re.findall("<image>", value)) == 1 and not value.startswith("<image>"):
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+        out.append({**turn, "value": value})
+    return out
+
+
+def _chat_ids(hf, messages: list[dict], **kw) -> list[int]:
+    """apply_chat_template's ids (transformers 5 returns an encoding where 4 returned the list)."""
+    encoded = hf.apply_chat_template(messages, **kw)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def original_qwen(conv: list[dict], hf, system: str = T.QWEN_SYSTEM) -> tuple[list[int], list[int]]:
+    """LLaVA-NeXT train.py preprocess_qwen (after preprocess_multimodal), `<image>` left as its token id."""
+    import copy
+
+    roles = {"human": "user", "gpt": "assistant"}
+    conv = next_multimodal(conv)
+    hf = copy.deepcopy(hf)
+    hf.add_tokens(["<image>"], special_tokens=True)
+    # (`im_start, im_end = tokenizer.additional_special_tokens_ids` there; transformers 5 dropped that attribute)
+    im_start, im_end = hf.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    # The original unmasks [198, im_start, im_end]: 198 is "\n" ("Ċ") in Qwen2's vocabulary; here, its id here.
+    unmask_tokens_idx = [hf.convert_tokens_to_ids("Ċ"), im_start, im_end]
+    hf.chat_template = QWEN_CHAT_TEMPLATE
+    if roles[conv[0]["from"]] != roles["human"]:
+        conv = conv[1:]
+    input_id = _chat_ids(hf, [{"role": "system", "content": system}])
+    target = [IGNORE_INDEX] * len(input_id)
+    for turn in conv:
+        role = roles.get(turn["from"], turn["from"])
+        encode_id = _chat_ids(hf, [{"role": role, "content": turn["value"]}])
+        input_id += encode_id
+        target += [IGNORE_INDEX] * len(encode_id) if role in ["user", "system"] else encode_id
+    target = [i if i in unmask_tokens_idx else t for i, t in zip(input_id, target)]
+    return input_id, target
+
+
+def expand(ids: list[int], labels: list[int], image_id: int, counts: list[int], video_at: int | None = None):
+    """The model side: the k-th `<image>` position becomes counts[k] ids (`VID`s for the video_at-th), IGNORE_INDEX."""
+    out_ids, out_labels, k = [], [], 0
+    for i, label in zip(ids, labels):
+        if i == image_id:
+            out_ids += [VID if k == video_at else image_id] * counts[k]
+            out_labels += [IGNORE_INDEX] * counts[k]
+            k += 1
+        else:
+            out_ids.append(i)
+            out_labels.append(label)
+    assert k == len(counts)
+    return out_ids, out_labels
+
+
+def _hf_and_ours(d: str):
+    from transformers import AutoTokenizer
+
+    tok, hf = Tokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+    return tok, hf, tok.piece_to_id("<image>")
+
+
+@pytest.mark.parametrize("system", [None, "Answer in one word."], ids=["default_system", "system_turn"])
+@pytest.mark.parametrize("record", sorted(QWEN_RECORDS))
+def test_qwen_ids_and_labels_equal_original(qwen_tok_dir, record, system):
+    """Ids and labels of every record equal preprocess_qwen's, its quirks included: the whole assistant block
+    supervised, header and trailing "\\n" too; every <|im_start|>, <|im_end|> and lone "\\n" token supervised
+    in system and user blocks as well. A record's system turn (on which the original crashes) is its
+    `system_message`."""
+    from tests._seeds import fresh_seed
+
+    tok, hf, image_id = _hf_and_ours(qwen_tok_dir)
+    conv = QWEN_RECORDS[record]
+    rng = np.random.default_rng(fresh_seed())
+    counts = [int(c) for c in rng.integers(1, 9, size=sum(t["value"].count("<image>") for t in conv))]
+    turns = ([{"from": "system", "value": system}] if system else []) + conv
+    ours = render(turns, "qwen_1_5", tok, image_token_index=image_id, num_image_tokens=counts)
+    expected = expand(*original_qwen(conv, hf, system or T.QWEN_SYSTEM), image_id, counts)
+    assert ours.input_ids.tolist() == expected[0]
+    assert ours.labels.tolist() == expected[1]
+    assert ours.num_images == len(counts) and tok.bos_id not in ours.input_ids.tolist()
+    # The quirk is there to see: supervised tokens outside the answers (in the system block, say).
+    im_start = tok.piece_to_id("<|im_start|>")
+    assert ours.labels[0] == im_start and ours.labels[1] == IGNORE_INDEX  # "<|im_start|>" "system"
+
+
+def test_qwen_prompt_equals_original_eval_prompt(qwen_tok_dir):
+    """render_prompt: conv_qwen.get_prompt() with the assistant open, as tokenizer_image_token cuts it (Qwen2: no
+    BOS), and as the llava-hf OneVision chat template's generation prompt."""
+    tok, hf, image_id = _hf_and_ours(qwen_tok_dir)
+    conv = QWEN_QUIRKS[1:2]
+    prompt = render_prompt(conv, "qwen_1_5", tok, image_token_index=image_id, num_image_tokens=[4])
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nFirst line\n"
+            "second line.<|im_end|>\n<|im_start|>assistant\n")
+    assert render_text(conv, "qwen_1_5") == text
+    ids = hf(text, add_special_tokens=False).input_ids
+    assert prompt.tolist() == expand(ids, ids, image_id, [4])[0]
+    hf.chat_template = QWEN_CHAT_TEMPLATE
+    messages = [{"role": "system", "content": T.QWEN_SYSTEM}, {"role": "user", "content": text.split("user\n")[1]
+                                                                .split("<|im_end|>")[0]}]
+    assert _chat_ids(hf, messages, add_generation_prompt=True) == ids
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_qwen_video_renders_as_the_original_with_its_image_marker(qwen_tok_dir, where):
+    """A `<video>` turn renders as the original renders the same record with `<image>` there (LLaVA-Video-178K's
+    marker for the video, moved to the front when it is not first), the run of video ids in its place."""
+    tok, hf, image_id = _hf_and_ours(qwen_tok_dir)
+    question = {"first": "<video>\nWhat happens?", "last": "What happens in this clip?\n<video>"}[where]
+    conv = [{"from": "human", "value": question}, {"from": "gpt", "value": "A ball rolls."},
+            {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "It stops."}]
+    ours = render(conv, "qwen_1_5", tok, image_token_index=image_id, num_image_tokens=[], video_token_index=VID,
+                  num_video_tokens=[7])
+    as_image = [{**t, "value": t["value"].replace("<video>", "<image>")} for t in conv]
+    expected = expand(*original_qwen(as_image, hf), image_id, [7], video_at=0)
+    assert ours.input_ids.tolist() == expected[0]
+    assert ours.labels.tolist() == expected[1]
+    assert ours.num_videos == 1 and ours.num_images == 0
+    assert render_text(conv, "qwen_1_5") == render_text(as_image, "qwen_1_5").replace("<image>", "<video>")
+    assert "<|im_start|>user\n<video>\nWhat happens" in render_text(conv, "qwen_1_5")

@@ -142,7 +142,9 @@ def test_every_config_field_read_in_train_is_declared_and_read_by_attribute():
 
 @pytest.mark.parametrize("config_file,arg", [("llava_jax/train/defaults.py", ""), ("configs/tiny.py", "smoke"),
                                              ("configs/tiny.py", "lora"), ("configs/llava15.py", "7b_lora"),
-                                             ("configs/llava_v1.py", "13b"), ("tests/_train_config.py", "lora")])
+                                             ("configs/llava_v1.py", "13b"), ("tests/_train_config.py", "lora"),
+                                             ("configs/llava_onevision.py", "qwen2_7b"),
+                                             ("configs/llava_onevision.py", "qwen2_05b_ov")])
 def test_recipes_set_declared_fields_only(config_file, arg):
     """Recipes build on base_config and set values: none adds a field the base (or the stage template) lacks."""
     import importlib.util
@@ -161,6 +163,45 @@ def test_recipes_set_declared_fields_only(config_file, arg):
         declared |= {f"stages[N].{line.split(' = ')[0]}" for line in defaults.describe(template)}
     found = {re.sub(r"^stages\[\d+\]", "stages[N]", line.split(" = ")[0]) for line in defaults.describe(config)}
     assert found - declared == set()
+
+
+@pytest.mark.slow(seconds=10)
+def test_onevision_recipe_is_the_scripts_and_validates_through_the_cli():
+    """configs/llava_onevision.py as `python -m llava_jax.train` reads and checks it (validate, with the eval
+    registry), holding the numbers of LLaVA-NeXT's pretrain_siglip.sh / finetune_si.sh / finetune_ov.sh; each
+    variant validates; an unknown variant is one line and exit status 2."""
+    import importlib.util
+
+    from llava_jax.train.validate import validate
+
+    fields = ("name", "template", "trainable", "learning_rate", "vision_learning_rate", "global_batch", "micro_batch",
+              "max_length", "epochs", "warmup_ratio", "weight_decay", "base_resolution")
+    code = ("import sys, json; from absl import flags; from llava_jax.train import __main__ as m; "
+            "from llava_jax.train.validate import validate; from llava_jax.eval.benchmark import BENCHMARKS; "
+            "flags.FLAGS(sys.argv); c = m._CONFIG.value; validate(c, BENCHMARKS); "
+            "print(json.dumps([c.model.preset, c.data.eval_template, "
+            f"[[s[k] for k in {fields!r}] for s in c.stages]]))")
+    r = _run("-c", code, "--config=configs/llava_onevision.py:qwen2_7b", "--config.model.init=/ckpt/onevision")
+    assert r.returncode == 0, r.stderr[-2000:]
+    everything = ["projector/.*", "language_model/.*", "image_newline", "vision_tower/.*"]
+    tuned = ["qwen_1_5", everything, 1e-5, 2e-6, 256, 128, 32768, 1.0, 0.03, 0.0, False]
+    assert json.loads(r.stdout) == ["llava-onevision-qwen2-7b", "qwen_1_5", [
+        ["pretrain", "plain", ["projector/.*"], 1e-3, 0.0, 256, 256, 8192, 1.0, 0.03, 0.0, True],
+        ["si", *tuned], ["ov", *tuned]]]
+
+    spec = importlib.util.spec_from_file_location("onevision_recipe", os.path.join(ROOT, "configs/llava_onevision.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    for llm in ("qwen2_7b", "qwen2_05b"):
+        for only in ("", "_stage1", "_si", "_ov"):
+            config = recipe.get_config(llm + only)
+            config.model.init = "/ckpt/onevision"
+            validate(config)
+            assert [s.name for s in config.stages] == ({"_stage1": ["pretrain"], "_si": ["si"], "_ov": ["ov"]}
+                                                       .get(only, ["pretrain", "si", "ov"]))
+    assert recipe.get_config("qwen2_05b").model.preset == "llava-onevision-qwen2-0.5b"
+    bad = _run("-m", "llava_jax.train", "--config=configs/llava_onevision.py:qwen3_7b")
+    assert bad.returncode == 2 and "qwen3_7b" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_sharding_rules_override_is_accepted_and_used():

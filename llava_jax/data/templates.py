@@ -2,8 +2,9 @@
 
 A template (`TEMPLATES`, `get_template`) reproduces the prompt strings of the original LLaVA
 (haotian-liu/LLaVA v1.2 `llava/conversation.py`, `Conversation.get_prompt`) and the label masks of
-its training code (`llava/train/train.py`, `preprocess_*`); `mistral_instruct`, `chatml_direct` and
-`llava_llama_3` those of LLaVA-NeXT (LLaVA-VL/LLaVA-NeXT, the same two files), where they differ:
+its training code (`llava/train/train.py`, `preprocess_*`); `mistral_instruct`, `chatml_direct`,
+`llava_llama_3` and `qwen_1_5` (LLaVA-OneVision's) those of LLaVA-NeXT (LLaVA-VL/LLaVA-NeXT, the same
+two files), where they differ:
 
 | name             | rendered (two rounds; "<image>" shown where the placeholder run goes)            |
 |------------------|-----------------------------------------------------------------------------------|
@@ -14,15 +15,17 @@ its training code (`llava/train/train.py`, `preprocess_*`); `mistral_instruct`, 
 | mistral_instruct | [INST] <image>\\n{q1} [/INST] {a1} </s>[INST] {q2} [/INST] {a2} </s>              |
 | chatml_direct    | <|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n<image>\\n{q1}<|im_end|><|im_start|>assistant\\n{a1}<|im_end|>... |
 | llava_llama_3    | <|begin_of_text|> + one Llama-3 chat block per message, system first (see `_style_llama_3`) |
+| qwen_1_5         | <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n<image>\\n{q1} |
+|                  | <|im_end|>\\n<|im_start|>assistant\\n{a1}<|im_end|>\\n... (one string: a ChatML block a message) |
 | raw              | {q1}{a1}</s>{q2}{a2}</s>: the text used verbatim, nothing added                  |
 
 BOS starts every sequence whose tokenizer starts one with BOS (`Tokenizer.add_bos_token`: always
 for sentencepiece; not for Qwen2, which has none, as the original's `tokenizer_image_token` keeps
-BOS only when the tokenizer made one). "</s>" and "<s>" in these strings are the EOS / BOS ids,
-never text. Supervised (label = id): each answer and what closes it: "{a}" + EOS (v1, raw),
-" {a} " + EOS (llama_2 styles), "{a}<|im_end|>" (chatml), "{a}\\n" (plain); llava_llama_3 has its
-own rule (see `_style_llama_3`). Everything else is IGNORE_INDEX: BOS, system prompt, user turns,
-role tags, image placeholders.
+BOS only when the tokenizer made one; qwen_1_5 never, as its `apply_chat_template` adds none). "</s>"
+and "<s>" in these strings are the EOS / BOS ids, never text. Supervised (label = id): each answer and
+what closes it: "{a}" + EOS (v1, raw), " {a} " + EOS (llama_2 styles), "{a}<|im_end|>" (chatml),
+"{a}\\n" (plain); llava_llama_3 and qwen_1_5 have their own rules (see `_style_llama_3`, `_style_qwen`).
+Everything else is IGNORE_INDEX: BOS, system prompt, user turns, role tags, image placeholders.
 
 How ids are built, and how they compare with tokenizing the whole string
 --------------------------------------------------------------------------
@@ -49,6 +52,10 @@ text is encoded as a continuation (no dummy prefix). Where those cuts fall:
 * llava_llama_3: between messages (as the original, which tokenizes each message apart) and after
   each "<|end_header_id|>\\n\\n" header; byte-level BPE pre-tokenizes "\\n\\n" apart from the text after
   it, and the tags are added tokens, so the ids equal the original's (tested).
+* qwen_1_5: between messages only (the original tokenizes each message apart); a whole assistant block is
+  one supervised piece, so the ids equal the original's (tested). `render_prompt` ends at the open
+  "<|im_start|>assistant\\n", which is a prefix of the training ids unless the answer starts with a
+  line break (byte-level BPE would then merge the two "\\n").
 * raw: the user and answer texts touch directly, so a piece may span the cut.
 Where they may differ, the segment form is the right one: the supervised ids are then exactly the
 answer's own tokens, and `render_prompt` (inference) is by construction a prefix of the training
@@ -59,8 +66,9 @@ Other choices (all documented where the original is silent or crashes):
   of that turn stripped, as the original's `preprocess_multimodal` does; a turn may hold several.
   The LLaVA-NeXT templates follow LLaVA-NeXT's `preprocess_multimodal` instead: only a turn with
   exactly one marker, not already at its start, is rewritten ("<image>\\n" + the stripped rest);
-  a turn with several markers keeps them where they are. `raw` leaves markers where they are. A
-  marker in an assistant turn is an error.
+  a turn with several markers keeps them where they are. A "<video>" counts as a marker there, and
+  moves as "<image>" does: the original's video records (LLaVA-Video-178K) mark the video "<image>".
+  `raw` leaves markers where they are. A marker in an assistant turn is an error.
 * Each "<image>" becomes `num_image_tokens` image ids: one int for every image (LLaVA-1.5), or one
   count per marker of the rendered conversation, in order (LLaVA-NeXT anyres, where each image's
   count depends on its size: `llava_jax.anyres.layout(...).num_tokens`).
@@ -103,7 +111,7 @@ class Template:
 
     Attributes:
       name: registry key.
-      style: "two" (vicuna), "llama_2", "llama_3", "chatml", "plain" or "raw".
+      style: "two" (vicuna), "llama_2", "llama_3", "qwen", "chatml", "plain" or "raw".
       system: default system prompt (a "system" turn in the record replaces it).
       roles: (user, assistant) role tags as the style writes them.
       sep, sep2: separators, with the meaning of the original `Conversation` for that style.
@@ -138,6 +146,7 @@ LLAVA_LLAMA_2_SYSTEM = (
     "You are able to understand the visual content that the user provides, "
     "and assist the user with a variety of tasks using natural language."
 )
+QWEN_SYSTEM = "You are a helpful assistant."
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
@@ -170,6 +179,19 @@ TEMPLATES: dict[str, Template] = {
             "",
             stop_strings=("<|eot_id|>",),
             unmasked=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "\n\n"),
+            images_to_front="one",
+        ),
+        # LLaVA-NeXT's conv_qwen (LLaVA-OneVision, PROMPT_VERSION="qwen_1_5"): trained with preprocess_qwen.
+        # "Ċ" is the byte-level piece of "\\n", Qwen2's id 198 that the original unmasks by number.
+        Template(
+            "qwen_1_5",
+            "qwen",
+            QWEN_SYSTEM,
+            ("user", "assistant"),
+            "<|im_end|>",
+            "\n",
+            stop_strings=("<|im_end|>",),
+            unmasked=("<|im_start|>", "<|im_end|>", "Ċ"),
             images_to_front="one",
         ),
         Template("raw", "raw", "", ("", ""), "", "</s>"),
@@ -312,6 +334,33 @@ def _style_llama_3(t: Template, system: str, pairs: Pairs) -> list[Segment]:
     return segs
 
 
+def _style_qwen(t: Template, system: str, pairs: Pairs) -> list[Segment]:
+    """LLaVA-NeXT's preprocess_qwen: one ChatML block "<|im_start|>{role}\\n{content}<|im_end|>\\n" a message.
+
+    The system block comes first (the template's system prompt, or the record's "system" turn, on which the
+    original crashes); contents are used as they are (not stripped); there is no BOS. conv_qwen's
+    `get_prompt()` (SeparatorStyle.CHATML) prints the same string, with "<|im_start|>assistant\\n" open for
+    generation. The original's quirks, kept:
+
+    * Labels: a whole assistant block is supervised, its "<|im_start|>assistant\\n" header and the "\\n" after
+      its <|im_end|> included; system and user blocks are not, except that every <|im_start|>, <|im_end|>
+      and lone-"\\n" token (Qwen2's id 198, "Ċ") is supervised wherever it occurs (`Template.unmasked`, the
+      original's `unmask_tokens_idx`): in system and user blocks too, after an image, and inside user text.
+      Other tokens holding a line break ("\\n\\n", ".\\n") stay masked, as there.
+    * A trailing user turn is dropped here; the original would append it (its tags supervised).
+    """
+    user, assistant = t.roles
+    block = "<|im_start|>{}\n{}" + t.sep + t.sep2
+    segs = [_text(block.format("system", system))]
+    for q, a in pairs:
+        segs.append(_text(block.format(user, q)))
+        if a is None:
+            segs.append(_text(f"<|im_start|>{assistant}\n"))
+            break
+        segs.append(_text(block.format(assistant, a), supervised=True))
+    return segs
+
+
 def _style_plain(t: Template, system: str, pairs: Pairs) -> list[Segment]:
     # preprocess_plain: the human text is replaced by its image marker(s); answer + sep supervised.
     segs = [_bos()]
@@ -338,6 +387,7 @@ _STYLES: dict[str, Callable[[Template, str, Pairs], list[Segment]]] = {
     "llama_2": _style_llama_2,
     "chatml": _style_chatml,
     "llama_3": _style_llama_3,
+    "qwen": _style_qwen,
     "plain": _style_plain,
     "raw": _style_raw,
 }
@@ -349,15 +399,17 @@ _STYLES: dict[str, Callable[[Template, str, Pairs], list[Segment]]] = {
 def _move_images_to_front(text: str, rule: str = "all") -> str:
     """As the original's preprocess_multimodal: markers out, strip, "<image>\\n" per marker in front.
 
-    rule "one" is LLaVA-NeXT's: only a lone marker not already first moves (and gets its "\\n").
+    rule "one" is LLaVA-NeXT's: only a lone marker ("<image>" or "<video>") not already first moves (and gets
+    its "\\n").
     """
+    if rule == "one":  # a video counts: the original's video records mark it "<image>" (module docstring)
+        found = _MARKERS.findall(text)
+        if len(found) != 1 or text.startswith(found[0]):
+            return text
+        return (f"{found[0]}\n" + text.replace(found[0], "").strip()).strip()
     n = text.count(IMAGE_MARKER)
     if n == 0:
         return text
-    if rule == "one":
-        if n != 1 or text.startswith(IMAGE_MARKER):
-            return text
-        return (f"{IMAGE_MARKER}\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
     return (f"{IMAGE_MARKER}\n" * n + text.replace(IMAGE_MARKER, "").strip()).strip()
 
 
