@@ -23,6 +23,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pillow>=10",
+        "av>=12",  # PyAV, video decoding (data/video.py): its wheels carry FFmpeg; 12.0 has 3.11 and 3.12 wheels
         "tqdm>=4.66",
     ],
     extras_require={

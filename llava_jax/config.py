@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -554,8 +555,14 @@ PRESETS = {
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SigLIP's processors, and LLaVA-OneVision's
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"  # transformers 5 may nest each processor's settings here
+# LlavaOnevisionImageProcessor's default `image_grid_pinpoints` (every (1..6)x(1..6) multiple of 384).
+ONEVISION_PINPOINTS = "(1x1),...,(6x6)"
+ONEVISION_TILE = 384
 # PIL's enum value for bicubic (also what HF stores as "resample": 3).
 BICUBIC = 3  # == int(PIL.Image.Resampling.BICUBIC); a literal so that config.py needs no PIL
 
@@ -578,6 +585,10 @@ class ImageProcessorConfig:
         (data/image.py). Empty: LLaVA-1.5's one crop.
       pinpoint_convention: how `grid_pinpoints` pairs read: "transformers" (height, width), llava-hf's
         LlavaNextImageProcessor; "original" (width, height), LLaVA-NeXT's config.json (`llava_jax.anyres.AnyresConfig`).
+      onevision: LlavaOnevisionImageProcessor's rules (`processor_type`): tiles as LLaVA-NeXT's when a prompt row
+        has one image; each image of a row with several is padded to a square (background `background_color`)
+        and resized to one tile, untiled (data/image.py). Needs grid pinpoints and size == crop_size (its
+        tile is `size`, resized to exactly size x size: no separate crop).
     """
 
     size: int = 336
@@ -589,6 +600,7 @@ class ImageProcessorConfig:
     resample: int = BICUBIC
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     pinpoint_convention: str = "transformers"
+    onevision: bool = False
 
     def __post_init__(self):
         # Lists (e.g. from JSON) would make the frozen dataclass unhashable.
@@ -604,7 +616,20 @@ class ImageProcessorConfig:
         if self.grid_pinpoints and self.pad_to_square:
             raise ValueError("pad_to_square (LLaVA-1.5's 'pad') and grid_pinpoints (LLaVA-NeXT's anyres) "
                              "exclude each other")
+        if self.onevision and (not self.grid_pinpoints or self.size != self.crop_size):
+            raise ValueError(f"LlavaOnevisionImageProcessor settings need grid pinpoints and size == crop_size "
+                             f"(its tile); got {len(self.grid_pinpoints)} pinpoints, size {self.size}, "
+                             f"crop_size {self.crop_size}")
         self.anyres_config(grid=1)  # the pinpoints must be multiples of the tile: AnyresConfig says so
+
+    @property
+    def processor_type(self) -> str:
+        """The transformers image processor these settings reproduce (its `image_processor_type`, PIL path)."""
+        if self.onevision:
+            return "LlavaOnevisionImageProcessor"
+        if self.grid_pinpoints:
+            return "LlavaNextImageProcessor"
+        return "LlavaImageProcessor" if self.pad_to_square else "CLIPImageProcessor"
 
     @property
     def is_anyres(self) -> bool:
@@ -642,7 +667,7 @@ class ImageProcessorConfig:
         return cls(**d)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config as an HF `preprocessor_config.json` dict (CLIP keys plus Llava's `do_pad`).
+        """The config as an HF `preprocessor_config.json` dict (CLIP keys plus Llava's `do_pad`; `processor_type`).
 
         Anyres settings become a LlavaNextImageProcessor: its pinpoints are (height, width), so original
         (width, height) pinpoints are written swapped, in their order: every image gets the same patches.
@@ -664,10 +689,13 @@ class ImageProcessorConfig:
         if self.grid_pinpoints:
             # LlavaNext's do_pad pads the patch axis of a batch with zero patches (its default), not the image.
             resolutions = self.anyres_config(grid=1).resolutions()
-            return {"image_processor_type": "LlavaNextImageProcessor", **common, "do_pad": True,
+            if self.onevision:
+                # OneVision resizes every patch to exactly size x size and crops nothing.
+                common = {k: v for k, v in common.items() if k not in ("crop_size", "do_center_crop")}
+                common["size"] = {"height": self.size, "width": self.size}
+            return {"image_processor_type": self.processor_type, **common, "do_pad": True,
                     "image_grid_pinpoints": [list(r) for r in resolutions]}
-        return {"image_processor_type": "LlavaImageProcessor" if self.pad_to_square else "CLIPImageProcessor",
-                **common, "do_pad": self.pad_to_square}
+        return {"image_processor_type": self.processor_type, **common, "do_pad": self.pad_to_square}
 
     def save(self, directory: str) -> str:
         """Writes `directory/preprocessor_config.json` in HF format; returns the file path."""
@@ -689,8 +717,10 @@ class ImageProcessorConfig:
            the padding, as in the original (CLIP processor + the model's aspect-ratio flag).
         2. Otherwise an original-LLaVA `config.json`: `image_aspect_ratio` ("pad" pads, "anyres" tiles by
            `image_grid_pinpoints` read as (width, height) with `mm_patch_merge_type` "spatial_unpad",
-           anything else neither) and the image size from `mm_vision_tower` (a name ending in -336:
-           336 px, else 224 px), CLIP mean/std.
+           "anyres_max_N" (LLaVA-OneVision) tiles likewise and pads each image of a multi-image sample to a
+           square untiled (`onevision`, as the original's train.py overrides to "pad" there), anything else
+           neither) and the image size from `mm_vision_tower` (a name ending in -336 or -384: that many px,
+           else 224 px), CLIP mean/std, SigLIP's (0.5) for a SigLIP tower.
         `image_aspect_ratio` ("pad" | "square"), when given, overrides the padding choice of LLaVA-1.5
         settings. Note that llava-hf/llava-1.5-*-hf ships a CLIPImageProcessor without do_pad (centre
         crop) although the original LLaVA-1.5 pads: pass image_aspect_ratio="pad" to evaluate as the
@@ -705,7 +735,9 @@ class ImageProcessorConfig:
         if paths.isfile(hf_path):
             hf = _read_json(hf_path)
             cfg = _from_hf_json(hf, hf_path)
-            if not cfg.grid_pinpoints and llava is not None and "image_aspect_ratio" in llava:
+            if not cfg.grid_pinpoints and llava is not None and _is_anyres_max(llava):
+                cfg = _original_onevision(llava, llava_path, cfg)
+            elif not cfg.grid_pinpoints and llava is not None and "image_aspect_ratio" in llava:
                 pinpoints = original_grid_pinpoints(llava, llava_path, cfg.size)
                 if pinpoints:
                     cfg = _validated(llava_path, "image_grid_pinpoints", dataclasses.replace, cfg,
@@ -734,6 +766,144 @@ class ImageProcessorConfig:
             raise ValueError(f"image_aspect_ratio {image_aspect_ratio!r} is LLaVA-1.5's padding choice; these "
                              f"settings tile images (anyres, grid pinpoints {list(self.grid_pinpoints)})")
         return dataclasses.replace(self, pad_to_square=_aspect_ratio_pads(image_aspect_ratio))
+
+
+VIDEO_PROCESSOR_TYPES = ("LlavaNextVideoVideoProcessor", "LlavaOnevisionVideoProcessor")
+# Which video processor a transformers model type uses when its directory names none (AutoVideoProcessor).
+_VIDEO_PROCESSOR_OF_MODEL = {"llava_next_video": "LlavaNextVideoVideoProcessor",
+                             "llava_onevision": "LlavaOnevisionVideoProcessor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoProcessorConfig:
+    """Settings of transformers' LLaVA video processors: the steps each sampled frame goes through (data/video.py).
+
+    Defaults are `LlavaNextVideoVideoProcessor`'s; `onevision()` gives `LlavaOnevisionVideoProcessor`'s.
+
+    Attributes:
+      processor_type: the transformers class these settings come from (VIDEO_PROCESSOR_TYPES).
+      size: pixels the frame is resized to: the shortest side (HF `size["shortest_edge"]`, NeXT-Video), or
+        both sides when `resize_to_square` (HF `size` {"height": s, "width": s}, OneVision: aspect not kept).
+      resize_to_square: see `size`.
+      crop_size: side of the centre crop after the resize (NeXT-Video 224); 0: no crop (OneVision).
+      mean, std, rescale_factor, resample: as in ImageProcessorConfig.
+      num_frames: frames sampled from a video when the caller does not say (NeXT-Video's demo: 32).
+    """
+
+    processor_type: str = "LlavaNextVideoVideoProcessor"
+    size: int = 224
+    resize_to_square: bool = False
+    crop_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = BICUBIC
+    num_frames: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        if self.processor_type not in VIDEO_PROCESSOR_TYPES:
+            raise ValueError(f"video processor {self.processor_type!r} is not one of {VIDEO_PROCESSOR_TYPES}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB); got mean={self.mean}, std={self.std}")
+        if self.size <= 0 or self.crop_size < 0 or self.num_frames <= 0:
+            raise ValueError(f"size and num_frames must be positive and crop_size not negative; got size {self.size}, "
+                             f"crop_size {self.crop_size}, num_frames {self.num_frames}")
+
+    @classmethod
+    def onevision(cls, **overrides: Any) -> "VideoProcessorConfig":
+        """`LlavaOnevisionVideoProcessor()`'s defaults (384 x 384, no crop, CLIP mean/std), with `overrides`."""
+        fields = dict(processor_type="LlavaOnevisionVideoProcessor", size=ONEVISION_TILE, resize_to_square=True,
+                      crop_size=0)
+        return cls(**(fields | overrides))
+
+    @property
+    def frame_size(self) -> int:
+        """Side of a processed frame: the crop, or the square resize."""
+        return self.crop_size or self.size
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The settings as an HF `video_preprocessor_config.json` dict, which the processor class reads back."""
+        size = {"height": self.size, "width": self.size} if self.resize_to_square else {"shortest_edge": self.size}
+        crop = {"do_center_crop": True, "crop_size": {"height": self.crop_size, "width": self.crop_size}} \
+            if self.crop_size else {"do_center_crop": False}
+        return {"video_processor_type": self.processor_type, "do_convert_rgb": True, "do_resize": True, "size": size,
+                "resample": self.resample, **crop, "do_rescale": True, "rescale_factor": self.rescale_factor,
+                "do_normalize": True, "image_mean": list(self.mean), "image_std": list(self.std),
+                "num_frames": self.num_frames}
+
+    def save(self, directory: str) -> str:
+        """Writes `directory/video_preprocessor_config.json` in HF format; returns the file path."""
+        paths.makedirs(directory)
+        path = os.path.join(directory, VIDEO_PREPROCESSOR_CONFIG)
+        paths.write_text(path, json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], processor_type: str | None = None,
+                     path: str = VIDEO_PREPROCESSOR_CONFIG) -> "VideoProcessorConfig":
+        """Settings from an HF video (or image) processor dict; keys absent take the processor class's defaults.
+
+        `processor_type` (else the dict's `video_processor_type`) names the class. Raises ValueError naming `path`
+        and the key of a value these settings cannot reproduce.
+        """
+        kind = str(processor_type or d.get("video_processor_type") or "")
+        kind = kind.removesuffix("Fast")
+        if kind not in VIDEO_PROCESSOR_TYPES:
+            raise ValueError(f"{path}: video_processor_type {kind or None!r} is not supported; expected one of "
+                             f"{VIDEO_PROCESSOR_TYPES}")
+        base = cls.onevision() if kind == "LlavaOnevisionVideoProcessor" else cls()
+        for key in ("do_resize", "do_rescale", "do_normalize"):
+            if d.get(key) is False:
+                raise ValueError(f"{path}: {key}: false is not supported (the {kind} steps are all taken)")
+        fields: dict[str, Any] = {}
+        size = d.get("size")
+        if size is not None:
+            if isinstance(size, dict) and "shortest_edge" in size:
+                fields.update(size=int(size["shortest_edge"]), resize_to_square=False)
+            else:
+                fields.update(size=_edge(size, ("height",), "size", path), resize_to_square=True)
+        do_crop = d.get("do_center_crop")
+        if do_crop is None:  # the class default: NeXT-Video crops, OneVision does not
+            do_crop = bool(base.crop_size)
+        crop = d.get("crop_size")
+        crop = (_edge(crop, ("height",), "crop_size", path) if crop is not None else base.crop_size or base.size)
+        fields["crop_size"] = crop if do_crop else 0
+        for ours, theirs in (("mean", "image_mean"), ("std", "image_std"), ("rescale_factor", "rescale_factor"),
+                             ("resample", "resample"), ("num_frames", "num_frames")):
+            if d.get(theirs) is not None:
+                fields[ours] = d[theirs]
+        return _validated(path, None, dataclasses.replace, base, **fields)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "VideoProcessorConfig":
+        """The video processor settings of a checkpoint directory, found where transformers' AutoVideoProcessor looks.
+
+        In order: `processor_config.json`'s nested "video_processor", `video_preprocessor_config.json`, then the
+        image processor's `preprocessor_config.json` (llava-hf directories saved before video processors had their
+        own file). The class is the file's `video_processor_type`, else the one `config.json`'s model_type uses
+        (llava_next_video, llava_onevision). Raises FileNotFoundError naming the directory when none exists.
+        """
+        nested = os.path.join(directory, PROCESSOR_CONFIG)
+        found = None
+        if paths.isfile(nested):
+            d = _read_json(nested)
+            if isinstance(d.get("video_processor"), dict):
+                found = (d["video_processor"], nested)
+        for name in (VIDEO_PREPROCESSOR_CONFIG, PREPROCESSOR_CONFIG):
+            path = os.path.join(directory, name)
+            if found is None and paths.isfile(path):
+                found = (_read_json(path), path)
+        if found is None:
+            raise FileNotFoundError(f"No video processor settings in {directory!r}: expected "
+                                    f"{VIDEO_PREPROCESSOR_CONFIG} or {PREPROCESSOR_CONFIG}")
+        d, path = found
+        kind = d.get("video_processor_type")
+        model_path = os.path.join(directory, "config.json")
+        if not kind and paths.isfile(model_path):
+            kind = _VIDEO_PROCESSOR_OF_MODEL.get(_read_json(model_path).get("model_type"))
+        return cls.from_hf_dict(d, kind, path)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -797,13 +967,22 @@ def _from_hf_json(d: dict[str, Any], path: str = PREPROCESSOR_CONFIG) -> ImagePr
     size = _edge(d.get("size", defaults.size), ("shortest_edge", "height"), "size", path)
     crop = _edge(d.get("crop_size", size), ("height",), "crop_size", path)
     kind = str(d.get("image_processor_type", ""))
+    onevision = kind.startswith("LlavaOnevision")
     pinpoints = d.get("image_grid_pinpoints")
-    if pinpoints is not None and kind and not kind.startswith("LlavaNext"):
+    if pinpoints is not None and kind and not (kind.startswith("LlavaNext") or onevision):
         raise ValueError(f"{path}: image_processor_type {kind!r} with image_grid_pinpoints is not supported "
-                         f"(expected LlavaNextImageProcessor)")
-    if kind.startswith("LlavaNext"):
-        # LlavaNextImageProcessor's default pinpoints when the key is absent: the v1.6 list.
-        pinpoints = anyres_lib.V16_PINPOINTS if pinpoints is None else pinpoints
+                         f"(expected LlavaNextImageProcessor or LlavaOnevisionImageProcessor)")
+    if onevision and "crop_size" in d and crop != size:
+        # Its patches would be cut at crop_size and resized to size: no checkpoint does that.
+        raise ValueError(f"{path}: crop_size: a {kind} with crop_size {crop} other than its size {size} "
+                         f"is not supported")
+    if onevision:
+        crop = size  # OneVision's tile is its size: every patch is resized to size x size, nothing cropped
+    if kind.startswith("LlavaNext") or onevision:
+        # The processors' default pinpoints when the key is absent: the v1.6 list; OneVision's 6x6 multiples.
+        default = anyres_lib.parse_pinpoints(ONEVISION_PINPOINTS, ONEVISION_TILE) if onevision else \
+            anyres_lib.V16_PINPOINTS
+        pinpoints = default if pinpoints is None else pinpoints
         pinpoints = _validated(path, "image_grid_pinpoints", anyres_lib.parse_pinpoints, pinpoints, crop)
         if not pinpoints:
             raise ValueError(f"{path}: image_grid_pinpoints of a {kind} must name at least one resolution")
@@ -817,6 +996,7 @@ def _from_hf_json(d: dict[str, Any], path: str = PREPROCESSOR_CONFIG) -> ImagePr
         rescale_factor=float(d.get("rescale_factor", 1 / 255)),
         resample=int(d.get("resample", BICUBIC)),
         grid_pinpoints=pinpoints or (),
+        onevision=onevision,
     )
     return _validated(path, "image_grid_pinpoints" if pinpoints else None, ImageProcessorConfig, **fields)
 
@@ -825,12 +1005,43 @@ def _from_llava_config(d: dict[str, Any], path: str) -> ImageProcessorConfig:
     tower = d.get("mm_vision_tower") or d.get("vision_tower") or ""
     if not tower:
         raise ValueError(f"{path} has no mm_vision_tower: not an original LLaVA config, and no {PREPROCESSOR_CONFIG}")
-    # openai/clip-vit-large-patch14-336 -> 336 px; the plain ViT-L/14 is 224 px.
-    size = 336 if str(tower).rstrip("/").endswith("-336") else 224
+    # openai/clip-vit-large-patch14-336 -> 336 px, google/siglip-so400m-patch14-384 -> 384; plain ViT-L/14: 224.
+    name = str(tower).rstrip("/")
+    size = int(name[-3:]) if re.search(r"-(336|384)$", name) else 224
+    norm = dict(mean=SIGLIP_MEAN, std=SIGLIP_STD) if "siglip" in name.lower() else {}
+    if _is_anyres_max(d):
+        return _original_onevision(d, path, ImageProcessorConfig(size=size, crop_size=size, pad_to_square=False, **norm))
     pinpoints = original_grid_pinpoints(d, path, size)
     if pinpoints:
         return _validated(path, "image_grid_pinpoints", ImageProcessorConfig, size=size, crop_size=size,
-                          pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original")
+                          pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original", **norm)
     return ImageProcessorConfig(
-        size=size, crop_size=size, pad_to_square=_aspect_ratio_pads(d.get("image_aspect_ratio"))
+        size=size, crop_size=size, pad_to_square=_aspect_ratio_pads(d.get("image_aspect_ratio")), **norm
     )
+
+
+def _is_anyres_max(d: dict[str, Any]) -> bool:
+    """Whether an original config.json asks for LLaVA-OneVision's anyres ("anyres_max_9": tiles, then the model
+    downscales the feature grid past 9 tiles' worth)."""
+    return bool(re.fullmatch(r"anyres_max_\d+", str(d.get("image_aspect_ratio", ""))))
+
+
+def _original_onevision(d: dict[str, Any], path: str, base: ImageProcessorConfig) -> ImageProcessorConfig:
+    """`base` (the tower's size, mean, std) with an original OneVision config.json's tiling.
+
+    The original (LLaVA-NeXT's mm_utils.process_anyres_image) tiles as LLaVA-NeXT does, its pinpoints read as
+    (width, height) and "(1x1),...,(6x6)" counting tiles of the processor's size; its train.py processes each
+    image of a multi-image sample with "pad" instead (expand2square, then the tower's processor), which is what
+    `onevision` settings do with an image that is not alone in its row.
+    """
+    merge = d.get("mm_patch_merge_type", "flat")
+    if not str(merge).startswith("spatial_unpad"):
+        raise ValueError(f"{path}: mm_patch_merge_type {merge!r} with image_aspect_ratio "
+                         f"{d['image_aspect_ratio']!r} is not supported; expected 'spatial_unpad'")
+    if not d.get("image_grid_pinpoints"):
+        raise ValueError(f"{path}: image_aspect_ratio {d['image_aspect_ratio']!r} needs image_grid_pinpoints, "
+                         f"found {d.get('image_grid_pinpoints')!r}")
+    pinpoints = _validated(path, "image_grid_pinpoints", anyres_lib.parse_pinpoints, d["image_grid_pinpoints"],
+                           base.size)
+    return _validated(path, "image_grid_pinpoints", dataclasses.replace, base, crop_size=base.size,
+                      pad_to_square=False, grid_pinpoints=pinpoints, pinpoint_convention="original", onevision=True)

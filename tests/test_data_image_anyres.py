@@ -1,8 +1,10 @@
 """LLaVA-NeXT anyres preprocessing against transformers' LlavaNextImageProcessor (PIL path) and the original's
-`process_anyres_image` (tests/reference/llava_next/mm_utils.py), and the anyres processor settings' formats."""
+`process_anyres_image` (tests/reference/llava_next/mm_utils.py), LLaVA-OneVision's against
+LlavaOnevisionImageProcessorPil (one image, many images in a row), and the anyres processor settings' formats."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -10,7 +12,12 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
-from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil
+from transformers import (
+    CLIPImageProcessorPil,
+    LlavaNextImageProcessorPil,
+    LlavaOnevisionImageProcessorPil,
+    SiglipImageProcessorPil,
+)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from llava_jax import anyres
@@ -249,7 +256,10 @@ def test_from_pretrained_original_next_config(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio 'anyres_max_9'"),
+    ({"image_aspect_ratio": "anyres_max_9", "mm_patch_merge_type": "flat"}, "mm_patch_merge_type 'flat' with "
+     "image_aspect_ratio 'anyres_max_9'"),
+    ({"image_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": None}, "'anyres_max_9' needs image_grid_pinpoints"),
+    ({"image_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": "(1x1),(2 by 2)"}, "image_grid_pinpoints"),
     ({"mm_patch_merge_type": "flat"}, "mm_patch_merge_type 'flat'"),
     ({"mm_patch_merge_type": DROP}, "mm_patch_merge_type 'flat'"),  # absent: the original's default, "flat"
     ({"image_grid_pinpoints": None}, "needs image_grid_pinpoints"),
@@ -268,7 +278,9 @@ def test_bad_original_config_one_line_naming_file_and_key(tmp_path, fields, mess
     ({"image_grid_pinpoints": [[28, 50]]}, r"image_grid_pinpoints: .*multiples of tile_size 28"),
     ({"image_grid_pinpoints": "[[28, 56"}, "image_grid_pinpoints"),
     ({"image_grid_pinpoints": []}, "image_grid_pinpoints of a LlavaNextImageProcessor must name"),
-    ({"image_processor_type": "LlavaOnevisionImageProcessor"}, "image_processor_type 'LlavaOnevisionImageProcessor'"),
+    ({"image_processor_type": "SiglipImageProcessor"}, "image_processor_type 'SiglipImageProcessor'"),
+    ({"image_processor_type": "LlavaOnevisionImageProcessor", "crop_size": {"height": 14, "width": 14}},
+     "crop_size: a LlavaOnevisionImageProcessor with crop_size 14 other than its size 28"),
     ({"crop_size": {"height": 28, "width": 56}}, "non-square crop_size"),
 ])
 def test_bad_hf_processor_one_line_naming_file_and_key(tmp_path, fields, message):
@@ -286,3 +298,138 @@ def test_settings_exclude_square_padding_with_tiles():
         ImageProcessorConfig(pad_to_square=True, grid_pinpoints=anyres.V16_PINPOINTS)
     with pytest.raises(ValueError, match="pinpoint_convention"):
         ImageProcessorConfig(pad_to_square=False, grid_pinpoints=anyres.V16_PINPOINTS, pinpoint_convention="hw")
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-OneVision: LlavaOnevisionImageProcessor (PIL path), its pinpoints every (1..6)x(1..6) tile
+
+
+def _ov_cfg(tile: int, mean=(0.5, 0.5, 0.5)) -> ImageProcessorConfig:
+    return ImageProcessorConfig(size=tile, crop_size=tile, mean=mean, std=(0.5, 0.5, 0.5), pad_to_square=False,
+                                grid_pinpoints=anyres.parse_pinpoints("(1x1),...,(6x6)", tile), onevision=True)
+
+
+def _ov_hf(cfg: ImageProcessorConfig) -> LlavaOnevisionImageProcessorPil:
+    return LlavaOnevisionImageProcessorPil(size={"height": cfg.size, "width": cfg.size}, image_mean=list(cfg.mean),
+                                           image_std=list(cfg.std),
+                                           image_grid_pinpoints=[list(p) for p in cfg.grid_pinpoints])
+
+
+def _ov_check(cfg: ImageProcessorConfig, rows: list[list[PIL.Image.Image]], what: str) -> None:
+    images = [im for row in rows for im in row]
+    out = _ov_hf(cfg)(images=rows, return_tensors="np")
+    ref = np.asarray(out["pixel_values"]).transpose(0, 1, 3, 4, 2)
+    batch = image_lib.preprocess_images(images, cfg, batch_num_images=[len(r) for r in rows])
+    assert np.asarray(out["batch_num_images"]).tolist() == [len(r) for r in rows], what
+    assert batch.pixel_values.dtype == np.float32 and batch.pixel_values.shape == ref.shape, what
+    np.testing.assert_array_equal(batch.image_sizes, np.asarray(out["image_sizes"]), err_msg=what)
+    # Same PIL resizes, same normalisation table as the NeXT path: equal bit for bit.
+    np.testing.assert_array_equal(batch.pixel_values, ref, err_msg=what)
+    for k, im in enumerate(images):
+        alone = len(next(r for r in rows if any(x is im for x in r))) == 1
+        count = image_lib.num_patches((im.height, im.width), cfg, tiled=alone)
+        assert batch.num_patches[k] == count and not ref[k, count:].any(), what
+        if alone:  # transformers' own count (the modeling file's image_size_to_num_patches)
+            assert count == image_size_to_num_patches((im.height, im.width), [list(p) for p in cfg.grid_pinpoints],
+                                                      cfg.size), what
+
+
+# square, wide, tall, tiny, odd, and one of exactly a large pinpoint (5 x 6 tiles at 28: 31 patches).
+SIZES_OV = [(56, 56), (40, 130), (130, 40), (9, 13), (57, 83), (140, 168)]
+
+
+def test_onevision_single_images_match_transformers():
+    cfg, seed = _ov_cfg(28), fresh_seed()
+    for i, (h, w) in enumerate(SIZES_OV):
+        _ov_check(cfg, [[_image("RGB", h, w, seed + i)]], f"{h}x{w} seed={seed + i}")
+    assert image_lib.num_patches((140, 168), cfg) == 31
+
+
+def test_onevision_at_its_own_tile_matches_transformers(tmp_path):
+    # The real geometry: 384-pixel tiles, the default 36 pinpoints, OneVision's mean; a wide image and an RGBA one.
+    cfg = ImageProcessorConfig.from_pretrained(_ov_dir(tmp_path))
+    assert cfg == _ov_cfg(384) and cfg.processor_type == "LlavaOnevisionImageProcessor"
+    seed = fresh_seed()
+    _ov_check(cfg, [[_image("RGB", 300, 1000, seed)], [_image("RGBA", 500, 420, seed + 1)]], f"seed={seed}")
+
+
+def test_onevision_many_images_in_a_row_are_not_tiled():
+    """A row with several images: each padded to a square with int(255 * mean) and resized to one tile, untiled."""
+    cfg, seed = _ov_cfg(28, mean=(0.2, 0.5, 0.9)), fresh_seed()
+    three = [_image("RGB", 40, 130, seed), _image("RGBA", 130, 40, seed + 1), _image("L", 20, 20, seed + 2)]
+    _ov_check(cfg, [three], f"one row of three, seed={seed}")
+    # A batch of a row of one (tiled) and a row of two (not): patches padded to the batch's largest.
+    _ov_check(cfg, [[_image("RGB", 57, 83, seed + 3)], three[:2]], f"rows of one and two, seed={seed}")
+    u8 = image_lib.preprocess_uint8(three[0], cfg, tiled=False)
+    assert u8.shape == (1, 28, 28, 3) and tuple(u8[0, 0, 0]) == (51, 127, 229)  # the pad colour, int(255 * mean)
+    assert image_lib.is_tiled(cfg, 1) and not image_lib.is_tiled(cfg, 3)
+    next_cfg = _cfg(28, anyres.parse_pinpoints("(1x1),...,(2x2)", 28))
+    assert image_lib.is_tiled(next_cfg, 3)  # LLaVA-NeXT tiles every image
+    with pytest.raises(ValueError, match="only LlavaOnevisionImageProcessor settings leave an image untiled"):
+        image_lib.preprocess(three[0], next_cfg, tiled=False)
+    with pytest.raises(ValueError, match="add up to the 3 images"):
+        image_lib.preprocess_images(three, cfg, batch_num_images=[2])
+
+
+def _ov_dir(tmp_path, **fields) -> str:
+    """A llava-hf OneVision preprocessor_config.json (as llava-onevision-qwen2-*-ov-hf ship it), with `fields`."""
+    directory = str(tmp_path)
+    conf = {"image_processor_type": "LlavaOnevisionImageProcessor", "do_convert_rgb": True, "do_normalize": True,
+            "do_pad": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5], "resample": 3, "rescale_factor": 1 / 255,
+            "size": {"height": 384, "width": 384},
+            "image_grid_pinpoints": [list(p) for p in anyres.parse_pinpoints("(1x1),...,(6x6)", 384)]} | fields
+    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+        json.dump({k: v for k, v in conf.items() if v is not DROP}, f)
+    return directory
+
+
+def test_onevision_settings_read_save_and_read_back(tmp_path):
+    # Without image_grid_pinpoints the processor's default: every (1..6)x(1..6) multiple of 384.
+    assert ImageProcessorConfig.from_pretrained(_ov_dir(tmp_path, image_grid_pinpoints=DROP)) == _ov_cfg(384)
+    cfg = _ov_cfg(28)
+    cfg.save(str(tmp_path))
+    assert ImageProcessorConfig.from_pretrained(str(tmp_path)) == cfg
+    hf = LlavaOnevisionImageProcessorPil.from_pretrained(str(tmp_path))
+    assert hf.size == {"height": 28, "width": 28} and hf.image_grid_pinpoints == [list(p) for p in cfg.grid_pinpoints]
+    assert ImageProcessorConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="need grid pinpoints and size == crop_size"):
+        ImageProcessorConfig(size=28, crop_size=28, pad_to_square=False, onevision=True)
+
+
+class _OriginalSiglip:
+    """LLaVA-NeXT's own SigLipImageProcessor (its siglip_encoder.py) as its mm_utils reads it: size a tuple, crop
+    a dict, mean/std 0.5, and a preprocess that resizes to size x size (PIL bicubic), rescales and normalises."""
+
+    def __init__(self, side: int):
+        self.size, self.crop_size, self.image_mean = (side, side), {"height": side, "width": side}, (0.5, 0.5, 0.5)
+        self._processor = SiglipImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3,
+                                                  image_std=[0.5] * 3)
+
+    def preprocess(self, image, **kwargs):
+        """The SigLIP processor's `preprocess`."""
+        return self._processor.preprocess(image, **kwargs)
+
+
+def test_original_onevision_config_matches_original_code(tmp_path):
+    """An original LLaVA-OneVision config.json (SigLIP tower, anyres_max_9): one image tiled as its mm_utils tiles
+    it, each image of several padded to a square as its train.py's "pad" override does."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "mm_vision_tower": "google/siglip-so400m-patch14-384", "image_aspect_ratio": "anyres_max_9",
+        "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": "(1x1),...,(6x6)"}))
+    cfg = ImageProcessorConfig.from_pretrained(str(tmp_path))
+    assert cfg == dataclasses.replace(_ov_cfg(384), pinpoint_convention="original")
+    # With the tower's preprocessor_config.json beside it (no pinpoints): its sizes and mean, config.json's tiling.
+    SiglipImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3,
+                            image_std=[0.5] * 3).save_pretrained(str(tmp_path))
+    assert ImageProcessorConfig.from_pretrained(str(tmp_path)) == cfg
+    original, siglip, seed = _original_module(), _OriginalSiglip(384), fresh_seed()
+    for k, (h, w) in enumerate([(300, 500), (500, 300), (384, 384)]):
+        img = _image("RGB", h, w, seed + k)
+        ref = original.process_anyres_image(img, siglip, "(1x1),...,(6x6)").numpy().transpose(0, 2, 3, 1)
+        ours = image_lib.preprocess(img, cfg)
+        assert ours.shape == ref.shape, f"{h}x{w} seed={seed + k}"
+        np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0, err_msg=f"{h}x{w} seed={seed + k}")
+        padded = image_lib.expand_to_square(img, tuple(int(x * 255) for x in siglip.image_mean))
+        ref = np.asarray(siglip.preprocess(padded, return_tensors="np")["pixel_values"]).transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(image_lib.preprocess(img, cfg, tiled=False), ref, atol=TOL, rtol=0)

@@ -29,6 +29,18 @@ LLaVA-NeXT anyres (settings with `grid_pinpoints`) follows transformers' `LlavaN
   -> [P, crop, crop, 3] float32, base first; P = anyres.layout(...).num_patches
 
 transformers' pixel_values then pad P to the batch's largest with zero patches: `preprocess_images`.
+
+LLaVA-OneVision (`cfg.onevision`) follows transformers' `LlavaOnevisionImageProcessor` (PIL path,
+`LlavaOnevisionImageProcessorPil`). Its tile is its `size` (384, `{"height": 384, "width": 384}`) and every
+patch is resized to exactly size x size with nothing cropped, so with `crop_size == size` (which its settings
+require) an image alone in its prompt row is cut exactly as LLaVA-NeXT's above: same best resolution, same
+resize (scaled side rounded up), same centred paste on black (its `divmod` padding puts the odd pixel
+after, as here), base first. The difference is many images in one prompt row (`batch_num_images` > 1):
+each of them is NOT tiled but padded to a square with `int(255 * mean)` (127 for OneVision's mean 0.5,
+`expand_to_square`) and resized to size x size: one patch, `tiled=False` below. (transformers 5's default
+`LlavaOnevisionImageProcessor` runs the same steps through torchvision, whose antialiased bicubic rounds
+differently from PIL's by a level here and there; the PIL path is the one this project reproduces
+everywhere, and the one the original LLaVA-NeXT code ran, through transformers 4's processors.)
 """
 
 from __future__ import annotations
@@ -125,27 +137,48 @@ def center_crop(array: np.ndarray, crop: int) -> np.ndarray:
     return array[top : top + crop, left : left + crop]
 
 
-def preprocess(image: PIL.Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
-    """One PIL image -> normalised float32 pixels (HWC), as HF's CLIP/Llava/LlavaNext processors.
+def preprocess(image: PIL.Image.Image, cfg: ImageProcessorConfig, tiled: bool = True) -> np.ndarray:
+    """One PIL image -> normalised float32 pixels (HWC), as HF's CLIP/Llava/LlavaNext/LlavaOnevision processors.
 
     LLaVA-1.5 settings give [crop, crop, 3]; anyres settings (`cfg.grid_pinpoints`) the image's patches
-    [P, crop, crop, 3], base first, without padding patches (`num_patches` says P).
+    [P, crop, crop, 3], base first, without padding patches (`num_patches` says P). `tiled=False`: OneVision's
+    untiled image (one of several in a prompt row), [1, size, size, 3]; see `is_tiled`.
     """
-    return normalize(preprocess_uint8(image, cfg), cfg)
+    return normalize(preprocess_uint8(image, cfg, tiled), cfg)
 
 
-def preprocess_uint8(image: PIL.Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+def preprocess_uint8(image: PIL.Image.Image, cfg: ImageProcessorConfig, tiled: bool = True) -> np.ndarray:
     """The geometric half of `preprocess`: RGB, pad or tile, resize, crop -> uint8 [crop, crop, 3] or [P, ...].
 
     The training pipeline stops here in its workers and normalises in the consuming process
     (`normalize`): uint8 is a quarter of the bytes to move between processes and to devices.
     """
     image = to_rgb(image)
+    if not tiled:
+        _check_untiled(cfg)
+        # LlavaOnevisionImageProcessor.pad_to_square, then its resize to size x size (a shortest-edge resize
+        # of a square to size and a centre crop of size, since size == crop_size).
+        return _resize_and_crop(expand_to_square(image, cfg.background_color), cfg)[None]
     if cfg.grid_pinpoints:
         return np.stack([_patch_geometry(patch, cfg) for patch in anyres_patches(image, cfg)])
     if cfg.pad_to_square:
         image = expand_to_square(image, cfg.background_color)
     return _resize_and_crop(image, cfg)
+
+
+def is_tiled(cfg: ImageProcessorConfig, images_in_row: int) -> bool:
+    """Whether an image is tiled when its prompt row holds `images_in_row` images (transformers' `batch_num_images`).
+
+    LlavaOnevisionImageProcessor tiles only an image alone in its row (`need_patching = n == 1`); LLaVA-NeXT tiles
+    every image; LLaVA-1.5 settings never tile (one crop either way).
+    """
+    return not (cfg.onevision and images_in_row > 1)
+
+
+def _check_untiled(cfg: ImageProcessorConfig) -> None:
+    if not cfg.onevision:
+        raise ValueError(f"only LlavaOnevisionImageProcessor settings leave an image untiled; these are a "
+                         f"{cfg.processor_type}'s")
 
 
 def _resize_and_crop(image: PIL.Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
@@ -167,11 +200,14 @@ def _tiling(cfg: ImageProcessorConfig) -> anyres.AnyresConfig:
     return cfg.anyres_config(grid=1)
 
 
-def num_patches(size: tuple[int, int], cfg: ImageProcessorConfig) -> int:
-    """Patches (base + tiles; 1 for LLaVA-1.5) of an image of `size` (height, width) under these settings.
+def num_patches(size: tuple[int, int], cfg: ImageProcessorConfig, tiled: bool = True) -> int:
+    """Patches (base + tiles; 1 for LLaVA-1.5 and untiled OneVision images) of an image of `size` (height, width).
 
     transformers' `image_size_to_num_patches(size, image_grid_pinpoints, crop_size)`.
     """
+    if not tiled:
+        _check_untiled(cfg)
+        return 1
     return anyres.layout(_tiling(cfg), size).num_patches
 
 
@@ -260,14 +296,21 @@ def pad_patches(patches: Sequence[np.ndarray], max_patches: int | None = None) -
 
 
 def preprocess_images(images: Sequence[PIL.Image.Image], cfg: ImageProcessorConfig,
-                      max_patches: int | None = None) -> ImageBatch:
+                      max_patches: int | None = None, batch_num_images: Sequence[int] | None = None) -> ImageBatch:
     """Images of any sizes -> `ImageBatch` (pixel_values float32 zero-padded on the patch axis, sizes, counts).
 
-    Equal, transposed to channels last, to LlavaNextImageProcessor's `pixel_values` and `image_sizes`.
-    LLaVA-1.5 settings give one patch an image. `max_patches`: see `pad_patches`.
+    Equal, transposed to channels last, to LlavaNextImageProcessor's (LlavaOnevisionImageProcessor's) `pixel_values`
+    and `image_sizes`. LLaVA-1.5 settings give one patch an image. `max_patches`: see `pad_patches`.
+    `batch_num_images`: how many of the images (in order) each prompt row holds, as transformers' OneVision
+    processor takes them (a list of lists of images); default one row per image. OneVision leaves the images
+    of a row with several untiled (`is_tiled`).
     """
+    rows = [1] * len(images) if batch_num_images is None else [int(n) for n in batch_num_images]
+    if sum(rows) != len(images) or min(rows, default=1) < 1:
+        raise ValueError(f"batch_num_images {rows} must be positive and add up to the {len(images)} images")
+    tiled = [is_tiled(cfg, n) for n in rows for _ in range(n)]
     sizes = np.asarray([(im.height, im.width) for im in images], np.int32).reshape(-1, 2)
-    patches = [preprocess(im, cfg) for im in images]
+    patches = [preprocess(im, cfg, t) for im, t in zip(images, tiled)]
     if not cfg.grid_pinpoints:
         patches = [p[None] for p in patches]
     counts = np.asarray([len(p) for p in patches], np.int32)
