@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from llava_jax import paths
-from llava_jax.anyres import AnyresConfig
+from llava_jax.anyres import CORNERS, AnyresConfig
 from llava_jax.config import CONFIG_FILE, PRESETS, LlavaConfig
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.mesh import make_mesh
@@ -149,26 +149,32 @@ def model_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
 
 
 def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: int, mesh,
-                   max_images: int = 1, geometry: AnyresConfig | None = None, packed: bool = False) -> dict:
+                   max_images: int = 1, geometry: AnyresConfig | None = None, packed: bool = False,
+                   num_frames: int = 0) -> dict:
     """The micro-batched global batch the loop feeds the step ([A, b, ...], sharded as `device_batch` does).
 
     `pixel_values` [A, b, S, H, W, 3] holds S = `max_images` x `geometry.max_patches` tile slots a row (the
     data pipeline's static worst case; `geometry`: the stage's, default the model's): one slot an image for
     LLaVA-1.5 or a base-resolution stage, base + tiles of the largest pinpoint for anyres. An anyres model's
     batches add `image_index` [A, b, T] int32 (the feature-table row of each image token), which the step
-    passes to the model; `packed` ones (data.packing) `segment_ids` and `positions` [A, b, T] int32, and
-    `max_images` is then the pipeline's images a row (`pipeline.images_per_row`).
+    passes to the model, and a weighted geometry's (OneVision) `image_index` and `image_weight` [A, b, T, 4]
+    (int32, float32); `packed` ones (data.packing) `segment_ids` and `positions` [A, b, T] int32, and
+    `max_images` is then the pipeline's images a row (`pipeline.images_per_row`). `num_frames`: video frames a
+    row's slots add (unpacked rows; packed ones count them in `max_images`).
     """
     v = cfg.vision
     rows = (num_micro, micro_batch)
-    slots = max_images * (geometry or cfg.geometry).max_patches
+    slots = max_images * (geometry or cfg.geometry).max_patches + (0 if packed else num_frames)
     shapes = {
         "input_ids": ((*rows, seq_len), np.int32),
         "labels": ((*rows, seq_len), np.int32),
         "attention_mask": ((*rows, seq_len), np.int32),
         "pixel_values": ((*rows, slots, v.image_size, v.image_size, v.num_channels), np.float32),
     }
-    if cfg.is_anyres:
+    if cfg.is_anyres and (geometry or cfg.geometry).weighted:
+        shapes["image_index"] = ((*rows, seq_len, CORNERS), np.int32)
+        shapes["image_weight"] = ((*rows, seq_len, CORNERS), np.float32)
+    elif cfg.is_anyres:
         shapes["image_index"] = ((*rows, seq_len), np.int32)
     if packed:
         shapes["segment_ids"] = shapes["positions"] = ((*rows, seq_len), np.int32)
