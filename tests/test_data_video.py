@@ -171,7 +171,7 @@ def _empty_video(tmp_path):
     (_audio_only, 8, "has no video stream"),
     (_empty_video, 8, "has no frames"),
     (None, 41, "41 frames asked of a video of 40 frames"),
-    (None, 0, "num_frames must be positive"),
+    (None, 0, "num_frames must be positive and sampling one of"),
 ])
 def test_bad_input_is_one_line_naming_the_file(videos, tmp_path, make, num_frames: int, message: str):
     path = make(tmp_path) if make else videos["mkv"]
@@ -311,3 +311,18 @@ def test_bad_settings_one_line_naming_the_file(tmp_path, fields, message):
     assert "\n" not in str(e.value) and str(e.value).startswith(str(path) + ": "), str(e.value)
     with pytest.raises(FileNotFoundError, match="No video processor settings"):
         VideoProcessorConfig.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_remote_paths_are_read_through_file_objects_and_closed(videos, monkeypatch):
+    """A gs:// video goes to PyAV as the file object paths.open gives (here a local file standing in for it)."""
+    opened = []
+
+    def fake_open(path, mode="r", encoding=None):
+        f = open(path.removeprefix("gs:/"), mode)  # gs://tmp/... -> /tmp/...
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr(video_lib.paths, "open", fake_open)
+    frames, info = video_lib.decode_frames("gs:/" + videos["mkv"], 5)
+    np.testing.assert_array_equal(frames, videos["source"][info.indices])
+    assert opened and all(f.closed for f in opened)

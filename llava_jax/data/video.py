@@ -31,8 +31,10 @@ and within those levels of the torchvision path.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -114,31 +116,34 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def _open(path: str | os.PathLike):
+@contextlib.contextmanager
+def _open(path: str | os.PathLike) -> Iterator[Any]:
+    """The file as an open PyAV container with a video stream; closed (and a remote file with it) on exit."""
     import av
 
     where = os.fspath(path)
-    if paths.is_remote(path):
-        source = paths.open(path, "rb")  # PyAV reads from any seekable file object
-    else:
-        if not os.path.isfile(where):
+    with contextlib.ExitStack() as stack:
+        if paths.is_remote(path):
+            source = stack.enter_context(paths.open(path, "rb"))  # PyAV reads any seekable file object
+        elif os.path.isfile(where):
+            source = where
+        else:
             raise VideoError(f"Cannot read video {where!r}: no such file")
-        source = where
-    container = av.open(source, mode="r")
-    if not container.streams.video:
-        container.close()
-        raise VideoError(f"Cannot read video {where!r}: the file has no video stream")
-    return container
+        container = stack.enter_context(av.open(source, mode="r"))
+        if not container.streams.video:
+            raise VideoError(f"Cannot read video {where!r}: the file has no video stream")
+        yield container
 
 
 def _decode(path: str | os.PathLike, num_frames: int, sampling: str) -> tuple[np.ndarray, VideoInfo]:
     where = os.fspath(path)
+    if num_frames <= 0 or sampling not in SAMPLINGS:  # before any decoding
+        raise ValueError(f"num_frames must be positive and sampling one of {SAMPLINGS}; got {num_frames}, "
+                         f"{sampling!r}")
     with _open(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else None
         header = int(stream.frames or 0)
-    if num_frames <= 0:
-        raise ValueError(f"num_frames must be positive, got {num_frames}")
     indices = None
     if header > 0:
         # Trust the header for the first pass; the pass counts the frames and tells whether it was right.
