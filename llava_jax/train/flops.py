@@ -25,16 +25,39 @@ PEAK_TFLOPS = {
     "TPU v5 lite": 197.0,
     "TPU v5e": 197.0,
     "TPU v5p": 459.0,
+    "TPU v5": 459.0,  # v5p's device_kind ("TPU v5 lite" is v5e's)
     "TPU v6 lite": 918.0,
     "TPU v6e": 918.0,
 }
 
 
-def peak_tflops(device_kind: str) -> float | None:
-    """Peak bf16 TFLOP/s of a device kind (None when unknown, e.g. CPU)."""
-    for name, tf in PEAK_TFLOPS.items():
+# HBM bandwidth per chip, GB/s (vendor datasheets), for a hand roofline against the compiler's estimates.
+PEAK_HBM_GBPS = {
+    "H100": 3350.0,
+    "H200": 4800.0,
+    "TPU v4": 1200.0,
+    "TPU v5 lite": 819.0,
+    "TPU v5e": 819.0,
+    "TPU v5p": 2765.0,
+    "TPU v5": 2765.0,  # v5p's device_kind
+    "TPU v6 lite": 1640.0,
+    "TPU v6e": 1640.0,
+}
+
+
+def peak_hbm_gbps(device_kind: str) -> float | None:
+    """HBM bandwidth (GB/s) of a device kind, the longest matching name first (None when unknown)."""
+    for name in sorted(PEAK_HBM_GBPS, key=len, reverse=True):
         if name.lower() in device_kind.lower():
-            return tf
+            return PEAK_HBM_GBPS[name]
+    return None
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Peak bf16 TFLOP/s of a device kind, the longest matching name first (None when unknown, e.g. CPU)."""
+    for name in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if name.lower() in device_kind.lower():
+            return PEAK_TFLOPS[name]
     return None
 
 
