@@ -68,6 +68,19 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     topology, chip = TARGETS[target]
     devices = aot.topology_devices(topology) if topology else None
     n = len(devices) if devices else __import__("jax").device_count()
+    c = _cell_config(size, stage, n, rows, remat, scan, lora, packed, tower)
+    if chip:
+        c.compile_chip_memory_gib = chip
+    cpu0 = _cpu_seconds()
+    report = aot.compile_stage(c, 0, devices)
+    return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
+            "lora": lora, "packed": packed, "tower": tower, "device_kind": report.devices.split(" x ", 1)[-1],
+            "cpu_s": _cpu_seconds() - cpu0}
+
+
+def _cell_config(size: str, stage: int, n: int, rows: int, remat: str, scan: bool = True, lora: bool = False,
+                 packed: bool = False, tower: bool = False):
+    """The config a cell compiles: the recipe's stage with the cell's remat, layout and rows a device."""
     if lora and stage != 2:
         raise ValueError("--lora is a stage-2 recipe")
     c = _recipe(size, stage, lora)
@@ -76,8 +89,6 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     for st in c.stages:
         st.remat = ""  # the cell's remat, not the recipe's per-stage choice
     c.model.scan_layers = scan
-    if chip:
-        c.compile_chip_memory_gib = chip
     s = c.stages[0]
     if packed:
         c.data.packing, c.data.group_by_modality_length = True, False
@@ -86,14 +97,7 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     s.micro_batch = rows * n
     if s.global_batch % s.micro_batch:
         raise ValueError(f"{rows} rows x {n} devices do not divide the global batch {s.global_batch}")
-    cpu0 = _cpu_seconds()
-    report = aot.compile_stage(c, 0, devices)
-    out = {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
-           "lora": lora, "packed": packed, "tower": any(p.startswith("vision_tower") for p in s.trainable),
-           "cpu_s": _cpu_seconds() - cpu0}
-    if report.cost is not None:
-        out["cost"] = _cost_row(c, s, report, devices[0].device_kind if devices else None)
-    return out
+    return c
 
 
 def _recipe(size: str, stage: int, lora: bool):
@@ -202,9 +206,10 @@ def _md_row(size, stage, target, rec, fits) -> str:
 ROOFLINE_AGREES = (0.9, 3.0)
 
 
-def _cost_row(c, stage, report, device_kind: str | None) -> dict:
-    """One cell's cost figures a chip and a step: the compiler's, the loop-counted and the analytic FLOPs,
-    and the step time and MFU `optimal_seconds` implies where it can be trusted (else the reason it cannot)."""
+def cost_row(rec: dict) -> dict:
+    """One compiled cell's cost figures a chip and a step (from its `--cell` record): the compiler's, the
+    loop-counted and the analytic FLOPs, and the step time and MFU `optimal_seconds` implies where it can
+    be trusted (else the reason it cannot)."""
     import math
 
     import jax
@@ -212,14 +217,17 @@ def _cost_row(c, stage, report, device_kind: str | None) -> dict:
     from llava_jax.models.llava import abstract_params
     from llava_jax.train import aot, flops
 
+    chips = math.prod(rec["mesh"].values())
+    c = _cell_config(rec["size"], rec["stage"], chips, rec["rows_per_device"], rec["remat"], True, rec["lora"],
+                     rec["packed"], rec["tower"])
+    stage = c.stages[0]
     cfg = aot.model_config(c, stage)
-    chips = math.prod(report.mesh.values())
-    cost = report.cost
+    cost, device_kind = rec["cost"], rec["device_kind"]
     rows = stage.global_batch
-    computed_tokens = rows * report.seq_len
+    computed_tokens = rows * rec["seq_len"]
     trains = lambda prefix: any(p.startswith(prefix) for p in stage.trainable)  # noqa: E731
-    tiles = rows * report.image_slots  # the step computes the tower over every slot, filled or not
-    analytic = flops.train_step_flops(cfg, tokens=computed_tokens, seq_len=report.seq_len, tiles=tiles,
+    tiles = rows * rec["image_slots"]  # the step computes the tower over every slot, filled or not
+    analytic = flops.train_step_flops(cfg, tokens=computed_tokens, seq_len=rec["seq_len"], tiles=tiles,
                                       train_vision=trains("vision_tower"), train_text=trains("language_model"))
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
     step_flops = cost["hlo_flops"] * chips  # the micro-batch loop is one of the loops counted
@@ -288,10 +296,10 @@ def cost_table(recs: list[dict], fills: dict[str, float]) -> list[str]:
     for r in recs:
         layout = "packed" if r.get("packed") else "bucketed"
         head = f"| {r['size']}, {r['stage']}{' + tower' if r.get('tower') else ''} | {r['target']}, {r['rows_per_device']} | {layout} |"
-        if "failed" in r or "cost" not in r:
+        if "failed" in r or not r.get("cost"):
             lines.append(f"{head} {r.get('failed') or r.get('error') or 'no cost figures'} | | | | | | |")
             continue
-        c = r["cost"]
+        c = cost_row(r)
         fill = fills.get(layout)
         real = f"{e(c['flops_per_computed_token'] / fill)} ({fill:g})" if fill else "(no --fill)"
         optimal = c["optimal_seconds"]
@@ -392,6 +400,7 @@ def main() -> None:
     ap.add_argument("--tower", action="store_true", help="--cell: the stage trains the vision tower (at 2e-6)")
     ap.add_argument("--costs", nargs="+", metavar="SIZE:STAGE:TARGET:ROWS[:packed][:tower]",
                     help="compile these cells (each in its own process) and print the cost-estimate table")
+    ap.add_argument("--costs-from", metavar="JSONL", help="print the cost table of the cells recorded in this file")
     ap.add_argument("--fill", default="",
                     help="--costs: real (non-padding) tokens per computed token by layout, e.g. "
                          "packed=0.97,bucketed=0.6 (bench/packing.py measures them); default: per computed token")
@@ -407,6 +416,10 @@ def main() -> None:
                               packed=args.packed, tower=args.tower)))
     elif args.costs:
         costs(args.out, args.costs, args.remat, _fills(args.fill))
+    elif args.costs_from:
+        with open(args.costs_from) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        print("\n".join(cost_table([r for r in recs if "cost" in r or "failed" in r], _fills(args.fill))))
     elif args.depth_point:
         layers, layout, what = args.depth_point
         print(json.dumps(depth_point(int(layers), layout == "scan", what)))

@@ -64,7 +64,7 @@ def _parse(text: str) -> tuple[dict[str, list[_Instr]], str]:
             if line.startswith("ENTRY"):
                 entry = m.group(1)
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # not "}}, metadata=...": a long attribute continued on its own line
             current = None
             continue
         m = _INSTRUCTION.match(line)
@@ -106,13 +106,47 @@ def _matmul_flops(ins: _Instr, shapes: dict[str, list[int]]) -> float:
             return 0.0
         contracted = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d)
         return 2.0 * math.prod(out) * contracted
-    # convolution: each output element is a sum over the kernel's input features and window.
-    rhs = shapes.get(ops[1])
-    m = re.search(r"dim_labels=\w+_(\w+)->\w+", ins.rest)
-    if rhs is None or m is None or len(m.group(1)) != len(rhs):
+    # convolution: an output element sums the kernel's input features over the window positions that
+    # fall on the input, not on its padding. The TPU compiler writes some projections as convolutions
+    # whose window mostly covers padding (a [T, D] x [D, H, K] projection: a window of H heads padded by
+    # H - 1 on each side, one position real), so the window size alone would overcount them H times.
+    lhs, rhs = shapes.get(ops[0]), shapes.get(ops[1])
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.rest)
+    if lhs is None or rhs is None or m is None or (len(m.group(1)), len(m.group(2))) != (len(lhs), len(rhs)):
         return 0.0
-    per_output = math.prod(size for label, size in zip(m.group(1), rhs) if label != "o")
-    return 2.0 * math.prod(out) * per_output
+    lhs_labels, rhs_labels, out_labels = m.groups()
+    window = _window(ins.rest)
+    flops = 2.0 * math.prod(size for label, size in zip(out_labels, out) if not label.isdigit())
+    flops *= math.prod(size for label, size in zip(rhs_labels, rhs) if label == "i")
+    for d in range(sum(label.isdigit() for label in rhs_labels)):
+        kernel = rhs[rhs_labels.index(str(d))]
+        field = {k: (v[d] if d < len(v) else v[-1]) for k, v in window.items()}
+        flops *= _valid_pairs(lhs[lhs_labels.index(str(d))], out[out_labels.index(str(d))], kernel, **field)
+    return flops
+
+
+def _window(rest: str) -> dict[str, list]:
+    """A convolution's window attributes per spatial dimension (defaults when absent)."""
+    m = re.search(r"window=\{([^}]*)\}", rest)
+    fields = dict(part.split("=", 1) for part in (m.group(1).split() if m else []))
+    ints = lambda key, default: [int(x) for x in fields[key].split("x")] if key in fields else [default]  # noqa: E731
+    pads = [tuple(int(x) for x in p.split("_")) for p in fields["pad"].split("x")] if "pad" in fields else [(0, 0)]
+    return {"stride": ints("stride", 1), "pad_low": [p[0] for p in pads], "lhs_dilate": ints("lhs_dilate", 1),
+            "rhs_dilate": ints("rhs_dilate", 1)}
+
+
+def _valid_pairs(size: int, out: int, kernel: int, *, stride: int, pad_low: int, lhs_dilate: int,
+                 rhs_dilate: int) -> int:
+    """(output position, kernel position) pairs of one spatial dimension that read an input element."""
+    dilated = (size - 1) * lhs_dilate + 1
+    count = 0
+    for k in range(kernel):
+        offset = k * rhs_dilate - pad_low
+        # positions o with 0 <= o * stride + offset < dilated, on an input element (not a dilation hole)
+        for o in range(out):
+            x = o * stride + offset
+            count += 0 <= x < dilated and x % lhs_dilate == 0
+    return count
 
 
 def _trip_count(ins: _Instr, comps: dict[str, list[_Instr]]) -> int | None:
