@@ -85,3 +85,38 @@ def test_a_stage_that_does_not_name_the_tower_leaves_it_bit_identical(vision_lea
     assert frozen and all(np.array_equal(np.asarray(x), np.asarray(initial[p])) for p, x in frozen)
     moves = _largest_step({k: params[k] for k in state.params}, state.params)
     assert all(0.9 * LR <= v <= 1.0001 * LR for v in moves.values()), moves
+
+
+@pytest.mark.slow(seconds=10)
+def test_resuming_into_another_optimizer_layout_is_a_config_error(tmp_path):
+    """A mid-stage checkpoint written with one learning rate for all, resumed by the same stage with the
+    tower at its own rate (two optimizer groups) or with the tower frozen: one ConfigError naming the
+    stage, the checkpoint and the fields that changed (was: Orbax's tree diff as a plain ValueError)."""
+    import types
+
+    from llava_jax.train import loop
+    from llava_jax.train.checkpoint import Checkpointer
+    from llava_jax.train.validate import ConfigError
+
+    params = nn.unbox(init_params(CFG, jax.random.key(fresh_seed())))
+
+    def program(trainable, vision_learning_rate):
+        st = make_stage("s", data="d", template="plain", trainable=trainable, learning_rate=LR, global_batch=2,
+                        micro_batch=2, vision_learning_rate=vision_learning_rate)
+        return st, stage_program(CFG, st, make_mesh(), DEFAULT_RULES, 10, params)
+
+    everything = ["projector/.*", "language_model/.*", "vision_tower/.*"]
+    _, written = program(everything, 0.0)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(3, loop._checkpointed(written.init_state(params)), {"stage_step": 3}, {})
+    ckpt.wait()
+    run = types.SimpleNamespace(ckpt=ckpt)
+    resume = types.SimpleNamespace(step=3, meta={"stage_step": 3}, data_state={})
+    iterator = types.SimpleNamespace(set_state=lambda state: None)
+    for trainable, vision_learning_rate in ((everything, VISION_LR), (everything[:2], 0.0)):
+        st, other = program(trainable, vision_learning_rate)
+        with pytest.raises(ConfigError, match=r"stage s: checkpoint 3 in .* holds other trained parameters or "
+                                              r"optimizer state .*vision_learning_rate.*new workdir"):
+            loop._restore(run, st, other.init_state(params), iterator, resume)
+    same = loop._restore(run, *program(everything, 0.0)[:1], written.init_state(params), iterator, resume)
+    assert int(same.step) == 0
