@@ -42,6 +42,7 @@ from llava_jax.config import CONFIG_FILE, PRESETS, LlavaConfig
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import abstract_sharded_params, batch_shardings, sharded_shapes
+from llava_jax.train import hlo_flops
 from llava_jax.train.program import compute_config, rules_from_config, stage_program
 from llava_jax.train.validate import has_architecture, validate
 
@@ -76,7 +77,9 @@ class CompileReport:
     alias_bytes: int
     temp_bytes: int
     chip_bytes: int | None  # the device's memory, when known
+    image_slots: int = 1  # tile slots a row the step computes the vision tower over (filled or not)
     error: str | None = None  # the compiler's out-of-memory refusal (temporaries then from its message)
+    cost: dict[str, Any] | None = None  # the compiler's cost figures and the loop-counted FLOPs (`cost_figures`)
 
     @property
     def total_bytes(self) -> int:
@@ -233,6 +236,7 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
         alias_bytes=0,
         temp_bytes=0,
         chip_bytes=None if chip is None else int(float(chip) * GIB),
+        image_slots=images * geometry.max_patches,
     )
     try:
         compiled = lowered.compile()
@@ -248,6 +252,7 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     mem = compiled.memory_analysis()
     return dataclasses.replace(
         report,
+        cost=cost_figures(compiled),
         compile_s=seconds,
         argument_bytes=int(getattr(mem, "argument_size_in_bytes", 0)),
         output_bytes=int(getattr(mem, "output_size_in_bytes", 0)),
@@ -282,6 +287,31 @@ def run(config: ml_collections.ConfigDict) -> list[CompileReport]:
         print(report.line(), flush=True)
         reports.append(report)
     return reports
+
+
+def cost_figures(compiled) -> dict[str, Any]:
+    """One device's cost figures of a compiled program: the compiler's estimates and the loop-counted matmul FLOPs.
+
+    `compiler_flops`, `compiler_bytes` and `compiler_optimal_seconds` are XLA's `cost_analysis()` as it gives
+    them (`optimal_seconds` only from the TPU compiler): each loop body counted once. `hlo_flops` counts the
+    program's matmuls with every loop at its trip count (llava_jax/train/hlo_flops.py), `hlo_flops_once`
+    the same matmuls with each body once, the count to hold against `compiler_flops`.
+    """
+    analysis = compiled.cost_analysis()
+    analysis = (analysis[0] if analysis else {}) if isinstance(analysis, (list, tuple)) else (analysis or {})
+    counted = hlo_flops.count(compiled.as_text())
+    kernels = sorted({c for c in counted.custom_calls if c not in _BOOKKEEPING_CALLS})
+    optimal = analysis.get("optimal_seconds")
+    return {"compiler_flops": float(analysis.get("flops", 0.0)),
+            "compiler_bytes": float(analysis.get("bytes accessed", 0.0)),
+            "compiler_optimal_seconds": None if optimal is None else float(optimal),
+            "hlo_flops": counted.flops, "hlo_flops_once": counted.once, "loops": list(counted.loops),
+            "unknown_loops": counted.unknown_loops, "kernels": kernels}
+
+
+# Custom calls that move or allocate memory, not compute: not worth naming among the uncounted kernels.
+_BOOKKEEPING_CALLS = frozenset({"AllocateBuffer", "ConcatBitcast", "Sharding", "SPMDFullToShardShape",
+                                "SPMDShardToFullShape", "MoveToHost", "MoveToDevice"})
 
 
 def report_dict(report: CompileReport) -> dict[str, Any]:

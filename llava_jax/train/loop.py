@@ -416,7 +416,18 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
 
 def _restore(run: _Run, stage, state: TrainState, iterator: pipeline.DataIterator, resume: _Resume) -> TrainState:
     """The checkpoint's trained parameters, optimizer state and counters, restored into `state`'s shardings."""
-    restored = run.ckpt.restore_state(resume.step, abstract_like(_checkpointed(state)))
+    try:
+        restored = run.ckpt.restore_state(resume.step, abstract_like(_checkpointed(state)))
+    except ValueError as e:
+        # Orbax's message lists every leaf that differs; the cause a user can act on is the stage's config.
+        if "tree structures do not match" not in str(e):
+            raise
+        first = " ".join(str(e).splitlines()[1:2]).strip()
+        raise ConfigError(
+            f"stage {stage.name}: checkpoint {resume.step} in {run.ckpt.directory} holds other trained parameters or "
+            "optimizer state than this stage builds (its trainable, vision_learning_rate or lora changed since it "
+            f"was written; first difference: {first}): resume with the config that wrote it, or use a new "
+            "workdir") from None
     iterator.set_state(resume.data_state)
     log.info("stage %s: restored step %d and the data position", stage.name, resume.meta["stage_step"])
     return state.replace(params=restored["params"], opt_state=restored["opt_state"], **restored["counters"])
