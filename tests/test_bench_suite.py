@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench.suite import summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,3 +47,25 @@ def test_benchmarks_import_without_grain_or_ml_collections():
                          env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow(seconds=5)
+def test_packing_bench_smoke(tmp_path, capsys):
+    """Smoke test of bench/packing.py at a tiny setting (no step timed): its table, and what must hold of any
+    run: packed and bucketed rows of one max_length carry the same real tokens (the same samples, cut alike),
+    packing needs no more rows, and the modelled mix is its components' records."""
+    from bench import packing
+
+    lines = packing.main(["--no-steps", "--num-train", "16", "--mix-fraction", "0.001", "--data-dir",
+                          str(tmp_path / "data"), "--json", str(tmp_path / "packing.json")])
+    by = {(x.data.split()[0], x.batching.split(",")[0] if x.batching.startswith("bucketed") else x.batching): x
+          for x in lines}
+    for data in ("synthetic", "modelled"):
+        packed, bucketed = by[(data, "packed")], by[(data, "bucketed")]
+        assert packed.real == bucketed.real > 0 and packed.samples == bucketed.samples
+        assert packed.rows <= bucketed.rows and 0 < packed.fraction <= 1 and 0 < bucketed.fraction <= 1
+    assert by[("modelled", "packed")].samples == sum(max(1, round(c.records * 0.001)) for c in packing.MIX_665K)
+    assert sum(c.records for c in packing.MIX_665K) == 665_298  # the released file's count
+    out = capsys.readouterr().out
+    assert "| modelled LLaVA-1.5 665K mix | packed |" in out and "fewer computed tokens a real token" in out
+    assert json.loads((tmp_path / "packing.json").read_text())["benchmark"] == "packing"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llava_jax.data import image as image_lib
-from llava_jax.data import pipeline, records
+from llava_jax.data import pipeline, records, sources
 from tests._seeds import fresh_seed
 from tests.test_data_pipeline import (CROP, _assert_same, _dataset, _model_config, _next_dataset, _take, data,  # noqa: F401
                                       multi, next_data)
@@ -130,6 +130,57 @@ def test_anyres_packed_rows_are_placed_as_the_model_places_them(next_data):
                                          [(im.height, im.width) for im in images], slots)
             np.testing.assert_array_equal(batch["pixel_values"][row], pixels[0])
             np.testing.assert_array_equal(batch["image_index"][row], index[0])
+
+
+class _SizesUnknown(sources.Source):
+    """A source's records and images with no header sizes (as loose files on gs://): anyres plans at the bound."""
+
+    def __init__(self, source):
+        self.source, self.name = source, source.name
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return sources.Example(self.source[index].record, self.source[index].images, None)
+
+    def record_stats(self):
+        return self.source.record_stats()
+
+
+def test_anyres_images_are_planned_at_their_exact_counts_and_pack_tighter(next_data):
+    """LLaVA-NeXT images of varied sizes: each record is planned at exactly the length its loaded row has
+    (each image's count from its header's size), never more than with every image at max_tokens and less for
+    most; rows then pack fewer, every packed row within max_length and every sample once as unpacked. A source
+    that cannot give sizes plans at the bound and still packs every sample."""
+    nd = next_data
+    source = sources.open_source(nd.paths["stage2"], nd.paths["image_folder"])
+    args = dict(image_token_index=nd.tok.vocab_size, max_length=256, max_images=2)
+    exact, images = pipeline.planned_sizes(source, nd.tok, "vicuna_v1", nd.geometry, **args)
+    bound, images_b = pipeline.planned_sizes(_SizesUnknown(source), nd.tok, "vicuna_v1", nd.geometry, **args)
+    np.testing.assert_array_equal(images, images_b)
+    unpacked_it = iter(_next_dataset(nd, shuffle=False, max_length=256))
+    unpacked = _by_id(_take(unpacked_it))
+    assert not unpacked_it.stats.skipped
+    ids = [source[i].record["id"] for i in range(len(source))]
+    np.testing.assert_array_equal(exact, [len(unpacked[rid][0]) for rid in ids])  # exact: the loaded length
+    has_image = images > 0
+    assert (exact <= bound).all() and (exact[has_image] < bound[has_image]).mean() > 0.5
+    np.testing.assert_array_equal(exact[~has_image], bound[~has_image])
+    max_length, per_row = 192, 4  # rows that two or three samples fill, image slots that do not bind first
+    rows = {name: pipeline.pack_rows(np.minimum(t, max_length), images, np.arange(len(t)), max_length=max_length,
+                                     max_images=per_row) for name, t in (("exact", exact), ("bound", bound))}
+    assert len(rows["exact"]) < len(rows["bound"]), {k: len(v) for k, v in rows.items()}
+    truncated = _by_id(_take(iter(_next_dataset(nd, shuffle=False, max_length=max_length))))
+    filled = {}
+    for name, src in (("exact", source), ("bound", _SizesUnknown(source))):
+        ds = _next_dataset(nd, src, max_length=max_length, max_images_per_row=per_row, packing=True)
+        batches = _take(iter(ds))
+        assert len(batches) == ds.batches_per_epoch
+        assert all(b["attention_mask"].sum(1).max() <= max_length == b["input_ids"].shape[1] for b, _ in batches)
+        _check_packed_equals_unpacked(batches, truncated)
+        filled[name] = sum(bool(row) for _, ids in batches for row in ids)
+    assert filled == {k: len(v) for k, v in rows.items()}, "the pipeline's rows are the planner's"
 
 
 def test_packed_same_seed_same_batches_and_resume_mid_epoch_is_exact(data):

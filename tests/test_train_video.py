@@ -25,6 +25,7 @@ from llava_jax.models.llava import Llava, init_params, place_images
 from tests._seeds import fresh_seed
 
 TILE, GRID, FRAMES = 28, 2, 4
+HIDDEN = int(os.environ.get("TV_HIDDEN", 64))
 PINPOINTS = ((28, 28), (28, 56), (56, 28), (56, 56))
 # anyres_max_1: a lone 56 x 56 image's 4 x 4 grid is downscaled to 2 x 2, so that weights are not all one-hot.
 GEOMETRY = anyres.AnyresConfig(TILE, GRID, PINPOINTS, max_tiles=1, untiled_multi=True, video="bilinear")
@@ -38,8 +39,8 @@ def model_config(tok: Tokenizer) -> LlavaConfig:
     return LlavaConfig(
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=TILE,
                             patch_size=14),
-        text=TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                        num_kv_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=tok.bos_id,
+        text=TextConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=HIDDEN // 4, max_position_embeddings=256, bos_token_id=tok.bos_id,
                         eos_token_id=tok.eos_id, model_type="qwen2"),
         anyres=GEOMETRY, image_token_index=tok.vocab_size, video_token_index=tok.vocab_size + 1,
         vision_feature_layer=-1)
@@ -198,7 +199,7 @@ def test_packing_counts_a_videos_tokens_and_frames(media, tmp_path):
         unpacked[it.last_record_ids[0]] = int(batch["attention_mask"].sum())
     for i in range(len(source)):
         rec = source[i].record
-        assert tokens[i] >= unpacked[rec["id"]], rec["id"]
+        assert tokens[i] == unpacked[rec["id"]], rec["id"]  # exact: header sizes, untiled images, frames
         video = pipeline.video_images(GEOMETRY, FRAMES) if "video" in rec else 0
         assert counts[i] == len(records.record_images(rec)) + video
     # Packed == each sample alone: every token's embedding (vision features gathered through image_index and

@@ -57,8 +57,9 @@ Packing (`packing=True`): each row holds several samples end to end, first-fit b
 T is `max_length` (or a bucket), I is `images_per_row` (x max_patches for anyres) and a row's images are
 its samples' images in placeholder order, one feature table a row for `image_index`. The packing is
 planned before the first batch from each record's rendered length (`planned_sizes`: one render of every
-record's text; anyres images counted at their largest), so rows never overflow when the images are
-loaded, and the plan below then shuffles and batches packed rows instead of records. Grain's
+record's text; each anyres image counted exactly from its size in the file's header, or at the largest
+count where the size cannot be read cheaply), so rows never overflow when the images are loaded, and the
+plan below then shuffles and batches packed rows instead of records. Grain's
 FirstFitPackIterDataset (grain 0.2.x) would carry the pixels (any N-D feature with its own length) and
 resume (its state replays the parent from the last packed batch), but it packs the stream as it comes:
 each process would yield a data-dependent number of batches (multi-host steps out of lock-step, no
@@ -88,6 +89,7 @@ Usage (the data may also be a packed directory or "tfds:NAME@split", see sources
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -187,6 +189,8 @@ def num_global_batches(lengths: np.ndarray, *, batch_size: int, shard_count: int
 # closes when a new one would exceed this. The cost is linear in it; 64 fills about 96% of a long-tailed
 # mix's tokens (tests/test_data_packing.py), 665K records in about 3 s.
 PACK_OPEN_ROWS = 64
+# Threads reading records (and anyres image headers) for the packing plan, and records a thread pool's chunk.
+PLAN_READ_THREADS, PLAN_CHUNK = 16, 1024
 
 
 def video_images(geometry: anyres.AnyresConfig, num_frames: int) -> int:
@@ -199,32 +203,71 @@ def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geo
                   video_token_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int64 [N], images int64 [N]): upper bounds of each record's rendered row, for packing.
 
-    Tokens are the rendered length before truncation, capped at `max_length`: exact for LLaVA-1.5 images,
-    an upper bound for anyres ones (each image counted at the geometry's largest, `max_tokens`: its real
-    count needs the image's size). Images are all the record's images (truncation may keep fewer). A record
-    that will be skipped (more than `max_images` images, nothing to render, unreadable) plans as (0, 0).
-    A video counts `geometry.video_tokens(num_frames)` tokens and `video_images` images (its frames' slots).
-    Costs one render of every record's text (packed and TFDS sources read each record's payload).
+    Tokens are the rendered length before truncation, capped at `max_length`: exact for LLaVA-1.5 images and
+    for anyres ones whose size the source reads from the file's header (`Example.sizes`: local files, packed
+    and TFDS records; `anyres.layout(geometry, size).num_tokens`, as the loader counts the decoded image); an
+    upper bound for an anyres image whose size it cannot read cheaply (loose files on gs://: a request an
+    image) or whose header is unreadable: the geometry's largest, `max_tokens`. Images are all the record's
+    images (truncation may keep fewer). A record that will be skipped (more than `max_images` images, nothing
+    to render, unreadable) plans as (0, 0). Costs one render of every record's text (packed and TFDS sources
+    read each record's payload) and, for anyres, one header read an image (40-110 us a local PNG or JPEG, 1%
+    of decoding it: BENCHMARKS.md, "Packing"), the reads in PLAN_READ_THREADS threads ahead of the renders.
+    OneVision's untiled images (a record with several) count their exact `tile_tokens + 1`, no header read; a
+    video counts `geometry.video_tokens(num_frames)` tokens and `video_images` images (its frames' slots).
     """
-    per_image = geometry.tile_tokens if geometry.merge == "flat" else geometry.max_tokens
     chosen = templates.get_template(template)
-    tokens, images = np.zeros(len(source), np.int64), np.zeros(len(source), np.int64)
-    for index in range(len(source)):
+    n = len(source)
+    tokens, images = np.zeros(n, np.int64), np.zeros(n, np.int64)
+
+    def read(index: int) -> tuple[records_lib.Record, int | list[int]] | None:
         try:
-            record = source[index].record
-            n = len(records_lib.record_images(record))
-            if n > max_images:
-                continue
-            video = records_lib.record_video(record) is not None
-            rendered = templates.render(records_lib.render_conversations(record), chosen, tokenizer,
-                                        image_token_index=image_token_index, num_image_tokens=per_image,
-                                        video_token_index=video_token_index,
-                                        num_video_tokens=[geometry.video_tokens(num_frames)] if video else ())
-            n += video_images(geometry, num_frames) if video else 0
+            example = source[index]
+            count = len(records_lib.record_images(example.record))
+            if count > max_images:
+                return None
+            if geometry.merge == "flat":
+                per_image = geometry.tile_tokens
+            elif not anyres.tiled_images(geometry, count):  # OneVision: a base and a newline, whatever the size
+                per_image = anyres.layout(geometry, (geometry.tile_size,) * 2, tiled=False).num_tokens
+            else:
+                per_image = [_planned_image_tokens(geometry, example, k) for k in range(count)]
+            return example.record, per_image
         except Exception:  # pylint: disable=broad-except  # the loader meets it again and reports it
-            continue
-        tokens[index], images[index] = min(len(rendered.input_ids), max_length), n
+            return None
+
+    # Threads read the records and image headers (waiting on a disk, or a request a record from a packed
+    # source on gs://) a chunk ahead of the renders, which hold the GIL.
+    with concurrent.futures.ThreadPoolExecutor(PLAN_READ_THREADS) as pool:
+        pending = pool.map(read, range(0, min(n, PLAN_CHUNK)))
+        for start in range(0, n, PLAN_CHUNK):
+            current, after = pending, range(start + PLAN_CHUNK, min(n, start + 2 * PLAN_CHUNK))
+            pending = pool.map(read, after)
+            for index, item in zip(range(start, min(n, start + PLAN_CHUNK)), current):
+                if item is None:
+                    continue
+                record, per_image = item
+                video = records_lib.record_video(record) is not None
+                try:
+                    rendered = templates.render(records_lib.render_conversations(record), chosen, tokenizer,
+                                                image_token_index=image_token_index, num_image_tokens=per_image,
+                                                video_token_index=video_token_index,
+                                                num_video_tokens=[geometry.video_tokens(num_frames)] if video else ())
+                except Exception:  # pylint: disable=broad-except  # the loader meets it again and reports it
+                    continue
+                tokens[index] = min(len(rendered.input_ids), max_length)
+                images[index] = len(records_lib.record_images(record)) + (video_images(geometry, num_frames)
+                                                                           if video else 0)
     return tokens, images
+
+
+def _planned_image_tokens(geometry: anyres.AnyresConfig, example: sources_lib.Example, k: int) -> int:
+    """Image k's token count from its header's size, or the geometry's largest where that is not to be had."""
+    if example.sizes is None:
+        return geometry.max_tokens
+    try:
+        return anyres.layout(geometry, example.sizes[k]()).num_tokens
+    except Exception:  # pylint: disable=broad-except  # unreadable: the loader skips it; the bound is safe anyway
+        return geometry.max_tokens
 
 
 def pack_rows(tokens: np.ndarray, images: np.ndarray, order: np.ndarray, *, max_length: int, max_images: int,
@@ -276,8 +319,11 @@ def images_per_row(geometry: anyres.AnyresConfig, max_length: int, max_images_pe
                    max_images_per_row: int | None) -> int:
     """Images a packed row holds at most (its image slots: that many, x `max_patches` tiles for anyres).
 
-    Default (None or 0): as many as `max_length` tokens can hold as packing counts them (`planned_sizes`: an
-    image at `tile_tokens`, anyres at `max_tokens`), so that images never limit a row before tokens do.
+    Default (None or 0): as many images of the largest count as `max_length` tokens hold (`tile_tokens` an
+    image, anyres `max_tokens`), so that LLaVA-1.5 images never limit a row before tokens do. Anyres images
+    are planned at their exact counts, most below `max_tokens`: there the default can fill a row's image slots
+    before its tokens, and a larger value packs tighter at the price of more (mostly empty) slots through the
+    vision tower, whose batch is static.
     """
     per_image = geometry.tile_tokens if geometry.merge == "flat" else geometry.max_tokens
     if not max_images_per_row:
@@ -286,6 +332,35 @@ def images_per_row(geometry: anyres.AnyresConfig, max_length: int, max_images_pe
         raise ValueError(f"max_images_per_row={max_images_per_row} is less than max_images_per_sample="
                          f"{max_images_per_sample}: a row must hold the largest sample")
     return max_images_per_row
+
+
+def plan_packing(source: sources_lib.Source, tokenizer: Any, template: str, geometry: anyres.AnyresConfig, *,
+                 image_token_index: int, max_length: int, max_images_per_sample: int, images_per_row: int, seed: int,
+                 shuffle: bool, num_frames: int = 0,
+                 video_token_index: int | None = None) -> tuple["PackedRows", np.ndarray]:
+    """(the rows, the planned tokens [N]): `make_dataset(..., packing=True)`'s packing of `source` (and what
+    bench/packing.py measures): `planned_sizes`, then `pack_rows` over a seeded order of the records."""
+    tokens, counts = planned_sizes(source, tokenizer, template, geometry, image_token_index=image_token_index,
+                                   max_length=max_length, max_images=max_images_per_sample, num_frames=num_frames,
+                                   video_token_index=video_token_index)
+    # One packing for every epoch (each epoch shuffles the rows): the epoch length is then known before
+    # the first step (the LR schedule) and the same on every process (all plan the same rows), and the
+    # iterator state stays one index. Samples in a row never see each other, so a fixed packing only
+    # decides which samples share a batch.
+    # A stream of its own: the epoch plans draw from [seed, epoch].
+    order = np.random.default_rng([seed, 1 << 20]).permutation(len(source)) if shuffle else np.arange(len(source))
+    rows = pack_rows(tokens, counts, order, max_length=max_length, max_images=images_per_row)
+    return PackedRows.of(rows), tokens
+
+
+def bucket_list(length_buckets: Sequence[int] | None, max_length: int) -> list[int]:
+    """The allowed values of T: `length_buckets` below `max_length`, sorted, and `max_length`."""
+    return sorted({int(b) for b in length_buckets or () if b < max_length} | {max_length})
+
+
+def bucket_length(buckets: Sequence[int], longest: int) -> int:
+    """A batch's T: the smallest of `bucket_list`'s buckets that holds its longest row."""
+    return buckets[bisect.bisect_left(buckets, longest)]
 
 
 @dataclasses.dataclass
@@ -622,7 +697,7 @@ class _Collate:
         longest = max([sum(len(s.input_ids) for s in row) for row in samples], default=1)
         if longest > self.max_length:  # the packer's sizes are upper bounds: a bug, never the data
             raise RuntimeError(f"a packed row of {longest} tokens, more than max_length={self.max_length}")
-        t = self.buckets[bisect.bisect_left(self.buckets, longest)] if self.buckets else self.max_length
+        t = bucket_length(self.buckets, longest) if self.buckets else self.max_length
         b, c = len(rows), self.crop_size
         batch = {
             "input_ids": np.full((b, t), self.pad_id, np.int32),
@@ -911,7 +986,7 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
     if packing and group_by_modality_length:
         raise ValueError("packing and group_by_modality_length exclude each other: packed rows are full whatever "
                          "their samples' lengths; turn one off")
-    buckets = sorted({int(b) for b in length_buckets or () if b < max_length} | {max_length})
+    buckets = bucket_list(length_buckets, max_length)
     geometry = _geometry(num_image_tokens, geometry, image_cfg)
     video_cfg = _check_video(geometry, image_cfg, video_cfg, num_frames, video_token_index, frame_sampling)
     images = max_images_per_sample
@@ -920,16 +995,10 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
         # A video's frames count as images of max_patches slots each: a row must hold the largest sample.
         images = images_per_row(geometry, max_length, max_images_per_sample + video_images(geometry, num_frames),
                                 max_images_per_row)
-        tokens, counts = planned_sizes(source, tokenizer, template, geometry, image_token_index=image_token_index,
-                                       max_length=max_length, max_images=max_images_per_sample,
-                                       num_frames=num_frames, video_token_index=video_token_index)
-        # One packing for every epoch (each epoch shuffles the rows): the epoch length is then known before
-        # the first step (the LR schedule) and the same on every process (all plan the same rows), and the
-        # iterator state stays one index. Samples in a row never see each other, so a fixed packing only
-        # decides which samples share a batch.
-        # A stream of its own: the epoch plans draw from [seed, epoch].
-        order = np.random.default_rng([seed, 1 << 20]).permutation(len(source)) if shuffle else np.arange(len(source))
-        packed = PackedRows.of(pack_rows(tokens, counts, order, max_length=max_length, max_images=images))
+        packed, _ = plan_packing(source, tokenizer, template, geometry, image_token_index=image_token_index,
+                                 max_length=max_length, max_images_per_sample=max_images_per_sample,
+                                 images_per_row=images, seed=seed, shuffle=shuffle, num_frames=num_frames,
+                                 video_token_index=video_token_index)
     tiled = geometry.merge != "flat"
     lengths = source.lengths(geometry)
     too_many = int(np.sum(source.record_stats()[1] > max_images_per_sample))

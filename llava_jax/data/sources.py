@@ -7,7 +7,8 @@
 
 Each may be local or on GCS (`gs://`, through etils.epath / fsspec). A source holds records in
 a fixed order; `source[i]` is an `Example`: the LLaVA record (as records.py validates it),
-one opener per image returning the decoded PIL image, and for a record with a `video` one opener
+one opener per image returning the decoded PIL image (and, where that is cheap, one returning its size
+from the file's header alone, which packing plans with), and for a record with a `video` one opener
 returning its sampled frames (decoded with PyAV, data/video.py). The pipeline plans, renders and
 preprocesses Examples the same way whatever their source, so the same records in the same order
 give the same batches, token ids, labels and pixels from every source. Sources hold images as they
@@ -38,7 +39,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -62,10 +63,17 @@ VideoOpener = Callable[[int, str], np.ndarray]
 
 @dataclasses.dataclass
 class Example:
-    """One record, a way to open each of its images (in `image` field order) and its video's frames (or None)."""
+    """One record, a way to open each of its images (in `image` field order) and its video's frames (or None).
+
+    `sizes`: one callable an image giving its (height, width) from the header alone, without decoding (PIL
+    opens lazily: tens of microseconds against milliseconds for the pixels), or None where even that costs
+    a request an image (loose files on gs://). The decoded image has that size: packing plans each anyres
+    image's exact token count with it (pipeline.planned_sizes).
+    """
 
     record: Record
     images: list[Callable[[], PIL.Image.Image]]
+    sizes: list[Callable[[], tuple[int, int]]] | None = None
     video: VideoOpener | None = None
 
 
@@ -129,6 +137,13 @@ def _video_from_bytes(data: bytes, name: str) -> VideoOpener:
     return frames
 
 
+def header_size(file: str | os.PathLike | BinaryIO) -> tuple[int, int]:
+    """(height, width) of an image file (a path or an open binary file) from its header; pixels not decoded."""
+    with PIL.Image.open(file) as img:
+        width, height = img.size
+    return height, width
+
+
 # ----------------------------------------------------------------------------- JSON + image folder
 
 
@@ -166,8 +181,11 @@ class JsonSource(Source):
 
     def __getitem__(self, index: int) -> Example:
         record = self.records[index]
+        rels = records_lib.record_images(record)
+        sizes = None if is_remote(self.image_folder) else [
+            lambda rel=rel: header_size(records_lib.resolve_image_path(self.image_folder, rel)) for rel in rels]
         video = records_lib.record_video(record)
-        return Example(record, [self._opener(rel) for rel in records_lib.record_images(record)],
+        return Example(record, [self._opener(rel) for rel in rels], sizes,
                        None if video is None else self._video_opener(video))
 
     def _opener(self, rel: str) -> Callable[[], PIL.Image.Image]:
@@ -310,6 +328,7 @@ class PackedSource(Source):
             raise DataSourceError(f"{self.directory}: record {index} names {len(paths)} images"
                                   f"{' and a video' if video is not None else ''}, holds {len(images)} files")
         return Example(record, [_image_from_bytes(b, f"{self.directory}[{index}]:{p}") for b, p in zip(images, paths)],
+                       [lambda b=b: header_size(io.BytesIO(b)) for b in images[:len(paths)]],
                        None if video is None else _video_from_bytes(images[-1], f"{self.directory}[{index}]:{video}"))
 
 
@@ -390,15 +409,17 @@ class TfdsSource(Source):
         video = None
         if "video" in record:
             video = _video_from_bytes(bytes(images.pop()), f"{self.name}[{index}]:{record['video']}")
-        openers = []
+        openers, sizes = [], []
         for data, path in zip(images, records_lib.record_images(record)):
             where = f"{self.name}[{index}]:{path}"
             if isinstance(data, bytes):
                 openers.append(_image_from_bytes(data, where))
+                sizes.append(lambda b=data: header_size(io.BytesIO(b)))
             else:  # decoded by tfds.features.Image: uint8 [H, W, C]
                 array = np.asarray(data)
                 openers.append(lambda a=array: image_lib.to_rgb(PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)))
-        return Example(record, openers, video)
+                sizes.append(lambda a=array: (int(a.shape[0]), int(a.shape[1])))
+        return Example(record, openers, sizes, video)
 
     def record_stats(self):
         if self._stats is None:

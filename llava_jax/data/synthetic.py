@@ -419,6 +419,12 @@ COUNT_IMAGES_QUESTIONS = ("How many images show a circle?", "In how many of the 
                           "Count the images with a circle.")
 
 
+# The template the tasks are meant for: `mistral_instruct` (no system prompt), so that a row is mostly its media
+# and question (a few dozen tokens) and a tiny model trains on it in seconds.
+MEDIA_TEMPLATE = "mistral_instruct"
+MEDIA_TEMPLATE_TEXT = "[INST] [/INST]"
+
+
 def _media_paths(out_dir: str) -> dict[str, str]:
     return {"out_dir": out_dir, "image_folder": out_dir, "train": os.path.join(out_dir, "train.json"),
             "val": os.path.join(out_dir, "val.json"), "tokenizer": os.path.join(out_dir, "tokenizer.model"),
@@ -476,7 +482,7 @@ def _count_images_task(rng: np.random.Generator, size: int) -> tuple[list[Image.
 
 
 def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: int = 80, image_size: int = 28,
-                num_frames: int = 4, seed: int = 0, vocab_size: int = 384) -> dict[str, str]:
+                num_frames: int = 4, seed: int = 0, vocab_size: int = 640) -> dict[str, str]:
     """Writes the many-image and short-video tasks into `out_dir` and returns its paths (cached like `build`).
 
     Half the records are a video of `num_frames` frames (an .mp4 written with PyAV) asking "Which frame shows
@@ -484,7 +490,7 @@ def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: in
     a circle?" (a digit, qtype "count_images"). Records follow LLaVA-OneVision's formats: `"image": [paths]` with
     one `<image>` marker each, and LLaVA-Video-178K's `"video": path` marked with `<image>`. Answers are uniform
     by construction (blind: 1 / num_frames and about 0.3). val.json holds held-out records with "answer" and
-    "qtype"; the tokenizer is trained on the text.
+    "qtype"; the tokenizer is trained on the text and MEDIA_TEMPLATE's.
 
     Returns:
       {"out_dir", "image_folder" (= out_dir), "train", "val", "tokenizer", "manifest"} -> path.
@@ -512,8 +518,11 @@ def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: in
                 rel = f"videos/{name}.mp4"
                 write_video(os.path.join(out_dir, rel), frames)
                 q = FRAME_QUESTIONS[rng.integers(len(FRAME_QUESTIONS))]
+                # The video last, right before the answer: each frame then sits at the same distance from the
+                # answer in every record, which is what a tiny model (rotary positions only) can read a frame's
+                # place from.
                 record = {"id": name, "video": rel, "qtype": "frame", "conversations": [
-                    {"from": "human", "value": _with_marker(rng, q)}, {"from": "gpt", "value": answer}]}
+                    {"from": "human", "value": f"{q}\n<image>"}, {"from": "gpt", "value": answer}]}
             else:
                 images, answer = _count_images_task(rng, image_size)
                 rels = [f"images/{name}_{k}.png" for k in range(len(images))]
@@ -525,7 +534,7 @@ def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: in
                     {"from": "gpt", "value": answer}]}
             record["answer"] = answer
             splits[split].append(record)
-            sentences += [q, answer, "Image 1: Image 2: Image 3:", TEMPLATE_TEXT[0], TEMPLATE_TEXT[2]]
+            sentences += [q, answer, "Image 1: Image 2: Image 3:", MEDIA_TEMPLATE_TEXT]
     _write_json(files["train"], splits["train"])
     _write_json(files["val"], splits["val"])
     paths.atomic_write(files["tokenizer"], train_tokenizer(sentences, vocab_size))
