@@ -230,3 +230,24 @@ def test_packing_counts_a_videos_tokens_and_frames(media, tmp_path):
                     np.testing.assert_allclose(got[b, at], alone[record_id], rtol=1e-5, atol=1e-6, err_msg=record_id)
         assert it.stats.num_skipped == 0
     assert samples == len(source) + 2 and shared and tilings
+
+
+def test_compile_only_batch_and_config_know_video():
+    """The AOT abstract batch of a OneVision model carries image_index and image_weight [A, b, T, 4] and the
+    frames' slots after the images'; data.num_frames below 1 is a ConfigError naming the field."""
+    import types
+
+    from llava_jax.parallel.mesh import make_mesh
+    from llava_jax.train import aot
+    from llava_jax.train.validate import ConfigError, validate
+    from tests._train_config import get_config
+
+    cfg = model_config(types.SimpleNamespace(vocab_size=100, bos_id=1, eos_id=2))
+    mesh = make_mesh(**get_config().mesh.to_dict())
+    batch = aot.abstract_batch(cfg, 2, 4, 64, mesh, max_images=3, num_frames=FRAMES)
+    assert batch["image_index"].shape == batch["image_weight"].shape == (2, 4, 64, 4)
+    assert batch["pixel_values"].shape[2] == 3 * GEOMETRY.max_patches + FRAMES
+    bad = get_config()
+    bad.data.num_frames = 0
+    with pytest.raises(ConfigError, match=r"config.data.num_frames: 0; expected a number >= 1"):
+        validate(bad)

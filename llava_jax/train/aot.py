@@ -209,15 +209,17 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     # One image a row, cut as the loop cuts the stage's images (data/pipeline.py make_dataset's default
     # max_images_per_sample=1; a `base_resolution` stage of an anyres model: one base tile an image); packed
     # rows hold as many as the pipeline gives them.
-    from llava_jax.data.pipeline import images_per_row
+    from llava_jax.data.pipeline import images_per_row, video_images
     from llava_jax.train.loop import stage_geometry
 
     geometry, _ = stage_geometry(cfg, stage, None, False)
     images = 1
+    frames = config.data.num_frames if geometry.video else 0  # as the loop reads video records
     if config.data.packing:
-        images = images_per_row(geometry, stage.max_length, 1, config.data.max_images_per_row)
+        images = images_per_row(geometry, stage.max_length, 1 + video_images(geometry, frames),
+                                config.data.max_images_per_row)
     batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh, max_images=images,
-                           geometry=geometry, packed=config.data.packing)
+                           geometry=geometry, packed=config.data.packing, num_frames=frames)
     start = time.time()
     lowered = program.step.lower(program.state_abstract, batch)
     device = mesh.devices.flat[0]
