@@ -251,3 +251,58 @@ def test_compile_only_batch_and_config_know_video():
     bad.data.num_frames = 0
     with pytest.raises(ConfigError, match=r"config.data.num_frames: 0; expected a number >= 1"):
         validate(bad)
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"video": "v.mp4", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+     None),  # LLaVA-Video-178K: <image> is the video
+    ({"video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nq"}, {"from": "gpt", "value": "a"}]},
+     None),
+    ({"video": "v.mp4", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image><image><video>\nq"}, {"from": "gpt", "value": "a"}]}, None),
+    ({"video": "v.mp4", "conversations": [{"from": "human", "value": "<image><image>\nq"},
+                                          {"from": "gpt", "value": "a"}]}, "a record with a video and no images"),
+    ({"video": "v.mp4", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                            {"from": "gpt", "value": "a"}]}, "a video needs exactly"),
+    ({"conversations": [{"from": "human", "value": "<video>\nq"}, {"from": "gpt", "value": "a"}]}, "no video"),
+    ({"video": "", "conversations": [{"from": "human", "value": "<video>\nq"}, {"from": "gpt", "value": "a"}]},
+     "field 'video' must be a non-empty path"),
+    ({"video": "v.mp4", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<video>"}]},
+     "markers belong in human turns"),
+])
+def test_video_records_are_validated(record, problem):
+    got = records.validate_record({"id": 1, **record})
+    assert (got is None) if problem is None else (problem in got), got
+    if problem is None:  # what the renderer sees: every video marker is <video>
+        turns = records.render_conversations({"id": 1, **record})
+        assert sum(t["value"].count("<video>") for t in turns) == 1
+
+
+def test_held_out_evaluation_batches_carry_image_weight(media):
+    """train/evaluate.py's batches for a OneVision model: image_index and image_weight as place_images builds
+    them for a lone (tiled, downscaled) image."""
+    from llava_jax.train import evaluate
+
+    cfg = model_config(media["tok"])
+    im = image_lib.load_image(os.path.join(media["image_folder"], "images", "big.png"))
+    size = (im.height, im.width)
+    n = anyres.layout(GEOMETRY, size).num_tokens
+    ids = np.concatenate([[1, 5], np.full(n, cfg.image_token_index), [7, 2]]).astype(np.int32)
+    sample = {"input_ids": ids, "labels": np.full(len(ids), -100, np.int32), "pixel_values":
+              image_lib.preprocess(im, IMAGE_CFG), "size": size, "qtype": "all"}
+    seen = []
+
+    def forward(params, batch):
+        seen.append(batch)
+        b = len(batch["input_ids"])
+        return np.ones(b, bool), np.zeros(b, np.float32), np.ones(b, np.float32)
+
+    evaluate.evaluate(forward, None, [sample], batch_size=1, crop=TILE, geometry=GEOMETRY,
+                      image_token_index=cfg.image_token_index)
+    batch = seen[0]
+    pixels, (index, weights) = place_images(batch["input_ids"], [sample["pixel_values"]], cfg, [size],
+                                            GEOMETRY.max_patches)
+    np.testing.assert_array_equal(batch["pixel_values"], pixels)
+    np.testing.assert_array_equal(batch["image_index"], index)
+    np.testing.assert_array_equal(batch["image_weight"], weights)
+    assert np.any((weights > 0) & (weights < 1))
