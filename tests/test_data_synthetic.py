@@ -277,9 +277,20 @@ def test_media_tasks_answers_agree_with_the_pixels_and_are_balanced(tmp_path):
     files = synthetic.build_media(tmp_path / "m", num_train=64, num_val=8, image_size=28, num_frames=4)
     train = json.load(open(files["train"]))
     assert all(records.validate_record(r) is None for r in train)
+    assert sum(r["qtype"] == "describe" for r in train) == 64  # one a training record; none held out
     answers = collections.defaultdict(collections.Counter)
     red = np.asarray(synthetic.COLORS["red"], float)
+    by_id = {r["id"]: r for r in train}
     for r in train:
+        if r["qtype"] == "describe":  # the same media, each frame or image named in order
+            asked = by_id[r["id"].removesuffix("_describe")]
+            assert {k: r.get(k) for k in ("image", "video")} == {k: asked.get(k) for k in ("image", "video")}
+            items = r["conversations"][1]["value"].rstrip(".").split(", ")
+            if "video" in r:
+                assert items.index("red square") == synthetic.ORDINALS.index(asked["answer"])
+            else:
+                assert sum(item.endswith("circle") for item in items) == int(asked["answer"])
+            continue
         answers[r["qtype"]][r["answer"]] += 1
         if r["qtype"] == "frame":
             frames, _ = video_lib.decode_frames(os.path.join(files["image_folder"], r["video"]), 4)

@@ -415,6 +415,7 @@ ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "
 MEDIA_QTYPES = ("frame", "count_images")
 FRAME_QUESTIONS = ("Which frame shows the red square?", "In which frame is there a red square?",
                    "Which frame has the red square?")
+DESCRIBE_FRAMES, DESCRIBE_IMAGES = "Describe each frame.", "Describe each image."
 COUNT_IMAGES_QUESTIONS = ("How many images show a circle?", "In how many of the images is there a circle?",
                           "Count the images with a circle.")
 
@@ -455,42 +456,46 @@ def _one_shape(rng: np.random.Generator, size: int, shape: str, color: str) -> I
     return draw_scene(Scene(shape, color, 1, "center", (center,), float(radius)), size)
 
 
-def _frame_task(rng: np.random.Generator, size: int, num_frames: int) -> tuple[np.ndarray, str]:
-    """A video whose one frame shows a red square (the others: squares and circles of other colours), and the
-    ordinal of that frame."""
+def _frame_task(rng: np.random.Generator, size: int, num_frames: int) -> tuple[np.ndarray, str, str]:
+    """A video whose one frame shows a red square (the others: squares and circles of other colours), the
+    ordinal of that frame, and a description of the frames in order."""
     target = int(rng.integers(num_frames))
     others = [c for c in COLORS if c != "red"]
-    frames = []
+    frames, parts = [], []
     for f in range(num_frames):
-        if f == target:
-            frames.append(_one_shape(rng, size, "square", "red"))
-        else:
-            shape = ("square", "circle")[rng.integers(2)]
-            frames.append(_one_shape(rng, size, shape, others[rng.integers(len(others))]))
-    return np.stack([np.asarray(f) for f in frames]), ORDINALS[target]
+        shape, color = ("square", "red") if f == target else (("square", "circle")[rng.integers(2)],
+                                                              others[rng.integers(len(others))])
+        frames.append(_one_shape(rng, size, shape, color))
+        parts.append(f"{color} {shape}")
+    return np.stack([np.asarray(f) for f in frames]), ORDINALS[target], ", ".join(parts) + "."
 
 
-def _count_images_task(rng: np.random.Generator, size: int) -> tuple[list[Image.Image], str]:
+def _count_images_task(rng: np.random.Generator, size: int) -> tuple[list[Image.Image], str, str]:
     """2 or 3 images, each a circle or a square of any colour; the answer (how many show a circle) is uniform
-    over 0..n."""
+    over 0..n; and a description of the images in order."""
     n = int(rng.integers(2, 4))
     k = int(rng.integers(n + 1))
     circles = set(rng.choice(n, k, replace=False).tolist())
-    images = [_one_shape(rng, size, "circle" if i in circles else "square", tuple(COLORS)[rng.integers(len(COLORS))])
-              for i in range(n)]
-    return images, str(k)
+    images, parts = [], []
+    for i in range(n):
+        shape, color = "circle" if i in circles else "square", tuple(COLORS)[rng.integers(len(COLORS))]
+        images.append(_one_shape(rng, size, shape, color))
+        parts.append(f"{color} {shape}")
+    return images, str(k), ", ".join(parts) + "."
 
 
 def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: int = 80, image_size: int = 28,
-                num_frames: int = 4, seed: int = 0, vocab_size: int = 640) -> dict[str, str]:
+                num_frames: int = 4, seed: int = 0, vocab_size: int = 640, describe: bool = True) -> dict[str, str]:
     """Writes the many-image and short-video tasks into `out_dir` and returns its paths (cached like `build`).
 
     Half the records are a video of `num_frames` frames (an .mp4 written with PyAV) asking "Which frame shows
     the red square?" (answered with an ordinal, qtype "frame"); half are 2-3 images asking "How many images show
     a circle?" (a digit, qtype "count_images"). Records follow LLaVA-OneVision's formats: `"image": [paths]` with
     one `<image>` marker each, and LLaVA-Video-178K's `"video": path` marked with `<image>`. Answers are uniform
-    by construction (blind: 1 / num_frames and about 0.3). val.json holds held-out records with "answer" and
-    "qtype"; the tokenizer is trained on the text and MEDIA_TEMPLATE's.
+    by construction (blind: 1 / num_frames and about 0.3). With `describe`, train.json also asks of each
+    record's media "Describe each frame." / "Describe each image." (qtype "describe": "red square, blue
+    circle, ..."), the supervision a tower trained from scratch learns colour and shape from. val.json holds
+    held-out questions with "answer" and "qtype"; the tokenizer is trained on the text and MEDIA_TEMPLATE's.
 
     Returns:
       {"out_dir", "image_folder" (= out_dir), "train", "val", "tokenizer", "manifest"} -> path.
@@ -502,7 +507,7 @@ def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: in
     files = _media_paths(out_dir)
     args = json.loads(json.dumps({"version": MEDIA_VERSION, "num_train": num_train, "num_val": num_val,
                                   "image_size": image_size, "num_frames": num_frames, "seed": seed,
-                                  "vocab_size": vocab_size}))
+                                  "vocab_size": vocab_size, "describe": describe}))
     if _is_complete(files, args):
         return files
     for sub in ("images", "videos"):
@@ -514,7 +519,7 @@ def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: in
         for i in range(count):
             name = f"{split}_{i:05d}"
             if i % 2 == 0:
-                frames, answer = _frame_task(rng, image_size, num_frames)
+                frames, answer, described = _frame_task(rng, image_size, num_frames)
                 rel = f"videos/{name}.mp4"
                 write_video(os.path.join(out_dir, rel), frames)
                 q = FRAME_QUESTIONS[rng.integers(len(FRAME_QUESTIONS))]
@@ -524,7 +529,7 @@ def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: in
                 record = {"id": name, "video": rel, "qtype": "frame", "conversations": [
                     {"from": "human", "value": f"{q}\n<image>"}, {"from": "gpt", "value": answer}]}
             else:
-                images, answer = _count_images_task(rng, image_size)
+                images, answer, described = _count_images_task(rng, image_size)
                 rels = [f"images/{name}_{k}.png" for k in range(len(images))]
                 for im, rel in zip(images, rels):
                     _save_png(im, os.path.join(out_dir, rel))
@@ -535,6 +540,16 @@ def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: in
             record["answer"] = answer
             splits[split].append(record)
             sentences += [q, answer, "Image 1: Image 2: Image 3:", MEDIA_TEMPLATE_TEXT]
+            if split == "train" and describe:
+                # What each frame or image shows, in order: many tokens of supervision a record (a caption
+                # stage's role), from which a tower trained from scratch learns colour and shape.
+                media = {k: v for k, v in record.items() if k in ("image", "video")}
+                prompt = DESCRIBE_FRAMES if "video" in record else DESCRIBE_IMAGES
+                splits[split].append({"id": f"{name}_describe", **media, "qtype": "describe", "conversations": [
+                    {"from": "human", "value": f"{prompt}\n<image>" if "video" in record else
+                     record["conversations"][0]["value"].replace(q, prompt)},
+                    {"from": "gpt", "value": described}]})
+                sentences += [prompt, described]
     _write_json(files["train"], splits["train"])
     _write_json(files["val"], splits["val"])
     paths.atomic_write(files["tokenizer"], train_tokenizer(sentences, vocab_size))
