@@ -306,3 +306,56 @@ def test_held_out_evaluation_batches_carry_image_weight(media):
     np.testing.assert_array_equal(batch["image_index"], index)
     np.testing.assert_array_equal(batch["image_weight"], weights)
     assert np.any((weights > 0) & (weights < 1))
+
+
+@pytest.mark.slow(seconds=90)
+def test_a_tiny_onevision_model_fits_the_media_tasks_through_the_pixels(tmp_path):
+    """Smoke test of training on video and multi-image batches (the real train step, image_weight included): a
+    tiny OneVision-geometry model trained from scratch fits 16 synthetic records of each task, the media's
+    questions answered from the pixels (the same model with them blanked answers far worse). The questions'
+    text is the same in every record, so only the images and frames tell the answers apart.
+
+    Not held-out learning: on 600 records the same model stayed at its blind accuracy for 1500 steps (about 5
+    minutes on this CPU; frame 0.42 / count 0.38 against blind 0.36 / 0.38, with the "describe" records), far over
+    a test's budget."""
+    from llava_jax.train import optimizer as opt_lib
+    from llava_jax.train import step as step_lib
+    from llava_jax.train.evaluate import eval_forward
+
+    seed = fresh_seed()
+    files = synthetic.build_media(tmp_path / "m", num_train=16, num_val=0, image_size=TILE, num_frames=FRAMES,
+                                  seed=seed)
+    tok = Tokenizer(files["tokenizer"])
+    cfg = model_config(tok)
+    keys = ("input_ids", "labels", "attention_mask", "pixel_values", "image_index", "image_weight")
+
+    def data(**kw):
+        return _dataset(dict(image_folder=files["image_folder"], tok=tok), data=files["train"],
+                        max_length=96, **kw)
+
+    steps = 250
+    params = nn.unbox(init_params(cfg, jax.random.key(seed)))
+    tx, schedule = opt_lib.make_optimizer(learning_rate=3e-3, total_steps=steps, warmup_ratio=0.05)
+    state = step_lib.create_state(params, {}, tx)
+    train_step = jax.jit(step_lib.make_train_step(cfg, tx, schedule))
+    it = iter(data(batch_size=16, num_epochs=None, seed=seed))
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = train_step(state, {k: v[None] for k, v in next(it).items() if k in keys})
+    seconds = time.perf_counter() - start
+    forward = jax.jit(eval_forward(cfg))
+    qtype = {r["id"]: r["qtype"] for r in json.load(open(files["train"]))}
+    accuracy = {}
+    for blind in (False, True):
+        hits = []
+        ev = iter(data(batch_size=16, shuffle=False))
+        for batch in ev:
+            b = {k: v for k, v in batch.items() if k in keys}
+            if blind:
+                b["pixel_values"] = np.zeros_like(b["pixel_values"])
+            ok = np.asarray(forward(state.params, b)[0])
+            hits += [bool(ok[i]) for i, rid in enumerate(ev.last_record_ids) if rid and qtype[rid] != "describe"]
+        accuracy["blind" if blind else "seeing"] = float(np.mean(hits))
+    summary = dict(accuracy, loss=float(metrics["loss"]), seconds=round(seconds), seed=seed)
+    assert accuracy["seeing"] >= 0.9, summary
+    assert accuracy["seeing"] - accuracy["blind"] >= 0.4, summary
