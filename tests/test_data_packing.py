@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llava_jax.data import image as image_lib
-from llava_jax.data import pipeline, records, sources
+from llava_jax.data import pack, pipeline, records, sources
 from tests._seeds import fresh_seed
 from tests.test_data_pipeline import (CROP, _assert_same, _dataset, _model_config, _next_dataset, _take, data,  # noqa: F401
                                       multi, next_data)
@@ -171,6 +171,11 @@ def test_anyres_images_are_planned_at_their_exact_counts_and_pack_tighter(next_d
     rows = {name: pipeline.pack_rows(np.minimum(t, max_length), images, np.arange(len(t)), max_length=max_length,
                                      max_images=per_row) for name, t in (("exact", exact), ("bound", bound))}
     assert len(rows["exact"]) < len(rows["bound"]), {k: len(v) for k, v in rows.items()}
+    # Packed ArrayRecord shards read each size from the image bytes they carry: the same plan.
+    shards = pack.pack(nd.paths["stage2"], nd.paths["image_folder"], os.path.join(nd.paths["out_dir"], "packed_plan"))
+    assert shards["num_records"] == len(source)
+    np.testing.assert_array_equal(pipeline.planned_sizes(sources.PackedSource(os.path.join(
+        nd.paths["out_dir"], "packed_plan")), nd.tok, "vicuna_v1", nd.geometry, **args)[0], exact)
     truncated = _by_id(_take(iter(_next_dataset(nd, shuffle=False, max_length=max_length))))
     filled = {}
     for name, src in (("exact", source), ("bound", _SizesUnknown(source))):

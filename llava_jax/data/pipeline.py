@@ -210,10 +210,11 @@ def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geo
     image) or whose header is unreadable: the geometry's largest, `max_tokens`. Images are all the record's
     images (truncation may keep fewer). A record that will be skipped (more than `max_images` images, nothing
     to render, unreadable) plans as (0, 0). Costs one render of every record's text (packed and TFDS sources
-    read each record's payload) and, for anyres, one header read an image (40-110 us a local PNG or JPEG, 1%
-    of decoding it: BENCHMARKS.md, "Packing"), the reads in PLAN_READ_THREADS threads ahead of the renders.
-    OneVision's untiled images (a record with several) count their exact `tile_tokens + 1`, no header read; a
-    video counts `geometry.video_tokens(num_frames)` tokens and `video_images` images (its frames' slots).
+    read each record's payload) and, for anyres, one header read an image (tens to a few hundred microseconds
+    a local PNG or JPEG, 1-3% of decoding it: BENCHMARKS.md, "Packing"), the reads in PLAN_READ_THREADS
+    threads ahead of the renders. OneVision's untiled images (a record with several) count their exact
+    `tile_tokens + 1`, no header read; a video counts `geometry.video_tokens(num_frames)` tokens and
+    `video_images` images (its frames' slots).
     """
     chosen = templates.get_template(template)
     n = len(source)
