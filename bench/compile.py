@@ -5,6 +5,8 @@
   python -m bench.compile --cell 7b 2 v5e-8 --rows 4 --remat full    # one compile, one JSON line
   python -m bench.compile --table --sizes 13b --stages 2 --lora       # stage 2 as LoRA (`:13b_lora`)
   python -m bench.compile --table --sizes next-7b --stages 2 --targets v5p-8,v6e-8,v5e-16 --rows 8   # LLaVA-NeXT-7B
+  python -m bench.compile --costs 7b:2:v5p-8:16 7b:2:v5p-8:16:packed 7b:2:v6e-8:4:tower   # cost estimates
+  python -m bench.compile --costs-from compile_results.jsonl --fill packed=0.97,bucketed=0.6      # table again
 
 `--table` compiles each recipe (configs/llava15.py) through `llava_jax.train.aot`, the path of
 `--config.compile_only=True`, which builds the step as training does: TPU targets through libtpu's
@@ -17,6 +19,32 @@ and appends every compile to `--out` as JSON. Every compile runs in its own proc
 `next-7b` is LLaVA-NeXT-7B (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) trained by
 configs/llava_next.py:mistral_7b: stage 2 trains the projector, the LLM and the vision tower, 4096 tokens a
 row, one image a row at its most patches (base + 2 x 2 tiles: up to 2928 image tokens), global batch 128.
+
+`--costs` compiles the cells named `SIZE:STAGE:TARGET:ROWS[:packed][:tower]` (rows a chip; `packed`: data.packing
+rows, several samples and their images a row; `tower`: the stage trains the vision tower at 2e-6, as LLaVA-NeXT's
+stage 2 does) and prints, per cell and optimizer step, the TPU compiler's cost estimates beside counts that
+account for what it leaves out. What the compiler counts (found on 2026-12-06, jax 0.10.2, libtpu 0.0.42.1):
+- `cost_analysis()["flops"]` is the FLOPs of one device's program with every loop body counted once: the
+  micro-batch loop, each tower's scanned layers and the chunked loss' loop each add one iteration. Counted
+  once, our count of the program's matmuls (llava_jax/train/hlo_flops.py: every dot and convolution of the
+  optimized HLO, 2 x outputs x contracted size, a convolution's window counted only where it reads input,
+  not padding) agrees with it to 0.2% on the 7B stage-2 step; with every loop at its trip count (read from
+  the loop condition: the TPU compiler writes no trip counts) it is the step's matmul FLOPs, the column to
+  use. A scanned stack counts what its unrolled twin counts (tests/test_hlo_flops.py, tests/test_compile.py).
+- Neither count sees inside custom calls: the decoder's splash attention (a Pallas kernel) is in neither, so
+  the cross-check divides the loop-counted FLOPs by flops.py's count with full remat's second forward and
+  without attention; the model FLOPs (flops.py, with attention, no recompute) and 6 x params x tokens are
+  what MFU divides.
+- `optimal_seconds` is the compiler's time estimate of the same once-counted program. It was negative
+  (-0.998) for an unrolled MLP on v5e, so it is quoted only when positive and within ROOFLINE_AGREES of a
+  hand roofline of the same figures (max(flops / peak, bytes accessed / HBM bandwidth)); then the step's
+  time is that estimate scaled by the loop-counted over the once-counted matmul FLOPs (each loop body's
+  time taken as its FLOPs' share), and the MFU is the model FLOPs over that time at the chip's peak. All
+  of these are the compiler's estimates, not measurements: it sees no input pipeline, no host, no
+  collective contention beyond its own model, and a kernel's time only as its custom call's estimate.
+- Flops a computed token: the step's loop-counted FLOPs over rows x max_length; a real (non-padding) token:
+  that over `--fill`, the real tokens a computed token holds (bench/packing.py measures it per layout). A
+  packed program computes its rows' image slots whether filled or not (`image_slots` of the report).
 
 `--depth` is the scan goal: compile (train step, one CPU device) and random-init time of a narrow
 LLaVA at 8 and 64 LLaMA layers, scanned (this code) and unrolled (`scan_layers=False`, the layout
@@ -56,13 +84,14 @@ def _env(devices: int) -> dict:
 
 
 def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool = True, lora: bool = False,
-         packed: bool = False, tower: bool = False) -> dict:
+         packed: bool = False, tower: bool = False, hlo_dir: str = "") -> dict:
     """Compile one recipe stage for one target in this process; returns the report as a dict.
 
     `lora`: stage 2 of the `:SIZE_lora` recipe (r 128 adapters, the base frozen), not full fine-tuning.
     `size`: 7b / 13b (configs/llava15.py) or a NEXT_SIZES name (configs/llava_next.py).
     `packed`: `data.packing` rows (several samples a row, their images in the row's image slots).
-    `tower`: the stage trains the vision tower too, at LLaVA-NeXT's 2e-6 (`vision_learning_rate`)."""
+    `tower`: the stage trains the vision tower too, at LLaVA-NeXT's 2e-6 (`vision_learning_rate`).
+    `hlo_dir`: keep the compiled program's optimized HLO there (`SIZE_STAGE_TARGET_ROWS[_packed][_tower].hlo.gz`)."""
     from llava_jax.train import aot
 
     topology, chip = TARGETS[target]
@@ -72,7 +101,8 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     if chip:
         c.compile_chip_memory_gib = chip
     cpu0 = _cpu_seconds()
-    report = aot.compile_stage(c, 0, devices)
+    name = "_".join([size, str(stage), target, str(rows)] + ["packed"] * packed + ["tower"] * tower)
+    report = aot.compile_stage(c, 0, devices, os.path.join(hlo_dir, f"{name}.hlo.gz") if hlo_dir else None)
     return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
             "lora": lora, "packed": packed, "tower": tower, "device_kind": report.devices.split(" x ", 1)[-1],
             "cpu_s": _cpu_seconds() - cpu0}
@@ -132,10 +162,10 @@ def _cpu_seconds() -> float:
 
 
 def _cell_subprocess(size, stage, target, rows, remat, scan=True, lora=False, packed=False, tower=False,
-                     timeout=1800) -> dict:
+                     hlo_dir="", timeout=1800) -> dict:
     args = [sys.executable, "-m", "bench.compile", "--cell", size, str(stage), target, "--rows", str(rows),
             "--remat", remat] + ([] if scan else ["--unrolled"]) + (["--lora"] if lora else [])
-    args += (["--packed"] if packed else []) + (["--tower"] if tower else [])
+    args += (["--packed"] if packed else []) + (["--tower"] if tower else []) + (["--hlo-dir", hlo_dir] if hlo_dir else [])
     t0 = time.time()
     r = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
     if r.returncode:
@@ -276,7 +306,7 @@ def _fills(spec: str) -> dict[str, float]:
     return out
 
 
-def costs(out_path: str, cells: list[str], remat: str, fills: dict[str, float]) -> None:
+def costs(out_path: str, cells: list[str], remat: str, fills: dict[str, float], hlo_dir: str = "") -> None:
     """Compile each `SIZE:STAGE:TARGET:ROWS[:packed][:tower]` cell and print the cost-estimate table."""
     recs = []
     for spec in cells:
@@ -284,7 +314,7 @@ def costs(out_path: str, cells: list[str], remat: str, fills: dict[str, float]) 
         if set(flags) - {"packed", "tower"}:
             raise SystemExit(f"--costs: {spec!r}; flags after ROWS are packed and tower")
         rec = _cell_subprocess(size, int(stage), target, int(rows), remat, packed="packed" in flags,
-                               tower="tower" in flags)
+                               tower="tower" in flags, hlo_dir=hlo_dir, timeout=3600)
         rec["uptime"] = os.getloadavg()[0]
         with open(out_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -407,6 +437,7 @@ def main() -> None:
     ap.add_argument("--tower", action="store_true", help="--cell: the stage trains the vision tower (at 2e-6)")
     ap.add_argument("--costs", nargs="+", metavar="SIZE:STAGE:TARGET:ROWS[:packed][:tower]",
                     help="compile these cells (each in its own process) and print the cost-estimate table")
+    ap.add_argument("--hlo-dir", default="", help="--cell / --costs: keep each compiled program's HLO here")
     ap.add_argument("--costs-from", metavar="JSONL", help="print the cost table of the cells recorded in this file")
     ap.add_argument("--fill", default="",
                     help="--costs: real (non-padding) tokens per computed token by layout, e.g. "
@@ -420,9 +451,9 @@ def main() -> None:
         size, stage, target = args.cell
         rows = args.rows or RECIPE_ROWS[int(stage)]
         print(json.dumps(cell(size, int(stage), target, rows, args.remat, scan=not args.unrolled, lora=args.lora,
-                              packed=args.packed, tower=args.tower)))
+                              packed=args.packed, tower=args.tower, hlo_dir=args.hlo_dir)))
     elif args.costs:
-        costs(args.out, args.costs, args.remat, _fills(args.fill))
+        costs(args.out, args.costs, args.remat, _fills(args.fill), args.hlo_dir)
     elif args.costs_from:
         with open(args.costs_from) as f:
             recs = [json.loads(line) for line in f if line.strip()]

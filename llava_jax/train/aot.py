@@ -104,6 +104,11 @@ class CompileReport:
         elif self.chip_bytes is not None:
             pct = 100 * self.total_bytes / self.chip_bytes
             mem += f" of {self.chip_bytes / GIB:.0f} GiB ({pct:.0f}%): {'fits' if self.fits else 'DOES NOT FIT'}"
+        if self.cost:
+            optimal = self.cost["compiler_optimal_seconds"]
+            mem += (f"\n  per device and step: {self.cost['hlo_flops']:.3g} matmul FLOPs with loops counted (the "
+                    f"compiler's estimate, each loop body once: {self.cost['compiler_flops']:.3g} FLOPs"
+                    + (f", optimal_seconds {optimal:.3g}" if optimal is not None else "") + "; bench/compile.py --costs)")
         return f"{head}\n  {mem}"
 
 
@@ -185,8 +190,11 @@ def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: 
     return sharded_shapes(batch, batch_shardings(batch, mesh))
 
 
-def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list | None = None) -> CompileReport:
-    """Lower and compile stage `index`'s train step for `devices` (default: this host's) from shapes alone."""
+def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list | None = None,
+                  hlo_path: str | None = None) -> CompileReport:
+    """Lower and compile stage `index`'s train step for `devices` (default: this host's) from shapes alone.
+
+    `hlo_path`: also write the compiled program's optimized HLO text there (gzip), to read its cost figures."""
     stage = config.stages[index]
     cfg = model_config(config, stage)
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
@@ -251,6 +259,11 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
         return dataclasses.replace(report, compile_s=time.time() - start, argument_bytes=_input_bytes(program, batch),
                                    temp_bytes=int(temp), chip_bytes=int(available), error=str(e).splitlines()[0][:300])
     seconds = time.time() - start
+    if hlo_path:
+        import gzip
+
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(compiled.as_text())
     mem = compiled.memory_analysis()
     return dataclasses.replace(
         report,
