@@ -718,7 +718,7 @@ class _Collate:
             batch["positions"] = np.zeros((b, t), np.int32)
         for i, row in enumerate(samples):
             at = 0
-            # The row's images' tiles first, then its videos' frames (place_images' layout), whichever samples hold them.
+            # The row's images' tiles, then its videos' frames (place_images' layout), whichever samples hold them.
             tiles = [s.pixel_values for s in row] + [v for s in row for v in s.videos]
             used = sum(len(x) for x in tiles)
             if used > self.slots:
@@ -905,7 +905,8 @@ def _check_video(geometry: anyres.AnyresConfig, image_cfg: image_lib.ImageProces
                          f"{geometry.video or 'none'}) and a video_token_index (found {video_token_index})")
     video_cfg = video_cfg or video_settings(image_cfg, geometry, num_frames)
     if video_cfg.frame_size != image_cfg.crop_size:
-        raise ValueError(f"video frames of {video_cfg.frame_size} px cannot fill tile slots of {image_cfg.crop_size} px")
+        raise ValueError(f"video frames of {video_cfg.frame_size} px cannot fill tile slots of "
+                         f"{image_cfg.crop_size} px")
     norm = lambda c: (c.mean, c.std, c.rescale_factor)  # noqa: E731
     if norm(video_cfg) != norm(image_cfg):
         raise ValueError(f"video frames normalised with mean, std, rescale {norm(video_cfg)}, the images with "
