@@ -311,7 +311,7 @@ def test_held_out_evaluation_batches_carry_image_weight(media):
 @pytest.mark.slow(seconds=90)
 def test_a_tiny_onevision_model_fits_the_media_tasks_through_the_pixels(tmp_path):
     """Smoke test of training on video and multi-image batches (the real train step, image_weight included): a
-    tiny OneVision-geometry model trained from scratch fits 16 synthetic records of each task, the media's
+    tiny OneVision-geometry model trained from scratch fits 16 synthetic records (8 of each task), the media's
     questions answered from the pixels (the same model with them blanked answers far worse). The questions'
     text is the same in every record, so only the images and frames tell the answers apart.
 
