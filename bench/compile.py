@@ -5,6 +5,8 @@
   python -m bench.compile --cell 7b 2 v5e-8 --rows 4 --remat full    # one compile, one JSON line
   python -m bench.compile --table --sizes 13b --stages 2 --lora       # stage 2 as LoRA (`:13b_lora`)
   python -m bench.compile --table --sizes next-7b --stages 2 --targets v5p-8,v6e-8,v5e-16 --rows 8   # LLaVA-NeXT-7B
+  python -m bench.compile --costs 7b:2:v5p-8:16 7b:2:v5p-8:16:packed 7b:2:v6e-8:4:tower   # cost estimates
+  python -m bench.compile --costs-from compile_results.jsonl --fill packed=0.97,bucketed=0.6      # table again
 
 `--table` compiles each recipe (configs/llava15.py) through `llava_jax.train.aot`, the path of
 `--config.compile_only=True`, which builds the step as training does: TPU targets through libtpu's
@@ -17,6 +19,32 @@ and appends every compile to `--out` as JSON. Every compile runs in its own proc
 `next-7b` is LLaVA-NeXT-7B (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) trained by
 configs/llava_next.py:mistral_7b: stage 2 trains the projector, the LLM and the vision tower, 4096 tokens a
 row, one image a row at its most patches (base + 2 x 2 tiles: up to 2928 image tokens), global batch 128.
+
+`--costs` compiles the cells named `SIZE:STAGE:TARGET:ROWS[:packed][:tower]` (rows a chip; `packed`: data.packing
+rows, several samples and their images a row; `tower`: the stage trains the vision tower at 2e-6, as LLaVA-NeXT's
+stage 2 does) and prints, per cell and optimizer step, the TPU compiler's cost estimates beside counts that
+account for what it leaves out. What the compiler counts (found on 2026-12-06, jax 0.10.2, libtpu 0.0.42.1):
+- `cost_analysis()["flops"]` is the FLOPs of one device's program with every loop body counted once: the
+  micro-batch loop, each tower's scanned layers and the chunked loss' loop each add one iteration. Counted
+  once, our count of the program's matmuls (llava_jax/train/hlo_flops.py: every dot and convolution of the
+  optimized HLO, 2 x outputs x contracted size, a convolution's window counted only where it reads input,
+  not padding) agrees with it to 0.2% on the 7B stage-2 step; with every loop at its trip count (read from
+  the loop condition: the TPU compiler writes no trip counts) it is the step's matmul FLOPs, the column to
+  use. A scanned stack counts what its unrolled twin counts (tests/test_hlo_flops.py, tests/test_compile.py).
+- Neither count sees inside custom calls: the decoder's splash attention (a Pallas kernel) is in neither, so
+  the cross-check divides the loop-counted FLOPs by flops.py's count with full remat's second forward and
+  without attention; the model FLOPs (flops.py, with attention, no recompute) and 6 x params x tokens are
+  what MFU divides.
+- `optimal_seconds` is the compiler's time estimate of the same once-counted program. It was negative
+  (-0.998) for an unrolled MLP on v5e, so it is quoted only when positive and within ROOFLINE_AGREES of a
+  hand roofline of the same figures (max(flops / peak, bytes accessed / HBM bandwidth)); then the step's
+  time is that estimate scaled by the loop-counted over the once-counted matmul FLOPs (each loop body's
+  time taken as its FLOPs' share), and the MFU is the model FLOPs over that time at the chip's peak. All
+  of these are the compiler's estimates, not measurements: it sees no input pipeline, no host, no
+  collective contention beyond its own model, and a kernel's time only as its custom call's estimate.
+- Flops a computed token: the step's loop-counted FLOPs over rows x max_length; a real (non-padding) token:
+  that over `--fill`, the real tokens a computed token holds (bench/packing.py measures it per layout). A
+  packed program computes its rows' image slots whether filled or not (`image_slots` of the report).
 
 `--depth` is the scan goal: compile (train step, one CPU device) and random-init time of a narrow
 LLaVA at 8 and 64 LLaMA layers, scanned (this code) and unrolled (`scan_layers=False`, the layout
@@ -55,16 +83,34 @@ def _env(devices: int) -> dict:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool = True, lora: bool = False) -> dict:
+def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool = True, lora: bool = False,
+         packed: bool = False, tower: bool = False, hlo_dir: str = "") -> dict:
     """Compile one recipe stage for one target in this process; returns the report as a dict.
 
     `lora`: stage 2 of the `:SIZE_lora` recipe (r 128 adapters, the base frozen), not full fine-tuning.
-    `size`: 7b / 13b (configs/llava15.py) or a NEXT_SIZES name (configs/llava_next.py)."""
+    `size`: 7b / 13b (configs/llava15.py) or a NEXT_SIZES name (configs/llava_next.py).
+    `packed`: `data.packing` rows (several samples a row, their images in the row's image slots).
+    `tower`: the stage trains the vision tower too, at LLaVA-NeXT's 2e-6 (`vision_learning_rate`).
+    `hlo_dir`: keep the compiled program's optimized HLO there (`SIZE_STAGE_TARGET_ROWS[_packed][_tower].hlo.gz`)."""
     from llava_jax.train import aot
 
     topology, chip = TARGETS[target]
     devices = aot.topology_devices(topology) if topology else None
     n = len(devices) if devices else __import__("jax").device_count()
+    c = _cell_config(size, stage, n, rows, remat, scan, lora, packed, tower)
+    if chip:
+        c.compile_chip_memory_gib = chip
+    cpu0 = _cpu_seconds()
+    name = "_".join([size, str(stage), target, str(rows)] + ["packed"] * packed + ["tower"] * tower)
+    report = aot.compile_stage(c, 0, devices, os.path.join(hlo_dir, f"{name}.hlo.gz") if hlo_dir else None)
+    return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
+            "lora": lora, "packed": packed, "tower": tower, "device_kind": report.devices.split(" x ", 1)[-1],
+            "cpu_s": _cpu_seconds() - cpu0}
+
+
+def _cell_config(size: str, stage: int, n: int, rows: int, remat: str, scan: bool = True, lora: bool = False,
+                 packed: bool = False, tower: bool = False):
+    """The config a cell compiles: the recipe's stage with the cell's remat, layout and rows a device."""
     if lora and stage != 2:
         raise ValueError("--lora is a stage-2 recipe")
     c = _recipe(size, stage, lora)
@@ -73,16 +119,15 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
     for st in c.stages:
         st.remat = ""  # the cell's remat, not the recipe's per-stage choice
     c.model.scan_layers = scan
-    if chip:
-        c.compile_chip_memory_gib = chip
     s = c.stages[0]
+    if packed:
+        c.data.packing, c.data.group_by_modality_length = True, False
+    if tower and not any(p.startswith("vision_tower") for p in s.trainable):
+        s.trainable, s.vision_learning_rate = [*s.trainable, "vision_tower/.*"], 2e-6
     s.micro_batch = rows * n
     if s.global_batch % s.micro_batch:
         raise ValueError(f"{rows} rows x {n} devices do not divide the global batch {s.global_batch}")
-    cpu0 = _cpu_seconds()
-    report = aot.compile_stage(c, 0, devices)
-    return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
-            "lora": lora, "cpu_s": _cpu_seconds() - cpu0}
+    return c
 
 
 def _recipe(size: str, stage: int, lora: bool):
@@ -116,9 +161,11 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _cell_subprocess(size, stage, target, rows, remat, scan=True, lora=False, timeout=1800) -> dict:
+def _cell_subprocess(size, stage, target, rows, remat, scan=True, lora=False, packed=False, tower=False,
+                     hlo_dir="", timeout=1800) -> dict:
     args = [sys.executable, "-m", "bench.compile", "--cell", size, str(stage), target, "--rows", str(rows),
             "--remat", remat] + ([] if scan else ["--unrolled"]) + (["--lora"] if lora else [])
+    args += (["--packed"] if packed else []) + (["--tower"] if tower else []) + (["--hlo-dir", hlo_dir] if hlo_dir else [])
     t0 = time.time()
     r = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
     if r.returncode:
@@ -180,6 +227,124 @@ def _md_row(size, stage, target, rec, fits) -> str:
     chip = f"{rec['chip_bytes'] / g:.0f}" if rec["chip_bytes"] else "?"
     return (f"| {size}, {rec['seq_len']} tokens | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | "
             f"{rec['temp_bytes'] / g:.1f} GiB | {rec['total_bytes'] / g:.1f} / {chip} GiB | {rec['compile_s']:.0f} s |")
+
+
+# --- the compiler's cost estimates ----------------------------------------------------------------------
+
+# optimal_seconds is quoted only within these factors of the hand roofline of the figures it was given
+# (max(flops / peak, bytes / bandwidth)): below it is impossible, far above it is not a roofline estimate.
+ROOFLINE_AGREES = (0.9, 3.0)
+
+
+def cost_row(rec: dict) -> dict:
+    """One compiled cell's cost figures a chip and a step (from its `--cell` record): the compiler's, the
+    loop-counted and the analytic FLOPs, and the step time and MFU `optimal_seconds` implies where it can
+    be trusted (else the reason it cannot)."""
+    import math
+
+    import jax
+
+    from llava_jax.models.llava import abstract_params
+    from llava_jax.train import aot, flops
+
+    chips = math.prod(rec["mesh"].values())
+    c = _cell_config(rec["size"], rec["stage"], chips, rec["rows_per_device"], rec["remat"], True, rec["lora"],
+                     rec["packed"], rec["tower"])
+    stage = c.stages[0]
+    cfg = aot.model_config(c, stage)
+    cost, device_kind = rec["cost"], rec["device_kind"]
+    rows = stage.global_batch
+    computed_tokens = rows * rec["seq_len"]
+    trains = lambda prefix: any(p.startswith(prefix) for p in stage.trainable)  # noqa: E731
+    tiles = rows * rec["image_slots"]  # the step computes the tower over every slot, filled or not
+    analytic = flops.train_step_flops(cfg, tokens=computed_tokens, seq_len=rec["seq_len"], tiles=tiles,
+                                      train_vision=trains("vision_tower"), train_text=trains("language_model"))
+    # What the loop-counted HLO matmuls should come to: full remat's second forward in, attention out (the
+    # decoder's runs in a fused kernel on TPU, which no HLO count sees).
+    visible = flops.train_step_flops(cfg, tokens=computed_tokens, seq_len=rec["seq_len"], tiles=tiles,
+                                     train_vision=trains("vision_tower"), train_text=trains("language_model"),
+                                     recompute=rec["remat"] == "full", attention=False)
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg)))
+    step_flops = cost["hlo_flops"] * chips  # the micro-batch loop is one of the loops counted
+    row = {"chips": chips, "computed_tokens": computed_tokens, "params": params,
+           "compiler_flops_chip": cost["compiler_flops"], "hlo_flops_once_chip": cost["hlo_flops_once"],
+           "hlo_flops_chip": cost["hlo_flops"], "step_flops": step_flops, "analytic_flops": analytic,
+           "analytic_matmuls_with_recompute": visible,
+           "six_p_t": 6.0 * params * computed_tokens, "flops_per_computed_token": step_flops / computed_tokens,
+           "loops": cost["loops"], "unknown_loops": cost["unknown_loops"], "kernels": cost["kernels"]}
+    peak = flops.peak_tflops(device_kind or "")
+    bandwidth = flops.peak_hbm_gbps(device_kind or "")
+    optimal = cost["compiler_optimal_seconds"]
+    row["optimal_seconds"] = optimal
+    if optimal is None or peak is None or bandwidth is None:
+        row["time_na"] = "no optimal_seconds from this compiler" if optimal is None else "chip's peaks unknown"
+        return row
+    roofline = max(cost["compiler_flops"] / (peak * 1e12), cost["compiler_bytes"] / (bandwidth * 1e9))
+    row["roofline_seconds"] = roofline
+    low, high = ROOFLINE_AGREES
+    if optimal <= 0:
+        row["time_na"] = f"optimal_seconds is {optimal:.3g} (negative)"
+    elif not low * roofline <= optimal <= high * roofline:
+        row["time_na"] = f"optimal_seconds {optimal:.3g} s vs hand roofline {roofline:.3g} s of the same figures"
+    else:
+        # The estimate covers each loop body once: scale it by the matmul FLOPs the loops add.
+        row["step_seconds"] = optimal * step_flops / chips / max(cost["hlo_flops_once"], 1.0)
+        row["mfu"] = analytic / (row["step_seconds"] * chips * peak * 1e12)
+    return row
+
+
+def _fills(spec: str) -> dict[str, float]:
+    """`packed=0.97,bucketed=0.6` -> {"packed": 0.97, "bucketed": 0.6}."""
+    out = {}
+    for part in filter(None, spec.split(",")):
+        name, _, value = part.partition("=")
+        if name not in ("packed", "bucketed") or not value:
+            raise SystemExit(f"--fill: {part!r}; expected packed=F or bucketed=F with F in (0, 1]")
+        out[name] = float(value)
+        if not 0 < out[name] <= 1:
+            raise SystemExit(f"--fill: {part!r}; expected packed=F or bucketed=F with F in (0, 1]")
+    return out
+
+
+def costs(out_path: str, cells: list[str], remat: str, fills: dict[str, float], hlo_dir: str = "") -> None:
+    """Compile each `SIZE:STAGE:TARGET:ROWS[:packed][:tower]` cell and print the cost-estimate table."""
+    recs = []
+    for spec in cells:
+        size, stage, target, rows, *flags = spec.split(":")
+        if set(flags) - {"packed", "tower"}:
+            raise SystemExit(f"--costs: {spec!r}; flags after ROWS are packed and tower")
+        rec = _cell_subprocess(size, int(stage), target, int(rows), remat, packed="packed" in flags,
+                               tower="tower" in flags, hlo_dir=hlo_dir, timeout=3600)
+        rec["uptime"] = os.getloadavg()[0]
+        with open(out_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+        recs.append(rec)
+    print("\n" + "\n".join(cost_table(recs, fills)))
+
+
+def cost_table(recs: list[dict], fills: dict[str, float]) -> list[str]:
+    """The markdown table of `costs` (every figure a chip is per step; "est." marks the compiler's estimates)."""
+    e = lambda x: f"{x:.3g}"  # noqa: E731
+    lines = ["| model, stage | target, rows a chip | batch | compiler flops a chip (loops once) | matmul flops, loops "
+             "counted, all chips (/ flops.py with remat, no attention) | model flops: flops.py / 6PT | flops a computed token | a real token (fill) | "
+             "optimal_seconds (est.) | step time, MFU (est.) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        layout = "packed" if r.get("packed") else "bucketed"
+        head = f"| {r['size']}, {r['stage']}{' + tower' if r.get('tower') else ''} | {r['target']}, {r['rows_per_device']} | {layout} |"
+        if "failed" in r or not r.get("cost"):
+            lines.append(f"{head} {r.get('failed') or r.get('error') or 'no cost figures'} | | | | | | |")
+            continue
+        c = cost_row(r)
+        fill = fills.get(layout)
+        real = f"{e(c['flops_per_computed_token'] / fill)} ({fill:g})" if fill else "(no --fill)"
+        optimal = c["optimal_seconds"]
+        time = (f"{c['step_seconds']:.2f} s, {100 * c['mfu']:.0f}%" if "step_seconds" in c else f"n/a: {c['time_na']}")
+        lines.append(f"{head} {e(c['compiler_flops_chip'])} | {e(c['step_flops'])} "
+                     f"({c['step_flops'] / c['analytic_matmuls_with_recompute']:.3f}) | {e(c['analytic_flops'])} / "
+                     f"{e(c['six_p_t'])} | {e(c['flops_per_computed_token'])} | {real} | "
+                     f"{'n/a' if optimal is None else f'{optimal:.3g} s'} | {time} |")
+    return lines
 
 
 # --- depth scaling -------------------------------------------------------------------------------------
@@ -268,6 +433,15 @@ def main() -> None:
     ap.add_argument("--remat", default="full")
     ap.add_argument("--unrolled", action="store_true", help="--cell: scan_layers=False")
     ap.add_argument("--lora", action="store_true", help="--cell / --table: stage 2 as LoRA (the `:SIZE_lora` recipe)")
+    ap.add_argument("--packed", action="store_true", help="--cell: packed rows (data.packing)")
+    ap.add_argument("--tower", action="store_true", help="--cell: the stage trains the vision tower (at 2e-6)")
+    ap.add_argument("--costs", nargs="+", metavar="SIZE:STAGE:TARGET:ROWS[:packed][:tower]",
+                    help="compile these cells (each in its own process) and print the cost-estimate table")
+    ap.add_argument("--hlo-dir", default="", help="--cell / --costs: keep each compiled program's HLO here")
+    ap.add_argument("--costs-from", metavar="JSONL", help="print the cost table of the cells recorded in this file")
+    ap.add_argument("--fill", default="",
+                    help="--costs: real (non-padding) tokens per computed token by layout, e.g. "
+                         "packed=0.97,bucketed=0.6 (bench/packing.py measures them); default: per computed token")
     ap.add_argument("--sizes", default="7b,13b")
     ap.add_argument("--stages", default="1,2")
     ap.add_argument("--targets", default=",".join(TARGETS))
@@ -276,7 +450,14 @@ def main() -> None:
     if args.cell:
         size, stage, target = args.cell
         rows = args.rows or RECIPE_ROWS[int(stage)]
-        print(json.dumps(cell(size, int(stage), target, rows, args.remat, scan=not args.unrolled, lora=args.lora)))
+        print(json.dumps(cell(size, int(stage), target, rows, args.remat, scan=not args.unrolled, lora=args.lora,
+                              packed=args.packed, tower=args.tower, hlo_dir=args.hlo_dir)))
+    elif args.costs:
+        costs(args.out, args.costs, args.remat, _fills(args.fill), args.hlo_dir)
+    elif args.costs_from:
+        with open(args.costs_from) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        print("\n".join(cost_table([r for r in recs if "cost" in r or "failed" in r], _fills(args.fill))))
     elif args.depth_point:
         layers, layout, what = args.depth_point
         print(json.dumps(depth_point(int(layers), layout == "scan", what)))
@@ -286,7 +467,7 @@ def main() -> None:
         table(args.out, args.sizes.split(","), [int(s) for s in args.stages.split(",")], args.targets.split(","),
               lora=args.lora, start_rows=args.rows)
     else:
-        ap.error("choose --table, --depth or --cell")
+        ap.error("choose --table, --costs, --depth or --cell")
 
 
 if __name__ == "__main__":

@@ -234,3 +234,33 @@ def test_next_presets_have_the_checkpoints_shapes(name):
     assert cfg.is_anyres and cfg.image_layout((672, 672)).num_tokens == 2928
     assert params["image_newline"].shape == (cfg.text.hidden_size,)
 
+
+
+@pytest.mark.slow(seconds=20)
+def test_the_train_steps_loop_counted_flops_equal_its_unrolled_twins(tmp_path):
+    """The real train step (every tower trained, 3 micro-batches of 4 rows, one CPU device): XLA's cost
+    analysis counts the scanned layers (2 a tower) and the micro-batch loop once each; the loop-counted
+    matmul FLOPs of the scanned step equal the unrolled step's (whose one loop is the micro-batches'). Against the analytic
+    count (flops.py: causal attention at half the score products, which XLA computes in full) they agree
+    to within that attention term."""
+    from llava_jax.train import aot, flops
+    from tests._train_config import get_config
+
+    def cost(scan: bool, micro: int) -> dict:
+        c = get_config("compile")
+        c.model.scan_layers = scan
+        c.stages[0].micro_batch = 4
+        c.stages[0].global_batch = 4 * micro
+        report = aot.compile_stage(c, 0)
+        assert report.error is None, report
+        return report.cost
+
+    scanned, unrolled = cost(True, 3), cost(False, 3)
+    assert scanned["hlo_flops"] == unrolled["hlo_flops"]
+    assert unrolled["loops"] == [3] and 2 in scanned["loops"] and scanned["unknown_loops"] == 0
+    assert scanned["compiler_flops"] < 0.4 * scanned["hlo_flops"], "XLA's count was expected to miss loop trips"
+    cfg = aot.model_config(get_config("compile"))
+    t = get_config("compile").stages[0].max_length
+    analytic = flops.train_step_flops(cfg, tokens=12 * t, seq_len=t, tiles=12, train_vision=True, train_text=True)
+    half_attention = 3 * 2 * 2 * 12 * t * t * cfg.text.num_heads * cfg.text.head_dim * cfg.text.num_layers / 2
+    assert analytic <= scanned["hlo_flops"] <= analytic + 1.05 * half_attention

@@ -35,6 +35,15 @@ def data(tmp_path_factory):
     for k in range(2):
         PIL.Image.fromarray(rng.integers(0, 256, (160 + 8 * k, 200, 3), np.uint8)).save(os.path.join(folder, f"noise{k}.png"))
     recs = json.load(open(paths["stage2"]))
+    # A LLaVA-Video-178K record (its <image> marker stands for the video) and a OneVision 3-image one.
+    frames = np.stack([np.asarray(synthetic._one_shape(rng, CROP, "square", c)) for c in ("red", "blue", "green")] * 2)
+    synthetic.write_video(os.path.join(folder, "clip.mp4"), frames)
+    recs.append({"id": "clip", "video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<image>\nWhich frame shows the red square?"}, {"from": "gpt", "value": "first"}]})
+    three = sorted(f for f in os.listdir(folder) if f.startswith("train_"))[:3]
+    recs.append({"id": "three", "image": three, "conversations": [
+        {"from": "human", "value": "<image>\n<image>\n<image>\nHow many images show a circle?"},
+        {"from": "gpt", "value": "1"}]})
     recs.append({"id": 9001, "image": ["noise0.png", "noise1.png"], "conversations": [
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "noise"},
         {"from": "human", "value": "And this?\n<image>"}, {"from": "gpt", "value": "more noise"}]})
@@ -284,4 +293,31 @@ def test_anyres_batches_are_the_same_from_every_source(data):
                                                              {"tfds_data_dir": tfds_dir})]:
         got = _take(iter(pipeline.make_dataset(spec, data.folder, data.tok, "vicuna_v1", cfg,
                                                **{**_ARGS, **kw, "seed": data.seed, **extra})))
+        _assert_same(got, reference, name)
+
+
+def test_video_and_multi_image_batches_are_the_same_from_every_source(data):
+    """OneVision rows (a video's frames after the images, three untiled images, image_index and image_weight)
+    from packed shards and TFDS equal the JSON source's: the shards keep the video file's bytes, the pipeline
+    samples and decodes the frames."""
+    pytest.importorskip("tensorflow_datasets")
+    from llava_jax import anyres
+
+    pinpoints = ((28, 28), (28, 56), (56, 28), (56, 56))
+    cfg = image_lib.ImageProcessorConfig(size=CROP, crop_size=CROP, pad_to_square=False, grid_pinpoints=pinpoints,
+                                         onevision=True)
+    geometry = anyres.AnyresConfig(CROP, 2, pinpoints, max_tiles=1, untiled_multi=True, video="bilinear")
+    kw = dict(geometry=geometry, num_epochs=1, image_token_index=data.tok.vocab_size, max_images_per_sample=3,
+              video_token_index=data.tok.vocab_size + 1, num_frames=4, seed=data.seed)
+    reference = _take(iter(pipeline.make_dataset(data.data_path, data.folder, data.tok, "vicuna_v1", cfg,
+                                                 **{**_ARGS, **kw})))
+    ids = {i for _, row in reference for i in row}
+    assert {"clip", "three"} <= ids
+    assert any(b["image_weight"].any() for b, _ in reference)
+    tfds_dir = _tfds(data)
+    for name, spec, extra in [("packed", data.packed, {}), ("packed, byte ranges",
+                                                          sources.PackedSource(data.packed, byte_ranges=True), {}),
+                              ("tfds", "tfds:llava_records/mixed", {"tfds_data_dir": tfds_dir})]:
+        got = _take(iter(pipeline.make_dataset(spec, data.folder, data.tok, "vicuna_v1", cfg,
+                                               **{**_ARGS, **kw, **extra})))
         _assert_same(got, reference, name)

@@ -266,3 +266,49 @@ def test_sizes_flag_is_parsed_and_a_bad_one_is_a_usage_error(tmp_path, capsys):
     synthetic.main(["--out-dir", str(tmp_path / "ok"), "--num-train", "4", "--num-val", "0", "--sizes", "20x40"])
     with Image.open(tmp_path / "ok" / "images" / "train_00000.png") as im:
         assert (im.height, im.width) == (20, 40)
+
+
+def test_media_tasks_answers_agree_with_the_pixels_and_are_balanced(tmp_path):
+    """build_media: valid LLaVA records (LLaVA-Video-178K videos marked <image>, OneVision image lists); the
+    frame the answer names is the one red frame of the decoded video, the count of circles is what the images
+    show; answers spread over their closed sets; the answers are single pieces of the tokenizer."""
+    from llava_jax.data import video as video_lib
+
+    files = synthetic.build_media(tmp_path / "m", num_train=64, num_val=8, image_size=28, num_frames=4)
+    train = json.load(open(files["train"]))
+    assert all(records.validate_record(r) is None for r in train)
+    assert sum(r["qtype"] == "describe" for r in train) == 64  # one a training record; none held out
+    answers = collections.defaultdict(collections.Counter)
+    red = np.asarray(synthetic.COLORS["red"], float)
+    by_id = {r["id"]: r for r in train}
+    for r in train:
+        if r["qtype"] == "describe":  # the same media, each frame or image named in order
+            asked = by_id[r["id"].removesuffix("_describe")]
+            assert {k: r.get(k) for k in ("image", "video")} == {k: asked.get(k) for k in ("image", "video")}
+            items = r["conversations"][1]["value"].rstrip(".").split(", ")
+            if "video" in r:
+                assert items.index("red square") == synthetic.ORDINALS.index(asked["answer"])
+            else:
+                assert sum(item.endswith("circle") for item in items) == int(asked["answer"])
+            continue
+        answers[r["qtype"]][r["answer"]] += 1
+        if r["qtype"] == "frame":
+            frames, _ = video_lib.decode_frames(os.path.join(files["image_folder"], r["video"]), 4)
+            centre = frames[:, 12:16, 12:16].reshape(4, -1, 3).mean(axis=1)
+            reddest = int(np.argmin(np.abs(centre - red).sum(axis=1)))
+            assert synthetic.ORDINALS[reddest] == r["answer"], r["id"]
+            assert np.abs(centre[reddest] - red).max() < 30  # the encoding keeps the colour
+        else:
+            circles = 0
+            for rel in r["image"]:
+                pixels = np.asarray(Image.open(os.path.join(files["image_folder"], rel)))
+                # A circle leaves the corners of its bounding square dark; a square fills them.
+                mask = np.abs(pixels.astype(int) - synthetic.BACKGROUND).sum(axis=-1) > 60
+                ys, xs = np.nonzero(mask)
+                corners = mask[[ys.min(), ys.min(), ys.max(), ys.max()], [xs.min(), xs.max(), xs.min(), xs.max()]]
+                circles += not corners.any()
+            assert str(circles) == r["answer"], r["id"]
+    assert set(answers["frame"]) == set(synthetic.ORDINALS[:4])
+    assert set(answers["count_images"]) == {"0", "1", "2", "3"}
+    sp = spm.SentencePieceProcessor(model_file=files["tokenizer"])
+    assert all(len(sp.encode(a)) == 1 for a in synthetic.ORDINALS[:4])  # "▁first": the dummy prefix

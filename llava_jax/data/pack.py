@@ -139,7 +139,7 @@ def _pack_shard(job: dict[str, Any]) -> dict[str, Any]:
         for index, record in job["records"]:
             try:
                 images = packed_format.read_example(record, image_folder)
-            except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
+            except (records_lib.ImagePathError, image_lib.ImageError, packed_format.VideoError, OSError) as e:
                 skipped.append({"index": index, "id": record["id"], "reason": str(e)})
                 logger.warning("pack: skipped record %d (id %r): %s", index, record["id"], e)
                 continue

@@ -4,7 +4,11 @@ A packed directory (written by pack.py) holds ArrayRecord shards, one record per
 (images are JPEG/PNG already), each record one `encode_example` payload:
 
     b"LJR1" | uint32 LE header length | header JSON {"record": {...}, "image_sizes": [n, ...]}
-    | the images' original file bytes, concatenated
+    | the images' original file bytes, concatenated [| the video's original file bytes]
+
+A record with a `video` keeps its file's bytes after its images' (its header's last size): the frames are
+sampled and decoded when training reads them, so one packed dataset serves any `num_frames`, and a
+compressed video is far smaller than its decoded frames.
 
 `manifest.json` names the shards with their sizes, record counts and sha256; `index.npz` holds
 per record what the planner needs (`record_stats`: words, image count) and where its payload lies in
@@ -27,6 +31,8 @@ from typing import Any
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
+from llava_jax.data import video as video_lib
+from llava_jax.data.video import VideoError  # noqa: F401  # the writers skip a record with an unreadable video
 from llava_jax.data.records import Record, is_remote
 
 logger = logging.getLogger(__name__)
@@ -44,9 +50,12 @@ class DataSourceError(ValueError):
 
 
 def record_stats(record: Record) -> tuple[int, int, bool]:
-    """(words of all turns, number of images, has an `image` field) of one record."""
+    """(words of all turns, number of images, has an `image` or `video` field) of one record.
+
+    A video counts as visual (the planner's modality, as the original's `modality_lengths`) but not as an image.
+    """
     words = sum(len(turn["value"].split()) for turn in record["conversations"])
-    return words, len(records_lib.record_images(record)), "image" in record
+    return words, len(records_lib.record_images(record)), "image" in record or "video" in record
 
 
 # ----------------------------------------------------------------------------- the input of a payload
@@ -68,14 +77,22 @@ def read_image_bytes(image_folder: str, rel: str) -> bytes:
 
 
 def read_example(record: records_lib.Record, image_folder: str) -> list[bytes]:
-    """The encoded bytes of each of `record`'s images, each checked to decode as the loader will.
+    """The encoded bytes of each of `record`'s images, each checked to decode as the loader will, then its
+    video's file bytes (when it has one; checked to hold a video stream: its frames are decoded in training).
 
-    Raises ImagePathError / ImageError / OSError naming the image on any problem.
+    Raises ImagePathError / ImageError / VideoError / OSError naming the file on any problem.
     """
     out = []
     for rel in records_lib.record_images(record):
         data = read_image_bytes(image_folder, rel)
         image_lib.load_image(io.BytesIO(data), name=f"{image_folder.rstrip('/')}/{rel}")
+        out.append(data)
+    video = records_lib.record_video(record)
+    if video is not None:
+        data = read_image_bytes(image_folder, video)  # the path checked as an image's
+        where = f"{image_folder.rstrip('/')}/{video}" if is_remote(image_folder) else \
+            records_lib.resolve_image_path(image_folder, video)
+        video_lib.decode_frames(where, 1)  # counts its frames: a file without a readable video stream fails here
         out.append(data)
     return out
 

@@ -33,6 +33,21 @@ the row of row b's feature table (`anyres.table_index`: the tiles' features, the
 that image token t takes (0 elsewhere). The flat geometry (LLaVA-1.5) gives exactly the batches
 of `num_image_tokens=geometry.tile_tokens`.
 
+Many images and video (LLaVA-OneVision, LLaVA-NeXT-Video; a geometry with `untiled_multi` / `video`). A record's
+`image` may list several images, its `<image>` markers taking them in order; OneVision's rule leaves each image of
+a record with several untiled (`anyres.tiled_images`: its base and one newline), as its train.py does. A record's
+`video` (LLaVA-Video-178K's format: its `<image>` marker, or a `<video>` one, stands for it, records.py) is decoded
+with PyAV, `num_frames` frames sampled uniformly (`frame_sampling`, data/video.py), each preprocessed to one tile
+(`video_cfg`, normalised as the images are) and expanded to `geometry.video_tokens(num_frames)` tokens of
+`video_token_index`. A row's tile slots hold its images' tiles, then its videos' frames (I gains `num_frames`
+slots unpacked), as `models.llava.place_images` lays them out. A geometry whose tokens mix feature rows
+(`weighted`: anyres_max downscaling, OneVision's bilinear frame pooling) gives
+
+    image_index     int32   [B, T, 4]  up to 4 feature-table rows each image or video token sums
+    image_weight    float32 [B, T, 4]  their weights (`anyres.table_sources`; the model takes the pair)
+
+A missing or unreadable video skips its sample like a bad image (problem kind "video").
+
 Packing (`packing=True`): each row holds several samples end to end, first-fit by tokens and images
 (`pack_rows`), and the batch gains
 
@@ -87,10 +102,12 @@ import grain
 import numpy as np
 
 from llava_jax import anyres
+from llava_jax.config import VideoProcessorConfig
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
 from llava_jax.data import sources as sources_lib
 from llava_jax.data import templates
+from llava_jax.data import video as video_lib
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +115,7 @@ logger = logging.getLogger(__name__)
 # global batch; a wider window makes length buckets fit better and is still well mixed).
 LENGTH_GROUP_WINDOW = 16
 # Problem kinds. Records skipped for these reasons are counted in DataStats.
-IMAGE, EMPTY, TOO_MANY_IMAGES, ERROR = "image", "empty", "too_many_images", "error"
+IMAGE, VIDEO, EMPTY, TOO_MANY_IMAGES, ERROR = "image", "video", "empty", "too_many_images", "error"
 MAX_REPORTED_IDS = 100
 
 
@@ -176,8 +193,14 @@ PACK_OPEN_ROWS = 64
 PLAN_READ_THREADS, PLAN_CHUNK = 16, 1024
 
 
+def video_images(geometry: anyres.AnyresConfig, num_frames: int) -> int:
+    """Image slots (of `max_patches` tiles each) a video of `num_frames` frames counts as when packing."""
+    return math.ceil(num_frames / geometry.max_patches) if num_frames else 0
+
+
 def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geometry: anyres.AnyresConfig, *,
-                  image_token_index: int, max_length: int, max_images: int) -> tuple[np.ndarray, np.ndarray]:
+                  image_token_index: int, max_length: int, max_images: int, num_frames: int = 0,
+                  video_token_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int64 [N], images int64 [N]): upper bounds of each record's rendered row, for packing.
 
     Tokens are the rendered length before truncation, capped at `max_length`: exact for LLaVA-1.5 images and
@@ -189,7 +212,9 @@ def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geo
     to render, unreadable) plans as (0, 0). Costs one render of every record's text (packed and TFDS sources
     read each record's payload) and, for anyres, one header read an image (tens to a few hundred microseconds
     a local PNG or JPEG, 1-3% of decoding it: BENCHMARKS.md, "Packing"), the reads in PLAN_READ_THREADS
-    threads ahead of the renders.
+    threads ahead of the renders. OneVision's untiled images (a record with several) count their exact
+    `tile_tokens + 1`, no header read; a video counts `geometry.video_tokens(num_frames)` tokens and
+    `video_images` images (its frames' slots).
     """
     chosen = templates.get_template(template)
     n = len(source)
@@ -201,8 +226,12 @@ def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geo
             count = len(records_lib.record_images(example.record))
             if count > max_images:
                 return None
-            per_image = geometry.tile_tokens if geometry.merge == "flat" else [
-                _planned_image_tokens(geometry, example, k) for k in range(count)]
+            if geometry.merge == "flat":
+                per_image = geometry.tile_tokens
+            elif not anyres.tiled_images(geometry, count):  # OneVision: a base and a newline, whatever the size
+                per_image = anyres.layout(geometry, (geometry.tile_size,) * 2, tiled=False).num_tokens
+            else:
+                per_image = [_planned_image_tokens(geometry, example, k) for k in range(count)]
             return example.record, per_image
         except Exception:  # pylint: disable=broad-except  # the loader meets it again and reports it
             return None
@@ -218,13 +247,17 @@ def planned_sizes(source: sources_lib.Source, tokenizer: Any, template: str, geo
                 if item is None:
                     continue
                 record, per_image = item
+                video = records_lib.record_video(record) is not None
                 try:
-                    rendered = templates.render(record["conversations"], chosen, tokenizer,
-                                                image_token_index=image_token_index, num_image_tokens=per_image)
+                    rendered = templates.render(records_lib.render_conversations(record), chosen, tokenizer,
+                                                image_token_index=image_token_index, num_image_tokens=per_image,
+                                                video_token_index=video_token_index,
+                                                num_video_tokens=[geometry.video_tokens(num_frames)] if video else ())
                 except Exception:  # pylint: disable=broad-except  # the loader meets it again and reports it
                     continue
                 tokens[index] = min(len(rendered.input_ids), max_length)
-                images[index] = len(records_lib.record_images(record))
+                images[index] = len(records_lib.record_images(record)) + (video_images(geometry, num_frames)
+                                                                           if video else 0)
     return tokens, images
 
 
@@ -304,11 +337,13 @@ def images_per_row(geometry: anyres.AnyresConfig, max_length: int, max_images_pe
 
 def plan_packing(source: sources_lib.Source, tokenizer: Any, template: str, geometry: anyres.AnyresConfig, *,
                  image_token_index: int, max_length: int, max_images_per_sample: int, images_per_row: int, seed: int,
-                 shuffle: bool) -> tuple["PackedRows", np.ndarray]:
+                 shuffle: bool, num_frames: int = 0,
+                 video_token_index: int | None = None) -> tuple["PackedRows", np.ndarray]:
     """(the rows, the planned tokens [N]): `make_dataset(..., packing=True)`'s packing of `source` (and what
     bench/packing.py measures): `planned_sizes`, then `pack_rows` over a seeded order of the records."""
     tokens, counts = planned_sizes(source, tokenizer, template, geometry, image_token_index=image_token_index,
-                                   max_length=max_length, max_images=max_images_per_sample)
+                                   max_length=max_length, max_images=max_images_per_sample, num_frames=num_frames,
+                                   video_token_index=video_token_index)
     # One packing for every epoch (each epoch shuffles the rows): the epoch length is then known before
     # the first step (the LR schedule) and the same on every process (all plan the same rows), and the
     # iterator state stays one index. Samples in a row never see each other, so a fixed packing only
@@ -428,6 +463,8 @@ class _Sample:
     labels: np.ndarray  # int32 [T_i]
     pixel_values: np.ndarray  # uint8 [n, H, W, 3] images (anyres: tiles), normalised by the consuming process
     sizes: list[tuple[int, int]]  # (height, width) of each kept image (anyres only: their layouts' key)
+    videos: list[np.ndarray] = dataclasses.field(default_factory=list)  # uint8 [F, H, W, 3] each kept video
+    tiled: bool = True  # whether its images are tiled (OneVision: not when the record has several)
 
 
 @dataclasses.dataclass
@@ -449,8 +486,12 @@ class _RowLoader:
 
     def __init__(self, source, lengths, *, tokenizer, template_name, image_cfg,
                  num_image_tokens, geometry, image_token_index, max_length, max_images, batch_size, shard_index,
-                 shard_count, seed, shuffle, group_by_modality_length, strict, packed: PackedRows | None = None):
+                 shard_count, seed, shuffle, group_by_modality_length, strict, packed: PackedRows | None = None,
+                 video_cfg=None, num_frames: int = 0, frame_sampling: str = "transformers",
+                 video_token_index: int | None = None):
         self.source, self.packed = source, packed
+        self.video_cfg, self.num_frames, self.frame_sampling = video_cfg, num_frames, frame_sampling
+        self.video_token_index = video_token_index
         # Packed: the plan shuffles and batches the rows (all the same "length"), not the records.
         self.lengths = lengths if packed is None else np.ones(len(packed), np.int64)
         self.tokenizer, self.template_name, self.image_cfg = tokenizer, template_name, image_cfg
@@ -529,6 +570,9 @@ class _RowLoader:
         if len(images) > self.max_images:
             raise _Skip(TOO_MANY_IMAGES, f"{len(images)} images, more than max_images_per_sample="
                         f"{self.max_images}")
+        if example.video is not None and not self.num_frames:
+            raise _Skip(VIDEO, "a video record, but this pipeline takes no video (num_frames=0: the model's "
+                        "geometry has no video pooling)")
         if self.geometry is not None:
             return self._load_anyres(example)
         rendered = self._render(record, self.num_image_tokens)
@@ -544,25 +588,34 @@ class _RowLoader:
         # truncation (which drops whole images from the end) counts each one exactly.
         opened = [_image_problem(open_image) for open_image in example.images]
         sizes = [(im.height, im.width) for im in opened]
-        rendered = self._render(example.record, [anyres.layout(self.geometry, s).num_tokens for s in sizes])
+        # OneVision tiles a lone image only; the record's images decide, as its train.py's `len(image_file) > 1`.
+        tiled = anyres.tiled_images(self.geometry, len(opened))
+        frames = []
+        if example.video is not None:
+            frames = [_video_problem(lambda: video_lib.preprocess_frames_uint8(
+                example.video(self.num_frames, self.frame_sampling), self.video_cfg))]
+        rendered = self._render(example.record, [anyres.layout(self.geometry, s, tiled).num_tokens for s in sizes],
+                                [self.geometry.video_tokens(len(f)) for f in frames])
         kept = opened[:rendered.num_images]
         c = self.image_cfg.crop_size
-        tiles = [self._pixels(im) for im in kept]
+        tiles = [self._pixels(im, tiled) for im in kept]
         pixels = np.concatenate(tiles) if tiles else np.zeros((0, c, c, 3), np.uint8)
         return _Sample(str(example.record["id"]), np.asarray(rendered.input_ids, np.int32),
-                       np.asarray(rendered.labels, np.int32), pixels, sizes[:rendered.num_images])
+                       np.asarray(rendered.labels, np.int32), pixels, sizes[:rendered.num_images],
+                       frames[:rendered.num_videos], tiled)
 
-    def _render(self, record, num_image_tokens) -> templates.RenderedSample:
+    def _render(self, record, num_image_tokens, num_video_tokens=()) -> templates.RenderedSample:
         try:
-            return templates.render(record["conversations"], self._template, self.tokenizer,
+            return templates.render(records_lib.render_conversations(record), self._template, self.tokenizer,
                                     image_token_index=self.image_token_index,
-                                    num_image_tokens=num_image_tokens, max_length=self.max_length)
+                                    num_image_tokens=num_image_tokens, max_length=self.max_length,
+                                    video_token_index=self.video_token_index, num_video_tokens=num_video_tokens)
         except templates.EmptySampleError as e:
             raise _Skip(EMPTY, str(e)) from e
 
-    def _pixels(self, image) -> np.ndarray:
-        """uint8 [crop, crop, 3] of a PIL image (anyres: its [P, crop, crop, 3] base and tiles)."""
-        return _image_problem(lambda: image_lib.preprocess_uint8(image, self.image_cfg))
+    def _pixels(self, image, tiled: bool = True) -> np.ndarray:
+        """uint8 [crop, crop, 3] of a PIL image (anyres: its [P, crop, crop, 3] base and tiles; untiled: [1, ...])."""
+        return _image_problem(lambda: image_lib.preprocess_uint8(image, self.image_cfg, tiled))
 
 
 def _image_problem(fn):
@@ -573,6 +626,15 @@ def _image_problem(fn):
         raise _Skip(IMAGE, str(e)) from e
 
 
+def _video_problem(fn):
+    """fn(), an unreadable video (missing, corrupt, too few frames, a path outside the folder) made a skipped
+    sample."""
+    try:
+        return fn()
+    except (records_lib.ImagePathError, video_lib.VideoError, OSError) as e:
+        raise _Skip(VIDEO, str(e)) from e
+
+
 class _Skip(Exception):
     """Internal: why a sample is skipped (kind is one of the problem kinds)."""
 
@@ -581,19 +643,52 @@ class _Skip(Exception):
         self.kind = kind
 
 
+def _row_sources(geometry: anyres.AnyresConfig, row: Sequence[_Sample], slots: int,
+                 crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, weights) [n, CORNERS] of a batch row's image tokens then video tokens (`anyres.table_sources`)."""
+    # Flat images have no size that matters: one tile each.
+    sizes = [size for s in row for size in (s.sizes or [(crop, crop)] * len(s.pixel_values))]
+    frames = [len(v) for s in row for v in s.videos]
+    tilings = {s.tiled for s in row if s.sizes}
+    if len(tilings) <= 1:
+        return anyres.table_sources(geometry, sizes, slots, tiled=tilings.pop() if tilings else None, videos=frames)
+    # A packed OneVision row whose samples tile differently (a lone image tiled, several untiled), which one
+    # table_sources call cannot say: each sample's images on their own, moved to their first slot (slot s's
+    # features are table rows s * tile_tokens on; the newline, the table's last row, stays), then the videos,
+    # placed after every image slot by a call whose images are that many one-slot (untiled) ones.
+    newline = geometry.table_rows(slots) - 1
+    parts, first = [], 0
+    for s in row:
+        if not s.sizes:
+            continue
+        rows, weights = anyres.table_sources(geometry, s.sizes, slots, tiled=s.tiled)
+        parts.append((np.where(rows == newline, newline, rows + first * geometry.tile_tokens), weights))
+        first += len(s.pixel_values)
+    if frames:
+        t = geometry.tile_size
+        rows, weights = anyres.table_sources(geometry, [(t, t)] * first, slots, tiled=False, videos=frames)
+        skip = first * (geometry.tile_tokens + 1)  # the one-slot images' tokens: base and newline each
+        parts.append((rows[skip:], weights[skip:]))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 class _Collate:
     """batch_fn: B rows -> one static-shape batch (plus private keys for the stats).
 
-    `slots` image slots a row (max_images, or max_images * max_patches tile slots for anyres); with a
-    `geometry` (given when the batch carries image_index) each row's image tokens get their table rows.
-    `packed`: rows are lists of samples, laid end to end, and the batch gains segment_ids and positions.
+    `slots` image slots a row (max_images, or max_images * max_patches tile slots for anyres, plus the video
+    frames'); with a `geometry` (given when the batch carries image_index) each row's image and video tokens get
+    their table rows (and weights, `image_weight`, for a weighted geometry). `packed`: rows are lists of samples,
+    laid end to end, and the batch gains segment_ids and positions.
     """
 
     def __init__(self, *, pad_id: int, max_length: int, buckets: Sequence[int], slots: int, crop_size: int,
-                 image_token_index: int, geometry: anyres.AnyresConfig | None, packed: bool = False):
+                 image_token_index: int, geometry: anyres.AnyresConfig | None, packed: bool = False,
+                 video_token_index: int | None = None):
         self.pad_id, self.max_length, self.buckets = pad_id, max_length, list(buckets)
         self.slots, self.crop_size = slots, crop_size
         self.image_token_index, self.geometry = image_token_index, geometry
+        # -1 matches no token: no video placeholders without a video token.
+        self.video_token_index = -1 if video_token_index is None else video_token_index
         self.packed = packed
 
     def __call__(self, rows: Sequence[Any]) -> dict[str, Any]:
@@ -612,33 +707,44 @@ class _Collate:
             "pixel_values": np.zeros((b, self.slots, c, c, 3), np.uint8),  # normalised by DataIterator
             "image_mask": np.zeros((b, self.slots), bool),
         }
-        if self.geometry is not None:
+        weighted = self.geometry is not None and self.geometry.weighted
+        if weighted:
+            batch["image_index"] = np.zeros((b, t, anyres.CORNERS), np.int32)
+            batch["image_weight"] = np.zeros((b, t, anyres.CORNERS), np.float32)
+        elif self.geometry is not None:
             batch["image_index"] = np.zeros((b, t), np.int32)
         if self.packed:
             batch["segment_ids"] = np.zeros((b, t), np.int32)
             batch["positions"] = np.zeros((b, t), np.int32)
         for i, row in enumerate(samples):
-            at = used = 0
+            at = 0
+            # The row's images' tiles, then its videos' frames (place_images' layout), whichever samples hold them.
+            tiles = [s.pixel_values for s in row] + [v for s in row for v in s.videos]
+            used = sum(len(x) for x in tiles)
+            if used > self.slots:
+                raise RuntimeError(f"a packed row of {used} image slots, more than {self.slots}")
+            if tiles:
+                batch["pixel_values"][i, :used] = np.concatenate(tiles)
+                batch["image_mask"][i, :used] = True
             for k, s in enumerate(row):
-                n, m = len(s.input_ids), len(s.pixel_values)
-                if used + m > self.slots:
-                    raise RuntimeError(f"a packed row of more than {self.slots} image slots")
+                n = len(s.input_ids)
                 batch["input_ids"][i, at:at + n] = s.input_ids
                 batch["labels"][i, at:at + n] = s.labels
                 batch["attention_mask"][i, at:at + n] = 1
                 if self.packed:
                     batch["segment_ids"][i, at:at + n] = k + 1
                     batch["positions"][i, at:at + n] = np.arange(n)
-                batch["pixel_values"][i, used:used + m] = s.pixel_values
-                batch["image_mask"][i, used:used + m] = True
-                at, used = at + n, used + m
+                at += n
             if self.geometry is not None and row:
-                # One feature table a row: the row's images in placeholder order, whichever sample holds them.
-                # Flat images have no size that matters: one tile each.
-                sizes = [size for s in row for size in (s.sizes or [(c, c)] * len(s.pixel_values))]
+                # One feature table a row: image tokens in placeholder order, then video tokens (table_sources).
                 ids = batch["input_ids"][i, :at]
-                batch["image_index"][i, :at][ids == self.image_token_index] = anyres.table_index(
-                    self.geometry, sizes, self.slots)
+                media = np.concatenate([np.flatnonzero(ids == self.image_token_index),
+                                        np.flatnonzero(ids == self.video_token_index)])
+                rows_, weights = _row_sources(self.geometry, row, self.slots, c)
+                if weighted:
+                    batch["image_index"][i, media], batch["image_weight"][i, media] = rows_, weights
+                else:
+                    batch["image_index"][i, media] = rows_[:, 0]
         batch["_num_samples"] = np.int32(sum(len(row) for row in samples))
         batch["_empty_rows"] = np.int32(sum(not row for row in samples))
         batch["_problems"] = [(x.record_id, x.kind, x.message) for row in items for x in row
@@ -769,7 +875,43 @@ def _geometry(num_image_tokens: int | None, geometry: anyres.AnyresConfig | None
                          f"(height, width), the model's geometry {geometry.tile_size} px from {geometry.resolutions()}")
     if geometry.merge == "flat" and image_cfg.is_anyres:
         raise ValueError("a flat (LLaVA-1.5) geometry needs image settings without grid_pinpoints")
+    if geometry.untiled_multi and not image_cfg.onevision:
+        raise ValueError("a OneVision geometry (several images of a record untiled) needs OneVision image settings "
+                         "(ImageProcessorConfig.onevision)")
     return geometry
+
+
+def video_settings(image_cfg: image_lib.ImageProcessorConfig, geometry: anyres.AnyresConfig,
+                   num_frames: int) -> VideoProcessorConfig:
+    """The frames' settings a model's images imply: OneVision's (`bilinear` pooling: resized to a tile, no crop) or
+    NeXT-Video's (shortest side to a tile, centre crop), with the images' normalisation, `num_frames` frames."""
+    norm = dict(mean=image_cfg.mean, std=image_cfg.std, rescale_factor=image_cfg.rescale_factor,
+                resample=image_cfg.resample, num_frames=num_frames)
+    if geometry.video == "bilinear":
+        return VideoProcessorConfig.onevision(size=image_cfg.crop_size, **norm)
+    return VideoProcessorConfig(size=image_cfg.crop_size, crop_size=image_cfg.crop_size, **norm)
+
+
+def _check_video(geometry: anyres.AnyresConfig, image_cfg: image_lib.ImageProcessorConfig,
+                 video_cfg: VideoProcessorConfig | None, num_frames: int, video_token_index: int | None,
+                 frame_sampling: str) -> VideoProcessorConfig | None:
+    """make_dataset's video settings, checked: frames fill tile slots normalised as the images are."""
+    if frame_sampling not in video_lib.SAMPLINGS:
+        raise ValueError(f"frame_sampling {frame_sampling!r} is not one of {video_lib.SAMPLINGS}")
+    if not num_frames:
+        return None
+    if num_frames < 0 or not geometry.video or video_token_index is None:
+        raise ValueError(f"num_frames={num_frames} needs a geometry with video pooling (found "
+                         f"{geometry.video or 'none'}) and a video_token_index (found {video_token_index})")
+    video_cfg = video_cfg or video_settings(image_cfg, geometry, num_frames)
+    if video_cfg.frame_size != image_cfg.crop_size:
+        raise ValueError(f"video frames of {video_cfg.frame_size} px cannot fill tile slots of "
+                         f"{image_cfg.crop_size} px")
+    norm = lambda c: (c.mean, c.std, c.rescale_factor)  # noqa: E731
+    if norm(video_cfg) != norm(image_cfg):
+        raise ValueError(f"video frames normalised with mean, std, rescale {norm(video_cfg)}, the images with "
+                         f"{norm(image_cfg)}: a batch's slots are normalised alike")
+    return video_cfg
 
 
 def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | sources_lib.Source,
@@ -783,7 +925,9 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
                  max_images_per_sample: int = 1, worker_count: int = 0, read_threads: int = 4,
                  strict: bool = False, tfds_data_dir: str | os.PathLike | None = None,
                  normalize_pixels: bool = True, packing: bool = False,
-                 max_images_per_row: int | None = None) -> LlavaIterDataset:
+                 max_images_per_row: int | None = None, num_frames: int = 0,
+                 video_token_index: int | None = None, video_cfg: VideoProcessorConfig | None = None,
+                 frame_sampling: str = "transformers") -> LlavaIterDataset:
     """Builds the training input pipeline (see the module docstring).
 
     Args:
@@ -821,6 +965,11 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
       packing: several samples a row (module docstring, "Packing"): rows of `max_length` tokens, and
         `segment_ids`, `positions` [B, T]; not with group_by_modality_length.
       max_images_per_row: packed rows' images at most (I = that x max_patches); default: `images_per_row`.
+      num_frames: frames sampled from each record's video (0: no videos; a video record is skipped and counted);
+        needs a geometry with video pooling and `video_token_index`. Unpacked rows gain that many tile slots.
+      video_token_index: id of the video placeholder token (`LlavaConfig.video_token_index`).
+      video_cfg: how frames are preprocessed (default `video_settings`: the model's tile, the images' mean/std).
+      frame_sampling: "transformers" (uniform, transformers' processors) or "original" (data/video.py).
 
     Returns:
       A LlavaIterDataset; `iter()` gives a DataIterator whose `.stats` are the DataStats.
@@ -841,13 +990,17 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
                          "their samples' lengths; turn one off")
     buckets = bucket_list(length_buckets, max_length)
     geometry = _geometry(num_image_tokens, geometry, image_cfg)
+    video_cfg = _check_video(geometry, image_cfg, video_cfg, num_frames, video_token_index, frame_sampling)
     images = max_images_per_sample
     packed = None
     if packing:
-        images = images_per_row(geometry, max_length, max_images_per_sample, max_images_per_row)
+        # A video's frames count as images of max_patches slots each: a row must hold the largest sample.
+        images = images_per_row(geometry, max_length, max_images_per_sample + video_images(geometry, num_frames),
+                                max_images_per_row)
         packed, _ = plan_packing(source, tokenizer, template, geometry, image_token_index=image_token_index,
                                  max_length=max_length, max_images_per_sample=max_images_per_sample,
-                                 images_per_row=images, seed=seed, shuffle=shuffle)
+                                 images_per_row=images, seed=seed, shuffle=shuffle, num_frames=num_frames,
+                                 video_token_index=video_token_index)
     tiled = geometry.merge != "flat"
     lengths = source.lengths(geometry)
     too_many = int(np.sum(source.record_stats()[1] > max_images_per_sample))
@@ -859,11 +1012,13 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
         num_image_tokens=geometry.tile_tokens, geometry=geometry if tiled else None,
         image_token_index=image_token_index, max_length=max_length, max_images=max_images_per_sample,
         batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, seed=seed, shuffle=shuffle,
-        group_by_modality_length=group_by_modality_length, strict=strict, packed=packed)
+        group_by_modality_length=group_by_modality_length, strict=strict, packed=packed,
+        video_cfg=video_cfg, num_frames=num_frames, frame_sampling=frame_sampling, video_token_index=video_token_index)
     collate = _Collate(pad_id=_pad_id(tokenizer), max_length=max_length, buckets=buckets,
-                       slots=images * geometry.max_patches, crop_size=image_cfg.crop_size,
-                       image_token_index=image_token_index,
-                       geometry=geometry if (tiled if image_index is None else image_index) else None, packed=packing)
+                       slots=images * geometry.max_patches + (0 if packing else num_frames),
+                       crop_size=image_cfg.crop_size, image_token_index=image_token_index,
+                       geometry=geometry if (tiled if image_index is None else image_index) else None, packed=packing,
+                       video_token_index=video_token_index)
     ds = grain.MapDataset.range(loader.rows_per_epoch).repeat(num_epochs)
     ds = ds.map_with_index(loader).batch(batch_size, batch_fn=collate)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))

@@ -4,8 +4,13 @@ A record, as in `blip_laion_cc_sbu_558k.json` (stage 1) and `llava_v1_5_mix665k.
 
     {"id": "000000033471",
      "image": "coco/train2017/000000033471.jpg",        # optional; a str or a list of str
+     "video": "clips/v_123.mp4",                        # optional (LLaVA-Video-178K, LLaVA-OneVision)
      "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
                        {"from": "gpt", "value": "The bus is white and red."}, ...]}
+
+A record with a `video` marks it `<video>` in a human turn, or, as LLaVA-Video-178K writes it, with
+the `<image>` marker when it has no `image` field: the original (LLaVA-NeXT's train.py) hands the model
+the video's frames for that marker. `render_conversations` turns such an `<image>` into `<video>`.
 
 Files are either `.json` (one list of records) or `.jsonl` (one record per line). Every record is
 validated when the file is read, so that a malformed record is reported once, up front, with the
@@ -22,6 +27,7 @@ from typing import Any
 from llava_jax import paths
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 # Role names in the "from" field (LLaVA writes human/gpt); the same set the templates accept.
 ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
@@ -66,6 +72,26 @@ def record_images(record: Record) -> list[str]:
     return [image] if isinstance(image, str) else list(image)
 
 
+def record_video(record: Record) -> str | None:
+    """The record's video path, or None."""
+    return record.get("video")
+
+
+def _video_as_image_marker(record: Record) -> bool:
+    """Whether the record's `<image>` marker stands for its video (LLaVA-Video-178K: a video, no images, and
+    no `<video>` marker)."""
+    return (record.get("video") is not None and record.get("image") is None and
+            not any(VIDEO_MARKER in turn["value"] for turn in record["conversations"]))
+
+
+def render_conversations(record: Record) -> list[dict]:
+    """The record's turns as the renderer takes them: a video written as `<image>` (LLaVA-Video-178K) becomes
+    `<video>`, which the templates expand to the video's tokens."""
+    if not _video_as_image_marker(record):
+        return record["conversations"]
+    return [{**turn, "value": turn["value"].replace(IMAGE_MARKER, VIDEO_MARKER)} for turn in record["conversations"]]
+
+
 def validate_record(record: Any) -> str | None:
     """Returns what is wrong with one record, or None if it is valid.
 
@@ -73,7 +99,8 @@ def validate_record(record: Any) -> str | None:
     or non-empty list of them), `conversations` (a list of {"from", "value": str} turns: an optional
     system turn, an optional opening gpt turn (dropped by the templates, as by the original), then
     human/gpt alternating with at least one gpt answer), and that the number of `<image>` markers,
-    all in human turns, equals the number of images.
+    all in human turns, equals the number of images; an optional `video` (a non-empty path) has exactly
+    one `<video>` marker, or one `<image>` marker when the record has no images (the module docstring).
     """
     if not isinstance(record, dict):
         return f"expected a JSON object, found {type(record).__name__}"
@@ -89,10 +116,13 @@ def validate_record(record: Any) -> str | None:
         for path in images:
             if not isinstance(path, str) or not path:
                 return f"field 'image' must hold non-empty strings, found {path!r}"
+    video = record.get("video")
+    if video is not None and (not isinstance(video, str) or not video):
+        return f"field 'video' must be a non-empty path, found {video!r}"
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         return "field 'conversations' must be a non-empty list of {'from', 'value'} turns"
-    markers, roles = 0, []
+    markers, video_markers, roles = 0, 0, []
     for j, turn in enumerate(convs):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             return f"conversations[{j}] must be an object with 'from' and 'value', found {turn!r:.80}"
@@ -101,11 +131,12 @@ def validate_record(record: Any) -> str | None:
         if not isinstance(turn["value"], str):
             return f"conversations[{j}].value must be a string, found {type(turn['value']).__name__}"
         role = ROLES[turn["from"]]
-        count = turn["value"].count(IMAGE_MARKER)
-        if count and role != USER:
-            return (f"conversations[{j}] is a {turn['from']} turn with an {IMAGE_MARKER} marker; "
-                    "markers belong in human turns")
+        count, videos = turn["value"].count(IMAGE_MARKER), turn["value"].count(VIDEO_MARKER)
+        if (count or videos) and role != USER:
+            return (f"conversations[{j}] is a {turn['from']} turn with an {IMAGE_MARKER if count else VIDEO_MARKER} "
+                    "marker; markers belong in human turns")
         markers += count
+        video_markers += videos
         roles.append(role)
     # As the templates (and the original) read a conversation: an optional system turn, an
     # opening answer that is dropped, then strictly alternating human/gpt turns.
@@ -119,6 +150,14 @@ def validate_record(record: Any) -> str | None:
     if ASSISTANT not in roles[start:]:
         return "conversations has no gpt turn after a human turn: nothing to train on"
     num_images = len(record_images(record))
+    if video is not None and image is None and not video_markers:  # LLaVA-Video-178K: <image> is the video
+        if markers != 1:
+            return (f"found {markers} {IMAGE_MARKER} marker(s) in a record with a video and no images; the video "
+                    f"needs exactly one marker ({VIDEO_MARKER}, or {IMAGE_MARKER} as LLaVA-Video-178K writes it)")
+        return None
+    if video_markers != (video is not None):
+        return (f"found {video_markers} {VIDEO_MARKER} marker(s) in the conversation but "
+                f"{'a video' if video is not None else 'no video'} in field 'video'; a video needs exactly one marker")
     if markers != num_images:
         return (f"found {markers} {IMAGE_MARKER} marker(s) in the conversation but {num_images} image(s) "
                 "in field 'image'; each image needs exactly one marker")

@@ -6,13 +6,15 @@
     tfds:NAME[/CONFIG][:VERSION][@SPLIT]         TfdsSource: a TFDS dataset in ArrayRecord format
 
 Each may be local or on GCS (`gs://`, through etils.epath / fsspec). A source holds records in
-a fixed order; `source[i]` is an `Example`: the LLaVA record (as records.py validates it) and
+a fixed order; `source[i]` is an `Example`: the LLaVA record (as records.py validates it),
 one opener per image returning the decoded PIL image (and, where that is cheap, one returning its size
-from the file's header alone, which packing plans with). The pipeline plans, renders and
+from the file's header alone, which packing plans with), and for a record with a `video` one opener
+returning its sampled frames (decoded with PyAV, data/video.py). The pipeline plans, renders and
 preprocesses Examples the same way whatever their source, so the same records in the same order
 give the same batches, token ids, labels and pixels from every source. Sources hold images as they
 were (encoded bytes), not preprocessed: one packed or TFDS dataset trains LLaVA-1.5 and LLaVA-NeXT
-(anyres) models alike, the pipeline cutting each image by its size.
+(anyres) models alike, the pipeline cutting each image by its size. Videos likewise: their file's bytes,
+the frames sampled when read, so that any `num_frames` reads the same dataset.
 
 Packed shards: the format `pack.py` writes, described in `packed_format.py` (ArrayRecord shards of
 one record per chunk, `manifest.json`, `index.npz`). array_record's open-source reader opens local
@@ -22,7 +24,8 @@ TFDS: `tfds.data_source` reads ArrayRecord datasets with numpy only; TensorFlow 
 (building one needs only tensorflow-datasets when the images are given as encoded bytes, as
 `tfds_builder.py` does). The expected features are those `tfds_builder.LlavaRecords` writes:
 `id`, `conversations` (JSON text), `image` (the original paths) and `images` (encoded bytes, or
-decoded uint8 arrays as tfds.features.Image gives them).
+decoded uint8 arrays as tfds.features.Image gives them); `video` (the original path, "" for none) and
+`videos` (its file's bytes, none or one) when the dataset has them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
@@ -43,6 +47,7 @@ import PIL.Image
 from llava_jax import anyres
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
+from llava_jax.data import video as video_lib
 from llava_jax.data.packed_format import (INDEX, MANIFEST, DataSourceError, decode_example, physical_range,
                                           read_image_bytes, read_manifest, record_stats, strip_block_headers)
 from llava_jax.data.records import Record, is_remote
@@ -52,9 +57,13 @@ logger = logging.getLogger(__name__)
 TFDS_PREFIX = "tfds:"
 
 
+# (num_frames, sampling) -> uint8 [F, H, W, 3]: a video's frames sampled uniformly (video.decode_frames).
+VideoOpener = Callable[[int, str], np.ndarray]
+
+
 @dataclasses.dataclass
 class Example:
-    """One record and a way to open each of its images (in `image` field order).
+    """One record, a way to open each of its images (in `image` field order) and its video's frames (or None).
 
     `sizes`: one callable an image giving its (height, width) from the header alone, without decoding (PIL
     opens lazily: tens of microseconds against milliseconds for the pixels), or None where even that costs
@@ -65,6 +74,7 @@ class Example:
     record: Record
     images: list[Callable[[], PIL.Image.Image]]
     sizes: list[Callable[[], tuple[int, int]]] | None = None
+    video: VideoOpener | None = None
 
 
 class Source:
@@ -107,6 +117,26 @@ def _image_from_bytes(data: bytes, name: str) -> Callable[[], PIL.Image.Image]:
     return lambda: image_lib.load_image(io.BytesIO(data), name=name)
 
 
+def _video_from_file(path: str) -> VideoOpener:
+    return lambda num_frames, sampling: video_lib.decode_frames(path, num_frames, sampling)[0]
+
+
+def _video_from_bytes(data: bytes, name: str) -> VideoOpener:
+    """The frames of a video held as its file's bytes (packed and TFDS sources); errors name `name`."""
+
+    def frames(num_frames: int, sampling: str) -> np.ndarray:
+        # video.decode_frames reads a path; a temporary file costs one local write a sample.
+        with tempfile.NamedTemporaryFile(suffix=os.path.splitext(name)[1]) as f:
+            f.write(data)
+            f.flush()
+            try:
+                return video_lib.decode_frames(f.name, num_frames, sampling)[0]
+            except video_lib.VideoError as e:
+                raise video_lib.VideoError(str(e).replace(repr(f.name), repr(name))) from None
+
+    return frames
+
+
 def header_size(file: str | os.PathLike | BinaryIO) -> tuple[int, int]:
     """(height, width) of an image file (a path or an open binary file) from its header; pixels not decoded."""
     with PIL.Image.open(file) as img:
@@ -128,7 +158,8 @@ class JsonSource(Source):
         for path in self.paths:
             self._starts.append((len(self.records), path))
             for record, index, line in records_lib.load_located_records(path):
-                for rel in records_lib.record_images(record):
+                video = records_lib.record_video(record)
+                for rel in records_lib.record_images(record) + ([video] if video is not None else []):
                     try:
                         records_lib.check_relative_image_path(rel)
                     except records_lib.ImagePathError as e:
@@ -153,13 +184,26 @@ class JsonSource(Source):
         rels = records_lib.record_images(record)
         sizes = None if is_remote(self.image_folder) else [
             lambda rel=rel: header_size(records_lib.resolve_image_path(self.image_folder, rel)) for rel in rels]
-        return Example(record, [self._opener(rel) for rel in rels], sizes)
+        video = records_lib.record_video(record)
+        return Example(record, [self._opener(rel) for rel in rels], sizes,
+                       None if video is None else self._video_opener(video))
 
     def _opener(self, rel: str) -> Callable[[], PIL.Image.Image]:
         if is_remote(self.image_folder):
             return lambda: image_lib.load_image(io.BytesIO(read_image_bytes(self.image_folder, rel)),
                                                 name=f"{self.image_folder.rstrip('/')}/{rel}")
         return lambda: image_lib.load_image(records_lib.resolve_image_path(self.image_folder, rel))
+
+    def _video_opener(self, rel: str) -> VideoOpener:
+        """A video inside the folder, as images are (`read_image_bytes`'s checks); PyAV reads gs:// itself."""
+        if is_remote(self.image_folder):
+            records_lib.check_relative_image_path(rel)
+            return _video_from_file(f"{self.image_folder.rstrip('/')}/{os.path.normpath(rel)}")
+
+        def frames(num_frames: int, sampling: str) -> np.ndarray:
+            return _video_from_file(records_lib.resolve_image_path(self.image_folder, rel))(num_frames, sampling)
+
+        return frames
 
     def record_stats(self):
         return _stats_arrays([record_stats(r) for r in self.records])
@@ -279,10 +323,13 @@ class PackedSource(Source):
         if problem is not None:
             raise DataSourceError(f"{self.directory}: record {index}: {problem}")
         paths = records_lib.record_images(record)
-        if len(paths) != len(images):
-            raise DataSourceError(f"{self.directory}: record {index} names {len(paths)} images, holds {len(images)}")
+        video = records_lib.record_video(record)
+        if len(paths) + (video is not None) != len(images):
+            raise DataSourceError(f"{self.directory}: record {index} names {len(paths)} images"
+                                  f"{' and a video' if video is not None else ''}, holds {len(images)} files")
         return Example(record, [_image_from_bytes(b, f"{self.directory}[{index}]:{p}") for b, p in zip(images, paths)],
-                       [lambda b=b: header_size(io.BytesIO(b)) for b in images])
+                       [lambda b=b: header_size(io.BytesIO(b)) for b in images[:len(paths)]],
+                       None if video is None else _video_from_bytes(images[-1], f"{self.directory}[{index}]:{video}"))
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -345,6 +392,10 @@ class TfdsSource(Source):
         images = list(ex["images"])
         if paths or images:
             record["image"] = paths if paths else [f"image{k}" for k in range(len(images))]
+        videos = list(ex.get("videos", ()))
+        if videos:
+            record["video"] = text(ex.get("video", b"")) or "video"
+            images.append(videos[0])
         return record, images
 
     def __getitem__(self, index: int) -> Example:
@@ -355,6 +406,9 @@ class TfdsSource(Source):
         problem = records_lib.validate_record(record)
         if problem is not None:
             raise DataSourceError(f"{self.name}: record {index}: {problem}")
+        video = None
+        if "video" in record:
+            video = _video_from_bytes(bytes(images.pop()), f"{self.name}[{index}]:{record['video']}")
         openers, sizes = [], []
         for data, path in zip(images, records_lib.record_images(record)):
             where = f"{self.name}[{index}]:{path}"
@@ -365,7 +419,7 @@ class TfdsSource(Source):
                 array = np.asarray(data)
                 openers.append(lambda a=array: image_lib.to_rgb(PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)))
                 sizes.append(lambda a=array: (int(a.shape[0]), int(a.shape[1])))
-        return Example(record, openers, sizes)
+        return Example(record, openers, sizes, video)
 
     def record_stats(self):
         if self._stats is None:

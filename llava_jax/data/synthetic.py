@@ -408,6 +408,155 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
     return files
 
 
+# ----------------------------------------------------------------------------- many images and video
+
+MEDIA_VERSION = 1
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+MEDIA_QTYPES = ("frame", "count_images")
+FRAME_QUESTIONS = ("Which frame shows the red square?", "In which frame is there a red square?",
+                   "Which frame has the red square?")
+DESCRIBE_FRAMES, DESCRIBE_IMAGES = "Describe each frame.", "Describe each image."
+COUNT_IMAGES_QUESTIONS = ("How many images show a circle?", "In how many of the images is there a circle?",
+                          "Count the images with a circle.")
+
+
+# The template the tasks are meant for: `mistral_instruct` (no system prompt), so that a row is mostly its media
+# and question (a few dozen tokens) and a tiny model trains on it in seconds.
+MEDIA_TEMPLATE = "mistral_instruct"
+MEDIA_TEMPLATE_TEXT = "[INST] [/INST]"
+
+
+def _media_paths(out_dir: str) -> dict[str, str]:
+    return {"out_dir": out_dir, "image_folder": out_dir, "train": os.path.join(out_dir, "train.json"),
+            "val": os.path.join(out_dir, "val.json"), "tokenizer": os.path.join(out_dir, "tokenizer.model"),
+            "manifest": os.path.join(out_dir, "manifest.json")}
+
+
+def write_video(path: str, frames: np.ndarray, rate: int = 4) -> None:
+    """uint8 [F, H, W, 3] frames (H, W even) as an MPEG-4 .mp4 file, with PyAV (atomically)."""
+    import av  # pylint: disable=g-import-not-at-top  # only the video tasks need PyAV
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"qscale": "2"}  # near-lossless: the colours stay what they were drawn as
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    paths.atomic_write(path, buf.getvalue())
+
+
+def _one_shape(rng: np.random.Generator, size: int, shape: str, color: str) -> Image.Image:
+    """One large object, near the centre: what a frame or one of several images shows."""
+    radius = 0.3 * size * rng.uniform(0.9, 1.1)
+    center = tuple(size * 0.5 + rng.uniform(-0.05, 0.05, 2) * size)
+    return draw_scene(Scene(shape, color, 1, "center", (center,), float(radius)), size)
+
+
+def _frame_task(rng: np.random.Generator, size: int, num_frames: int) -> tuple[np.ndarray, str, str]:
+    """A video whose one frame shows a red square (the others: squares and circles of other colours), the
+    ordinal of that frame, and a description of the frames in order."""
+    target = int(rng.integers(num_frames))
+    others = [c for c in COLORS if c != "red"]
+    frames, parts = [], []
+    for f in range(num_frames):
+        shape, color = ("square", "red") if f == target else (("square", "circle")[rng.integers(2)],
+                                                              others[rng.integers(len(others))])
+        frames.append(_one_shape(rng, size, shape, color))
+        parts.append(f"{color} {shape}")
+    return np.stack([np.asarray(f) for f in frames]), ORDINALS[target], ", ".join(parts) + "."
+
+
+def _count_images_task(rng: np.random.Generator, size: int) -> tuple[list[Image.Image], str, str]:
+    """2 or 3 images, each a circle or a square of any colour; the answer (how many show a circle) is uniform
+    over 0..n; and a description of the images in order."""
+    n = int(rng.integers(2, 4))
+    k = int(rng.integers(n + 1))
+    circles = set(rng.choice(n, k, replace=False).tolist())
+    images, parts = [], []
+    for i in range(n):
+        shape, color = "circle" if i in circles else "square", tuple(COLORS)[rng.integers(len(COLORS))]
+        images.append(_one_shape(rng, size, shape, color))
+        parts.append(f"{color} {shape}")
+    return images, str(k), ", ".join(parts) + "."
+
+
+def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: int = 80, image_size: int = 28,
+                num_frames: int = 4, seed: int = 0, vocab_size: int = 640, describe: bool = True) -> dict[str, str]:
+    """Writes the many-image and short-video tasks into `out_dir` and returns its paths (cached like `build`).
+
+    Half the records are a video of `num_frames` frames (an .mp4 written with PyAV) asking "Which frame shows
+    the red square?" (answered with an ordinal, qtype "frame"); half are 2-3 images asking "How many images show
+    a circle?" (a digit, qtype "count_images"). Records follow LLaVA-OneVision's formats: `"image": [paths]` with
+    one `<image>` marker each, and LLaVA-Video-178K's `"video": path` marked with `<image>`. Answers are uniform
+    by construction (blind: 1 / num_frames and about 0.3). With `describe`, train.json also asks of each
+    record's media "Describe each frame." / "Describe each image." (qtype "describe": "red square, blue
+    circle, ..."), the supervision a tower trained from scratch learns colour and shape from. val.json holds
+    held-out questions with "answer" and "qtype"; the tokenizer is trained on the text and MEDIA_TEMPLATE's.
+
+    Returns:
+      {"out_dir", "image_folder" (= out_dir), "train", "val", "tokenizer", "manifest"} -> path.
+    """
+    if not 1 <= num_frames <= len(ORDINALS) or image_size % 2:
+        raise ValueError(f"num_frames must be in 1..{len(ORDINALS)} and image_size even (a video's frame); found "
+                         f"{num_frames}, {image_size}")
+    out_dir = paths.absolute(out_dir)
+    files = _media_paths(out_dir)
+    args = json.loads(json.dumps({"version": MEDIA_VERSION, "num_train": num_train, "num_val": num_val,
+                                  "image_size": image_size, "num_frames": num_frames, "seed": seed,
+                                  "vocab_size": vocab_size, "describe": describe}))
+    if _is_complete(files, args):
+        return files
+    for sub in ("images", "videos"):
+        paths.makedirs(os.path.join(out_dir, sub))
+    sentences = list(TEMPLATE_TEXT)
+    splits = {"train": [], "val": []}
+    for split, count, stream in (("train", num_train, 0), ("val", num_val, 1)):
+        rng = np.random.default_rng([seed, 10 + stream])
+        for i in range(count):
+            name = f"{split}_{i:05d}"
+            if i % 2 == 0:
+                frames, answer, described = _frame_task(rng, image_size, num_frames)
+                rel = f"videos/{name}.mp4"
+                write_video(os.path.join(out_dir, rel), frames)
+                q = FRAME_QUESTIONS[rng.integers(len(FRAME_QUESTIONS))]
+                # The video last, right before the answer: each frame then sits at the same distance from the
+                # answer in every record, which is what a tiny model (rotary positions only) can read a frame's
+                # place from.
+                record = {"id": name, "video": rel, "qtype": "frame", "conversations": [
+                    {"from": "human", "value": f"{q}\n<image>"}, {"from": "gpt", "value": answer}]}
+            else:
+                images, answer, described = _count_images_task(rng, image_size)
+                rels = [f"images/{name}_{k}.png" for k in range(len(images))]
+                for im, rel in zip(images, rels):
+                    _save_png(im, os.path.join(out_dir, rel))
+                q = COUNT_IMAGES_QUESTIONS[rng.integers(len(COUNT_IMAGES_QUESTIONS))]
+                record = {"id": name, "image": rels, "qtype": "count_images", "conversations": [
+                    {"from": "human", "value": "".join(f"Image {k + 1}: <image>\n" for k in range(len(rels))) + q},
+                    {"from": "gpt", "value": answer}]}
+            record["answer"] = answer
+            splits[split].append(record)
+            sentences += [q, answer, "Image 1: Image 2: Image 3:", MEDIA_TEMPLATE_TEXT]
+            if split == "train" and describe:
+                # What each frame or image shows, in order: many tokens of supervision a record (a caption
+                # stage's role), from which a tower trained from scratch learns colour and shape.
+                media = {k: v for k, v in record.items() if k in ("image", "video")}
+                prompt = DESCRIBE_FRAMES if "video" in record else DESCRIBE_IMAGES
+                splits[split].append({"id": f"{name}_describe", **media, "qtype": "describe", "conversations": [
+                    {"from": "human", "value": f"{prompt}\n<image>" if "video" in record else
+                     record["conversations"][0]["value"].replace(q, prompt)},
+                    {"from": "gpt", "value": described}]})
+                sentences += [prompt, described]
+    _write_json(files["train"], splits["train"])
+    _write_json(files["val"], splits["val"])
+    paths.atomic_write(files["tokenizer"], train_tokenizer(sentences, vocab_size))
+    _write_json(files["manifest"], {"args": args, "counts": {k: len(v) for k, v in splits.items()}})
+    return files
+
+
 _PUNCT = re.compile(r"[^\w\s]")
 
 

@@ -9,7 +9,8 @@ TensorFlow only to encode numpy images, which this builder never gives it). Read
 `tfds.data_source`, needs numpy only.
 
 Features: `id` (text), `conversations` (the turns as JSON text), `image` (the original relative
-paths) and `images` (the encoded bytes). Records keep the data file's order (shuffling is off),
+paths), `images` (the encoded bytes), `video` (the original relative path, "" for none) and `videos`
+(the video file's bytes: none or one; frames are sampled when training reads them, as from packed shards). Records keep the data file's order (shuffling is off),
 and the dataset's metadata holds per record what the planner needs (`record_stats`), so that
 opening it reads no record. Bad records are skipped and listed in the metadata (`skipped`).
 """
@@ -27,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import records as records_lib
-from llava_jax.data.packed_format import load_input, read_example, record_stats
+from llava_jax.data.packed_format import VideoError, load_input, read_example, record_stats
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ class LlavaRecordsConfig(tfds.core.BuilderConfig):
 class LlavaRecords(tfds.core.GeneratorBasedBuilder):
     """LLaVA conversation records with their images' encoded bytes."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.", "1.1.0": "Videos (video, videos)."}
     BUILDER_CONFIG_CLASS = LlavaRecordsConfig
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -56,6 +57,8 @@ class LlavaRecords(tfds.core.GeneratorBasedBuilder):
                 "conversations": tfds.features.Text(),
                 "image": tfds.features.Sequence(tfds.features.Text()),
                 "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+                "video": tfds.features.Text(),
+                "videos": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
             }),
             disable_shuffling=True,  # the data file's order: the same plan as the JSON source
             metadata=tfds.core.MetadataDict(),
@@ -72,13 +75,16 @@ class LlavaRecords(tfds.core.GeneratorBasedBuilder):
         for index, record in records:
             try:
                 images = read_example(record, cfg.image_folder)
-            except (records_lib.ImagePathError, image_lib.ImageError, OSError) as e:
+            except (records_lib.ImagePathError, image_lib.ImageError, VideoError, OSError) as e:
                 skipped.append({"index": index, "id": record["id"], "reason": str(e)})
                 logger.warning("tfds: skipped record %d (id %r): %s", index, record["id"], e)
                 continue
             stats.append(record_stats(record))
+            video = records_lib.record_video(record)
+            videos = [images.pop()] if video is not None else []  # read_example puts the video's bytes last
             yield index, {"id": str(record["id"]), "conversations": json.dumps(record["conversations"], ensure_ascii=False),
-                          "image": records_lib.record_images(record), "images": images}
+                          "image": records_lib.record_images(record), "images": images, "video": video or "",
+                          "videos": videos}
         # Filled during generation, written with the dataset info when preparation completes.
         self.info.metadata["record_stats"] = {"train": {
             "words": [s[0] for s in stats], "num_images": [s[1] for s in stats], "has_image": [bool(s[2]) for s in stats]}}

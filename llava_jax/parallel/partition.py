@@ -14,8 +14,9 @@ from llava_jax.models.attention import target_platform
 from llava_jax.models.llava import abstract_params
 from llava_jax.parallel import rules as rules_lib
 
-# image_index: anyres only; segment_ids, positions: packed rows only
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_index", "segment_ids", "positions")
+# image_index: anyres only; image_weight: weighted geometries only (OneVision); segment_ids, positions: packed rows only
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_index", "image_weight", "segment_ids",
+              "positions")
 
 
 def model_param_shardings(cfg: LlavaConfig, mesh: Mesh, rules: rules_lib.Rules = rules_lib.DEFAULT_RULES) -> Any:

@@ -37,11 +37,12 @@ import ml_collections
 import numpy as np
 
 from llava_jax import paths
-from llava_jax.anyres import AnyresConfig
+from llava_jax.anyres import CORNERS, AnyresConfig
 from llava_jax.config import CONFIG_FILE, PRESETS, LlavaConfig
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.parallel.partition import abstract_sharded_params, batch_shardings, sharded_shapes
+from llava_jax.train import hlo_flops
 from llava_jax.train.program import compute_config, rules_from_config, stage_program
 from llava_jax.train.validate import has_architecture, validate
 
@@ -76,7 +77,9 @@ class CompileReport:
     alias_bytes: int
     temp_bytes: int
     chip_bytes: int | None  # the device's memory, when known
+    image_slots: int = 1  # tile slots a row the step computes the vision tower over (filled or not)
     error: str | None = None  # the compiler's out-of-memory refusal (temporaries then from its message)
+    cost: dict[str, Any] | None = None  # the compiler's cost figures and the loop-counted FLOPs (`cost_figures`)
 
     @property
     def total_bytes(self) -> int:
@@ -101,6 +104,11 @@ class CompileReport:
         elif self.chip_bytes is not None:
             pct = 100 * self.total_bytes / self.chip_bytes
             mem += f" of {self.chip_bytes / GIB:.0f} GiB ({pct:.0f}%): {'fits' if self.fits else 'DOES NOT FIT'}"
+        if self.cost:
+            optimal = self.cost["compiler_optimal_seconds"]
+            mem += (f"\n  per device and step: {self.cost['hlo_flops']:.3g} matmul FLOPs with loops counted (the "
+                    f"compiler's estimate, each loop body once: {self.cost['compiler_flops']:.3g} FLOPs"
+                    + (f", optimal_seconds {optimal:.3g}" if optimal is not None else "") + "; bench/compile.py --costs)")
         return f"{head}\n  {mem}"
 
 
@@ -149,26 +157,32 @@ def model_config(config: ml_collections.ConfigDict, stage: ml_collections.Config
 
 
 def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: int, mesh,
-                   max_images: int = 1, geometry: AnyresConfig | None = None, packed: bool = False) -> dict:
+                   max_images: int = 1, geometry: AnyresConfig | None = None, packed: bool = False,
+                   num_frames: int = 0) -> dict:
     """The micro-batched global batch the loop feeds the step ([A, b, ...], sharded as `device_batch` does).
 
     `pixel_values` [A, b, S, H, W, 3] holds S = `max_images` x `geometry.max_patches` tile slots a row (the
     data pipeline's static worst case; `geometry`: the stage's, default the model's): one slot an image for
     LLaVA-1.5 or a base-resolution stage, base + tiles of the largest pinpoint for anyres. An anyres model's
     batches add `image_index` [A, b, T] int32 (the feature-table row of each image token), which the step
-    passes to the model; `packed` ones (data.packing) `segment_ids` and `positions` [A, b, T] int32, and
-    `max_images` is then the pipeline's images a row (`pipeline.images_per_row`).
+    passes to the model, and a weighted geometry's (OneVision) `image_index` and `image_weight` [A, b, T, 4]
+    (int32, float32); `packed` ones (data.packing) `segment_ids` and `positions` [A, b, T] int32, and
+    `max_images` is then the pipeline's images a row (`pipeline.images_per_row`). `num_frames`: video frames a
+    row's slots add (unpacked rows; packed ones count them in `max_images`).
     """
     v = cfg.vision
     rows = (num_micro, micro_batch)
-    slots = max_images * (geometry or cfg.geometry).max_patches
+    slots = max_images * (geometry or cfg.geometry).max_patches + (0 if packed else num_frames)
     shapes = {
         "input_ids": ((*rows, seq_len), np.int32),
         "labels": ((*rows, seq_len), np.int32),
         "attention_mask": ((*rows, seq_len), np.int32),
         "pixel_values": ((*rows, slots, v.image_size, v.image_size, v.num_channels), np.float32),
     }
-    if cfg.is_anyres:
+    if cfg.is_anyres and (geometry or cfg.geometry).weighted:
+        shapes["image_index"] = ((*rows, seq_len, CORNERS), np.int32)
+        shapes["image_weight"] = ((*rows, seq_len, CORNERS), np.float32)
+    elif cfg.is_anyres:
         shapes["image_index"] = ((*rows, seq_len), np.int32)
     if packed:
         shapes["segment_ids"] = shapes["positions"] = ((*rows, seq_len), np.int32)
@@ -176,8 +190,11 @@ def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: 
     return sharded_shapes(batch, batch_shardings(batch, mesh))
 
 
-def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list | None = None) -> CompileReport:
-    """Lower and compile stage `index`'s train step for `devices` (default: this host's) from shapes alone."""
+def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list | None = None,
+                  hlo_path: str | None = None) -> CompileReport:
+    """Lower and compile stage `index`'s train step for `devices` (default: this host's) from shapes alone.
+
+    `hlo_path`: also write the compiled program's optimized HLO text there (gzip), to read its cost figures."""
     stage = config.stages[index]
     cfg = model_config(config, stage)
     mesh = make_mesh(**config.mesh.to_dict(), devices=devices)
@@ -200,15 +217,17 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     # One image a row, cut as the loop cuts the stage's images (data/pipeline.py make_dataset's default
     # max_images_per_sample=1; a `base_resolution` stage of an anyres model: one base tile an image); packed
     # rows hold as many as the pipeline gives them.
-    from llava_jax.data.pipeline import images_per_row
+    from llava_jax.data.pipeline import images_per_row, video_images
     from llava_jax.train.loop import stage_geometry
 
     geometry, _ = stage_geometry(cfg, stage, None, False)
     images = 1
+    frames = config.data.num_frames if geometry.video else 0  # as the loop reads video records
     if config.data.packing:
-        images = images_per_row(geometry, stage.max_length, 1, config.data.max_images_per_row)
+        images = images_per_row(geometry, stage.max_length, 1 + video_images(geometry, frames),
+                                config.data.max_images_per_row)
     batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh, max_images=images,
-                           geometry=geometry, packed=config.data.packing)
+                           geometry=geometry, packed=config.data.packing, num_frames=frames)
     start = time.time()
     lowered = program.step.lower(program.state_abstract, batch)
     device = mesh.devices.flat[0]
@@ -227,6 +246,7 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
         alias_bytes=0,
         temp_bytes=0,
         chip_bytes=None if chip is None else int(float(chip) * GIB),
+        image_slots=images * geometry.max_patches,
     )
     try:
         compiled = lowered.compile()
@@ -239,9 +259,15 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
         return dataclasses.replace(report, compile_s=time.time() - start, argument_bytes=_input_bytes(program, batch),
                                    temp_bytes=int(temp), chip_bytes=int(available), error=str(e).splitlines()[0][:300])
     seconds = time.time() - start
+    if hlo_path:
+        import gzip
+
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(compiled.as_text())
     mem = compiled.memory_analysis()
     return dataclasses.replace(
         report,
+        cost=cost_figures(compiled),
         compile_s=seconds,
         argument_bytes=int(getattr(mem, "argument_size_in_bytes", 0)),
         output_bytes=int(getattr(mem, "output_size_in_bytes", 0)),
@@ -276,6 +302,31 @@ def run(config: ml_collections.ConfigDict) -> list[CompileReport]:
         print(report.line(), flush=True)
         reports.append(report)
     return reports
+
+
+def cost_figures(compiled) -> dict[str, Any]:
+    """One device's cost figures of a compiled program: the compiler's estimates and the loop-counted matmul FLOPs.
+
+    `compiler_flops`, `compiler_bytes` and `compiler_optimal_seconds` are XLA's `cost_analysis()` as it gives
+    them (`optimal_seconds` only from the TPU compiler): each loop body counted once. `hlo_flops` counts the
+    program's matmuls with every loop at its trip count (llava_jax/train/hlo_flops.py), `hlo_flops_once`
+    the same matmuls with each body once, the count to hold against `compiler_flops`.
+    """
+    analysis = compiled.cost_analysis()
+    analysis = (analysis[0] if analysis else {}) if isinstance(analysis, (list, tuple)) else (analysis or {})
+    counted = hlo_flops.count(compiled.as_text())
+    kernels = sorted({c for c in counted.custom_calls if c not in _BOOKKEEPING_CALLS})
+    optimal = analysis.get("optimal_seconds")
+    return {"compiler_flops": float(analysis.get("flops", 0.0)),
+            "compiler_bytes": float(analysis.get("bytes accessed", 0.0)),
+            "compiler_optimal_seconds": None if optimal is None else float(optimal),
+            "hlo_flops": counted.flops, "hlo_flops_once": counted.once, "loops": list(counted.loops),
+            "unknown_loops": counted.unknown_loops, "kernels": kernels}
+
+
+# Custom calls that move or allocate memory, not compute: not worth naming among the uncounted kernels.
+_BOOKKEEPING_CALLS = frozenset({"AllocateBuffer", "ConcatBitcast", "Sharding", "SPMDFullToShardShape",
+                                "SPMDShardToFullShape", "MoveToHost", "MoveToDevice"})
 
 
 def report_dict(report: CompileReport) -> dict[str, Any]:

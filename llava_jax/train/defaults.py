@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     # positions; the loss is that of the same samples unpacked. Not with group_by_modality_length.
     c.data.packing = False
     c.data.max_images_per_row = 0  # packed rows' image slots; 0: as many images as max_length tokens hold
+    # Frames sampled uniformly from each record's `video` (a model with video pooling only: OneVision, NeXT-Video);
+    # each is one tile slot of a row.
+    c.data.num_frames = 32
     c.data.worker_count = 0
     c.data.eval_template = "vicuna_v1"
     c.data.eval_batch_size = 32

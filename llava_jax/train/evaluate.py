@@ -7,7 +7,8 @@ replaces every image with a blank (mean-colour, i.e. all-zero after normalisatio
 
 LLaVA-NeXT (anyres) models: each image is rendered with its own token count and preprocessed to its
 base and tiles, a row's slots padded to the geometry's max_patches, and `image_index` built as the
-training pipeline builds it (`llava_jax.anyres.table_index`).
+training pipeline builds it (`llava_jax.anyres.table_sources`; with `image_weight` for a weighted geometry,
+OneVision's anyres_max_N).
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ def eval_forward(cfg: LlavaConfig) -> Callable:
     module = Llava(cfg)
 
     def fn(params, batch):
+        index = batch.get("image_index")
+        if "image_weight" in batch:
+            index = (index, batch["image_weight"])
         logits, _ = module.apply({"params": params}, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                 image_index=batch.get("image_index"))
+                                 image_index=index)
         targets = batch["labels"][:, 1:]
         valid = targets != IGNORE_INDEX
         hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) | ~valid
@@ -80,7 +84,10 @@ def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, b
             "attention_mask": np.zeros((batch_size, length), np.int32),
             "pixel_values": np.zeros((batch_size, slots, crop, crop, 3), np.float32),
         }
-        if geometry is not None:
+        if geometry is not None and geometry.weighted:
+            b["image_index"] = np.zeros((batch_size, length, anyres.CORNERS), np.int32)
+            b["image_weight"] = np.zeros((batch_size, length, anyres.CORNERS), np.float32)
+        elif geometry is not None:
             b["image_index"] = np.zeros((batch_size, length), np.int32)
         for i, s in enumerate(chunk):
             n = len(s["input_ids"])
@@ -92,7 +99,11 @@ def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, b
                 b["pixel_values"][i, : len(px) if geometry is not None else 1] = px
             if geometry is not None:  # blind too: the blank tiles' features go where the image's would
                 tokens = b["input_ids"][i] == image_token_index
-                b["image_index"][i, tokens] = anyres.table_index(geometry, [s["size"]], slots)
+                rows, weights = anyres.table_sources(geometry, [s["size"]], slots)
+                if geometry.weighted:  # OneVision: an image past anyres_max_N mixes table rows
+                    b["image_index"][i, tokens], b["image_weight"][i, tokens] = rows, weights
+                else:
+                    b["image_index"][i, tokens] = rows[:, 0]
         yield len(chunk), b
 
 

@@ -163,7 +163,8 @@ def model_image_config(cfg: LlavaConfig, pad_to_square: bool) -> image_lib.Image
     g = cfg.geometry
     if cfg.is_anyres:
         return image_lib.ImageProcessorConfig(size=g.tile_size, crop_size=g.tile_size, pad_to_square=False,
-                                              grid_pinpoints=g.pinpoints, pinpoint_convention=g.convention)
+                                              grid_pinpoints=g.pinpoints, pinpoint_convention=g.convention,
+                                              onevision=g.untiled_multi)
     return image_lib.ImageProcessorConfig(size=cfg.vision.image_size, crop_size=cfg.vision.image_size,
                                           pad_to_square=pad_to_square)
 
@@ -409,6 +410,8 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
         length_buckets=config.data.length_buckets or None, worker_count=config.data.worker_count,
         tfds_data_dir=config.data.tfds_data_dir or None, packing=config.data.packing,
         max_images_per_row=config.data.max_images_per_row,
+        # Video records (LLaVA-Video-178K): only for a model that pools frames (OneVision, NeXT-Video).
+        num_frames=config.data.num_frames if geometry.video else 0, video_token_index=cfg.video_token_index,
     )
     return _StageData(iter(ds), ds.batches_per_epoch, _stage_steps(stage, ds.batches_per_epoch, config.max_steps),
                       stage.global_batch // stage.micro_batch)
@@ -416,7 +419,18 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
 
 def _restore(run: _Run, stage, state: TrainState, iterator: pipeline.DataIterator, resume: _Resume) -> TrainState:
     """The checkpoint's trained parameters, optimizer state and counters, restored into `state`'s shardings."""
-    restored = run.ckpt.restore_state(resume.step, abstract_like(_checkpointed(state)))
+    try:
+        restored = run.ckpt.restore_state(resume.step, abstract_like(_checkpointed(state)))
+    except ValueError as e:
+        # Orbax's message lists every leaf that differs; the cause a user can act on is the stage's config.
+        if "tree structures do not match" not in str(e):
+            raise
+        first = " ".join(str(e).splitlines()[1:2]).strip()
+        raise ConfigError(
+            f"stage {stage.name}: checkpoint {resume.step} in {run.ckpt.directory} holds other trained parameters or "
+            "optimizer state than this stage builds (its trainable, vision_learning_rate or lora changed since it "
+            f"was written; first difference: {first}): resume with the config that wrote it, or use a new "
+            "workdir") from None
     iterator.set_state(resume.data_state)
     log.info("stage %s: restored step %d and the data position", stage.name, resume.meta["stage_step"])
     return state.replace(params=restored["params"], opt_state=restored["opt_state"], **restored["counters"])

@@ -40,10 +40,14 @@ def create_state(params: Params, frozen: Params, tx: optax.GradientTransformatio
 
 def model_inputs(batch: Batch) -> dict:
     """The model's inputs in a batch dict: input_ids, pixel_values [B, S, H, W, C] or None, attention_mask,
-    for anyres (LLaVA-NeXT) batches image_index [B, T] (`Llava.embed`), and for packed batches segment_ids
-    and positions [B, T] (`Llava.__call__`)."""
+    for anyres (LLaVA-NeXT) batches image_index [B, T] (`Llava.embed`), for weighted ones (OneVision) the pair
+    (image_index, image_weight) [B, T, 4] each, and for packed batches segment_ids and positions [B, T]
+    (`Llava.__call__`)."""
+    index = batch.get("image_index")
+    if "image_weight" in batch:
+        index = (index, batch["image_weight"])
     return dict(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
-                attention_mask=batch["attention_mask"], image_index=batch.get("image_index"),
+                attention_mask=batch["attention_mask"], image_index=index,
                 segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
 
 

@@ -47,6 +47,7 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
         _positive(key, _lookup(config, key))
     _at_least("eval_every", config.eval_every, 0)
     _at_least("data.worker_count", config.data.worker_count, 0)
+    _at_least("data.num_frames", config.data.num_frames, 1)
     if not isinstance(config.data.max_images_per_row, int) or config.data.max_images_per_row < 0:
         raise ConfigError(f"config.data.max_images_per_row: {config.data.max_images_per_row!r}; expected an integer "
                           ">= 0 (0: as many images as a row's tokens hold)")
