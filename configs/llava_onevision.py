@@ -30,8 +30,7 @@
 # start from CLIP + LLaMA parts only, not from SigLIP + Qwen2 ones yet, so stage 1 runs from a OneVision
 # directory (its projector trained further, not fresh).
 #
-# Videos: frames per video are `data.num_frames` (the data pipeline's default, 32 = the scripts' --frames_upbound
-# 32; the field lands with the trainvideo branch, so this file does not set it). The original samples a video at
+# Videos: frames per video are `data.num_frames` (32 = the scripts' --frames_upbound 32). The original samples a video at
 # 1 fps (video_fps 1) and only when that gives more than 32 frames samples 32 uniformly; here every video gives
 # num_frames frames sampled uniformly, as transformers' OneVision processor does. A LLaVA-Video-178K record marks
 # its video `<image>`; it reads as `<video>`, rendered where the original renders that `<image>` (templates.py).
@@ -83,6 +82,7 @@ def get_config(arg: str = "qwen2_7b"):
     c.stages = [stages[only]] if only else [stages[s] for s in STAGES]
     c.data.eval_template = "qwen_1_5"
     c.data.group_by_modality_length = True
+    c.data.num_frames = 32
     # A lone image takes up to 729 x 10 tokens and newlines (anyres_max_9), a 32-frame video 32 x 196 + 1.
     c.data.length_buckets = (1024, 2048, 4096, 8192, 16384)
     c.data.worker_count = 8
