@@ -42,12 +42,39 @@ def tiny_chatml_spm_dir(tmp_path_factory) -> str:
     return os.path.dirname(_spm.train_tiny_spm(d, user_defined_symbols=("<|im_start|>", "<|im_end|>")))
 
 
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> tuple[str, list[str]]:
+    """tests/test_serve.py's tiny model directory and its four images."""
+    from tests.test_serve import make_served_model
+
+    return make_served_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def served(served_model, tmp_path_factory):
+    """`python -m llava_jax.serve` on `served_model` with tests/test_serve.py's flags, one per worker for
+    tests/test_serve.py and tests/test_serve_browser.py: a start (imports, load, compilation) costs seconds of
+    CPU. Both modules carry `same_worker("server")`, so that the scheduling below sends them to one worker."""
+    from tests.test_serve import SERVER_FLAGS, Server
+
+    s = Server(served_model[0], str(tmp_path_factory.mktemp("serve") / "server.log"), *SERVER_FLAGS)
+    yield s
+    s.stop()
+
+
 def _seconds(item) -> float:
     """The idle-CPU estimate a test's `slow` marker carries (`@pytest.mark.slow(seconds=240)`); 0 when unmarked."""
     mark = item.get_closest_marker("slow")
     if mark is None:
         return 0.0
     return float(mark.kwargs.get("seconds", mark.args[0] if mark.args else 60))
+
+
+def _unit(item) -> str:
+    """What the scheduling below keeps on one worker: the test's module, or the modules that name one
+    `same_worker` group (they share a session fixture, built once per worker)."""
+    mark = item.get_closest_marker("same_worker")
+    return f"same_worker:{mark.args[0]}" if mark else item.nodeid.split("::")[0]
 
 
 @pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection, so that the chunks below are the ones xdist sends
@@ -58,8 +85,8 @@ def pytest_collection_modifyitems(config, items):
     (tests/test_train_*.py, the embedded default's for minutes) start last and finish alone.
     `--dist worksteal` first hands each of the N workers a contiguous chunk of the collection, then
     steals from the tails of the longest queues; so the slow tests go to the heads of those chunks, a
-    module's slow tests together (its module-scoped fixtures are built once), the longest module first
-    to the least loaded worker.
+    module's slow tests together (its module-scoped fixtures are built once; modules of one `same_worker`
+    group together too, for their session fixtures), the longest module first to the least loaded worker.
     Only the order changes (every worker collects the same list, as xdist requires); with another
     scheduler the run is as correct, only slower.
     """
@@ -69,7 +96,7 @@ def pytest_collection_modifyitems(config, items):
     modules: dict[str, list] = {}
     for item in items:
         if _seconds(item):
-            modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+            modules.setdefault(_unit(item), []).append(item)
     units = sorted(modules.values(), key=lambda unit: sum(map(_seconds, unit)), reverse=True)
     fast = [item for item in items if not _seconds(item)]
     lanes, loads = [[] for _ in range(workers)], [0.0] * workers

@@ -36,7 +36,7 @@ QUESTION = "What is in the picture?"
 SERVER_FLAGS = ("--api-key", KEY, "--max-batch", "4", "--max-images", "2", "--max-body-mb", "1")
 # Every test talks to a server subprocess (its start, model load and compilation: about 15 s on 2 cores, once
 # for the module); the longer tests say their own time.
-pytestmark = pytest.mark.slow(seconds=5)
+pytestmark = [pytest.mark.slow(seconds=5), pytest.mark.same_worker("server")]
 
 
 def _env() -> dict[str, str]:
@@ -94,8 +94,8 @@ def image_message(path: str, text: str) -> dict:
                                         {"type": "text", "text": text}]}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def make_served_model(tmp_path_factory) -> tuple[str, list[str]]:
+    """The served tiny model's directory (named llava-tiny: the model's id) and four images of different sizes."""
     d = str(tmp_path_factory.mktemp("llava-tiny", numbered=False))
     make_model_dir(d, seed=5)
     images = [write_image(os.path.join(d, f"img{i}.png"), seed=i, size=(40 + 7 * i, 30 + 3 * i)) for i in range(4)]
@@ -103,11 +103,14 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    d, _ = model_dir
-    s = Server(d, str(tmp_path_factory.mktemp("serve") / "server.log"), *SERVER_FLAGS)
-    yield s
-    s.stop()
+def model_dir(served_model):
+    return served_model
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    """The worker's server (tests/conftest.py), shared with tests/test_serve_browser.py: one start, not two."""
+    return served
 
 
 @pytest.fixture(scope="module")

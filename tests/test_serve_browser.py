@@ -19,7 +19,7 @@ import shutil
 import httpx2 as httpx
 import pytest
 
-from tests._inference import make_model_dir, write_image
+from tests._inference import write_image
 from tests.test_serve import KEY, Server, data_url, post
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -36,6 +36,7 @@ pytestmark = [
     ),
     # The server loads and compiles the tiny model (seconds), then Chromium starts.
     pytest.mark.slow(seconds=30),
+    pytest.mark.same_worker("server"),  # tests/test_serve.py's server: one start for both modules
 ]
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install selenium")
 from selenium.webdriver.common.by import By  # noqa: E402  (after the skip above)
@@ -44,16 +45,13 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The real server (tests/test_serve.py's) on a tiny model directory, with an API key; yields
-    (the server, {image name: path})."""
-    d = str(tmp_path_factory.mktemp("llava-tiny"))
-    make_model_dir(d, seed=5)
+def server(served, tmp_path_factory):
+    """The real server on a tiny model directory, with an API key: the worker's, shared with tests/test_serve.py
+    (tests/conftest.py); (the server, {image name: path})."""
+    d = str(tmp_path_factory.mktemp("images"))
     images = {name: write_image(os.path.join(d, name), seed=i, size=(40 + 9 * i, 30)) for i, name in
               enumerate(["a.png", "b.png"])}
-    s = Server(d, os.path.join(d, "server.log"), "--api-key", KEY, "--max-batch", "2")
-    yield s, images
-    s.stop()
+    return served, images
 
 
 @pytest.fixture
