@@ -513,8 +513,10 @@ def test_sigterm_drains_then_exits_zero(model_dir, server, tmp_path):
 
     async def run():
         async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-            async def until(predicate) -> None:
-                while not predicate((await c.get("/metrics")).text):
+            async def until(predicate, within: float = 300.0) -> None:
+                deadline = time.monotonic() + within  # a failure, not a hang, if the state never comes
+                while not predicate(text := (await c.get("/metrics")).text):
+                    assert time.monotonic() < deadline, f"metrics never reached the state waited for:\n{text}"
                     await asyncio.sleep(0.01)
 
             waiting = [asyncio.ensure_future(_ask(c, {**body, "stream": False})) for _ in range(11)]
