@@ -165,7 +165,7 @@ def _cell_subprocess(size, stage, target, rows, remat, scan=True, lora=False, pa
                      hlo_dir="", timeout=1800) -> dict:
     args = [sys.executable, "-m", "bench.compile", "--cell", size, str(stage), target, "--rows", str(rows),
             "--remat", remat] + ([] if scan else ["--unrolled"]) + (["--lora"] if lora else [])
-    args += (["--packed"] if packed else []) + (["--tower"] if tower else []) + (["--hlo-dir", hlo_dir] if hlo_dir else [])
+    args += ["--packed"] * packed + ["--tower"] * tower + (["--hlo-dir", hlo_dir] if hlo_dir else [])
     t0 = time.time()
     r = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
     if r.returncode:
@@ -343,11 +343,13 @@ def cost_table(recs: list[dict], fills: dict[str, float]) -> list[str]:
     """The markdown table of `costs` (every figure a chip is per step; "est." marks the compiler's estimates)."""
     e = lambda x: f"{x:.3g}"  # noqa: E731
     lines = ["| model, stage | target, rows a chip | batch | compiler flops a chip (loops once) | matmul flops, loops "
-             "counted, all chips (/ flops.py with remat, no attention) | model flops: flops.py / 6PT | flops a computed token | a real token (fill) | "
+             "counted, all chips (/ flops.py with remat, no attention) | model flops: flops.py / 6PT | "
+             "flops a computed token | a real token (fill) | "
              "optimal_seconds (est.) | step time, MFU (est.) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         layout = "packed" if r.get("packed") else "bucketed"
-        head = f"| {r['size']}, {r['stage']}{' + tower' if r.get('tower') else ''} | {r['target']}, {r['rows_per_device']} | {layout} |"
+        tower = " + tower" if r.get("tower") else ""
+        head = f"| {r['size']}, {r['stage']}{tower} | {r['target']}, {r['rows_per_device']} | {layout} |"
         if "failed" in r or not r.get("cost"):
             lines.append(f"{head} {r.get('failed') or r.get('error') or 'no cost figures'} | | | | | | |")
             continue
