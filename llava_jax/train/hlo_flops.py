@@ -7,9 +7,11 @@ convolutions) is counted as 2 x output elements x contracted size, and each comp
 how often it runs: a `while` body by the loop's trip count, fusions and calls by their caller's count.
 
 Trip counts: the CPU and GPU compilers annotate a loop with `known_trip_count`; the TPU compiler's
-output does not, so the count is read from the loop's condition: jax's loops (scan, fori_loop) start
-their counter at 0, step by 1 and stop at `counter < N` with N a constant of the condition. A loop
-whose condition has no such constant is counted once and listed in `unknown_loops`.
+output does not, so the count is read from the loop: its condition stops at `counter < N` with N a
+constant, the counter starts at the constant in its slot of the loop's initial tuple (else 0) and grows
+by the constant its body adds (else 1). jax's loops (scan, fori_loop) count 0, 1, ..., N - 1; the TPU
+compiler's windowed matmuls (an FSDP all-gather overlapped with the products, a loop per matmul) count
+by 2. A loop whose condition has no such constant is counted once and listed in `unknown_loops`.
 
 What this cannot see: custom calls (Pallas kernels such as splash attention, cuDNN attention) are
 opaque here as they are to XLA's cost analysis, so their FLOPs are in neither count (`custom_calls`
