@@ -165,7 +165,7 @@ def _cell_subprocess(size, stage, target, rows, remat, scan=True, lora=False, pa
                      hlo_dir="", timeout=1800) -> dict:
     args = [sys.executable, "-m", "bench.compile", "--cell", size, str(stage), target, "--rows", str(rows),
             "--remat", remat] + ([] if scan else ["--unrolled"]) + (["--lora"] if lora else [])
-    args += (["--packed"] if packed else []) + (["--tower"] if tower else []) + (["--hlo-dir", hlo_dir] if hlo_dir else [])
+    args += ["--packed"] * packed + ["--tower"] * tower + (["--hlo-dir", hlo_dir] if hlo_dir else [])
     t0 = time.time()
     r = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
     if r.returncode:
@@ -323,15 +323,33 @@ def costs(out_path: str, cells: list[str], remat: str, fills: dict[str, float], 
     print("\n" + "\n".join(cost_table(recs, fills)))
 
 
+def _recount(rec: dict, hlo_dir: str) -> None:
+    """A record's loop-counted FLOPs counted again from its kept HLO (`--hlo-dir`), when there is one."""
+    import gzip
+
+    from llava_jax.train import hlo_flops
+
+    name = "_".join([rec["size"], str(rec["stage"]), rec["target"], str(rec["rows_per_device"])]
+                    + ["packed"] * bool(rec.get("packed")) + ["tower"] * bool(rec.get("tower")))
+    path = os.path.join(hlo_dir, f"{name}.hlo.gz")
+    if rec.get("cost") and os.path.exists(path):
+        with gzip.open(path, "rt") as f:
+            counted = hlo_flops.count(f.read())
+        rec["cost"].update(hlo_flops=counted.flops, hlo_flops_once=counted.once, loops=list(counted.loops),
+                           unknown_loops=counted.unknown_loops)
+
+
 def cost_table(recs: list[dict], fills: dict[str, float]) -> list[str]:
     """The markdown table of `costs` (every figure a chip is per step; "est." marks the compiler's estimates)."""
     e = lambda x: f"{x:.3g}"  # noqa: E731
     lines = ["| model, stage | target, rows a chip | batch | compiler flops a chip (loops once) | matmul flops, loops "
-             "counted, all chips (/ flops.py with remat, no attention) | model flops: flops.py / 6PT | flops a computed token | a real token (fill) | "
+             "counted, all chips (/ flops.py with remat, no attention) | model flops: flops.py / 6PT | "
+             "flops a computed token | a real token (fill) | "
              "optimal_seconds (est.) | step time, MFU (est.) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         layout = "packed" if r.get("packed") else "bucketed"
-        head = f"| {r['size']}, {r['stage']}{' + tower' if r.get('tower') else ''} | {r['target']}, {r['rows_per_device']} | {layout} |"
+        tower = " + tower" if r.get("tower") else ""
+        head = f"| {r['size']}, {r['stage']}{tower} | {r['target']}, {r['rows_per_device']} | {layout} |"
         if "failed" in r or not r.get("cost"):
             lines.append(f"{head} {r.get('failed') or r.get('error') or 'no cost figures'} | | | | | | |")
             continue
@@ -457,6 +475,9 @@ def main() -> None:
     elif args.costs_from:
         with open(args.costs_from) as f:
             recs = [json.loads(line) for line in f if line.strip()]
+        if args.hlo_dir:  # count again from the kept programs (after a change to llava_jax/train/hlo_flops.py)
+            for r in recs:
+                _recount(r, args.hlo_dir)
         print("\n".join(cost_table([r for r in recs if "cost" in r or "failed" in r], _fills(args.fill))))
     elif args.depth_point:
         layers, layout, what = args.depth_point

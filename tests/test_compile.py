@@ -240,9 +240,9 @@ def test_next_presets_have_the_checkpoints_shapes(name):
 def test_the_train_steps_loop_counted_flops_equal_its_unrolled_twins(tmp_path):
     """The real train step (every tower trained, 3 micro-batches of 4 rows, one CPU device): XLA's cost
     analysis counts the scanned layers (2 a tower) and the micro-batch loop once each; the loop-counted
-    matmul FLOPs of the scanned step equal the unrolled step's (whose one loop is the micro-batches'). Against the analytic
-    count (flops.py: causal attention at half the score products, which XLA computes in full) they agree
-    to within that attention term."""
+    matmul FLOPs of the scanned step equal the unrolled step's (whose one loop is the micro-batches').
+    Against the analytic count (flops.py: causal attention at half the score products, which XLA computes
+    in full) they agree to within that attention term."""
     from llava_jax.train import aot, flops
     from tests._train_config import get_config
 

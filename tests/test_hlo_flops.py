@@ -115,3 +115,16 @@ def test_the_tpu_compilers_loops_are_counted_from_their_conditions():
     assert counts[True].loops and counts[True].unknown_loops == 0
     for scan in (True, False):
         assert counts[scan].once <= analyses[scan] <= 1.02 * counts[scan].once
+
+
+def test_a_counter_that_starts_elsewhere_and_steps_by_more_is_read_from_the_loop():
+    """The TPU compiler's windowed matmuls count 0, 2, 4, 6 < 8 (4 trips), with no annotation: the start
+    comes from the loop's initial tuple, the step from the body's `counter + constant`."""
+    def f(w, x):
+        body = lambda c: (c[0] + 2, jnp.tanh(c[1] @ w))  # noqa: E731
+        return jax.lax.while_loop(lambda c: c[0] < 11, body, (3, x))[1].sum()
+
+    text = _compile(f, (D, D), (M, D)).as_text()
+    assert '"known_trip_count":{"n":"4"}' in text  # XLA's own count: 3, 5, 7, 9
+    counted = hlo_flops.count(re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text))
+    assert counted.loops == (4,) and counted.flops == 4 * 2 * M * D * D

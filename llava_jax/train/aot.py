@@ -106,9 +106,10 @@ class CompileReport:
             mem += f" of {self.chip_bytes / GIB:.0f} GiB ({pct:.0f}%): {'fits' if self.fits else 'DOES NOT FIT'}"
         if self.cost:
             optimal = self.cost["compiler_optimal_seconds"]
+            estimate = f", optimal_seconds {optimal:.3g}" if optimal is not None else ""
             mem += (f"\n  per device and step: {self.cost['hlo_flops']:.3g} matmul FLOPs with loops counted (the "
-                    f"compiler's estimate, each loop body once: {self.cost['compiler_flops']:.3g} FLOPs"
-                    + (f", optimal_seconds {optimal:.3g}" if optimal is not None else "") + "; bench/compile.py --costs)")
+                    f"compiler's estimate, each loop body once: {self.cost['compiler_flops']:.3g} FLOPs{estimate}; "
+                    "bench/compile.py --costs)")
         return f"{head}\n  {mem}"
 
 

@@ -76,7 +76,8 @@ def _vision_forward(cfg: LlavaConfig, tiles: int, *, attention: bool = True, pat
     per_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
     layers = cfg.num_vision_layers_used
     embed = v.num_channels * v.patch_size**2 * v.hidden_size * v.num_patches
-    return 2 * tiles * (p * layers * per_layer + patch * embed) + attention * 2 * 2 * tiles * p * p * v.hidden_size * layers
+    scores = 2 * 2 * tiles * p * p * v.hidden_size * layers
+    return 2 * tiles * (p * layers * per_layer + patch * embed) + attention * scores
 
 
 def _projector_forward(cfg: LlavaConfig, tiles: int) -> float:

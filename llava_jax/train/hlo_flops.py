@@ -7,9 +7,11 @@ convolutions) is counted as 2 x output elements x contracted size, and each comp
 how often it runs: a `while` body by the loop's trip count, fusions and calls by their caller's count.
 
 Trip counts: the CPU and GPU compilers annotate a loop with `known_trip_count`; the TPU compiler's
-output does not, so the count is read from the loop's condition: jax's loops (scan, fori_loop) start
-their counter at 0, step by 1 and stop at `counter < N` with N a constant of the condition. A loop
-whose condition has no such constant is counted once and listed in `unknown_loops`.
+output does not, so the count is read from the loop: its condition stops at `counter < N` with N a
+constant, the counter starts at the constant in its slot of the loop's initial tuple (else 0) and grows
+by the constant its body adds (else 1). jax's loops (scan, fori_loop) count 0, 1, ..., N - 1; the TPU
+compiler's windowed matmuls (an FSDP all-gather overlapped with the products, a loop per matmul) count
+by 2. A loop whose condition has no such constant is counted once and listed in `unknown_loops`.
 
 What this cannot see: custom calls (Pallas kernels such as splash attention, cuDNN attention) are
 opaque here as they are to XLA's cost analysis, so their FLOPs are in neither count (`custom_calls`
@@ -31,7 +33,7 @@ _NAME = re.compile(r"%([\w.\-]+)")
 _CALLED = re.compile(r"\b(?:calls|to_apply|body|condition)=%([\w.\-]+)")
 _CALLED_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CONSTANT = re.compile(r"^s32\[\]\S*\s+constant\((-?\d+)\)")
+_CONSTANT = re.compile(r"^[su](?:32|64)\[\]\S*\s+constant\((-?\d+)\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,14 +151,15 @@ def _valid_pairs(size: int, out: int, kernel: int, *, stride: int, pad_low: int,
     return count
 
 
-def _trip_count(ins: _Instr, comps: dict[str, list[_Instr]]) -> int | None:
+def _trip_count(ins: _Instr, comps: dict[str, list[_Instr]], defs: dict[str, _Instr]) -> int | None:
     m = _TRIP.search(ins.rest)
     if m:
         return int(m.group(1))
     cond = re.search(r"\bcondition=%([\w.\-]+)", ins.rest)
     if cond is None:
         return None
-    # jax's loops: `counter < N`, N an s32 constant of the condition (or of a fusion it calls).
+    # `counter < N`, N an integer constant of the condition (or of a fusion it calls): jax's loops count
+    # from 0 by 1; the compiler's own (a windowed matmul's) may start elsewhere and step by more.
     seen, todo, constants, less_than = set(), [cond.group(1)], [], False
     while todo:
         name = todo.pop()
@@ -169,13 +172,66 @@ def _trip_count(ins: _Instr, comps: dict[str, list[_Instr]]) -> int | None:
                 constants.append(int(c.group(1)))
             less_than |= i.op == "compare" and "direction=LT" in i.rest
             todo += _CALLED.findall(i.rest)
-    return constants[0] if less_than and len(set(constants)) == 1 else None
+    if not less_than or len(set(constants)) != 1:
+        return None
+    init, step = _counter(ins, comps[cond.group(1)], comps, defs)
+    return max(0, -(-(constants[0] - init) // step))
+
+
+def _as_op(ins: _Instr, op: str, comps: dict[str, list[_Instr]]) -> list[str] | None:
+    """The operands of `ins` if it is an `op`, or a fusion that only wraps one (the CPU compiler wraps a
+    loop's compare and increment so); None otherwise."""
+    if ins.op == op:
+        return _operands(ins.rest)
+    callee = re.search(r"\bcalls=%([\w.\-]+)", ins.rest) if ins.op == "fusion" else None
+    body = comps.get(callee.group(1), []) if callee else []
+    if body and body[-1].op == op and all(i.op == "parameter" for i in body[:-1]):
+        return _operands(ins.rest)
+    return None
+
+
+def _counter(loop: _Instr, cond: list[_Instr], comps: dict[str, list[_Instr]], defs: dict[str, _Instr]
+             ) -> tuple[int, int]:
+    """(initial value, increment) of the loop counter the condition compares, when the HLO states them as
+    constants (the counter's slot of the loop's initial tuple; `slot + constant` in the body's result);
+    otherwise (0, 1), jax's."""
+    compare = next((ops for i in cond if (ops := _as_op(i, "compare", comps)) is not None), None)
+    if compare is None:
+        return 0, 1
+    slots = [int(m.group(1)) for name in compare
+             if (g := defs.get(name)) is not None and g.op == "get-tuple-element"
+             and (m := re.search(r"\bindex=(\d+)", g.rest))]
+    if len(slots) != 1:
+        return 0, 1
+    slot = slots[0]
+
+    def constant(name: str) -> int | None:
+        i = defs.get(name)
+        while i is not None and i.op in ("copy", "convert", "bitcast"):
+            i = defs.get(next(iter(_operands(i.rest)), ""))
+        c = _CONSTANT.match(f"{i.type} {i.op}({i.rest}") if i is not None else None
+        return int(c.group(1)) if c else None
+
+    init, step = 0, 1
+    start = defs.get(next(iter(_operands(loop.rest)), ""))
+    if start is not None and start.op == "tuple" and slot < len(_operands(start.rest)):
+        init = constant(_operands(start.rest)[slot]) or 0
+    body = re.search(r"\bbody=%([\w.\-]+)", loop.rest).group(1)
+    root = next((i for i in reversed(comps.get(body, [])) if i.op == "tuple"), None)
+    if root is not None and slot < len(_operands(root.rest)):
+        nxt = defs.get(_operands(root.rest)[slot])
+        added = _as_op(nxt, "add", comps) if nxt is not None else None
+        if added is not None:
+            increments = [c for c in map(constant, added) if c is not None]
+            step = increments[0] if len(increments) == 1 and increments[0] > 0 else 1
+    return init, step
 
 
 def count(hlo_text: str) -> HloFlops:
     """The matmul FLOPs of an optimized HLO module (`compiled.as_text()`), loops counted (see the module doc)."""
     comps, entry = _parse(hlo_text)
     shapes = {i.name: d for instrs in comps.values() for i in instrs if (d := _dims(i.type)) is not None}
+    defs = {i.name: i for instrs in comps.values() for i in instrs}
     loops: list[int] = []
     unknown = 0
     custom: list[str] = []
@@ -187,7 +243,7 @@ def count(hlo_text: str) -> HloFlops:
         edges = []
         for i in instrs:
             if i.op == "while":
-                trip = _trip_count(i, comps)
+                trip = _trip_count(i, comps, defs)
                 if trip is None:
                     unknown += 1
                 else:
