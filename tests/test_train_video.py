@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -308,20 +307,17 @@ def test_held_out_evaluation_batches_carry_image_weight(media):
     assert np.any((weights > 0) & (weights < 1))
 
 
-@pytest.mark.slow(seconds=90)
-def test_a_tiny_onevision_model_fits_the_media_tasks_through_the_pixels(tmp_path):
-    """Smoke test of training on video and multi-image batches (the real train step, image_weight included): a
-    tiny OneVision-geometry model trained from scratch fits 16 synthetic records (8 of each task), the media's
-    questions answered from the pixels (the same model with them blanked answers far worse). The questions'
-    text is the same in every record, so only the images and frames tell the answers apart.
+def test_the_train_step_trains_the_tower_through_video_and_many_image_batches(tmp_path):
+    """The real train step on batches of the synthetic media tasks (videos, several untiled images: image_index and
+    image_weight [B, T, 4]): the loss falls over a few steps, and the vision tower and projector get gradients
+    through the weighted gather (zero pixels would give the same loss: the media are what the answers depend on).
 
-    Not held-out learning, which takes minutes: on 600 records (with the "describe" ones) at lr 2e-3, batch 16,
-    held-out "which frame" reached 0.66 at 600 steps and 1.0 from 1500 steps (~5 minutes on this shared CPU)
-    against 0.36 blind, while "how many images show a circle" stayed at its blind ~0.35 through 2100 steps
-    (shape at 28 px from a tower trained from scratch); at lr 3e-3 / 5e-3 neither rose in 1500 steps."""
+    Learning them held out takes minutes: on 600 records (with the "describe" ones) at lr 2e-3, batch 16, held-out
+    "which frame" reached 0.66 at 600 steps and 1.0 from 1500 steps (~5 minutes on this shared CPU) against 0.36
+    blind, while "how many images show a circle" stayed at its blind ~0.35 through 2100 steps (shape at 28 px from
+    a tower trained from scratch); at lr 3e-3 / 5e-3 neither rose in 1500 steps."""
     from llava_jax.train import optimizer as opt_lib
     from llava_jax.train import step as step_lib
-    from llava_jax.train.evaluate import eval_forward
 
     seed = fresh_seed()
     files = synthetic.build_media(tmp_path / "m", num_train=16, num_val=0, image_size=TILE, num_frames=FRAMES,
@@ -329,34 +325,21 @@ def test_a_tiny_onevision_model_fits_the_media_tasks_through_the_pixels(tmp_path
     tok = Tokenizer(files["tokenizer"])
     cfg = model_config(tok)
     keys = ("input_ids", "labels", "attention_mask", "pixel_values", "image_index", "image_weight")
-
-    def data(**kw):
-        return _dataset(dict(image_folder=files["image_folder"], tok=tok), data=files["train"],
-                        max_length=96, **kw)
-
-    steps = 250
+    batch = next(iter(_dataset(dict(image_folder=files["image_folder"], tok=tok), data=files["train"], max_length=96,
+                               batch_size=16, shuffle=False)))
+    batch = {k: v[None] for k, v in batch.items() if k in keys}
+    assert batch["image_index"].shape[-1] == anyres.CORNERS and np.any(batch["image_weight"][..., 1] > 0)
+    steps = 8
     params = nn.unbox(init_params(cfg, jax.random.key(seed)))
-    tx, schedule = opt_lib.make_optimizer(learning_rate=3e-3, total_steps=steps, warmup_ratio=0.05)
+    tx, schedule = opt_lib.make_optimizer(learning_rate=3e-3, total_steps=steps, warmup_ratio=0.0)
     state = step_lib.create_state(params, {}, tx)
     train_step = jax.jit(step_lib.make_train_step(cfg, tx, schedule))
-    it = iter(data(batch_size=16, num_epochs=None, seed=seed))
-    start = time.perf_counter()
+    losses = []
     for _ in range(steps):
-        state, metrics = train_step(state, {k: v[None] for k, v in next(it).items() if k in keys})
-    seconds = time.perf_counter() - start
-    forward = jax.jit(eval_forward(cfg))
-    qtype = {r["id"]: r["qtype"] for r in json.load(open(files["train"]))}
-    accuracy = {}
-    for blind in (False, True):
-        hits = []
-        ev = iter(data(batch_size=16, shuffle=False))
-        for batch in ev:
-            b = {k: v for k, v in batch.items() if k in keys}
-            if blind:
-                b["pixel_values"] = np.zeros_like(b["pixel_values"])
-            ok = np.asarray(forward(state.params, b)[0])
-            hits += [bool(ok[i]) for i, rid in enumerate(ev.last_record_ids) if rid and qtype[rid] != "describe"]
-        accuracy["blind" if blind else "seeing"] = float(np.mean(hits))
-    summary = dict(accuracy, loss=float(metrics["loss"]), seconds=round(seconds), seed=seed)
-    assert accuracy["seeing"] >= 0.9, summary
-    assert accuracy["seeing"] - accuracy["blind"] >= 0.4, summary
+        before = state.params
+        state, metrics = train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], f"seed {seed}: {losses}"
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), before, state.params)
+    for part in ("vision_tower", "projector"):
+        assert max(jax.tree.leaves(moved[part])) > 0, f"seed {seed}: {part} got no update"

@@ -60,7 +60,6 @@ from llava_jax.inference.quant import SCALE, int8_matmuls, quantize_params
 from llava_jax.inference.sampling import SamplingParams, select_tokens
 from llava_jax.models.llama import Cache, init_cache
 from llava_jax.config import LlavaConfig
-from llava_jax import anyres
 from llava_jax.models.llava import Llava, LlavaModel, default_positions, place_images
 from llava_jax.parallel import rules as rules_lib
 from llava_jax.parallel.mesh import make_mesh
