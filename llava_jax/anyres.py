@@ -86,7 +86,8 @@ class AnyresConfig:
         if self.video and self.extra_tokens:
             raise ValueError("video pooling needs a frame of exactly grid x grid vectors (the CLS token dropped)")
         if self.video_stride <= 0 or self.max_tiles < 0:
-            raise ValueError(f"video_stride {self.video_stride} must be positive, max_tiles {self.max_tiles} not negative")
+            raise ValueError(f"video_stride {self.video_stride} must be positive, "
+                             f"max_tiles {self.max_tiles} not negative")
         if self.merge == "flat":
             if self.max_tiles or self.untiled_multi or self.video:
                 raise ValueError("anyres_max, untiled multi-image and video need merge 'spatial_unpad' (a newline)")
@@ -463,21 +464,26 @@ def table_index(cfg: AnyresConfig, sizes: Sequence[Size], slots: int) -> np.ndar
     return rows[:, 0].copy() if len(rows) else np.zeros(0, np.int32)
 
 
-def table_sources(cfg: AnyresConfig, sizes: Sequence[Size], slots: int, *, tiled: bool | None = None,
+def table_sources(cfg: AnyresConfig, sizes: Sequence[Size], slots: int, *,
+                  tiled: bool | Sequence[bool] | None = None,
                   videos: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """(rows [n, CORNERS] int32, weights [n, CORNERS] float32): one batch row's image tokens in placeholder
     order, then its video tokens in placeholder order, each a weighted sum of rows of the row's feature table
     (`AnyresConfig.table_rows(slots)` rows: tiles, pooled frames for NeXT-Video, the newline last).
 
     The row's images take consecutive tile slots first (each its base then its tiles), then its videos one
-    slot a frame (`videos`: each video's frame count). `tiled`: whether the images are tiled (default:
-    `tiled_images` of their count, OneVision tiling a lone image only).
+    slot a frame (`videos`: each video's frame count). `tiled`: whether the images are tiled, one flag for all
+    or one an image (a packed row's samples each decide for their own images); default: `tiled_images` of their
+    count, OneVision tiling a lone image only.
     """
     tiled = tiled_images(cfg, len(sizes)) if tiled is None else tiled
+    flags = [tiled] * len(sizes) if isinstance(tiled, (bool, np.bool_)) else list(tiled)
+    if len(flags) != len(sizes):
+        raise ValueError(f"{len(flags)} tiling flags for {len(sizes)} images")
     newline = cfg.table_rows(slots) - 1
     parts, used = [], 0
-    for size in sizes:
-        lay = layout(cfg, size, tiled)
+    for size, flag in zip(sizes, flags):
+        lay = layout(cfg, size, flag)
         rows, weights = _image_rows(cfg, lay)
         parts.append((np.where(rows == NEWLINE, newline, rows + used * cfg.tile_tokens), weights))
         used += lay.num_patches

@@ -648,28 +648,9 @@ def _row_sources(geometry: anyres.AnyresConfig, row: Sequence[_Sample], slots: i
     """(rows, weights) [n, CORNERS] of a batch row's image tokens then video tokens (`anyres.table_sources`)."""
     # Flat images have no size that matters: one tile each.
     sizes = [size for s in row for size in (s.sizes or [(crop, crop)] * len(s.pixel_values))]
-    frames = [len(v) for s in row for v in s.videos]
-    tilings = {s.tiled for s in row if s.sizes}
-    if len(tilings) <= 1:
-        return anyres.table_sources(geometry, sizes, slots, tiled=tilings.pop() if tilings else None, videos=frames)
-    # A packed OneVision row whose samples tile differently (a lone image tiled, several untiled), which one
-    # table_sources call cannot say: each sample's images on their own, moved to their first slot (slot s's
-    # features are table rows s * tile_tokens on; the newline, the table's last row, stays), then the videos,
-    # placed after every image slot by a call whose images are that many one-slot (untiled) ones.
-    newline = geometry.table_rows(slots) - 1
-    parts, first = [], 0
-    for s in row:
-        if not s.sizes:
-            continue
-        rows, weights = anyres.table_sources(geometry, s.sizes, slots, tiled=s.tiled)
-        parts.append((np.where(rows == newline, newline, rows + first * geometry.tile_tokens), weights))
-        first += len(s.pixel_values)
-    if frames:
-        t = geometry.tile_size
-        rows, weights = anyres.table_sources(geometry, [(t, t)] * first, slots, tiled=False, videos=frames)
-        skip = first * (geometry.tile_tokens + 1)  # the one-slot images' tokens: base and newline each
-        parts.append((rows[skip:], weights[skip:]))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    # A packed OneVision row's samples tile their own images (a lone image tiled, several untiled).
+    tiled = [s.tiled for s in row for _ in (s.sizes or s.pixel_values)]
+    return anyres.table_sources(geometry, sizes, slots, tiled=tiled, videos=[len(v) for s in row for v in s.videos])
 
 
 class _Collate:

@@ -104,7 +104,10 @@ class Llava(nn.Module):
             if self.cfg.is_anyres:
                 raise ValueError("an anyres (LLaVA-NeXT) model needs image_index: which feature each image token takes")
             image_index = jnp.cumsum(is_image, axis=1) - 1
-        take = lambda idx: jnp.take_along_axis(feats, jnp.clip(idx, 0, feats.shape[1] - 1)[..., None], axis=1)  # noqa: E731
+
+        def take(idx):
+            return jnp.take_along_axis(feats, jnp.clip(idx, 0, feats.shape[1] - 1)[..., None], axis=1)
+
         if isinstance(image_index, (tuple, list)):
             rows, weights = image_index
             # K gathers of [B, T, D] summed in float32 (no [B, T, K, D] intermediate).
@@ -293,7 +296,7 @@ def place_images(
             start += frames[j]
         if index is None:
             continue
-        rows, w = anyres.table_sources(g, [sizes[j] for j in ir], slots, tiled=all(tiled[j] for j in ir),
+        rows, w = anyres.table_sources(g, [sizes[j] for j in ir], slots, tiled=[tiled[j] for j in ir],
                                        videos=[frames[j] for j in vr])
         media = np.concatenate([np.nonzero(is_image[b])[0], np.nonzero(is_video[b])[0]])
         if weighted:
@@ -358,7 +361,8 @@ class LlavaModel:
             images = [] if pixel_values is None else list(np.asarray(pixel_values))
             videos = [] if pixel_values_videos is None else list(np.asarray(pixel_values_videos))
             packed, index = place_images(
-                input_ids, images, self.config, None if image_sizes is None else [tuple(s) for s in np.asarray(image_sizes)],
+                input_ids, images, self.config,
+                None if image_sizes is None else [tuple(s) for s in np.asarray(image_sizes)],
                 videos=videos, images_per_row=None if batch_num_images is None else [int(n) for n in batch_num_images])
         if packed is not None:
             packed = packed.astype(self.config.dtype)
