@@ -154,22 +154,28 @@ ORIGINAL_NAMES = [("vision_tower.", "model.vision_tower.vision_tower.vision_mode
                   ("language_model.", "model."), ("lm_head.", "lm_head.")]
 
 
-def test_original_next_checkpoint_matches_transformers(tmp_path):
-    """An original LLaVA-NeXT directory (mm_* config, pinpoints as (width, height), embedded tower) converts to
-    the transformers model's logits on non-square images; a square one tiles 2x1 as the original does."""
-    seed = fresh_seed()
-    hf = make_next(seed, vision_hidden=64, vision_heads=1)  # an embedded tower is read with CLIP's 64-wide heads
+def write_original_dir(hf, tmp_path, **mm_config):
+    """`hf`'s tensors under LLaVA-NeXT's own names and a config.json of its text config plus `mm_config` (the
+    original's mm_* fields): an original LLaVA-NeXT / OneVision directory; returns its path."""
     tensors = hf_tensors(hf, tmp_path / "hf")
     src = tmp_path / "orig"
     os.makedirs(src)
     save_file(rename(tensors, ORIGINAL_NAMES).items(), str(src / "model.safetensors"))
     text = json.load(open(tmp_path / "hf" / "config.json"))["text_config"]
-    config = {**text, "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-              "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "mm_vision_select_layer": -2,
-              "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres",
-              "mm_patch_merge_type": "spatial_unpad",
-              "image_grid_pinpoints": PINPOINTS}  # the same JSON list as llava-hf, read as (width, height)
-    json.dump(config, open(src / "config.json", "w"))
+    json.dump({**text, **mm_config}, open(src / "config.json", "w"))
+    return src
+
+
+def test_original_next_checkpoint_matches_transformers(tmp_path):
+    """An original LLaVA-NeXT directory (mm_* config, pinpoints as (width, height), embedded tower) converts to
+    the transformers model's logits on non-square images; a square one tiles 2x1 as the original does."""
+    seed = fresh_seed()
+    hf = make_next(seed, vision_hidden=64, vision_heads=1)  # an embedded tower is read with CLIP's 64-wide heads
+    src = write_original_dir(hf, tmp_path, model_type="llava_llama",
+                             mm_vision_tower="openai/clip-vit-large-patch14-336", mm_projector_type="mlp2x_gelu", mm_hidden_size=64, mm_vision_select_layer=-2,
+                             mm_vision_select_feature="patch", image_aspect_ratio="anyres",
+                             mm_patch_merge_type="spatial_unpad",
+                             image_grid_pinpoints=PINPOINTS)  # the same JSON list as llava-hf, read as (width, height)
     dst = str(tmp_path / "ours")
     assert convert_main(["--src", str(src), "--dst", dst, "--image-token-index", str(IMAGE_TOKEN)]) == 0
     ours = load_pretrained(dst)

@@ -238,7 +238,8 @@ def test_engine_greedy_ids_equal_transformers_generate(onevision):
         with torch.no_grad():
             out = hf.generate(**kw, max_new_tokens=5, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
         want.append(out[0, ids.shape[1]:].tolist())
-        prompts.append(Prompt(ids[0].astype(np.int32), px, None, sizes, videos=None if videos is None else list(videos)))
+        prompts.append(Prompt(ids[0].astype(np.int32), px, None, sizes,
+                              videos=None if videos is None else list(videos)))
     got = engine.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert [c.token_ids for c in got] == want, f"seed {seed}"
 
@@ -265,26 +266,16 @@ def test_original_onevision_checkpoint_matches_transformers(tmp_path):
     """An original LLaVA-OneVision directory (llava_qwen, mm_* config, anyres_max_N, SigLIP inside) converts to the
     transformers model's logits: lone non-square images, several images, a video (its placeholder the id after
     <image>'s)."""
-    import json
-    import os
-
     from llava_jax.convert import main as convert_main
-    from llava_jax.weights.safetensors_io import save_file
-    from tests.test_convert_formats import hf_tensors, rename
-    from tests.test_model_next import ORIGINAL_NAMES  # LLaVA-NeXT's names, its SigLipVisionTower's too
+    from tests.test_model_next import write_original_dir
 
     hf = make_onevision(fresh_seed(), siglip=True, siglip_hidden=72, siglip_heads=1)  # SO400M's 72-wide heads
-    tensors = hf_tensors(hf, tmp_path / "hf")
-    src = tmp_path / "orig"
-    os.makedirs(src)
-    save_file(rename(tensors, ORIGINAL_NAMES).items(), str(src / "model.safetensors"))
-    text = json.load(open(tmp_path / "hf" / "config.json"))["text_config"]
-    config = {**text, "model_type": "llava_qwen", "mm_vision_tower": "google/siglip-so400m-patch14-384",
-              "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 72, "mm_vision_select_layer": -2,
-              "mm_vision_select_feature": "patch", "image_aspect_ratio": "anyres_max_2",
-              "mm_patch_merge_type": "spatial_unpad", "mm_spatial_pool_mode": "bilinear",
-              "mm_newline_position": "one_token", "image_grid_pinpoints": OV_PINPOINTS}
-    json.dump(config, open(src / "config.json", "w"))
+    src = write_original_dir(hf, tmp_path, model_type="llava_qwen",
+                             mm_vision_tower="google/siglip-so400m-patch14-384", mm_projector_type="mlp2x_gelu",
+                             mm_hidden_size=72, mm_vision_select_layer=-2,
+                             mm_vision_select_feature="patch", image_aspect_ratio="anyres_max_2",
+                             mm_patch_merge_type="spatial_unpad", mm_spatial_pool_mode="bilinear",
+                             mm_newline_position="one_token", image_grid_pinpoints=OV_PINPOINTS)
     dst = str(tmp_path / "ours")
     assert convert_main(["--src", str(src), "--dst", dst, "--image-token-index", str(IMAGE_TOKEN)]) == 0
     ours = load_pretrained(dst)
