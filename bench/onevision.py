@@ -13,19 +13,20 @@ it 3x2 of 6x6 and downscales its grid: the weighted gather), three images in one
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
 import numpy as np
 
 from bench.common import write_json
+from bench.forward import time_it
 
 
 def hf_model(tile: int):
     """A small random OneVision: SigLIP 6 x 256 at `tile` px (patch 14), Qwen2 4 x 512, pinpoints (1..6)^2."""
     import torch
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
 
     torch.manual_seed(0)
     vision = SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
@@ -58,17 +59,6 @@ def cases(cfg, tile: int, frames: int, rng: np.random.Generator) -> dict:
     video = rng.standard_normal((1, frames, tile, tile, 3)).astype(np.float32)
     out[f"video {frames} frames"] = ([4001] * g.video_tokens(frames) + text, None, None, video, None)
     return out
-
-
-def median_time(fn, iters: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -109,12 +99,13 @@ def main() -> None:
         got = np.asarray(ours_fn())
         compile_s = time.perf_counter() - start
         diff = float(np.abs(got - hf_fn().numpy()).max())
-        t_ours, t_hf = median_time(ours_fn, args.iters), median_time(hf_fn, args.iters)
+        t_ours, t_hf = time_it(ours_fn, args.iters, warmup=1), time_it(hf_fn, args.iters, warmup=1)
         rows.append(dict(case=name, tokens=ids.shape[1], ours_ms=1e3 * t_ours, hf_ms=1e3 * t_hf,
                          speedup=t_hf / t_ours, compile_s=compile_s, max_abs_diff=diff))
     print(f"\nOneVision forward, SigLIP 6 x 256 at {args.tile} px, Qwen2 4 x 512, float32, batch 1, "
           f"{args.iters} iterations (torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-    print("| case | tokens | llava_jax (ms) | transformers (ms) | speed-up | first call incl. compile (s) | max abs diff |")
+    print("| case | tokens | llava_jax (ms) | transformers (ms) | speed-up | first call incl. compile (s) "
+          "| max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['tokens']} | {r['ours_ms']:.1f} | {r['hf_ms']:.1f} | {r['speedup']:.2f}x | "

@@ -30,7 +30,8 @@ NEW = 5
 @pytest.fixture(scope="module")
 def onevision_dir(tmp_path_factory):
     """A tiny llava-hf OneVision directory; returns (path, the transformers model)."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
 
     seed = fresh_seed()
     path = str(tmp_path_factory.mktemp("onevision-tiny"))
@@ -47,7 +48,8 @@ def onevision_dir(tmp_path_factory):
                                vision_feature_select_strategy="full")
     hf = perturb_(LlavaOnevisionForConditionalGeneration(cfg), seed)
     hf.save_pretrained(path)
-    ImageProcessorConfig(size=TILE, crop_size=TILE, pad_to_square=False, grid_pinpoints=tuple(map(tuple, OV_PINPOINTS)), onevision=True,
+    ImageProcessorConfig(size=TILE, crop_size=TILE, pad_to_square=False, grid_pinpoints=tuple(map(tuple, OV_PINPOINTS)),
+                         onevision=True,
                          mean=(0.5,) * 3, std=(0.5,) * 3).save(path)
     VideoProcessorConfig.onevision(size=TILE, num_frames=4).save(path)
     return path, hf

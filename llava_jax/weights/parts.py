@@ -108,7 +108,8 @@ def infer_siglip_config(store: Store, prefix: str) -> VisionConfig:
         raise CheckpointError(f"{store.source}: {prefix}embeddings.position_embedding.weight holds {positions} "
                               "positions, not a square grid of patches (a SigLIP tower has no class token)")
     return dataclasses.replace(
-        SIGLIP_SO400M_384, hidden_size=hidden, intermediate_size=store.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+        SIGLIP_SO400M_384, hidden_size=hidden,
+        intermediate_size=store.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
         num_layers=len({int(m.group(1)) for k in store.keys() if (m := layer.match(k))}),
         num_heads=max(1, hidden // SIGLIP_SO400M_384.head_dim),
         # 384 px of 14 px patches is 27 a side (the last 6 px never reach a patch): keep the preset's size then.
