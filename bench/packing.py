@@ -9,7 +9,8 @@ Two data sets, each batched both ways by the pipeline's own code, side by side:
 (a) the embedded synthetic stage-2 data (llava_jax/data/synthetic.py, what `python -m llava_jax.train` trains
     on) through the whole pipeline, `make_dataset(..., packing=True)` against the tiny recipe's length buckets
     (configs/tiny.py: max_length 128, buckets 32-112, batches of 16), and packed into rows of 512 in batches of
-    4 (the same tokens a step; at 128 most samples, 43-136 tokens, fill a row alone). Every batch of one epoch
+    4 (`row_length` 512, samples still truncated at 128: the same tokens a step; at 128 most samples, 43-136
+    tokens, fill a row alone). Every batch of one epoch
     goes through the tiny model's real stage-2 train step (train/program.stage_program, float32, as training
     builds it), timed step by step (each shape's first step, its compile, runs once untimed before).
 (b) a length distribution modelled on LLaVA-1.5's stage-2 mix, llava_v1_5_mix665k.json (which cannot be
@@ -17,7 +18,8 @@ Two data sets, each batched both ways by the pipeline's own code, side by side:
     planner (`pipeline.plan_packing`: every record through the real template, renderer and tokenizer, then
     first-fit), batched as the LLaVA-1.5 recipe does (configs/llava15.py: max_length 2048, global batch 128,
     length buckets 512/1024/1536, grouped by modality and length: `pipeline.epoch_plan`, `pipeline.bucket_length`;
-    and shuffled without grouping, the default) or packed (rows of 2048, and of 4096 in batches of 64). The
+    and shuffled without grouping, the default) or packed (rows of 2048, and with samples still truncated at 2048
+    `row_length` 4096 and 8192, in batches of 64 and 32). The
     records carry no pixels: a LLaVA-1.5 image is 576 tokens whatever it shows, so the counts are exact for
     these lengths. The step is timed once a batch shape (the tiny recipe's widths with LLaVA-1.5's 336 px image,
     576 tokens; `--step-rows` rows a step), and an epoch's step time is the sum over its batches of their
@@ -255,7 +257,8 @@ def synthetic_lines(args, steps: bool) -> list[Line]:
     # (label, make_dataset arguments): the recipe's rows both ways, and packed rows 4x longer in batches 4x
     # smaller (the same tokens a step), where most of its samples (43-136 tokens) no longer fill a row alone.
     ways = (("packed", dict(packing=True, batch_size=b, max_length=t)),
-            (f"packed, rows of {4 * t}", dict(packing=True, batch_size=b // 4, max_length=4 * t, max_images_per_row=8)),
+            (f"packed, rows of {4 * t}", dict(packing=True, batch_size=b // 4, max_length=t, row_length=4 * t,
+                                              max_images_per_row=8)),
             ("bucketed", dict(length_buckets=config.data.length_buckets, batch_size=b, max_length=t)))
     lines = []
     for batching, kwargs in ways:
@@ -273,7 +276,7 @@ def synthetic_lines(args, steps: bool) -> list[Line]:
             slots = batch["pixel_values"].shape[1]
             if timer is not None:
                 step_s += timer(batch)
-        buckets = pipeline.bucket_list(kwargs.get("length_buckets"), kwargs["max_length"])
+        buckets = pipeline.bucket_list(kwargs.get("length_buckets"), kwargs.get("row_length") or kwargs["max_length"])
         lines.append(Line("synthetic stage 2 (tiny recipe)", batching, rows, it.stats.samples, real, computed,
                           step_s if timer else None,
                           f"{kwargs['batch_size']} rows a batch, T in {buckets}, {slots} image slots a row"))
@@ -312,24 +315,27 @@ def mix_lines(args, tokenizer: Tokenizer, steps: bool) -> tuple[list[Line], dict
         return rows * per_row[key]
 
     lines, info = [], {"plan_s": {}}
-    tokens = None
-    # The recipe's rows, and rows twice as long in batches half the size (the same tokens a step; samples are
-    # then truncated at 4096, not 2048): with 94% of the records carrying 576 image tokens, a 2048 row mostly
-    # holds two samples.
-    for scale in (1, 2):
+    # The recipe's rows, and rows 2 and 4 times as long in batches as many times smaller (the same tokens a
+    # step; samples still truncated at 2048, `row_length`): with 94% of the records carrying 576 image tokens,
+    # a 2048 row mostly holds two samples. The records' sizes are planned once (the planner's render of every
+    # record, its cost), then packed three ways.
+    t0 = time.perf_counter()
+    sizes = pipeline.planned_sizes(source, tokenizer, "vicuna_v1", geometry, image_token_index=tokenizer.vocab_size,
+                                   max_length=MIX_MAX_LENGTH, max_images=1)
+    info["plan_s"]["sizes"] = time.perf_counter() - t0
+    for scale in (1, 2, 4):
         t0 = time.perf_counter()
         seq, b = MIX_MAX_LENGTH * scale, MIX_BATCH // scale
         images = pipeline.images_per_row(geometry, seq, 1, None)
-        packed, planned = pipeline.plan_packing(source, tokenizer, "vicuna_v1", geometry,
-                                                image_token_index=tokenizer.vocab_size, max_length=seq,
-                                                max_images_per_sample=1, images_per_row=images, seed=args.seed,
-                                                shuffle=True)
+        packed, tokens = pipeline.plan_packing(source, tokenizer, "vicuna_v1", geometry,
+                                               image_token_index=tokenizer.vocab_size, max_length=MIX_MAX_LENGTH,
+                                               max_images_per_sample=1, images_per_row=images, seed=args.seed,
+                                               shuffle=True, row_length=seq, sizes=sizes)
         info["plan_s"][seq] = time.perf_counter() - t0
-        tokens = planned if scale == 1 else tokens
         rows = b * pipeline.num_global_batches(np.ones(len(packed)), batch_size=b, shard_count=1,
                                                group_by_modality_length=False)
         lines.append(Line("modelled LLaVA-1.5 665K mix", "packed" if scale == 1 else f"packed, rows of {seq}", rows,
-                          len(source), int(planned.sum()), rows * seq, seconds(rows, seq, images, True),
+                          len(source), int(tokens.sum()), rows * seq, seconds(rows, seq, images, True),
                           f"{b} rows a batch of {seq}, {images} image slots a row", flops_7b(rows, seq, images)))
     info["mean_tokens"] = {c.name: float(tokens[source.component == k].mean()) for k, c in enumerate(MIX_665K)}
     b = MIX_BATCH
@@ -425,7 +431,8 @@ def main(argv: list[str] | None = None) -> list[Line]:
     lines += mix
     print(f"\nbench.packing: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end, "
           f"{time.perf_counter() - t0:.0f} s; the modelled mix's {mix[0].samples:,} records planned in "
-          + ", ".join(f"{s:.0f} s (rows of {t})" for t, s in info["plan_s"].items()) + "\n")
+          + ", ".join(f"{s:.1f} s ({'their sizes' if t == 'sizes' else f'rows of {t}'})"
+                      for t, s in info["plan_s"].items()) + "\n")
     print(table(lines))
     print("\nmodelled mix, mean rendered tokens a record (synthetic tokenizer, image 576): " +
           ", ".join(f"{k} {v:.0f}" for k, v in info["mean_tokens"].items()))

@@ -69,19 +69,27 @@ def _check_packed_equals_unpacked(packed, unpacked):
     return seen
 
 
-@pytest.mark.parametrize("max_length", [256, 52])
-def test_packed_epoch_holds_every_sample_once_as_unpacked(data, max_length):
-    """At 52 tokens samples are truncated (and some emptied): packed and unpacked cut and count them alike."""
+@pytest.mark.parametrize("max_length, row_length", [(256, None), (52, None), (52, 156)])
+def test_packed_epoch_holds_every_sample_once_as_unpacked(data, max_length, row_length):
+    """At 52 tokens samples are truncated (and some emptied): packed and unpacked cut and count them alike,
+    also in rows of 156 (`row_length`: samples still truncated at 52, three rows' worth sharing one)."""
     unpacked_it = iter(_dataset(data, max_length=max_length))
     unpacked = _by_id(_take(unpacked_it))
-    ds = _dataset(data, max_length=max_length, packing=True, num_epochs=2)
+    ds = _dataset(data, max_length=max_length, packing=True, num_epochs=2, row_length=row_length)
     it = iter(ds)
     packed = _take(it)
     assert len(packed) == 2 * ds.batches_per_epoch
     first = _check_packed_equals_unpacked(packed[:ds.batches_per_epoch], unpacked)
     second = _check_packed_equals_unpacked(packed[ds.batches_per_epoch:], unpacked)
     assert first != second, "each epoch shuffles the rows"
-    assert all(b["input_ids"].shape[1] == max_length for b, _ in packed)
+    assert all(b["input_ids"].shape[1] == (row_length or max_length) for b, _ in packed)
+    if row_length:
+        short = _dataset(data, max_length=max_length, packing=True)
+        assert ds.batches_per_epoch < short.batches_per_epoch, "longer rows hold more samples"
+        with pytest.raises(ValueError, match="row_length=51: a packed row's length, for packing=True and at least"):
+            _dataset(data, max_length=max_length, packing=True, row_length=51)
+        with pytest.raises(ValueError, match="row_length=156: a packed row's length, for packing=True"):
+            _dataset(data, max_length=max_length, row_length=156)
     assert it.stats.skipped == {k: 2 * n for k, n in unpacked_it.stats.skipped.items()}
     assert it.stats.samples == 2 * unpacked_it.stats.samples
     if max_length == 52:
@@ -296,6 +304,14 @@ def test_packing_config_is_checked_and_compile_only_gets_a_packed_batch():
         bad = get_config()
         bad.data.packing = True
         bad.data[field] = value
+        with pytest.raises(ConfigError, match=message):
+            validate(bad)
+    for packing, row_length, message in (
+            (True, c.stages[0].max_length - 1, r"config.stages\[0\].row_length: \d+; expected 0 \(rows of max_length\)"),
+            (False, 4 * c.stages[0].max_length, r"config.stages\[0\].row_length: \d+ without data.packing")):
+        bad = get_config()
+        bad.data.packing = packing
+        bad.stages[0].row_length = row_length
         with pytest.raises(ConfigError, match=message):
             validate(bad)
     cfg = aot.model_config(c)

@@ -54,7 +54,8 @@ Packing (`packing=True`): each row holds several samples end to end, first-fit b
     segment_ids     int32   [B, T]   1, 2, ... the row's samples in order; 0 on padding
     positions       int32   [B, T]   each token's position in its own sample (0 at its start)
 
-T is `max_length` (or a bucket), I is `images_per_row` (x max_patches for anyres) and a row's images are
+T is `row_length` (default `max_length`, each sample's truncation length; or a bucket), I is
+`images_per_row` (x max_patches for anyres) and a row's images are
 its samples' images in placeholder order, one feature table a row for `image_index`. The packing is
 planned before the first batch from each record's rendered length (`planned_sizes`: one render of every
 record's text; each anyres image counted exactly from its size in the file's header, or at the largest
@@ -337,20 +338,23 @@ def images_per_row(geometry: anyres.AnyresConfig, max_length: int, max_images_pe
 
 def plan_packing(source: sources_lib.Source, tokenizer: Any, template: str, geometry: anyres.AnyresConfig, *,
                  image_token_index: int, max_length: int, max_images_per_sample: int, images_per_row: int, seed: int,
-                 shuffle: bool, num_frames: int = 0,
-                 video_token_index: int | None = None) -> tuple["PackedRows", np.ndarray]:
+                 shuffle: bool, num_frames: int = 0, video_token_index: int | None = None,
+                 row_length: int | None = None,
+                 sizes: tuple[np.ndarray, np.ndarray] | None = None) -> tuple["PackedRows", np.ndarray]:
     """(the rows, the planned tokens [N]): `make_dataset(..., packing=True)`'s packing of `source` (and what
-    bench/packing.py measures): `planned_sizes`, then `pack_rows` over a seeded order of the records."""
-    tokens, counts = planned_sizes(source, tokenizer, template, geometry, image_token_index=image_token_index,
-                                   max_length=max_length, max_images=max_images_per_sample, num_frames=num_frames,
-                                   video_token_index=video_token_index)
+    bench/packing.py measures): `planned_sizes` (each record truncated at `max_length`; or `sizes`, what it
+    returned for these arguments before), then `pack_rows` into rows of `row_length` tokens (default
+    `max_length`) over a seeded order of the records."""
+    tokens, counts = sizes or planned_sizes(
+        source, tokenizer, template, geometry, image_token_index=image_token_index, max_length=max_length,
+        max_images=max_images_per_sample, num_frames=num_frames, video_token_index=video_token_index)
     # One packing for every epoch (each epoch shuffles the rows): the epoch length is then known before
     # the first step (the LR schedule) and the same on every process (all plan the same rows), and the
     # iterator state stays one index. Samples in a row never see each other, so a fixed packing only
     # decides which samples share a batch.
     # A stream of its own: the epoch plans draw from [seed, epoch].
     order = np.random.default_rng([seed, 1 << 20]).permutation(len(source)) if shuffle else np.arange(len(source))
-    rows = pack_rows(tokens, counts, order, max_length=max_length, max_images=images_per_row)
+    rows = pack_rows(tokens, counts, order, max_length=row_length or max_length, max_images=images_per_row)
     return PackedRows.of(rows), tokens
 
 
@@ -678,7 +682,7 @@ class _Collate:
         samples = [[x for x in row if isinstance(x, _Sample)] for row in items]
         longest = max([sum(len(s.input_ids) for s in row) for row in samples], default=1)
         if longest > self.max_length:  # the packer's sizes are upper bounds: a bug, never the data
-            raise RuntimeError(f"a packed row of {longest} tokens, more than max_length={self.max_length}")
+            raise RuntimeError(f"a packed row of {longest} tokens, more than its {self.max_length}")
         t = bucket_length(self.buckets, longest) if self.buckets else self.max_length
         b, c = len(rows), self.crop_size
         batch = {
@@ -908,7 +912,7 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
                  normalize_pixels: bool = True, packing: bool = False,
                  max_images_per_row: int | None = None, num_frames: int = 0,
                  video_token_index: int | None = None, video_cfg: VideoProcessorConfig | None = None,
-                 frame_sampling: str = "transformers") -> LlavaIterDataset:
+                 frame_sampling: str = "transformers", row_length: int | None = None) -> LlavaIterDataset:
     """Builds the training input pipeline (see the module docstring).
 
     Args:
@@ -943,8 +947,12 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
       normalize_pixels: False leaves `pixel_values` uint8 [B, I, H, W, 3] (resized and cropped,
         not normalised, zero in unused slots) for a consumer that normalises on device with
         image.normalization_table (and zeroes the slots `image_mask` leaves out).
-      packing: several samples a row (module docstring, "Packing"): rows of `max_length` tokens, and
+      packing: several samples a row (module docstring, "Packing"): rows of `row_length` tokens, and
         `segment_ids`, `positions` [B, T]; not with group_by_modality_length.
+      row_length: packing only: a packed row's tokens, T (default and at least `max_length`). Each sample is
+        still truncated at `max_length` (the model's context; positions restart at each sample), so longer
+        rows only let more samples share one: a row of 2048 holds two typical LLaVA-1.5 samples (650-1,100
+        tokens) and is about 85% real, a row of 8192 about 97% (BENCHMARKS.md, "Packing").
       max_images_per_row: packed rows' images at most (I = that x max_patches); default: `images_per_row`.
       num_frames: frames sampled from each record's video (0: no videos; a video record is skipped and counted);
         needs a geometry with video pooling and `video_token_index`. Unpacked rows gain that many tile slots.
@@ -969,19 +977,23 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
     if packing and group_by_modality_length:
         raise ValueError("packing and group_by_modality_length exclude each other: packed rows are full whatever "
                          "their samples' lengths; turn one off")
-    buckets = bucket_list(length_buckets, max_length)
+    if row_length is not None and (not packing or row_length < max_length):
+        raise ValueError(f"row_length={row_length}: a packed row's length, for packing=True and at least "
+                         f"max_length={max_length}")
+    row_length = row_length or max_length
+    buckets = bucket_list(length_buckets, row_length)
     geometry = _geometry(num_image_tokens, geometry, image_cfg)
     video_cfg = _check_video(geometry, image_cfg, video_cfg, num_frames, video_token_index, frame_sampling)
     images = max_images_per_sample
     packed = None
     if packing:
         # A video's frames count as images of max_patches slots each: a row must hold the largest sample.
-        images = images_per_row(geometry, max_length, max_images_per_sample + video_images(geometry, num_frames),
+        images = images_per_row(geometry, row_length, max_images_per_sample + video_images(geometry, num_frames),
                                 max_images_per_row)
         packed, _ = plan_packing(source, tokenizer, template, geometry, image_token_index=image_token_index,
                                  max_length=max_length, max_images_per_sample=max_images_per_sample,
                                  images_per_row=images, seed=seed, shuffle=shuffle, num_frames=num_frames,
-                                 video_token_index=video_token_index)
+                                 video_token_index=video_token_index, row_length=row_length)
     tiled = geometry.merge != "flat"
     lengths = source.lengths(geometry)
     too_many = int(np.sum(source.record_stats()[1] > max_images_per_sample))
@@ -995,7 +1007,7 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
         batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, seed=seed, shuffle=shuffle,
         group_by_modality_length=group_by_modality_length, strict=strict, packed=packed,
         video_cfg=video_cfg, num_frames=num_frames, frame_sampling=frame_sampling, video_token_index=video_token_index)
-    collate = _Collate(pad_id=_pad_id(tokenizer), max_length=max_length, buckets=buckets,
+    collate = _Collate(pad_id=_pad_id(tokenizer), max_length=row_length, buckets=buckets,
                        slots=images * geometry.max_patches + (0 if packing else num_frames),
                        crop_size=image_cfg.crop_size, image_token_index=image_token_index,
                        geometry=geometry if (tiled if image_index is None else image_index) else None, packed=packing,

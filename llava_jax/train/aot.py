@@ -224,10 +224,12 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     geometry, _ = stage_geometry(cfg, stage, None, False)
     images = 1
     frames = config.data.num_frames if geometry.video else 0  # as the loop reads video records
+    seq_len = stage.max_length
     if config.data.packing:
-        images = images_per_row(geometry, stage.max_length, 1 + video_images(geometry, frames),
+        seq_len = stage.get("row_length", 0) or stage.max_length  # the pipeline's packed rows
+        images = images_per_row(geometry, seq_len, 1 + video_images(geometry, frames),
                                 config.data.max_images_per_row)
-    batch = abstract_batch(cfg, num_micro, stage.micro_batch, stage.max_length, mesh, max_images=images,
+    batch = abstract_batch(cfg, num_micro, stage.micro_batch, seq_len, mesh, max_images=images,
                            geometry=geometry, packed=config.data.packing, num_frames=frames)
     start = time.time()
     lowered = program.step.lower(program.state_abstract, batch)
@@ -240,7 +242,7 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
         remat=cfg.remat,
         micro_batch=stage.micro_batch,
         num_micro=num_micro,
-        seq_len=stage.max_length,
+        seq_len=seq_len,
         compile_s=0.0,
         argument_bytes=0,
         output_bytes=0,

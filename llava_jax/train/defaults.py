@@ -96,7 +96,7 @@ def stage(name: str, *, data: str, template: str, trainable: list[str], learning
           micro_batch: int, epochs: float = 1.0, max_length: int = 2048, warmup_ratio: float = 0.03,
           weight_decay: float = 0.0, eval_benchmarks: tuple[str, ...] = (), remat: str = "",
           lora: ml_collections.ConfigDict | None = None, vision_learning_rate: float = 0.0,
-          base_resolution: bool = False) -> ml_collections.ConfigDict:
+          base_resolution: bool = False, row_length: int = 0) -> ml_collections.ConfigDict:
     """One training stage: which data, which template, which parameters train, and how.
 
     `eval_benchmarks` names benchmarks of `llava_jax.eval` to answer and score with the stage's
@@ -109,12 +109,15 @@ def stage(name: str, *, data: str, template: str, trainable: list[str], learning
     peak instead of `learning_rate` (LLaVA-NeXT stage 2: the tower at 2e-6); 0: one rate for all.
     `base_resolution` feeds an anyres (LLaVA-NeXT) model each image as its base tile only (no grid, no
     newline; LLaVA-NeXT's stage 1); a LLaVA-1.5 model always sees one tile.
+    `row_length` > 0 (with data.packing): packed rows of that many tokens, each sample still truncated at
+    `max_length` (0: rows of max_length); rows of 4 x 2048 pack LLaVA-1.5's mix 97% full against 85%.
     """
     return ml_collections.ConfigDict(dict(
         name=name, data=data, template=template, trainable=list(trainable), learning_rate=float(learning_rate),
         global_batch=global_batch, micro_batch=micro_batch, epochs=float(epochs), max_length=max_length,
         warmup_ratio=warmup_ratio, weight_decay=weight_decay, eval_benchmarks=tuple(eval_benchmarks), remat=remat,
         lora=lora, vision_learning_rate=float(vision_learning_rate), base_resolution=bool(base_resolution),
+        row_length=row_length,
     ))
 
 

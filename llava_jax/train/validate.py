@@ -84,14 +84,15 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
         raise ConfigError("config.stages is empty: a run needs at least one stage")
     names = [s.name for s in config.stages]
     for index, stage in enumerate(config.stages):
-        _check_stage(f"stages[{index}]", stage, TEMPLATES, REMAT_POLICIES, config.compile_only, benchmarks)
+        _check_stage(f"stages[{index}]", stage, TEMPLATES, REMAT_POLICIES, config.compile_only, benchmarks,
+                     config.data.packing)
         if names.count(stage.name) > 1:
             raise ConfigError(f"config.stages[{index}].name: {stage.name!r} names two stages; each writes "
                               "WORKDIR/stageN_NAME and needs its own name")
 
 
 def _check_stage(key: str, stage: ml_collections.ConfigDict, templates, remat_policies, compile_only: bool,
-                 benchmarks: Collection[str] | None) -> None:
+                 benchmarks: Collection[str] | None, packing: bool = False) -> None:
     if not stage.name or not re.fullmatch(r"[\w.-]+", stage.name):
         raise ConfigError(f"config.{key}.name: {stage.name!r}; expected letters, digits, '_', '-' or '.'")
     if not stage.data and not compile_only:
@@ -116,6 +117,13 @@ def _check_stage(key: str, stage: ml_collections.ConfigDict, templates, remat_po
     if stage.vision_learning_rate and stage.lora is not None:
         raise ConfigError(f"config.{key}.vision_learning_rate: {stage.vision_learning_rate!r} with lora; a LoRA stage "
                           "has one rate for its adapters and one (lora.non_lora_learning_rate) for the rest")
+    row_length = stage.get("row_length", 0)
+    if not isinstance(row_length, int) or (row_length and row_length < stage.max_length):
+        raise ConfigError(f"config.{key}.row_length: {row_length!r}; expected 0 (rows of max_length) or a packed "
+                          f"row's tokens >= max_length {stage.max_length}")
+    if row_length and not packing:
+        raise ConfigError(f"config.{key}.row_length: {row_length} without data.packing; set "
+                          "--config.data.packing=True (rows longer than a sample hold several samples)")
     if not isinstance(stage.base_resolution, bool):
         raise ConfigError(f"config.{key}.base_resolution: {stage.base_resolution!r}; expected True or False")
     _at_least(f"{key}.weight_decay", stage.weight_decay, 0)
