@@ -53,17 +53,25 @@ def original_config(**changes) -> dict:
         mm_spatial_pool_out_channels=64, mm_use_im_start_end=False), **changes)
 
 
-@pytest.mark.slow(seconds=10)
-def test_original_next_video_checkpoint_matches_transformers(tmp_path):
-    """Converted, a video's frames are average-pooled with the config's stride before the projector (no newline),
-    images tile as the original LLaVA-NeXT does, and the video placeholder is the id after <image>'s."""
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(transformers model, its original directory (two shards), ours converted from that, the seed)."""
     seed = fresh_seed()
     hf = make_llama_next_video(seed)
-    src = write_original_dir(hf, tmp_path, shards=2, **original_config())
+    root = tmp_path_factory.mktemp("original-next-video")
+    src = write_original_dir(hf, root, shards=2, **original_config())
+    dst = str(root / "ours")
+    assert convert_main(["--src", str(src), "--dst", dst, "--image-token-index", str(IMAGE_TOKEN)]) == 0
+    return hf, src, dst, seed
+
+
+@pytest.mark.slow(seconds=12)  # the module's conversion included
+def test_original_next_video_checkpoint_matches_transformers(converted):
+    """Converted, a video's frames are average-pooled with the config's stride before the projector (no newline),
+    images tile as the original LLaVA-NeXT does, and the video placeholder is the id after <image>'s."""
+    hf, src, dst, seed = converted
     with pytest.raises(CheckpointError, match=f"convert it first: python -m llava_jax.convert --src {src} --dst DIR "):
         load_pretrained(str(src))  # the tower is inside: no --vision-tower to ask for
-    dst = str(tmp_path / "ours")
-    assert convert_main(["--src", str(src), "--dst", dst, "--image-token-index", str(IMAGE_TOKEN)]) == 0
     ours = load_pretrained(dst)
     g = ours.config.geometry
     assert (g.convention, g.video, g.video_stride, g.video_grid, g.max_tiles) == ("original", "average", STRIDE, 2, 0)
@@ -88,3 +96,62 @@ def test_unsupported_resampler_settings_fail_naming_the_key(tmp_path, capsys, ch
     capsys.readouterr()  # transformers' save_pretrained progress bar
     err = fails(tmp_path, capsys, ["--src", str(src)], pattern)
     assert len(err.splitlines()) == 1 and f"{src}/config.json: " in err, err
+
+
+@pytest.mark.slow(seconds=6)
+def test_converted_original_exports_to_a_llava_next_video_directory(converted, tmp_path):
+    """Ours -> HF: `llava_next_video` with the config's stride and the (height, width) pinpoints, the embedding
+    padded to hold <video> (the id after <image>'s, past the vocabulary here), and transformers' logits of the
+    source on a video and an image."""
+    import json
+    import os
+
+    import numpy as np
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from tests.test_model_onevision import batch, hf_logits
+
+    hf, _, ours, seed = converted
+    out = str(tmp_path / "exported")
+    assert convert_main(["--src", ours, "--dst", out, "--to", "hf"]) == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert (config["model_type"], config["spatial_pool_mode"], config["spatial_pool_stride"]) == (
+        "llava_next_video", "average", STRIDE)
+    assert (config["image_token_index"], config["video_token_index"]) == (IMAGE_TOKEN, IMAGE_TOKEN + 1)
+    assert sorted(map(tuple, config["image_grid_pinpoints"])) == sorted((h, w) for w, h in PINPOINTS)
+    back, info = LlavaNextVideoForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    vocab = hf.config.text_config.vocab_size
+    assert back.config.text_config.vocab_size > IMAGE_TOKEN + 1 >= vocab
+    rng = np.random.default_rng(seed)
+    ids, mask, px, sizes, videos, per_row = batch(rng, load_pretrained(ours).config, [[3], [(100, 140)]], TILE,
+                                                  MAX_PATCHES)
+    exported_ids = np.where(ids == VIDEO_TOKEN, IMAGE_TOKEN + 1, ids)  # batch() writes transformers' video id
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(hf_logits(back, exported_ids, mask, px, sizes, videos, per_row)[keep][:, :vocab],
+                               hf_logits(hf, ids, mask, px, sizes, videos, per_row)[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_exported_tokenizer_names_video_after_image(tmp_path, tiny_spm_dir):
+    """A bare tokenizer.model whose pieces end where <image> starts: <image>, <video>, then <pad> (llava-hf's
+    added tokens), never <pad> on the video id."""
+    import json
+    import os
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from llava_jax.anyres import AnyresConfig
+    from llava_jax.config import LlavaConfig, TextConfig
+    from llava_jax.weights.export import padded_vocab, tokenizer_config
+
+    # The tiny tokenizer has 400 pieces; the converted original's <image> is the first id past them.
+    cfg = LlavaConfig(text=TextConfig(vocab_size=400), image_token_index=400, video_token_index=401,
+                      anyres=AnyresConfig(video="average"))
+    assert padded_vocab(cfg) == 448
+    shutil.copy(os.path.join(tiny_spm_dir, "tokenizer.model"), tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config(cfg, str(tmp_path / "tokenizer.model"), 448)))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.convert_tokens_to_ids(["<image>", "<video>", "<pad>"]) == [400, 401, 402] and tok.pad_token_id == 402
+    assert tok("<video>\nWhat happens?").input_ids[:2] == [1, 401]
