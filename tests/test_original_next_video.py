@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llava_jax import load_pretrained
+from llava_jax.config import CLIP_MEAN, SIGLIP_MEAN, ImageProcessorConfig, VideoProcessorConfig
 from llava_jax.convert import main as convert_main
 from llava_jax.models.llava import LlavaModel
 from llava_jax.weights.safetensors_io import CheckpointError
@@ -76,6 +77,11 @@ def test_original_next_video_checkpoint_matches_transformers(converted):
     g = ours.config.geometry
     assert (g.convention, g.video, g.video_stride, g.video_grid, g.max_tiles) == ("original", "average", STRIDE, 2, 0)
     assert (ours.config.video_token_index, ours.config.text.model_type) == (IMAGE_TOKEN + 1, "llama")
+    # Frames as the original's demo preprocesses them (its CLIP image processor on each), images tiled as it does.
+    assert VideoProcessorConfig.from_pretrained(dst) == VideoProcessorConfig(size=TILE, crop_size=TILE)
+    pre = ImageProcessorConfig.from_pretrained(dst)
+    assert (pre.processor_type, pre.mean, pre.anyres_config(grid=g.grid).resolutions()) == (
+        "LlavaNextImageProcessor", CLIP_MEAN, g.resolutions())
     ours = LlavaModel(ours.config.replace(video_token_index=VIDEO_TOKEN), ours.params)  # transformers' video id
     # A video alone, a wide and a tall anyres image, a row with an image and then a video.
     compare(hf, ours, [[3], [(100, 140)], [(180, 70), 3]], TILE, MAX_PATCHES, seed)
@@ -155,3 +161,20 @@ def test_exported_tokenizer_names_video_after_image(tmp_path, tiny_spm_dir):
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
     assert tok.convert_tokens_to_ids(["<image>", "<video>", "<pad>"]) == [400, 401, 402] and tok.pad_token_id == 402
     assert tok("<video>\nWhat happens?").input_ids[:2] == [1, 401]
+
+
+def test_original_onevision_gets_siglip_and_onevision_processor_settings(tmp_path):
+    """An original OneVision directory (no processor file, SigLIP inside) converts with SigLIP's normalisation,
+    OneVision's image rules and frames resized to a tile (its settings had been CLIP's, tiled as NeXT's)."""
+    from llava_jax.weights import parts
+    from tests.test_model_onevision import OV_PINPOINTS, TILE as OV_TILE, make_onevision
+
+    src = write_original_dir(make_onevision(0, siglip=True, siglip_hidden=72, siglip_heads=1), tmp_path,
+                             model_type="llava_qwen", mm_vision_tower="google/siglip-so400m-patch14-384",
+                             mm_projector_type="mlp2x_gelu", mm_hidden_size=72, image_aspect_ratio="anyres_max_2",
+                             mm_patch_merge_type="spatial_unpad", image_grid_pinpoints=OV_PINPOINTS)
+    plan = parts.plan_original(str(src))
+    pre = plan.preprocessor
+    assert (pre.processor_type, pre.mean, pre.std, pre.size) == (
+        "LlavaOnevisionImageProcessor", SIGLIP_MEAN, SIGLIP_MEAN, OV_TILE)
+    assert plan.video == VideoProcessorConfig.onevision(size=OV_TILE, mean=SIGLIP_MEAN, std=SIGLIP_MEAN)

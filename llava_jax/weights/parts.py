@@ -23,10 +23,13 @@ from llava_jax.anyres import AnyresConfig
 from llava_jax.config import (
     LLAVA_MODEL_TYPES,
     PREPROCESSOR_CONFIG,
+    SIGLIP_MEAN,
     SIGLIP_SO400M_384,
+    SIGLIP_STD,
     ImageProcessorConfig,
     LlavaConfig,
     TextConfig,
+    VideoProcessorConfig,
     VisionConfig,
     llava_config_from_hf,
     original_grid_pinpoints,
@@ -281,6 +284,7 @@ class Plan:
     preprocessor: ImageProcessorConfig | str  # a config to write, or a preprocessor_config.json to copy
     fresh: dict = dataclasses.field(default_factory=dict)  # parameters made here (a new projector)
     notes: list[str] = dataclasses.field(default_factory=list)
+    video: VideoProcessorConfig | None = None  # a video_preprocessor_config.json to write (a video model)
 
     def validate(self) -> None:
         """Names and shapes of every piece against the config, from headers only (nothing read yet)."""
@@ -363,13 +367,40 @@ def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> 
         if pad:
             raise CheckpointError("image_aspect_ratio 'pad' does not apply to an anyres (LLaVA-NeXT) model")
         g = cfg.geometry
-        base = parsed or ImageProcessorConfig(size=g.tile_size, crop_size=g.tile_size)
+        # No processor file (an original with its tower inside): the tower's processor, SigLIP's 0.5 mean/std for
+        # a SigLIP one; OneVision's rules where images of a row are taken untiled.
+        norm = dict(mean=SIGLIP_MEAN, std=SIGLIP_STD) if cfg.vision.model_type == "siglip_vision_model" else {}
+        base = parsed or ImageProcessorConfig(size=g.tile_size, crop_size=g.tile_size, **norm)
         return dataclasses.replace(base, pad_to_square=False, grid_pinpoints=g.pinpoints,
-                                   pinpoint_convention=g.convention)
+                                   pinpoint_convention=g.convention, onevision=base.onevision or g.untiled_multi)
     if parsed is not None:
         return dataclasses.replace(parsed, pad_to_square=bool(pad))
     size = cfg.vision.image_size
     return ImageProcessorConfig(size=size, crop_size=size, pad_to_square=bool(pad))
+
+
+def _video_settings(cfg: LlavaConfig, pre: ImageProcessorConfig | str, src: str | None) -> VideoProcessorConfig | None:
+    """The video_preprocessor_config.json a model that pools video frames gets (None for one that does not).
+
+    A llava-hf source's own settings where it has them (`src`); else the originals' rule (their video demos run
+    the tower's image processor on every frame): NeXT-Video's frames resized by the shortest side and centre
+    cropped to a tile, OneVision's resized to a tile, normalised as the images are (data/pipeline.py's
+    `video_settings` derives training's frames the same way).
+    """
+    if not cfg.geometry.video:
+        return None
+    if src is not None:
+        try:
+            return VideoProcessorConfig.from_pretrained(src)
+        except FileNotFoundError:
+            pass
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    image = ImageProcessorConfig.from_pretrained(os.path.dirname(pre)) if isinstance(pre, str) else pre
+    norm = dict(mean=image.mean, std=image.std, rescale_factor=image.rescale_factor, resample=image.resample)
+    if cfg.geometry.video == "bilinear":
+        return VideoProcessorConfig.onevision(size=image.crop_size, **norm)
+    return VideoProcessorConfig(size=image.size, crop_size=image.crop_size, **norm)
 
 
 def detect_format(src: str) -> str:
@@ -407,7 +438,8 @@ def plan_hf(src: str, *, image_aspect_ratio: str | None = None) -> Plan:
     piece = Piece(store, layout, mapping.entries(cfg))
     first = next(iter(piece.names(cfg)))
     dtype = checkpoint_dtype(store, first) if first in store else "float32"
-    return Plan(cfg, [piece], dtype, src, _preprocessor(src, cfg, _pad(image_aspect_ratio)))
+    pre = _preprocessor(src, cfg, _pad(image_aspect_ratio))
+    return Plan(cfg, [piece], dtype, src, pre, video=_video_settings(cfg, pre, src))
 
 
 def _pad(image_aspect_ratio: str | None) -> bool | None:
@@ -462,7 +494,7 @@ def plan_original(
     pre = _preprocessor(vision_tower, cfg, None if cfg.is_anyres and image_aspect_ratio is None else aspect == "pad")
     text_name = mapping.torch_name(mapping.text_entries(cfg)[0], layout)
     dtype = checkpoint_dtype(store, text_name) if text_name in store else "float32"
-    return Plan(cfg, pieces, dtype, src, pre, notes=notes)
+    return Plan(cfg, pieces, dtype, src, pre, notes=notes, video=_video_settings(cfg, pre, None))
 
 
 def _clip_layout(store: Store) -> mapping.Layout:
