@@ -111,20 +111,24 @@ def test_converted_original_exports_to_a_llava_next_video_directory(converted, t
     source on a video and an image."""
     import json
     import os
+    import shutil
 
     import numpy as np
     from transformers import LlavaNextVideoForConditionalGeneration
 
     from tests.test_model_onevision import batch, hf_logits
 
-    hf, _, ours, seed = converted
-    out = str(tmp_path / "exported")
+    hf, _, converted_dir, seed = converted
+    ours, out = str(tmp_path / "ours"), str(tmp_path / "exported")
+    shutil.copytree(converted_dir, ours)
+    VideoProcessorConfig(size=TILE, crop_size=TILE, num_frames=8).save(ours)  # to tell it from one derived anew
     assert convert_main(["--src", ours, "--dst", out, "--to", "hf"]) == 0
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["model_type"], config["spatial_pool_mode"], config["spatial_pool_stride"]) == (
         "llava_next_video", "average", STRIDE)
     assert (config["image_token_index"], config["video_token_index"]) == (IMAGE_TOKEN, IMAGE_TOKEN + 1)
     assert sorted(map(tuple, config["image_grid_pinpoints"])) == sorted((h, w) for w, h in PINPOINTS)
+    assert VideoProcessorConfig.from_pretrained(out).num_frames == 8
     back, info = LlavaNextVideoForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     vocab = hf.config.text_config.vocab_size

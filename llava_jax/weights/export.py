@@ -30,6 +30,7 @@ from llava_jax import paths
 from llava_jax.config import (
     CONFIG_FILE,
     PREPROCESSOR_CONFIG,
+    VIDEO_PREPROCESSOR_CONFIG,
     ImageProcessorConfig,
     LlavaConfig,
     LoraSpec,
@@ -262,6 +263,7 @@ def export_hf(
     deltas = peft.AdapterDeltas(*adapter) if merge_lora else None
     tok_dir = model.find_file("tokenizer.model") or model.find_file("tokenizer_config.json")
     pre_dir = model.find_file(PREPROCESSOR_CONFIG)
+    video_dir = model.find_file(VIDEO_PREPROCESSOR_CONFIG)
 
     def write(tmp: str) -> None:
         arrays = _produce(tensors, model, cfg, out_dtype, deltas)
@@ -285,6 +287,9 @@ def export_hf(
         else:
             size = cfg.vision.image_size
             write_preprocessor(ImageProcessorConfig(size=size, crop_size=size, pad_to_square=False), tmp)
+        if video_dir:  # already HF's format (VideoProcessorConfig.save)
+            name = VIDEO_PREPROCESSOR_CONFIG
+            paths.copy(os.path.join(video_dir, name), os.path.join(tmp, name))
         if adapter is not None and not merge_lora:
             spec, lora = adapter
             peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), lora)
