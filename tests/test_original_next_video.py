@@ -182,3 +182,16 @@ def test_original_onevision_gets_siglip_and_onevision_processor_settings(tmp_pat
     assert (pre.processor_type, pre.mean, pre.std, pre.size) == (
         "LlavaOnevisionImageProcessor", SIGLIP_MEAN, SIGLIP_MEAN, OV_TILE)
     assert plan.video == VideoProcessorConfig.onevision(size=OV_TILE, mean=SIGLIP_MEAN, std=SIGLIP_MEAN)
+
+
+@pytest.mark.parametrize("model_type, family", [("llava_mistral", "mistral"), ("llava", "llama")])
+def test_mistral_and_plain_llava_model_types_plan_as_next_video(tmp_path, model_type, family):
+    """LLaVA-NeXT-Video-7B-32K is a `llava_mistral`; older configs say `llava`: both plan the same video geometry
+    (header-only: the logits test covers the computation)."""
+    from llava_jax.weights import parts
+
+    src = write_original_dir(make_llama_next_video(0), tmp_path, **original_config(model_type=model_type))
+    plan = parts.plan_original(str(src))
+    plan.validate()
+    g = plan.cfg.geometry
+    assert (plan.cfg.text.model_type, g.video, g.video_stride) == (family, "average", STRIDE)
