@@ -142,6 +142,7 @@ def convert(
         extras=lambda: plan.extras(dtype),
         tokenizer_dir=plan.tokenizer_dir,
         preprocessor=plan.preprocessor,
+        video=plan.video,
         write_more=write_more,
     )
     n = len(mapping.entries(cfg))

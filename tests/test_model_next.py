@@ -149,18 +149,28 @@ def test_convert_and_export_next_round_trip(tmp_path, tiny_spm_dir):
 # LLaVA-NeXT's own checkpoint names (llava/model/llava_arch.py): the LLM's, plus these.
 ORIGINAL_NAMES = [("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
                   ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-                  ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline"),
+                  ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
+                  ("image_newline", "model.image_newline"),
                   ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                   ("language_model.", "model."), ("lm_head.", "lm_head.")]
 
 
-def write_original_dir(hf, tmp_path, **mm_config):
+def write_original_dir(hf, tmp_path, shards=1, **mm_config):
     """`hf`'s tensors under LLaVA-NeXT's own names and a config.json of its text config plus `mm_config` (the
-    original's mm_* fields): an original LLaVA-NeXT / OneVision directory; returns its path."""
-    tensors = hf_tensors(hf, tmp_path / "hf")
+    original's mm_* fields): an original LLaVA-NeXT / OneVision / NeXT-Video directory; returns its path.
+    `shards` > 1 writes model-0000i-of-0000n.safetensors files and their index, as lmms-lab publishes them."""
+    tensors = rename(hf_tensors(hf, tmp_path / "hf"), ORIGINAL_NAMES)
     src = tmp_path / "orig"
     os.makedirs(src)
-    save_file(rename(tensors, ORIGINAL_NAMES).items(), str(src / "model.safetensors"))
+    if shards == 1:
+        save_file(tensors.items(), str(src / "model.safetensors"))
+    else:
+        names, weight_map = sorted(tensors), {}
+        for i in range(shards):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file([(k, tensors[k]) for k in names[i::shards]], str(src / fname))
+            weight_map.update(dict.fromkeys(names[i::shards], fname))
+        json.dump({"metadata": {}, "weight_map": weight_map}, open(src / "model.safetensors.index.json", "w"))
     text = json.load(open(tmp_path / "hf" / "config.json"))["text_config"]
     json.dump({**text, **mm_config}, open(src / "config.json", "w"))
     return src
@@ -172,7 +182,8 @@ def test_original_next_checkpoint_matches_transformers(tmp_path):
     seed = fresh_seed()
     hf = make_next(seed, vision_hidden=64, vision_heads=1)  # an embedded tower is read with CLIP's 64-wide heads
     src = write_original_dir(hf, tmp_path, model_type="llava_llama",
-                             mm_vision_tower="openai/clip-vit-large-patch14-336", mm_projector_type="mlp2x_gelu", mm_hidden_size=64, mm_vision_select_layer=-2,
+                             mm_vision_tower="openai/clip-vit-large-patch14-336", mm_projector_type="mlp2x_gelu",
+                             mm_hidden_size=64, mm_vision_select_layer=-2,
                              mm_vision_select_feature="patch", image_aspect_ratio="anyres",
                              mm_patch_merge_type="spatial_unpad",
                              image_grid_pinpoints=PINPOINTS)  # the same JSON list as llava-hf, read as (width, height)

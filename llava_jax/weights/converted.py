@@ -43,7 +43,8 @@ import jax
 import numpy as np
 
 from llava_jax import paths
-from llava_jax.config import CONFIG_FILE, DECODER_LINEARS, ImageProcessorConfig, LlavaConfig, LoraSpec
+from llava_jax.config import (CONFIG_FILE, DECODER_LINEARS, ImageProcessorConfig, LlavaConfig, LoraSpec,
+                              VideoProcessorConfig)
 from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaModel, abstract_params
 from llava_jax.weights import mapping, model_dir, peft
@@ -280,6 +281,7 @@ def save_converted(
     extras: Callable[[], list[tuple[str, np.ndarray]]] | None = None,
     tokenizer_dir: str | None = None,
     preprocessor: ImageProcessorConfig | str | None = None,
+    video: VideoProcessorConfig | None = None,
     write_more: Callable[[str], None] | None = None,
 ) -> str:
     """Write our directory at `dst` (which must not exist) from parameter batches; returns its path.
@@ -290,6 +292,7 @@ def save_converted(
       extras: returns (llava-hf name, torch-layout array) pairs kept for export in extra.safetensors.
       tokenizer_dir: directory whose tokenizer files are copied.
       preprocessor: preprocessor_config.json to copy, or settings to write (default: from `cfg`).
+      video: video_preprocessor_config.json settings to write (a model that pools video frames).
       write_more: writes further files into the (temporary) directory, e.g. a LoRA adapter.
     """
     if preprocessor is None:
@@ -303,6 +306,8 @@ def save_converted(
             save_file(kept, os.path.join(tmp, EXTRA_FILE), metadata={"format": "pt"})
         copy_tokenizer(tokenizer_dir, tmp, dst)
         write_preprocessor(preprocessor, tmp)
+        if video is not None:
+            video.save(tmp)
         if write_more is not None:
             write_more(tmp)
         cfg.save(tmp)  # last, so that a directory with a config is a complete one

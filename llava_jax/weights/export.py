@@ -30,6 +30,7 @@ from llava_jax import paths
 from llava_jax.config import (
     CONFIG_FILE,
     PREPROCESSOR_CONFIG,
+    VIDEO_PREPROCESSOR_CONFIG,
     ImageProcessorConfig,
     LlavaConfig,
     LoraSpec,
@@ -62,11 +63,13 @@ def _torch_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
 
 
 def padded_vocab(cfg: LlavaConfig) -> int:
-    """Vocabulary size for HF: llava-hf keeps `<image>` (and `<pad>` after it) inside the embedding."""
+    """Vocabulary size for HF: llava-hf keeps `<image>`, `<video>` (a video model's) and `<pad>` after them inside
+    the embedding (transformers looks the placeholders up before it replaces them)."""
     v = cfg.text.vocab_size
-    if cfg.image_token_index < v:
+    last = max(cfg.image_token_index, cfg.video_token_index or 0)
+    if last < v:
         return v
-    return -(-(cfg.image_token_index + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return -(-(last + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -80,8 +83,9 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str | bytes, vocab: int) -> dict:
     """A llava-hf style tokenizer_config.json for a bare sentencepiece tokenizer.model.
 
-    LLaMA's special tokens and BOS; `<image>` (and `<pad>` after it when the vocabulary was padded)
-    become added tokens when their ids directly follow the sentencepiece pieces, as in llava-hf.
+    LLaMA's special tokens and BOS; `<image>`, then `<video>` for a video model (an original LLaVA-NeXT-Video
+    converted: the id after `<image>`'s), then `<pad>` when the vocabulary was padded, become added tokens when
+    their ids directly follow the sentencepiece pieces, as in llava-hf.
     """
     import sentencepiece as spm
 
@@ -94,8 +98,10 @@ def tokenizer_config(cfg: LlavaConfig, tokenizer_model: str | bytes, vocab: int)
     added = {}
     if cfg.image_token_index == pieces:
         added["<image>"] = pieces
-        if vocab > pieces + 1:
-            added["<pad>"] = pieces + 1
+        if cfg.video_token_index == pieces + 1:
+            added["<video>"] = pieces + 1
+        if vocab > pieces + len(added):
+            added["<pad>"] = pieces + len(added)
     out = {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": True,
@@ -257,6 +263,7 @@ def export_hf(
     deltas = peft.AdapterDeltas(*adapter) if merge_lora else None
     tok_dir = model.find_file("tokenizer.model") or model.find_file("tokenizer_config.json")
     pre_dir = model.find_file(PREPROCESSOR_CONFIG)
+    video_dir = model.find_file(VIDEO_PREPROCESSOR_CONFIG)
 
     def write(tmp: str) -> None:
         arrays = _produce(tensors, model, cfg, out_dtype, deltas)
@@ -280,6 +287,9 @@ def export_hf(
         else:
             size = cfg.vision.image_size
             write_preprocessor(ImageProcessorConfig(size=size, crop_size=size, pad_to_square=False), tmp)
+        if video_dir:  # already HF's format (VideoProcessorConfig.save)
+            name = VIDEO_PREPROCESSOR_CONFIG
+            paths.copy(os.path.join(video_dir, name), os.path.join(tmp, name))
         if adapter is not None and not merge_lora:
             spec, lora = adapter
             peft.save_adapter(os.path.join(tmp, peft.ADAPTER_DIR), cfg.replace(lora=spec), lora)

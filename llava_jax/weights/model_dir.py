@@ -5,7 +5,7 @@
     training checkpoint  WORKDIR/checkpoints/STEP: an Orbax step (meta/, state/, data/) whose
                          meta records the model (see `checkpoint_model_meta`)
     hf                   config.json of a llava-hf LlavaForConditionalGeneration + *.safetensors
-    original             config.json of liuhaotian/llava-* (mm_vision_tower): convert it first
+    original             config.json of liuhaotian/llava-*, lmms-lab/* (mm_vision_tower): convert it first
 
 Everything here reads small JSON files only (no jax), so that CLIs can check a path before any
 heavy import and say what a directory holds when it is not a model (`--model-path workdir`).
@@ -74,7 +74,8 @@ def require(path: str, accept: tuple[str, ...] = (OURS, CHECKPOINT, HF)) -> str:
         return k
     if k == ORIGINAL:
         raise CheckpointError(f"{path}: an original LLaVA checkpoint; convert it first: python -m llava_jax.convert "
-                              f"--src {path} --vision-tower CLIP_DIR --dst DIR")
+                              f"--src {path} --dst DIR (with --vision-tower CLIP_DIR where the tower is not inside "
+                              "it, as in liuhaotian/llava-v1.5-*)")
     inside = find_models(path)
     if inside:
         listed = ", ".join(f"{os.path.join(path, rel)} ({kd})" for rel, kd in inside)

@@ -23,10 +23,13 @@ from llava_jax.anyres import AnyresConfig
 from llava_jax.config import (
     LLAVA_MODEL_TYPES,
     PREPROCESSOR_CONFIG,
+    SIGLIP_MEAN,
     SIGLIP_SO400M_384,
+    SIGLIP_STD,
     ImageProcessorConfig,
     LlavaConfig,
     TextConfig,
+    VideoProcessorConfig,
     VisionConfig,
     llava_config_from_hf,
     original_grid_pinpoints,
@@ -164,14 +167,28 @@ def original_llava_config(c: dict, vision: VisionConfig, path: str, image_token_
 def original_anyres(c: dict, cfg: LlavaConfig, path: str) -> AnyresConfig | None:
     """LLaVA-NeXT's tiling from an original config.json (`image_aspect_ratio: anyres`, `mm_patch_merge_type`,
     `image_grid_pinpoints` as (width, height) pairs, read as the image settings read them); None for
-    LLaVA-1.5's one tile ("pad" / "square")."""
+    LLaVA-1.5's one tile ("pad" / "square"). `anyres_max_N` adds OneVision's rules, `mm_resampler_type:
+    spatial_pool` LLaVA-NeXT-Video's average-pooled frames."""
     flat = cfg.geometry
+    resampler = c.get("mm_resampler_type")
+    if resampler not in (None, "spatial_pool"):
+        raise CheckpointError(f"{path}: mm_resampler_type {resampler!r} is not supported (expected 'spatial_pool', "
+                              "LLaVA-NeXT-Video's frame pooling, or none)")
     pins = _wrap(original_grid_pinpoints, c, path, flat.tile_size)
     if not pins:
+        if resampler:
+            raise CheckpointError(f"{path}: mm_resampler_type 'spatial_pool' (video) needs image_aspect_ratio "
+                                  f"'anyres' (LLaVA-NeXT-Video's), found {c.get('image_aspect_ratio')!r}")
         return None
     if flat.extra_tokens:
         raise CheckpointError(f"{path}: anyres needs mm_vision_select_feature 'patch' (the CLS token dropped)")
     max_tiles = original_max_tiles(c)
+    if resampler:
+        if max_tiles is not None:
+            raise CheckpointError(f"{path}: mm_resampler_type 'spatial_pool' with image_aspect_ratio "
+                                  f"{c['image_aspect_ratio']!r} is not supported (LLaVA-NeXT-Video tiles by 'anyres')")
+        return _wrap(functools.partial(AnyresConfig, video="average", video_stride=next_video_stride(c, cfg, path)),
+                     flat.tile_size, flat.grid, pins, "spatial_unpad", "original")
     if max_tiles is None:
         return _wrap(AnyresConfig, flat.tile_size, flat.grid, pins, "spatial_unpad", "original")
     # LLaVA-OneVision (llava_arch.py): frames pooled by `get_2dPool` (bilinear, stride 2: ceil(grid / 2) a side)
@@ -184,6 +201,40 @@ def original_anyres(c: dict, cfg: LlavaConfig, path: str) -> AnyresConfig | None
                               "supported (LLaVA-OneVision's: 'bilinear', 2, 'one_token')")
     return _wrap(functools.partial(AnyresConfig, max_tiles=max_tiles, untiled_multi=True, video="bilinear"),
                  flat.tile_size, flat.grid, pins, "spatial_unpad", "original")
+
+
+# Keys of LLaVA-NeXT's later video code (July 2024 on) and the only values that compute as the release did.
+_NEXT_VIDEO_LATER_KEYS = {"mm_pooling_position": "before", "mm_newline_position": "no_token"}
+
+
+def next_video_stride(c: dict, cfg: LlavaConfig, path: str) -> int:
+    """The frame pooling stride of an original LLaVA-NeXT-Video config (`mm_resampler_type: spatial_pool`).
+
+    As the checkpoints were released (LLaVA-NeXT's `llavavid`, May 2024; transformers' LlavaNextVideo computes the
+    same): a video's frames go through the tower, `SpatialPool` (nn.AvgPool2d, kernel = stride =
+    `mm_spatial_pool_stride`) on each frame's grid of vision features, then the projector; the frames' tokens
+    follow one another with no newline. Images are LLaVA-NeXT's (anyres, newlines, never pooled). Only the
+    'average' mode is supported: 'max' and 'conv' (which adds `vision_resampler` weights) are not.
+    """
+    mode = c.get("mm_spatial_pool_mode")
+    if mode != "average":
+        raise CheckpointError(f"{path}: mm_spatial_pool_mode {mode!r} is not supported with mm_resampler_type "
+                              "'spatial_pool' (expected 'average', LLaVA-NeXT-Video's)")
+    stride = c.get("mm_spatial_pool_stride")
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= cfg.geometry.grid:
+        raise CheckpointError(f"{path}: mm_spatial_pool_stride {stride!r} is not a whole number of feature "
+                              f"positions from 1 to the tower's grid ({cfg.geometry.grid})")
+    # SpatialPool's width (the projector's mm_hidden_size): average pooling keeps the tower's.
+    out = c.get("mm_spatial_pool_out_channels", cfg.vision.hidden_size)
+    if out != cfg.vision.hidden_size:
+        raise CheckpointError(f"{path}: mm_spatial_pool_out_channels is {out!r} but 'average' pooling keeps the "
+                              f"vision tower's width {cfg.vision.hidden_size}")
+    for key, value in _NEXT_VIDEO_LATER_KEYS.items():
+        if c.get(key, value) != value:
+            raise CheckpointError(f"{path}: {key} {c[key]!r} is not supported with mm_resampler_type "
+                                  f"'spatial_pool' (expected {value!r}: frames pooled before the projector, "
+                                  "no newline, as LLaVA-NeXT-Video was released)")
+    return stride
 
 
 def projector_type_of(keys, prefix: str = "model.mm_projector.") -> str | None:
@@ -233,6 +284,7 @@ class Plan:
     preprocessor: ImageProcessorConfig | str  # a config to write, or a preprocessor_config.json to copy
     fresh: dict = dataclasses.field(default_factory=dict)  # parameters made here (a new projector)
     notes: list[str] = dataclasses.field(default_factory=list)
+    video: VideoProcessorConfig | None = None  # a video_preprocessor_config.json to write (a video model)
 
     def validate(self) -> None:
         """Names and shapes of every piece against the config, from headers only (nothing read yet)."""
@@ -315,13 +367,40 @@ def _preprocessor(directory: str | None, cfg: LlavaConfig, pad: bool | None) -> 
         if pad:
             raise CheckpointError("image_aspect_ratio 'pad' does not apply to an anyres (LLaVA-NeXT) model")
         g = cfg.geometry
-        base = parsed or ImageProcessorConfig(size=g.tile_size, crop_size=g.tile_size)
+        # No processor file (an original with its tower inside): the tower's processor, SigLIP's 0.5 mean/std for
+        # a SigLIP one; OneVision's rules where images of a row are taken untiled.
+        norm = dict(mean=SIGLIP_MEAN, std=SIGLIP_STD) if cfg.vision.model_type == "siglip_vision_model" else {}
+        base = parsed or ImageProcessorConfig(size=g.tile_size, crop_size=g.tile_size, **norm)
         return dataclasses.replace(base, pad_to_square=False, grid_pinpoints=g.pinpoints,
-                                   pinpoint_convention=g.convention)
+                                   pinpoint_convention=g.convention, onevision=base.onevision or g.untiled_multi)
     if parsed is not None:
         return dataclasses.replace(parsed, pad_to_square=bool(pad))
     size = cfg.vision.image_size
     return ImageProcessorConfig(size=size, crop_size=size, pad_to_square=bool(pad))
+
+
+def _video_settings(cfg: LlavaConfig, pre: ImageProcessorConfig | str, src: str | None) -> VideoProcessorConfig | None:
+    """The video_preprocessor_config.json a model that pools video frames gets (None for one that does not).
+
+    A llava-hf source's own settings where it has them (`src`); else the originals' rule (their video demos run
+    the tower's image processor on every frame): NeXT-Video's frames resized by the shortest side and centre
+    cropped to a tile, OneVision's resized to a tile, normalised as the images are (data/pipeline.py's
+    `video_settings` derives training's frames the same way).
+    """
+    if not cfg.geometry.video:
+        return None
+    if src is not None:
+        try:
+            return VideoProcessorConfig.from_pretrained(src)
+        except FileNotFoundError:
+            pass
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    image = ImageProcessorConfig.from_pretrained(os.path.dirname(pre)) if isinstance(pre, str) else pre
+    norm = dict(mean=image.mean, std=image.std, rescale_factor=image.rescale_factor, resample=image.resample)
+    if cfg.geometry.video == "bilinear":
+        return VideoProcessorConfig.onevision(size=image.crop_size, **norm)
+    return VideoProcessorConfig(size=image.size, crop_size=image.crop_size, **norm)
 
 
 def detect_format(src: str) -> str:
@@ -359,7 +438,8 @@ def plan_hf(src: str, *, image_aspect_ratio: str | None = None) -> Plan:
     piece = Piece(store, layout, mapping.entries(cfg))
     first = next(iter(piece.names(cfg)))
     dtype = checkpoint_dtype(store, first) if first in store else "float32"
-    return Plan(cfg, [piece], dtype, src, _preprocessor(src, cfg, _pad(image_aspect_ratio)))
+    pre = _preprocessor(src, cfg, _pad(image_aspect_ratio))
+    return Plan(cfg, [piece], dtype, src, pre, video=_video_settings(cfg, pre, src))
 
 
 def _pad(image_aspect_ratio: str | None) -> bool | None:
@@ -397,6 +477,10 @@ def plan_original(
             f"{c.get('mm_vision_tower') or c.get('vision_tower')!r}: pass its local directory with --vision-tower DIR"
         )
     cfg = original_llava_config(c, vision, path, image_token_index)
+    if cfg.geometry.video == "average":
+        # llavavid's video_demo.py sets rope_scaling itself when a Vicuna's frames overrun 4096 positions.
+        notes.append("LLaVA-NeXT-Video: the original's video demo stretches a Vicuna's RoPE linearly at run time "
+                     "(factor ceil((frames x pooled tokens + 1000) / 4096)); config.json's rope settings are kept")
     pieces = []
     if vision_tower:
         clip = open_checkpoint(vision_tower)
@@ -410,7 +494,7 @@ def plan_original(
     pre = _preprocessor(vision_tower, cfg, None if cfg.is_anyres and image_aspect_ratio is None else aspect == "pad")
     text_name = mapping.torch_name(mapping.text_entries(cfg)[0], layout)
     dtype = checkpoint_dtype(store, text_name) if text_name in store else "float32"
-    return Plan(cfg, pieces, dtype, src, pre, notes=notes)
+    return Plan(cfg, pieces, dtype, src, pre, notes=notes, video=_video_settings(cfg, pre, None))
 
 
 def _clip_layout(store: Store) -> mapping.Layout:
