@@ -226,7 +226,7 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     frames = config.data.num_frames if geometry.video else 0  # as the loop reads video records
     seq_len = stage.max_length
     if config.data.packing:
-        seq_len = stage.get("row_length", 0) or stage.max_length  # the pipeline's packed rows
+        seq_len = stage.row_length or stage.max_length  # the pipeline's packed rows
         images = images_per_row(geometry, seq_len, 1 + video_images(geometry, frames),
                                 config.data.max_images_per_row)
     batch = abstract_batch(cfg, num_micro, stage.micro_batch, seq_len, mesh, max_images=images,

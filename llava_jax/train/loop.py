@@ -409,7 +409,7 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
         group_by_modality_length=config.data.group_by_modality_length,
         length_buckets=config.data.length_buckets or None, worker_count=config.data.worker_count,
         tfds_data_dir=config.data.tfds_data_dir or None, packing=config.data.packing,
-        row_length=stage.get("row_length", 0) or None, max_images_per_row=config.data.max_images_per_row,
+        row_length=stage.row_length or None, max_images_per_row=config.data.max_images_per_row,
         # Video records (LLaVA-Video-178K): only for a model that pools frames (OneVision, NeXT-Video).
         num_frames=config.data.num_frames if geometry.video else 0, video_token_index=cfg.video_token_index,
     )

@@ -117,7 +117,7 @@ def _check_stage(key: str, stage: ml_collections.ConfigDict, templates, remat_po
     if stage.vision_learning_rate and stage.lora is not None:
         raise ConfigError(f"config.{key}.vision_learning_rate: {stage.vision_learning_rate!r} with lora; a LoRA stage "
                           "has one rate for its adapters and one (lora.non_lora_learning_rate) for the rest")
-    row_length = stage.get("row_length", 0)
+    row_length = stage.row_length
     if not isinstance(row_length, int) or (row_length and row_length < stage.max_length):
         raise ConfigError(f"config.{key}.row_length: {row_length!r}; expected 0 (rows of max_length) or a packed "
                           f"row's tokens >= max_length {stage.max_length}")
