@@ -11,8 +11,8 @@ torchvision import, without its compiled ops, and its transforms (resize, crop, 
     from tests._torchvision import torchvision_or_skip
     torchvision_or_skip()  # before importing transformers' torchvision-backed processors
 
-Call it before anything imports transformers' image or video processors in the process (tests/conftest.py does at
-startup), since transformers imports torchvision as soon as it is installed.
+`prepare()` must run before anything imports transformers' image or video processors in the process, since
+transformers imports torchvision as soon as it is installed: tests/conftest.py calls it at startup.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from types import ModuleType
 _PLACEHOLDER_OPS = ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
                     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 _library = None  # the torch.library.Library holding the placeholders: dropping it would undefine them
-_result: tuple[ModuleType | None, str] | None = None
+_absent: str | None = None  # prepare()'s answer, once known
 
 
 def _extension_loads(package_dir: str) -> bool:
@@ -45,39 +45,41 @@ def _extension_loads(package_dir: str) -> bool:
     return False
 
 
-def load_torchvision() -> tuple[ModuleType | None, str]:
-    """(torchvision, "") when it is installed, else (None, why); defines the placeholder ops first if needed.
+def prepare() -> str:
+    """Makes an installed torchvision importable (defines the placeholder ops if its extension cannot load).
 
-    A torchvision that is installed but fails to import for another reason raises: that is a broken
-    environment, not a missing optional package.
+    Imports torch only when torchvision is installed, and torchvision not at all. Returns "" when torchvision is
+    installed, else why it is not (a skip reason).
     """
-    global _library, _result
-    if _result is not None:
-        return _result
-    if "torchvision" in sys.modules:
-        _result = (sys.modules["torchvision"], "")
-        return _result
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        _result = (None, "torchvision is not installed (pip install -e '.[test]' brings it)")
-        return _result
-    import torch
+    global _library, _absent
+    if _absent is not None:
+        return _absent
+    if "torchvision" not in sys.modules:
+        spec = importlib.util.find_spec("torchvision")
+        if spec is None or not spec.submodule_search_locations:
+            _absent = "torchvision is not installed (pip install -e '.[test]' brings it)"
+            return _absent
+        import torch
 
-    if not _extension_loads(list(spec.submodule_search_locations)[0]):
-        _library = torch.library.Library("torchvision", "DEF")
-        for schema in _PLACEHOLDER_OPS:
-            _library.define(schema)
-    import torchvision
-
-    _result = (torchvision, "")
-    return _result
+        if not _extension_loads(list(spec.submodule_search_locations)[0]):
+            _library = torch.library.Library("torchvision", "DEF")
+            for schema in _PLACEHOLDER_OPS:
+                _library.define(schema)
+    _absent = ""
+    return _absent
 
 
 def torchvision_or_skip() -> ModuleType:
-    """torchvision (see load_torchvision), or skips the calling test (or module, at import) when not installed."""
+    """torchvision (see prepare), or skips the calling test (or module, at import) when it is not installed.
+
+    A torchvision that is installed but fails to import for another reason raises: that is a broken environment,
+    not a missing optional package.
+    """
     import pytest
 
-    module, why = load_torchvision()
-    if module is None:
+    why = prepare()
+    if why:
         pytest.skip(why, allow_module_level=True)
-    return module
+    import torchvision
+
+    return torchvision

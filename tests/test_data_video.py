@@ -210,6 +210,18 @@ def test_resize_equals_torch_interpolate(mode: str, resample: int):
                                       ref.permute(0, 2, 3, 1).numpy(), err_msg=f"{in_h}x{in_w} -> {out_h}x{out_w}")
 
 
+def test_resize_in_blocks_equals_torch_interpolate(monkeypatch):
+    """A pass works through its columns in blocks of _CHUNK accumulator values: blocks that do not divide them."""
+    monkeypatch.setattr(video_lib, "_CHUNK", 1000)
+    rng = np.random.default_rng(fresh_seed())
+    frames = rng.integers(0, 256, (3, 61, 75, 3), dtype=np.uint8)
+    for out_h, out_w in ((40, 33), (90, 101)):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(),
+                                              size=[out_h, out_w], mode="bicubic", align_corners=False, antialias=True)
+        np.testing.assert_array_equal(video_lib.resize_torchvision(frames, out_h, out_w),
+                                      ref.permute(0, 2, 3, 1).numpy())
+
+
 def _hf_video_processor(cfg: VideoProcessorConfig, tmp_path):
     """transformers' own video processor class for `cfg` (torchvision), set up with `cfg`'s saved json."""
     torchvision_or_skip()
