@@ -9,7 +9,10 @@ import tempfile
 
 import pytest
 
-from tests import _seeds, _spm
+from tests import _seeds, _spm, _torchvision
+
+# transformers imports torchvision as soon as it is installed: its CUDA-built ops need placeholders first.
+_torchvision.prepare()
 
 # Many tests start training, generation or conversion in subprocesses of the same tiny configs; each
 # would compile the same programs again (a tiny training run: 61 s cold, 16 s with a warm cache).

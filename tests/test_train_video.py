@@ -94,7 +94,10 @@ def _expected(media, batch, ids):
         sizes += [(im.height, im.width) for im in opened]
         per_row.append(len(opened))
         if "video" in rec:
-            videos.append(video_lib.load_video(os.path.join(media["image_folder"], rec["video"]), video_cfg, FRAMES))
+            # Resized as the video processor does, normalised by the pipeline with the images' table (an ulp from the
+            # processor's fused float32 arithmetic on some values, data/video.py `normalization_table`).
+            frames, _ = video_lib.decode_frames(os.path.join(media["image_folder"], rec["video"]), FRAMES)
+            videos.append(image_lib.normalize(video_lib.preprocess_frames_uint8(frames, video_cfg), IMAGE_CFG))
     return place_images(batch["input_ids"], images, cfg, sizes, batch["pixel_values"].shape[1], videos=videos,
                         images_per_row=per_row)
 
