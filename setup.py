@@ -29,9 +29,11 @@ setup(
     extras_require={
         # tensorflow-datasets (about 230 MB with pyarrow, no TensorFlow) builds the test's tiny TFDS
         # dataset; gcsfs + gcp-storage-emulator serve gs:// on 127.0.0.1 in the tests; nbclient runs
-        # the notebook; peft is the LoRA reference (never imported at run time); torchvision runs transformers'
-        # own video processors, the frames' reference (its CUDA-built ops are not needed: tests/_torchvision.py).
-        "test": ["pytest>=8", "torch==2.13.0", "torchvision==0.28.0", "transformers>=4.57",
+        # the notebook; peft is the LoRA reference (never imported at run time). Not torchvision: PyPI's wheel
+        # is built for CUDA torch, and beside the CPU one transformers then fails to import in any process that
+        # has not run tests/_torchvision.py's placeholders (the benchmarks' PyTorch peers); tests that run
+        # transformers' torchvision video processors skip without it (`pip install torchvision==0.28.0` adds it).
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.57",
                  "tensorflow-datasets==4.9.10", "importlib_resources==7.1.0", "gcsfs==2026.10.1",
                  "gcp-storage-emulator==2026.7.19",
                  "nbclient==0.10.2", "nbformat==5.11.1", "ipykernel==7.4.0", "peft==0.21.2",
