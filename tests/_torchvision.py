@@ -57,7 +57,8 @@ def prepare() -> str:
     if "torchvision" not in sys.modules:
         spec = importlib.util.find_spec("torchvision")
         if spec is None or not spec.submodule_search_locations:
-            _absent = "torchvision is not installed (the test extra leaves it out: setup.py says why; pip install torchvision==0.28.0)"
+            _absent = ("torchvision is not installed (the test extra leaves it out: setup.py says why; "
+                       "pip install torchvision==0.28.0)")
             return _absent
         import torch
 

@@ -560,7 +560,8 @@ class _RowLoader:
             kind = getattr(e, "kind", ERROR)
             record_id = record["id"] if record is not None else f"#{index}"
             locate = getattr(self.source, "locate", None)  # JSON files know each record's file and line
-            where = locate(index) if locate and record is not None else f"{self.source.name}: record {index} (id {record_id!r})"
+            where = (locate(index) if locate and record is not None
+                     else f"{self.source.name}: record {index} (id {record_id!r})")
             if self.strict and kind != EMPTY:
                 raise DataError(f"{where}: {e}") from e
             # Never crash a worker: the problem travels with the batch and is reported by the
