@@ -110,12 +110,10 @@ def main(argv) -> int:
         print(f"llava_jax.train: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2
     keys = [k for k in ("eval/accuracy", "eval/blind_accuracy", "eval/loss") if k in result]
+    # Then per question type, seeing and blind: a type stuck at its blind figure hides under a good overall one.
+    keys += sorted(k for k in result if k.startswith(("eval/accuracy_", "eval/blind_accuracy_")))
     if keys:  # a run without a held-out set has none: print no empty line
         print(" ".join(f"{k}={result[k]:.4f}" for k in keys))
-        # Per question type, seeing and blind: a type stuck at its blind figure hides under a good overall one.
-        per_qtype = sorted(k for k in result if k.startswith(("eval/accuracy_", "eval/blind_accuracy_")))
-        if per_qtype:
-            print(" ".join(f"{k}={result[k]:.4f}" for k in per_qtype))
     if result:
         print(table_from_metrics(result), end="")  # the stages' eval_benchmarks, if any
     last = [n for n in paths.listdir(workdir) if n.startswith("stage")]

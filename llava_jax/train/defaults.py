@@ -151,8 +151,9 @@ def tiny_config() -> ml_collections.ConfigDict:
     chance (blind ~0.25). What makes a tower from scratch learn: stage 1 (captions, ~30 tokens, so
     cheap) runs many small-batch epochs and is where the vision tower learns colour, shape, count and
     where objects are; stage 2 asks every image where its objects are (the template moves the image
-    away from the start of the sequence, where stage 1 learned to read position) and freezes the tower, as LLaVA does, so that its first large gradients (the new template)
-    cannot wipe those features out (trained too, shape accuracy fell to chance for some seeds).
+    away from the start of the sequence, where stage 1 learned to read position) and freezes the tower, as
+    LLaVA does, so that its first large gradients (the new template) cannot wipe those features out (trained
+    too, shape accuracy fell to chance for some seeds).
     """
     c = base_config()
     c.log_every = 20
@@ -188,7 +189,10 @@ def media_config() -> ml_collections.ConfigDict:
     images asking how many show a red shape, each with a "describe each frame / image" record (what a tower
     trained from scratch learns colour from). The geometry is OneVision's (anyres_max_1, several images of a
     prompt untiled, frames pooled bilinearly) at 28-pixel tiles of 2 x 2 patches: 5 tokens an image, 1 a frame
-    plus a newline, so that a row is ~40 tokens and a step costs little. One stage, every parameter trained.
+    plus a newline, so that a row is at most 61 tokens (a description of three images) and a step costs little.
+    One stage trains every parameter. Counting learns first (~200 steps); which frame, read off where the red
+    frame's one token sits before the answer, takes longer, and more so with a narrower LLM: at hidden size 64
+    it was at 0.74 after 600 steps (seed 1), at 128 at 0.98 after 400.
     """
     c = base_config()
     c.log_every = 50
@@ -204,7 +208,7 @@ def media_config() -> ml_collections.ConfigDict:
     c.model.untiled_multi = True
     c.model.video = "bilinear"
     c.model.text.update(dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0))
     c.data.synthetic = True
     c.data.synthetic_args.update(dict(task="media", num_train=600, num_val=100, image_size=28, seed=0,
@@ -212,11 +216,11 @@ def media_config() -> ml_collections.ConfigDict:
     c.data.num_frames = 4
     c.data.max_images_per_sample = 3
     c.data.eval_template = "mistral_instruct"  # synthetic.MEDIA_TEMPLATE: no system prompt, rows mostly media
-    c.data.eval_max_length = 96
+    c.data.eval_max_length = 64
     c.data.eval_batch_size = 50
     c.stages = [
         stage("media", data="train", template="mistral_instruct", trainable=[".*"], learning_rate=2e-3,
-              global_batch=16, micro_batch=16, epochs=5, max_length=96, warmup_ratio=0.05),
+              global_batch=16, micro_batch=16, epochs=6, max_length=64, warmup_ratio=0.05),
     ]
     return c
 
