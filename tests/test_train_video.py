@@ -24,7 +24,7 @@ from llava_jax.models.llava import Llava, init_params, place_images
 from tests._seeds import fresh_seed
 
 TILE, GRID, FRAMES = 28, 2, 4
-HIDDEN = int(os.environ.get("TV_HIDDEN", 64))
+HIDDEN = 64
 PINPOINTS = ((28, 28), (28, 56), (56, 28), (56, 56))
 # anyres_max_1: a lone 56 x 56 image's 4 x 4 grid is downscaled to 2 x 2, so that weights are not all one-hot.
 GEOMETRY = anyres.AnyresConfig(TILE, GRID, PINPOINTS, max_tiles=1, untiled_multi=True, video="bilinear")

@@ -129,8 +129,8 @@ def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, b
 
 
 def evaluate(
-    forward: Callable, params: Any, samples: Sequence[dict], *, batch_size: int, crop: int, place: Callable = lambda b: b,
-    cfg: LlavaConfig | None = None,
+    forward: Callable, params: Any, samples: Sequence[dict], *, batch_size: int, crop: int,
+    place: Callable = lambda b: b, cfg: LlavaConfig | None = None,
 ) -> dict[str, float]:
     """Accuracy overall and per qtype, loss, and the blind (image blanked) accuracy, overall and per qtype.
 
