@@ -4,10 +4,11 @@ runs it.
 Issue 23's goal: a tiny model learns the synthetic multi-image and short-video tasks on a CPU well above its blind
 baseline. The bar: held-out accuracy >= 0.7 overall, and each question type ("which frame shows the red square",
 "how many images show a red shape") >= 0.3 above the same model with the media blanked. Answers are uniform by
-construction, so blind is chance (1/4 for both, up to the held-out set's draw). Seeds 0 / 1 / 2 (init and data)
-reach 0.96-1.0 on both types against 0.16-0.30 blind (BENCHMARKS.md), so the test draws fresh ones. This test
-also stands for the real train step learning through video and several-image batches (image_index and image_weight
-[B, T, 4], the vision tower trained): the media are what the answers depend on, the blind figures show it.
+construction, so blind is chance (1/4 for both, up to the held-out set's draw). Init and data seeds 0 / 1 / 2
+and 3 / 4 reach 0.96-1.0 on both types against 0.16-0.30 blind (BENCHMARKS.md), so the test draws fresh ones.
+This test also stands for the real train step learning through video and several-image batches (image_index and
+image_weight [B, T, 4], the vision tower trained): the media are what the answers depend on, the blind figures
+show it.
 """
 
 from __future__ import annotations
