@@ -58,6 +58,9 @@ def test_media_job_learns_frames_and_image_counts_well_above_blind(tmp_path):
     ("data.synthetic_args.task", "video", r"config.data.synthetic_args.task: 'video'; expected one of shapes, media"),
     ("model.video", "pooled", r"config.model.video: 'pooled'; expected one of , bilinear, average"),
     ("data.max_images_per_sample", 0, r"config.data.max_images_per_sample: 0; expected a number >= 1"),
+    ("model.max_tiles", -1, r"config.model.max_tiles: -1; expected a number >= 0"),
+    ("model.image_grid_pinpoints", (), r"config.model.max_tiles: 1 needs an anyres model: set "
+                                       r"model.image_grid_pinpoints"),
 ])
 def test_media_fields_are_validated(key, value, message):
     """The media job's config validates; a bad value of a field it adds is a ConfigError naming the field."""
