@@ -141,7 +141,8 @@ def test_every_config_field_read_in_train_is_declared_and_read_by_attribute():
 
 
 @pytest.mark.parametrize("config_file,arg", [("llava_jax/train/defaults.py", ""), ("configs/tiny.py", "smoke"),
-                                             ("configs/tiny.py", "lora"), ("configs/llava15.py", "7b_lora"),
+                                             ("configs/tiny.py", "lora"), ("configs/tiny.py", "media"),
+                                             ("configs/llava15.py", "7b_lora"),
                                              ("configs/llava_v1.py", "13b"), ("tests/_train_config.py", "lora"),
                                              ("configs/llava_onevision.py", "qwen2_7b"),
                                              ("configs/llava_onevision.py", "qwen2_05b_ov")])

@@ -410,14 +410,17 @@ def build(out_dir: str | os.PathLike, *, num_train: int = 2000, num_val: int = 2
 
 # ----------------------------------------------------------------------------- many images and video
 
-MEDIA_VERSION = 1
+MEDIA_VERSION = 2
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
 MEDIA_QTYPES = ("frame", "count_images")
 FRAME_QUESTIONS = ("Which frame shows the red square?", "In which frame is there a red square?",
                    "Which frame has the red square?")
 DESCRIBE_FRAMES, DESCRIBE_IMAGES = "Describe each frame.", "Describe each image."
-COUNT_IMAGES_QUESTIONS = ("How many images show a circle?", "In how many of the images is there a circle?",
-                          "Count the images with a circle.")
+COUNT_IMAGES_QUESTIONS = ("How many images show a red shape?", "In how many of the images is the shape red?",
+                          "Count the images with a red shape.")
+# Always this many images to count over: a tiny model counts by how much of its attention lands on red tokens,
+# a fraction that is a count only when the number of images is fixed.
+COUNT_IMAGES = 3
 
 
 # The template the tasks are meant for: `mistral_instruct` (no system prompt), so that a row is mostly its media
@@ -471,14 +474,16 @@ def _frame_task(rng: np.random.Generator, size: int, num_frames: int) -> tuple[n
 
 
 def _count_images_task(rng: np.random.Generator, size: int) -> tuple[list[Image.Image], str, str]:
-    """2 or 3 images, each a circle or a square of any colour; the answer (how many show a circle) is uniform
-    over 0..n; and a description of the images in order."""
-    n = int(rng.integers(2, 4))
+    """COUNT_IMAGES images, each a circle or a square; the answer (how many are red) is uniform over
+    0..COUNT_IMAGES; the others are of other colours; and a description of the images in order."""
+    n = COUNT_IMAGES
     k = int(rng.integers(n + 1))
-    circles = set(rng.choice(n, k, replace=False).tolist())
+    red = set(rng.choice(n, k, replace=False).tolist())
+    others = [c for c in COLORS if c != "red"]
     images, parts = [], []
     for i in range(n):
-        shape, color = "circle" if i in circles else "square", tuple(COLORS)[rng.integers(len(COLORS))]
+        shape = ("square", "circle")[rng.integers(2)]
+        color = "red" if i in red else others[rng.integers(len(others))]
         images.append(_one_shape(rng, size, shape, color))
         parts.append(f"{color} {shape}")
     return images, str(k), ", ".join(parts) + "."
@@ -489,13 +494,15 @@ def build_media(out_dir: str | os.PathLike, *, num_train: int = 800, num_val: in
     """Writes the many-image and short-video tasks into `out_dir` and returns its paths (cached like `build`).
 
     Half the records are a video of `num_frames` frames (an .mp4 written with PyAV) asking "Which frame shows
-    the red square?" (answered with an ordinal, qtype "frame"); half are 2-3 images asking "How many images show
-    a circle?" (a digit, qtype "count_images"). Records follow LLaVA-OneVision's formats: `"image": [paths]` with
-    one `<image>` marker each, and LLaVA-Video-178K's `"video": path` marked with `<image>`. Answers are uniform
-    by construction (blind: 1 / num_frames and about 0.3). With `describe`, train.json also asks of each
-    record's media "Describe each frame." / "Describe each image." (qtype "describe": "red square, blue
-    circle, ..."), the supervision a tower trained from scratch learns colour and shape from. val.json holds
-    held-out questions with "answer" and "qtype"; the tokenizer is trained on the text and MEDIA_TEMPLATE's.
+    the red square?" (answered with an ordinal, qtype "frame"); half are COUNT_IMAGES images asking "How many
+    images show a red shape?" (a digit, qtype "count_images"; colour, not shape, is what a tower trained from
+    scratch on 28-pixel images learns in minutes). Records follow LLaVA-OneVision's formats: `"image": [paths]`
+    with one `<image>` marker each, and LLaVA-Video-178K's `"video": path` marked with `<image>`. Answers are
+    uniform by construction (blind: 1 / num_frames and 1 / (COUNT_IMAGES + 1)). With `describe`, train.json
+    also asks of each record's media "Describe each frame." / "Describe each image." (qtype "describe": "red
+    square, blue circle, ..."), the supervision a tower trained from scratch learns colour and shape from.
+    val.json holds held-out questions with "answer" and "qtype"; the tokenizer is trained on the text and
+    MEDIA_TEMPLATE's.
 
     Returns:
       {"out_dir", "image_folder" (= out_dir), "train", "val", "tokenizer", "manifest"} -> path.

@@ -110,6 +110,8 @@ def main(argv) -> int:
         print(f"llava_jax.train: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2
     keys = [k for k in ("eval/accuracy", "eval/blind_accuracy", "eval/loss") if k in result]
+    # Then per question type, seeing and blind: a type stuck at its blind figure hides under a good overall one.
+    keys += sorted(k for k in result if k.startswith(("eval/accuracy_", "eval/blind_accuracy_")))
     if keys:  # a run without a held-out set has none: print no empty line
         print(" ".join(f"{k}={result[k]:.4f}" for k in keys))
     if result:

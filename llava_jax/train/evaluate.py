@@ -6,9 +6,9 @@ forward pass per batch scores what generation would score, with no decode loop. 
 replaces every image with a blank (mean-colour, i.e. all-zero after normalisation) image.
 
 LLaVA-NeXT (anyres) models: each image is rendered with its own token count and preprocessed to its
-base and tiles, a row's slots padded to the geometry's max_patches, and `image_index` built as the
-training pipeline builds it (`llava_jax.anyres.table_sources`; with `image_weight` for a weighted geometry,
-OneVision's anyres_max_N).
+base and tiles (OneVision: a record's several images untiled, a video's frames one slot each), and
+`image_index` (with `image_weight` for a weighted geometry: OneVision's anyres_max_N, video pooling) built by
+`models.llava.place_images`, which the training pipeline's batches are tested equal to.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import numpy as np
 from llava_jax import anyres
 from llava_jax.config import LlavaConfig
 from llava_jax.data import image as image_lib
+from llava_jax.data import pipeline
 from llava_jax.data import records as records_lib
 from llava_jax.data import templates
-from llava_jax.models.llava import Llava
+from llava_jax.data import video as video_lib
+from llava_jax.models.llava import Llava, place_images
 from llava_jax.train.loss import IGNORE_INDEX, cross_entropy_sum
 
 
@@ -50,32 +52,53 @@ def eval_forward(cfg: LlavaConfig) -> Callable:
 
 def build_eval_set(
     val_path: str, image_folder: str, tokenizer, template: str, image_cfg: image_lib.ImageProcessorConfig,
-    cfg: LlavaConfig, max_length: int,
+    cfg: LlavaConfig, max_length: int, num_frames: int = 0,
 ) -> list[dict[str, Any]]:
-    """Rendered held-out samples (ids, labels, one image or none, its size, qtype) with the training renderer.
+    """Rendered held-out samples with the training renderer: ids, labels, images, their sizes, videos, qtype.
 
-    pixel_values: [H, W, 3] (LLaVA-1.5) or the image's [P, H, W, 3] base and tiles (anyres).
+    images: per image [H, W, 3] (LLaVA-1.5) or its [P, H, W, 3] base and tiles (anyres; OneVision: untiled when
+    the record has several). videos: a video record's `num_frames` frames [F, H, W, 3], sampled and
+    preprocessed as the training pipeline does (a model with video pooling only; `num_frames` 0: no video).
     """
+    g = cfg.geometry
+    video_cfg = pipeline.video_settings(image_cfg, g, num_frames) if num_frames and g.video else None
     samples = []
     for rec in records_lib.load_records(val_path):
-        imgs = records_lib.record_images(rec)
-        px = size = None
-        if imgs:
-            image = image_lib.load_image(records_lib.resolve_image_path(image_folder, imgs[0]))
-            px, size = image_lib.preprocess(image, image_cfg), (image.height, image.width)
-        counts = cfg.image_layout(size).num_tokens if cfg.is_anyres and size else cfg.geometry.tile_tokens
-        r = templates.render(rec["conversations"], template, tokenizer, image_token_index=cfg.image_token_index,
-                             num_image_tokens=counts, max_length=max_length)
-        if not r.num_images:  # truncation dropped the image whole (or there was none)
-            px = size = None
-        samples.append({"id": rec["id"], "input_ids": r.input_ids, "labels": r.labels, "pixel_values": px,
-                        "size": size, "qtype": rec.get("qtype", "all")})
+        rels = records_lib.record_images(rec)
+        if not cfg.is_anyres:
+            rels = rels[:1]  # LLaVA-1.5's held-out questions: one image a record
+        opened = [image_lib.load_image(records_lib.resolve_image_path(image_folder, r)) for r in rels]
+        tiled = image_lib.is_tiled(image_cfg, len(opened))
+        sizes = [(im.height, im.width) for im in opened]
+        counts = [anyres.layout(g, s, tiled).num_tokens for s in sizes] if cfg.is_anyres else g.tile_tokens
+        videos = []
+        if video_cfg is not None and rec.get("video"):
+            videos = [video_lib.load_video(records_lib.resolve_image_path(image_folder, rec["video"]), video_cfg,
+                                           num_frames)]
+        r = templates.render(records_lib.render_conversations(rec), template, tokenizer,
+                             image_token_index=cfg.image_token_index, num_image_tokens=counts,
+                             max_length=max_length, video_token_index=cfg.video_token_index,
+                             num_video_tokens=[g.video_tokens(len(v)) for v in videos])
+        # Truncation drops whole images (and videos) from the end.
+        kept = opened[: r.num_images]
+        samples.append({"id": rec["id"], "input_ids": r.input_ids, "labels": r.labels,
+                        "images": [image_lib.preprocess(im, image_cfg, tiled) for im in kept],
+                        "sizes": sizes[: r.num_images], "videos": videos[: r.num_videos],
+                        "qtype": rec.get("qtype", "all")})
     return samples
 
 
+def _slots(sample: dict, cfg: LlavaConfig | None) -> int:
+    """Tile slots a sample's images and frames fill (LLaVA-1.5: its one image's)."""
+    if cfg is None or not cfg.is_anyres:
+        return 1
+    return sum(len(im) for im in sample["images"]) + sum(len(v) for v in sample["videos"])
+
+
 def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, blind: bool,
-             geometry: anyres.AnyresConfig | None = None, image_token_index: int = 0):
-    slots = geometry.max_patches if geometry is not None else 1
+             cfg: LlavaConfig | None = None, slots: int = 1):
+    """Padded batches of `batch_size` rows; an anyres model's images and videos placed by `place_images`, the
+    function the model is checked against transformers with. Blind: the same tokens and index over blank tiles."""
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         b = {
@@ -84,44 +107,44 @@ def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, b
             "attention_mask": np.zeros((batch_size, length), np.int32),
             "pixel_values": np.zeros((batch_size, slots, crop, crop, 3), np.float32),
         }
-        if geometry is not None and geometry.weighted:
-            b["image_index"] = np.zeros((batch_size, length, anyres.CORNERS), np.int32)
-            b["image_weight"] = np.zeros((batch_size, length, anyres.CORNERS), np.float32)
-        elif geometry is not None:
-            b["image_index"] = np.zeros((batch_size, length), np.int32)
         for i, s in enumerate(chunk):
             n = len(s["input_ids"])
             b["input_ids"][i, :n], b["labels"][i, :n], b["attention_mask"][i, :n] = s["input_ids"], s["labels"], 1
-            if s["pixel_values"] is None:
-                continue
-            if not blind:
-                px = s["pixel_values"]
-                b["pixel_values"][i, : len(px) if geometry is not None else 1] = px
-            if geometry is not None:  # blind too: the blank tiles' features go where the image's would
-                tokens = b["input_ids"][i] == image_token_index
-                rows, weights = anyres.table_sources(geometry, [s["size"]], slots)
-                if geometry.weighted:  # OneVision: an image past anyres_max_N mixes table rows
-                    b["image_index"][i, tokens], b["image_weight"][i, tokens] = rows, weights
-                else:
-                    b["image_index"][i, tokens] = rows[:, 0]
+            if cfg is None or not cfg.is_anyres:
+                if s["images"]:
+                    b["pixel_values"][i, 0] = s["images"][0]
+        if cfg is not None and cfg.is_anyres:
+            per_row = [len(s["images"]) for s in chunk] + [0] * (batch_size - len(chunk))
+            pixels, index = place_images(b["input_ids"], [im for s in chunk for im in s["images"]], cfg,
+                                         [sz for s in chunk for sz in s["sizes"]], slots,
+                                         videos=[v for s in chunk for v in s["videos"]], images_per_row=per_row)
+            b["pixel_values"] = np.asarray(pixels, np.float32)
+            if cfg.geometry.weighted:  # OneVision: a downscaled image's or a video's tokens mix table rows
+                b["image_index"], b["image_weight"] = index
+            else:
+                b["image_index"] = index
+        if blind:  # the blank tiles' features go where the images' would
+            b["pixel_values"] = np.zeros_like(b["pixel_values"])
         yield len(chunk), b
 
 
 def evaluate(
-    forward: Callable, params: Any, samples: Sequence[dict], *, batch_size: int, crop: int, place: Callable = lambda b: b,
-    geometry: anyres.AnyresConfig | None = None, image_token_index: int = 0,
+    forward: Callable, params: Any, samples: Sequence[dict], *, batch_size: int, crop: int,
+    place: Callable = lambda b: b, cfg: LlavaConfig | None = None,
 ) -> dict[str, float]:
-    """Accuracy overall and per qtype, loss, and the blind (image blanked) accuracy.
+    """Accuracy overall and per qtype, loss, and the blind (image blanked) accuracy, overall and per qtype.
 
-    `geometry` (an anyres model's, with its `image_token_index`): batches of tile slots and image_index.
+    `cfg` (an anyres model's): batches of tile slots, image_index (and image_weight), videos' frames; None or a
+    LLaVA-1.5 config: one image slot a row.
     """
     length = max(len(s["input_ids"]) for s in samples)
     length = -(-length // 16) * 16  # one compiled shape for the whole set
+    slots = max(max(_slots(s, cfg) for s in samples), 1)
     out: dict[str, float] = {}
     for blind in (False, True):
         hits: dict[str, list[bool]] = collections.defaultdict(list)
         nll = tokens = 0.0
-        for n, batch in _batches(samples, batch_size, length, crop, blind, geometry, image_token_index):
+        for n, batch in _batches(samples, batch_size, length, crop, blind, cfg, slots):
             ok, row_nll, row_tok = jax.device_get(forward(params, place(batch)))
             done = len(hits["__all__"])
             for i, s in enumerate(samples[done : done + n]):
@@ -133,7 +156,7 @@ def evaluate(
         out[prefix + "accuracy"] = float(np.mean(hits["__all__"]))
         if not blind:
             out["eval/loss"] = nll / max(tokens, 1.0)
-            for q, v in sorted(hits.items()):
-                if q != "__all__" and len(hits) > 2:
-                    out[f"eval/accuracy_{q}"] = float(np.mean(v))
+        for q, v in sorted(hits.items()):
+            if q != "__all__" and len(hits) > 2:
+                out[f"{prefix}accuracy_{q}"] = float(np.mean(v))
     return out

@@ -79,6 +79,10 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, s
     d = config.data
     if d.synthetic:
         s = d.synthetic_args
+        if s.task == "media":  # the many-image and video tasks
+            return synthetic.build_media(os.path.join(workdir, "data"), num_train=s.num_train, num_val=s.num_val,
+                                         image_size=s.image_size, num_frames=d.num_frames, seed=s.seed,
+                                         vocab_size=s.vocab_size)
         return synthetic.build(os.path.join(workdir, "data"), num_train=s.num_train, num_val=s.num_val,
                                image_size=s.image_size, seed=s.seed, vocab_size=s.vocab_size, sizes=s.sizes)
     tokenizer = d.tokenizer or Tokenizer.file_in(config.model.init)  # validate: one of the two is set
@@ -137,7 +141,8 @@ def _stage_benchmarks(config: ml_collections.ConfigDict, files: dict[str, str],
 def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> LlavaConfig:
     """The architecture for a random initialisation (the tiny default), sized to the tokenizer."""
     m = config.model
-    vocab = tokenizer.vocab_size + 1  # + the image placeholder, as llava-hf pads its vocabulary
+    # + the image (and video) placeholders after the tokenizer's pieces, as llava-hf pads its vocabulary
+    vocab = tokenizer.vocab_size + 1 + bool(m.video)
     vocab = -(-vocab // 8) * 8
     text = text_config_from_hf({**m.text.to_dict(), "vocab_size": vocab, "bos_token_id": tokenizer.bos_id,
                                 "eos_token_id": tokenizer.eos_id, "pad_token_id": 0})
@@ -145,7 +150,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Lla
     geometry = None
     if m.image_grid_pinpoints:  # LLaVA-NeXT: tiles of the tower's own size, its feature grid a side
         geometry = AnyresConfig(vision.image_size, vision.image_size // vision.patch_size,
-                                tuple(tuple(p) for p in m.image_grid_pinpoints))
+                                tuple(tuple(p) for p in m.image_grid_pinpoints), max_tiles=m.max_tiles,
+                                untiled_multi=m.untiled_multi, video=m.video)
     return LlavaConfig(
         vision=vision,
         anyres=geometry,
@@ -154,6 +160,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Lla
         vision_feature_layer=m.vision_feature_layer,
         vision_feature_select_strategy=m.vision_feature_select_strategy,
         image_token_index=tokenizer.vocab_size,
+        video_token_index=tokenizer.vocab_size + 1 if m.video else None,
     )
 
 
@@ -410,6 +417,7 @@ def _stage_data(run: _Run, index: int, cfg: LlavaConfig, image_cfg: image_lib.Im
         length_buckets=config.data.length_buckets or None, worker_count=config.data.worker_count,
         tfds_data_dir=config.data.tfds_data_dir or None, packing=config.data.packing,
         row_length=stage.row_length or None, max_images_per_row=config.data.max_images_per_row,
+        max_images_per_sample=config.data.max_images_per_sample,
         # Video records (LLaVA-Video-178K): only for a model that pools frames (OneVision, NeXT-Video).
         num_frames=config.data.num_frames if geometry.video else 0, video_token_index=cfg.video_token_index,
     )
@@ -623,16 +631,15 @@ class _Evaluator:
         if not val:
             return
         self.samples = build_eval_set(val, run.files["image_folder"], run.tokenizer,
-                                      data_cfg.eval_template, image_cfg, cfg, data_cfg.eval_max_length)
+                                      data_cfg.eval_template, image_cfg, cfg, data_cfg.eval_max_length,
+                                      num_frames=data_cfg.num_frames)
         self.forward = jax.jit(eval_forward(cfg))
         self.batch_size = data_cfg.eval_batch_size
         self.crop = image_cfg.crop_size
-        self.geometry = cfg.geometry if cfg.is_anyres else None
-        self.image_token_index = cfg.image_token_index
+        self.cfg = cfg
 
     def __call__(self, state: TrainState) -> dict[str, float]:
         if not self.samples:
             return {}
         params = merge_params(state.params, state.frozen)
-        return evaluate(self.forward, params, self.samples, batch_size=self.batch_size, crop=self.crop,
-                        geometry=self.geometry, image_token_index=self.image_token_index)
+        return evaluate(self.forward, params, self.samples, batch_size=self.batch_size, crop=self.crop, cfg=self.cfg)

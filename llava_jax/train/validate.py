@@ -34,6 +34,7 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
     eval registry's; training sits below evaluation, so it does not import it). None: not checked here
     (`loop.run` checks them with its benchmark runner, still before training).
     """
+    from llava_jax.anyres import VIDEO_POOLS
     from llava_jax.data.templates import TEMPLATES
     from llava_jax.models.attention import ATTENTION_IMPLS
     from llava_jax.models.remat import REMAT_POLICIES
@@ -48,6 +49,10 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
     _at_least("eval_every", config.eval_every, 0)
     _at_least("data.worker_count", config.data.worker_count, 0)
     _at_least("data.num_frames", config.data.num_frames, 1)
+    _at_least("data.max_images_per_sample", config.data.max_images_per_sample, 1)
+    _one_of("data.synthetic_args.task", config.data.synthetic_args.task, ("shapes", "media"))
+    _one_of("model.video", config.model.video, VIDEO_POOLS)
+    _at_least("model.max_tiles", config.model.max_tiles, 0)
     if not isinstance(config.data.max_images_per_row, int) or config.data.max_images_per_row < 0:
         raise ConfigError(f"config.data.max_images_per_row: {config.data.max_images_per_row!r}; expected an integer "
                           ">= 0 (0: as many images as a row's tokens hold)")
@@ -74,6 +79,10 @@ def validate(config: ml_collections.ConfigDict, benchmarks: Collection[str] | No
             raise ConfigError(f"config.model.vision_feature_select_strategy: {m.vision_feature_select_strategy!r} "
                               "keeps the CLS token, which an anyres model (model.image_grid_pinpoints) cannot tile; "
                               "expected default")
+    onevision = [k for k in ("max_tiles", "untiled_multi", "video") if m[k]]
+    if onevision and not m.image_grid_pinpoints and has_architecture(m):
+        raise ConfigError(f"config.model.{onevision[0]}: {m[onevision[0]]!r} needs an anyres model: set "
+                          "model.image_grid_pinpoints (OneVision's geometry is anyres with these fields)")
     if not config.compile_only and not m.init and not has_architecture(m):
         raise ConfigError("config.model.init is empty and model.vision / model.text give no architecture "
                           "(hidden_size 0): name a converted checkpoint directory in model.init")
