@@ -83,6 +83,11 @@ def get_config(arg: str = "qwen2_7b"):
     c.data.eval_template = "qwen_1_5"
     c.data.group_by_modality_length = True
     c.data.num_frames = 32
+    # OneVision's multi-image records (up to 37 images a record kept; more: skipped and counted): untiled, one tile
+    # slot each, so a row's slots stay max(37, images) = the 37 of a lone anyres_max_9 image (anyres.image_slots).
+    # `_si` / `_ov` alone; the all-stages variants keep 1 (multi-image records skipped and counted), since stage 1's
+    # base-resolution rows would carry 37 slots for their one image.
+    c.data.max_images_per_sample = 37 if only in ("si", "ov") else 1
     # A lone image takes up to 729 x 10 tokens and newlines (anyres_max_9), a 32-frame video 32 x 196 + 1.
     c.data.length_buckets = (1024, 2048, 4096, 8192, 16384)
     c.data.worker_count = 8

@@ -263,6 +263,12 @@ def tiled_images(cfg: AnyresConfig, count: int) -> bool:
     return not (cfg.untiled_multi and count > 1)
 
 
+def image_slots(cfg: AnyresConfig, images: int) -> int:
+    """Tile slots one sample of at most `images` images fills at most: `max_patches` an image, but OneVision's
+    several images are untiled (one slot each) and only a lone one tiles: max(max_patches, images) there."""
+    return max(cfg.max_patches, images) if cfg.untiled_multi and images > 1 else images * cfg.max_patches
+
+
 def _downscaled(cfg: AnyresConfig, fh: int, fw: int) -> Size:
     """The token grid of an unpadded fh x fw feature grid: OneVision's `anyres_max_N` shrinks it bilinearly by
     sqrt(fh * fw / (N * grid^2)) when that exceeds 1.1 (transformers' `pack_image_features`, floor division)."""

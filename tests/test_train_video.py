@@ -94,10 +94,8 @@ def _expected(media, batch, ids):
         sizes += [(im.height, im.width) for im in opened]
         per_row.append(len(opened))
         if "video" in rec:
-            # Resized as the video processor does, normalised by the pipeline with the images' table (an ulp from the
-            # processor's fused float32 arithmetic on some values, data/video.py `normalization_table`).
-            frames, _ = video_lib.decode_frames(os.path.join(media["image_folder"], rec["video"]), FRAMES)
-            videos.append(image_lib.normalize(video_lib.preprocess_frames_uint8(frames, video_cfg), IMAGE_CFG))
+            # Exactly as inference reads a video (the video processor's resize and fused normalisation).
+            videos.append(video_lib.load_video(os.path.join(media["image_folder"], rec["video"]), video_cfg, FRAMES))
     return place_images(batch["input_ids"], images, cfg, sizes, batch["pixel_values"].shape[1], videos=videos,
                         images_per_row=per_row)
 
@@ -106,6 +104,8 @@ def test_video_and_multi_image_batches_equal_place_images(media):
     it = iter(_dataset(media))
     seen, mixed = set(), False
     for batch in it:
+        # Several images untiled (a slot each), a lone one tiled: 3 images need no more than one image's slots.
+        assert batch["pixel_values"].shape[1] == max(GEOMETRY.max_patches, 3) + FRAMES
         ids = list(it.last_record_ids)
         seen.update(i for i in ids if i is not None)
         assert batch["image_index"].shape == batch["image_weight"].shape == (*batch["input_ids"].shape, 4)
@@ -248,7 +248,11 @@ def test_compile_only_batch_and_config_know_video():
     mesh = make_mesh(**get_config().mesh.to_dict())
     batch = aot.abstract_batch(cfg, 2, 4, 64, mesh, max_images=3, num_frames=FRAMES)
     assert batch["image_index"].shape == batch["image_weight"].shape == (2, 4, 64, 4)
-    assert batch["pixel_values"].shape[2] == 3 * GEOMETRY.max_patches + FRAMES
+    # Up to 3 images: untiled when several (a slot each), a lone one tiled up to max_patches; then the frames.
+    assert GEOMETRY.max_patches > 3
+    assert batch["pixel_values"].shape[2] == max(GEOMETRY.max_patches, 3) + FRAMES
+    packed = aot.abstract_batch(cfg, 2, 4, 64, mesh, max_images=3, packed=True)  # a row's samples each may tile
+    assert packed["pixel_values"].shape[2] == 3 * GEOMETRY.max_patches
     bad = get_config()
     bad.data.num_frames = 0
     with pytest.raises(ConfigError, match=r"config.data.num_frames: 0; expected a number >= 1"):

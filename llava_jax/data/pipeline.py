@@ -38,8 +38,8 @@ Many images and video (LLaVA-OneVision, LLaVA-NeXT-Video; a geometry with `until
 a record with several untiled (`anyres.tiled_images`: its base and one newline), as its train.py does. A record's
 `video` (LLaVA-Video-178K's format: its `<image>` marker, or a `<video>` one, stands for it, records.py) is decoded
 with PyAV, `num_frames` frames sampled uniformly (`frame_sampling`, data/video.py), each preprocessed to one tile
-(`video_cfg`, normalised as the images are) and expanded to `geometry.video_tokens(num_frames)` tokens of
-`video_token_index`. A row's tile slots hold its images' tiles, then its videos' frames (I gains `num_frames`
+(`video_cfg`; normalised as transformers' video processors do, `video.normalization_table`) and expanded
+to `geometry.video_tokens(num_frames)` tokens of `video_token_index`. A row's tile slots hold its images' tiles, then its videos' frames (I gains `num_frames`
 slots unpacked), as `models.llava.place_images` lays them out. A geometry whose tokens mix feature rows
 (`weighted`: anyres_max downscaling, OneVision's bilinear frame pooling) gives
 
@@ -692,6 +692,7 @@ class _Collate:
             "attention_mask": np.zeros((b, t), np.int32),
             "pixel_values": np.zeros((b, self.slots, c, c, 3), np.uint8),  # normalised by DataIterator
             "image_mask": np.zeros((b, self.slots), bool),
+            "_frame_mask": np.zeros((b, self.slots), bool),  # video frames' slots: their own normalisation
         }
         weighted = self.geometry is not None and self.geometry.weighted
         if weighted:
@@ -712,6 +713,7 @@ class _Collate:
             if tiles:
                 batch["pixel_values"][i, :used] = np.concatenate(tiles)
                 batch["image_mask"][i, :used] = True
+                batch["_frame_mask"][i, sum(len(s.pixel_values) for s in row):used] = True
             for k, s in enumerate(row):
                 n = len(s.input_ids)
                 batch["input_ids"][i, at:at + n] = s.input_ids
@@ -755,12 +757,16 @@ class DataIterator(grain.DatasetIterator):
     """
 
     def __init__(self, parent: grain.DatasetIterator, batches_per_epoch: int,
-                 image_cfg: image_lib.ImageProcessorConfig | None = None):
+                 image_cfg: image_lib.ImageProcessorConfig | None = None, video_cfg: VideoProcessorConfig | None = None):
         super().__init__(parent)
         self.stats = DataStats()
         self.batches_per_epoch = batches_per_epoch
         # None: leave pixel_values uint8 (for a consumer that normalises on device).
         self._table = None if image_cfg is None else image_lib.normalization_table(image_cfg)
+        # Frames as transformers' video processors normalise them (fused in float32: an ulp from the images' table
+        # on some levels), as inference's load_video does.
+        self._frame_table = (None if image_cfg is None or video_cfg is None
+                             else video_lib.normalization_table(video_cfg))
         # Record id of each row of the last batch (None for an empty row; packed: a list a row, of its
         # segments' ids in order): which samples a step saw.
         self.last_record_ids: list[str | None] = []
@@ -777,6 +783,7 @@ class DataIterator(grain.DatasetIterator):
         num_samples, problems = int(batch.pop("_num_samples")), batch.pop("_problems")
         empty_rows = int(batch.pop("_empty_rows"))
         self.last_record_ids = batch.pop("_ids")
+        frames = batch.pop("_frame_mask")
         for record_id, kind, message in problems:
             self.stats.add_problem(record_id, kind, message)
             # Each one by id while they are few, then a reminder now and then; all are counted.
@@ -788,7 +795,8 @@ class DataIterator(grain.DatasetIterator):
         if self._table is not None:  # real images normalised, absent ones stay zeros
             pixels, out = batch["pixel_values"], np.zeros(batch["pixel_values"].shape, np.float32)
             for b, i in zip(*np.nonzero(batch["image_mask"])):  # image by image: stays in cache, 2x faster
-                image_lib.normalize(pixels[b, i], None, self._table, out=out[b, i])
+                table = self._frame_table if frames[b, i] else self._table
+                image_lib.normalize(pixels[b, i], None, table, out=out[b, i])
             batch["pixel_values"] = out
         if self.stats.batches % self.batches_per_epoch == 0:
             logger.info("data: epoch %d done: %s", self.stats.batches // self.batches_per_epoch,
@@ -815,13 +823,14 @@ class LlavaIterDataset(grain.IterDataset):
     """
 
     def __init__(self, parent: grain.IterDataset, *, batches_per_epoch: int, num_records: int,
-                 source: sources_lib.Source | None = None, image_cfg: image_lib.ImageProcessorConfig | None = None):
+                 source: sources_lib.Source | None = None, image_cfg: image_lib.ImageProcessorConfig | None = None,
+                 video_cfg: VideoProcessorConfig | None = None):
         super().__init__(parent)
         self.batches_per_epoch, self.num_records = batches_per_epoch, num_records
-        self.source, self.image_cfg = source, image_cfg
+        self.source, self.image_cfg, self.video_cfg = source, image_cfg, video_cfg
 
     def __iter__(self) -> DataIterator:
-        return DataIterator(self._parent.__iter__(), self.batches_per_epoch, self.image_cfg)
+        return DataIterator(self._parent.__iter__(), self.batches_per_epoch, self.image_cfg, self.video_cfg)
 
     def __str__(self) -> str:
         return f"LlavaIterDataset(batches_per_epoch={self.batches_per_epoch})"
@@ -1009,7 +1018,9 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
         group_by_modality_length=group_by_modality_length, strict=strict, packed=packed,
         video_cfg=video_cfg, num_frames=num_frames, frame_sampling=frame_sampling, video_token_index=video_token_index)
     collate = _Collate(pad_id=_pad_id(tokenizer), max_length=row_length, buckets=buckets,
-                       slots=images * geometry.max_patches + (0 if packing else num_frames),
+                       # Packed: a row's samples may each tile a lone image; unpacked: one sample's worst case.
+                       slots=images * geometry.max_patches if packing else
+                       anyres.image_slots(geometry, images) + num_frames,
                        crop_size=image_cfg.crop_size, image_token_index=image_token_index,
                        geometry=geometry if (tiled if image_index is None else image_index) else None, packed=packing,
                        video_token_index=video_token_index)
@@ -1020,4 +1031,4 @@ def make_dataset(data_path: str | os.PathLike | Sequence[str | os.PathLike] | so
         _allow_unparsed_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return LlavaIterDataset(it, batches_per_epoch=loader.rows_per_epoch // batch_size, num_records=len(source),
-                            source=source, image_cfg=image_cfg if normalize_pixels else None)
+                            source=source, image_cfg=image_cfg if normalize_pixels else None, video_cfg=video_cfg)

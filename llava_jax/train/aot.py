@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from llava_jax import paths
-from llava_jax.anyres import CORNERS, AnyresConfig
+from llava_jax.anyres import CORNERS, AnyresConfig, image_slots
 from llava_jax.config import CONFIG_FILE, PRESETS, LlavaConfig
 from llava_jax.parallel import compile_cache
 from llava_jax.parallel.mesh import make_mesh
@@ -164,7 +164,8 @@ def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: 
 
     `pixel_values` [A, b, S, H, W, 3] holds S = `max_images` x `geometry.max_patches` tile slots a row (the
     data pipeline's static worst case; `geometry`: the stage's, default the model's): one slot an image for
-    LLaVA-1.5 or a base-resolution stage, base + tiles of the largest pinpoint for anyres. An anyres model's
+    LLaVA-1.5 or a base-resolution stage, base + tiles of the largest pinpoint for anyres; OneVision's untiled
+    several images one slot each (`anyres.image_slots`, unpacked rows). An anyres model's
     batches add `image_index` [A, b, T] int32 (the feature-table row of each image token), which the step
     passes to the model, and a weighted geometry's (OneVision) `image_index` and `image_weight` [A, b, T, 4]
     (int32, float32); `packed` ones (data.packing) `segment_ids` and `positions` [A, b, T] int32, and
@@ -173,7 +174,8 @@ def abstract_batch(cfg: LlavaConfig, num_micro: int, micro_batch: int, seq_len: 
     """
     v = cfg.vision
     rows = (num_micro, micro_batch)
-    slots = max_images * (geometry or cfg.geometry).max_patches + (0 if packed else num_frames)
+    geometry = geometry or cfg.geometry
+    slots = max_images * geometry.max_patches if packed else image_slots(geometry, max_images) + num_frames
     shapes = {
         "input_ids": ((*rows, seq_len), np.int32),
         "labels": ((*rows, seq_len), np.int32),
@@ -215,19 +217,18 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
     params = abstract_sharded_params(cfg, mesh, rules)
     total = config.max_steps if config.max_steps > 0 else SCHEDULE_STEPS
     program = stage_program(cfg, stage, mesh, rules, total, params)
-    # One image a row, cut as the loop cuts the stage's images (data/pipeline.py make_dataset's default
-    # max_images_per_sample=1; a `base_resolution` stage of an anyres model: one base tile an image); packed
-    # rows hold as many as the pipeline gives them.
+    # data.max_images_per_sample images a row, cut as the loop cuts the stage's images (a `base_resolution`
+    # stage of an anyres model: one base tile an image); packed rows hold as many as the pipeline gives them.
     from llava_jax.data.pipeline import images_per_row, video_images
     from llava_jax.train.loop import stage_geometry
 
     geometry, _ = stage_geometry(cfg, stage, None, False)
-    images = 1
+    images = config.data.max_images_per_sample
     frames = config.data.num_frames if geometry.video else 0  # as the loop reads video records
     seq_len = stage.max_length
     if config.data.packing:
         seq_len = stage.row_length or stage.max_length  # the pipeline's packed rows
-        images = images_per_row(geometry, seq_len, 1 + video_images(geometry, frames),
+        images = images_per_row(geometry, seq_len, images + video_images(geometry, frames),
                                 config.data.max_images_per_row)
     batch = abstract_batch(cfg, num_micro, stage.micro_batch, seq_len, mesh, max_images=images,
                            geometry=geometry, packed=config.data.packing, num_frames=frames)
@@ -249,7 +250,7 @@ def compile_stage(config: ml_collections.ConfigDict, index: int, devices: list |
         alias_bytes=0,
         temp_bytes=0,
         chip_bytes=None if chip is None else int(float(chip) * GIB),
-        image_slots=images * geometry.max_patches,
+        image_slots=images * geometry.max_patches if config.data.packing else image_slots(geometry, images),
     )
     try:
         compiled = lowered.compile()
