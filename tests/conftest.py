@@ -27,7 +27,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # and the same library kernels for dots), a tiny training run of tests/_train_config.py compiles in 25
 # CPU-s instead of 40 and runs as fast. Set for this process before jax starts, and so for every xdist
 # worker and subprocess. The runs that execute for minutes (_OPTIMIZED_CODE below) keep the user's flags.
-_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+# The user's flags, kept in the environment: an xdist worker imports this file again, under the flags set here.
+_USER_XLA_FLAGS = os.environ.setdefault("LLAVA_JAX_TESTS_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
 # Test modules whose subprocesses train for minutes: optimized code repays its compile there.
 _OPTIMIZED_CODE = ("tests/test_train_default.py",)
