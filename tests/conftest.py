@@ -25,8 +25,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # The suite's CPU goes mostly to compiling tiny programs that then run for milliseconds, and most of a
 # compile is LLVM optimizing the generated code: without that pass (the same HLO, XLA's own optimizations
 # and the same library kernels for dots), a tiny training run of tests/_train_config.py takes 25 CPU-s
-# instead of 40 with a cold cache, and about as long with a warm one (BENCHMARKS.md, the test suite). Set for this process before jax starts, and so for every xdist
-# worker and subprocess. The runs that execute for minutes (_OPTIMIZED_CODE below) keep the user's flags.
+# instead of 40 with a cold cache, and about as long with a warm one (BENCHMARKS.md, the test suite). Set
+# for this process before jax starts, and so for every xdist worker and subprocess. The runs that execute
+# for minutes (_OPTIMIZED_CODE below) keep the user's flags.
 # The user's flags, kept in the environment: an xdist worker imports this file again, under the flags set here.
 _USER_XLA_FLAGS = os.environ.setdefault("LLAVA_JAX_TESTS_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
