@@ -25,6 +25,28 @@ if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llava_jax_test_jax_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+# The suite's CPU goes mostly to compiling tiny programs that then run for milliseconds, and most of a
+# compile is LLVM optimizing the generated code: without that pass (the same HLO, XLA's own optimizations
+# and the same library kernels for dots), a tiny training run of tests/_train_config.py takes 25 CPU-s
+# instead of 40 with a cold cache, and about as long with a warm one (BENCHMARKS.md, the test suite). Set
+# for this process before jax starts, and so for every xdist worker and subprocess. The runs that execute
+# for minutes (_OPTIMIZED_CODE below) keep the user's flags.
+# The user's flags, kept in the environment: an xdist worker imports this file again, under the flags set here.
+_USER_XLA_FLAGS = os.environ.setdefault("LLAVA_JAX_TESTS_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
+# Test modules whose subprocesses train for minutes: optimized code repays its compile there.
+_OPTIMIZED_CODE = ("tests/test_train_default.py",)
+
+
+@pytest.fixture(autouse=True)
+def _optimized_code_for_long_runs(request, monkeypatch):
+    """The user's XLA flags (optimized code) for the subprocesses of the modules in `_OPTIMIZED_CODE`."""
+    if request.node.nodeid.split("::")[0] in _OPTIMIZED_CODE:
+        if _USER_XLA_FLAGS:
+            monkeypatch.setenv("XLA_FLAGS", _USER_XLA_FLAGS)
+        else:
+            monkeypatch.delenv("XLA_FLAGS")
+
 
 def pytest_sessionfinish(session, exitstatus):
     # The process that made the directory removes it: with xdist, the controller, after its workers.

@@ -190,7 +190,9 @@ def test_splash_under_a_sharded_mesh_equals_xla():
     """The whole model on 4 simulated devices (fsdp x tensor = 2 x 2): splash runs per shard under
     shard_map (interpret mode here) and gives XLA's logits at every real position, with left and
     right padding in the batch."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": ROOT,
+    # The session's XLA flags (tests/conftest.py), and simulated devices.
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONPATH": ROOT,
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", SHARDED], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -20,7 +20,9 @@ CONFIG = os.path.join(ROOT, "tests", "_train_config.py")
 def _run(args: list[str], devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     # The repository first, then the caller's path (where libtpu may be installed with --target).
     pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": pythonpath,
+    # The session's XLA flags (tests/conftest.py), and simulated devices.
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONPATH": pythonpath,
            "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -22,7 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow(seconds=100)
 def test_sharded_engine_equals_single_device():
     seed = fresh_seed()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": ROOT}
+    # The session's XLA flags (tests/conftest.py), and simulated devices.
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "tests._decode_mesh_worker", str(seed)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

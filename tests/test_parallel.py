@@ -25,7 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker(args: list[str], devices: int, extra_env: dict | None = None, timeout: int = 600):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": ROOT,
+    # The session's XLA flags (tests/conftest.py), and simulated devices.
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONPATH": ROOT,
            **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "tests._parallel_worker", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -235,7 +235,9 @@ def test_qwen2_parameters_shard_by_the_rules():
     """A Qwen2 layout (q/k/v biases, no o bias, tied head) with LoRA on q and v: every parameter is
     matched by the rules table and placed in shards on an 8-device mesh (fsdp 2 x tensor 4); the
     biases split over tensor like their kernels' output axis."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": ROOT,
+    # The session's XLA flags (tests/conftest.py), and simulated devices.
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = {**os.environ, "XLA_FLAGS": xla_flags, "PYTHONPATH": ROOT,
            "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)

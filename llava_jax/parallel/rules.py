@@ -7,11 +7,13 @@ error, never a silent replication.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
-import jax
-from jax.sharding import Mesh
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+# jax and flax are imported where the functions below run: the table alone is what the training
+# config (train/defaults.py) reads, so that a CLI can reject a bad flag without importing them.
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -42,6 +44,9 @@ DEFAULT_RULES: Rules = (
 
 def check_rules(boxed_params: Any, rules: Rules = DEFAULT_RULES) -> None:
     """Raise if a parameter is unannotated or uses a logical name the rules do not map."""
+    import flax.linen as nn
+    import jax
+
     known = {name for name, _ in rules}
     bad = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
@@ -58,6 +63,8 @@ def check_rules(boxed_params: Any, rules: Rules = DEFAULT_RULES) -> None:
 
 def param_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of boxed (abstract) parameters, after checking the rules cover it."""
+    import flax.linen as nn
+
     check_rules(boxed_abstract, rules)
     specs = nn.get_partition_spec(boxed_abstract)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
