@@ -89,7 +89,8 @@ def test_table_sources_match_pack_image_features(cfg):
     rng = np.random.default_rng(seed)
     model, dim = hf_model(cfg), 3
     newline = rng.standard_normal(dim).astype(np.float32)
-    sizes = random_sizes(rng, 25 if cfg is OV9 else 120)
+    # Random sizes, and one large enough to be downscaled whatever the draw (some seeds' 25 draw none).
+    sizes = random_sizes(rng, 25 if cfg is OV9 else 120) + [(6 * cfg.tile_size, 6 * cfg.tile_size)]
     downscaled = 0
     for size in sizes:
         lay = layout(cfg, size)
