@@ -1,10 +1,12 @@
 """Compile time, init time and per-chip memory of the train step, from shapes alone (no weights, no data).
 
   python -m bench.compile --depth        # narrow model: compile and init time at 8 vs 64 layers, scanned vs unrolled
-  python -m bench.compile --table        # LLaVA-1.5 7B / 13B, stage 1 / 2, on v5e-8, v5e-16, v5p-8, v6e-8 and 8 x 80 GB GPUs
+  python -m bench.compile --table        # LLaVA-1.5 7B / 13B, stage 1 / 2, on every target (TARGETS)
   python -m bench.compile --cell 7b 2 v5e-8 --rows 4 --remat full    # one compile, one JSON line
   python -m bench.compile --table --sizes 13b --stages 2 --lora       # stage 2 as LoRA (`:13b_lora`)
   python -m bench.compile --table --sizes next-7b --stages 2 --targets v5p-8,v6e-8,v5e-16 --rows 8   # LLaVA-NeXT-7B
+  python -m bench.compile --table --sizes ov-7b --stages si,ov --targets v5p-8,v6e-8 --rows 1     # OneVision-7B
+  python -m bench.compile --cell ov-7b si v6e-16 --rows 1          # OneVision's stages by name: stage1, si, ov
   python -m bench.compile --costs 7b:2:v5p-8:16 7b:2:v5p-8:16:packed 7b:2:v6e-8:4:tower   # cost estimates
   python -m bench.compile --costs-from compile_results.jsonl --fill packed=0.97,bucketed=0.6      # table again
 
@@ -14,11 +16,19 @@ compiler for the topology (`pip install -e ".[tpu]"`), the GPU target with the C
 simulated devices against 80 GiB (an upper bound: that compiler does not schedule FSDP gathers for
 memory). For each cell it starts from the recipe's rows per device and halves them until the step
 fits (remat `full`, FSDP over every chip, 2048 tokens, one image per row); it prints a markdown table
-and appends every compile to `--out` as JSON. Every compile runs in its own process.
+and appends every compile to `--out` as JSON. Every compile runs in its own process. The global batch is the
+recipe's stage's, fed whole to the step as the loop feeds it (`--rows` x chips a micro-batch).
 
 `next-7b` is LLaVA-NeXT-7B (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) trained by
 configs/llava_next.py:mistral_7b: stage 2 trains the projector, the LLM and the vision tower, 4096 tokens a
 row, one image a row at its most patches (base + 2 x 2 tiles: up to 2928 image tokens), global batch 128.
+
+`ov-7b` is LLaVA-OneVision-7B (the `llava-onevision-qwen2-7b` preset: SigLIP-SO400M/14-384, Qwen2-7B,
+anyres_max_9 over (1x1)..(6x6) tiles, bilinear video pooling) trained by configs/llava_onevision.py:qwen2_7b,
+its stages by the recipe's names: `si` and `ov` train everything (the tower at 2e-6), 32768 tokens a row, global
+batch 256, and differ in their data alone (one program); `stage1` trains the projector, 8192 tokens, one 384 px
+tile an image. A row carries 37 tile slots (base + 6 x 6) and a 32-frame video's 32 (the model reads video, so
+every row has room for one). Without --rows a table starts at the recipe's micro-batch over 8 devices (16 rows).
 
 `--costs` compiles the cells named `SIZE:STAGE:TARGET:ROWS[:packed][:tower]` (rows a chip; `packed`: data.packing
 rows, several samples and their images a row; `tower`: the stage trains the vision tower at 2e-6, as LLaVA-NeXT's
@@ -271,7 +281,8 @@ def _md_row(size, stage, target, rec, fits) -> str:
             else f"no: {rec['rows_per_device']} row(s)/chip need {rec['total_bytes'] / g:.1f} GiB")
     chip = f"{rec['chip_bytes'] / g:.0f}" if rec["chip_bytes"] else "?"
     return (f"| {size}, {rec['seq_len']} tokens | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | "
-            f"{rec['temp_bytes'] / g:.1f} GiB | {rec['total_bytes'] / g:.1f} / {chip} GiB | {rec['compile_s']:.0f} s |")
+            f"{rec['temp_bytes'] / g:.1f} GiB | {rec['total_bytes'] / g:.1f} / {chip} GiB | "
+            f"{rec['compile_s']:.0f} s |")
 
 
 # --- the compiler's cost estimates ----------------------------------------------------------------------
