@@ -279,7 +279,7 @@ def _md_row(size, stage, target, rec, fits) -> str:
     remat = f"{rec['remat']}{', LoRA r 128' if rec.get('lora') else ''}"
     what = (f"{rec['rows_per_device']} rows, {remat}, {mesh}" if fits
             else f"no: {rec['rows_per_device']} row(s)/chip need {rec['total_bytes'] / g:.1f} GiB")
-    chip = f"{rec['chip_bytes'] / g:.0f}" if rec["chip_bytes"] else "?"
+    chip = f"{rec['chip_bytes'] / g:.4g}" if rec["chip_bytes"] else "?"  # 95, 31.25, 15.75
     return (f"| {size}, {rec['seq_len']} tokens | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | "
             f"{rec['temp_bytes'] / g:.1f} GiB | {rec['total_bytes'] / g:.1f} / {chip} GiB | "
             f"{rec['compile_s']:.0f} s |")
