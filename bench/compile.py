@@ -1,10 +1,12 @@
 """Compile time, init time and per-chip memory of the train step, from shapes alone (no weights, no data).
 
   python -m bench.compile --depth        # narrow model: compile and init time at 8 vs 64 layers, scanned vs unrolled
-  python -m bench.compile --table        # LLaVA-1.5 7B / 13B, stage 1 / 2, on v5e-8, v5e-16, v5p-8, v6e-8 and 8 x 80 GB GPUs
+  python -m bench.compile --table        # LLaVA-1.5 7B / 13B, stage 1 / 2, on every target (TARGETS)
   python -m bench.compile --cell 7b 2 v5e-8 --rows 4 --remat full    # one compile, one JSON line
   python -m bench.compile --table --sizes 13b --stages 2 --lora       # stage 2 as LoRA (`:13b_lora`)
   python -m bench.compile --table --sizes next-7b --stages 2 --targets v5p-8,v6e-8,v5e-16 --rows 8   # LLaVA-NeXT-7B
+  python -m bench.compile --table --sizes ov-7b --stages si,ov --targets v5p-8,v6e-8 --rows 1     # OneVision-7B
+  python -m bench.compile --cell ov-7b si v6e-16 --rows 1          # OneVision's stages by name: stage1, si, ov
   python -m bench.compile --costs 7b:2:v5p-8:16 7b:2:v5p-8:16:packed 7b:2:v6e-8:4:tower   # cost estimates
   python -m bench.compile --costs-from compile_results.jsonl --fill packed=0.97,bucketed=0.6      # table again
 
@@ -14,11 +16,19 @@ compiler for the topology (`pip install -e ".[tpu]"`), the GPU target with the C
 simulated devices against 80 GiB (an upper bound: that compiler does not schedule FSDP gathers for
 memory). For each cell it starts from the recipe's rows per device and halves them until the step
 fits (remat `full`, FSDP over every chip, 2048 tokens, one image per row); it prints a markdown table
-and appends every compile to `--out` as JSON. Every compile runs in its own process.
+and appends every compile to `--out` as JSON. Every compile runs in its own process. The global batch is the
+recipe's stage's, fed whole to the step as the loop feeds it (`--rows` x chips a micro-batch).
 
 `next-7b` is LLaVA-NeXT-7B (the `llava-next-7b` preset: Mistral-7B, CLIP-336, v1.6 anyres) trained by
 configs/llava_next.py:mistral_7b: stage 2 trains the projector, the LLM and the vision tower, 4096 tokens a
 row, one image a row at its most patches (base + 2 x 2 tiles: up to 2928 image tokens), global batch 128.
+
+`ov-7b` is LLaVA-OneVision-7B (the `llava-onevision-qwen2-7b` preset: SigLIP-SO400M/14-384, Qwen2-7B,
+anyres_max_9 over (1x1)..(6x6) tiles, bilinear video pooling) trained by configs/llava_onevision.py:qwen2_7b,
+its stages by the recipe's names: `si` and `ov` train everything (the tower at 2e-6), 32768 tokens a row, global
+batch 256, and differ in their data alone (one program); `stage1` trains the projector, 8192 tokens, one 384 px
+tile an image. A row carries 37 tile slots (base + 6 x 6) and a 32-frame video's 32 (the model reads video, so
+every row has room for one). Without --rows a table starts at the recipe's micro-batch over 8 devices (16 rows).
 
 `--costs` compiles the cells named `SIZE:STAGE:TARGET:ROWS[:packed][:tower]` (rows a chip; `packed`: data.packing
 rows, several samples and their images a row; `tower`: the stage trains the vision tower at 2e-6, as LLaVA-NeXT's
@@ -68,12 +78,15 @@ TARGETS = {
     "v5e-32": ("v5e:4x8", None),
     "v5p-8": ("v5p:2x2x1", None),
     "v6e-8": ("v6e:2x4", None),
+    "v6e-16": ("v6e:4x4", None),
+    "v6e-32": ("v6e:4x8", None),
     "8x80GB-GPU": (None, 80.0),
 }
 RECIPE_ROWS = {1: 32, 2: 16}  # rows per device of configs/llava15.py (8 devices: micro-batches 256 and 128)
-GLOBAL_BATCH = {1: 256, 2: 128}  # LLaVA-1.5's and LLaVA-NeXT's (stage 2: 128 as well)
 # bench name -> (PRESETS name, configs/llava_next.py argument)
 NEXT_SIZES = {"next-7b": ("llava-next-7b", "mistral_7b")}
+# bench name -> (PRESETS name, configs/llava_onevision.py argument); its stages go by the recipe's names
+OV_SIZES = {"ov-7b": ("llava-onevision-qwen2-7b", "qwen2_7b")}
 
 
 def _env(devices: int) -> dict:
@@ -83,12 +96,13 @@ def _env(devices: int) -> dict:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool = True, lora: bool = False,
+def cell(size: str, stage: int | str, target: str, rows: int, remat: str, scan: bool = True, lora: bool = False,
          packed: bool = False, tower: bool = False, hlo_dir: str = "") -> dict:
     """Compile one recipe stage for one target in this process; returns the report as a dict.
 
     `lora`: stage 2 of the `:SIZE_lora` recipe (r 128 adapters, the base frozen), not full fine-tuning.
-    `size`: 7b / 13b (configs/llava15.py) or a NEXT_SIZES name (configs/llava_next.py).
+    `size`: 7b / 13b (configs/llava15.py), a NEXT_SIZES name (configs/llava_next.py) or an OV_SIZES one
+    (configs/llava_onevision.py, `stage` then by name: stage1, si, ov).
     `packed`: `data.packing` rows (several samples a row, their images in the row's image slots).
     `tower`: the stage trains the vision tower too, at LLaVA-NeXT's 2e-6 (`vision_learning_rate`).
     `hlo_dir`: keep the compiled program's optimized HLO there (`SIZE_STAGE_TARGET_ROWS[_packed][_tower].hlo.gz`)."""
@@ -108,7 +122,7 @@ def cell(size: str, stage: int, target: str, rows: int, remat: str, scan: bool =
             "cpu_s": _cpu_seconds() - cpu0}
 
 
-def _cell_config(size: str, stage: int, n: int, rows: int, remat: str, scan: bool = True, lora: bool = False,
+def _cell_config(size: str, stage: int | str, n: int, rows: int, remat: str, scan: bool = True, lora: bool = False,
                  packed: bool = False, tower: bool = False):
     """The config a cell compiles: the recipe's stage with the cell's remat, layout and rows a device."""
     if lora and stage != 2:
@@ -130,8 +144,19 @@ def _cell_config(size: str, stage: int, n: int, rows: int, remat: str, scan: boo
     return c
 
 
-def _recipe(size: str, stage: int, lora: bool):
+def _stage(name: str) -> int | str:
+    """A stage as the command line gives it: LLaVA-1.5's and NeXT's by number (`2`), OneVision's by name (`si`)."""
+    return int(name) if name.isdigit() else name
+
+
+def _recipe(size: str, stage: int | str, lora: bool):
     """The training config of one recipe stage, by bench size name."""
+    if size in OV_SIZES:
+        if lora:
+            raise ValueError("--lora: LLaVA-OneVision's stages have no LoRA recipe")
+        return _ov_config(size, stage)
+    if stage not in (1, 2):
+        raise ValueError(f"stage {stage!r} of {size}: expected 1 or 2")
     if size in NEXT_SIZES:
         if lora:
             raise ValueError("--lora: LLaVA-NeXT's stage 2 trains everything")
@@ -139,6 +164,14 @@ def _recipe(size: str, stage: int, lora: bool):
     from configs.llava15 import get_config
 
     return get_config(f"{size}_lora_stage2" if lora else f"{size}_stage{stage}")
+
+
+def _recipe_rows(size: str, stage: int | str) -> int:
+    """Rows a device a table starts from without --rows: LLaVA-1.5's (RECIPE_ROWS), or the recipe's micro-batch
+    over 8 devices (OneVision's `si` / `ov`: 16 rows of 32768 tokens, which no slice here holds)."""
+    if size in OV_SIZES:
+        return max(1, _recipe(size, stage, False).stages[0].micro_batch // 8)
+    return RECIPE_ROWS[stage]
 
 
 def _next_config(size: str, stage: int):
@@ -151,6 +184,28 @@ def _next_config(size: str, stage: int):
     c = get_config(f"{recipe}_stage{stage}")
     c.model.preset = preset
     return c
+
+
+def _ov_config(size: str, stage: str):
+    """configs/llava_onevision.py's stage `stage` (`stage1`, `si` or `ov`) for the bench size's LLM: `si` and `ov`
+    train everything (the tower at 2e-6) on anyres_max_9 images (and, every row, a 32-frame video's slots),
+    32768 tokens a row, global batch 256; `stage1` the projector on one 384 px tile an image, 8192 tokens."""
+    from configs.llava_onevision import STAGES, get_config
+
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} of {size}: expected one of {', '.join(STAGES)}")
+    preset, recipe = OV_SIZES[size]
+    c = get_config(f"{recipe}_{stage}")
+    c.model.preset = preset
+    return c
+
+
+def _chips(target: str) -> int:
+    """Chips of a target: its topology's product (`v5p:2x2x1` is 4), 8 for the GPU target."""
+    import math
+
+    topology = TARGETS[target][0]
+    return 8 if topology is None else math.prod(int(x) for x in topology.split(":")[1].split("x"))
 
 
 def _cpu_seconds() -> float:
@@ -185,9 +240,9 @@ def table(out_path: str, sizes, stages, targets, lora: bool = False, start_rows:
     for size in sizes:
         for stage in stages:
             for target in targets:
-                n = 8 if TARGETS[target][0] is None else {"v5e-16": 16, "v5e-32": 32, "v5p-8": 4}.get(target, 8)
-                global_batch = GLOBAL_BATCH[stage]
-                rows = min(start_rows or RECIPE_ROWS[stage], global_batch // n)
+                n = _chips(target)
+                global_batch = _recipe(size, stage, lora).stages[0].global_batch
+                rows = min(start_rows or _recipe_rows(size, stage), global_batch // n)
                 found = None
                 while rows >= 1:
                     rec = _cell_subprocess(size, stage, target, rows, "full", lora=lora)
@@ -224,9 +279,10 @@ def _md_row(size, stage, target, rec, fits) -> str:
     remat = f"{rec['remat']}{', LoRA r 128' if rec.get('lora') else ''}"
     what = (f"{rec['rows_per_device']} rows, {remat}, {mesh}" if fits
             else f"no: {rec['rows_per_device']} row(s)/chip need {rec['total_bytes'] / g:.1f} GiB")
-    chip = f"{rec['chip_bytes'] / g:.0f}" if rec["chip_bytes"] else "?"
+    chip = f"{rec['chip_bytes'] / g:.4g}" if rec["chip_bytes"] else "?"  # 95, 31.25, 15.75
     return (f"| {size}, {rec['seq_len']} tokens | {stage} | {target} | {what} | {rec['argument_bytes'] / g:.1f} GiB | "
-            f"{rec['temp_bytes'] / g:.1f} GiB | {rec['total_bytes'] / g:.1f} / {chip} GiB | {rec['compile_s']:.0f} s |")
+            f"{rec['temp_bytes'] / g:.1f} GiB | {rec['total_bytes'] / g:.1f} / {chip} GiB | "
+            f"{rec['compile_s']:.0f} s |")
 
 
 # --- the compiler's cost estimates ----------------------------------------------------------------------
@@ -313,7 +369,7 @@ def costs(out_path: str, cells: list[str], remat: str, fills: dict[str, float], 
         size, stage, target, rows, *flags = spec.split(":")
         if set(flags) - {"packed", "tower"}:
             raise SystemExit(f"--costs: {spec!r}; flags after ROWS are packed and tower")
-        rec = _cell_subprocess(size, int(stage), target, int(rows), remat, packed="packed" in flags,
+        rec = _cell_subprocess(size, _stage(stage), target, int(rows), remat, packed="packed" in flags,
                                tower="tower" in flags, hlo_dir=hlo_dir, timeout=3600)
         rec["uptime"] = os.getloadavg()[0]
         with open(out_path, "a") as f:
@@ -440,6 +496,25 @@ def depth(out_path: str) -> None:
                   f"{pts[64] / pts[8]:.2f}x |")
 
 
+def _check_cells(ap: argparse.ArgumentParser, args) -> None:
+    """Exit 2 with one line on a size, stage or target that names no recipe, before any compile."""
+    if args.cell:
+        sizes, stages, targets = [args.cell[0]], [args.cell[1]], [args.cell[2]]
+    elif args.table:
+        sizes, stages, targets = args.sizes.split(","), args.stages.split(","), args.targets.split(",")
+    else:
+        return
+    for target in targets:
+        if target not in TARGETS:
+            ap.error(f"target {target!r}: expected one of {', '.join(TARGETS)}")
+    for size in sizes:
+        for stage in stages:
+            try:
+                _recipe(size, _stage(stage), args.lora)
+            except ValueError as e:
+                ap.error(str(e))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--table", action="store_true")
@@ -465,10 +540,11 @@ def main() -> None:
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--out", default="compile_results.jsonl")
     args = ap.parse_args()
+    _check_cells(ap, args)
     if args.cell:
         size, stage, target = args.cell
-        rows = args.rows or RECIPE_ROWS[int(stage)]
-        print(json.dumps(cell(size, int(stage), target, rows, args.remat, scan=not args.unrolled, lora=args.lora,
+        rows = args.rows or _recipe_rows(size, _stage(stage))
+        print(json.dumps(cell(size, _stage(stage), target, rows, args.remat, scan=not args.unrolled, lora=args.lora,
                               packed=args.packed, tower=args.tower, hlo_dir=args.hlo_dir)))
     elif args.costs:
         costs(args.out, args.costs, args.remat, _fills(args.fill), args.hlo_dir)
@@ -485,7 +561,7 @@ def main() -> None:
     elif args.depth:
         depth(args.out)
     elif args.table:
-        table(args.out, args.sizes.split(","), [int(s) for s in args.stages.split(",")], args.targets.split(","),
+        table(args.out, args.sizes.split(","), [_stage(s) for s in args.stages.split(",")], args.targets.split(","),
               lora=args.lora, start_rows=args.rows)
     else:
         ap.error("choose --table, --costs, --depth or --cell")
