@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -97,13 +98,14 @@ def _env(devices: int) -> dict:
 
 
 def cell(size: str, stage: int | str, target: str, rows: int, remat: str, scan: bool = True, lora: bool = False,
-         packed: bool = False, tower: bool = False, hlo_dir: str = "") -> dict:
+         packed: bool = False, tower: bool = False, hlo_dir: str = "", row_length: int = 0) -> dict:
     """Compile one recipe stage for one target in this process; returns the report as a dict.
 
     `lora`: stage 2 of the `:SIZE_lora` recipe (r 128 adapters, the base frozen), not full fine-tuning.
     `size`: 7b / 13b (configs/llava15.py), a NEXT_SIZES name (configs/llava_next.py) or an OV_SIZES one
     (configs/llava_onevision.py, `stage` then by name: stage1, si, ov).
-    `packed`: `data.packing` rows (several samples a row, their images in the row's image slots).
+    `packed`: `data.packing` rows (several samples a row, their images in the row's image slots); `row_length`
+    (packed): rows of that many tokens, each sample still truncated at the stage's max_length.
     `tower`: the stage trains the vision tower too, at LLaVA-NeXT's 2e-6 (`vision_learning_rate`).
     `hlo_dir`: keep the compiled program's optimized HLO there (`SIZE_STAGE_TARGET_ROWS[_packed][_tower].hlo.gz`)."""
     from llava_jax.train import aot
@@ -111,19 +113,25 @@ def cell(size: str, stage: int | str, target: str, rows: int, remat: str, scan: 
     topology, chip = TARGETS[target]
     devices = aot.topology_devices(topology) if topology else None
     n = len(devices) if devices else __import__("jax").device_count()
-    c = _cell_config(size, stage, n, rows, remat, scan, lora, packed, tower)
+    c = _cell_config(size, stage, n, rows, remat, scan, lora, packed, tower, row_length)
     if chip:
         c.compile_chip_memory_gib = chip
     cpu0 = _cpu_seconds()
-    name = "_".join([size, str(stage), target, str(rows)] + ["packed"] * packed + ["tower"] * tower)
+    name = _cell_name(size, stage, target, rows, packed, tower, row_length)
     report = aot.compile_stage(c, 0, devices, os.path.join(hlo_dir, f"{name}.hlo.gz") if hlo_dir else None)
     return {**aot.report_dict(report), "size": size, "stage": stage, "target": target, "rows_per_device": rows,
-            "lora": lora, "packed": packed, "tower": tower, "device_kind": report.devices.split(" x ", 1)[-1],
-            "cpu_s": _cpu_seconds() - cpu0}
+            "lora": lora, "packed": packed, "tower": tower, "row_length": row_length,
+            "device_kind": report.devices.split(" x ", 1)[-1], "cpu_s": _cpu_seconds() - cpu0}
+
+
+def _cell_name(size, stage, target, rows, packed, tower, row_length) -> str:
+    """`SIZE_STAGE_TARGET_ROWS[_packed][_T<row_length>][_tower]`: a cell's HLO file name."""
+    return "_".join([size, str(stage), target, str(rows)] + ["packed"] * bool(packed)
+                    + [f"T{row_length}"] * bool(row_length) + ["tower"] * bool(tower))
 
 
 def _cell_config(size: str, stage: int | str, n: int, rows: int, remat: str, scan: bool = True, lora: bool = False,
-                 packed: bool = False, tower: bool = False):
+                 packed: bool = False, tower: bool = False, row_length: int = 0):
     """The config a cell compiles: the recipe's stage with the cell's remat, layout and rows a device."""
     if lora and stage != 2:
         raise ValueError("--lora is a stage-2 recipe")
@@ -136,6 +144,9 @@ def _cell_config(size: str, stage: int | str, n: int, rows: int, remat: str, sca
     s = c.stages[0]
     if packed:
         c.data.packing, c.data.group_by_modality_length = True, False
+        s.row_length = row_length
+        if row_length > s.max_length:  # the recipe's tokens a step, in fewer, longer rows
+            s.global_batch = max(1, s.global_batch * s.max_length // row_length)
     if tower and not any(p.startswith("vision_tower") for p in s.trainable):
         s.trainable, s.vision_learning_rate = [*s.trainable, "vision_tower/.*"], 2e-6
     s.micro_batch = rows * n
@@ -217,10 +228,11 @@ def _cpu_seconds() -> float:
 
 
 def _cell_subprocess(size, stage, target, rows, remat, scan=True, lora=False, packed=False, tower=False,
-                     hlo_dir="", timeout=1800) -> dict:
+                     hlo_dir="", timeout=1800, row_length=0) -> dict:
     args = [sys.executable, "-m", "bench.compile", "--cell", size, str(stage), target, "--rows", str(rows),
             "--remat", remat] + ([] if scan else ["--unrolled"]) + (["--lora"] if lora else [])
     args += ["--packed"] * packed + ["--tower"] * tower + (["--hlo-dir", hlo_dir] if hlo_dir else [])
+    args += ["--row-length", str(row_length)] if row_length else []
     t0 = time.time()
     r = subprocess.run(args, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=timeout)
     if r.returncode:
@@ -350,11 +362,12 @@ def cost_row(rec: dict) -> dict:
 
 
 def _fills(spec: str) -> dict[str, float]:
-    """`packed=0.97,bucketed=0.6` -> {"packed": 0.97, "bucketed": 0.6}."""
+    """`packed=0.85,packed8192=0.97,bucketed=0.6` -> {"packed": 0.85, ...}: the fill of each layout (`packedN`:
+    packed rows of N tokens, a `packed=N` cell)."""
     out = {}
     for part in filter(None, spec.split(",")):
         name, _, value = part.partition("=")
-        if name not in ("packed", "bucketed") or not value:
+        if not re.fullmatch(r"packed\d*|bucketed", name) or not value:
             raise SystemExit(f"--fill: {part!r}; expected packed=F or bucketed=F with F in (0, 1]")
         out[name] = float(value)
         if not 0 < out[name] <= 1:
@@ -363,14 +376,18 @@ def _fills(spec: str) -> dict[str, float]:
 
 
 def costs(out_path: str, cells: list[str], remat: str, fills: dict[str, float], hlo_dir: str = "") -> None:
-    """Compile each `SIZE:STAGE:TARGET:ROWS[:packed][:tower]` cell and print the cost-estimate table."""
+    """Compile each `SIZE:STAGE:TARGET:ROWS[:packed[=ROW_LENGTH]][:tower]` cell and print the cost-estimate table
+    (`packed=8192`: packed rows of 8192 tokens, samples still truncated at the stage's max_length)."""
     recs = []
     for spec in cells:
         size, stage, target, rows, *flags = spec.split(":")
-        if set(flags) - {"packed", "tower"}:
-            raise SystemExit(f"--costs: {spec!r}; flags after ROWS are packed and tower")
+        row_length = [f.split("=", 1)[1] for f in flags if f.startswith("packed=")]
+        flags = ["packed" if f.startswith("packed=") else f for f in flags]
+        if set(flags) - {"packed", "tower"} or not all(x.isdigit() for x in row_length):
+            raise SystemExit(f"--costs: {spec!r}; flags after ROWS are packed (or packed=ROW_LENGTH) and tower")
         rec = _cell_subprocess(size, _stage(stage), target, int(rows), remat, packed="packed" in flags,
-                               tower="tower" in flags, hlo_dir=hlo_dir, timeout=3600)
+                               tower="tower" in flags, hlo_dir=hlo_dir, timeout=3600,
+                               row_length=int(row_length[0]) if row_length else 0)
         rec["uptime"] = os.getloadavg()[0]
         with open(out_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -385,8 +402,8 @@ def _recount(rec: dict, hlo_dir: str) -> None:
 
     from llava_jax.train import hlo_flops
 
-    name = "_".join([rec["size"], str(rec["stage"]), rec["target"], str(rec["rows_per_device"])]
-                    + ["packed"] * bool(rec.get("packed")) + ["tower"] * bool(rec.get("tower")))
+    name = _cell_name(rec["size"], rec["stage"], rec["target"], rec["rows_per_device"], rec.get("packed"),
+                      rec.get("tower"), rec.get("row_length", 0))
     path = os.path.join(hlo_dir, f"{name}.hlo.gz")
     if rec.get("cost") and os.path.exists(path):
         with gzip.open(path, "rt") as f:
@@ -403,7 +420,7 @@ def cost_table(recs: list[dict], fills: dict[str, float]) -> list[str]:
              "flops a computed token | a real token (fill) | "
              "optimal_seconds (est.) | step time, MFU (est.) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
-        layout = "packed" if r.get("packed") else "bucketed"
+        layout = f"packed{r.get('row_length') or ''}" if r.get("packed") else "bucketed"
         tower = " + tower" if r.get("tower") else ""
         head = f"| {r['size']}, {r['stage']}{tower} | {r['target']}, {r['rows_per_device']} | {layout} |"
         if "failed" in r or not r.get("cost"):
@@ -527,6 +544,8 @@ def main() -> None:
     ap.add_argument("--unrolled", action="store_true", help="--cell: scan_layers=False")
     ap.add_argument("--lora", action="store_true", help="--cell / --table: stage 2 as LoRA (the `:SIZE_lora` recipe)")
     ap.add_argument("--packed", action="store_true", help="--cell: packed rows (data.packing)")
+    ap.add_argument("--row-length", type=int, default=0, help="--cell --packed: rows of this many tokens (a stage's "
+                    "row_length; 0: its max_length)")
     ap.add_argument("--tower", action="store_true", help="--cell: the stage trains the vision tower (at 2e-6)")
     ap.add_argument("--costs", nargs="+", metavar="SIZE:STAGE:TARGET:ROWS[:packed][:tower]",
                     help="compile these cells (each in its own process) and print the cost-estimate table")
@@ -545,7 +564,7 @@ def main() -> None:
         size, stage, target = args.cell
         rows = args.rows or _recipe_rows(size, _stage(stage))
         print(json.dumps(cell(size, _stage(stage), target, rows, args.remat, scan=not args.unrolled, lora=args.lora,
-                              packed=args.packed, tower=args.tower, hlo_dir=args.hlo_dir)))
+                              packed=args.packed, tower=args.tower, hlo_dir=args.hlo_dir, row_length=args.row_length)))
     elif args.costs:
         costs(args.out, args.costs, args.remat, _fills(args.fill), args.hlo_dir)
     elif args.costs_from:
