@@ -317,7 +317,7 @@ def cost_row(rec: dict) -> dict:
 
     chips = math.prod(rec["mesh"].values())
     c = _cell_config(rec["size"], rec["stage"], chips, rec["rows_per_device"], rec["remat"], True, rec["lora"],
-                     rec["packed"], rec["tower"])
+                     rec["packed"], rec["tower"], rec.get("row_length", 0))
     stage = c.stages[0]
     cfg = aot.model_config(c, stage)
     cost, device_kind = rec["cost"], rec["device_kind"]
