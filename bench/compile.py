@@ -8,6 +8,7 @@
   python -m bench.compile --table --sizes ov-7b --stages si,ov --targets v5p-8,v6e-8 --rows 1     # OneVision-7B
   python -m bench.compile --cell ov-7b si v6e-16 --rows 1          # OneVision's stages by name: stage1, si, ov
   python -m bench.compile --costs 7b:2:v5p-8:16 7b:2:v5p-8:16:packed 7b:2:v6e-8:4:tower   # cost estimates
+  python -m bench.compile --costs 7b:2:v5p-8:4:packed=8192       # packed rows of 8192 (samples still <= 2048)
   python -m bench.compile --costs-from compile_results.jsonl --fill packed=0.97,bucketed=0.6      # table again
 
 `--table` compiles each recipe (configs/llava15.py) through `llava_jax.train.aot`, the path of
@@ -30,8 +31,9 @@ batch 256, and differ in their data alone (one program); `stage1` trains the pro
 tile an image. A row carries 37 tile slots (base + 6 x 6) and a 32-frame video's 32 (the model reads video, so
 every row has room for one). Without --rows a table starts at the recipe's micro-batch over 8 devices (16 rows).
 
-`--costs` compiles the cells named `SIZE:STAGE:TARGET:ROWS[:packed][:tower]` (rows a chip; `packed`: data.packing
-rows, several samples and their images a row; `tower`: the stage trains the vision tower at 2e-6, as LLaVA-NeXT's
+`--costs` compiles the cells named `SIZE:STAGE:TARGET:ROWS[:packed[=ROW_LENGTH]][:tower]` (rows a chip; `packed`:
+data.packing rows, several samples and their images a row, `=ROW_LENGTH` rows of that many tokens with the recipe's
+tokens a step; `tower`: the stage trains the vision tower at 2e-6, as LLaVA-NeXT's
 stage 2 does) and prints, per cell and optimizer step, the TPU compiler's cost estimates beside counts that
 account for what it leaves out. What the compiler counts (found on 2026-12-06, jax 0.10.2, libtpu 0.0.42.1):
 - `cost_analysis()["flops"]` is the FLOPs of one device's program with every loop body counted once: the
