@@ -54,3 +54,20 @@ def test_bad_cell_exits_2_before_compiling(monkeypatch, capsys, argv, message):
         bench_compile.main()
     assert e.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_packed_cells_with_a_row_length_keep_the_recipes_tokens_a_step(tmp_path):
+    """`7b:2:v5p-8:4:packed=8192`: packed rows of 8192 (samples still truncated at the recipe's 2048) in a quarter
+    of the recipe's rows; fills by layout; a bad row length exits before compiling anything."""
+    c = bench_compile._cell_config("7b", 2, 4, 4, "full", packed=True, row_length=8192)
+    s = c.stages[0]
+    assert c.data.packing and not c.data.group_by_modality_length
+    assert (s.row_length, s.max_length, s.micro_batch, s.global_batch) == (8192, 2048, 16, 32)
+    plain = bench_compile._cell_config("7b", 2, 4, 16, "full", packed=True).stages[0]
+    assert (plain.row_length, plain.global_batch) == (0, 128)
+    assert bench_compile._fills("packed=0.851,packed8192=0.972,bucketed=0.746") == {
+        "packed": 0.851, "packed8192": 0.972, "bucketed": 0.746}
+    with pytest.raises(SystemExit, match="--fill: 'packedx=0.9'"):
+        bench_compile._fills("packedx=0.9")
+    with pytest.raises(SystemExit, match="flags after ROWS are packed \\(or packed=ROW_LENGTH\\) and tower"):
+        bench_compile.costs(str(tmp_path / "out.jsonl"), ["7b:2:v5p-8:4:packed=long"], "full", {})
