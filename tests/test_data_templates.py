@@ -497,17 +497,9 @@ def original_qwen(conv: list[dict], hf, system: str = T.QWEN_SYSTEM) -> tuple[li
 
 def expand(ids: list[int], labels: list[int], image_id: int, counts: list[int], video_at: int | None = None):
     """The model side: the k-th `<image>` position becomes counts[k] ids (`VID`s for the video_at-th), IGNORE_INDEX."""
-    out_ids, out_labels, k = [], [], 0
-    for i, label in zip(ids, labels):
-        if i == image_id:
-            out_ids += [VID if k == video_at else image_id] * counts[k]
-            out_labels += [IGNORE_INDEX] * counts[k]
-            k += 1
-        else:
-            out_ids.append(i)
-            out_labels.append(label)
-    assert k == len(counts)
-    return out_ids, out_labels
+    from tests.test_tokenizers_hf import expand_images
+
+    return expand_images(ids, labels, image_id, counts, video_at, VID)
 
 
 def _hf_and_ours(d: str):

@@ -272,12 +272,14 @@ def next_multimodal(conv: list[dict]) -> list[dict]:
     return out
 
 
-def expand_images(ids: list[int], labels: list[int], image_id: int, counts: list[int]) -> tuple[list[int], list[int]]:
-    """The model side: each image position becomes its count of image tokens, labels IGNORE_INDEX."""
+def expand_images(ids: list[int], labels: list[int], image_id: int, counts: list[int], video_at: int | None = None,
+                  video_id: int | None = None) -> tuple[list[int], list[int]]:
+    """The model side: the k-th image position becomes counts[k] image tokens (`video_id`s for the video_at-th),
+    labels IGNORE_INDEX."""
     out_ids, out_labels, k = [], [], 0
     for i, label in zip(ids, labels):
         if i == image_id:
-            out_ids += [image_id] * counts[k]
+            out_ids += [video_id if k == video_at else image_id] * counts[k]
             out_labels += [IGNORE_INDEX] * counts[k]
             k += 1
         else:
