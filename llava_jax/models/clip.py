@@ -123,13 +123,17 @@ class CLIPVisionTower(nn.Module):
     remat: str = "none"
     scan_layers: bool = True
     attention: str = "auto"  # auto | xla | cudnn | splash (models/attention.py: choose_attention)
+    # What a subclass changes (class attributes, not fields): SigLIP's embeddings, without the pre-layernorm.
+    EMBEDDINGS = CLIPEmbeddings
+    PRE_NORM = True
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, 1+P, D]
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, 1+P, D] (SigLIP: [N, P, D])
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = CLIPEmbeddings(c, name="embeddings", **kw)(pixel_values)
-        x = layer_norm(c.layer_norm_eps, "vision_embed", name="pre_layrnorm", **kw)(x)
-        # Every patch sees every patch: no mask, no padding (577 tokens at 336 px).
+        x = self.EMBEDDINGS(c, name="embeddings", **kw)(pixel_values)
+        if self.PRE_NORM:
+            x = layer_norm(c.layer_norm_eps, "vision_embed", name="pre_layrnorm", **kw)(x)
+        # Every patch sees every patch: no mask, no padding (577 tokens at 336 px, SigLIP's 729 at 384).
         mask = AttentionMask(resolve_attention(self.attention, "vision tower", dtype=self.dtype, head_dim=c.head_dim,
                                                decoding=False), causal=False)
         layers = layer_stack(CLIPEncoderLayer, self.num_layers_run, scan=self.scan_layers, remat=self.remat, cfg=c, **kw)

@@ -13,10 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from llava_jax.config import VisionConfig
-from llava_jax.models.attention import AttentionMask, resolve_attention
-from llava_jax.models.clip import CLIPEncoderLayer, patch_embedding
+from llava_jax.models.clip import CLIPVisionTower, patch_embedding
 from llava_jax.models.layers import INIT_STD
-from llava_jax.models.stack import layer_stack, run_layers
 
 
 class SiglipEmbeddings(nn.Module):
@@ -40,29 +38,15 @@ class SiglipEmbeddings(nn.Module):
         return patches + pos.astype(self.dtype)[None]
 
 
-class SiglipVisionTower(nn.Module):
+class SiglipVisionTower(CLIPVisionTower):
     """Returns HF's `hidden_states[num_layers_run]`: index 0 is the embeddings (patches + positions).
+
+    CLIP's tower (its fields, encoder layers and attention) over SigLIP's embeddings, with no pre-layernorm.
 
     Attributes:
       num_layers_run: how many encoder layers to run (OneVision: all 26 of the tower transformers keeps).
       scan_layers: one scanned module over stacked parameters (`layers`), else `layers_0 ...`.
     """
 
-    cfg: VisionConfig
-    num_layers_run: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat: str = "none"
-    scan_layers: bool = True
-    attention: str = "auto"  # auto | xla | cudnn | splash (models/attention.py: choose_attention)
-
-    @nn.compact
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:  # [N, H, W, C] -> [N, P, D]
-        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = SiglipEmbeddings(c, name="embeddings", **kw)(pixel_values)
-        # Every patch sees every patch: no mask, no padding (729 tokens at 384 px).
-        mask = AttentionMask(resolve_attention(self.attention, "vision tower", dtype=self.dtype, head_dim=c.head_dim,
-                                               decoding=False), causal=False)
-        layers = layer_stack(CLIPEncoderLayer, self.num_layers_run, scan=self.scan_layers, remat=self.remat,
-                             cfg=c, **kw)
-        return run_layers(layers, x, mask)
+    EMBEDDINGS = SiglipEmbeddings
+    PRE_NORM = False
