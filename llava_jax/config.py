@@ -900,6 +900,19 @@ class VideoProcessorConfig:
                       crop_size=0)
         return cls(**(fields | overrides))
 
+    @classmethod
+    def from_image_processor(cls, image: "ImageProcessorConfig", pooling: str,
+                             num_frames: int = 0) -> "VideoProcessorConfig":
+        """The frames' settings a model's image processor implies (the originals' video demos run it on every
+        frame): OneVision's for `bilinear` pooling (resized to a tile, no crop), else NeXT-Video's (shortest side
+        to the image's size, centre crop), normalised as the images are; `num_frames` (0: the default)."""
+        norm = dict(mean=image.mean, std=image.std, rescale_factor=image.rescale_factor, resample=image.resample)
+        if num_frames:
+            norm["num_frames"] = num_frames
+        if pooling == "bilinear":
+            return cls.onevision(size=image.crop_size, **norm)
+        return cls(size=image.size, crop_size=image.crop_size, **norm)
+
     @property
     def frame_size(self) -> int:
         """Side of a processed frame: the crop, or the square resize."""

@@ -879,12 +879,8 @@ def _geometry(num_image_tokens: int | None, geometry: anyres.AnyresConfig | None
 def video_settings(image_cfg: image_lib.ImageProcessorConfig, geometry: anyres.AnyresConfig,
                    num_frames: int) -> VideoProcessorConfig:
     """The frames' settings a model's images imply: OneVision's (`bilinear` pooling: resized to a tile, no crop) or
-    NeXT-Video's (shortest side to a tile, centre crop), with the images' normalisation, `num_frames` frames."""
-    norm = dict(mean=image_cfg.mean, std=image_cfg.std, rescale_factor=image_cfg.rescale_factor,
-                resample=image_cfg.resample, num_frames=num_frames)
-    if geometry.video == "bilinear":
-        return VideoProcessorConfig.onevision(size=image_cfg.crop_size, **norm)
-    return VideoProcessorConfig(size=image_cfg.crop_size, crop_size=image_cfg.crop_size, **norm)
+    NeXT-Video's (shortest side to the images' size, centre crop), normalised as the images, `num_frames` frames."""
+    return VideoProcessorConfig.from_image_processor(image_cfg, geometry.video, num_frames)
 
 
 def _check_video(geometry: anyres.AnyresConfig, image_cfg: image_lib.ImageProcessorConfig,

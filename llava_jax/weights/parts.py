@@ -384,8 +384,8 @@ def _video_settings(cfg: LlavaConfig, pre: ImageProcessorConfig | str, src: str 
 
     A llava-hf source's own settings where it has them (`src`); else the originals' rule (their video demos run
     the tower's image processor on every frame): NeXT-Video's frames resized by the shortest side and centre
-    cropped to a tile, OneVision's resized to a tile, normalised as the images are (data/pipeline.py's
-    `video_settings` derives training's frames the same way).
+    cropped to a tile, OneVision's resized to a tile, normalised as the images are
+    (`VideoProcessorConfig.from_image_processor`, as training's frames).
     """
     if not cfg.geometry.video:
         return None
@@ -397,10 +397,7 @@ def _video_settings(cfg: LlavaConfig, pre: ImageProcessorConfig | str, src: str 
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     image = ImageProcessorConfig.from_pretrained(os.path.dirname(pre)) if isinstance(pre, str) else pre
-    norm = dict(mean=image.mean, std=image.std, rescale_factor=image.rescale_factor, resample=image.resample)
-    if cfg.geometry.video == "bilinear":
-        return VideoProcessorConfig.onevision(size=image.crop_size, **norm)
-    return VideoProcessorConfig(size=image.size, crop_size=image.crop_size, **norm)
+    return VideoProcessorConfig.from_image_processor(image, cfg.geometry.video)
 
 
 def detect_format(src: str) -> str:
