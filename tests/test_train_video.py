@@ -299,9 +299,10 @@ def test_held_out_evaluation_batches_equal_the_training_pipelines(media):
     for batch in it:
         sample = by_id[it.last_record_ids[0]]
         slots = batch["pixel_values"].shape[1]
+        (n, seeing), = evaluate._batches([sample], 1, 160, TILE, cfg, slots)
+        assert n == 1
         for blind in (False, True):
-            (n, got), = evaluate._batches([sample], 1, 160, TILE, blind, cfg, slots)
-            assert n == 1
+            got = evaluate._blind(seeing) if blind else seeing
             for k in ("input_ids", "labels", "attention_mask", "image_index", "image_weight"):
                 np.testing.assert_array_equal(got[k], batch[k], err_msg=f"{sample['id']} {k}")
             expected = np.zeros_like(batch["pixel_values"]) if blind else batch["pixel_values"]

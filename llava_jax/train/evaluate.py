@@ -95,10 +95,10 @@ def _slots(sample: dict, cfg: LlavaConfig | None) -> int:
     return sum(len(im) for im in sample["images"]) + sum(len(v) for v in sample["videos"])
 
 
-def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, blind: bool,
+def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int,
              cfg: LlavaConfig | None = None, slots: int = 1):
-    """Padded batches of `batch_size` rows; an anyres model's images and videos placed by `place_images`, the
-    function the model is checked against transformers with. Blind: the same tokens and index over blank tiles."""
+    """(rows filled, batch): padded batches of `batch_size` rows; an anyres model's images and videos placed by
+    `place_images`, the function the model is checked against transformers with."""
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         b = {
@@ -123,9 +123,13 @@ def _batches(samples: Sequence[dict], batch_size: int, length: int, crop: int, b
                 b["image_index"], b["image_weight"] = index
             else:
                 b["image_index"] = index
-        if blind:  # the blank tiles' features go where the images' would
-            b["pixel_values"] = np.zeros_like(b["pixel_values"])
         yield len(chunk), b
+
+
+def _blind(batch: dict) -> dict:
+    """The batch with its images blanked: the same tokens and index, the blank tiles' features where the images'
+    would go."""
+    return {**batch, "pixel_values": np.zeros_like(batch["pixel_values"])}
 
 
 def evaluate(
@@ -140,12 +144,13 @@ def evaluate(
     length = max(len(s["input_ids"]) for s in samples)
     length = -(-length // 16) * 16  # one compiled shape for the whole set
     slots = max(max(_slots(s, cfg) for s in samples), 1)
+    batches = list(_batches(samples, batch_size, length, crop, cfg, slots))  # built once, seen then blind
     out: dict[str, float] = {}
     for blind in (False, True):
         hits: dict[str, list[bool]] = collections.defaultdict(list)
         nll = tokens = 0.0
-        for n, batch in _batches(samples, batch_size, length, crop, blind, cfg, slots):
-            ok, row_nll, row_tok = jax.device_get(forward(params, place(batch)))
+        for n, batch in batches:
+            ok, row_nll, row_tok = jax.device_get(forward(params, place(_blind(batch) if blind else batch)))
             done = len(hits["__all__"])
             for i, s in enumerate(samples[done : done + n]):
                 hits[s["qtype"]].append(bool(ok[i]))
